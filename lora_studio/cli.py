@@ -1,0 +1,102 @@
+"""`lora-studio`: the app by default, plus commands that work without it.
+
+Exit codes: 0 success, 1 a problem with the input (the message says what to do), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import LoraStudioError
+
+EXIT_OK, EXIT_INPUT, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-studio", description="Train Stable Diffusion LoRAs locally.")
+    sub = parser.add_subparsers(dest="command")
+
+    app = sub.add_parser("app", help="open the web app (the default)")
+    add_app_arguments(app)
+
+    detect = sub.add_parser("detect", help="say which family a base model is, without loading its weights")
+    detect.add_argument("source", help="'demo', a .safetensors checkpoint, a diffusers folder or a cached hub id")
+    detect.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt files (weights only)")
+
+    config = sub.add_parser("config", help="validate a config or preset and print it resolved")
+    config.add_argument("config", help="a TOML file or a preset name (see `lora-studio presets`)")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sub.add_parser("presets", help="list the bundled presets")
+    return parser
+
+
+def add_app_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--auth", help="user:password, required when --host is not a loopback address")
+    parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+
+
+def run_app(args: argparse.Namespace) -> int:
+    from .ui.app import launch  # gradio is imported only when the app is wanted
+
+    launch(host=args.host, port=args.port, auth=args.auth, open_browser=not args.no_browser)
+    return EXIT_OK
+
+
+def run_detect(args: argparse.Namespace) -> int:
+    from .models import FAMILY_NAMES, describe_source
+
+    summary = describe_source(args.source, allow_pickle=args.allow_pickle)
+    print(
+        f"{summary.source}: {FAMILY_NAMES[summary.family]} [{summary.family}] ({summary.kind}), "
+        f"prediction type {summary.prediction_type}"
+    )
+    for note in summary.notes:
+        print(f"note: {note}")
+    return EXIT_OK
+
+
+def run_config(args: argparse.Namespace) -> int:
+    from .config import config_to_toml, load_config, preset_path
+
+    path = Path(args.config)
+    if not path.exists() and path.suffix != ".toml":
+        path = preset_path(args.config)
+    print(config_to_toml(load_config(path, args.overrides)), end="")
+    return EXIT_OK
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    from .config import list_presets, preset_description
+
+    for name in list_presets():
+        print(f"{name:16} {preset_description(name)}")
+    return EXIT_OK
+
+
+COMMANDS = {"app": run_app, "detect": run_detect, "config": run_config, "presets": run_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["app", *argv]  # `lora-studio --port 8000` opens the app
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LoraStudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Gradio front end. Only this subpackage imports gradio; the core never does."""

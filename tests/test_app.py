@@ -1,0 +1,128 @@
+"""The app: safe defaults, clear messages, and the page itself in headless Chromium."""
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_studio.errors import LoraStudioError
+from lora_studio.ui.app import bundled_models_table, check_base_model, is_loopback, launch, parse_auth
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "runs" / "screenshots"  # kept for a look after a run
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lora_file(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    save_file(
+        {"lora_unet_x.lora_down.weight": torch.zeros(2, 2), "lora_unet_x.lora_up.weight": torch.zeros(2, 2)}, str(path)
+    )
+    return path
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::"])
+def test_listening_on_the_network_needs_auth(host):
+    with pytest.raises(LoraStudioError, match="without a password.*--auth user:password"):
+        launch(host=host, open_browser=False, block=False)
+
+
+def test_loopback_detection():
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("127.0.0.2")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+
+
+def test_auth_parsing():
+    assert parse_auth("me:s3:cret") == ("me", "s3:cret")
+    assert parse_auth(None) is None
+    for bad in ("nopassword", ":x", "me:"):
+        with pytest.raises(LoraStudioError, match="user:password"):
+            parse_auth(bad)
+
+
+def test_bundled_models_are_listed():
+    rows = {row[0]: row for row in bundled_models_table()}
+    assert {"demo", "sd1", "sd2", "sd2-v", "sdxl"} <= set(rows)
+    assert all(rows[f][2] == "ready" for f in ("sd1", "sd2", "sd2-v", "sdxl"))
+
+
+def test_check_base_model_gives_a_sentence_not_a_traceback(lora_file, tmp_path):
+    message = check_base_model(str(lora_file), allow_pickle=False)
+    assert message.startswith("**Cannot use this base model.**") and "is a LoRA adapter" in message
+    assert "Traceback" not in message
+    assert "was not found" in check_base_model(str(tmp_path / "missing.safetensors"), False)
+    assert "Enter `demo`" in check_base_model("  ", False)
+
+
+def test_check_base_model_reports_the_family(tiny_folders):
+    message = check_base_model(str(tiny_folders["sdxl"]), False)
+    assert "SDXL (diffusers folder)" in message and "`epsilon`" in message
+
+
+@pytest.fixture
+def browser_page():
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is not installed: `apt-get install chromium` (.ci/run does this)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        yield page
+        browser.close()
+
+
+@pytest.mark.browser
+def test_page_lists_models_and_checks_a_file(browser_page, lora_file):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    app = launch(port=port, open_browser=False, block=False)
+    try:
+        page = browser_page
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+        table = page.locator("#bundled-models")
+        table.get_by_text("sdxl", exact=True).first.wait_for(timeout=30_000)
+        shown = table.inner_text()
+        assert all(name in shown for name in ("demo", "sd1", "sd2", "sd2-v", "sdxl")), shown
+        page.get_by_label("Base model").fill(str(lora_file))
+        page.locator("#check-base").click()
+        result = page.locator("#check-result")
+        result.get_by_text("is a LoRA adapter").wait_for(timeout=30_000)
+        assert "Traceback" not in result.inner_text()
+        page.screenshot(path=str(SCREENSHOTS / "models-tab.png"), full_page=True)
+    finally:
+        app.close()
+
+
+@pytest.mark.browser
+def test_page_asks_for_login_when_auth_is_set(browser_page):
+    port = free_port()
+    app = launch(port=port, auth="me:s3cret", open_browser=False, block=False)
+    try:
+        page = browser_page
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+        page.get_by_label("username").fill("me")
+        page.get_by_label("password").fill("wrong")
+        page.get_by_role("button", name="Login").click()
+        page.get_by_text("Incorrect Credentials").wait_for(timeout=15_000)
+        assert page.locator("#bundled-models").count() == 0
+    finally:
+        app.close()

@@ -1,0 +1,202 @@
+"""The typed config: presets, TOML round trip, migrations, overrides, all-errors-at-once validation."""
+
+import pytest
+
+from lora_studio.config import (
+    CONFIG_VERSION,
+    TrainConfig,
+    apply_overrides,
+    config_to_toml,
+    load_config,
+    load_preset,
+    migrate,
+    preset_path,
+    save_config,
+    validate_config,
+)
+from lora_studio.errors import ConfigError
+from lora_studio.paths import PRESETS_DIR
+
+PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+REQUIRED_PRESETS = {
+    "sd15-character",
+    "sd15-style",
+    "sdxl-character",
+    "sdxl-style",
+    "sd15-low-vram",
+    "sdxl-low-vram",
+    "demo-cpu",
+}
+
+
+def test_required_presets_exist():
+    assert REQUIRED_PRESETS <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_loads_and_validates(name):
+    config = load_preset(name)
+    assert isinstance(config, TrainConfig)
+    assert config.version == CONFIG_VERSION
+    first_line = preset_path(name).read_text().splitlines()[0]
+    assert first_line.startswith("# ") and len(first_line) > 20, "a preset starts by saying when to use it"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_round_trips_through_toml(name, tmp_path):
+    config = load_preset(name)
+    save_config(config, tmp_path / "c.toml", header="saved by a test")
+    assert load_config(tmp_path / "c.toml") == config
+
+
+def test_presets_match_their_family():
+    assert load_preset("sdxl-character").dataset.resolution == 1024
+    assert load_preset("sd15-character").dataset.resolution == 512
+    assert load_preset("demo-cpu").base_model == "demo"
+    assert not load_preset("sdxl-low-vram").lora.train_text_encoder
+
+
+def test_round_trip_with_every_section_changed(tmp_path):
+    config = TrainConfig(
+        name="x1",
+        base_model="/models/a.safetensors",
+        dataset={"path": "/data", "trigger_word": "zkz", "flip_aug": True},
+        lora={"rank": 4, "alpha": 2.0, "unet_targets": "full", "conv_rank": 4, "conv_alpha": 1.0},
+        optimizer={"optimizer": "prodigy", "learning_rate": 1.0, "unet_lr": 1.0, "max_train_steps": 10},
+        sample={"prompts": ["zkz, a cat"], "strengths": [0.0, 0.5, 1.0], "seeds": [1, 2]},
+        save={"format": "peft", "precision": "bf16", "keep_last": 3},
+    )
+    path = tmp_path / "full.toml"
+    save_config(config, path)
+    assert load_config(path) == config
+    assert "conv_rank = 4" in path.read_text()
+
+
+def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "c.toml"
+    save_config(TrainConfig(name="first"), path)
+    before = path.read_text()
+
+    def broken_write(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pathlib.Path.write_text", broken_write)
+    with pytest.raises(OSError):
+        save_config(TrainConfig(name="second"), path)
+    monkeypatch.undo()
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.toml"], "no temp file left behind"
+
+
+def test_bad_preset_lists_every_problem(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        """
+name = "has spaces!"
+mixed_precision = "fp8"
+[lora]
+rank = 0
+rnak = 4
+[optimizer]
+learning_rate = -1
+betas = [0.9, 1.5]
+[dataset]
+min_bucket_reso = 2048
+max_bucket_reso = 512
+[sample]
+strengths = [3.0]
+"""
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    assert len(problems) == 8, problems
+    text = str(info.value)
+    assert "bad.toml has 8 problem(s)" in text
+    for expected in (
+        "`name` = 'has spaces!'",
+        "`mixed_precision` = 'fp8'",
+        "`lora.rank` = 0: input should be greater than or equal to 1",
+        "`lora.rnak` is not a setting; remove it (did you mean `rank`?)",
+        "`optimizer.learning_rate` = -1",
+        "both betas must lie in [0, 1), got [0.9, 1.5]",
+        "min_bucket_reso (2048) is above max_bucket_reso (512)",
+        "strengths must lie in [-2, 2], got [3.0]",
+    ):
+        assert expected in text, expected
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[lora\nrank = 4")
+    with pytest.raises(ConfigError, match="(?s)broken.toml.*not valid TOML"):
+        load_config(path)
+
+
+def test_unknown_preset_suggests_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'sdxl-style'"):
+        load_preset("sdxl-styel")
+
+
+def test_set_overrides_are_typed_and_validated(tmp_path):
+    config = load_preset(
+        "demo-cpu",
+        [
+            "lora.rank=32",
+            "lora.alpha=16",
+            "dataset.trigger_word=sks dog",
+            "sample.strengths=[0.25, 1]",
+            "dataset.flip_aug=true",
+            'name="run-2"',
+        ],
+    )
+    assert config.lora.rank == 32 and config.lora.alpha == 16.0
+    assert config.dataset.trigger_word == "sks dog"
+    assert config.sample.strengths == [0.25, 1.0]
+    assert config.dataset.flip_aug is True and config.name == "run-2"
+    with pytest.raises(ConfigError, match="lora.rank"):
+        load_preset("demo-cpu", ["lora.rank=-5"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_overrides({}, ["no-equals-sign"])
+    with pytest.raises(ConfigError, match="`lora` is a value, not a section"):
+        apply_overrides({"version": 1, "lora": 3}, ["lora.rank=4"])
+
+
+def test_migration_from_version_0_kohya_style_dict():
+    v0 = {
+        "output_name": "old-run",
+        "pretrained_model_name_or_path": "/models/sd15.safetensors",
+        "train_data_dir": "/data/10_zkz",
+        "resolution": "768,768",
+        "network_dim": 32,
+        "network_alpha": 16,
+        "optimizer_type": "AdamW8bit",
+        "learning_rate": 2e-4,
+        "network_train_unet_only": True,
+        "max_train_epochs": 4,
+        "save_precision": "bf16",
+    }
+    migrated = migrate(dict(v0))
+    assert migrated["version"] == CONFIG_VERSION
+    config = validate_config(v0)
+    assert config.name == "old-run"
+    assert config.base_model == "/models/sd15.safetensors"
+    assert config.dataset.path == "/data/10_zkz" and config.dataset.resolution == 768
+    assert (config.lora.rank, config.lora.alpha, config.lora.train_text_encoder) == (32, 16.0, False)
+    assert config.optimizer.optimizer == "adamw8bit" and config.optimizer.learning_rate == 2e-4
+    assert config.optimizer.max_train_epochs == 4 and config.save.precision == "bf16"
+
+
+def test_unknown_version_0_keys_are_reported_not_dropped():
+    with pytest.raises(ConfigError, match="`xformers` is not a setting"):
+        validate_config({"network_dim": 8, "xformers": True})
+
+
+def test_newer_version_is_refused():
+    with pytest.raises(ConfigError, match="`version` = 99"):
+        validate_config({"version": 99})
+
+
+def test_toml_leaves_out_unset_optionals():
+    text = config_to_toml(TrainConfig())
+    assert "unet_lr" not in text and "[lora]" in text

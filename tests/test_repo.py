@@ -1,0 +1,23 @@
+"""The README's two commands and CI stay in step."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    return [line.strip() for line in lines[:12] if line.startswith("    ")]
+
+
+def test_readme_opens_with_run_and_test_commands():
+    run, test = readme_commands()[:2]
+    assert run.endswith("lora-studio") and "pip install" in run
+    assert test.endswith("python -m pytest") and '".[test]"' in test
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    test = readme_commands()[1]
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test in ci_lines
+    assert ci_lines.index(test) > ci_lines.index(".venv/bin/pip install -q torch==2.13.0")
