@@ -296,7 +296,7 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
         if key == "version":
             continue
         target = KOHYA_V0_KEYS.get(key, key)  # unknown keys stay, so validation names them
-        if key == "resolution" and isinstance(value, str):
+        if key == "resolution" and isinstance(value, str) and value.split(",")[0].strip().isdigit():
             value = int(value.split(",")[0])  # kohya writes "512,512"
         if key == "optimizer_type" and isinstance(value, str):
             value = KOHYA_OPTIMIZERS.get(value.lower(), value)
@@ -312,7 +312,7 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _migrate
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
     """Bring a config dict of any known version up to CONFIG_VERSION (a dict with no version is v0)."""
     version = data.get("version", 0)
-    if not isinstance(version, int) or version > CONFIG_VERSION:
+    if not isinstance(version, int) or not 0 <= version <= CONFIG_VERSION:
         return data  # validation reports the bad or newer version
     while version < CONFIG_VERSION:
         data = MIGRATIONS[version](data)

@@ -123,6 +123,8 @@ def read_safetensors_index(path: Path) -> CheckpointIndex:
     safetensors itself only says `MetadataIncompleteBuffer` or `HeaderTooLarge`.
     """
     size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{path} is empty (0 bytes); the download or copy failed, so fetch or copy it again.")
     with open(path, "rb") as f:
         prefix = f.read(8)
         header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
@@ -309,7 +311,8 @@ def load_base(
         base = _load_diffusers_folder(path, label, dtype, prediction_type)
     else:
         base = _load_single_file(path, dtype, config, prediction_type, allow_pickle)
-    base.pipeline.to(device)
+    if base.device != device:
+        base.pipeline.to(device)
     for module in (base.unet, base.vae, *base.text_encoders):
         module.requires_grad_(False)
         module.eval()
@@ -344,7 +347,8 @@ def resolve_cached_hub_id(repo_id: str) -> Path:
         folder = Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:  # LocalEntryNotFoundError and friends: nothing usable is cached
         raise ModelLoadError(
-            f"{repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}): missing "
+            f"{repo_id!r} is neither a file or folder here nor a model in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}): missing "
             "model_index.json and every component (unet, vae, text_encoder, tokenizer, scheduler); "
             "LoRA Studio works offline, so copy the model folder or a .safetensors file here and give its path."
         ) from None

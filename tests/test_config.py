@@ -192,6 +192,11 @@ def test_unknown_version_0_keys_are_reported_not_dropped():
         validate_config({"network_dim": 8, "xformers": True})
 
 
+def test_unreadable_kohya_resolution_is_reported():
+    with pytest.raises(ConfigError, match="`dataset.resolution` = 'big'"):
+        validate_config({"resolution": "big"})
+
+
 def test_newer_version_is_refused():
     with pytest.raises(ConfigError, match="`version` = 99"):
         validate_config({"version": 99})

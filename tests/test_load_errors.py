@@ -39,6 +39,12 @@ def test_non_safetensors_file(tmp_path):
     expect_error(path, str(path), "is not a safetensors file", "give a .safetensors checkpoint")
 
 
+def test_empty_file(tmp_path):
+    path = tmp_path / "zero.safetensors"
+    path.touch()
+    expect_error(path, "zero.safetensors", "is empty (0 bytes)", "copy it again")
+
+
 def test_text_file(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("just some notes, not a model")
@@ -202,7 +208,7 @@ def put_in_cache(cache, repo_id, folder):
 
 
 def test_hub_id_not_in_cache(hub_cache):
-    message = expect_error("someone/sd-model", "'someone/sd-model' is not in the local Hugging Face cache")
+    message = expect_error("someone/sd-model", "'someone/sd-model' is neither a file or folder here nor a model in")
     assert "model_index.json" in message and str(hub_cache) in message and "give its path" in message
 
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lora_studio.models import load_base
-from lora_studio.tools import save_single_file
+from lora_studio.tools import save_single_file, to_ldm_state_dict
 
 FAMILIES = ["sd1", "sd2", "sd2-v", "sdxl"]
 
@@ -87,3 +88,17 @@ def test_loaded_model_generates_and_is_deterministic(tiny_folders):
     first, second = run(), run()
     assert first.shape == (1, 3, 16, 16)
     assert torch.equal(first, second)
+
+
+def test_single_file_with_real_world_extra_keys_loads(tiny_folders, tmp_path):
+    """Published SD1 files also carry position_ids, EMA and schedule tensors; they must not break loading."""
+    base = load_base(tiny_folders["sd1"], device="cpu")
+    state = {k: v.contiguous().clone() for k, v in to_ldm_state_dict(base).items()}
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    state["model_ema.decay"] = torch.tensor(0.9999)
+    state["alphas_cumprod"] = torch.linspace(1, 0, 1000)
+    path = tmp_path / "published-style.safetensors"
+    save_file(state, str(path))
+    back = load_base(path, device="cpu", config=tiny_folders["sd1"])
+    assert back.family == "sd1"
+    assert_same_weights(base, back)
