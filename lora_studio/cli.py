@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     sub.add_parser("presets", help="list the bundled presets")
+
+    dataset = sub.add_parser("dataset", help="scan and validate a dataset folder; exit 1 if it has errors")
+    dataset.add_argument("path", help="the images folder ('demo' for the bundled demo dataset)")
+    dataset.add_argument("--config", help="a TOML config or preset whose dataset settings apply")
+    dataset.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser
 
 
@@ -62,12 +67,9 @@ def run_detect(args: argparse.Namespace) -> int:
 
 
 def run_config(args: argparse.Namespace) -> int:
-    from .config import config_to_toml, load_config, preset_path
+    from .config import config_to_toml
 
-    path = Path(args.config)
-    if not path.exists() and path.suffix != ".toml":
-        path = preset_path(args.config)
-    print(config_to_toml(load_config(path, args.overrides)), end="")
+    print(config_to_toml(_load_config_or_preset(args.config, args.overrides)), end="")
     return EXIT_OK
 
 
@@ -79,7 +81,52 @@ def run_presets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"app": run_app, "detect": run_detect, "config": run_config, "presets": run_presets}
+def _load_config_or_preset(name: str, overrides: list[str]):
+    from .config import load_config, preset_path
+
+    path = Path(name)
+    if not path.exists() and path.suffix != ".toml":
+        path = preset_path(name)
+    return load_config(path, overrides)
+
+
+def run_dataset(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import TrainConfig
+    from .data import dataset_report
+
+    overrides = [f"dataset.path={json.dumps(args.path)}"]
+    config = (
+        _load_config_or_preset(args.config, overrides) if args.config else TrainConfig(dataset={"path": args.path})
+    )
+    report = dataset_report(config)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_dataset_report(report)
+    return EXIT_INPUT if report["errors"] else EXIT_OK
+
+
+def print_dataset_report(report: dict) -> None:
+    print(
+        f"Dataset {report['path']} ({report['layout']} layout): {report['items']} images, "
+        f"{report['images_per_epoch']} per epoch with repeats"
+    )
+    for concept, repeats in report["repeats"].items():
+        print(f"  {concept}: {repeats} repeats")
+    print(f"Buckets at {report['resolution']} px, batch {report['batch_size']}:")
+    for bucket in report["buckets"]:
+        print(f"  {bucket['width']}x{bucket['height']}: {bucket['count']} images")
+    print(f"Steps: {report['steps_per_epoch']} per epoch, {report['total_steps']} in all")
+    for kind in ("warnings", "errors"):
+        if report[kind]:
+            print(f"{kind.capitalize()} ({len(report[kind])}):")
+            for problem in report[kind]:
+                print(f"  {problem['path']}: {problem['message']}")
+
+
+COMMANDS = {"app": run_app, "detect": run_detect, "config": run_config, "presets": run_presets, "dataset": run_dataset}
 
 
 def main(argv: list[str] | None = None) -> int:

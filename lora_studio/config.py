@@ -50,7 +50,7 @@ class DatasetConfig(Section):
     repeats: int = Field(1, ge=1, description="Times each image is seen per epoch (kohya folder prefixes override).")
     batch_size: int = Field(1, ge=1, le=256)  # kohya_ss GUI default
     enable_bucket: bool = True  # kohya default for non-square datasets
-    min_bucket_reso: int = Field(256, ge=64)  # kohya default
+    min_bucket_reso: int = Field(256, ge=32)  # kohya default; 32 allows the 64 px demo model
     max_bucket_reso: int = Field(1024, ge=64)  # kohya default for SD1.5 (2048 for SDXL presets)
     bucket_reso_steps: int = Field(64, ge=8)  # kohya default: 64 keeps SD-family VAE/UNet strides aligned
     bucket_no_upscale: bool = False
@@ -66,6 +66,7 @@ class DatasetConfig(Section):
     cache_latents: bool = True  # kohya/OneTrainer: cache VAE latents unless augmenting per step
     cache_latents_to_disk: bool = True
     cache_text_embeddings: bool = False  # only possible with a frozen text encoder and static captions
+    cache_dir: str = Field("", description="Where latent/text caches live; empty uses <output_dir>/.cache.")
 
     @model_validator(mode="after")
     def _bucket_range(self) -> DatasetConfig:

@@ -1,0 +1,193 @@
+"""On-disk caches of VAE latents and text-encoder outputs.
+
+Each entry is one safetensors file named by a hash of everything that determines its content:
+- a latent entry: the image bytes, the bucket, the crop, the flip, the alpha background and the
+  VAE's identity (config and weights);
+- a text entry: the caption, the clip skip and the text encoders' identity.
+So a changed image or setting misses exactly the affected entries, and an unchanged dataset hits
+across runs. Entries are written to a temp file and renamed: a crash never leaves half an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .buckets import Bucket, Crop, plan_crop
+from .config import DatasetConfig, TrainConfig
+from .data import Item, bucket_pixels, captions_are_static
+from .fsutil import atomic_path
+
+Progress = Callable[[int, int], None]
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a module's config and every weight: its identity as a cache key ingredient."""
+    digest = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:
+        as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _entry_path(folder: Path, key: str) -> Path:
+    return folder / key[:2] / f"{key}.safetensors"
+
+
+def _read_entry(path: Path) -> dict[str, torch.Tensor] | None:
+    try:
+        return load_file(str(path))
+    except (FileNotFoundError, SafetensorError, OSError):
+        return None  # missing or unreadable: rebuild it
+
+
+def _write_entry(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+# --- latents ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatentEntry:
+    """One cached latent: an item as it is cropped and flipped into its bucket."""
+
+    item_index: int
+    bucket: Bucket
+    resized: tuple[int, int]
+    crop: Crop
+    flip: bool
+
+
+def plan_latent_entries(items: Sequence[Item], buckets: Sequence[Bucket], config: DatasetConfig) -> list[LatentEntry]:
+    """Center crops (random crops change per step and cannot be cached), plus mirrored copies with flip_aug."""
+    entries = []
+    for index, (item, bucket) in enumerate(zip(items, buckets, strict=True)):
+        resized, crop = plan_crop(item.width, item.height, bucket, random_crop=False, rng=random.Random(0))
+        for flip in (False, True) if config.flip_aug else (False,):
+            entries.append(LatentEntry(index, bucket, resized, crop, flip))
+    return entries
+
+
+class LatentCache:
+    def __init__(self, folder: Path, vae: torch.nn.Module, background: str = "#ffffff"):
+        self.folder = Path(folder) / "latents"
+        self.vae = vae
+        self.background = background
+        self.vae_id = module_fingerprint(vae)
+
+    def key(self, item: Item, entry: LatentEntry) -> str:
+        parts = [item.content_hash, entry.bucket, entry.resized, entry.crop, entry.flip, self.background, self.vae_id]
+        return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+    def get(self, item: Item, entry: LatentEntry) -> dict[str, torch.Tensor] | None:
+        """{'mean', 'std'} of the latent distribution (unscaled), or None when not cached."""
+        return _read_entry(_entry_path(self.folder, self.key(item, entry)))
+
+    def pixels(self, item: Item, entry: LatentEntry) -> torch.Tensor:
+        """The VAE input for an entry: [-1, 1], CHW."""
+        return bucket_pixels(item, entry.bucket, entry.resized, entry.crop, entry.flip, self.background)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        param = next(self.vae.parameters())
+        dist = self.vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def fill(
+        self,
+        items: Sequence[Item],
+        entries: Sequence[LatentEntry],
+        batch_size: int = 8,
+        progress: Progress | None = None,
+    ) -> dict[str, int]:
+        """Encode every entry not yet cached, in VAE batches of one bucket each. Returns hit/built counts."""
+        missing: dict[Bucket, list[LatentEntry]] = defaultdict(list)
+        for entry in entries:
+            if not _entry_path(self.folder, self.key(items[entry.item_index], entry)).is_file():
+                missing[entry.bucket].append(entry)
+        total = sum(len(v) for v in missing.values())
+        done = 0
+        for bucket in sorted(missing):
+            group = missing[bucket]
+            for start in range(0, len(group), batch_size):
+                chunk = group[start : start + batch_size]
+                pixels = torch.stack([self.pixels(items[e.item_index], e) for e in chunk])
+                means, stds = self.encode(pixels)
+                for entry, mean, std in zip(chunk, means, stds, strict=True):
+                    path = _entry_path(self.folder, self.key(items[entry.item_index], entry))
+                    _write_entry(path, {"mean": mean, "std": std})
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+        return {"hits": len(entries) - total, "built": total}
+
+
+# --- text embeddings ------------------------------------------------------------------------------------
+
+
+def text_cache_refusal(config: TrainConfig) -> str | None:
+    """Why text-encoder outputs cannot be cached for this config, or None if they can."""
+    if config.lora.train_text_encoder:
+        return (
+            "the text encoder is being trained, so its outputs change every step; set lora.train_text_encoder = false"
+        )
+    if not captions_are_static(config.dataset):
+        return (
+            "captions change every step (shuffle_caption or caption dropout is on); "
+            "turn those off to cache text embeddings"
+        )
+    return None
+
+
+class TextCache:
+    """Text-encoder outputs per caption. `encode(captions) -> {name: tensor [batch, ...]}` does the work,
+    so the training code decides what to keep (hidden states after clip skip, SDXL's pooled output)."""
+
+    def __init__(self, folder: Path, text_encoders: Sequence[torch.nn.Module], clip_skip: int):
+        self.folder = Path(folder) / "text"
+        identity = "|".join(module_fingerprint(m) for m in text_encoders)
+        self.identity = f"{identity}|clip_skip={clip_skip}"
+
+    def key(self, caption: str) -> str:
+        return hashlib.sha256(f"{self.identity}|{caption}".encode()).hexdigest()
+
+    def get(self, caption: str) -> dict[str, torch.Tensor] | None:
+        return _read_entry(_entry_path(self.folder, self.key(caption)))
+
+    def fill(
+        self,
+        captions: Sequence[str],
+        encode: Callable[[list[str]], dict[str, torch.Tensor]],
+        batch_size: int = 32,
+        progress: Progress | None = None,
+    ) -> dict[str, int]:
+        unique = list(dict.fromkeys(captions))
+        missing = [c for c in unique if not _entry_path(self.folder, self.key(c)).is_file()]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            with torch.no_grad():
+                outputs = encode(chunk)
+            for row, caption in enumerate(chunk):
+                _write_entry(_entry_path(self.folder, self.key(caption)), {k: v[row] for k, v in outputs.items()})
+            if progress is not None:
+                progress(start + len(chunk), len(missing))
+        return {"hits": len(unique) - len(missing), "built": len(missing)}
+
+
+def cache_folder(config: TrainConfig) -> Path:
+    return Path(config.dataset.cache_dir) if config.dataset.cache_dir else Path(config.output_dir) / ".cache"

@@ -1,0 +1,268 @@
+"""Scanning and validation on files the test makes: every format, every bad case, both layouts."""
+
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lora_studio.config import DatasetConfig, TrainConfig
+from lora_studio.data import Item, build_caption, captions_are_static, dataset_report, load_image, scan
+
+
+def save(path, size=(300, 200), color=(200, 30, 30), mode="RGB", **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, **kwargs)
+    return path
+
+
+def scan_folder(folder, **settings):
+    return scan(DatasetConfig(path=str(folder), min_bucket_reso=64, **settings))
+
+
+def problems_for(report, name):
+    return [p for p in report.problems if p.path.endswith(name)]
+
+
+def test_every_format_is_read(tmp_path):
+    for n, suffix in enumerate(("jpg", "jpeg", "png", "webp", "bmp")):
+        save(tmp_path / f"img_{suffix}.{suffix}", color=(200, 30, 10 * n))
+        (tmp_path / f"img_{suffix}.txt").write_text(f"a red {suffix}")
+    report = scan_folder(tmp_path)
+    assert report.errors == [] and report.warnings == []
+    assert len(report.items) == 5
+    assert {i.caption for i in report.items} == {f"a red {s}" for s in ("jpg", "jpeg", "png", "webp", "bmp")}
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (120, 60), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 60, 60))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    item = scan_folder(tmp_path).items[0]
+    assert (item.width, item.height) == (60, 120)
+    loaded = load_image(path)
+    assert loaded.size == (60, 120)
+    top = np.asarray(loaded)[5, 30]
+    assert top[2] > 200 and top[0] < 60, "the blue half is on top once rotated 90 degrees clockwise"
+
+
+def test_rgba_is_composited_on_the_background_colour(tmp_path):
+    image = Image.new("RGBA", (100, 100), (0, 0, 0, 0))
+    image.paste((255, 0, 0, 255), (0, 0, 50, 100))
+    save_path = tmp_path / "alpha.png"
+    image.save(save_path)
+    loaded = np.asarray(load_image(save_path, background="#00ff00"))
+    assert loaded.shape == (100, 100, 3)
+    assert tuple(loaded[50, 10]) == (255, 0, 0) and tuple(loaded[50, 90]) == (0, 255, 0)
+
+
+def test_grayscale_palette_and_16_bit(tmp_path):
+    save(tmp_path / "gray.png", mode="L", color=128)
+    save(tmp_path / "palette.png", mode="P", color=3)
+    sixteen = Image.fromarray(np.full((80, 80), 65535 // 2, dtype=np.uint16))
+    sixteen.save(tmp_path / "deep.png")
+    report = scan_folder(tmp_path)
+    assert report.errors == [] and len(report.items) == 3
+    assert tuple(np.asarray(load_image(tmp_path / "gray.png"))[0, 0]) == (128, 128, 128)
+    assert load_image(tmp_path / "palette.png").mode == "RGB"
+    deep = np.asarray(load_image(tmp_path / "deep.png"))
+    assert deep.shape == (80, 80, 3) and abs(int(deep[0, 0, 0]) - 128) <= 1, "16-bit is scaled, not clipped"
+
+
+def corrupt_png_crc(path):
+    data = bytearray(path.read_bytes())
+    ihdr_crc = 8 + 8 + 13  # signature, IHDR length+type, IHDR data
+    data[ihdr_crc] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_bad_files_are_errors_with_reasons(tmp_path, monkeypatch):
+    good = save(tmp_path / "good.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("this is a text file, not an image")
+    full = save(tmp_path / "whole.jpg", size=(256, 256)).read_bytes()
+    (tmp_path / "whole.jpg").unlink()
+    (tmp_path / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    save(tmp_path / "badcrc.png")
+    corrupt_png_crc(tmp_path / "badcrc.png")
+    save(tmp_path / "bomb.png", size=(400, 400))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300)
+
+    report = scan_folder(tmp_path)
+
+    assert [i.path for i in report.items] == [good]
+    reasons = {
+        name: problems_for(report, name)
+        for name in ("empty.png", "notes.png", "truncated.jpg", "badcrc.png", "bomb.png")
+    }
+    for name, found in reasons.items():
+        assert found and found[0].severity == "error", name
+    assert "empty (0 bytes)" in reasons["empty.png"][0].message
+    assert "not a readable image" in reasons["notes.png"][0].message
+    assert "damaged" in reasons["truncated.jpg"][0].message
+    assert "damaged" in reasons["badcrc.png"][0].message
+    assert "decompression-bomb limit of 90,000 pixels" in reasons["bomb.png"][0].message
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    report = scan_folder(tmp_path)
+    assert report.items == [] and "no usable images" in report.errors[0].message
+
+
+def test_missing_folder_is_an_error(tmp_path):
+    report = scan_folder(tmp_path / "nowhere")
+    assert "does not exist" in report.errors[0].message and "dataset.path" in report.errors[0].message
+
+
+def test_warnings_do_not_stop_the_run(tmp_path):
+    save(tmp_path / "a.png")
+    save(tmp_path / "copy.png")  # same pixels and encoder: byte-identical
+    save(tmp_path / "tiny.png", size=(40, 30), color=(1, 2, 3))
+    (tmp_path / "tiny.txt").write_text("   ")
+    (tmp_path / "a.txt").write_bytes("caf\xe9 au lait".encode("cp1252"))
+    report = scan_folder(tmp_path, trigger_word="zkz")
+    assert report.errors == [] and len(report.items) == 3
+    assert "exact duplicate of a.png" in " ".join(p.message for p in problems_for(report, "copy.png"))
+    assert "40x30 is smaller than the minimum bucket side 64" in " ".join(
+        p.message for p in problems_for(report, "tiny.png")
+    )
+    assert "caption file is empty" in " ".join(p.message for p in problems_for(report, "tiny.png"))
+    assert "not UTF-8" in " ".join(p.message for p in problems_for(report, "a.png"))
+    assert [i for i in report.items if i.path.name == "a.png"][0].caption == "café au lait"
+
+
+def test_no_upscale_skips_small_images(tmp_path):
+    save(tmp_path / "big.png")
+    save(tmp_path / "tiny.png", size=(40, 30))
+    report = scan_folder(tmp_path, bucket_no_upscale=True)
+    assert [i.path.name for i in report.items] == ["big.png"]
+    assert "skipped" in problems_for(report, "tiny.png")[0].message
+
+
+def test_missing_caption_falls_back(tmp_path):
+    save(tmp_path / "a.png")
+    report = scan_folder(tmp_path, trigger_word="zkz")
+    assert "no .txt caption; 'zkz' is used" in report.warnings[0].message
+
+
+def test_kohya_layout_counts_repeats(tmp_path):
+    for i in range(3):
+        save(tmp_path / "10_zkz dog" / f"{i}.png", color=(i, 0, 0))
+    save(tmp_path / "2_style" / "s.png", color=(9, 9, 9))
+    save(tmp_path / "notes" / "x.png", color=(8, 8, 8))
+    report = scan_folder(tmp_path)
+    assert report.layout == "kohya" and len(report.items) == 4
+    assert report.images_per_epoch == 3 * 10 + 2
+    assert {i.concept: i.repeats for i in report.items} == {"zkz dog": 10, "style": 2}
+    assert any("not a kohya N_name folder" in p.message for p in report.warnings)
+
+
+def test_pointing_at_the_kohya_concept_folder_explains_the_fix(tmp_path):
+    save(tmp_path / "10_zkz" / "a.png")
+    report = scan_folder(tmp_path / "10_zkz")
+    message = report.errors[0].message
+    assert "kohya concept folder (10 repeats of 'zkz')" in message and str(tmp_path) in message
+
+
+def test_pointing_above_the_kohya_parent_explains_the_fix(tmp_path):
+    save(tmp_path / "project" / "10_zkz" / "a.png")
+    report = scan_folder(tmp_path)
+    assert "set dataset.path to" in report.errors[0].message and "project" in report.errors[0].message
+
+
+def item(caption="red, star, white background", concept="shapes"):
+    return Item(path=None, caption=caption, concept=concept, repeats=1, width=64, height=64, content_hash="x")
+
+
+def test_caption_trigger_prefix_suffix():
+    config = DatasetConfig(trigger_word="zkz", caption_prefix="photo", caption_suffix="high quality")
+    assert build_caption(item(), config, random.Random(0)) == "zkz, photo, red, star, white background, high quality"
+    assert build_caption(item("zkz, red"), DatasetConfig(trigger_word="zkz"), random.Random(0)) == "zkz, red"
+
+
+def test_shuffle_keeps_the_first_tokens_and_the_trigger():
+    config = DatasetConfig(trigger_word="zkz", shuffle_caption=True, keep_tokens=1)
+    captions = {build_caption(item("red, star, on, white, background"), config, random.Random(s)) for s in range(20)}
+    assert len(captions) > 5
+    assert all(c.startswith("zkz, red, ") for c in captions)
+    assert all(sorted(c.split(", ")) == sorted("zkz, red, star, on, white, background".split(", ")) for c in captions)
+
+
+def test_dropouts():
+    always = DatasetConfig(trigger_word="zkz", caption_dropout_rate=1.0)
+    assert build_caption(item(), always, random.Random(0)) == ""
+    tags = DatasetConfig(trigger_word="zkz", caption_tag_dropout_rate=1.0)
+    assert build_caption(item(), tags, random.Random(0)) == "zkz"
+    assert not captions_are_static(tags) and captions_are_static(DatasetConfig())
+
+
+def test_concept_name_used_without_caption_or_trigger():
+    assert build_caption(item(caption="", concept="sks dog"), DatasetConfig(), random.Random(0)) == "sks dog"
+
+
+def test_tag_frequency_per_folder(tmp_path):
+    save(tmp_path / "3_a" / "1.png", color=(1, 1, 1))
+    (tmp_path / "3_a" / "1.txt").write_text("red, star")
+    save(tmp_path / "3_a" / "2.png", color=(2, 2, 2))
+    (tmp_path / "3_a" / "2.txt").write_text("red, circle")
+    assert scan_folder(tmp_path).tag_frequency() == {"a": {"red": 2, "star": 1, "circle": 1}}
+
+
+def test_dataset_report_counts_steps_and_buckets(tmp_path):
+    for i in range(5):
+        save(tmp_path / f"wide{i}.png", size=(600, 300), color=(i, 0, 0))
+    for i in range(3):
+        save(tmp_path / f"tall{i}.png", size=(300, 600), color=(0, i, 0))
+    config = TrainConfig(
+        dataset={
+            "path": str(tmp_path),
+            "batch_size": 2,
+            "repeats": 2,
+            "resolution": 256,
+            "min_bucket_reso": 128,
+            "max_bucket_reso": 512,
+        },
+        optimizer={"max_train_epochs": 3},
+    )
+    report = dataset_report(config)
+    assert report["items"] == 8 and report["images_per_epoch"] == 16
+    assert [(b["width"] > b["height"], b["count"]) for b in report["buckets"]] in (
+        [(False, 3), (True, 5)],
+        [(True, 5), (False, 3)],
+    )
+    assert report["steps_per_epoch"] == 5 + 3  # ceil(10/2) + ceil(6/2)
+    assert report["total_steps"] == 24
+    assert report["errors"] == [] and isinstance(report["warnings"], list)
+
+
+def test_step_samples_are_reproducible_and_carry_sdxl_conditioning(tmp_path):
+    from lora_studio.buckets import Bucket
+    from lora_studio.data import make_step_sample
+
+    image = Image.new("RGB", (300, 200), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 100, 200))  # left third blue
+    image.save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("red, blue, flag")
+    config = DatasetConfig(
+        path=str(tmp_path),
+        min_bucket_reso=64,
+        random_crop=True,
+        flip_aug=True,
+        shuffle_caption=True,
+        trigger_word="zkz",
+    )
+    item = scan(config).items[0]
+    bucket = Bucket(192, 128)
+    first = make_step_sample(item, bucket, config, random.Random(5))
+    again = make_step_sample(item, bucket, config, random.Random(5))
+    assert torch.equal(first.pixels, again.pixels) and first.caption == again.caption and first.crop == again.crop
+    assert first.pixels.shape == (3, 128, 192) and -1.0 <= first.pixels.min() and first.pixels.max() <= 1.0
+    assert first.crop.original_size == (200, 300) and first.crop.target_size == (128, 192)
+    samples = [make_step_sample(item, bucket, config, random.Random(s)) for s in range(12)]
+    assert {s.flip for s in samples} == {True, False}
+    for s in samples:
+        left_is_blue = s.pixels[2, 64, 5] > 0.5
+        assert left_is_blue != s.flip, "a flipped sample has the blue third on the right"

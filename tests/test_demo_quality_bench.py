@@ -1,0 +1,52 @@
+"""bench/demo_quality.py's LoRA path: strength 0 reproduces the base model; a strong adapter changes the images."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from lora_studio import demo_data
+from lora_studio.models import load_base
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "demo_quality.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("demo_quality", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_random_lora(tmp_path) -> Path:
+    unet = load_base("demo", dtype=torch.float32, device="cpu").unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.3)
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet))
+    return tmp_path / "pytorch_lora_weights.safetensors"
+
+
+def test_lora_report_strength_zero_equals_base(tmp_path):
+    bench = load_bench()
+    lora = write_random_lora(tmp_path)
+    pipeline = load_base("demo", dtype=torch.float32, device="cpu").pipeline
+    pipeline.set_progress_bar_config(disable=True)
+    cases = demo_data.eval_cases()[:4]
+    seeds = [c.seed for c in cases]
+    prompts = [c.prompt(trigger=True) for c in cases]
+    base_images = demo_data.generate(pipeline, prompts, seeds, steps=4)
+
+    report = bench.lora_report(pipeline, lora, [0.0, 1.0], cases, steps=4, guidance=5.0)
+
+    assert set(report) == {"0", "1"}
+    assert report["0"] == demo_data.score_images(cases, base_images).as_dict()
+    pipeline.load_lora_weights(str(lora), adapter_name="again")
+    pipeline.set_adapters(["again"], adapter_weights=[1.0])
+    strong = demo_data.generate(pipeline, prompts, seeds, steps=4)
+    assert any(list(a.getdata()) != list(b.getdata()) for a, b in zip(base_images, strong, strict=True))
