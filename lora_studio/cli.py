@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the bundled presets")
 
+    train = sub.add_parser("train", help="train a LoRA from a config or preset; --resume continues a run")
+    train.add_argument("config", nargs="?", help="a TOML config or a preset name")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped or killed run")
+
+    sub.add_parser("demo", help="train the demo-cpu preset on the bundled demo model and dataset")
+
     dataset = sub.add_parser("dataset", help="scan and validate a dataset folder; exit 1 if it has errors")
     dataset.add_argument("path", help="the images folder ('demo' for the bundled demo dataset)")
     dataset.add_argument("--config", help="a TOML config or preset whose dataset settings apply")
@@ -126,7 +133,75 @@ def print_dataset_report(report: dict) -> None:
                 print(f"  {problem['path']}: {problem['message']}")
 
 
-COMMANDS = {"app": run_app, "detect": run_detect, "config": run_config, "presets": run_presets, "dataset": run_dataset}
+def run_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    if args.resume:
+        config = load_config(args.resume / "config.toml", args.overrides)
+    elif args.config:
+        config = _load_config_or_preset(args.config, args.overrides)
+    else:
+        print(
+            "error: give a config or preset (lora-studio train sd15-character --set ...), or --resume RUN_DIR",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return train_with_progress(config, args.resume)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .config import load_preset
+
+    return train_with_progress(load_preset("demo-cpu"))
+
+
+def train_with_progress(config, resume: Path | None = None) -> int:
+    """Train with a tqdm bar; the first Ctrl-C stops after the current step and saves, a second aborts."""
+    import signal
+
+    from tqdm import tqdm
+
+    from .events import Commands, DoneEvent, ProgressEvent, SampleEvent
+    from .train import run_training
+
+    commands = Commands()
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True)
+
+    def on_event(event) -> None:
+        if isinstance(event, ProgressEvent):
+            bar.total = event.total_steps
+            bar.n = event.step
+            bar.set_postfix(loss=f"{event.smoothed_loss:.4f}", lr=f"{event.lr:.2e}")
+        elif isinstance(event, SampleEvent):
+            bar.write(f"samples at step {event.step}: {event.images[0].parent}")
+        elif isinstance(event, DoneEvent):
+            bar.close()
+
+    def on_interrupt(signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        bar.write("stopping after this step and saving; press Ctrl-C again to abort")
+        commands.request_stop()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        done = run_training(config, on_event=on_event, commands=commands, resume_from=resume)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
+    state = "stopped" if done.stopped_early else "finished"
+    print(f"{state} at step {done.step}\nrun folder: {done.run_dir}\nLoRA file:  {done.lora_path}")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "app": run_app,
+    "detect": run_detect,
+    "config": run_config,
+    "presets": run_presets,
+    "dataset": run_dataset,
+    "train": run_train,
+    "demo": run_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except LoraStudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except Exception as exc:  # one sentence here; the traceback is in the run's log.txt when there is a run
+        logging.getLogger(__name__).debug("unexpected failure", exc_info=True)
+        print(
+            f"error: unexpected failure ({type(exc).__name__}: {exc}); see the run's log.txt for details",
+            file=sys.stderr,
+        )
         return EXIT_INPUT
     except KeyboardInterrupt:
         return 130

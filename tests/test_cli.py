@@ -46,3 +46,35 @@ def test_detect_reports_family_or_a_clear_error(tiny_folders, tmp_path, capsys):
 def test_app_refuses_network_host_without_auth(capsys):
     assert main(["--host", "0.0.0.0", "--no-browser"]) == 1
     assert "--auth user:password" in capsys.readouterr().err
+
+
+def test_train_and_resume_from_the_command_line(tmp_path, tiny_folders, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (90 * i, 40, 40)).save(data / f"{i}.png")
+    settings = [
+        f"base_model={json.dumps(str(tiny_folders['sd1']))}",
+        f"dataset.path={json.dumps(str(data))}",
+        f"output_dir={json.dumps(str(tmp_path / 'runs'))}",
+        "dataset.resolution=32",
+        "dataset.min_bucket_reso=32",
+        "dataset.max_bucket_reso=32",
+        "mixed_precision='no'",
+        "optimizer.max_train_steps=2",
+        "sample.every_n_steps=0",
+        "save.every_n_epochs=0",
+        f"dataset.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
+        "family='sd1'",
+    ]
+    args = ["train", "sd15-character"]
+    for item in settings:
+        args += ["--set", item]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "finished at step 2" in out and "LoRA file:" in out
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert (run_dir / "sd15-character.safetensors").is_file()
+    assert main(["train", "--resume", str(run_dir), "--set", "optimizer.max_train_steps=3"]) == 0
+    assert "finished at step 3" in capsys.readouterr().out
+    assert main(["train"]) == 2

@@ -1,0 +1,168 @@
+"""Training-step speed: our trainer against a reference loop in the style of diffusers' LoRA example.
+
+    python bench/train_step.py [--steps 20] [--runs 3] [--batch 8] [--json bench/results/train_step_cpu.json]
+
+Both train the same LoRA (rank 8, UNet attention) on the bundled demo model, same batch and precision
+(fp32 on CPU), measured side by side in one process. The reference encodes every batch with the VAE
+and the text encoder each step and has no buckets, as `train_text_to_image_lora.py` does; ours reads
+cached latents (and cached text embeddings when the text encoder is frozen). Reported: median
+steps/s over --runs runs of --steps steps each (after 2 warm-up steps) and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lora_studio import demo_data  # noqa: E402
+from lora_studio.config import TrainConfig  # noqa: E402
+from lora_studio.models import load_base  # noqa: E402
+from lora_studio.train import prepare, training_step  # noqa: E402
+
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def make_dataset(folder: Path, count: int = 32) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(demo_data.concept_scenes(count, seed=3)):
+        demo_data.render(scene).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(scene.caption())
+
+
+def ours(folder: Path, batch: int, steps: int, train_text_encoder: bool) -> float:
+    config = TrainConfig(
+        name="bench",
+        base_model="demo",
+        output_dir=str(folder / "runs"),
+        mixed_precision="no",
+        dataset={
+            "path": str(folder / "data"),
+            "resolution": 64,
+            "min_bucket_reso": 64,
+            "max_bucket_reso": 64,
+            "batch_size": batch,
+            "enable_bucket": False,
+            "cache_dir": str(folder / "cache"),
+            "cache_text_embeddings": not train_text_encoder,
+        },
+        lora={"rank": 8, "alpha": 8.0, "unet_targets": "attn", "train_text_encoder": train_text_encoder},
+        optimizer={"max_train_steps": 10_000, "min_snr_gamma": None, "lr_scheduler": "constant"},
+        sample={"every_n_steps": 0},
+        save={"every_n_epochs": 0, "save_state": False},
+    )
+    session = prepare(config)
+    from lora_studio import buckets
+
+    batches = buckets.iterate_batches(session.buckets, [1] * len(session.items), batch, 0)
+    for _ in range(2):
+        training_step(session, next(batches)[1])
+    start = time.perf_counter()
+    for _ in range(steps):
+        session.position, indices = next(batches)
+        training_step(session, indices)
+        session.step += 1
+    return steps / (time.perf_counter() - start)
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def reference(folder: Path, batch: int, steps: int) -> float:
+    """diffusers' example loop: VAE and text encoder every step, LoRA on the UNet via add_adapter."""
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    base = load_base("demo", dtype=torch.float32, device="cpu")
+    unet, vae, text_encoder, tokenizer = base.unet, base.vae, base.text_encoders[0], base.tokenizers[0]
+    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=ATTENTION))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    files = sorted((folder / "data").glob("*.png"))
+    rng = random.Random(0)
+    unet.train()
+
+    def step() -> None:
+        chosen = rng.sample(files, batch)
+        pixels = torch.stack(
+            [
+                torch.from_numpy(
+                    __import__("numpy").asarray(demo_data.Image.open(f).convert("RGB"), dtype="float32")
+                ).permute(2, 0, 1)
+                / 127.5
+                - 1
+                for f in chosen
+            ]
+        )
+        captions = [f.with_suffix(".txt").read_text() for f in chosen]
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            hidden = text_encoder(ids.input_ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
+        pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=hidden).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp())
+    make_dataset(folder / "data")
+    results: dict[str, list[float]] = {"reference": [], "ours_frozen_te": [], "ours_trained_te": []}
+    for run in range(args.runs):  # interleaved, so drifts in machine load hit all three alike
+        torch.manual_seed(run)
+        results["reference"].append(reference(folder, args.batch, args.steps))
+        results["ours_frozen_te"].append(ours(folder / f"a{run}", args.batch, args.steps, False))
+        results["ours_trained_te"].append(ours(folder / f"b{run}", args.batch, args.steps, True))
+    medians = {k: statistics.median(v) for k, v in results.items()}
+    report = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "steps_per_run": args.steps,
+        "runs": args.runs,
+        "steps_per_s_median": {k: round(v, 3) for k, v in medians.items()},
+        "steps_per_s_runs": {k: [round(x, 3) for x in v] for k, v in results.items()},
+        "ratio_ours_frozen_te_vs_reference": round(medians["ours_frozen_te"] / medians["reference"], 2),
+        "ratio_ours_trained_te_vs_reference": round(medians["ours_trained_te"] / medians["reference"], 2),
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

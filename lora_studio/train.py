@@ -1,0 +1,664 @@
+"""The training loop, in phases: prepare -> (resume) -> train, one `training_step` at a time.
+
+It runs from one `TrainConfig`, reports through `on_event`, polls `Commands` between steps and
+never knows about the UI. Every random draw of a step (captions, crops, flips, noise, timesteps,
+dropout) comes from generators seeded by (seed, step), so a resumed run repeats exactly what an
+uninterrupted run would have done: on the CPU the final LoRA weights are bit-identical.
+
+Run folder (DESIGN.md): config.toml, metrics.jsonl, log.txt, samples/, checkpoints/, state/ and
+the final <name>.safetensors. Every file is written to a temp file and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from . import buckets as bucketing
+from .cache import LatentCache, LatentEntry, TextCache, cache_folder, plan_latent_entries, text_cache_refusal
+from .config import TrainConfig, save_config
+from .data import Item, ScanReport, build_caption, make_step_sample, scan
+from .errors import ConfigError, LoraStudioError
+from .events import CheckpointEvent, Commands, DoneEvent, ErrorEvent, ProgressEvent, SampleEvent
+from .fsutil import atomic_path
+from .lora import inject_lora, trainable_parameters
+from .models import BaseModel, load_base
+from .sample import render, use_sampler
+from .state import load_state, restore_rng_state, rng_state, save_state
+
+log = logging.getLogger(__name__)
+PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class TrainingError(LoraStudioError):
+    """Training cannot start or had to stop; the message says why and what to do."""
+
+
+@dataclass
+class Session:
+    config: TrainConfig
+    run_dir: Path
+    accelerator: Accelerator
+    base: BaseModel
+    report: ScanReport
+    buckets: list[bucketing.Bucket]
+    latent_cache: LatentCache | None
+    text_cache: TextCache | None
+    noise_scheduler: DDPMScheduler
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    resolution: int
+    models: dict[str, torch.nn.Module]  # the trained parts as accelerate prepared them (DDP-wrapped on several GPUs)
+    on_event: Callable | None
+    commands: Commands
+    step: int = 0
+    position: bucketing.Position = field(default_factory=bucketing.Position)  # of the next batch to train on
+    smoothed_loss: float | None = None
+
+    @property
+    def items(self) -> list[Item]:
+        return self.report.items
+
+
+def trained_parts(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
+    """The model parts that carry trained LoRA, named as diffusers' LoRA files name them."""
+    parts = {"unet": base.unet}
+    if config.lora.train_text_encoder:
+        for i, encoder in enumerate(base.text_encoders):
+            parts["text_encoder" if i == 0 else "text_encoder_2"] = encoder
+    return parts
+
+
+# --- prepare --------------------------------------------------------------------------------------------
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.output_dir) / f"{config.name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():  # two runs started in the same second
+        run_dir = Path(config.output_dir) / f"{config.name}-{stamp}-{suffix}"
+        suffix += 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def attach_log_file(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("lora_studio").addHandler(handler)
+    logging.getLogger("lora_studio").setLevel(logging.INFO)
+    return handler
+
+
+def check_settings(config: TrainConfig) -> None:
+    """Combinations that are valid fields but cannot train together; all reported at once."""
+    problems = []
+    if not config.base_model.strip():
+        problems.append("`base_model` is empty: choose a checkpoint, a diffusers folder or 'demo'")
+    if config.dataset.cache_latents and config.dataset.random_crop:
+        problems.append(
+            "`dataset.random_crop` changes every step, so latents cannot be cached; "
+            "turn cache_latents or random_crop off"
+        )
+    reason = text_cache_refusal(config) if config.dataset.cache_text_embeddings else None
+    if reason:
+        problems.append(f"`dataset.cache_text_embeddings` cannot be used: {reason}")
+    if problems:
+        raise ConfigError("config", problems)
+
+
+def check_dataset(config: TrainConfig) -> ScanReport:
+    report = scan(config.dataset)
+    for problem in report.warnings:
+        log.warning("%s: %s", problem.path, problem.message)
+    if report.errors:
+        shown = "; ".join(f"{Path(p.path).name}: {p.message}" for p in report.errors[:3])
+        more = f" (and {len(report.errors) - 3} more)" if len(report.errors) > 3 else ""
+        raise TrainingError(f"the dataset has {len(report.errors)} error(s): {shown}{more}")
+    return report
+
+
+def load_model(config: TrainConfig, accelerator: Accelerator) -> BaseModel:
+    prediction = None if config.prediction_type == "auto" else config.prediction_type
+    base = load_base(
+        config.base_model, PRECISION[config.mixed_precision], accelerator.device, prediction_type=prediction
+    )
+    if config.family != "auto" and config.family != base.family:
+        raise TrainingError(
+            f"the preset is for {config.family} but {config.base_model} is {base.family}; "
+            "pick a preset of that family or set family = 'auto'"
+        )
+    if config.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    return base
+
+
+def prepare_caches(config: TrainConfig, base: BaseModel, report: ScanReport, buckets: list) -> tuple:
+    latent_cache = text_cache = None
+    if config.dataset.cache_latents:
+        latent_cache = LatentCache(cache_folder(config), base.vae, config.dataset.alpha_background)
+        entries = plan_latent_entries(report.items, buckets, config.dataset)
+        stats = latent_cache.fill(report.items, entries)
+        log.info("latent cache: %d hits, %d built", stats["hits"], stats["built"])
+    if config.dataset.cache_text_embeddings:
+        text_cache = TextCache(cache_folder(config), base.text_encoders, config.clip_skip)
+        captions = [build_caption(i, config.dataset, random.Random(0)) for i in report.items]
+        stats = text_cache.fill(captions, lambda c: encode_text(base, c, config.clip_skip))
+        log.info("text cache: %d hits, %d built", stats["hits"], stats["built"])
+    return latent_cache, text_cache
+
+
+def make_optimizer(config: TrainConfig, base: BaseModel, device: torch.device) -> torch.optim.Optimizer:
+    opt = config.optimizer
+    groups = [{"params": trainable_parameters(base.unet), "lr": opt.unet_lr or opt.learning_rate}]
+    if config.lora.train_text_encoder:
+        te_params = [p for e in base.text_encoders for p in trainable_parameters(e)]
+        groups.append({"params": te_params, "lr": opt.text_encoder_lr or opt.learning_rate})
+    if opt.optimizer == "adamw":
+        fused = device.type == "cuda"  # the fused kernel exists on CUDA only
+        return torch.optim.AdamW(groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay, fused=fused)
+    if opt.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise TrainingError("AdamW8bit (bitsandbytes) needs a CUDA GPU; on this device use optimizer = 'adamw'")
+        bnb = _optional_import("bitsandbytes", "bitsandbytes")
+        return bnb.optim.AdamW8bit(groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    if opt.optimizer == "prodigy":
+        prodigyopt = _optional_import("prodigyopt", "prodigyopt")
+        return prodigyopt.Prodigy(groups, betas=opt.betas, weight_decay=opt.weight_decay)
+    from transformers.optimization import Adafactor
+
+    # External learning rate, no relative steps: the settings kohya documents for LoRA with Adafactor.
+    return Adafactor(
+        groups, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=opt.weight_decay
+    )
+
+
+def _optional_import(module: str, package: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise TrainingError(
+            f"the {module} optimizer is not installed; run `pip install {package}` "
+            "(or `pip install lora-studio[optimizers]`), or choose optimizer = 'adamw'"
+        ) from None
+
+
+def count_total_steps(config: TrainConfig, per_epoch_batches: int) -> int:
+    if config.optimizer.max_train_steps:
+        return config.optimizer.max_train_steps
+    updates_per_epoch = math.ceil(per_epoch_batches / config.optimizer.gradient_accumulation_steps)
+    return updates_per_epoch * (config.optimizer.max_train_epochs or 1)
+
+
+def make_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total: int):
+    opt = config.optimizer
+    return get_scheduler(
+        opt.lr_scheduler,
+        optimizer,
+        num_warmup_steps=opt.lr_warmup_steps,
+        num_training_steps=total,
+        num_cycles=opt.lr_scheduler_num_cycles,
+    )
+
+
+def prepare(
+    config: TrainConfig, on_event=None, commands: Commands | None = None, run_dir: Path | None = None
+) -> Session:
+    """Everything before the first step: run folder, dataset, model, caches, LoRA, optimizer."""
+    check_settings(config)
+    report = check_dataset(config)  # before any model loads: a bad dataset fails in a second
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.optimizer.gradient_accumulation_steps,
+    )
+    run_dir = run_dir or new_run_dir(config)
+    attach_log_file(run_dir)
+    save_config(config, run_dir / "config.toml", header=f"resolved config of run {run_dir.name}")
+    base = load_model(config, accelerator)
+    resolution = config.dataset.resolution or base.native_resolution
+    buckets = bucketing.assign_buckets([(i.width, i.height) for i in report.items], config.dataset, resolution)
+    latent_cache, text_cache = prepare_caches(config, base, report, buckets)
+    torch.manual_seed(config.seed)  # LoRA init (gaussian) is drawn here
+    inject_lora(base, config.lora)
+    per_epoch = bucketing.steps_per_epoch(buckets, [i.repeats for i in report.items], config.dataset.batch_size)
+    total = count_total_steps(config, per_epoch)
+    optimizer = make_optimizer(config, base, accelerator.device)
+    parts = trained_parts(config, base)
+    prepared = accelerator.prepare(*parts.values(), optimizer, make_lr_scheduler(config, optimizer, total))
+    models = dict(zip(parts, prepared[: len(parts)], strict=True))
+    for model in models.values():
+        model.train()  # LoRA dropout is active only in training mode
+    session = Session(
+        config=config,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        base=base,
+        report=report,
+        buckets=buckets,
+        latent_cache=latent_cache,
+        text_cache=text_cache,
+        noise_scheduler=DDPMScheduler.from_config(base.scheduler.config),
+        optimizer=prepared[-2],
+        lr_scheduler=prepared[-1],
+        total_steps=total,
+        resolution=resolution,
+        models=models,
+        on_event=on_event,
+        commands=commands or Commands(),
+    )
+    log.info(
+        "prepared %s: %d images, %d steps, %s on %s",
+        run_dir,
+        len(report.items),
+        total,
+        base.family,
+        accelerator.device,
+    )
+    return session
+
+
+# --- one step -----------------------------------------------------------------------------------------------
+
+
+def encode_text(base: BaseModel, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
+    """Conditioning for a batch of captions: hidden states (and SDXL's pooled embedding).
+
+    clip_skip follows kohya/A1111: 1 is the last layer, 2 the penultimate, re-normalised by the
+    final layer norm as the original models do. SDXL always conditions on the penultimate layers.
+    """
+    device = base.unet.device
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(base.tokenizers, base.text_encoders, strict=True):
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        out = encoder(ids, output_hidden_states=True)
+        if base.family == "sdxl":
+            hidden.append(out.hidden_states[-(clip_skip + 1)])
+            pooled = out[0]  # text_embeds of the second encoder (the last one in the loop)
+        elif clip_skip == 1:
+            hidden.append(out.last_hidden_state)
+        else:
+            final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+            hidden.append(final_norm(out.hidden_states[-clip_skip]))
+    result = {"hidden": torch.cat(hidden, dim=-1)}
+    if pooled is not None:
+        result["pooled"] = pooled
+    return result
+
+
+def batch_latents(session: Session, indices: list[int], rng: random.Random, gen: torch.Generator) -> tuple:
+    """Scaled latents of a batch, plus each sample's caption and crop (SDXL conditioning)."""
+    config, base = session.config, session.base
+    means, stds, captions, crops = [], [], [], []
+    for index in indices:
+        item, bucket = session.items[index], session.buckets[index]
+        if session.latent_cache is not None:
+            resized, crop = bucketing.plan_crop(item.width, item.height, bucket, False, random.Random(0))
+            flip = config.dataset.flip_aug and rng.random() < 0.5
+            cached = session.latent_cache.get(item, LatentEntry(index, bucket, resized, crop, flip))
+            if cached is None:
+                raise TrainingError(
+                    f"the latent cache lost the entry of {item.path}; delete the cache folder and rerun"
+                )
+            means.append(cached["mean"])
+            stds.append(cached["std"])
+            captions.append(build_caption(item, config.dataset, rng))
+        else:
+            sample = make_step_sample(item, bucket, config.dataset, rng)
+            mean, std = encode_pixels(base, sample.pixels[None])
+            means.append(mean[0])
+            stds.append(std[0])
+            captions.append(sample.caption)
+            crop = sample.crop
+        crops.append(crop)
+    mean, std = torch.stack(means), torch.stack(stds)
+    latents = mean + std * torch.randn(mean.shape, generator=gen)
+    vae_config = base.vae.config
+    latents = (latents - (getattr(vae_config, "shift_factor", None) or 0.0)) * vae_config.scaling_factor
+    return latents.to(base.unet.device), captions, crops
+
+
+@torch.no_grad()
+def encode_pixels(base: BaseModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    vae = base.vae
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float().cpu(), dist.std.float().cpu()
+
+
+def conditioning(session: Session, captions: list[str], crops: list) -> tuple[torch.Tensor, dict | None]:
+    base = session.base
+    if session.text_cache is not None:
+        entries = [session.text_cache.get(c) for c in captions]
+        if any(e is None for e in entries):
+            encoded = encode_text(base, captions, session.config.clip_skip)
+        else:
+            encoded = {k: torch.stack([e[k] for e in entries]).to(base.unet.device) for k in entries[0]}
+    else:
+        encoded = encode_text(base, captions, session.config.clip_skip)
+    added = None
+    if base.family == "sdxl":
+        time_ids = torch.tensor(
+            [[*c.original_size, *c.crop_top_left, *c.target_size] for c in crops],
+            device=base.unet.device,
+            dtype=encoded["hidden"].dtype,
+        )
+        added = {"text_embeds": encoded["pooled"], "time_ids": time_ids}
+    return encoded["hidden"], added
+
+
+def diffusion_loss(
+    session: Session, latents: torch.Tensor, hidden: torch.Tensor, added: dict | None, gen: torch.Generator
+) -> torch.Tensor:
+    config, scheduler = session.config, session.noise_scheduler
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+    if config.optimizer.noise_offset:
+        # Offset noise (Guttenberg 2023): lets the model learn overall brightness, i.e. very dark/bright images.
+        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen).to(latents.device)
+        noise = noise + config.optimizer.noise_offset * offset
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+    timesteps = timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    weight_dtype = session.base.unet.dtype
+    with session.accelerator.autocast():
+        pred = session.models["unet"](
+            noisy.to(weight_dtype), timesteps, encoder_hidden_states=hidden.to(weight_dtype), added_cond_kwargs=added
+        ).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if config.optimizer.min_snr_gamma:
+        # Min-SNR-gamma weighting (Hang et al. 2023); the v-prediction form divides by SNR + 1.
+        snr = compute_snr(scheduler, timesteps)
+        clipped = torch.clamp(snr, max=config.optimizer.min_snr_gamma)
+        per_sample = per_sample * (clipped / (snr + 1 if v_prediction else snr))
+    return per_sample.mean()
+
+
+def training_step(session: Session, indices: list[int]) -> float:
+    """One micro-batch: forward, backward, and (when accumulation completes) an optimizer step."""
+    seed = session.config.seed
+    rng = random.Random(f"{seed}-step-{session.step}-{session.position}")
+    gen = torch.Generator().manual_seed(hash_seed(seed, session.step, session.position))
+    torch.manual_seed(hash_seed(seed + 1, session.step, session.position))  # LoRA dropout draws from here
+    with session.accelerator.accumulate(*session.models.values()):
+        latents, captions, crops = batch_latents(session, indices, rng, gen)
+        hidden, added = conditioning(session, captions, crops)
+        loss = diffusion_loss(session, latents, hidden, added, gen)
+        session.accelerator.backward(loss)
+        if session.accelerator.sync_gradients and session.config.optimizer.max_grad_norm:
+            params = [p for group in session.optimizer.param_groups for p in group["params"]]
+            session.accelerator.clip_grad_norm_(params, session.config.optimizer.max_grad_norm)
+        session.optimizer.step()
+        session.lr_scheduler.step()
+        session.optimizer.zero_grad(set_to_none=True)
+    return loss.detach().item()
+
+
+def hash_seed(seed: int, step: int, position: bucketing.Position) -> int:
+    return (seed * 1_000_003 + step * 10_007 + position.epoch * 101 + position.batch) % (2**63)
+
+
+# --- checkpoints and resume -------------------------------------------------------------------------------
+
+
+def lora_state_dicts(session: Session) -> dict[str, dict[str, torch.Tensor]]:
+    unwrap = session.accelerator.unwrap_model
+    return {name: get_peft_model_state_dict(unwrap(model)) for name, model in session.models.items()}
+
+
+def save_lora_file(session: Session, path: Path, dtype: torch.dtype | None = None) -> Path:
+    """The LoRA as a diffusers-format file (`unet.` / `text_encoder.` keys) that load_lora_weights reads."""
+    dtype = dtype or SAVE_DTYPE[session.config.save.precision]
+    states = {
+        name: {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
+        for name, sd in lora_state_dicts(session).items()
+    }
+    pipeline_class = type(session.base.pipeline)
+    staging = path.parent / f".{path.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    layers = {f"{name}_lora_layers": sd for name, sd in states.items()}
+    pipeline_class.save_lora_weights(staging, weight_name=path.name, safe_serialization=True, **layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (staging / path.name).replace(path)
+    shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def save_checkpoint(session: Session) -> CheckpointEvent:
+    """A LoRA file in checkpoints/ plus the exact state to resume from in state/."""
+    config = session.config
+    path = save_lora_file(
+        session, session.run_dir / "checkpoints" / f"{config.name}-step{session.step:06d}.safetensors"
+    )
+    state_dir = None
+    if config.save.save_state:
+        state_dir = session.run_dir / "state"
+        state_dir.mkdir(exist_ok=True)
+        flat = {f"{part}/{k}": v for part, sd in lora_state_dicts(session).items() for k, v in sd.items()}
+        save_state({"lora": flat}, state_dir / "lora.safetensors")
+        save_state(
+            {
+                "step": session.step,
+                "epoch": session.position.epoch,
+                "batch": session.position.batch,
+                "smoothed_loss": session.smoothed_loss,
+                "optimizer": session.optimizer.state_dict(),
+                "lr_scheduler": session.lr_scheduler.state_dict(),
+                "rng": rng_state(),
+            },
+            state_dir / "trainer.safetensors",
+        )
+    prune_checkpoints(session)
+    event = CheckpointEvent(session.step, path, state_dir)
+    emit(session, event)
+    log.info("checkpoint at step %d: %s", session.step, path)
+    return event
+
+
+def prune_checkpoints(session: Session) -> None:
+    keep = session.config.save.keep_last
+    if keep:
+        files = sorted((session.run_dir / "checkpoints").glob("*-step*.safetensors"))
+        for old in files[:-keep]:
+            old.unlink()
+
+
+def resume(session: Session) -> None:
+    """Load the LoRA weights, optimizer, scheduler, RNG and data position saved in state/."""
+    state_dir = session.run_dir / "state"
+    if not (state_dir / "trainer.safetensors").is_file():
+        raise TrainingError(f"{session.run_dir} has no saved state to resume from; start a new run instead")
+    lora = load_state(state_dir / "lora.safetensors")["lora"]
+    unwrap = session.accelerator.unwrap_model
+    for name, model in session.models.items():
+        part = {k.split("/", 1)[1]: v for k, v in lora.items() if k.startswith(name + "/")}
+        set_peft_model_state_dict(unwrap(model), part)
+    trainer = load_state(state_dir / "trainer.safetensors")
+    session.optimizer.load_state_dict(trainer["optimizer"])
+    session.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+    restore_rng_state(trainer["rng"])
+    session.step = trainer["step"]
+    session.position = bucketing.Position(trainer["epoch"], trainer["batch"])
+    session.smoothed_loss = trainer["smoothed_loss"]
+    log.info("resumed %s at step %d", session.run_dir, session.step)
+
+
+# --- samples -------------------------------------------------------------------------------------------------
+
+
+def default_sample_prompt(session: Session) -> str:
+    """The trigger word and the first image's caption: what the run is teaching."""
+    first = session.items[0]
+    trigger = session.config.dataset.trigger_word.strip()
+    parts = [trigger] if trigger and trigger not in first.caption else []
+    return ", ".join(parts + [first.caption or first.concept])
+
+
+def render_samples(session: Session) -> SampleEvent:
+    """Images at every configured strength and seed, into samples/step-NNNNNN/."""
+    settings = session.config.sample
+    pipeline = session.base.pipeline
+    prompts = settings.prompts or [default_sample_prompt(session)]
+    size = (settings.width or session.resolution, settings.height or session.resolution)
+    scheduler = pipeline.scheduler
+    use_sampler(pipeline, settings.sampler)
+    for model in session.models.values():
+        model.eval()
+    try:
+        pipeline.set_progress_bar_config(disable=True)
+        rendered = render(
+            pipeline,
+            prompts,
+            settings.strengths,
+            settings.seeds,
+            settings.num_inference_steps,
+            settings.guidance_scale,
+            size,
+            settings.negative_prompt,
+        )
+    finally:
+        pipeline.scheduler = scheduler
+        for model in session.models.values():
+            model.train()
+    folder = session.run_dir / "samples" / f"step-{session.step:06d}"
+    paths = []
+    for r in rendered:
+        prefix = f"p{prompts.index(r.prompt)}-" if len(prompts) > 1 else ""
+        path = folder / f"{prefix}s{r.strength:.2f}-seed{r.seed}.png"
+        with atomic_path(path) as tmp:
+            r.image.save(tmp, format="PNG")
+        paths.append(path)
+    event = SampleEvent(session.step, paths, list(settings.strengths))
+    emit(session, event)
+    return event
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+
+
+def emit(session: Session, event) -> None:
+    """Deliver an event; a failing callback is logged and never stops training."""
+    if session.on_event is None:
+        return
+    try:
+        session.on_event(event)
+    except Exception:
+        log.exception("the event callback failed on %s", type(event).__name__)
+
+
+def record_metrics(session: Session, loss: float, lr: float, started: float, first_step: int) -> None:
+    session.smoothed_loss = loss if session.smoothed_loss is None else 0.9 * session.smoothed_loss + 0.1 * loss
+    elapsed = time.perf_counter() - started
+    rate = (session.step - first_step) / elapsed if elapsed > 0 else 0.0
+    eta = (session.total_steps - session.step) / rate if rate else 0.0
+    line = {
+        "step": session.step,
+        "epoch": session.position.epoch,
+        "loss": loss,
+        "smoothed_loss": session.smoothed_loss,
+        "lr": lr,
+        "time": round(time.time(), 3),
+    }
+    with open(session.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:  # append-only log, one line a step
+        f.write(json.dumps(line) + "\n")
+    emit(
+        session,
+        ProgressEvent(
+            session.step, session.total_steps, session.position.epoch, loss, session.smoothed_loss, lr, rate, eta
+        ),
+    )
+
+
+def should_checkpoint(session: Session) -> bool:
+    save = session.config.save
+    if save.every_n_steps and session.step % save.every_n_steps == 0:
+        return True
+    if save.every_n_epochs and session.position.batch == 0 and session.step > 0:
+        return session.position.epoch % save.every_n_epochs == 0
+    return False
+
+
+def train(session: Session) -> DoneEvent:
+    """Run steps until the total is reached or a stop is requested; save the final LoRA."""
+    config = session.config
+    repeats = [i.repeats for i in session.items]
+    batches = bucketing.iterate_batches(
+        session.buckets, repeats, config.dataset.batch_size, config.seed, session.position
+    )
+    started, first_step = time.perf_counter(), session.step
+    stopped = False
+    accumulation = config.optimizer.gradient_accumulation_steps
+    upcoming = next(batches)
+    while session.step < session.total_steps:
+        losses = []
+        for _ in range(accumulation):
+            session.position, indices = upcoming
+            losses.append(training_step(session, indices))
+            upcoming = next(batches)
+            session.position = upcoming[0]  # saved state resumes from the next batch
+        loss = sum(losses) / len(losses)
+        if not math.isfinite(loss):
+            message = (
+                f"the loss became {loss} at step {session.step + 1}; likely causes: a learning rate too high, "
+                "alpha much larger than rank, or fp16 overflow (try bf16 or fp32); "
+                "the last checkpoint is kept"
+            )
+            emit(session, ErrorEvent(session.step + 1, message))
+            raise TrainingError(message)
+        session.step += 1
+        record_metrics(session, loss, session.lr_scheduler.get_last_lr()[0], started, first_step)
+        if session.commands.take_stop():
+            stopped = True
+            break
+        if should_checkpoint(session) or session.commands.take_save():
+            save_checkpoint(session)
+        every = config.sample.every_n_steps
+        if (every and session.step % every == 0) or session.commands.take_sample():
+            render_samples(session)
+    if stopped or session.config.save.save_state:
+        save_checkpoint(session)
+    final = save_lora_file(session, session.run_dir / f"{config.name}.safetensors")
+    done = DoneEvent(session.step, session.run_dir, final, stopped)
+    emit(session, done)
+    return done
+
+
+def run_training(
+    config: TrainConfig, on_event=None, commands: Commands | None = None, resume_from: Path | None = None
+) -> DoneEvent:
+    """The whole run: prepare, resume if asked, train. Errors reach the caller as TrainingError/ConfigError."""
+    handlers_before = set(logging.getLogger("lora_studio").handlers)
+    try:
+        session = prepare(config, on_event, commands, run_dir=resume_from)
+        if resume_from is not None:
+            resume(session)
+        return train(session)
+    except LoraStudioError:
+        raise
+    except Exception:
+        log.exception("training failed")  # the traceback goes to log.txt, never to the page
+        raise
+    finally:
+        for handler in set(logging.getLogger("lora_studio").handlers) - handlers_before:
+            logging.getLogger("lora_studio").removeHandler(handler)
+            handler.close()

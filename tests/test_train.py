@@ -1,0 +1,340 @@
+"""The trainer on a tiny seeded model: loss goes down, only LoRA changes, exact resume, run folder, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from lora_studio import train as train_module
+from lora_studio.config import TrainConfig
+from lora_studio.events import CheckpointEvent, Commands, DoneEvent, ErrorEvent, ProgressEvent
+from lora_studio.train import TrainingError, prepare, run_training
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    for i in range(4):
+        image = Image.new("RGB", (48, 32) if i % 2 else (32, 48), (60 * i, 100, 200))
+        image.paste((250, 250, 250), (0, 0, 10, 10))
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a thing number {i}")
+    return folder
+
+
+def tiny_config(tmp_path, tiny_folders, images, **sections) -> TrainConfig:
+    settings = {
+        "name": "tiny",
+        "base_model": str(tiny_folders["sd1"]),
+        "output_dir": str(tmp_path / "runs"),
+        "mixed_precision": "no",
+        "seed": 7,
+        "dataset": {
+            "path": str(images),
+            "resolution": 32,
+            "min_bucket_reso": 32,
+            "max_bucket_reso": 64,
+            "bucket_reso_steps": 16,
+            "batch_size": 2,
+            "trigger_word": "zkz",
+            "cache_dir": str(tmp_path / "c"),
+        },
+        "lora": {"rank": 4, "alpha": 4.0},
+        "optimizer": {
+            "max_train_steps": 8,
+            "learning_rate": 1e-3,
+            "text_encoder_lr": 1e-3,
+            "lr_scheduler": "constant",
+        },
+        "save": {"every_n_steps": 4, "every_n_epochs": 0, "precision": "fp32"},
+        "sample": {"every_n_steps": 0},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            settings[section] = {**settings.get(section, {}), **values}
+        else:
+            settings[section] = values
+    return TrainConfig.model_validate(settings)
+
+
+def lora_tensors(path):
+    return load_file(str(path))
+
+
+def test_loss_goes_down_on_a_fixed_batch(tmp_path, tiny_folders, images):
+    config = tiny_config(
+        tmp_path,
+        tiny_folders,
+        images,
+        dataset={"repeats": 1},
+        optimizer={"max_train_steps": 30, "learning_rate": 3e-3, "min_snr_gamma": None},
+    )
+    session = prepare(config)
+    batch = [0, 2]
+
+    def fixed_loss():
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(123)
+            import random
+
+            latents, captions, crops = train_module.batch_latents(session, batch, random.Random(0), gen)
+            hidden, added = train_module.conditioning(session, captions, crops)
+            return train_module.diffusion_loss(
+                session, latents.repeat(8, 1, 1, 1), hidden.repeat(8, 1, 1), added, gen
+            ).item()
+
+    before = fixed_loss()
+    for _ in range(30):
+        train_module.training_step(session, batch)
+        session.step += 1
+    assert fixed_loss() < 0.8 * before
+
+
+def test_only_lora_parameters_change_and_run_folder_is_complete(tmp_path, tiny_folders, images):
+    config = tiny_config(tmp_path, tiny_folders, images)
+    events = []
+    done = run_training(config, on_event=events.append)
+    run = done.run_dir
+    assert run.parent == tmp_path / "runs" and run.name.startswith("tiny-")
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "log.txt",
+        "tiny.safetensors",
+        "state/trainer.safetensors",
+        "state/lora.safetensors",
+        "checkpoints/tiny-step000004.safetensors",
+        "checkpoints/tiny-step000008.safetensors",
+    ):
+        assert (run / name).is_file(), name
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 9))
+    progress = [e for e in events if isinstance(e, ProgressEvent)]
+    assert [e.step for e in progress] == list(range(1, 9)) and progress[-1].total_steps == 8
+    assert isinstance(events[-1], DoneEvent) and not events[-1].stopped_early
+    assert sum(isinstance(e, CheckpointEvent) for e in events) >= 2
+
+    lora = lora_tensors(done.lora_path)
+    assert lora and all(".lora_A." in k or ".lora_B." in k for k in lora)
+    assert any(k.startswith("unet.") for k in lora) and any(k.startswith("text_encoder.") for k in lora)
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k), "B moved away from its zero init"
+
+    # The base model on disk and a fresh load agree: training touched only the adapters.
+    from lora_studio.models import load_base
+
+    fresh = load_base(tiny_folders["sd1"], device="cpu")
+    trained_base = fresh.pipeline
+    trained_base.load_lora_weights(str(done.lora_path))
+    base_weights = {k: v for k, v in trained_base.unet.state_dict().items() if "lora" not in k}
+    original = load_base(tiny_folders["sd1"], device="cpu").unet.state_dict()
+    assert all(
+        torch.equal(
+            base_weights[k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")]
+            if k not in base_weights
+            else base_weights[k],
+            v,
+        )
+        for k, v in original.items()
+    )
+
+
+def test_stop_then_resume_is_bit_identical(tmp_path, tiny_folders, images):
+    straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images))
+
+    commands = Commands()
+
+    def stop_at_5(event):
+        if isinstance(event, ProgressEvent) and event.step == 5:
+            commands.request_stop()
+
+    config = tiny_config(tmp_path / "b", tiny_folders, images)
+    stopped = run_training(config, on_event=stop_at_5, commands=commands)
+    assert stopped.stopped_early and stopped.step == 5
+    resumed = run_training(config, resume_from=stopped.run_dir)
+    assert resumed.step == 8 and resumed.run_dir == stopped.run_dir
+
+    a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_folders, images):
+    """A process killed with SIGKILL after its last state save (step 4) resumes to the same weights."""
+    straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images))
+    config = tiny_config(tmp_path / "b", tiny_folders, images)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.model_dump_json())
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from lora_studio.config import TrainConfig
+        from lora_studio.events import ProgressEvent
+        from lora_studio.train import run_training
+        config = TrainConfig.model_validate_json(open({str(config_file)!r}).read())
+        def kill_at_6(event):
+            if isinstance(event, ProgressEvent) and event.step == 6:
+                os.kill(os.getpid(), signal.SIGKILL)
+        run_training(config, on_event=kill_at_6)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    run_dir = next((tmp_path / "b" / "runs").iterdir())
+    assert (run_dir / "checkpoints" / "tiny-step000004.safetensors").is_file()
+    assert not (run_dir / "tiny.safetensors").exists()
+    resumed = run_training(config, resume_from=run_dir)
+    a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, tiny_folders, images, monkeypatch):
+    real = train_module.training_step
+    calls = {"n": 0}
+
+    def nan_at_6(session, indices):
+        calls["n"] += 1
+        loss = real(session, indices)
+        return float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(train_module, "training_step", nan_at_6)
+    events = []
+    with pytest.raises(TrainingError, match="loss became nan at step 6.*learning rate"):
+        run_training(tiny_config(tmp_path, tiny_folders, images), on_event=events.append)
+    assert isinstance(events[-1], ErrorEvent) and events[-1].step == 6
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert (run_dir / "checkpoints" / "tiny-step000004.safetensors").is_file()
+    assert not (run_dir / "tiny.safetensors").exists()
+
+
+def test_a_failing_callback_never_stops_training(tmp_path, tiny_folders, images):
+    def broken(event):
+        raise RuntimeError("the UI went away")
+
+    done = run_training(tiny_config(tmp_path, tiny_folders, images, optimizer={"max_train_steps": 2}), on_event=broken)
+    assert done.step == 2 and done.lora_path.is_file()
+
+
+def test_save_now_command(tmp_path, tiny_folders, images):
+    commands = Commands()
+    commands.request_save()
+    events = []
+    run_training(
+        tiny_config(tmp_path, tiny_folders, images, save={"every_n_steps": 0}, optimizer={"max_train_steps": 3}),
+        on_event=events.append,
+        commands=commands,
+    )
+    checkpoints = [e.step for e in events if isinstance(e, CheckpointEvent)]
+    assert checkpoints[0] == 1, "the save request was honoured after the first step"
+
+
+def test_dataset_errors_stop_before_any_model_loads(tmp_path, tiny_folders, images, monkeypatch):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_text("not an image")
+    monkeypatch.setattr(train_module, "load_base", lambda *a, **k: pytest.fail("the model must not load"))
+    config = tiny_config(tmp_path, tiny_folders, images, dataset={"path": str(tmp_path / "bad")})
+    with pytest.raises(TrainingError, match="the dataset has 1 error.*x.png: not a readable image"):
+        run_training(config)
+
+
+def test_optimizer_errors_name_the_alternative(tmp_path, tiny_folders, images):
+    with pytest.raises(TrainingError, match="needs a CUDA GPU.*optimizer = 'adamw'"):
+        run_training(tiny_config(tmp_path, tiny_folders, images, optimizer={"optimizer": "adamw8bit"}))
+    try:
+        import prodigyopt  # noqa: F401
+    except ImportError:
+        with pytest.raises(TrainingError, match="pip install prodigyopt"):
+            run_training(tiny_config(tmp_path / "p", tiny_folders, images, optimizer={"optimizer": "prodigy"}))
+
+
+def test_adafactor_and_schedulers_run(tmp_path, tiny_folders, images):
+    done = run_training(
+        tiny_config(
+            tmp_path,
+            tiny_folders,
+            images,
+            optimizer={
+                "optimizer": "adafactor",
+                "lr_scheduler": "cosine_with_restarts",
+                "lr_warmup_steps": 2,
+                "lr_scheduler_num_cycles": 2,
+                "max_train_steps": 4,
+                "gradient_accumulation_steps": 2,
+            },
+        )
+    )
+    lrs = [json.loads(line)["lr"] for line in (done.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) == 4 and lrs[0] < lrs[1], "warm-up raises the rate"
+
+
+def test_family_mismatch_is_refused(tmp_path, tiny_folders, images):
+    with pytest.raises(TrainingError, match="the preset is for sdxl"):
+        run_training(tiny_config(tmp_path, tiny_folders, images, family="sdxl"))
+
+
+def test_samples_at_several_strengths_and_strength_zero_is_the_base_model(tmp_path, tiny_folders, images):
+    from lora_studio.models import load_base
+    from lora_studio.sample import render
+
+    sample = {
+        "every_n_steps": 4,
+        "strengths": [0.0, 1.0],
+        "seeds": [3],
+        "num_inference_steps": 2,
+        "sampler": "ddim",
+        "width": 32,
+        "height": 32,
+    }
+    events = []
+    done = run_training(
+        tiny_config(
+            tmp_path, tiny_folders, images, sample=sample, optimizer={"learning_rate": 5e-2, "text_encoder_lr": 5e-2}
+        ),
+        on_event=events.append,
+    )
+    folder = done.run_dir / "samples" / "step-000008"
+    assert sorted(p.name for p in folder.iterdir()) == ["s0.00-seed3.png", "s1.00-seed3.png"]
+    assert sum(type(e).__name__ == "SampleEvent" for e in events) == 2  # steps 4 and 8
+
+    base = load_base(tiny_folders["sd1"], device="cpu").pipeline
+    base.set_progress_bar_config(disable=True)
+    from lora_studio.sample import use_sampler
+
+    use_sampler(base, "ddim")
+    prompt = "zkz, a thing number 0"
+    plain = render(base, [prompt], [1.0], [3], steps=2, guidance=7.0, size=(32, 32))[0].image
+    base.load_lora_weights(str(done.lora_path))
+    at_zero, at_one = (r.image for r in render(base, [prompt], [0.0, 1.0], [3], steps=2, guidance=7.0, size=(32, 32)))
+    assert list(at_zero.getdata()) == list(plain.getdata()), "strength 0 is exactly the base model"
+    assert list(at_one.getdata()) != list(plain.getdata())
+    saved = Image.open(folder / "s0.00-seed3.png")
+    assert saved.size == (32, 32)
+
+
+def test_conflicting_settings_are_all_reported_before_loading(tmp_path, tiny_folders, images):
+    from lora_studio.errors import ConfigError
+
+    config = tiny_config(
+        tmp_path,
+        tiny_folders,
+        images,
+        base_model=" ",
+        dataset={"random_crop": True, "cache_text_embeddings": True, "shuffle_caption": True},
+    )
+    with pytest.raises(ConfigError) as info:
+        run_training(config)
+    text = str(info.value)
+    assert "3 problem(s)" in text and "`base_model` is empty" in text
+    assert "random_crop" in text and "text encoder is being trained" in text
