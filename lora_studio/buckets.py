@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .config import DatasetConfig
+from .errors import ConfigError
 
 
 @dataclass(frozen=True, order=True)
@@ -39,9 +40,12 @@ def make_buckets(resolution: int, min_side: int, max_side: int, step: int) -> li
         if height >= low:
             buckets.update((Bucket(width, height), Bucket(height, width)))
     if not buckets:
-        raise ValueError(
-            f"no bucket fits resolution {resolution} with sides {min_side}-{max_side} in steps of {step}; "
-            "lower min_bucket_reso or raise the resolution"
+        raise ConfigError(
+            "dataset",
+            [
+                f"no bucket fits resolution {resolution} with sides {min_side}-{max_side} in steps of {step}; "
+                "lower min_bucket_reso or bucket_reso_steps, or raise the resolution"
+            ],
         )
     return sorted(buckets)
 

@@ -51,7 +51,7 @@ class DatasetConfig(Section):
     batch_size: int = Field(1, ge=1, le=256)  # kohya_ss GUI default
     enable_bucket: bool = True  # kohya default for non-square datasets
     min_bucket_reso: int = Field(256, ge=32)  # kohya default; 32 allows the 64 px demo model
-    max_bucket_reso: int = Field(1024, ge=64)  # kohya default for SD1.5 (2048 for SDXL presets)
+    max_bucket_reso: int = Field(1024, ge=32)  # kohya default for SD1.5 (2048 for SDXL presets)
     bucket_reso_steps: int = Field(64, ge=8)  # kohya default: 64 keeps SD-family VAE/UNet strides aligned
     bucket_no_upscale: bool = False
     random_crop: bool = False

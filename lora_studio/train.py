@@ -11,6 +11,8 @@ the final <name>.safetensors. Every file is written to a temp file and renamed.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import broadcast, broadcast_object_list
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
@@ -38,7 +41,7 @@ from .errors import ConfigError, LoraStudioError
 from .events import CheckpointEvent, Commands, DoneEvent, ErrorEvent, ProgressEvent, SampleEvent
 from .fsutil import atomic_path
 from .lora import inject_lora, trainable_parameters
-from .models import BaseModel, load_base
+from .models import BaseModel, load_base, pick_device
 from .sample import render, use_sampler
 from .state import load_state, restore_rng_state, rng_state, save_state
 
@@ -72,6 +75,7 @@ class Session:
     step: int = 0
     position: bucketing.Position = field(default_factory=bucketing.Position)  # of the next batch to train on
     smoothed_loss: float | None = None
+    tensorboard: object | None = None  # a SummaryWriter when the tensorboard package is installed
 
     @property
     def items(self) -> list[Item]:
@@ -99,6 +103,14 @@ def new_run_dir(config: TrainConfig) -> Path:
         suffix += 1
     run_dir.mkdir(parents=True)
     return run_dir
+
+
+def shared_run_dir(config: TrainConfig, accelerator: Accelerator, run_dir: Path | None) -> Path:
+    """The main process names the run folder; with several processes the others receive its name."""
+    name = [str(run_dir or new_run_dir(config)) if accelerator.is_main_process or run_dir else None]
+    if accelerator.num_processes > 1 and run_dir is None:
+        broadcast_object_list(name)
+    return Path(name[0])
 
 
 def attach_log_file(run_dir: Path) -> logging.Handler:
@@ -229,14 +241,18 @@ def prepare(
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.optimizer.gradient_accumulation_steps,
+        # Without a GPU, say so: under torchrun/accelerate launch that selects multi-process CPU (gloo).
+        cpu=pick_device().type == "cpu",
     )
-    run_dir = run_dir or new_run_dir(config)
-    attach_log_file(run_dir)
-    save_config(config, run_dir / "config.toml", header=f"resolved config of run {run_dir.name}")
+    run_dir = shared_run_dir(config, accelerator, run_dir)
+    if accelerator.is_main_process:
+        attach_log_file(run_dir)
+        save_config(config, run_dir / "config.toml", header=f"resolved config of run {run_dir.name}")
     base = load_model(config, accelerator)
     resolution = config.dataset.resolution or base.native_resolution
     buckets = bucketing.assign_buckets([(i.width, i.height) for i in report.items], config.dataset, resolution)
-    latent_cache, text_cache = prepare_caches(config, base, report, buckets)
+    with accelerator.main_process_first():  # the main process builds the caches, the others then hit them
+        latent_cache, text_cache = prepare_caches(config, base, report, buckets)
     torch.manual_seed(config.seed)  # LoRA init (gaussian) is drawn here
     inject_lora(base, config.lora)
     per_epoch = bucketing.steps_per_epoch(buckets, [i.repeats for i in report.items], config.dataset.batch_size)
@@ -279,7 +295,9 @@ def prepare(
 # --- one step -----------------------------------------------------------------------------------------------
 
 
-def encode_text(base: BaseModel, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
+def encode_text(
+    base: BaseModel, captions: list[str], clip_skip: int, encoders: list[torch.nn.Module] | None = None
+) -> dict[str, torch.Tensor]:
     """Conditioning for a batch of captions: hidden states (and SDXL's pooled embedding).
 
     clip_skip follows kohya/A1111: 1 is the last layer, 2 the penultimate, re-normalised by the
@@ -287,7 +305,7 @@ def encode_text(base: BaseModel, captions: list[str], clip_skip: int) -> dict[st
     """
     device = base.unet.device
     hidden, pooled = [], None
-    for tokenizer, encoder in zip(base.tokenizers, base.text_encoders, strict=True):
+    for tokenizer, encoder in zip(base.tokenizers, encoders or base.text_encoders, strict=True):
         ids = tokenizer(
             captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
@@ -298,7 +316,8 @@ def encode_text(base: BaseModel, captions: list[str], clip_skip: int) -> dict[st
         elif clip_skip == 1:
             hidden.append(out.last_hidden_state)
         else:
-            final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+            inner = getattr(encoder, "module", encoder)  # past a DistributedDataParallel wrapper
+            final_norm = getattr(inner, "text_model", inner).final_layer_norm
             hidden.append(final_norm(out.hidden_states[-clip_skip]))
     result = {"hidden": torch.cat(hidden, dim=-1)}
     if pooled is not None:
@@ -306,11 +325,35 @@ def encode_text(base: BaseModel, captions: list[str], clip_skip: int) -> dict[st
     return result
 
 
-def batch_latents(session: Session, indices: list[int], rng: random.Random, gen: torch.Generator) -> tuple:
+@dataclass(frozen=True)
+class Draw:
+    """One sample's own random sources for one step (caption, crop, flip, noise, timestep).
+
+    Keyed by (seed, step, micro-batch, item, occurrence) rather than by batch, so a sample gets the
+    same draws however samples are grouped: resumed runs, and several processes splitting a batch,
+    see exactly what one uninterrupted process would."""
+
+    rng: random.Random
+    gen: torch.Generator
+
+
+def sample_draws(seed: int, step: int, micro: int, indices: list[int]) -> list[Draw]:
+    seen: dict[int, int] = {}
+    draws = []
+    for index in indices:
+        occurrence = seen[index] = seen.get(index, -1) + 1
+        key = f"{seed}-{step}-{micro}-{index}-{occurrence}"
+        number = int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+        draws.append(Draw(random.Random(key), torch.Generator().manual_seed(number)))
+    return draws
+
+
+def batch_latents(session: Session, indices: list[int], draws: list[Draw]) -> tuple:
     """Scaled latents of a batch, plus each sample's caption and crop (SDXL conditioning)."""
     config, base = session.config, session.base
     means, stds, captions, crops = [], [], [], []
-    for index in indices:
+    for index, draw in zip(indices, draws, strict=True):
+        rng = draw.rng
         item, bucket = session.items[index], session.buckets[index]
         if session.latent_cache is not None:
             resized, crop = bucketing.plan_crop(item.width, item.height, bucket, False, random.Random(0))
@@ -332,7 +375,7 @@ def batch_latents(session: Session, indices: list[int], rng: random.Random, gen:
             crop = sample.crop
         crops.append(crop)
     mean, std = torch.stack(means), torch.stack(stds)
-    latents = mean + std * torch.randn(mean.shape, generator=gen)
+    latents = mean + std * torch.stack([torch.randn(mean.shape[1:], generator=d.gen) for d in draws])
     vae_config = base.vae.config
     latents = (latents - (getattr(vae_config, "shift_factor", None) or 0.0)) * vae_config.scaling_factor
     return latents.to(base.unet.device), captions, crops
@@ -354,7 +397,10 @@ def conditioning(session: Session, captions: list[str], crops: list) -> tuple[to
         else:
             encoded = {k: torch.stack([e[k] for e in entries]).to(base.unet.device) for k in entries[0]}
     else:
-        encoded = encode_text(base, captions, session.config.clip_skip)
+        # Through the prepared (possibly DDP-wrapped) encoders, so their gradients are synchronised.
+        names = ["text_encoder", "text_encoder_2"]
+        encoders = [session.models.get(name, e) for name, e in zip(names, base.text_encoders, strict=False)]
+        encoded = encode_text(base, captions, session.config.clip_skip, encoders)
     added = None
     if base.family == "sdxl":
         time_ids = torch.tensor(
@@ -367,16 +413,17 @@ def conditioning(session: Session, captions: list[str], crops: list) -> tuple[to
 
 
 def diffusion_loss(
-    session: Session, latents: torch.Tensor, hidden: torch.Tensor, added: dict | None, gen: torch.Generator
+    session: Session, latents: torch.Tensor, hidden: torch.Tensor, added: dict | None, draws: list[Draw]
 ) -> torch.Tensor:
     config, scheduler = session.config, session.noise_scheduler
-    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+    shape = latents.shape[1:]
+    noise = torch.stack([torch.randn(shape, generator=d.gen) for d in draws]).to(latents.device)
     if config.optimizer.noise_offset:
         # Offset noise (Guttenberg 2023): lets the model learn overall brightness, i.e. very dark/bright images.
-        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen).to(latents.device)
+        offset = torch.stack([torch.randn((shape[0], 1, 1), generator=d.gen) for d in draws]).to(latents.device)
         noise = noise + config.optimizer.noise_offset * offset
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-    timesteps = timesteps.to(latents.device)
+    steps = scheduler.config.num_train_timesteps
+    timesteps = torch.cat([torch.randint(0, steps, (1,), generator=d.gen) for d in draws]).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
@@ -394,16 +441,15 @@ def diffusion_loss(
     return per_sample.mean()
 
 
-def training_step(session: Session, indices: list[int]) -> float:
+def training_step(session: Session, indices: list[int], micro: int = 0) -> float:
     """One micro-batch: forward, backward, and (when accumulation completes) an optimizer step."""
     seed = session.config.seed
-    rng = random.Random(f"{seed}-step-{session.step}-{session.position}")
-    gen = torch.Generator().manual_seed(hash_seed(seed, session.step, session.position))
-    torch.manual_seed(hash_seed(seed + 1, session.step, session.position))  # LoRA dropout draws from here
+    draws = sample_draws(seed, session.step, micro, indices)
+    torch.manual_seed(seed * 1_000_003 + session.step * 101 + micro)  # LoRA dropout draws from the global RNG
     with session.accelerator.accumulate(*session.models.values()):
-        latents, captions, crops = batch_latents(session, indices, rng, gen)
+        latents, captions, crops = batch_latents(session, indices, draws)
         hidden, added = conditioning(session, captions, crops)
-        loss = diffusion_loss(session, latents, hidden, added, gen)
+        loss = diffusion_loss(session, latents, hidden, added, draws)
         session.accelerator.backward(loss)
         if session.accelerator.sync_gradients and session.config.optimizer.max_grad_norm:
             params = [p for group in session.optimizer.param_groups for p in group["params"]]
@@ -412,10 +458,6 @@ def training_step(session: Session, indices: list[int]) -> float:
         session.lr_scheduler.step()
         session.optimizer.zero_grad(set_to_none=True)
     return loss.detach().item()
-
-
-def hash_seed(seed: int, step: int, position: bucketing.Position) -> int:
-    return (seed * 1_000_003 + step * 10_007 + position.epoch * 101 + position.batch) % (2**63)
 
 
 # --- checkpoints and resume -------------------------------------------------------------------------------
@@ -581,6 +623,9 @@ def record_metrics(session: Session, loss: float, lr: float, started: float, fir
     }
     with open(session.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:  # append-only log, one line a step
         f.write(json.dumps(line) + "\n")
+    if session.tensorboard is not None:
+        for name in ("loss", "smoothed_loss", "lr"):
+            session.tensorboard.add_scalar(f"train/{name}", line[name], session.step)
     emit(
         session,
         ProgressEvent(
@@ -598,46 +643,90 @@ def should_checkpoint(session: Session) -> bool:
     return False
 
 
+def open_tensorboard(run_dir: Path):
+    """A SummaryWriter in run_dir/tensorboard if tensorboard is installed (an optional extra), else None."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def next_micro_batch(session: Session, batches, upcoming):
+    """This process's share of the next micro-step: one batch out of every `num_processes` in the global order."""
+    world, rank = session.accelerator.num_processes, session.accelerator.process_index
+    group = [upcoming] + [next(batches) for _ in range(world - 1)]
+    return group[rank][1], next(batches)
+
+
+def agreed_commands(session: Session) -> tuple[bool, bool, bool]:
+    """Stop/save/sample as the main process received them, so every process acts alike."""
+    flags = torch.tensor(
+        [session.commands.take_stop(), session.commands.take_save(), session.commands.take_sample()],
+        device=session.accelerator.device,
+    )
+    if session.accelerator.num_processes > 1:
+        flags = broadcast(flags)
+    return tuple(bool(f) for f in flags.tolist())
+
+
+def step_loss(session: Session, losses: list[float]) -> float:
+    """The step's loss averaged over micro-batches and processes; stops the run on NaN or inf."""
+    loss = torch.tensor(sum(losses) / len(losses), device=session.accelerator.device)
+    loss = session.accelerator.reduce(loss, reduction="mean").item()
+    if not math.isfinite(loss):
+        message = (
+            f"the loss became {loss} at step {session.step + 1}; likely causes: a learning rate too high, "
+            "alpha much larger than rank, or fp16 overflow (try bf16 or fp32); the last checkpoint is kept"
+        )
+        emit(session, ErrorEvent(session.step + 1, message))
+        raise TrainingError(message)
+    return loss
+
+
+def on_main(session: Session, action, *args):
+    """Run a file-writing action on the main process only; every process waits for it."""
+    result = action(session, *args) if session.accelerator.is_main_process else None
+    session.accelerator.wait_for_everyone()
+    return result
+
+
 def train(session: Session) -> DoneEvent:
     """Run steps until the total is reached or a stop is requested; save the final LoRA."""
     config = session.config
+    if session.accelerator.is_main_process:
+        session.tensorboard = open_tensorboard(session.run_dir)
     repeats = [i.repeats for i in session.items]
     batches = bucketing.iterate_batches(
         session.buckets, repeats, config.dataset.batch_size, config.seed, session.position
     )
     started, first_step = time.perf_counter(), session.step
     stopped = False
-    accumulation = config.optimizer.gradient_accumulation_steps
     upcoming = next(batches)
     while session.step < session.total_steps:
         losses = []
-        for _ in range(accumulation):
-            session.position, indices = upcoming
-            losses.append(training_step(session, indices))
-            upcoming = next(batches)
+        for micro in range(config.optimizer.gradient_accumulation_steps):
+            indices, upcoming = next_micro_batch(session, batches, upcoming)
+            losses.append(training_step(session, indices, micro))
             session.position = upcoming[0]  # saved state resumes from the next batch
-        loss = sum(losses) / len(losses)
-        if not math.isfinite(loss):
-            message = (
-                f"the loss became {loss} at step {session.step + 1}; likely causes: a learning rate too high, "
-                "alpha much larger than rank, or fp16 overflow (try bf16 or fp32); "
-                "the last checkpoint is kept"
-            )
-            emit(session, ErrorEvent(session.step + 1, message))
-            raise TrainingError(message)
+        loss = step_loss(session, losses)
         session.step += 1
-        record_metrics(session, loss, session.lr_scheduler.get_last_lr()[0], started, first_step)
-        if session.commands.take_stop():
+        on_main(session, record_metrics, loss, session.lr_scheduler.get_last_lr()[0], started, first_step)
+        stop, save, sample = agreed_commands(session)
+        if stop:
             stopped = True
             break
-        if should_checkpoint(session) or session.commands.take_save():
-            save_checkpoint(session)
+        if should_checkpoint(session) or save:
+            on_main(session, save_checkpoint)
         every = config.sample.every_n_steps
-        if (every and session.step % every == 0) or session.commands.take_sample():
-            render_samples(session)
-    if stopped or session.config.save.save_state:
-        save_checkpoint(session)
-    final = save_lora_file(session, session.run_dir / f"{config.name}.safetensors")
+        if (every and session.step % every == 0) or sample:
+            on_main(session, render_samples)
+    if stopped or config.save.save_state:
+        on_main(session, save_checkpoint)
+    final = session.run_dir / f"{config.name}.safetensors"
+    on_main(session, save_lora_file, final)
+    if session.tensorboard is not None:
+        session.tensorboard.close()
     done = DoneEvent(session.step, session.run_dir, final, stopped)
     emit(session, done)
     return done

@@ -21,6 +21,7 @@ from lora_studio.buckets import (
     steps_per_epoch,
 )
 from lora_studio.config import DatasetConfig
+from lora_studio.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -37,7 +38,7 @@ def test_buckets_respect_area_multiple_and_side_limits(resolution, low, high, st
 
 
 def test_impossible_bucket_settings_say_what_to_change():
-    with pytest.raises(ValueError, match="lower min_bucket_reso"):
+    with pytest.raises(ConfigError, match="lower min_bucket_reso"):
         make_buckets(256, 512, 1024, 64)
 
 

@@ -60,6 +60,7 @@ def test_train_and_resume_from_the_command_line(tmp_path, tiny_folders, capsys):
         "dataset.resolution=32",
         "dataset.min_bucket_reso=32",
         "dataset.max_bucket_reso=32",
+        "dataset.enable_bucket=false",
         "mixed_precision='no'",
         "optimizer.max_train_steps=2",
         "sample.every_n_steps=0",
