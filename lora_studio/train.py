@@ -348,33 +348,34 @@ def sample_draws(seed: int, step: int, micro: int, indices: list[int]) -> list[D
     return draws
 
 
+def cached_latent(session: Session, index: int, rng: random.Random) -> dict[str, torch.Tensor]:
+    item, bucket = session.items[index], session.buckets[index]
+    resized, crop = bucketing.plan_crop(item.width, item.height, bucket, False, random.Random(0))
+    flip = session.config.dataset.flip_aug and rng.random() < 0.5
+    cached = session.latent_cache.get(item, LatentEntry(index, bucket, resized, crop, flip))
+    if cached is None:
+        raise TrainingError(f"the latent cache lost the entry of {item.path}; delete the cache folder and rerun")
+    return {**cached, "crop": crop}
+
+
 def batch_latents(session: Session, indices: list[int], draws: list[Draw]) -> tuple:
     """Scaled latents of a batch, plus each sample's caption and crop (SDXL conditioning)."""
     config, base = session.config, session.base
-    means, stds, captions, crops = [], [], [], []
-    for index, draw in zip(indices, draws, strict=True):
-        rng = draw.rng
-        item, bucket = session.items[index], session.buckets[index]
-        if session.latent_cache is not None:
-            resized, crop = bucketing.plan_crop(item.width, item.height, bucket, False, random.Random(0))
-            flip = config.dataset.flip_aug and rng.random() < 0.5
-            cached = session.latent_cache.get(item, LatentEntry(index, bucket, resized, crop, flip))
-            if cached is None:
-                raise TrainingError(
-                    f"the latent cache lost the entry of {item.path}; delete the cache folder and rerun"
-                )
-            means.append(cached["mean"])
-            stds.append(cached["std"])
-            captions.append(build_caption(item, config.dataset, rng))
-        else:
-            sample = make_step_sample(item, bucket, config.dataset, rng)
-            mean, std = encode_pixels(base, sample.pixels[None])
-            means.append(mean[0])
-            stds.append(std[0])
-            captions.append(sample.caption)
-            crop = sample.crop
-        crops.append(crop)
-    mean, std = torch.stack(means), torch.stack(stds)
+    captions, crops = [], []
+    if session.latent_cache is not None:
+        entries = [cached_latent(session, index, d.rng) for index, d in zip(indices, draws, strict=True)]
+        mean, std = torch.stack([e["mean"] for e in entries]), torch.stack([e["std"] for e in entries])
+        crops = [e["crop"] for e in entries]
+        captions = [
+            build_caption(session.items[i], config.dataset, d.rng) for i, d in zip(indices, draws, strict=True)
+        ]
+    else:
+        samples = [
+            make_step_sample(session.items[i], session.buckets[i], config.dataset, d.rng)
+            for i, d in zip(indices, draws, strict=True)
+        ]
+        mean, std = encode_pixels(base, torch.stack([s.pixels for s in samples]))  # one VAE batch
+        captions, crops = [s.caption for s in samples], [s.crop for s in samples]
     latents = mean + std * torch.stack([torch.randn(mean.shape[1:], generator=d.gen) for d in draws])
     vae_config = base.vae.config
     latents = (latents - (getattr(vae_config, "shift_factor", None) or 0.0)) * vae_config.scaling_factor

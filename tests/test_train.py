@@ -145,8 +145,20 @@ def test_only_lora_parameters_change_and_run_folder_is_complete(tmp_path, tiny_f
     )
 
 
-def test_stop_then_resume_is_bit_identical(tmp_path, tiny_folders, images):
-    straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images))
+@pytest.mark.parametrize("cached", [True, False], ids=["cached-latents", "random-crop-and-flip"])
+def test_stop_then_resume_is_bit_identical(tmp_path, tiny_folders, images, cached):
+    augment = (
+        {}
+        if cached
+        else {
+            "cache_latents": False,
+            "random_crop": True,
+            "flip_aug": True,
+            "shuffle_caption": True,
+            "caption_dropout_rate": 0.2,
+        }
+    )
+    straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images, dataset=augment))
 
     commands = Commands()
 
@@ -154,7 +166,7 @@ def test_stop_then_resume_is_bit_identical(tmp_path, tiny_folders, images):
         if isinstance(event, ProgressEvent) and event.step == 5:
             commands.request_stop()
 
-    config = tiny_config(tmp_path / "b", tiny_folders, images)
+    config = tiny_config(tmp_path / "b", tiny_folders, images, dataset=augment)
     stopped = run_training(config, on_event=stop_at_5, commands=commands)
     assert stopped.stopped_early and stopped.step == 5
     resumed = run_training(config, resume_from=stopped.run_dir)
@@ -338,3 +350,46 @@ def test_conflicting_settings_are_all_reported_before_loading(tmp_path, tiny_fol
     text = str(info.value)
     assert "3 problem(s)" in text and "`base_model` is empty" in text
     assert "random_crop" in text and "text encoder is being trained" in text
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd2-v"])
+def test_sdxl_conditioning_and_v_prediction_train(tmp_path, tiny_folders, images, family):
+    """SDXL: two encoders, pooled embeddings and micro-conditioning time ids; SD2-768: v-prediction targets."""
+    config = tiny_config(
+        tmp_path,
+        tiny_folders,
+        images,
+        base_model=str(tiny_folders[family]),
+        optimizer={"max_train_steps": 3, "learning_rate": 1e-2, "text_encoder_lr": 1e-2},
+        save={"every_n_steps": 1, "keep_last": 1},
+        clip_skip=2,
+    )
+    session = prepare(config)
+    assert session.noise_scheduler.config.prediction_type == ("v_prediction" if family == "sd2-v" else "epsilon")
+    done = train_module.train(session)
+    lora = lora_tensors(done.lora_path)
+    parts = {k.split(".", 1)[0] for k in lora}
+    assert parts == ({"unet", "text_encoder", "text_encoder_2"} if family == "sdxl" else {"unet", "text_encoder"})
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    assert len(list((done.run_dir / "checkpoints").iterdir())) == 1, "keep_last = 1 prunes older checkpoints"
+
+
+def test_sample_now_command(tmp_path, tiny_folders, images):
+    commands = Commands()
+    commands.request_sample()
+    sample = {
+        "every_n_steps": 0,
+        "strengths": [0.5],
+        "seeds": [1],
+        "num_inference_steps": 1,
+        "width": 32,
+        "height": 32,
+    }
+    events = []
+    run_training(
+        tiny_config(tmp_path, tiny_folders, images, sample=sample, optimizer={"max_train_steps": 2}),
+        on_event=events.append,
+        commands=commands,
+    )
+    samples = [e for e in events if type(e).__name__ == "SampleEvent"]
+    assert len(samples) == 1 and samples[0].step == 1 and samples[0].images[0].name == "s0.50-seed1.png"
