@@ -144,8 +144,8 @@ class SampleConfig(Section):
     num_inference_steps: int = Field(20, ge=1, le=200)
     guidance_scale: float = Field(7.0, ge=0.0)  # A1111 default CFG
     sampler: Literal["euler_a", "euler", "dpmpp_2m", "ddim", "pndm"] = "euler_a"  # A1111's default sampler
-    width: int | None = Field(None, ge=64)
-    height: int | None = Field(None, ge=64)
+    width: int | None = Field(None, ge=32)
+    height: int | None = Field(None, ge=32)
 
     @field_validator("strengths")
     @classmethod

@@ -80,15 +80,13 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, tiny_folders, images):
     batch = [0, 2]
 
     def fixed_loss():
+        """The loss on the same batch with the same noise and timesteps (16 draws per image)."""
         with torch.no_grad():
-            gen = torch.Generator().manual_seed(123)
-            import random
-
-            latents, captions, crops = train_module.batch_latents(session, batch, random.Random(0), gen)
+            repeated = batch * 8
+            draws = train_module.sample_draws(123, 0, 0, repeated)
+            latents, captions, crops = train_module.batch_latents(session, repeated, draws)
             hidden, added = train_module.conditioning(session, captions, crops)
-            return train_module.diffusion_loss(
-                session, latents.repeat(8, 1, 1, 1), hidden.repeat(8, 1, 1), added, gen
-            ).item()
+            return train_module.diffusion_loss(session, latents, hidden, added, draws).item()
 
     before = fixed_loss()
     for _ in range(30):
@@ -216,9 +214,9 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, t
     real = train_module.training_step
     calls = {"n": 0}
 
-    def nan_at_6(session, indices):
+    def nan_at_6(session, indices, micro=0):
         calls["n"] += 1
-        loss = real(session, indices)
+        loss = real(session, indices, micro)
         return float("nan") if calls["n"] == 6 else loss
 
     monkeypatch.setattr(train_module, "training_step", nan_at_6)
