@@ -43,14 +43,14 @@ def make_dataset(folder: Path, count: int = 32) -> None:
         (folder / f"{i:03d}.txt").write_text(scene.caption())
 
 
-def ours(folder: Path, batch: int, steps: int, train_text_encoder: bool) -> float:
+def ours(folder: Path, data: Path, batch: int, steps: int, train_text_encoder: bool) -> float:
     config = TrainConfig(
         name="bench",
         base_model="demo",
         output_dir=str(folder / "runs"),
         mixed_precision="no",
         dataset={
-            "path": str(folder / "data"),
+            "path": str(data),
             "resolution": 64,
             "min_bucket_reso": 64,
             "max_bucket_reso": 64,
@@ -144,8 +144,8 @@ def main() -> None:
     for run in range(args.runs):  # interleaved, so drifts in machine load hit all three alike
         torch.manual_seed(run)
         results["reference"].append(reference(folder, args.batch, args.steps))
-        results["ours_frozen_te"].append(ours(folder / f"a{run}", args.batch, args.steps, False))
-        results["ours_trained_te"].append(ours(folder / f"b{run}", args.batch, args.steps, True))
+        results["ours_frozen_te"].append(ours(folder / f"a{run}", folder / "data", args.batch, args.steps, False))
+        results["ours_trained_te"].append(ours(folder / f"b{run}", folder / "data", args.batch, args.steps, True))
     medians = {k: statistics.median(v) for k, v in results.items()}
     report = {
         "device": "cpu",

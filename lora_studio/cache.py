@@ -54,6 +54,16 @@ def _read_entry(path: Path) -> dict[str, torch.Tensor] | None:
         return None  # missing or unreadable: rebuild it
 
 
+def _read_remembered(memory: dict, folder: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """An entry from memory, else from disk (then kept in memory); None when it is not cached."""
+    if key not in memory:
+        found = _read_entry(_entry_path(folder, key))
+        if found is None:
+            return None
+        memory[key] = found
+    return memory[key]
+
+
 def _write_entry(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
@@ -89,14 +99,18 @@ class LatentCache:
         self.vae = vae
         self.background = background
         self.vae_id = module_fingerprint(vae)
+        self.memory: dict[str, dict[str, torch.Tensor]] = {}
 
     def key(self, item: Item, entry: LatentEntry) -> str:
         parts = [item.content_hash, entry.bucket, entry.resized, entry.crop, entry.flip, self.background, self.vae_id]
         return hashlib.sha256(repr(parts).encode()).hexdigest()
 
     def get(self, item: Item, entry: LatentEntry) -> dict[str, torch.Tensor] | None:
-        """{'mean', 'std'} of the latent distribution (unscaled), or None when not cached."""
-        return _read_entry(_entry_path(self.folder, self.key(item, entry)))
+        """{'mean', 'std'} of the latent distribution (unscaled), or None when not cached.
+
+        Entries read once stay in memory: training reads every entry every epoch, and a file open per
+        sample per step costs more than the tiny demo UNet's whole step."""
+        return _read_remembered(self.memory, self.folder, self.key(item, entry))
 
     def pixels(self, item: Item, entry: LatentEntry) -> torch.Tensor:
         """The VAE input for an entry: [-1, 1], CHW."""
@@ -162,12 +176,13 @@ class TextCache:
         self.folder = Path(folder) / "text"
         identity = "|".join(module_fingerprint(m) for m in text_encoders)
         self.identity = f"{identity}|clip_skip={clip_skip}"
+        self.memory: dict[str, dict[str, torch.Tensor]] = {}
 
     def key(self, caption: str) -> str:
         return hashlib.sha256(f"{self.identity}|{caption}".encode()).hexdigest()
 
     def get(self, caption: str) -> dict[str, torch.Tensor] | None:
-        return _read_entry(_entry_path(self.folder, self.key(caption)))
+        return _read_remembered(self.memory, self.folder, self.key(caption))
 
     def fill(
         self,

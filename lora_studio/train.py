@@ -81,6 +81,15 @@ class Session:
     def items(self) -> list[Item]:
         return self.report.items
 
+    @property
+    def device(self) -> torch.device:
+        # The accelerator's, not `unet.device`: diffusers computes that by walking every module (slow per step).
+        return self.accelerator.device
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return PRECISION[self.config.mixed_precision]
+
 
 def trained_parts(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
     """The model parts that carry trained LoRA, named as diffusers' LoRA files name them."""
@@ -296,14 +305,18 @@ def prepare(
 
 
 def encode_text(
-    base: BaseModel, captions: list[str], clip_skip: int, encoders: list[torch.nn.Module] | None = None
+    base: BaseModel,
+    captions: list[str],
+    clip_skip: int,
+    encoders: list[torch.nn.Module] | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """Conditioning for a batch of captions: hidden states (and SDXL's pooled embedding).
 
     clip_skip follows kohya/A1111: 1 is the last layer, 2 the penultimate, re-normalised by the
     final layer norm as the original models do. SDXL always conditions on the penultimate layers.
     """
-    device = base.unet.device
+    device = device or base.unet.device
     hidden, pooled = [], None
     for tokenizer, encoder in zip(base.tokenizers, encoders or base.text_encoders, strict=True):
         ids = tokenizer(
@@ -379,7 +392,7 @@ def batch_latents(session: Session, indices: list[int], draws: list[Draw]) -> tu
     latents = mean + std * torch.stack([torch.randn(mean.shape[1:], generator=d.gen) for d in draws])
     vae_config = base.vae.config
     latents = (latents - (getattr(vae_config, "shift_factor", None) or 0.0)) * vae_config.scaling_factor
-    return latents.to(base.unet.device), captions, crops
+    return latents.to(session.device), captions, crops
 
 
 @torch.no_grad()
@@ -396,17 +409,17 @@ def conditioning(session: Session, captions: list[str], crops: list) -> tuple[to
         if any(e is None for e in entries):
             encoded = encode_text(base, captions, session.config.clip_skip)
         else:
-            encoded = {k: torch.stack([e[k] for e in entries]).to(base.unet.device) for k in entries[0]}
+            encoded = {k: torch.stack([e[k] for e in entries]).to(session.device) for k in entries[0]}
     else:
         # Through the prepared (possibly DDP-wrapped) encoders, so their gradients are synchronised.
         names = ["text_encoder", "text_encoder_2"]
         encoders = [session.models.get(name, e) for name, e in zip(names, base.text_encoders, strict=False)]
-        encoded = encode_text(base, captions, session.config.clip_skip, encoders)
+        encoded = encode_text(base, captions, session.config.clip_skip, encoders, session.device)
     added = None
     if base.family == "sdxl":
         time_ids = torch.tensor(
             [[*c.original_size, *c.crop_top_left, *c.target_size] for c in crops],
-            device=base.unet.device,
+            device=session.device,
             dtype=encoded["hidden"].dtype,
         )
         added = {"text_embeds": encoded["pooled"], "time_ids": time_ids}
@@ -428,7 +441,7 @@ def diffusion_loss(
     noisy = scheduler.add_noise(latents, noise, timesteps)
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-    weight_dtype = session.base.unet.dtype
+    weight_dtype = session.weight_dtype
     with session.accelerator.autocast():
         pred = session.models["unet"](
             noisy.to(weight_dtype), timesteps, encoder_hidden_states=hidden.to(weight_dtype), added_cond_kwargs=added
