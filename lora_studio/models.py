@@ -224,9 +224,7 @@ def detect_family(index: CheckpointIndex, prediction_type: str | None = None) ->
             "train LoRAs on the ordinary text-to-image base model of that family."
         )
     prediction, notes = _prediction_type(index, family, prediction_type)
-    if family == "sd2" and prediction == "v_prediction":
-        family = "sd2-v"
-    return Detected(family, prediction, notes)
+    return Detected(with_prediction(family, prediction), prediction, notes)
 
 
 def _reject_non_base_models(index: CheckpointIndex) -> None:
@@ -276,6 +274,11 @@ def _prediction_type(index: CheckpointIndex, family: str, requested: str | None)
             f"assumed epsilon prediction for SD2 file {index.path.name}; if it is a 768-v model, choose v-prediction"
         ]
     return "epsilon", []
+
+
+def with_prediction(family: str, prediction: str) -> str:
+    """SD2 is two families to its users (512 epsilon, 768 v); the others keep their name either way."""
+    return "sd2-v" if family == "sd2" and prediction == "v_prediction" else family
 
 
 def _normalise_prediction(value: str) -> str:
@@ -406,9 +409,7 @@ def _load_diffusers_folder(folder: Path, label: str, dtype: torch.dtype, predict
     family = family_of_pipeline(pipeline)
     predicted = _normalise_prediction(prediction_type or pipeline.scheduler.config.get("prediction_type", "epsilon"))
     _set_prediction_type(pipeline, predicted)
-    if family == "sd2" and predicted == "v_prediction":
-        family = "sd2-v"
-    return _finish(pipeline, family, predicted, label, [])
+    return _finish(pipeline, with_prediction(family, predicted), predicted, label, [])
 
 
 def family_of_pipeline(pipeline: DiffusionPipeline) -> str:
@@ -456,9 +457,7 @@ def describe_source(source: str | Path, allow_pickle: bool = False) -> SourceSum
         prediction = _normalise_prediction(
             _read_json(path / "scheduler" / "scheduler_config.json").get("prediction_type", "epsilon")
         )
-        if family == "sd2" and prediction == "v_prediction":
-            family = "sd2-v"
-        return SourceSummary(label, kind, family, prediction, [])
+        return SourceSummary(label, kind, with_prediction(family, prediction), prediction, [])
     detected = detect_family(read_checkpoint_index(path, allow_pickle))
     return SourceSummary(label, kind, detected.family, detected.prediction_type, detected.notes)
 

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from lora_studio import demo_data  # noqa: E402
 from lora_studio.paths import DEMO_DATASET_DIR, DEMO_MODEL_DIR, sd_config_dir  # noqa: E402
+from lora_studio.state import load_state, save_state  # noqa: E402
 
 SEED = 1234
 TRAIN_SCENES = 8192
@@ -153,34 +154,20 @@ def write_demo_dataset(folder: Path) -> None:
 def save_checkpoint(
     path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None, step: int
 ) -> None:
-    tensors = {
-        f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()
-    }
+    """Models, optimizer and step through lora_studio.state (safetensors, atomic)."""
+    state = {"step": step, "modules": {name: m.state_dict() for name, m in modules.items()}}
     if optimizer is not None:
-        for i, state in optimizer.state_dict()["state"].items():
-            for k, v in state.items():
-                tensors[f"optimizer.{i}.{k}"] = torch.as_tensor(v).contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
-    tmp.replace(path)
+        state["optimizer"] = optimizer.state_dict()
+    save_state(state, path)
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None) -> int:
-    from safetensors import safe_open
-
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        step = int(f.metadata()["step"])
+    state = load_state(path)
     for name, m in modules.items():
-        m.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        m.load_state_dict(state["modules"][name])
     if optimizer is not None:
-        state = optimizer.state_dict()
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, i, k = key.split(".", 2)
-                state["state"].setdefault(int(i), {})[k] = value
-        optimizer.load_state_dict(state)
-    return step
+        optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
 
 
 # --- phase 2: VAE -----------------------------------------------------------------------------------
