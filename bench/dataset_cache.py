@@ -24,6 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/report.py, when imported by tests
+from report import publish  # noqa: E402
+
 
 def make_images(folder: Path, count: int, size: int, fmt: str) -> None:
     import random
@@ -126,10 +129,7 @@ def main() -> None:
         scan_child(args.scan_child)
         return
     report = {"scan_memory": scan_memory(args.scan_files), "latent_cache": cache_throughput(args.images, args.runs)}
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    publish(report, args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Concept: the zkz outline detector (the share of the silhouette that is backgroun
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/report.py, when imported by tests
+from report import publish  # noqa: E402
 
 from lora_studio import demo_data  # noqa: E402
 from lora_studio.models import load_base  # noqa: E402
@@ -85,9 +87,7 @@ def main() -> None:
         "seconds": round(time.time() - start, 1),
     }
     print_table(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    publish(report, args.json, echo=False)
 
 
 if __name__ == "__main__":

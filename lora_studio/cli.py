@@ -43,7 +43,63 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("path", help="the images folder ('demo' for the bundled demo dataset)")
     dataset.add_argument("--config", help="a TOML config or preset whose dataset settings apply")
     dataset.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_lora_tool_parsers(sub)
+    add_sample_parser(sub)
     return parser
+
+
+def add_sample_parser(sub) -> None:
+    sample = sub.add_parser(
+        "sample",
+        help="render with LoRAs at chosen strengths, or a grid",
+        description="Example: lora-studio sample --base demo --lora run.safetensors:0.8 --prompt 'zkz, a red star' "
+        "--grid strength=0,0.5,1 seed=1,2 --out grid.png",
+    )
+    sample.add_argument("--base", default="demo", help="anything load_base takes (default: the demo model)")
+    sample.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="repeat to stack")
+    sample.add_argument("--prompt", default="")
+    sample.add_argument("--negative", default="", help="negative prompt")
+    sample.add_argument("--seed", type=int, default=42)
+    sample.add_argument("--steps", type=int, default=20)
+    sample.add_argument("--cfg", type=float, default=7.0)
+    sample.add_argument("--sampler", default="euler_a", help="euler_a, euler, dpmpp_2m, dpmpp_2m_karras, ddim, unipc")
+    sample.add_argument("--width", type=int, help="default: the base model's native size")
+    sample.add_argument("--height", type=int)
+    sample.add_argument("--clip-skip", type=int, default=1)
+    sample.add_argument("--batch-count", type=int, default=1, help="images with seeds seed, seed+1, ...")
+    sample.add_argument(
+        "--grid", nargs="+", metavar="AXIS=V1,V2", help="one or two axes (x then y): strength=..., seed=..., "
+        "checkpoint=FILE1,FILE2 (strength varies the first --lora; strength:NAME=... names another)",
+    )  # fmt: skip
+    sample.add_argument("--out", type=Path, required=True, help="a .png path; batch images get -1, -2, ...")
+
+
+def add_lora_tool_parsers(sub) -> None:
+    inspect = sub.add_parser("inspect", help="show a LoRA file's family, format, rank/alpha, hashes and metadata")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.add_argument("--modules", action="store_true", help="also list every module's rank and alpha")
+
+    export = sub.add_parser("export", help="rewrite any LoRA file (kohya, OneTrainer, diffusers, PEFT) as kohya")
+    export.add_argument("file", type=Path)
+    export.add_argument("-o", "--output", type=Path, required=True)
+    export.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+
+    resize = sub.add_parser("resize", help="shrink a LoRA's rank by SVD; reports the error per module and in total")
+    resize.add_argument("file", type=Path)
+    target = resize.add_mutually_exclusive_group(required=True)
+    target.add_argument("--rank", type=int, help="the new rank of every module")
+    target.add_argument("--energy", type=float, help="keep this share (0-1] of each module's squared singular values")
+    resize.add_argument("-o", "--output", type=Path, required=True)
+    resize.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    resize.add_argument("--json", action="store_true", help="print the error report as JSON")
+
+    merge = sub.add_parser("merge", help="bake a LoRA into a base model and write a single-file checkpoint")
+    merge.add_argument("base", help="'demo', a .safetensors checkpoint, a diffusers folder or a cached hub id")
+    merge.add_argument("lora", type=Path)
+    merge.add_argument("-o", "--output", type=Path, required=True)
+    merge.add_argument("--strength", type=float, default=1.0)
+    merge.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
 
 
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +249,159 @@ def train_with_progress(config, resume: Path | None = None) -> int:
     return EXIT_OK
 
 
+def parse_lora_argument(text: str) -> tuple[Path, float]:
+    """FILE or FILE:STRENGTH; the strength is whatever follows the last colon if it parses as a number."""
+    path, _, strength = text.rpartition(":")
+    if path and strength:
+        try:
+            return Path(path), float(strength)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import load_base
+    from .sample import Axis, Previewer, PreviewSettings, save_png
+
+    base = load_base(args.base, dtype=torch.float32 if str(args.base) == "demo" else None)
+    previewer = Previewer(base)
+    strengths = {}
+    for text in args.lora:
+        path, strength = parse_lora_argument(text)
+        strengths[previewer.add_lora(path)] = strength
+    settings = PreviewSettings(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        strengths=strengths,
+        sampler=args.sampler,
+        steps=args.steps,
+        cfg=args.cfg,
+        seed=args.seed,
+        width=args.width or base.native_resolution,
+        height=args.height or base.native_resolution,
+        clip_skip=args.clip_skip,
+        batch_count=args.batch_count,
+    )
+    if args.grid:
+        with_checkpoints = any(spec.startswith("checkpoint") for spec in args.grid[:2])
+        axes = [grid_axis(spec, previewer, {} if with_checkpoints else strengths) for spec in args.grid[:2]]
+        x, y = axes[0], axes[1] if len(axes) > 1 else Axis("seed", (settings.seed,))
+        grid = previewer.grid(settings, x, y)
+        notices = grid.previews[0][0].notices
+        save_png(grid.image, args.out, grid.previews[0][0].parameters)
+        written = [args.out]
+    else:
+        previews = previewer.generate(settings)
+        notices = previews[0].notices
+        written = []
+        for i, preview in enumerate(previews):
+            path = args.out if len(previews) == 1 else args.out.with_name(f"{args.out.stem}-{i + 1}{args.out.suffix}")
+            written.append(save_png(preview.image, path, preview.parameters))
+    for notice in notices:
+        print(f"note: {notice}")
+    for path in written:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def grid_axis(spec: str, previewer, strengths: dict[str, float]):
+    from .sample import Axis, PreviewError
+
+    kind, _, values = spec.partition("=")
+    kind, _, lora = kind.partition(":")
+    items = [v for v in values.split(",") if v.strip()]
+    try:
+        if kind == "seed":
+            return Axis("seed", tuple(int(v) for v in items))
+        if kind == "strength":  # of the named or first LoRA; with a checkpoint axis, of each checkpoint
+            return Axis("strength", tuple(float(v) for v in items), lora=lora or next(iter(strengths), None))
+    except ValueError:
+        raise PreviewError(f"Grid axis {spec!r} has a value that is not a number.") from None
+    if kind == "checkpoint":
+        names = tuple(previewer.add_lora(Path(v)) for v in items)
+        return Axis("checkpoint", names)
+    raise PreviewError(f"Grid axis {spec!r} is unknown; use strength=..., seed=... or checkpoint=FILE,FILE.")
+
+
+PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, PRECISIONS[name])
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .tools import inspect_lora
+
+    info = inspect_lora(args.file)
+    per_module = info.pop("per_module")
+    if args.json:
+        if args.modules:
+            info["per_module"] = per_module
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"{args.file}\n  format: {info['format']}   family: {info['family'] or 'unknown'}")
+    print(f"  modules: {info['modules']} {info['modules_per_part']}   rank: {info['ranks']}   alpha: {info['alphas']}")
+    print(f"  DoRA: {info['dora']}   sshs_model_hash: {info['sshs_model_hash']} (matches: {info['hashes_match']})")
+    for note in info["notes"]:
+        print(f"  note: {note}")
+    for key, value in sorted(info["metadata"].items()):
+        print(f"  {key} = {value if len(value) <= 100 else value[:97] + '...'}")
+    if args.modules:
+        for name, row in per_module.items():
+            print(f"  {name}: rank {row['rank']} alpha {row['alpha']:g}")
+    return EXIT_OK
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import load_lora, save_kohya
+
+    lora = load_lora(args.file)
+    save_kohya(lora, args.output, _dtype(args.precision))
+    print(f"wrote {args.output}: {len(lora.modules)} modules, kohya format (read as {lora.format})")
+    return EXIT_OK
+
+
+def run_resize(args: argparse.Namespace) -> int:
+    import json
+
+    from .export import load_lora, save_kohya
+    from .tools import resize_lora
+
+    resized, report = resize_lora(load_lora(args.file), rank=args.rank, energy=args.energy)
+    save_kohya(resized, args.output, _dtype(args.precision))
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        worst = sorted(report.per_module.items(), key=lambda kv: -kv[1]["error"])[:5]
+        for name, row in worst:
+            print(f"  {name}: rank {row['from_rank']} -> {row['rank']}, error {row['error']:.4g} of {row['norm']:.4g}")
+        total, norm = report.total_error, report.total_norm
+        print(f"total Frobenius error {total:.4g} of {norm:.4g} ({report.relative_error:.2%})")
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import load_lora
+    from .models import load_base
+    from .tools import merge_lora
+
+    base = load_base(args.base, dtype=torch.float32, device="cpu")
+    merge_lora(base, load_lora(args.lora), args.strength, args.output, dtype=_dtype(args.precision))
+    print(f"wrote {args.output} ({args.base} + {args.lora.name} at strength {args.strength:g})")
+    return EXIT_OK
+
+
 COMMANDS = {
     "app": run_app,
     "detect": run_detect,
@@ -201,6 +410,11 @@ COMMANDS = {
     "dataset": run_dataset,
     "train": run_train,
     "demo": run_demo,
+    "inspect": run_inspect,
+    "export": run_export,
+    "resize": run_resize,
+    "merge": run_merge,
+    "sample": run_sample,
 }
 
 

@@ -125,7 +125,9 @@ class OptimConfig(Section):
     max_train_epochs: int | None = Field(10, ge=1)  # kohya GUI default epoch count
     max_train_steps: int | None = Field(None, ge=1, description="Stops at this step count; overrides epochs when set.")
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)  # kohya: 0.0357-0.1 for dark/bright images
-    min_snr_gamma: float | None = Field(5.0, gt=0)  # Hang et al. 2023 recommend 5; kohya guides use 5
+    min_snr_gamma: float | None = Field(
+        5.0, ge=0, description="Min-SNR-gamma loss weighting; 0 turns it off (TOML has no null)."
+    )  # Hang et al. 2023 recommend 5; kohya guides use 5
 
     @field_validator("betas")
     @classmethod
@@ -143,7 +145,10 @@ class SampleConfig(Section):
     seeds: list[int] = Field(default_factory=lambda: [42])
     num_inference_steps: int = Field(20, ge=1, le=200)
     guidance_scale: float = Field(7.0, ge=0.0)  # A1111 default CFG
-    sampler: Literal["euler_a", "euler", "dpmpp_2m", "ddim", "pndm"] = "euler_a"  # A1111's default sampler
+    sampler: Literal["euler_a", "euler", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "pndm"] = (
+        "euler_a"  # A1111's default sampler
+    )
+    at_start: bool = Field(False, description="Also render samples before the first step (the base model's look).")
     width: int | None = Field(None, ge=32)
     height: int | None = Field(None, ge=32)
 
@@ -157,7 +162,9 @@ class SampleConfig(Section):
 
 
 class SaveConfig(Section):
-    format: Literal["kohya", "peft"] = "kohya"  # the only format every consumer loads (INTEROP.md)
+    format: Literal["kohya", "diffusers"] = Field(
+        "kohya", description="kohya loads in A1111/Forge, ComfyUI and diffusers; diffusers is the PEFT-native format."
+    )
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"  # kohya's default save_precision
     every_n_steps: int = Field(0, ge=0)
     every_n_epochs: int = Field(1, ge=0)  # kohya GUI default
@@ -178,6 +185,11 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"  # kohya/OneTrainer default on modern GPUs
     clip_skip: int = Field(1, ge=1, le=4)  # 1 = last layer; anime-style SD1 models use 2
     gradient_checkpointing: bool = False
+    torch_compile: bool = Field(
+        False,
+        description="Compile the trained models with torch.compile (inductor): faster steps after a one-off "
+        "compile of a minute or more; worth it for long runs, not for the demo.",
+    )
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     optimizer: OptimConfig = Field(default_factory=OptimConfig)
@@ -246,6 +258,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "mixed_precision": "mixed_precision",
     "clip_skip": "clip_skip",
     "gradient_checkpointing": "gradient_checkpointing",
+    "torch_compile": "torch_compile",
     "train_data_dir": "dataset.path",
     "caption_extension": "dataset.caption_extension",
     "resolution": "dataset.resolution",

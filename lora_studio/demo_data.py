@@ -263,7 +263,7 @@ def analyse(image: Image.Image) -> Analysis:
 CONCEPT_MIN_RADIUS = 15.0  # smaller outlines close up into solid shapes at 64 px
 
 
-def concept_scenes(count: int = 18, seed: int = 7) -> list[Scene]:
+def concept_scenes(count: int = 24, seed: int = 7) -> list[Scene]:
     """The zkz dataset: outline-only shapes, every shape and many colours and backgrounds."""
     rng = random.Random(seed)
     scenes = []

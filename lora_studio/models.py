@@ -128,8 +128,13 @@ def read_safetensors_index(path: Path) -> CheckpointIndex:
     with open(path, "rb") as f:
         prefix = f.read(8)
         header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if header_len <= 1 or header_len > min(size - 8, SAFETENSORS_MAX_HEADER):
+        if header_len <= 1 or header_len > size - 8:
             raise _not_safetensors(path)
+        if header_len > SAFETENSORS_MAX_HEADER:
+            raise ModelLoadError(
+                f"{path} has a {header_len / 1e6:,.0f} MB header, over the 100 MB safetensors allows; the file "
+                "is damaged or was not written by a safetensors library, so fetch or export it again."
+            )
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):

@@ -1,13 +1,20 @@
-"""Rendering with an adjustable adapter strength, without reloading weights.
+"""Rendering with adjustable adapter strengths, without reloading weights; grids; A1111 infotext.
 
-The strength is diffusers' LoRA scale (`cross_attention_kwargs={"scale": s}`), which scales every
-peft LoRA layer of the UNet and the text encoders for that call only: strength 0 is the base model
-exactly, 1 the adapter as trained. Training uses this to render samples at several strengths.
+The strength of an adapter is peft's per-adapter scale, set through diffusers (`set_adapters` for named
+LoRAs, `cross_attention_kwargs={"scale": s}` for the one being trained): it multiplies that adapter's
+delta in every LoRA layer of the UNet and the text encoders for the next call, so strength 0 is the base
+model exactly and changing a strength never touches the weights.
+
+Saved images carry their parameters in A1111's `parameters` PNG text chunk, so A1111's "PNG Info",
+civitai and our `read_parameters` all read them back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -16,16 +23,31 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
+    UniPCMultistepScheduler,
 )
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
-SAMPLERS = {
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
-    "ddim": DDIMScheduler,
-    "pndm": PNDMScheduler,
+from .errors import LoraStudioError
+from .fsutil import atomic_path
+
+# name -> (scheduler class, extra config, A1111's sampler label, A1111's schedule type or None)
+SAMPLER_SPECS = {
+    "euler_a": (EulerAncestralDiscreteScheduler, {}, "Euler a", None),
+    "euler": (EulerDiscreteScheduler, {}, "Euler", None),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}, "DPM++ 2M", None),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, "DPM++ 2M", "Karras"),
+    "ddim": (DDIMScheduler, {}, "DDIM", None),
+    "unipc": (UniPCMultistepScheduler, {}, "UniPC", None),
+    "pndm": (PNDMScheduler, {}, "PLMS", None),
 }
+SAMPLERS = tuple(SAMPLER_SPECS)
+STRENGTH_RANGE = (-2.0, 2.0)
+SIZE_MULTIPLE = 8  # the SD VAEs downsample 8x; diffusers' pipelines refuse other sizes
+
+
+class PreviewError(LoraStudioError):
+    """Bad preview settings or a LoRA that cannot be previewed on this base."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +60,8 @@ class Rendered:
 
 def use_sampler(pipeline, sampler: str) -> None:
     """Swap the pipeline's scheduler for `sampler`, keeping the model's noise schedule and prediction type."""
-    pipeline.scheduler = SAMPLERS[sampler].from_config(pipeline.scheduler.config)
+    cls, extra, _label, _schedule = SAMPLER_SPECS[sampler]
+    pipeline.scheduler = cls.from_config(pipeline.scheduler.config, **extra)
 
 
 @torch.no_grad()
@@ -52,7 +75,8 @@ def render(
     size: tuple[int, int] | None = None,
     negative_prompt: str = "",
 ) -> list[Rendered]:
-    """One image per (prompt, strength, seed); the same seed gives the same noise at every strength."""
+    """One image per (prompt, strength, seed) with the adapters in the pipeline's peft layers at `strength`;
+    the same seed gives the same noise at every strength. Training samples its live adapter this way."""
     width, height = size or (None, None)
     results = []
     for prompt in prompts:
@@ -70,3 +94,301 @@ def render(
             ).images
             results += [Rendered(prompt, strength, seed, image) for seed, image in zip(seeds, images, strict=True)]
     return results
+
+
+# --- settings and infotext ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    """Everything that decides one preview image; a grid cell is one of these."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    strengths: dict[str, float] = field(default_factory=dict)  # LoRA name -> strength
+    sampler: str = "euler_a"
+    steps: int = 20
+    cfg: float = 7.0
+    seed: int = 42
+    width: int = 512
+    height: int = 512
+    clip_skip: int = 1  # A1111's meaning: 1 = the last layer
+    batch_count: int = 1
+
+    def checked(self) -> tuple[PreviewSettings, list[str]]:
+        """Valid settings plus notices for what was adjusted; raises PreviewError for what cannot be."""
+        problems = []
+        if self.sampler not in SAMPLER_SPECS:
+            problems.append(f"sampler {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        for name, strength in self.strengths.items():
+            if not (STRENGTH_RANGE[0] <= strength <= STRENGTH_RANGE[1]) or math.isnan(strength):
+                problems.append(f"strength {strength:g} of LoRA {name!r} is outside [-2, 2]; use a value inside")
+        if not 1 <= self.steps <= 200:
+            problems.append(f"steps = {self.steps}; use 1 to 200")
+        if not 1 <= self.batch_count <= 64:
+            problems.append(f"batch count = {self.batch_count}; use 1 to 64")
+        if not 1 <= self.clip_skip <= 12:
+            problems.append(f"clip skip = {self.clip_skip}; use 1 (the last layer) to 12")
+        if self.cfg < 0:
+            problems.append(f"CFG scale = {self.cfg:g}; use 0 or more")
+        if problems:
+            raise PreviewError("Preview settings: " + "; ".join(problems) + ".")
+        notices = []
+        width, height = snap_size(self.width), snap_size(self.height)
+        if (width, height) != (self.width, self.height):
+            notices.append(
+                f"size {self.width}x{self.height} is not a multiple of {SIZE_MULTIPLE}; rendering {width}x{height}"
+            )
+        return replace(self, width=width, height=height), notices
+
+
+def snap_size(side: int) -> int:
+    return max(SIZE_MULTIPLE, int(side / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE)  # halves round up, not to even
+
+
+def infotext(settings: PreviewSettings, seed: int, loras: dict[str, str | None], model: str = "") -> str:
+    """A1111's `parameters` text: prompt with `<lora:NAME:S>` tags, the negative prompt, one line of
+    `Key: value` pairs (values with commas quoted), including `Lora hashes`."""
+    tags = "".join(f" <lora:{name}:{strength:g}>" for name, strength in settings.strengths.items())
+    _cls, _extra, label, schedule = SAMPLER_SPECS[settings.sampler]
+    pairs = [("Steps", settings.steps), ("Sampler", label)]
+    if schedule:
+        pairs.append(("Schedule type", schedule))
+    pairs += [("CFG scale", f"{settings.cfg:g}"), ("Seed", seed), ("Size", f"{settings.width}x{settings.height}")]
+    if model:
+        pairs.append(("Model", model))
+    if settings.clip_skip > 1:
+        pairs.append(("Clip skip", settings.clip_skip))
+    hashes = [f"{name}: {h[:12]}" for name, h in loras.items() if h and name in settings.strengths]
+    if hashes:
+        pairs.append(("Lora hashes", ", ".join(hashes)))
+    pairs.append(("Version", "LoRA Studio"))
+    line = ", ".join(f"{key}: {_quote(str(value))}" for key, value in pairs)
+    text = settings.prompt + tags
+    if settings.negative_prompt:
+        text += f"\nNegative prompt: {settings.negative_prompt}"
+    return f"{text}\n{line}"
+
+
+def _quote(value: str) -> str:
+    """A1111's `quote`: values holding a comma, colon or quote are JSON-quoted."""
+    import json
+
+    return json.dumps(value, ensure_ascii=False) if ("," in value or "\n" in value or ":" in value) else value
+
+
+# A1111's own pattern for the key-value line (modules/infotext_utils.py).
+PARAM_PATTERN = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+LORA_TAG = re.compile(r"<lora:([^:>]+):([-+]?[0-9.]+)>")
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """A1111's `parse_generation_parameters`, the parts that apply here: Prompt, Negative prompt, the
+    key-value pairs (unquoted) and our `loras` ({name: strength}) from the prompt's tags."""
+    import json
+
+    *lines, last = text.strip().split("\n")
+    if len(PARAM_PATTERN.findall(last)) < 3:  # A1111: a last line with fewer than 3 pairs is prompt text
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in (raw.strip() for raw in lines):
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in PARAM_PATTERN.findall(last):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        size = IMAGE_SIZE.match(value)
+        if size:  # A1111 splits sizes into two keys
+            result[f"{key}-1"], result[f"{key}-2"] = size.groups()
+        else:
+            result[key] = value
+    return result
+
+
+def read_parameters(png: str | Path | Image.Image) -> dict:
+    """Parameters of a PNG we (or A1111) saved: the parsed `parameters` chunk plus `loras` {name: strength}."""
+    image = png if isinstance(png, Image.Image) else Image.open(png)
+    text = image.info.get("parameters")
+    if text is None:
+        raise PreviewError(f"{getattr(image, 'filename', 'the image')} carries no generation parameters.")
+    parsed: dict = parse_parameters(text)
+    parsed["loras"] = {name: float(s) for name, s in LORA_TAG.findall(parsed["Prompt"])}
+    return parsed
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
+    """PNG with A1111's `parameters` text chunk; atomic, so a half-written image never replaces a good one."""
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+# --- the previewer ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Preview:
+    image: Image.Image
+    settings: PreviewSettings  # seed is this image's seed
+    parameters: str  # the infotext
+    notices: list[str] = field(default_factory=list)
+
+
+class Previewer:
+    """A base model with any number of LoRAs loaded once, rendered at per-LoRA strengths.
+
+    Strengths are set per call with diffusers' `set_adapters`, which writes peft's scale of each
+    adapter: nothing is reloaded when a strength changes.
+    """
+
+    def __init__(self, base):
+        self.base = base
+        self.pipeline = base.pipeline
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.loras: dict[str, object] = {}  # name -> export.LoraFile
+
+    def add_lora(self, source, name: str | None = None) -> str:
+        """Load a LoRA file (or an `export.LoraFile`) as adapter `name`; checks it fits the base first."""
+        from . import export
+
+        lora = source if isinstance(source, export.LoraFile) else export.load_lora(source)
+        name = name or (Path(lora.path).stem if lora.path else f"lora{len(self.loras) + 1}")
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)  # adapter names end up in module dicts and infotext
+        if name in self.loras:
+            raise PreviewError(f"A LoRA named {name!r} is already loaded; remove it first or give another name.")
+        export.check_compatible(lora, self.base)
+        self.pipeline.load_lora_weights(lora.state_dict(torch.float32), adapter_name=name)
+        self.loras[name] = lora
+        return name
+
+    def remove_lora(self, name: str) -> None:
+        if name in self.loras:
+            self.pipeline.delete_adapters([name])
+            del self.loras[name]
+
+    def hashes(self) -> dict[str, str | None]:
+        return {name: lora.metadata.get("sshs_model_hash") for name, lora in self.loras.items()}
+
+    def set_strengths(self, strengths: dict[str, float]) -> None:
+        unknown = [n for n in strengths if n not in self.loras]
+        if unknown:
+            raise PreviewError(f"No LoRA named {unknown[0]!r} is loaded; loaded: {', '.join(self.loras) or 'none'}.")
+        if not self.loras:
+            return
+        names = list(self.loras)
+        self.pipeline.set_adapters(names, adapter_weights=[float(strengths.get(n, 0.0)) for n in names])
+
+    @torch.no_grad()
+    def generate(self, settings: PreviewSettings) -> list[Preview]:
+        """`batch_count` images with seeds seed, seed+1, ... (A1111's convention)."""
+        settings, notices = settings.checked()
+        self.set_strengths(settings.strengths)
+        use_sampler(self.pipeline, settings.sampler)
+        seeds = [settings.seed + i for i in range(settings.batch_count)]
+        images = self.pipeline(
+            [settings.prompt] * len(seeds),
+            negative_prompt=[settings.negative_prompt] * len(seeds) if settings.negative_prompt else None,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.cfg,
+            width=settings.width,
+            height=settings.height,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            clip_skip=settings.clip_skip - 1 or None,  # diffusers counts the layers skipped
+        ).images
+        model = Path(str(self.base.source)).name
+        previews = []
+        for seed, image in zip(seeds, images, strict=True):
+            own = replace(settings, seed=seed, batch_count=1)
+            previews.append(Preview(image, own, infotext(own, seed, self.hashes(), model), notices))
+        return previews
+
+    def grid(self, settings: PreviewSettings, x: Axis, y: Axis) -> Grid:
+        """Render every (y, x) cell and lay them out with axis labels drawn on the image."""
+        cells = [[cell_settings(settings, x, xv, y, yv) for xv in x.values] for yv in y.values]
+        previews = [[self.render_cell(cell) for cell in row] for row in cells]
+        image = draw_grid([[p.image for p in row] for row in previews], x.labels(), y.labels())
+        return Grid(image, cells, previews, x, y)
+
+    def render_cell(self, cell: PreviewSettings) -> Preview:
+        """One cell again, from its recorded settings (a checkpoint axis records the adapter by name)."""
+        return self.generate(replace(cell, batch_count=1))[0]
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One grid axis: `strength` (of LoRA `lora`; with a checkpoint axis, of each checkpoint), `seed`, or
+    `checkpoint` (adapter names standing for checkpoints of one run, each loaded with add_lora; a cell turns
+    on only its checkpoint, at the strength axis' value or at `strength`)."""
+
+    kind: str
+    values: tuple
+    lora: str | None = None
+    strength: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ("strength", "seed", "checkpoint"):
+            raise PreviewError(f"Grid axis {self.kind!r} is unknown; use strength, seed or checkpoint.")
+        if not self.values:
+            raise PreviewError(f"The {self.kind} axis has no values; give at least one.")
+
+    def labels(self) -> list[str]:
+        if self.kind == "strength":
+            return [f"{self.lora + ' ' if self.lora else 'strength '}{v:g}" for v in self.values]
+        return [f"seed {v}" if self.kind == "seed" else str(v) for v in self.values]
+
+
+def cell_settings(settings: PreviewSettings, x: Axis, x_value, y: Axis, y_value) -> PreviewSettings:
+    """The settings of one grid cell: what its two axes say, on top of `settings`."""
+    if x.kind == y.kind:
+        raise PreviewError(f"Both grid axes are {x.kind}; pick two different kinds.")
+    axes = {x.kind: (x, x_value), y.kind: (y, y_value)}
+    if "seed" in axes:
+        settings = replace(settings, seed=int(axes["seed"][1]))
+    strengths = dict(settings.strengths)
+    if "checkpoint" in axes:
+        checkpoints, current = axes["checkpoint"]
+        strengths.update({str(name): 0.0 for name in checkpoints.values})
+        strength = float(axes["strength"][1]) if "strength" in axes else checkpoints.strength
+        strengths[str(current)] = strength
+    elif "strength" in axes:
+        axis, value = axes["strength"]
+        if axis.lora is None:
+            raise PreviewError("A strength axis needs the name of the LoRA whose strength it varies.")
+        strengths[axis.lora] = float(value)
+    return replace(settings, strengths=strengths)
+
+
+@dataclass
+class Grid:
+    image: Image.Image
+    cells: list[list[PreviewSettings]]
+    previews: list[list[Preview]]
+    x: Axis
+    y: Axis
+
+
+def draw_grid(images: list[list[Image.Image]], x_labels: list[str], y_labels: list[str]) -> Image.Image:
+    """Images in rows and columns, column labels on top and row labels on the left, in black on white."""
+    font = ImageFont.load_default()
+    cell_w = max(im.width for row in images for im in row)
+    cell_h = max(im.height for row in images for im in row)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(int(measure.textlength(t, font=font)) for t in y_labels) + 8
+    label_h = 18
+    grid = Image.new("RGB", (label_w + cell_w * len(x_labels), label_h + cell_h * len(y_labels)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, text in enumerate(x_labels):
+        draw.text((label_w + i * cell_w + 2, 3), text, fill="black", font=font)
+    for j, text in enumerate(y_labels):
+        draw.text((3, label_h + j * cell_h + cell_h // 2 - 6), text, fill="black", font=font)
+        for i, image in enumerate(images[j]):
+            grid.paste(image, (label_w + i * cell_w, label_h + j * cell_h))
+    return grid

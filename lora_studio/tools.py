@@ -1,18 +1,22 @@
-"""Whole-model tools: write a loaded base model back to one single-file checkpoint.
+"""Tools: write a base model back to one single-file checkpoint; inspect, resize and merge LoRA files.
 
 The writer produces the original LDM/SGM layout that A1111, Forge, ComfyUI and diffusers'
-`from_single_file` read. It is what "merge a LoRA into a checkpoint" will save through.
+`from_single_file` read; merging a LoRA into a checkpoint saves through it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from . import layout
+from . import export, layout
 from .fsutil import atomic_path
 from .models import BASE_MODEL_VERSION, BaseModel
 
@@ -59,3 +63,130 @@ def save_single_file(base: BaseModel, path: str | os.PathLike, dtype: torch.dtyp
     title = os.path.splitext(os.path.basename(os.fspath(path)))[0]
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=single_file_metadata(base, title))
+
+
+# --- LoRA tools: inspect, resize, merge --------------------------------------------------------------------
+
+
+def inspect_lora(path: str | os.PathLike) -> dict:
+    """Everything a person asks of a LoRA file: family, format, modules, rank/alpha, hashes, metadata."""
+    lora = export.load_lora(path)
+    summary = lora.summary()
+    summary["per_module"] = {
+        name: {"rank": m.rank, "alpha": m.alpha, "shape": list(m.delta().shape), "dora": m.dora_scale is not None}
+        for name, m in lora.modules.items()
+    }
+    summary["hashes_match"] = _hashes_match(lora)
+    return summary
+
+
+def _hashes_match(lora: export.LoraFile) -> bool | None:
+    """Whether the file's sshs_model_hash is the hash of its tensor bytes (None when it has none)."""
+    stored = lora.metadata.get("sshs_model_hash")
+    if not stored or lora.path is None:
+        return None
+    with open(lora.path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header_len)
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest() == stored
+
+
+@dataclass
+class ResizeReport:
+    """Frobenius norms of what each module lost, and in total (sqrt of the sum of squares)."""
+
+    per_module: dict[str, dict[str, float]]
+    total_error: float
+    total_norm: float
+
+    @property
+    def relative_error(self) -> float:
+        return self.total_error / self.total_norm if self.total_norm else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "per_module": self.per_module,
+            "total_error": self.total_error,
+            "total_norm": self.total_norm,
+            "relative_error": self.relative_error,
+        }
+
+
+def resize_lora(
+    lora: export.LoraFile, rank: int | None = None, energy: float | None = None
+) -> tuple[export.LoraFile, ResizeReport]:
+    """Truncated SVD of each module's delta: to `rank`, or to the fewest singular values whose squared sum
+    keeps `energy` (0-1] of the total. Each module keeps its scale (alpha / rank), as kohya's resize does."""
+    if (rank is None) == (energy is None):
+        raise export.LoraFileError("Give either a target rank or a kept-energy ratio, not both and not neither.")
+    if rank is not None and rank < 1:
+        raise export.LoraFileError(f"The target rank must be at least 1, not {rank}.")
+    if energy is not None and not 0 < energy <= 1:
+        raise export.LoraFileError(f"The kept-energy ratio must lie in (0, 1], not {energy}.")
+    modules, rows = {}, {}
+    error_sq = norm_sq = 0.0
+    for name, module in lora.modules.items():
+        resized, error, norm = _resize_module(module, rank, energy)
+        modules[name] = resized
+        rows[name] = {"rank": resized.rank, "from_rank": module.rank, "error": error, "norm": norm}
+        error_sq += error**2
+        norm_sq += norm**2
+    metadata = dict(lora.metadata)
+    ranks = {m.rank for m in modules.values()}
+    if len(ranks) == 1:
+        metadata["ss_network_dim"] = str(ranks.pop())
+        alphas = {m.alpha for m in modules.values()}
+        if len(alphas) == 1:
+            metadata["ss_network_alpha"] = f"{alphas.pop():g}"
+    else:
+        metadata["ss_network_dim"] = "Dynamic"
+        metadata["ss_network_alpha"] = "Dynamic"
+    resized = export.LoraFile(modules, metadata, lora.format, lora.family, None, list(lora.notes))
+    return resized, ResizeReport(rows, math.sqrt(error_sq), math.sqrt(norm_sq))
+
+
+def _resize_module(module: export.LoraModule, rank: int | None, energy: float | None):
+    delta = module.delta().flatten(1).double()  # [out, in * kh * kw]
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    if rank is not None:
+        keep = min(rank, module.rank, s.numel())  # resizing never adds rank: the delta has at most module.rank
+    else:
+        cumulative = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-30)
+        keep = int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=cumulative.dtype)).item()) + 1
+        keep = min(keep, module.rank, s.numel())
+    scale = module.scale
+    root = s[:keep].sqrt()
+    up = (u[:, :keep] * root) / math.sqrt(scale)
+    down = (root[:, None] * vh[:keep]) / math.sqrt(scale)
+    error = float(torch.linalg.norm(delta - (u[:, :keep] * s[:keep]) @ vh[:keep]))
+    down_shape = (keep, *module.down.shape[1:])
+    up_shape = (module.up.shape[0], keep, *module.up.shape[2:])
+    dtype = module.down.dtype if module.down.is_floating_point() else torch.float32
+    resized = export.LoraModule(
+        down=down.reshape(down_shape).to(torch.float32 if dtype == torch.float16 else dtype),
+        up=up.reshape(up_shape).to(torch.float32 if dtype == torch.float16 else dtype),
+        alpha=scale * keep,  # same alpha/rank as before
+        dora_scale=module.dora_scale,
+    )
+    return resized, error, float(torch.linalg.norm(delta))
+
+
+def merge_lora(
+    base: BaseModel, lora: export.LoraFile, strength: float, path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> Path:
+    """Bake `lora` at `strength` into `base` and write a single-file checkpoint (original layout).
+
+    The fusing is diffusers' own (`load_lora_weights` + `fuse_lora`), the same code that previews it, so
+    the merged model renders what the preview showed.
+    """
+    export.check_compatible(lora, base)
+    pipeline = base.pipeline
+    pipeline.load_lora_weights(lora.state_dict(torch.float32), adapter_name="merge")
+    pipeline.fuse_lora(lora_scale=strength, adapter_names=["merge"])
+    pipeline.unload_lora_weights()
+    path = Path(path)
+    save_single_file(base, path, dtype)
+    return path

@@ -17,8 +17,8 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,15 +34,15 @@ from diffusers.training_utils import compute_snr
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from . import buckets as bucketing
+from . import export
 from .cache import LatentCache, LatentEntry, TextCache, cache_folder, plan_latent_entries, text_cache_refusal
 from .config import TrainConfig, save_config
 from .data import Item, ScanReport, build_caption, make_step_sample, scan
 from .errors import ConfigError, LoraStudioError
 from .events import CheckpointEvent, Commands, DoneEvent, ErrorEvent, ProgressEvent, SampleEvent
-from .fsutil import atomic_path
 from .lora import inject_lora, trainable_parameters
 from .models import BaseModel, load_base, pick_device
-from .sample import render, use_sampler
+from .sample import PreviewSettings, infotext, render, save_png, use_sampler
 from .state import load_state, restore_rng_state, rng_state, save_state
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class Session:
     position: bucketing.Position = field(default_factory=bucketing.Position)  # of the next batch to train on
     smoothed_loss: float | None = None
     tensorboard: object | None = None  # a SummaryWriter when the tensorboard package is installed
+    started_at: float = field(default_factory=time.time)  # wall clock, for the file's ss_training_started_at
 
     @property
     def items(self) -> list[Item]:
@@ -195,7 +196,8 @@ def make_optimizer(config: TrainConfig, base: BaseModel, device: torch.device) -
         te_params = [p for e in base.text_encoders for p in trainable_parameters(e)]
         groups.append({"params": te_params, "lr": opt.text_encoder_lr or opt.learning_rate})
     if opt.optimizer == "adamw":
-        fused = device.type == "cuda"  # the fused kernel exists on CUDA only
+        # One fused kernel per step instead of a dozen per tensor: LoRA has hundreds of small tensors.
+        fused = device.type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay, fused=fused)
     if opt.optimizer == "adamw8bit":
         if device.type != "cuda":
@@ -270,6 +272,11 @@ def prepare(
     parts = trained_parts(config, base)
     prepared = accelerator.prepare(*parts.values(), optimizer, make_lr_scheduler(config, optimizer, total))
     models = dict(zip(parts, prepared[: len(parts)], strict=True))
+    if config.torch_compile:
+        # Compiled here rather than through Accelerator(dynamo_backend=...): accelerate keeps that setting
+        # in a per-process singleton, so a second run in the same app process would silently ignore it.
+        # trained_models() strips the compile wrapper again for saving and loading.
+        models = {name: torch.compile(model) for name, model in models.items()}
     for model in models.values():
         model.train()  # LoRA dropout is active only in training mode
     session = Session(
@@ -478,26 +485,50 @@ def training_step(session: Session, indices: list[int], micro: int = 0) -> float
 
 
 def lora_state_dicts(session: Session) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: get_peft_model_state_dict(model) for name, model in trained_models(session).items()}
+
+
+def trained_models(session: Session) -> dict[str, torch.nn.Module]:
+    """The trained parts without accelerate's DDP and torch.compile wrappers, named as in session.models."""
     unwrap = session.accelerator.unwrap_model
-    return {name: get_peft_model_state_dict(unwrap(model)) for name, model in session.models.items()}
+    return {name: unwrap(model, keep_torch_compile=False) for name, model in session.models.items()}
 
 
 def save_lora_file(session: Session, path: Path, dtype: torch.dtype | None = None) -> Path:
-    """The LoRA as a diffusers-format file (`unet.` / `text_encoder.` keys) that load_lora_weights reads."""
+    """The LoRA in the configured format: kohya (loads everywhere, the default) or diffusers-native."""
     dtype = dtype or SAVE_DTYPE[session.config.save.precision]
-    states = {
-        name: {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
-        for name, sd in lora_state_dicts(session).items()
-    }
-    pipeline_class = type(session.base.pipeline)
-    staging = path.parent / f".{path.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    layers = {f"{name}_lora_layers": sd for name, sd in states.items()}
-    pipeline_class.save_lora_weights(staging, weight_name=path.name, safe_serialization=True, **layers)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (staging / path.name).replace(path)
-    shutil.rmtree(staging, ignore_errors=True)
-    return path
+    parts = trained_models(session)
+    metadata = export.training_metadata(session.config, training_facts(session))
+    if session.config.save.format == "diffusers":
+        return export.save_diffusers(parts, type(session.base.pipeline), path, dtype, metadata)
+    lora = export.lora_from_models(parts, session.base.family, session.base.unet.config)
+    lora.metadata = metadata
+    return export.save_kohya(lora, path, dtype)
+
+
+def training_facts(session: Session) -> export.TrainingFacts:
+    """What the LoRA file's kohya metadata reports about this run: images, folders, buckets, steps, times."""
+    items, position = session.items, session.position
+    folders: dict[str, dict[str, int]] = {}
+    bucket_counts: Counter = Counter()
+    for item, bucket in zip(items, session.buckets, strict=True):
+        entry = folders.setdefault(item.concept, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+        bucket_counts[(bucket.width, bucket.height)] += item.repeats  # images per epoch, as kohya counts them
+    return export.TrainingFacts(
+        family=session.base.family,
+        base_source=session.base.source,
+        resolution=session.resolution,
+        num_images=session.report.images_per_epoch,
+        steps=session.step,
+        epochs=position.epoch + (1 if position.batch else 0),
+        tag_frequency=session.report.tag_frequency(),
+        dataset_dirs=folders,
+        buckets=[{"resolution": [w, h], "count": n} for (w, h), n in sorted(bucket_counts.items())],
+        started_at=session.started_at,
+        finished_at=time.time(),
+        prediction_type=session.base.prediction_type,
+    )
 
 
 def save_checkpoint(session: Session) -> CheckpointEvent:
@@ -545,10 +576,9 @@ def resume(session: Session) -> None:
     if not (state_dir / "trainer.safetensors").is_file():
         raise TrainingError(f"{session.run_dir} has no saved state to resume from; start a new run instead")
     lora = load_state(state_dir / "lora.safetensors")["lora"]
-    unwrap = session.accelerator.unwrap_model
-    for name, model in session.models.items():
+    for name, model in trained_models(session).items():
         part = {k.split("/", 1)[1]: v for k, v in lora.items() if k.startswith(name + "/")}
-        set_peft_model_state_dict(unwrap(model), part)
+        set_peft_model_state_dict(model, part)
     trainer = load_state(state_dir / "trainer.safetensors")
     session.optimizer.load_state_dict(trainer["optimizer"])
     session.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
@@ -571,7 +601,11 @@ def default_sample_prompt(session: Session) -> str:
 
 
 def render_samples(session: Session) -> SampleEvent:
-    """Images at every configured strength and seed, into samples/step-NNNNNN/."""
+    """Images at every configured strength and seed, into samples/step-NNNNNN/, with A1111 infotext.
+
+    Rendered in eval mode, under no_grad and inside a forked RNG, so a run with sampling trains exactly
+    the weights a run without it does.
+    """
     settings = session.config.sample
     pipeline = session.base.pipeline
     prompts = settings.prompts or [default_sample_prompt(session)]
@@ -580,18 +614,20 @@ def render_samples(session: Session) -> SampleEvent:
     use_sampler(pipeline, settings.sampler)
     for model in session.models.values():
         model.eval()
+    devices = [session.device] if session.device.type == "cuda" else []
     try:
         pipeline.set_progress_bar_config(disable=True)
-        rendered = render(
-            pipeline,
-            prompts,
-            settings.strengths,
-            settings.seeds,
-            settings.num_inference_steps,
-            settings.guidance_scale,
-            size,
-            settings.negative_prompt,
-        )
+        with torch.random.fork_rng(devices=devices):
+            rendered = render(
+                pipeline,
+                prompts,
+                settings.strengths,
+                settings.seeds,
+                settings.num_inference_steps,
+                settings.guidance_scale,
+                size,
+                settings.negative_prompt,
+            )
     finally:
         pipeline.scheduler = scheduler
         for model in session.models.values():
@@ -601,12 +637,27 @@ def render_samples(session: Session) -> SampleEvent:
     for r in rendered:
         prefix = f"p{prompts.index(r.prompt)}-" if len(prompts) > 1 else ""
         path = folder / f"{prefix}s{r.strength:.2f}-seed{r.seed}.png"
-        with atomic_path(path) as tmp:
-            r.image.save(tmp, format="PNG")
-        paths.append(path)
+        paths.append(save_png(r.image, path, sample_infotext(session, r, size)))
     event = SampleEvent(session.step, paths, list(settings.strengths))
     emit(session, event)
     return event
+
+
+def sample_infotext(session: Session, rendered, size: tuple[int, int]) -> str:
+    settings = session.config.sample
+    preview = PreviewSettings(
+        prompt=rendered.prompt,
+        negative_prompt=settings.negative_prompt,
+        strengths={session.config.name: rendered.strength},
+        sampler=settings.sampler,
+        steps=settings.num_inference_steps,
+        cfg=settings.guidance_scale,
+        seed=rendered.seed,
+        width=size[0],
+        height=size[1],
+        clip_skip=session.config.clip_skip,
+    )
+    return infotext(preview, rendered.seed, {}, Path(str(session.base.source)).name) + f", Step: {session.step}"
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
@@ -716,6 +767,8 @@ def train(session: Session) -> DoneEvent:
     )
     started, first_step = time.perf_counter(), session.step
     stopped = False
+    if config.sample.at_start and session.step == 0 and config.sample.every_n_steps:
+        on_main(session, render_samples)
     upcoming = next(batches)
     while session.step < session.total_steps:
         losses = []

@@ -25,7 +25,7 @@ def test_dataset_json_and_exit_codes(tmp_path, capsys):
 def test_dataset_text_report_with_a_preset(capsys):
     assert main(["dataset", "demo", "--config", "demo-cpu"]) == 0
     out = capsys.readouterr().out
-    assert "18 images" in out and "64x64: 18 images" in out and "Steps: 3 per epoch, 200 in all" in out
+    assert "24 images" in out and "64x64: 24 images" in out and "Steps: 3 per epoch, 600 in all" in out
 
 
 def test_config_prints_resolved_toml_and_reports_bad_fields(capsys):
@@ -79,3 +79,32 @@ def test_train_and_resume_from_the_command_line(tmp_path, tiny_folders, capsys):
     assert main(["train", "--resume", str(run_dir), "--set", "optimizer.max_train_steps=3"]) == 0
     assert "finished at step 3" in capsys.readouterr().out
     assert main(["train"]) == 2
+
+
+def test_lora_tools_from_the_command_line(tmp_path, capsys):
+    from lora_studio.models import load_base
+    from lora_studio.paths import DEMO_MODEL_DIR
+
+    sets = ["optimizer.max_train_steps=4", f"output_dir='{tmp_path}'", "sample.every_n_steps=0",
+            f"dataset.cache_dir='{tmp_path / 'cache'}'"]  # fmt: skip
+    assert main(["train", "demo-cpu", *[a for s in sets for a in ("--set", s)]]) == 0
+    lora = next(tmp_path.glob("demo-*/demo.safetensors"))
+    capsys.readouterr()
+
+    assert main(["inspect", str(lora), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "sd1" and info["format"] == "kohya" and info["rank"] == 8 and info["alpha"] == 8.0
+    assert info["modules"] > 0 and info["metadata"]["ss_output_name"] == "demo"
+    assert info["sshs_model_hash"] == info["metadata"]["sshs_model_hash"] and info["hashes_match"] is True
+
+    assert main(["resize", str(lora), "--rank", "2", "-o", str(tmp_path / "r2.safetensors")]) == 0
+    assert "total Frobenius error" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "r2.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rank"] == 2
+
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge", "demo", str(lora), "-o", str(merged), "--strength", "0.5", "--precision", "fp32"]) == 0
+    assert load_base(merged, device="cpu", config=DEMO_MODEL_DIR).family == "sd1"
+
+    assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 1
+    assert "does not exist" in capsys.readouterr().err

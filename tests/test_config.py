@@ -64,7 +64,7 @@ def test_round_trip_with_every_section_changed(tmp_path):
         lora={"rank": 4, "alpha": 2.0, "unet_targets": "full", "conv_rank": 4, "conv_alpha": 1.0},
         optimizer={"optimizer": "prodigy", "learning_rate": 1.0, "unet_lr": 1.0, "max_train_steps": 10},
         sample={"prompts": ["zkz, a cat"], "strengths": [0.0, 0.5, 1.0], "seeds": [1, 2]},
-        save={"format": "peft", "precision": "bf16", "keep_last": 3},
+        save={"format": "diffusers", "precision": "bf16", "keep_last": 3},
     )
     path = tmp_path / "full.toml"
     save_config(config, path)
@@ -205,3 +205,12 @@ def test_newer_version_is_refused():
 def test_toml_leaves_out_unset_optionals():
     text = config_to_toml(TrainConfig())
     assert "unet_lr" not in text and "[lora]" in text
+
+
+def test_min_snr_can_be_turned_off_from_toml():
+    """TOML has no null, so 0 is how a preset or --set turns min-SNR weighting off."""
+    from lora_studio.config import load_preset
+
+    assert load_preset("demo-cpu", ["optimizer.min_snr_gamma=0"]).optimizer.min_snr_gamma == 0
+    with pytest.raises(ConfigError, match="min_snr_gamma"):
+        load_preset("demo-cpu", ["optimizer.min_snr_gamma=-1"])

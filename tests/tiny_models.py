@@ -121,3 +121,15 @@ def tiny_pipeline(family: str, seed: int = 0):
 def save_tiny_pipeline(family: str, folder: Path, seed: int = 0) -> Path:
     tiny_pipeline(family, seed).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def caption_images(folder: Path) -> Path:
+    """Four 32x32 images with captions "a thing, number i" (two comma tags, for tag-frequency checks)."""
+    from PIL import Image
+
+    for i in range(4):
+        image = Image.new("RGB", (32, 32), (60 * i, 100, 200))
+        image.paste((250, 250, 250), (0, 0, 10, 10))
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a thing, number {i}")
+    return folder

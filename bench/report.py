@@ -1,0 +1,15 @@
+"""The one way the benchmarks hand over results: JSON on stdout and, when asked, in a file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def publish(report: dict, path: Path | None, echo: bool = True) -> None:
+    text = json.dumps(report, indent=2)
+    if echo:
+        print(text)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
