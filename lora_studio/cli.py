@@ -104,7 +104,10 @@ def add_lora_tool_parsers(sub) -> None:
 
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--listen", action="store_true", help="listen on all interfaces (0.0.0.0); needs --auth or LORA_STUDIO_AUTH"
+    )
+    parser.add_argument("--port", type=int, help="default: the first free port from 7860 (Gradio's own search)")
     parser.add_argument("--auth", help="user:password, required when --host is not a loopback address")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
 
@@ -112,7 +115,8 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
 def run_app(args: argparse.Namespace) -> int:
     from .ui.app import launch  # gradio is imported only when the app is wanted
 
-    launch(host=args.host, port=args.port, auth=args.auth, open_browser=not args.no_browser)
+    host = "0.0.0.0" if args.listen else args.host
+    launch(host=host, port=args.port, auth=args.auth, open_browser=not args.no_browser)
     return EXIT_OK
 
 

@@ -1,5 +1,6 @@
 """The app: safe defaults, clear messages, and the page itself in headless Chromium."""
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -90,14 +91,23 @@ def browser_page():
         browser.close()
 
 
-@pytest.mark.browser
-def test_page_lists_models_and_checks_a_file(browser_page, lora_file):
+@contextlib.contextmanager
+def app_page(page, auth=None):
+    """The app served on a free loopback port, opened in `page`; closed afterwards."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    app = launch(port=port, open_browser=False, block=False)
+    app = launch(port=port, auth=auth, open_browser=False, block=False)
     try:
-        page = browser_page
-        page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="load", timeout=60_000)
+        yield page
+    finally:
+        app.close()
+
+
+@pytest.mark.browser
+def test_page_lists_models_and_checks_a_file(browser_page, lora_file):
+    with app_page(browser_page) as page:
+        page.get_by_role("tab", name="Models").click()
         table = page.locator("#bundled-models")
         table.get_by_text("sdxl", exact=True).first.wait_for(timeout=30_000)
         shown = table.inner_text()
@@ -108,21 +118,34 @@ def test_page_lists_models_and_checks_a_file(browser_page, lora_file):
         result.get_by_text("is a LoRA adapter").wait_for(timeout=30_000)
         assert "Traceback" not in result.inner_text()
         page.screenshot(path=str(SCREENSHOTS / "models-tab.png"), full_page=True)
-    finally:
-        app.close()
 
 
 @pytest.mark.browser
 def test_page_asks_for_login_when_auth_is_set(browser_page):
-    port = free_port()
-    app = launch(port=port, auth="me:s3cret", open_browser=False, block=False)
-    try:
-        page = browser_page
-        page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+    with app_page(browser_page, auth="me:s3cret") as page:
         page.get_by_label("username").fill("me")
         page.get_by_label("password").fill("wrong")
         page.get_by_role("button", name="Login").click()
         page.get_by_text("Incorrect Credentials").wait_for(timeout=15_000)
         assert page.locator("#bundled-models").count() == 0
-    finally:
-        app.close()
+
+
+@pytest.mark.browser
+def test_dataset_tab_opens_demo_and_saves_an_edited_caption(browser_page, tmp_path, monkeypatch):
+    from lora_studio.ui import dataset_tab
+
+    monkeypatch.setattr(dataset_tab, "DATASETS_DIR", tmp_path / "datasets")
+    with app_page(browser_page) as page:
+        page.locator("#dataset-open").click()
+        page.locator("#dataset-report").get_by_text("24 images").wait_for(timeout=30_000)
+        thumbnails = page.locator("#dataset-gallery .thumbnail-item")
+        assert thumbnails.count() == 24
+        thumbnails.first.click()
+        box = page.locator("#caption-edit textarea")
+        page.wait_for_function("document.querySelector('#caption-edit textarea').value.startsWith('zkz')")
+        box.fill("zkz, an edited caption")
+        page.locator("#caption-save").click()
+        page.locator("#dataset-status").get_by_text("Saved zkz_00_yellow_circle.txt").wait_for(timeout=30_000)
+        saved = (tmp_path / "datasets" / "demo" / "zkz_00_yellow_circle.txt").read_text()
+        assert saved == "zkz, an edited caption\n"
+        page.screenshot(path=str(SCREENSHOTS / "dataset-tab.png"), full_page=True)

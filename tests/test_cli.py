@@ -43,9 +43,12 @@ def test_detect_reports_family_or_a_clear_error(tiny_folders, tmp_path, capsys):
     assert err.startswith("error: ") and "was not found" in err and "Traceback" not in err
 
 
-def test_app_refuses_network_host_without_auth(capsys):
+def test_app_refuses_network_host_without_auth(capsys, monkeypatch):
+    monkeypatch.delenv("LORA_STUDIO_AUTH", raising=False)
     assert main(["--host", "0.0.0.0", "--no-browser"]) == 1
     assert "--auth user:password" in capsys.readouterr().err
+    assert main(["app", "--listen", "--no-browser"]) == 1
+    assert "listening on 0.0.0.0" in capsys.readouterr().err
 
 
 def test_train_and_resume_from_the_command_line(tmp_path, tiny_folders, capsys):

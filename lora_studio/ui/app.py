@@ -1,4 +1,4 @@
-"""The Gradio app. For now: the bundled models and presets, and a base-model checker.
+"""The Gradio app. For now: the Dataset tab, the bundled models and presets, and a base-model checker.
 
 Handlers catch every error: a LoraStudioError is shown as its own sentence, anything else is
 logged with its traceback and shown as one sentence pointing at the log.
@@ -15,6 +15,7 @@ import gradio as gr
 from ..config import list_presets, preset_description
 from ..errors import LoraStudioError
 from ..models import FAMILY_NAMES, bundled_models, describe_source
+from . import dataset_tab
 
 log = logging.getLogger(__name__)
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -50,6 +51,8 @@ def check_base_model(source: str, allow_pickle: bool) -> str:
 def build_app() -> gr.Blocks:
     with gr.Blocks(title="LoRA Studio") as app:
         gr.Markdown("# LoRA Studio\nTrain Stable Diffusion LoRAs on your own GPU, offline.")
+        with gr.Tab("Dataset"):
+            dataset_tab.build()
         with gr.Tab("Models"):
             gr.Markdown("## Bundled models")
             gr.Dataframe(
@@ -90,7 +93,11 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
 
 
 def launch(
-    host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, open_browser: bool = True, block: bool = True
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    auth: str | None = None,
+    open_browser: bool = True,
+    block: bool = True,
 ) -> gr.Blocks:
     """Serve the app. Listening beyond this machine requires a password: training boxes hold private data.
 

@@ -1,0 +1,169 @@
+"""The Dataset tab: open or upload a dataset, edit captions one by one or in bulk, see the report.
+
+The handlers are plain functions of plain values (tests call them directly); `build` wires them to
+Gradio components. Errors reach the page as one sentence through `gr.Warning`, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import gradio as gr
+
+from ..config import DatasetConfig
+from ..data import IMAGE_SUFFIXES, read_caption, resolve_dataset_path, scan
+from ..dataset_edit import BulkEdit, bulk_edit, import_files, safe_name, write_caption
+from ..errors import LoraStudioError
+from ..paths import DEMO_DATASET_DIR, PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+DATASETS_DIR = PROJECT_ROOT / "datasets"  # uploads and the editable copy of the demo dataset
+
+
+def working_folder(source: str) -> Path:
+    """The folder edits go to: the user's own folder as given, or (for `demo`, which ships read-only with
+    the app) a copy of the bundled demo dataset under datasets/demo, made once."""
+    source = source.strip() or "demo"
+    folder = resolve_dataset_path(source)
+    if folder == DEMO_DATASET_DIR:
+        copy = DATASETS_DIR / "demo"
+        if not copy.exists():
+            shutil.copytree(DEMO_DATASET_DIR, copy)
+        return copy
+    if not folder.is_dir():
+        raise LoraStudioError(f"{folder} is not a folder; give the folder that holds your images, or upload them.")
+    return folder
+
+
+def new_dataset_folder(name: str) -> Path:
+    """datasets/<name> for an upload into a new dataset; the name is sanitized like any upload name."""
+    folder = DATASETS_DIR / safe_name(name or "my-dataset")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def gallery_items(folder: Path) -> list[tuple[str, str]]:
+    """Every image of the folder (no cap) with its caption as the label."""
+    items = []
+    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        caption, _notes = read_caption(image, ".txt")
+        items.append((str(image), caption or ""))
+    return items
+
+
+def dataset_report_markdown(folder: Path) -> str:
+    """The validation report: counts, then every error and warning with its file."""
+    report = scan(DatasetConfig(path=str(folder)))
+    lines = [f"**{len(report.items)} images** usable in `{folder}`, {len(report.errors)} errors, "
+             f"{len(report.warnings)} warnings."]  # fmt: skip
+    lines += [f"- error: `{Path(p.path).name}`: {p.message}" for p in report.errors]
+    lines += [f"- warning: `{Path(p.path).name}`: {p.message}" for p in report.warnings]
+    return "\n".join(lines)
+
+
+def tag_rows(folder: Path) -> list[list]:
+    report = scan(DatasetConfig(path=str(folder)))
+    counts: dict[str, int] = {}
+    for tags in report.tag_frequency().values():
+        for tag, n in tags.items():
+            counts[tag] = counts.get(tag, 0) + n
+    return [[tag, n] for tag, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def open_dataset(source: str) -> tuple[str, list, str, list]:
+    folder = working_folder(source)
+    return str(folder), gallery_items(folder), dataset_report_markdown(folder), tag_rows(folder)
+
+
+def upload(folder_text: str, new_name: str, files: list[str] | None) -> tuple[str, list, str, list, str]:
+    """Copy uploads (images and same-name .txt captions) into the open folder, or into datasets/<new name>."""
+    if not files:
+        raise LoraStudioError("No files were uploaded; pick images (and their .txt captions) to add.")
+    folder = Path(folder_text) if folder_text and not new_name.strip() else new_dataset_folder(new_name)
+    paths = [Path(f) for f in files]
+    # Gradio keeps the browser's file name as the temp file's name; it is sanitized again on import.
+    result = import_files(folder, paths, [p.name for p in paths])
+    message = f"Added {len(result.images)} images and {len(result.captions)} captions to {folder}."
+    if result.skipped:
+        message += " Skipped: " + "; ".join(result.skipped)
+    return str(folder), gallery_items(folder), dataset_report_markdown(folder), tag_rows(folder), message
+
+
+def save_caption(folder_text: str, image_path: str, caption: str) -> tuple[list, str]:
+    folder = Path(folder_text)
+    path = write_caption(folder, Path(image_path).name, caption)
+    return gallery_items(folder), f"Saved {path.name}."
+
+
+def apply_bulk_edit(
+    folder_text: str, trigger: str, prefix: str, suffix: str, find: str, replace: str
+) -> tuple[list, str, list, str]:
+    folder = Path(folder_text)
+    changed = bulk_edit(folder, BulkEdit(find=find, replace=replace, prefix=prefix, suffix=suffix,
+                                         trigger_word=trigger))  # fmt: skip
+    message = f"Changed {len(changed)} captions." if changed else "No caption needed a change."
+    return gallery_items(folder), dataset_report_markdown(folder), tag_rows(folder), message
+
+
+def shown(handler):
+    """Run a handler; a LoraStudioError becomes a gr.Error sentence, anything else is logged and summarised."""
+
+    def wrapped(*args):
+        try:
+            return handler(*args)
+        except LoraStudioError as exc:
+            raise gr.Error(str(exc)) from None
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            raise gr.Error("An unexpected error occurred; the details are in the log.") from None
+
+    wrapped.__name__ = handler.__name__
+    return wrapped
+
+
+def build() -> None:
+    """The tab's components and events; call inside a `gr.Blocks` / `gr.Tab` context."""
+    with gr.Row():
+        source = gr.Textbox(
+            label="Dataset folder",
+            value="demo",
+            scale=4,
+            elem_id="dataset-source",
+            info="A folder of images with same-name .txt captions, a kohya 10_name/ parent, or demo",
+        )
+        open_button = gr.Button("Open", elem_id="dataset-open", scale=1)
+    folder = gr.Textbox(label="Editing", interactive=False, elem_id="dataset-folder")
+    with gr.Row():
+        files = gr.File(label="Upload images and captions", file_count="multiple", type="filepath",
+                        elem_id="dataset-upload")  # fmt: skip
+        new_name = gr.Textbox(label="New dataset name (empty: add to the open folder)", elem_id="dataset-new-name")
+    status = gr.Markdown(elem_id="dataset-status")
+    gallery = gr.Gallery(label="Images", columns=8, allow_preview=False, elem_id="dataset-gallery")
+    selected = gr.State("")
+    with gr.Row():
+        caption = gr.Textbox(label="Caption of the selected image", scale=4, elem_id="caption-edit")
+        save = gr.Button("Save caption", elem_id="caption-save", scale=1)
+    with gr.Accordion("Bulk edit", open=False):
+        with gr.Row():
+            trigger = gr.Textbox(label="Trigger word")
+            prefix = gr.Textbox(label="Prefix")
+            suffix = gr.Textbox(label="Suffix")
+            find = gr.Textbox(label="Find")
+            replace = gr.Textbox(label="Replace with")
+        bulk = gr.Button("Apply to every caption", elem_id="bulk-apply")
+    report = gr.Markdown(elem_id="dataset-report")
+    tags = gr.Dataframe(headers=["tag", "count"], label="Tag frequency", interactive=False)
+
+    open_button.click(shown(open_dataset), [source], [folder, gallery, report, tags])
+    files.upload(shown(upload), [folder, new_name, files], [folder, gallery, report, tags, status])
+
+    def pick(items, evt: gr.SelectData):
+        path, label = items[evt.index][0], items[evt.index][1]
+        return (path["image"]["path"] if isinstance(path, dict) else path), label or ""
+
+    gallery.select(pick, [gallery], [selected, caption])
+    save.click(shown(save_caption), [folder, selected, caption], [gallery, status])
+    bulk_inputs = [folder, trigger, prefix, suffix, find, replace]
+    bulk.click(shown(apply_bulk_edit), bulk_inputs, [gallery, report, tags, status])

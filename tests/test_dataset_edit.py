@@ -1,0 +1,75 @@
+"""Dataset edits from the app: sanitized uploads that stay inside the folder, atomic caption edits, bulk edits."""
+
+import pytest
+from PIL import Image
+
+from lora_studio.dataset_edit import (
+    BulkEdit,
+    DatasetEditError,
+    bulk_edit,
+    import_files,
+    inside,
+    safe_name,
+    write_caption,
+)
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ("../../x.png", "x.png"),
+        ("..\\..\\windows\\x.PNG", "x.png"),
+        ("/etc/passwd", "passwd"),
+        (".bashrc", "bashrc"),
+        ("my photo (1).JPG", "my_photo__1_.jpg"),
+        ("caf\u00e9\u0000.png", "café_.png"),
+        ("..", "file"),
+        ("a" * 300 + ".png", "a" * 116 + ".png"),
+    ],
+)
+def test_safe_names(sent, expected):
+    assert safe_name(sent) == expected
+
+
+def test_traversal_upload_stays_inside_the_dataset_folder(tmp_path):
+    folder, outside = tmp_path / "data", tmp_path / "x.png"
+    upload = tmp_path / "upload.bin"
+    Image.new("RGB", (8, 8), "red").save(upload, format="PNG")
+    report = import_files(folder, [upload], ["../../x.png"])
+    assert report.images == ["x.png"] and (folder / "x.png").is_file() and not outside.exists()
+    assert inside(folder, "../x.png") == (folder / "x.png").resolve()
+
+
+def test_import_checks_images_and_keeps_captions(tmp_path):
+    folder = tmp_path / "data"
+    good, bad, caption, other = (tmp_path / n for n in ("g", "b", "c", "o"))
+    Image.new("RGB", (8, 8), "red").save(good, format="PNG")
+    bad.write_bytes(b"not an image")
+    caption.write_text("a red square")
+    other.write_text("#!/bin/sh")
+    report = import_files(folder, [good, bad, caption, other], ["one.png", "two.png", "one.txt", "run.sh"])
+    assert report.images == ["one.png"] and report.captions == ["one.txt"]
+    assert [s.split(":")[0] for s in report.skipped] == ["two.png", "run.sh"]
+    assert sorted(p.name for p in folder.iterdir()) == ["one.png", "one.txt"]
+
+
+def test_caption_edit_is_saved_and_refuses_unknown_images(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    write_caption(tmp_path, "a.png", "  zkz,   a  thing \n")
+    assert (tmp_path / "a.txt").read_text() == "zkz, a thing\n"
+    with pytest.raises(DatasetEditError, match="is not an image in"):
+        write_caption(tmp_path, "missing.png", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a.txt"]  # no temp files left behind
+
+
+def test_bulk_edit_find_replace_prefix_suffix_trigger(tmp_path):
+    for name, caption in (("a", "a red square"), ("b", "zkz, a red circle"), ("c", None)):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+        if caption is not None:
+            (tmp_path / f"{name}.txt").write_text(caption)
+    changed = bulk_edit(tmp_path, BulkEdit(find="red", replace="blue", suffix=", flat", trigger_word="zkz"))
+    assert changed == ["a.txt", "b.txt", "c.txt"]
+    assert (tmp_path / "a.txt").read_text() == "zkz, a blue square, flat\n"
+    assert (tmp_path / "b.txt").read_text() == "zkz, a blue circle, flat\n"  # the trigger is not doubled
+    assert (tmp_path / "c.txt").read_text() == "zkz, flat\n"  # no empty tags from an empty caption
+    assert bulk_edit(tmp_path, BulkEdit(trigger_word="zkz")) == []  # already there: nothing rewritten
