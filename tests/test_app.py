@@ -149,3 +149,39 @@ def test_dataset_tab_opens_demo_and_saves_an_edited_caption(browser_page, tmp_pa
         saved = (tmp_path / "datasets" / "demo" / "zkz_00_yellow_circle.txt").read_text()
         assert saved == "zkz, an edited caption\n"
         page.screenshot(path=str(SCREENSHOTS / "dataset-tab.png"), full_page=True)
+
+
+@pytest.mark.browser
+def test_preview_tab_renders_a_lora_at_two_strengths(browser_page, tmp_path, monkeypatch):
+    import base64
+
+    from lora_studio import train
+    from lora_studio.config import load_preset
+    from lora_studio.ui import preview_tab
+
+    sets = [f"output_dir='{tmp_path / 'runs'}'", f"dataset.cache_dir='{tmp_path / 'cache'}'",
+            "optimizer.max_train_steps=8", "sample.every_n_steps=0", "save.every_n_steps=0"]  # fmt: skip
+    done = train.run_training(load_preset("demo-cpu", sets))
+    monkeypatch.setattr(preview_tab, "RUNS_DIR", tmp_path / "runs")
+    with app_page(browser_page) as page:
+        page.get_by_role("tab", name="Preview").click()
+        page.locator("#preview-loras input").click()
+        page.get_by_role("option", name=str(done.lora_path)).click()
+        page.wait_for_function("document.querySelector('#preview-prompt textarea').value.startsWith('zkz')")
+        page.locator("#preview-prompt textarea").fill("zkz, a red circle on a white background")
+
+        def render(strength: str) -> bytes:
+            page.locator("#preview-strength input[type=number]").fill(strength)
+            page.locator("#preview-strength input[type=number]").press("Enter")
+            page.locator("#preview-generate").click()
+            page.wait_for_function(
+                f"document.querySelector('#preview-parameters textarea').value.includes(':{strength}>')"
+            )
+            src = page.locator("#preview-image img").get_attribute("src")
+            if src.startswith("data:"):
+                return base64.b64decode(src.split(",", 1)[1])
+            return page.request.get(src).body()
+
+        at_zero, at_one = render("0"), render("1")
+        assert at_zero and at_one and at_zero != at_one
+        page.screenshot(path=str(SCREENSHOTS / "preview-tab.png"), full_page=True)

@@ -5,6 +5,7 @@ from PIL import Image
 
 from lora_studio.errors import LoraStudioError
 from lora_studio.ui import dataset_tab
+from lora_studio.ui.errors import shown
 
 
 @pytest.fixture
@@ -51,4 +52,4 @@ def test_errors_are_sentences(home, tmp_path):
     import gradio as gr
 
     with pytest.raises(gr.Error, match="is not a folder"):
-        dataset_tab.shown(dataset_tab.open_dataset)(str(tmp_path / "missing"))
+        shown(dataset_tab.open_dataset)(str(tmp_path / "missing"))

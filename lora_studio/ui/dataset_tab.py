@@ -6,7 +6,6 @@ Gradio components. Errors reach the page as one sentence through `gr.Warning`, n
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from ..data import IMAGE_SUFFIXES, read_caption, resolve_dataset_path, scan
 from ..dataset_edit import BulkEdit, bulk_edit, import_files, safe_name, write_caption
 from ..errors import LoraStudioError
 from ..paths import DEMO_DATASET_DIR, PROJECT_ROOT
+from .errors import shown
 
-log = logging.getLogger(__name__)
 DATASETS_DIR = PROJECT_ROOT / "datasets"  # uploads and the editable copy of the demo dataset
 
 
@@ -105,22 +104,6 @@ def apply_bulk_edit(
                                          trigger_word=trigger))  # fmt: skip
     message = f"Changed {len(changed)} captions." if changed else "No caption needed a change."
     return gallery_items(folder), dataset_report_markdown(folder), tag_rows(folder), message
-
-
-def shown(handler):
-    """Run a handler; a LoraStudioError becomes a gr.Error sentence, anything else is logged and summarised."""
-
-    def wrapped(*args):
-        try:
-            return handler(*args)
-        except LoraStudioError as exc:
-            raise gr.Error(str(exc)) from None
-        except Exception:
-            log.exception("%s failed", handler.__name__)
-            raise gr.Error("An unexpected error occurred; the details are in the log.") from None
-
-    wrapped.__name__ = handler.__name__
-    return wrapped
 
 
 def build() -> None:
