@@ -217,6 +217,7 @@ def save_diffusers(
     path: str | os.PathLike,
     dtype: torch.dtype = torch.float16,
     metadata: dict[str, str] | None = None,
+    adapter_name: str = ADAPTER_NAME,
 ) -> Path:
     """diffusers' own format (`unet.…lora_A.weight`), with the peft adapter configs in the header so that
     `load_lora_weights` applies alpha != rank at the right scale."""
@@ -225,9 +226,9 @@ def save_diffusers(
     path = Path(path)
     layers, adapter_metadata = {}, {}
     for part, model in parts.items():
-        state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
         layers[f"{part}_lora_layers"] = {k: _cpu(v, dtype) for k, v in state.items()}
-        adapter_metadata[f"{part}_lora_adapter_metadata"] = model.peft_config[ADAPTER_NAME].to_dict()
+        adapter_metadata[f"{part}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
     check_tensors({f"{p}.{k}": v for p, sd in layers.items() for k, v in sd.items()}, path)
     with atomic_path(path) as tmp:
         staging = tmp.with_suffix(".dir")
@@ -248,6 +249,23 @@ def save_diffusers(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def convert_to_diffusers(lora: LoraFile, base, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
+    """Rewrite any LoRA in diffusers' own format: diffusers loads it into `base` (which fixes the module
+    paths and per-module alphas) and saves it back with its adapter configs and our metadata."""
+    check_compatible(lora, base)
+    pipeline = base.pipeline
+    pipeline.load_lora_weights(lora.state_dict(torch.float32), adapter_name="convert")
+    try:
+        components = {"unet": base.unet} | {
+            ("text_encoder" if i == 0 else "text_encoder_2"): e for i, e in enumerate(base.text_encoders)
+        }
+        parts = {n: m for n, m in components.items() if "convert" in getattr(m, "peft_config", {})}
+        metadata = {k: v for k, v in lora.metadata.items() if not k.startswith("sshs_")}
+        return save_diffusers(parts, type(pipeline), path, dtype, metadata, adapter_name="convert")
+    finally:
+        pipeline.delete_adapters(["convert"])
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

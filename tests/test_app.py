@@ -185,3 +185,32 @@ def test_preview_tab_renders_a_lora_at_two_strengths(browser_page, tmp_path, mon
         at_zero, at_one = render("0"), render("1")
         assert at_zero and at_one and at_zero != at_one
         page.screenshot(path=str(SCREENSHOTS / "preview-tab.png"), full_page=True)
+
+
+@pytest.mark.browser
+def test_library_tab_shows_a_run_and_exports_it(browser_page, tmp_path, monkeypatch):
+    from lora_studio import train
+    from lora_studio.config import load_preset
+    from lora_studio.export import load_lora
+    from lora_studio.ui import preview_tab
+
+    sets = [f"output_dir='{tmp_path / 'runs'}'", f"dataset.cache_dir='{tmp_path / 'cache'}'",
+            "optimizer.max_train_steps=4", "sample.every_n_steps=0", "save.every_n_steps=0"]  # fmt: skip
+    done = train.run_training(load_preset("demo-cpu", sets))
+    monkeypatch.setattr(preview_tab, "RUNS_DIR", tmp_path / "runs")
+    with app_page(browser_page) as page:
+        page.get_by_role("tab", name="Library").click()
+        page.locator("#library-refresh").click()
+        page.wait_for_function(f"document.querySelector('#library-runs').innerText.includes('{done.run_dir.name}')")
+        page.locator("#library-run textarea").fill(done.run_dir.name)
+        page.get_by_role("button", name="Show").click()
+        page.get_by_text('base_model = "demo"').wait_for(timeout=30_000)
+        page.get_by_role("button", name="Export").click()
+        link = page.locator("#library-download a").first
+        link.wait_for(timeout=30_000)
+        with page.expect_download() as download:
+            link.click()
+        saved = tmp_path / "downloaded.safetensors"
+        download.value.save_as(saved)
+        assert load_lora(saved).family == "sd1"
+        page.screenshot(path=str(SCREENSHOTS / "library-tab.png"), full_page=True)

@@ -533,3 +533,19 @@ def test_save_precision(tmp_path, sd1_full, precision, dtype):
     expected = lora_from_models(session_parts(session), "sd1")
     name = next(iter(expected.modules))
     assert torch.equal(loaded.modules[name].up, expected.modules[name].up.detach().to(dtype))
+
+
+def test_kohya_file_converts_to_diffusers_format_and_renders_the_same(tmp_path, tiny_folders, sd1_full):
+    _session, path = sd1_full
+    lora = load_lora(path)
+    out = export.convert_to_diffusers(lora, load_base(tiny_folders["sd1"], device="cpu"), tmp_path / "d.safetensors",
+                                      torch.float32)  # fmt: skip
+    tensors, metadata = read_file(out)
+    assert all(k.startswith(("unet.", "text_encoder.")) for k in tensors) and "lora_adapter_metadata" in metadata
+    assert metadata["ss_network_alpha"] == lora.metadata["ss_network_alpha"]
+    assert set(load_lora(out).modules) == set(lora.modules)
+    from_kohya = load_base(tiny_folders["sd1"], device="cpu").pipeline
+    from_kohya.load_lora_weights(str(path))
+    from_diffusers = load_base(tiny_folders["sd1"], device="cpu").pipeline
+    from_diffusers.load_lora_weights(str(out))
+    assert np.abs(generate(from_kohya, 0.8) - generate(from_diffusers, 0.8)).max() <= 2
