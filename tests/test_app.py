@@ -151,18 +151,23 @@ def test_dataset_tab_opens_demo_and_saves_an_edited_caption(browser_page, tmp_pa
         page.screenshot(path=str(SCREENSHOTS / "dataset-tab.png"), full_page=True)
 
 
-@pytest.mark.browser
-def test_preview_tab_renders_a_lora_at_two_strengths(browser_page, tmp_path, monkeypatch):
-    import base64
-
+def short_demo_run(tmp_path, monkeypatch, steps: int):
+    """A few steps of the demo preset into tmp_path/runs, which the Preview and Library tabs then list."""
     from lora_studio import train
     from lora_studio.config import load_preset
     from lora_studio.ui import preview_tab
 
     sets = [f"output_dir='{tmp_path / 'runs'}'", f"dataset.cache_dir='{tmp_path / 'cache'}'",
-            "optimizer.max_train_steps=8", "sample.every_n_steps=0", "save.every_n_steps=0"]  # fmt: skip
-    done = train.run_training(load_preset("demo-cpu", sets))
+            f"optimizer.max_train_steps={steps}", "sample.every_n_steps=0", "save.every_n_steps=0"]  # fmt: skip
     monkeypatch.setattr(preview_tab, "RUNS_DIR", tmp_path / "runs")
+    return train.run_training(load_preset("demo-cpu", sets))
+
+
+@pytest.mark.browser
+def test_preview_tab_renders_a_lora_at_two_strengths(browser_page, tmp_path, monkeypatch):
+    import base64
+
+    done = short_demo_run(tmp_path, monkeypatch, steps=8)
     with app_page(browser_page) as page:
         page.get_by_role("tab", name="Preview").click()
         page.locator("#preview-loras input").click()
@@ -189,15 +194,9 @@ def test_preview_tab_renders_a_lora_at_two_strengths(browser_page, tmp_path, mon
 
 @pytest.mark.browser
 def test_library_tab_shows_a_run_and_exports_it(browser_page, tmp_path, monkeypatch):
-    from lora_studio import train
-    from lora_studio.config import load_preset
     from lora_studio.export import load_lora
-    from lora_studio.ui import preview_tab
 
-    sets = [f"output_dir='{tmp_path / 'runs'}'", f"dataset.cache_dir='{tmp_path / 'cache'}'",
-            "optimizer.max_train_steps=4", "sample.every_n_steps=0", "save.every_n_steps=0"]  # fmt: skip
-    done = train.run_training(load_preset("demo-cpu", sets))
-    monkeypatch.setattr(preview_tab, "RUNS_DIR", tmp_path / "runs")
+    done = short_demo_run(tmp_path, monkeypatch, steps=4)
     with app_page(browser_page) as page:
         page.get_by_role("tab", name="Library").click()
         page.locator("#library-refresh").click()
