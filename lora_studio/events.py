@@ -21,6 +21,7 @@ class ProgressEvent:
     lr: float
     it_per_s: float
     eta_s: float
+    run_dir: Path | None = None  # so a watcher (the app) can show the run's log from the first step
 
 
 @dataclass(frozen=True)

@@ -694,7 +694,15 @@ def record_metrics(session: Session, loss: float, lr: float, started: float, fir
     emit(
         session,
         ProgressEvent(
-            session.step, session.total_steps, session.position.epoch, loss, session.smoothed_loss, lr, rate, eta
+            session.step,
+            session.total_steps,
+            session.position.epoch,
+            loss,
+            session.smoothed_loss,
+            lr,
+            rate,
+            eta,
+            session.run_dir,
         ),
     )
 

@@ -213,3 +213,34 @@ def test_library_tab_shows_a_run_and_exports_it(browser_page, tmp_path, monkeypa
         download.value.save_as(saved)
         assert load_lora(saved).family == "sd1"
         page.screenshot(path=str(SCREENSHOTS / "library-tab.png"), full_page=True)
+
+
+@pytest.mark.browser
+def test_train_tab_runs_shows_progress_and_samples_then_stops_and_resumes(browser_page, tmp_path, monkeypatch):
+    from lora_studio.ui import train_tab
+
+    monkeypatch.setattr(train_tab, "_manager", None)
+    with app_page(browser_page) as page:
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-steps input").fill("300")
+        page.get_by_text("Advanced").click()
+        advanced = (f"output_dir='{tmp_path}'\ndataset.cache_dir='{tmp_path / 'cache'}'\n"
+                    "sample.every_n_steps=5\nsample.num_inference_steps=2\nsave.every_n_steps=0")  # fmt: skip
+        page.locator("#train-advanced .cm-content").fill(advanced)
+        page.locator("#train-start").click()
+        page.locator("#train-message").get_by_text("started").wait_for(timeout=30_000)
+        status = page.locator("#train-status")
+        page.wait_for_function("/step [1-9][0-9]*\\/300/.test(document.querySelector('#train-status').innerText)")
+        page.locator("#train-samples .thumbnail-item").first.wait_for(timeout=60_000)
+        page.locator("#train-loss canvas, #train-loss svg").first.wait_for(timeout=30_000)
+        page.wait_for_function("document.querySelector('#train-log textarea').value.includes('prepared')")
+        page.screenshot(path=str(SCREENSHOTS / "train-tab.png"), full_page=True)
+        page.locator("#train-stop").click()
+        status.get_by_text("stopped").wait_for(timeout=60_000)
+        page.locator("#train-resume").click()
+        page.locator("#train-message").get_by_text("resumes").wait_for(timeout=30_000)
+        status.get_by_text("running").wait_for(timeout=60_000)
+        page.locator("#train-stop").click()
+        status.get_by_text("stopped").wait_for(timeout=60_000)
+    runs = [p for p in tmp_path.iterdir() if p.name.startswith("demo-")]
+    assert len(runs) == 1 and (runs[0] / "state" / "trainer.safetensors").is_file()

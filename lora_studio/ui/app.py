@@ -1,4 +1,4 @@
-"""The Gradio app: the Dataset, Preview and Library tabs, the bundled models and presets, a base-model checker.
+"""The Gradio app: the Dataset, Train, Preview and Library tabs, the bundled models and presets, a base-model checker.
 
 Handlers catch every error: a LoraStudioError is shown as its own sentence, anything else is
 logged with its traceback and shown as one sentence pointing at the log.
@@ -15,7 +15,7 @@ import gradio as gr
 from ..config import list_presets, preset_description
 from ..errors import LoraStudioError
 from ..models import FAMILY_NAMES, bundled_models, describe_source
-from . import dataset_tab, library_tab, preview_tab
+from . import dataset_tab, library_tab, preview_tab, train_tab
 
 log = logging.getLogger(__name__)
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -53,6 +53,8 @@ def build_app() -> gr.Blocks:
         gr.Markdown("# LoRA Studio\nTrain Stable Diffusion LoRAs on your own GPU, offline.")
         with gr.Tab("Dataset"):
             dataset_tab.build()
+        with gr.Tab("Train"):
+            train_tab.build()
         with gr.Tab("Preview"):
             preview_tab.build()
         with gr.Tab("Library"):

@@ -1,0 +1,157 @@
+"""Training jobs for the app: one at a time on the device, later ones queued, progress kept for any page.
+
+The job runs in a worker thread of the app's process, so closing the browser does not stop it and a
+reopened page reads the same `JobStatus`. Training reports through events (train.py); this module only
+records them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import LoraStudioError
+from .events import Commands, DoneEvent, ErrorEvent, ProgressEvent, SampleEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobStatus:
+    """Everything a page shows about one job; a snapshot is a copy, safe to read from any thread."""
+
+    id: int
+    name: str
+    state: str = "queued"  # queued, running, stopping, done, stopped, failed
+    step: int = 0
+    total_steps: int = 0
+    it_per_s: float = 0.0
+    eta_s: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, smoothed loss)
+    samples: list[Path] = field(default_factory=list)  # the newest sample images
+    sample_step: int = 0
+    run_dir: Path | None = None
+    lora_path: Path | None = None
+    message: str = ""
+
+
+@dataclass
+class _Job:
+    status: JobStatus
+    config: TrainConfig
+    resume_from: Path | None
+    commands: Commands = field(default_factory=Commands)
+
+
+class JobManager:
+    """A queue of training jobs served by one worker thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._queue: deque[_Job] = deque()
+        self._current: _Job | None = None
+        self._finished: list[_Job] = []
+        self._ids = itertools.count(1)
+        self._wake = threading.Condition(self._lock)
+        self._worker = threading.Thread(target=self._serve, name="lora-studio-jobs", daemon=True)
+        self._worker.start()
+
+    def submit(self, config: TrainConfig, resume_from: Path | None = None) -> int:
+        job = _Job(JobStatus(next(self._ids), config.name), config, resume_from)
+        with self._wake:
+            self._queue.append(job)
+            self._wake.notify()
+        return job.status.id
+
+    def stop(self) -> bool:
+        """Ask the running job to stop after its current step (it saves its LoRA and state first)."""
+        with self._lock:
+            if self._current is None:
+                return False
+            self._current.commands.request_stop()
+            self._current.status.state = "stopping"
+            return True
+
+    def sample_now(self) -> None:
+        with self._lock:
+            if self._current is not None:
+                self._current.commands.request_sample()
+
+    def current(self) -> JobStatus | None:
+        """The running job, else the newest finished one (what a reopened page should show)."""
+        with self._lock:
+            job = self._current or (self._finished[-1] if self._finished else None)
+            return _copy(job.status) if job else None
+
+    def queued(self) -> list[JobStatus]:
+        with self._lock:
+            return [_copy(j.status) for j in self._queue]
+
+    def wait(self, job_id: int, timeout: float = 600.0) -> JobStatus:
+        """Block until job `job_id` has finished (tests and scripts)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                for job in self._finished:
+                    if job.status.id == job_id:
+                        return _copy(job.status)
+            time.sleep(0.05)
+        raise TimeoutError(f"job {job_id} did not finish within {timeout:.0f} s")
+
+    # --- the worker ---------------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue:
+                    self._wake.wait()
+                job = self._queue.popleft()
+                self._current = job
+                job.status.state = "running"
+            self._run_one(job)
+            with self._lock:
+                self._finished.append(job)
+                self._current = None
+
+    def _run_one(self, job: _Job) -> None:
+        status = job.status
+
+        def on_event(event) -> None:
+            with self._lock:
+                if isinstance(event, ProgressEvent):
+                    status.step, status.total_steps = event.step, event.total_steps
+                    status.it_per_s, status.eta_s = event.it_per_s, event.eta_s
+                    status.losses.append((event.step, event.smoothed_loss))
+                    status.run_dir = event.run_dir or status.run_dir
+                elif isinstance(event, SampleEvent):
+                    status.samples, status.sample_step = list(event.images), event.step
+                elif isinstance(event, DoneEvent):
+                    status.run_dir, status.lora_path = event.run_dir, event.lora_path
+                elif isinstance(event, ErrorEvent):
+                    status.message = event.message
+
+        try:
+            from .train import run_training  # torch and diffusers load with the first job, not with the app
+
+            done = run_training(job.config, on_event=on_event, commands=job.commands, resume_from=job.resume_from)
+            with self._lock:
+                status.state = "stopped" if done.stopped_early else "done"
+                status.run_dir, status.lora_path = done.run_dir, done.lora_path
+        except LoraStudioError as exc:
+            with self._lock:
+                status.state, status.message = "failed", str(exc)
+        except Exception as exc:  # the worker must survive anything; the traceback goes to the log
+            log.exception("training job %s failed", status.name)
+            with self._lock:
+                status.state = "failed"
+                status.message = f"unexpected failure ({type(exc).__name__}: {exc}); details are in the log"
+
+
+def _copy(status: JobStatus) -> JobStatus:
+    return JobStatus(**{**status.__dict__, "losses": list(status.losses), "samples": list(status.samples)})

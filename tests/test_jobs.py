@@ -1,0 +1,50 @@
+"""The app's job queue: one training at a time, progress recorded, stop then resume, failures as sentences."""
+
+import time
+
+import pytest
+from test_train import tiny_config
+from tiny_models import caption_images
+
+from lora_studio.jobs import JobManager
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return caption_images(tmp_path_factory.mktemp("data"))
+
+
+def test_jobs_run_one_at_a_time_and_record_progress(tmp_path, tiny_folders, images):
+    manager = JobManager()
+    first = manager.submit(tiny_config(tmp_path / "a", tiny_folders, images, sample={"every_n_steps": 4,
+                                       "num_inference_steps": 2, "width": 32, "height": 32}))  # fmt: skip
+    second = manager.submit(tiny_config(tmp_path / "b", tiny_folders, images))
+    queued = manager.queued()
+    assert [q.id for q in queued] in ([second], [first, second])  # the first may already be running
+    done = manager.wait(first)
+    assert done.state == "done" and done.step == done.total_steps == 8
+    assert [s for s, _ in done.losses] == list(range(1, 9)) and done.sample_step == 8 and done.samples
+    assert done.lora_path.is_file()
+    assert manager.wait(second).state == "done"
+    assert manager.current().id == second  # a reopened page sees the newest job
+
+
+def test_stop_then_resume(tmp_path, tiny_folders, images):
+    manager = JobManager()
+    config = tiny_config(tmp_path, tiny_folders, images, optimizer={"max_train_steps": 40})
+    job = manager.submit(config)
+    while (status := manager.current()) is None or status.step < 3:
+        time.sleep(0.05)
+    assert manager.stop()
+    stopped = manager.wait(job)
+    assert stopped.state == "stopped" and 3 <= stopped.step < 40
+    resumed = manager.wait(manager.submit(config, resume_from=stopped.run_dir))
+    assert resumed.state == "done" and resumed.step == 40 and resumed.run_dir == stopped.run_dir
+
+
+def test_a_failing_job_reports_a_sentence_and_the_queue_goes_on(tmp_path, tiny_folders, images):
+    manager = JobManager()
+    bad = tiny_config(tmp_path, tiny_folders, images, base_model=str(tmp_path / "missing.safetensors"))
+    failed = manager.wait(manager.submit(bad))
+    assert failed.state == "failed" and "missing.safetensors" in failed.message
+    assert manager.wait(manager.submit(tiny_config(tmp_path / "ok", tiny_folders, images))).state == "done"
