@@ -142,11 +142,8 @@ def kohya_name(part: str, module_path: str, family: str, unet_config=None) -> st
 
 def module_map(base) -> dict[str, tuple[str, str, torch.nn.Module]]:
     """kohya name -> (part, module path, module) for every Linear/Conv2d of the base's UNet and encoders."""
-    parts = {"unet": base.unet} | {
-        ("text_encoder" if i == 0 else "text_encoder_2"): e for i, e in enumerate(base.text_encoders)
-    }
     found = {}
-    for part, model in parts.items():
+    for part, model in base.lora_parts().items():
         for path, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d) or ".lora_" in path:
                 continue
@@ -178,9 +175,15 @@ def lora_from_models(parts: dict[str, torch.nn.Module], family: str, unet_config
             up = layer.lora_B[ADAPTER_NAME].weight
             alpha = layer.scaling[ADAPTER_NAME] * layer.r[ADAPTER_NAME]
             magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight if layer.use_dora.get(ADAPTER_NAME) else None
-            dora = magnitude.reshape(up.shape[0], *([1] * (down.dim() - 1))) if magnitude is not None else None
+            dora = as_dora_scale(magnitude, down, up)
             modules[kohya_name(part, path, family, unet_config)] = LoraModule(down, up, float(alpha), dora)
     return LoraFile(modules, family=family)
+
+
+def as_dora_scale(magnitude: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """peft's DoRA magnitude ([out] linear, [1, out, 1, 1] conv) in LyCORIS' `dora_scale` layout
+    ([out, 1] or [out, 1, 1, 1]), which ComfyUI and A1111 broadcast against the weight."""
+    return None if magnitude is None else magnitude.reshape(up.shape[0], *([1] * (down.dim() - 1)))
 
 
 # --- writing -----------------------------------------------------------------------------------------------
@@ -258,10 +261,7 @@ def convert_to_diffusers(lora: LoraFile, base, path: str | os.PathLike, dtype: t
     pipeline = base.pipeline
     pipeline.load_lora_weights(lora.state_dict(torch.float32), adapter_name="convert")
     try:
-        components = {"unet": base.unet} | {
-            ("text_encoder" if i == 0 else "text_encoder_2"): e for i, e in enumerate(base.text_encoders)
-        }
-        parts = {n: m for n, m in components.items() if "convert" in getattr(m, "peft_config", {})}
+        parts = {n: m for n, m in base.lora_parts().items() if "convert" in getattr(m, "peft_config", {})}
         metadata = {k: v for k, v in lora.metadata.items() if not k.startswith("sshs_")}
         return save_diffusers(parts, type(pipeline), path, dtype, metadata, adapter_name="convert")
     finally:
@@ -404,8 +404,7 @@ def _peft_modules(tensors, metadata, source, adapter_config) -> tuple[dict[str, 
         down, up = ab["A"], ab["B"]
         config = configs.get(part) or adapter_config
         alpha = _alpha_for(path, config, down.shape[0]) if config else float(down.shape[0])
-        magnitude = magnitudes.get((part, path))
-        dora = magnitude.reshape(up.shape[0], *([1] * (down.dim() - 1))) if magnitude is not None else None
+        dora = as_dora_scale(magnitudes.get((part, path)), down, up)
         modules[kohya_name(part, path, family or "sd1", unet_config)] = LoraModule(down, up, alpha, dora)
     return modules, fmt
 

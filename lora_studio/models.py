@@ -69,6 +69,13 @@ class BaseModel:
         encoders = [self.pipeline.text_encoder, getattr(self.pipeline, "text_encoder_2", None)]
         return [e for e in encoders if e is not None]
 
+    def lora_parts(self, text_encoders: bool = True) -> dict[str, torch.nn.Module]:
+        """The components LoRA goes into, named as diffusers' LoRA files and `load_lora_weights` name them."""
+        parts = {"unet": self.unet}
+        if text_encoders:
+            parts |= {("text_encoder" if i == 0 else "text_encoder_2"): e for i, e in enumerate(self.text_encoders)}
+        return parts
+
     @property
     def tokenizers(self) -> list:
         tokenizers = [self.pipeline.tokenizer, getattr(self.pipeline, "tokenizer_2", None)]

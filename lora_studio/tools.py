@@ -152,11 +152,11 @@ def _resize_module(module: export.LoraModule, rank: int | None, energy: float | 
     delta = module.delta().flatten(1).double()  # [out, in * kh * kw]
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     if rank is not None:
-        keep = min(rank, module.rank, s.numel())  # resizing never adds rank: the delta has at most module.rank
+        keep = rank
     else:
         cumulative = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-30)
         keep = int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=cumulative.dtype)).item()) + 1
-        keep = min(keep, module.rank, s.numel())
+    keep = min(keep, module.rank, s.numel())  # resizing never adds rank: the delta has at most module.rank
     scale = module.scale
     root = s[:keep].sqrt()
     up = (u[:, :keep] * root) / math.sqrt(scale)
@@ -164,10 +164,9 @@ def _resize_module(module: export.LoraModule, rank: int | None, energy: float | 
     error = float(torch.linalg.norm(delta - (u[:, :keep] * s[:keep]) @ vh[:keep]))
     down_shape = (keep, *module.down.shape[1:])
     up_shape = (module.up.shape[0], keep, *module.up.shape[2:])
-    dtype = module.down.dtype if module.down.is_floating_point() else torch.float32
-    resized = export.LoraModule(
-        down=down.reshape(down_shape).to(torch.float32 if dtype == torch.float16 else dtype),
-        up=up.reshape(up_shape).to(torch.float32 if dtype == torch.float16 else dtype),
+    resized = export.LoraModule(  # fp32: the writers cast to the chosen save precision
+        down=down.reshape(down_shape).float(),
+        up=up.reshape(up_shape).float(),
         alpha=scale * keep,  # same alpha/rank as before
         dora_scale=module.dora_scale,
     )

@@ -94,11 +94,7 @@ class Session:
 
 def trained_parts(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
     """The model parts that carry trained LoRA, named as diffusers' LoRA files name them."""
-    parts = {"unet": base.unet}
-    if config.lora.train_text_encoder:
-        for i, encoder in enumerate(base.text_encoders):
-            parts["text_encoder" if i == 0 else "text_encoder_2"] = encoder
-    return parts
+    return base.lora_parts(text_encoders=config.lora.train_text_encoder)
 
 
 # --- prepare --------------------------------------------------------------------------------------------

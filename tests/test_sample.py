@@ -320,3 +320,12 @@ def test_strength_contract_on_the_demo_model(tmp_path):
     assert np.abs(image(a=1.0, b=1.0) - one).max() > 0.02
     assert np.abs(image(a=-1.0) - zero).max() > 0.02 and np.abs(image(a=-1.0) - one).max() > 0.02
     assert (a, b) == ("a", "b")
+
+
+def test_config_offers_exactly_the_samplers_the_previewer_has():
+    """config.py cannot import diffusers, so the sampler names are written twice; this keeps them equal."""
+    from typing import get_args
+
+    from lora_studio.config import SampleConfig
+
+    assert set(get_args(SampleConfig.model_fields["sampler"].annotation)) == set(SAMPLERS)

@@ -52,28 +52,24 @@ def gallery_items(folder: Path) -> list[tuple[str, str]]:
     return items
 
 
-def dataset_report_markdown(folder: Path) -> str:
-    """The validation report: counts, then every error and warning with its file."""
+def folder_view(folder: Path) -> tuple[list, str, list[list]]:
+    """Gallery items, the validation report and the tag table, from one scan of the folder."""
     report = scan(DatasetConfig(path=str(folder)))
     lines = [f"**{len(report.items)} images** usable in `{folder}`, {len(report.errors)} errors, "
              f"{len(report.warnings)} warnings."]  # fmt: skip
     lines += [f"- error: `{Path(p.path).name}`: {p.message}" for p in report.errors]
     lines += [f"- warning: `{Path(p.path).name}`: {p.message}" for p in report.warnings]
-    return "\n".join(lines)
-
-
-def tag_rows(folder: Path) -> list[list]:
-    report = scan(DatasetConfig(path=str(folder)))
     counts: dict[str, int] = {}
     for tags in report.tag_frequency().values():
         for tag, n in tags.items():
             counts[tag] = counts.get(tag, 0) + n
-    return [[tag, n] for tag, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    tags = [[tag, n] for tag, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return gallery_items(folder), "\n".join(lines), tags
 
 
 def open_dataset(source: str) -> tuple[str, list, str, list]:
     folder = working_folder(source)
-    return str(folder), gallery_items(folder), dataset_report_markdown(folder), tag_rows(folder)
+    return str(folder), *folder_view(folder)
 
 
 def upload(folder_text: str, new_name: str, files: list[str] | None) -> tuple[str, list, str, list, str]:
@@ -87,7 +83,7 @@ def upload(folder_text: str, new_name: str, files: list[str] | None) -> tuple[st
     message = f"Added {len(result.images)} images and {len(result.captions)} captions to {folder}."
     if result.skipped:
         message += " Skipped: " + "; ".join(result.skipped)
-    return str(folder), gallery_items(folder), dataset_report_markdown(folder), tag_rows(folder), message
+    return str(folder), *folder_view(folder), message
 
 
 def save_caption(folder_text: str, image_path: str, caption: str) -> tuple[list, str]:
@@ -103,7 +99,7 @@ def apply_bulk_edit(
     changed = bulk_edit(folder, BulkEdit(find=find, replace=replace, prefix=prefix, suffix=suffix,
                                          trigger_word=trigger))  # fmt: skip
     message = f"Changed {len(changed)} captions." if changed else "No caption needed a change."
-    return gallery_items(folder), dataset_report_markdown(folder), tag_rows(folder), message
+    return *folder_view(folder), message
 
 
 def build() -> None:
