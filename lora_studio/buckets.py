@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .config import DatasetConfig
+from .config import DatasetConfig, OptimConfig
 from .errors import ConfigError
 
 
@@ -150,3 +150,11 @@ def steps_per_epoch(buckets: Sequence[Bucket], repeats: Sequence[int], batch_siz
     for bucket, count in zip(buckets, repeats, strict=True):
         counts[bucket] += count
     return sum(math.ceil(n / batch_size) for n in counts.values())
+
+
+def count_total_steps(optim: OptimConfig, per_epoch_batches: int) -> int:
+    """Optimizer steps in the run: max_train_steps when set, else epochs x updates per epoch."""
+    if optim.max_train_steps:
+        return optim.max_train_steps
+    updates_per_epoch = math.ceil(per_epoch_batches / optim.gradient_accumulation_steps)
+    return updates_per_epoch * (optim.max_train_epochs or 1)

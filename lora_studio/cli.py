@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -110,12 +111,17 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="default: the first free port from 7860 (Gradio's own search)")
     parser.add_argument("--auth", help="user:password, required when --host is not a loopback address")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    parser.add_argument(
+        "--models-dir", type=Path, help="base models the Train tab lists (default: models/, or LORA_STUDIO_MODELS)"
+    )
 
 
 def run_app(args: argparse.Namespace) -> int:
     from .ui.app import launch  # gradio is imported only when the app is wanted
 
     host = "0.0.0.0" if args.listen else args.host
+    if args.models_dir:
+        os.environ["LORA_STUDIO_MODELS"] = str(args.models_dir)  # paths.models_dir() reads it on each listing
     launch(host=host, port=args.port, auth=args.auth, open_browser=not args.no_browser)
     return EXIT_OK
 

@@ -19,15 +19,17 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .buckets import Bucket, Crop, assign_buckets, plan_crop, resize_and_crop, steps_per_epoch
+from .buckets import Bucket, Crop, assign_buckets, count_total_steps, plan_crop, resize_and_crop, steps_per_epoch
 from .config import DatasetConfig, TrainConfig
 from .paths import DEMO_DATASET_DIR
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -334,8 +336,7 @@ def dataset_report(config: TrainConfig, resolution: int | None = None) -> dict:
     repeats = [i.repeats for i in report.items]
     per_epoch = steps_per_epoch(buckets, repeats, dataset.batch_size) if buckets else 0
     counts = Counter(buckets)
-    optim = config.optimizer
-    total = optim.max_train_steps or per_epoch * (optim.max_train_epochs or 1)
+    total = count_total_steps(config.optimizer, per_epoch)
     return {
         "path": str(report.root),
         "layout": report.layout,
@@ -363,6 +364,8 @@ def bucket_pixels(
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    import torch  # here, not at the top: the app's Dataset tab uses this module before torch is needed
+
     return torch.from_numpy(array).permute(2, 0, 1)
 
 

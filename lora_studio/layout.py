@@ -11,9 +11,25 @@ The same UNet block map gives the SGM block names that kohya-format SDXL LoRA ke
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+if TYPE_CHECKING:
+    import torch
+
+
+def diffusers_to_ldm_mapping() -> dict:
+    """diffusers' own fixed-name table, imported on first use (models.py uses this module's prefixes,
+    and the app must start without waiting for diffusers)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    return DIFFUSERS_TO_LDM_MAPPING
+
+
+def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    import torch
+
+    return torch.cat(tensors, dim=0)
+
 
 # Top-level prefixes of each component inside a single-file checkpoint.
 UNET_PREFIX = "model.diffusion_model."
@@ -99,7 +115,8 @@ def _rename_prefix(key: str, pairs: list[tuple[str, str]]) -> tuple[str, str, st
 
 def unet_key_to_ldm(key: str, config: Mapping, pairs: list[tuple[str, str]] | None = None) -> str:
     """One diffusers UNet parameter name -> its LDM name (without the `model.diffusion_model.` prefix)."""
-    fixed = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"] | DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]
+    mapping = diffusers_to_ldm_mapping()
+    fixed = mapping["unet"]["layers"] | mapping["unet"]["addition_embed_type"]
     if key in fixed:
         return fixed[key]
     found = _rename_prefix(key, pairs if pairs is not None else unet_block_prefixes(config))
@@ -134,7 +151,7 @@ def vae_block_prefixes(config: Mapping) -> list[tuple[str, str]]:
 
 
 def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    fixed = diffusers_to_ldm_mapping()["vae"]
     pairs = vae_block_prefixes(config)
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
@@ -170,7 +187,7 @@ def clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str
 
 def open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """OpenCLIP text encoders (SD2, SDXL's second) use open_clip names and a fused q/k/v projection."""
-    fixed = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
+    fixed = diffusers_to_ldm_mapping()["openclip"]["layers"]
     sd = {_with_text_model_prefix(k): v for k, v in state_dict.items()}
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
@@ -185,7 +202,7 @@ def open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dic
         if ".attn.q_proj." in name:
             kind = name.rsplit(".", 1)[1]  # weight or bias
             qkv = [sd[key.replace(".q_proj.", f".{p}_proj.")] for p in ("q", "k", "v")]
-            out[prefix + name.replace(f"q_proj.{kind}", f"in_proj_{kind}")] = torch.cat(qkv, dim=0)
+            out[prefix + name.replace(f"q_proj.{kind}", f"in_proj_{kind}")] = _concat(qkv)
         else:
             out[prefix + name] = value
     return out

@@ -20,13 +20,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from typing import TYPE_CHECKING
 
 from . import layout
 from .errors import ModelLoadError
 from .paths import DEMO_MODEL_DIR, sd_config_dir
+
+if TYPE_CHECKING:  # torch and diffusers load on first use: the app's page must come up before them
+    import torch
+    from diffusers import DiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,6 @@ FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x (512, epsilon)", "sd2-v": "SD 2.x (768, v)", "sdxl": "SDXL"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-PIPELINE_CLASSES = {"sdxl": StableDiffusionXLPipeline}
 # kohya/A1111 name of each family, written into metadata so other tools recognise our files.
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
 LORA_KEY_MARKERS = ("lora_down", "lora_up", ".lora_A.", ".lora_B.", "hada_w1", "lokr_w1", ".lora.down.")
@@ -95,6 +96,8 @@ class BaseModel:
 
 def pick_device() -> torch.device:
     """CUDA, then Apple's MPS, then the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -104,6 +107,8 @@ def pick_device() -> torch.device:
 
 def pick_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 where the GPU supports it, else fp16 on a GPU; fp32 on the CPU, where half is slow or missing."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -176,6 +181,8 @@ def read_pickle_index(path: Path, allow_pickle: bool) -> CheckpointIndex:
             f"{path} is a pickle checkpoint ({path.suffix}), which can run code when opened, so it is refused; "
             "convert it to .safetensors, or allow pickle files explicitly if you trust its source."
         )
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a bad pickle
@@ -319,6 +326,8 @@ def load_base(
     `config` overrides the bundled diffusers config folder used for single files (tests pass the
     folder of a tiny model); `prediction_type` overrides what is read or guessed from the file.
     """
+    import torch
+
     device = torch.device(device) if device is not None else pick_device()
     dtype = dtype or pick_dtype(device)
     path, label = _resolve_source(source)
@@ -407,6 +416,8 @@ def _load_diffusers_folder(folder: Path, label: str, dtype: torch.dtype, predict
             f"{folder} is not a complete diffusers model folder: missing {', '.join(missing)}; "
             "give the folder that holds model_index.json, or a single .safetensors checkpoint."
         )
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
     try:
         pipeline = DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
@@ -474,6 +485,22 @@ def describe_source(source: str | Path, allow_pickle: bool = False) -> SourceSum
     return SourceSummary(label, kind, detected.family, detected.prediction_type, detected.notes)
 
 
+def find_local_models(folder: Path) -> list[Path]:
+    """Checkpoint files and diffusers folders directly inside `folder` (and its hub-style subfolders).
+
+    Pickle files are listed too, so the picker can say why they are refused rather than hide them.
+    """
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name.lower()):
+        if entry.is_dir() and (entry / "model_index.json").is_file():
+            found.append(entry)
+        elif entry.is_file() and entry.suffix.lower() in {".safetensors", *PICKLE_SUFFIXES}:
+            found.append(entry)
+    return found
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -496,7 +523,9 @@ def _load_single_file(
     index = read_checkpoint_index(path, allow_pickle)
     detected = detect_family(index, prediction_type)
     config_dir = Path(config) if config else sd_config_dir(detected.family)
-    pipeline_class = PIPELINE_CLASSES.get(detected.family, StableDiffusionPipeline)
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_class = StableDiffusionXLPipeline if detected.family == "sdxl" else StableDiffusionPipeline
     try:
         pipeline = pipeline_class.from_single_file(
             str(path), config=str(config_dir), dtype=dtype, local_files_only=True

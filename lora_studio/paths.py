@@ -14,6 +14,12 @@ DEMO_DATASET_DIR = ASSETS_DIR / "demo-dataset"
 PRESETS_DIR = PROJECT_ROOT / "presets"
 
 
+def models_dir() -> Path:
+    """The folder the app lists base models from: LORA_STUDIO_MODELS (the app's --models-dir sets it),
+    else models/ in the checkout. Read on each call so a changed setting shows without a restart."""
+    return Path(os.environ.get("LORA_STUDIO_MODELS") or PROJECT_ROOT / "models").expanduser()
+
+
 def sd_config_dir(family: str) -> Path:
     """The bundled diffusers config folder (configs and tokenizer files, no weights) of a family."""
     return SD_CONFIGS_DIR / family

@@ -221,13 +221,6 @@ def _optional_import(module: str, package: str):
         ) from None
 
 
-def count_total_steps(config: TrainConfig, per_epoch_batches: int) -> int:
-    if config.optimizer.max_train_steps:
-        return config.optimizer.max_train_steps
-    updates_per_epoch = math.ceil(per_epoch_batches / config.optimizer.gradient_accumulation_steps)
-    return updates_per_epoch * (config.optimizer.max_train_epochs or 1)
-
-
 def make_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total: int):
     opt = config.optimizer
     return get_scheduler(
@@ -263,7 +256,7 @@ def prepare(
     torch.manual_seed(config.seed)  # LoRA init (gaussian) is drawn here
     inject_lora(base, config.lora)
     per_epoch = bucketing.steps_per_epoch(buckets, [i.repeats for i in report.items], config.dataset.batch_size)
-    total = count_total_steps(config, per_epoch)
+    total = bucketing.count_total_steps(config.optimizer, per_epoch)
     optimizer = make_optimizer(config, base, accelerator.device)
     parts = trained_parts(config, base)
     prepared = accelerator.prepare(*parts.values(), optimizer, make_lr_scheduler(config, optimizer, total))

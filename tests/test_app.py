@@ -1,5 +1,6 @@
 """The app: safe defaults, clear messages, and the page itself in headless Chromium."""
 
+import base64
 import contextlib
 import socket
 from pathlib import Path
@@ -12,7 +13,7 @@ from lora_studio.errors import LoraStudioError
 from lora_studio.ui.app import bundled_models_table, check_base_model, is_loopback, launch, parse_auth
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "runs" / "screenshots"  # kept for a look after a run
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # screenshots of each tab, git-ignored
 CHROMIUM_ARGS = [
     "--headless=new",
     "--no-sandbox",
@@ -44,6 +45,19 @@ def lora_file(tmp_path):
 def test_listening_on_the_network_needs_auth(host):
     with pytest.raises(LoraStudioError, match="without a password.*--auth user:password"):
         launch(host=host, open_browser=False, block=False)
+
+
+def test_default_bind_is_this_machine_only():
+    from lora_studio.cli import build_parser
+
+    args = build_parser().parse_args(["app"])
+    assert args.host == "127.0.0.1" and not args.listen and args.port is None
+    app = launch(port=free_port(), open_browser=False, block=False)
+    try:
+        assert app.server_name == "127.0.0.1"
+        assert app.local_url.startswith("http://127.0.0.1:")
+    finally:
+        app.close()
 
 
 def test_loopback_detection():
@@ -94,7 +108,7 @@ def browser_page():
 @contextlib.contextmanager
 def app_page(page, auth=None):
     """The app served on a free loopback port, opened in `page`; closed afterwards."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     port = free_port()
     app = launch(port=port, auth=auth, open_browser=False, block=False)
     try:
@@ -117,7 +131,7 @@ def test_page_lists_models_and_checks_a_file(browser_page, lora_file):
         result = page.locator("#check-result")
         result.get_by_text("is a LoRA adapter").wait_for(timeout=30_000)
         assert "Traceback" not in result.inner_text()
-        page.screenshot(path=str(SCREENSHOTS / "models-tab.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / "models-tab.png"), full_page=True)
 
 
 @pytest.mark.browser
@@ -130,78 +144,137 @@ def test_page_asks_for_login_when_auth_is_set(browser_page):
         assert page.locator("#bundled-models").count() == 0
 
 
+HAS_TEXT = (
+    "([sel, text]) => { const e = document.querySelector(sel); return e && (e.value ?? e.innerText).includes(text) }"
+)
+PROGRESS = "Number(document.querySelector('#train-progressbar').getAttribute('aria-valuenow'))"
+
+
+def wait_for_text(page, selector: str, text: str, timeout: int = 60_000) -> None:
+    page.wait_for_function(HAS_TEXT, arg=[selector, text], timeout=timeout)
+
+
+def progress_step(page) -> int:
+    return int(page.locator("#train-progressbar").get_attribute("aria-valuenow"))
+
+
+def image_bytes(page, selector: str) -> bytes:
+    src = page.locator(f"{selector} img").get_attribute("src")
+    return base64.b64decode(src.split(",", 1)[1]) if src.startswith("data:") else page.request.get(src).body()
+
+
 @pytest.mark.browser
-def test_dataset_tab_opens_demo_and_saves_an_edited_caption(browser_page, tmp_path, monkeypatch):
-    from lora_studio.ui import dataset_tab
+def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypatch):
+    """Upload the demo images, edit a caption, train, close and reopen the page while it trains, stop and
+    resume, preview at strength 0 and 1, then download the LoRA from the Library and read it back."""
+    from lora_studio.export import load_lora
+    from lora_studio.paths import DEMO_DATASET_DIR
+    from lora_studio.ui import dataset_tab, preview_tab, train_tab
 
     monkeypatch.setattr(dataset_tab, "DATASETS_DIR", tmp_path / "datasets")
+    monkeypatch.setattr(preview_tab, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(train_tab, "_manager", None)
+    uploads = sorted(str(p) for p in DEMO_DATASET_DIR.iterdir() if p.suffix in (".png", ".txt"))
     with app_page(browser_page) as page:
-        page.locator("#dataset-open").click()
-        page.locator("#dataset-report").get_by_text("24 images").wait_for(timeout=30_000)
+        # 1. Upload the demo images and captions into a new dataset.
+        wait_for_text(page, "#dataset-report", "24 images")  # first start: the demo is already open
+        page.locator("#dataset-new-name textarea").fill("my shapes")
+        page.locator("#dataset-upload input[type=file]").set_input_files(uploads)
+        wait_for_text(page, "#dataset-status", "Added 24 images and 24 captions")
+        dataset = tmp_path / "datasets" / "my_shapes"
+        assert len(list(dataset.glob("*.png"))) == 24
+        # 2. Edit a caption and see it saved.
         thumbnails = page.locator("#dataset-gallery .thumbnail-item")
         assert thumbnails.count() == 24
         thumbnails.first.click()
-        box = page.locator("#caption-edit textarea")
         page.wait_for_function("document.querySelector('#caption-edit textarea').value.startsWith('zkz')")
-        box.fill("zkz, an edited caption")
+        page.locator("#caption-edit textarea").fill("zkz, an edited caption")
         page.locator("#caption-save").click()
-        page.locator("#dataset-status").get_by_text("Saved zkz_00_yellow_circle.txt").wait_for(timeout=30_000)
-        saved = (tmp_path / "datasets" / "demo" / "zkz_00_yellow_circle.txt").read_text()
-        assert saved == "zkz, an edited caption\n"
-        page.screenshot(path=str(SCREENSHOTS / "dataset-tab.png"), full_page=True)
+        wait_for_text(page, "#dataset-status", "Saved zkz_00_yellow_circle.txt")
+        assert (dataset / "zkz_00_yellow_circle.txt").read_text() == "zkz, an edited caption\n"
+        page.screenshot(path=str(ARTIFACTS / "dataset-tab.png"), full_page=True)
 
+        # 3. A short demo training on that dataset, with samples every 5 steps.
+        page.get_by_role("tab", name="Train").click()
+        wait_for_text(page, "#cfg-dataset-path textarea", str(dataset))  # the open dataset is the one trained
+        wait_for_text(page, "#train-estimate", "Steps:")
+        page.locator("#cfg-optimizer-max_train_steps input").fill("300")
+        page.locator("#train-advanced > button").first.click()
+        for section in ("general", "dataset", "sample", "save"):
+            page.locator(f"#train-section-{section} > button").first.click()
+        page.locator("#cfg-output_dir textarea").fill(str(tmp_path / "runs"))
+        page.locator("#cfg-dataset-cache_dir textarea").fill(str(tmp_path / "cache"))
+        page.locator("#cfg-sample-every_n_steps input").fill("5")
+        page.locator("#cfg-sample-num_inference_steps input").fill("2")
+        page.locator("#cfg-save-every_n_steps input").fill("0")
+        page.locator("#train-check").click()
+        wait_for_text(page, "#train-estimate", "300 in all")
+        page.locator("#train-start").click()
+        wait_for_text(page, "#train-message", "started")
+        # 4. The progress bar and the loss plot update, and samples appear.
+        page.wait_for_function(
+            "Number(document.querySelector('#train-progressbar').getAttribute('aria-valuenow')) > 0"
+        )
+        page.locator("#train-samples .thumbnail-item").first.wait_for(timeout=60_000)
+        page.locator("#train-loss canvas, #train-loss svg").first.wait_for(timeout=30_000)
+        wait_for_text(page, "#train-log textarea", "prepared")
+        page.screenshot(path=str(ARTIFACTS / "train-tab.png"), full_page=True)
 
-def short_demo_run(tmp_path, monkeypatch, steps: int):
-    """A few steps of the demo preset into tmp_path/runs, which the Preview and Library tabs then list."""
-    from lora_studio import train
-    from lora_studio.config import load_preset
-    from lora_studio.ui import preview_tab
+        # Closing the page does not stop training; a new page shows the same job, still advancing.
+        before = progress_step(page)
+        url = page.url
+        browser = page.context.browser
+        page.close()
+        page = browser.new_page()
+        page.goto(url, wait_until="load", timeout=60_000)
+        page.get_by_role("tab", name="Train").click()
+        page.wait_for_function(
+            f"{PROGRESS} > {before + 3}",
+            timeout=60_000,
+        )
+        wait_for_text(page, "#train-status", "running")
 
-    sets = [f"output_dir='{tmp_path / 'runs'}'", f"dataset.cache_dir='{tmp_path / 'cache'}'",
-            f"optimizer.max_train_steps={steps}", "sample.every_n_steps=0", "save.every_n_steps=0"]  # fmt: skip
-    monkeypatch.setattr(preview_tab, "RUNS_DIR", tmp_path / "runs")
-    return train.run_training(load_preset("demo-cpu", sets))
+        # 5. Stop, then resume, then stop again.
+        page.locator("#train-stop").click()
+        wait_for_text(page, "#train-status", "stopped")
+        stopped_at = progress_step(page)
+        page.locator("#train-resume").click()
+        wait_for_text(page, "#train-message", "resumes")
+        page.wait_for_function(
+            f"{PROGRESS} > {stopped_at}",
+            timeout=60_000,
+        )
+        page.locator("#train-stop").click()
+        wait_for_text(page, "#train-status", "stopped")
+        runs = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("demo-")]
+        assert len(runs) == 1 and (runs[0] / "state" / "trainer.safetensors").is_file()
+        lora_file = runs[0] / "demo.safetensors"
+        assert lora_file.is_file()
 
-
-@pytest.mark.browser
-def test_preview_tab_renders_a_lora_at_two_strengths(browser_page, tmp_path, monkeypatch):
-    import base64
-
-    done = short_demo_run(tmp_path, monkeypatch, steps=8)
-    with app_page(browser_page) as page:
+        # 6. Preview: the same seed at strength 0 and 1 gives different images.
         page.get_by_role("tab", name="Preview").click()
+        page.get_by_role("button", name="Refresh lists").click()
         page.locator("#preview-loras input").click()
-        page.get_by_role("option", name=str(done.lora_path)).click()
+        page.get_by_role("option", name=str(lora_file)).click()
         page.wait_for_function("document.querySelector('#preview-prompt textarea').value.startsWith('zkz')")
         page.locator("#preview-prompt textarea").fill("zkz, a red circle on a white background")
 
         def render(strength: str) -> bytes:
-            page.locator("#preview-strength input[type=number]").fill(strength)
-            page.locator("#preview-strength input[type=number]").press("Enter")
+            page.locator("#preview-strength-0 input[type=number]").fill(strength)
+            page.locator("#preview-strength-0 input[type=number]").press("Enter")
             page.locator("#preview-generate").click()
-            page.wait_for_function(
-                f"document.querySelector('#preview-parameters textarea').value.includes(':{strength}>')"
-            )
-            src = page.locator("#preview-image img").get_attribute("src")
-            if src.startswith("data:"):
-                return base64.b64decode(src.split(",", 1)[1])
-            return page.request.get(src).body()
+            wait_for_text(page, "#preview-parameters textarea", f":{strength}>")
+            return image_bytes(page, "#preview-image")
 
         at_zero, at_one = render("0"), render("1")
         assert at_zero and at_one and at_zero != at_one
-        page.screenshot(path=str(SCREENSHOTS / "preview-tab.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / "preview-tab.png"), full_page=True)
 
-
-@pytest.mark.browser
-def test_library_tab_shows_a_run_and_exports_it(browser_page, tmp_path, monkeypatch):
-    from lora_studio.export import load_lora
-
-    done = short_demo_run(tmp_path, monkeypatch, steps=4)
-    with app_page(browser_page) as page:
+        # 7. Library: export the run's LoRA, download it, and read it back.
         page.get_by_role("tab", name="Library").click()
         page.locator("#library-refresh").click()
-        page.wait_for_function(f"document.querySelector('#library-runs').innerText.includes('{done.run_dir.name}')")
-        page.locator("#library-run textarea").fill(done.run_dir.name)
+        wait_for_text(page, "#library-runs", runs[0].name)
+        page.locator("#library-run textarea").fill(runs[0].name)
         page.get_by_role("button", name="Show").click()
         page.get_by_text('base_model = "demo"').wait_for(timeout=30_000)
         page.get_by_role("button", name="Export").click()
@@ -212,35 +285,4 @@ def test_library_tab_shows_a_run_and_exports_it(browser_page, tmp_path, monkeypa
         saved = tmp_path / "downloaded.safetensors"
         download.value.save_as(saved)
         assert load_lora(saved).family == "sd1"
-        page.screenshot(path=str(SCREENSHOTS / "library-tab.png"), full_page=True)
-
-
-@pytest.mark.browser
-def test_train_tab_runs_shows_progress_and_samples_then_stops_and_resumes(browser_page, tmp_path, monkeypatch):
-    from lora_studio.ui import train_tab
-
-    monkeypatch.setattr(train_tab, "_manager", None)
-    with app_page(browser_page) as page:
-        page.get_by_role("tab", name="Train").click()
-        page.locator("#train-steps input").fill("300")
-        page.get_by_text("Advanced").click()
-        advanced = (f"output_dir='{tmp_path}'\ndataset.cache_dir='{tmp_path / 'cache'}'\n"
-                    "sample.every_n_steps=5\nsample.num_inference_steps=2\nsave.every_n_steps=0")  # fmt: skip
-        page.locator("#train-advanced .cm-content").fill(advanced)
-        page.locator("#train-start").click()
-        page.locator("#train-message").get_by_text("started").wait_for(timeout=30_000)
-        status = page.locator("#train-status")
-        page.wait_for_function("/step [1-9][0-9]*\\/300/.test(document.querySelector('#train-status').innerText)")
-        page.locator("#train-samples .thumbnail-item").first.wait_for(timeout=60_000)
-        page.locator("#train-loss canvas, #train-loss svg").first.wait_for(timeout=30_000)
-        page.wait_for_function("document.querySelector('#train-log textarea').value.includes('prepared')")
-        page.screenshot(path=str(SCREENSHOTS / "train-tab.png"), full_page=True)
-        page.locator("#train-stop").click()
-        status.get_by_text("stopped").wait_for(timeout=60_000)
-        page.locator("#train-resume").click()
-        page.locator("#train-message").get_by_text("resumes").wait_for(timeout=30_000)
-        status.get_by_text("running").wait_for(timeout=60_000)
-        page.locator("#train-stop").click()
-        status.get_by_text("stopped").wait_for(timeout=60_000)
-    runs = [p for p in tmp_path.iterdir() if p.name.startswith("demo-")]
-    assert len(runs) == 1 and (runs[0] / "state" / "trainer.safetensors").is_file()
+        page.screenshot(path=str(ARTIFACTS / "library-tab.png"), full_page=True)

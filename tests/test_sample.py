@@ -161,7 +161,7 @@ def test_checkpoint_axes(tiny_folders, two_loras):
 A1111_EXAMPLE = (
     "a photo of a cat, masterpiece <lora:mycat:0.8>\n"
     "Negative prompt: blurry, lowres\n"
-    'Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x768, '
+    "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x768, "
     'Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Lora hashes: "mycat: 0123456789ab", Version: v1.10.1'
 )
 

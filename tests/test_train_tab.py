@@ -1,11 +1,27 @@
-"""The Train tab's handlers: the form becomes a config, a job runs in the background, the page polls it."""
+"""The Train tab's handlers: the form (one field per setting) becomes a config, the estimate, the base-model
+picker, and a job that runs in the background while the page polls it."""
 
+import re
+import shutil
 import time
 
 import pytest
+from safetensors.torch import save_file
 
+from lora_studio.config import TrainConfig, list_presets, load_preset
 from lora_studio.errors import ConfigError, LoraStudioError
 from lora_studio.ui import train_tab
+from lora_studio.ui.config_form import KEYS, config_from_form, form_values
+
+
+def form(preset: str = "demo-cpu", **changes) -> list:
+    """The form's values for a preset, with some fields changed (keys with __ for dots)."""
+    values = dict(zip(KEYS, form_values(load_preset(preset)), strict=True))
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        assert key in values, key
+        values[key] = value
+    return list(values.values())
 
 
 @pytest.fixture
@@ -14,33 +30,86 @@ def fresh_manager(monkeypatch):
     return train_tab
 
 
-def test_form_to_config_reports_every_bad_field():
-    config = train_tab.build_config("demo-cpu", "demo", "demo", 12, 2e-3, 4, "lora.alpha=2\n# a comment\n")
+def test_every_setting_is_a_form_field_and_every_preset_round_trips():
+    expected = {n for n, f in TrainConfig.model_fields.items() if n != "version" and "." not in n}
+    top_level = {k for k in KEYS if "." not in k}
+    sections = {k.split(".")[0] for k in KEYS if "." in k}
+    assert top_level | sections == expected
+    assert len(KEYS) == sum(
+        len(f.annotation.model_fields) if hasattr(f.annotation, "model_fields") else 1
+        for n, f in TrainConfig.model_fields.items() if n != "version"
+    )  # fmt: skip
+    for preset in list_presets():
+        assert config_from_form(form(preset)) == load_preset(preset), preset
+
+
+def test_form_values_become_the_config_and_every_bad_field_is_reported():
+    changes = {"optimizer__max_train_steps": 12.0, "optimizer__learning_rate": 2e-3, "lora__rank": 4,
+               "sample__strengths": "[0, 0.25, 1]", "lora__text_encoder_targets": "q_proj\nv_proj\n"}  # fmt: skip
+    config = config_from_form(form(**changes))
     assert (config.optimizer.max_train_steps, config.optimizer.learning_rate, config.lora.rank) == (12, 2e-3, 4)
-    assert config.lora.alpha == 2 and config.base_model == "demo"
+    assert config.sample.strengths == [0, 0.25, 1] and config.lora.text_encoder_targets == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError) as caught:
-        train_tab.build_config("demo-cpu", "demo", "demo", 0, 1e-3, 0, "lora.alpah=2")
+        config_from_form(form(optimizer__max_train_steps=0, lora__rank=0, sample__strengths="[0, oops"))
     problems = "\n".join(caught.value.problems)
-    assert "max_train_steps" in problems and "lora.rank" in problems and "alpah" in problems
+    assert "max_train_steps" in problems and "lora.rank" in problems and "sample.strengths" in problems
+
+
+def test_estimate_shows_steps_and_memory_or_the_bad_fields(tmp_path):
+    shown = train_tab.estimate(*form())
+    assert "**Steps:** 600 in all (3 per epoch; 24 images per epoch, batch 8)" in shown and "demo model" in shown
+    sdxl = form("sdxl-character", dataset__path="demo", family="sdxl", base_model=str(tmp_path / "x.safetensors"))
+    shown = train_tab.estimate(*sdxl)
+    config = config_from_form(sdxl)
+    assert re.search(r"about \d+\.\d GiB of GPU memory", shown), shown
+    per_epoch = 24 * config.dataset.repeats // config.dataset.batch_size
+    assert f"{config.optimizer.max_train_epochs * per_epoch:,} in all ({per_epoch} per epoch" in shown
+    bad = train_tab.estimate(*form(lora__rank=0, dataset__batch_size=0))
+    assert bad.startswith("**Fix these settings first:**") and "lora.rank" in bad and "batch_size" in bad
+
+
+def test_base_picker_lists_the_models_folder_with_family_and_prediction(tmp_path, monkeypatch, tiny_folders):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(tiny_folders["sdxl"], models / "my-sdxl")
+    save_file({"x": __import__("torch").zeros(1)}, str(models / "not-a-model.safetensors"))
+    (models / "old.ckpt").write_bytes(b"pickle")
+    (models / "notes.txt").write_text("ignored")
+    monkeypatch.setenv("LORA_STUDIO_MODELS", str(models))
+    choices = dict((value.split("/")[-1], label) for label, value in train_tab.base_choices())
+    assert list(choices) == ["demo", "my-sdxl", "not-a-model.safetensors", "old.ckpt"]
+    assert choices["my-sdxl"] == "my-sdxl · SDXL, epsilon"
+    assert choices["demo"].startswith("demo · SD 1.x")
+    assert "cannot use" in choices["old.ckpt"] and "pickle" in choices["old.ckpt"]
+    assert "cannot use" in choices["not-a-model.safetensors"]
+    rows = {row[0]: row for row in train_tab.models_folder_table()}
+    assert rows["my-sdxl"][1:4] == ["diffusers folder", "SDXL", "epsilon"]
+    assert train_tab.base_info(str(models / "my-sdxl")) == "**my-sdxl**: SDXL, epsilon"
+
+
+def test_progress_bar_carries_its_figures():
+    bar = train_tab.progress_html(30, 120, 4.5, 75, "running")
+    assert 'aria-valuenow="30"' in bar and 'aria-valuemax="120"' in bar and "width:25.0%" in bar
+    assert "4.50 it/s" in bar and "ETA 1 min 15 s" in bar
 
 
 def test_start_poll_stop_resume(fresh_manager, tmp_path):
     tab = fresh_manager
     assert tab.stop() == "Nothing is running."
-    assert tab.poll()[0].startswith("No training yet")
-    advanced = f"output_dir='{tmp_path}'\ndataset.cache_dir='{tmp_path / 'cache'}'\nsample.every_n_steps=5\n"
-    advanced += "sample.num_inference_steps=2\nsave.every_n_steps=0"
-    form = ("demo-cpu", "demo", "demo", 400, 1e-3, 8, advanced)
-    assert tab.start(*form).startswith("Job 1 (demo) started")
+    assert tab.poll()[1].startswith("No training yet")
+    values = form(output_dir=str(tmp_path), dataset__cache_dir=str(tmp_path / "cache"), sample__every_n_steps=5,
+                  sample__num_inference_steps=2, save__every_n_steps=0, optimizer__max_train_steps=400)  # fmt: skip
+    assert tab.start(*values).startswith("Job 1 (demo) started")
     manager = tab.manager()
     while (status := manager.current()) is None or status.step < 6:
         time.sleep(0.05)  # a busy loop would hold the GIL and starve the training thread
     assert tab.stop().startswith("Stopping")
     stopped = manager.wait(1)
     assert stopped.state == "stopped"
-    line, losses, samples, log = tab.poll()
+    bar, line, losses, samples, log = tab.poll()
+    assert f'aria-valuenow="{stopped.step}"' in bar and 'aria-valuemax="400"' in bar
     assert "**stopped**" in line and len(losses) == stopped.step and samples and "prepared" in log
-    assert tab.resume(*form).startswith(f"Job 2 resumes {stopped.run_dir.name} from step {stopped.step}")
+    assert tab.resume(*values).startswith(f"Job 2 resumes {stopped.run_dir.name} from step {stopped.step}")
     while (status := manager.current()) is None or status.id != 2 or status.step < stopped.step + 2:
         time.sleep(0.05)
     tab.stop()
@@ -49,4 +118,4 @@ def test_start_poll_stop_resume(fresh_manager, tmp_path):
 
 def test_resume_without_a_stopped_run_is_a_sentence(fresh_manager):
     with pytest.raises(LoraStudioError, match="no stopped run to resume"):
-        fresh_manager.resume("demo-cpu", "demo", "demo", 10, 1e-3, 8, "")
+        fresh_manager.resume(*form())

@@ -52,9 +52,10 @@ def build_app() -> gr.Blocks:
     with gr.Blocks(title="LoRA Studio") as app:
         gr.Markdown("# LoRA Studio\nTrain Stable Diffusion LoRAs on your own GPU, offline.")
         with gr.Tab("Dataset"):
-            dataset_tab.build()
+            dataset = dataset_tab.build()
         with gr.Tab("Train"):
-            train_tab.build()
+            train = train_tab.build()
+        dataset_tab.connect(app, dataset, train["preset"], train["dataset.path"])
         with gr.Tab("Preview"):
             preview_tab.build()
         with gr.Tab("Library"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..config import DatasetConfig
+from ..config import DatasetConfig, load_preset
 from ..data import IMAGE_SUFFIXES, read_caption, resolve_dataset_path, scan
 from ..dataset_edit import BulkEdit, bulk_edit, import_files, safe_name, write_caption
 from ..errors import LoraStudioError
@@ -52,11 +52,19 @@ def gallery_items(folder: Path) -> list[tuple[str, str]]:
     return items
 
 
-def folder_view(folder: Path) -> tuple[list, str, list[list]]:
+def dataset_settings(preset: str | None, folder: Path) -> DatasetConfig:
+    """The Train tab's preset's dataset settings (bucket sizes, caption extension...) for `folder`,
+    so the report warns about what that training would actually do."""
+    settings = load_preset(preset).dataset if preset else DatasetConfig()
+    return settings.model_copy(update={"path": str(folder)})
+
+
+def folder_view(folder: Path, preset: str | None = None) -> tuple[list, str, list[list]]:
     """Gallery items, the validation report and the tag table, from one scan of the folder."""
-    report = scan(DatasetConfig(path=str(folder)))
+    report = scan(dataset_settings(preset, folder))
     lines = [f"**{len(report.items)} images** usable in `{folder}`, {len(report.errors)} errors, "
-             f"{len(report.warnings)} warnings."]  # fmt: skip
+             f"{len(report.warnings)} warnings" + (f" (checked with the `{preset}` preset's settings)." if preset
+                                                    else ".")]  # fmt: skip
     lines += [f"- error: `{Path(p.path).name}`: {p.message}" for p in report.errors]
     lines += [f"- warning: `{Path(p.path).name}`: {p.message}" for p in report.warnings]
     counts: dict[str, int] = {}
@@ -67,12 +75,15 @@ def folder_view(folder: Path) -> tuple[list, str, list[list]]:
     return gallery_items(folder), "\n".join(lines), tags
 
 
-def open_dataset(source: str) -> tuple[str, list, str, list]:
+def open_dataset(source: str, preset: str | None = None) -> tuple[str, list, str, list, str]:
+    """The folder's view; the folder also becomes the Train tab's dataset (so edits are what trains)."""
     folder = working_folder(source)
-    return str(folder), *folder_view(folder)
+    return str(folder), *folder_view(folder, preset), str(folder)
 
 
-def upload(folder_text: str, new_name: str, files: list[str] | None) -> tuple[str, list, str, list, str]:
+def upload(
+    folder_text: str, new_name: str, files: list[str] | None, preset: str | None = None
+) -> tuple[str, list, str, list, str, str]:
     """Copy uploads (images and same-name .txt captions) into the open folder, or into datasets/<new name>."""
     if not files:
         raise LoraStudioError("No files were uploaded; pick images (and their .txt captions) to add.")
@@ -83,7 +94,7 @@ def upload(folder_text: str, new_name: str, files: list[str] | None) -> tuple[st
     message = f"Added {len(result.images)} images and {len(result.captions)} captions to {folder}."
     if result.skipped:
         message += " Skipped: " + "; ".join(result.skipped)
-    return str(folder), *folder_view(folder), message
+    return str(folder), *folder_view(folder, preset), message, str(folder)
 
 
 def save_caption(folder_text: str, image_path: str, caption: str) -> tuple[list, str]:
@@ -93,56 +104,64 @@ def save_caption(folder_text: str, image_path: str, caption: str) -> tuple[list,
 
 
 def apply_bulk_edit(
-    folder_text: str, trigger: str, prefix: str, suffix: str, find: str, replace: str
+    folder_text: str, trigger: str, prefix: str, suffix: str, find: str, replace: str, preset: str | None = None
 ) -> tuple[list, str, list, str]:
     folder = Path(folder_text)
     changed = bulk_edit(folder, BulkEdit(find=find, replace=replace, prefix=prefix, suffix=suffix,
                                          trigger_word=trigger))  # fmt: skip
     message = f"Changed {len(changed)} captions." if changed else "No caption needed a change."
-    return *folder_view(folder), message
+    return *folder_view(folder, preset), message
 
 
-def build() -> None:
-    """The tab's components and events; call inside a `gr.Blocks` / `gr.Tab` context."""
+def build() -> dict[str, gr.components.Component]:
+    """The tab's components; `connect` wires their events once the Train tab exists."""
+    parts = {}
     with gr.Row():
-        source = gr.Textbox(
+        parts["source"] = gr.Textbox(
             label="Dataset folder",
             value="demo",
             scale=4,
             elem_id="dataset-source",
             info="A folder of images with same-name .txt captions, a kohya 10_name/ parent, or demo",
         )
-        open_button = gr.Button("Open", elem_id="dataset-open", scale=1)
-    folder = gr.Textbox(label="Editing", interactive=False, elem_id="dataset-folder")
+        parts["open"] = gr.Button("Open", elem_id="dataset-open", scale=1)
+    parts["folder"] = gr.Textbox(label="Editing", interactive=False, elem_id="dataset-folder")
     with gr.Row():
-        files = gr.File(label="Upload images and captions", file_count="multiple", type="filepath",
-                        elem_id="dataset-upload")  # fmt: skip
-        new_name = gr.Textbox(label="New dataset name (empty: add to the open folder)", elem_id="dataset-new-name")
-    status = gr.Markdown(elem_id="dataset-status")
-    gallery = gr.Gallery(label="Images", columns=8, allow_preview=False, elem_id="dataset-gallery")
-    selected = gr.State("")
+        parts["files"] = gr.File(label="Upload images and captions", file_count="multiple", type="filepath",
+                                 elem_id="dataset-upload")  # fmt: skip
+        parts["new_name"] = gr.Textbox(label="New dataset name (empty: add to the open folder)",
+                                       elem_id="dataset-new-name")  # fmt: skip
+    parts["status"] = gr.Markdown(elem_id="dataset-status")
+    parts["gallery"] = gr.Gallery(label="Images", columns=8, allow_preview=False, elem_id="dataset-gallery")
+    parts["selected"] = gr.State("")
     with gr.Row():
-        caption = gr.Textbox(label="Caption of the selected image", scale=4, elem_id="caption-edit")
-        save = gr.Button("Save caption", elem_id="caption-save", scale=1)
+        parts["caption"] = gr.Textbox(label="Caption of the selected image", scale=4, elem_id="caption-edit")
+        parts["save"] = gr.Button("Save caption", elem_id="caption-save", scale=1)
     with gr.Accordion("Bulk edit", open=False):
         with gr.Row():
-            trigger = gr.Textbox(label="Trigger word")
-            prefix = gr.Textbox(label="Prefix")
-            suffix = gr.Textbox(label="Suffix")
-            find = gr.Textbox(label="Find")
-            replace = gr.Textbox(label="Replace with")
-        bulk = gr.Button("Apply to every caption", elem_id="bulk-apply")
-    report = gr.Markdown(elem_id="dataset-report")
-    tags = gr.Dataframe(headers=["tag", "count"], label="Tag frequency", interactive=False)
+            for key, label in (("trigger", "Trigger word"), ("prefix", "Prefix"), ("suffix", "Suffix"),
+                               ("find", "Find"), ("replace", "Replace with")):  # fmt: skip
+                parts[key] = gr.Textbox(label=label)
+        parts["bulk"] = gr.Button("Apply to every caption", elem_id="bulk-apply")
+    parts["report"] = gr.Markdown(elem_id="dataset-report")
+    parts["tags"] = gr.Dataframe(headers=["tag", "count"], label="Tag frequency", interactive=False)
+    return parts
 
-    open_button.click(shown(open_dataset), [source], [folder, gallery, report, tags])
-    files.upload(shown(upload), [folder, new_name, files], [folder, gallery, report, tags, status])
+
+def connect(app: gr.Blocks, parts: dict, preset: gr.Dropdown, train_dataset: gr.components.Component) -> None:
+    """Events: the Train tab's preset sets the report's checks, and the open folder becomes its dataset."""
+    p = parts
+    view = [p["folder"], p["gallery"], p["report"], p["tags"]]
+    p["open"].click(shown(open_dataset), [p["source"], preset], [*view, train_dataset])
+    app.load(shown(open_dataset), [p["source"], preset], [*view, train_dataset])  # first start: the demo is open
+    p["files"].upload(shown(upload), [p["folder"], p["new_name"], p["files"], preset],
+                      [*view, p["status"], train_dataset])  # fmt: skip
 
     def pick(items, evt: gr.SelectData):
         path, label = items[evt.index][0], items[evt.index][1]
         return (path["image"]["path"] if isinstance(path, dict) else path), label or ""
 
-    gallery.select(pick, [gallery], [selected, caption])
-    save.click(shown(save_caption), [folder, selected, caption], [gallery, status])
-    bulk_inputs = [folder, trigger, prefix, suffix, find, replace]
-    bulk.click(shown(apply_bulk_edit), bulk_inputs, [gallery, report, tags, status])
+    p["gallery"].select(pick, [p["gallery"]], [p["selected"], p["caption"]])
+    p["save"].click(shown(save_caption), [p["folder"], p["selected"], p["caption"]], [p["gallery"], p["status"]])
+    bulk_inputs = [p["folder"], p["trigger"], p["prefix"], p["suffix"], p["find"], p["replace"], preset]
+    p["bulk"].click(shown(apply_bulk_edit), bulk_inputs, [p["gallery"], p["report"], p["tags"], p["status"]])

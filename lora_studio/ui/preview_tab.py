@@ -6,17 +6,23 @@ change reloads nothing). Handlers are plain functions (tests call them directly)
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
 import gradio as gr
 
 from ..errors import LoraStudioError
+from ..fsutil import atomic_path
 from ..paths import PROJECT_ROOT
+from .config_form import FIELD_BY_KEY
 from .errors import shown
 
 RUNS_DIR = PROJECT_ROOT / "runs"
 _previewers: dict[str, object] = {}  # base source -> Previewer; one at a time, to keep memory bounded
+SAMPLERS = FIELD_BY_KEY["sample.sampler"].choices
+MAX_STACK = 4  # strength sliders on the page; more stacked LoRAs are rare and go through the CLI
+MAX_GRID_CHECKPOINTS = 8
 _lock = threading.Lock()  # Gradio runs handlers in threads; one generation at a time on the device
 
 
@@ -92,33 +98,90 @@ def settings_from(prompt, negative, sampler, steps, cfg, seed, width, height, st
     )
 
 
-def generate(base, files, strength, prompt, negative, sampler, steps, cfg, seed, width, height):
-    """One image with every chosen LoRA at `strength`; returns the image and its parameters text."""
+def chosen_strengths(files: list[str] | None, strengths) -> list[tuple[str, float]]:
+    """(file, strength) for each chosen LoRA: the first strength slider goes with the first file, and so on."""
+    files = list(files or [])
+    if len(files) > MAX_STACK:
+        raise LoraStudioError(f"{len(files)} LoRAs are chosen; the Preview tab stacks at most {MAX_STACK}.")
+    return [(f, float(s)) for f, s in zip(files, strengths, strict=False)]
+
+
+def generate(base, files, prompt, negative, sampler, steps, cfg, seed, width, height, *strengths):
+    """One image with each chosen LoRA at its own strength; returns the image and its parameters text."""
+    pairs = chosen_strengths(files, strengths)
     with _lock:
         previewer = previewer_for(base)
-        names = use_loras(previewer, files)
+        names = use_loras(previewer, [f for f, _ in pairs])
         settings = settings_from(prompt, negative, sampler, steps, cfg, seed, width, height,
-                                 {n: float(strength) for n in names})  # fmt: skip
+                                 {n: s for n, (_f, s) in zip(names, pairs, strict=True)})  # fmt: skip
         preview = previewer.generate(settings)[0]
     text = preview.parameters + "".join(f"\nnote: {n}" for n in preview.notices)
     return preview.image, text
 
 
-def generate_grid(base, files, strengths_text, seeds_text, prompt, negative, sampler, steps, cfg, width, height):
-    """A strength x seed grid of the first chosen LoRA (others stay at strength 1)."""
+GRID_KINDS = ("strength x seed", "checkpoint x strength")
+
+
+def generate_grid(base, files, kind, strengths_text, seeds_text, prompt, negative, sampler, steps, cfg, width,
+                  height, *strengths):  # fmt: skip
+    """A grid of the first chosen LoRA: strength x seed, or its run's checkpoints x strength (seed: the first
+    grid seed). Other chosen LoRAs stay at their sliders' strengths."""
     from ..sample import Axis
 
-    strengths = parse_numbers(strengths_text, float, "strengths")
+    grid_strengths = parse_numbers(strengths_text, float, "strengths")
     seeds = parse_numbers(seeds_text, int, "seeds")
+    pairs = chosen_strengths(files, strengths)
+    if not pairs:
+        raise LoraStudioError("Pick a LoRA for the grid first.")
+    if kind not in GRID_KINDS:
+        raise LoraStudioError(f"Grid {kind!r} is unknown; pick one of: {', '.join(GRID_KINDS)}.")
+    checkpoints = run_checkpoints(pairs[0][0]) if kind == "checkpoint x strength" else []
     with _lock:
         previewer = previewer_for(base)
-        names = use_loras(previewer, files)
-        if not names:
-            raise LoraStudioError("Pick a LoRA for the grid first.")
-        settings = settings_from(prompt, negative, sampler, steps, cfg, seeds[0], width, height,
-                                 {n: 1.0 for n in names})  # fmt: skip
-        grid = previewer.grid(settings, Axis("strength", tuple(strengths), lora=names[0]), Axis("seed", tuple(seeds)))
+        names = use_loras(previewer, [f for f, _ in pairs[1:]] + (checkpoints or [pairs[0][0]]))
+        others = dict(zip(names, [s for _f, s in pairs[1:]], strict=False))
+        settings = settings_from(prompt, negative, sampler, steps, cfg, seeds[0], width, height, others)
+        if checkpoints:
+            x = Axis("checkpoint", tuple(names[len(pairs) - 1 :]))
+            y = Axis("strength", tuple(grid_strengths))
+        else:
+            x = Axis("strength", tuple(grid_strengths), lora=names[-1])
+            y = Axis("seed", tuple(seeds))
+        grid = previewer.grid(settings, x, y)
     return grid.image, grid.previews[0][0].parameters
+
+
+def run_checkpoints(lora_file: str) -> list[str]:
+    """Every LoRA file of the run `lora_file` belongs to: its checkpoints by step, then the final file."""
+    path = Path(lora_file)
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    files = sorted(str(f) for f in (run / "checkpoints").glob("*.safetensors"))
+    files += sorted(str(f) for f in run.glob("*.safetensors"))
+    if len(files) < 2:
+        raise LoraStudioError(f"{run.name} has no checkpoints besides its final LoRA; save every N steps to get some.")
+    if len(files) > MAX_GRID_CHECKPOINTS:  # keep the newest; a grid wider than this is unreadable
+        files = files[-MAX_GRID_CHECKPOINTS:]
+    return files
+
+
+def upload_lora(upload: str | None, chosen: list[str] | None):
+    """Copy an uploaded LoRA into runs/uploads (name sanitized), check it reads, and add it to the choice."""
+    from ..dataset_edit import safe_name
+    from ..export import load_lora
+
+    if not upload:
+        raise LoraStudioError("No file was uploaded; pick a .safetensors LoRA file.")
+    name = safe_name(Path(upload).name)
+    if not name.endswith(".safetensors"):
+        raise LoraStudioError(f"{name} is not a .safetensors file; LoRA files must be safetensors.")
+    load_lora(upload)  # Gradio's own temp copy: a bad file is refused before anything is written here
+    folder = RUNS_DIR / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    with atomic_path(target) as partial:
+        shutil.copyfile(upload, partial)
+    files = [*(chosen or []), str(target)]
+    return gr.Dropdown(choices=lora_choices(), value=files), f"Added {name}."
 
 
 def parse_numbers(text: str, kind, label: str) -> list:
@@ -131,19 +194,33 @@ def parse_numbers(text: str, kind, label: str) -> list:
     return values
 
 
+def strength_sliders(files: list[str] | None) -> list:
+    """One visible slider per chosen LoRA, labelled with its file; the rest hidden (values kept)."""
+    files = list(files or [])[:MAX_STACK]
+    updates = [gr.update(visible=True, label=f"Strength: {Path(f).parent.name}/{Path(f).name}") for f in files]
+    return updates + [gr.update(visible=False)] * (MAX_STACK - len(files))
+
+
 def build() -> None:
-    from ..sample import SAMPLERS
+    from .train_tab import base_choices
 
     with gr.Row():
-        base = gr.Textbox(label="Base model", value="demo", scale=3, elem_id="preview-base")
-        files = gr.Dropdown(lora_choices(), multiselect=True, label="LoRA files (stacked)", scale=5,
+        base = gr.Dropdown(base_choices(), value="demo", label="Base model", allow_custom_value=True, scale=3,
+                           elem_id="preview-base")  # fmt: skip
+        files = gr.Dropdown(lora_choices(), multiselect=True, label=f"LoRA files (stack up to {MAX_STACK})", scale=5,
                             allow_custom_value=True, elem_id="preview-loras")  # fmt: skip
-        refresh = gr.Button("Refresh list", scale=1)
-    prompt = gr.Textbox(label="Prompt", elem_id="preview-prompt")
+        refresh = gr.Button("Refresh lists", scale=1)
+    with gr.Row():
+        upload = gr.File(label="Add a LoRA file (.safetensors)", file_types=[".safetensors"], type="filepath",
+                         elem_id="preview-upload")  # fmt: skip
+        upload_status = gr.Markdown(elem_id="preview-upload-status")
+    with gr.Row():
+        sliders = [gr.Slider(-2, 2, value=1.0, step=0.05, label="Strength", visible=i == 0,
+                             elem_id=f"preview-strength-{i}") for i in range(MAX_STACK)]  # fmt: skip
+    prompt = gr.Textbox(label="Prompt", elem_id="preview-prompt", info="The LoRA's trigger word is filled in")
     negative = gr.Textbox(label="Negative prompt")
     with gr.Row():
-        strength = gr.Slider(-2, 2, value=1.0, step=0.05, label="Strength", elem_id="preview-strength")
-        sampler = gr.Dropdown(list(SAMPLERS), value="euler_a", label="Sampler")
+        sampler = gr.Dropdown(list(SAMPLERS), value="euler_a", label="Sampler")  # the config's names: no torch import
         steps = gr.Number(20, label="Steps", precision=0)
         cfg = gr.Number(5.0, label="CFG")
         seed = gr.Number(1, label="Seed", precision=0)
@@ -151,14 +228,18 @@ def build() -> None:
         height = gr.Number(64, label="Height", precision=0)
     with gr.Row():
         go = gr.Button("Generate", variant="primary", elem_id="preview-generate")
+        kind = gr.Dropdown(list(GRID_KINDS), value=GRID_KINDS[0], label="Grid", elem_id="preview-grid-kind")
         strengths = gr.Textbox("0, 0.5, 1", label="Grid strengths")
-        seeds = gr.Textbox("1, 2", label="Grid seeds")
-        grid = gr.Button("Grid (strength x seed)", elem_id="preview-grid")
-    image = gr.Image(label="Result", type="pil", elem_id="preview-image")
+        seeds = gr.Textbox("1, 2", label="Grid seeds (checkpoint grids use the first)")
+        grid = gr.Button("Grid", elem_id="preview-grid")
+    image = gr.Image(label="Result", type="pil", height=512, elem_id="preview-image")
     parameters = gr.Textbox(label="Parameters", lines=3, elem_id="preview-parameters")
 
-    refresh.click(lambda: gr.Dropdown(choices=lora_choices()), None, files)
-    files.change(shown(suggest_prompt), files, prompt)
+    refresh.click(lambda: (gr.Dropdown(choices=lora_choices()), gr.Dropdown(choices=base_choices())), None,
+                  [files, base])  # fmt: skip
+    upload.upload(shown(upload_lora), [upload, files], [files, upload_status])
+    files.change(shown(suggest_prompt), files, prompt).then(strength_sliders, files, sliders)
     common = [prompt, negative, sampler, steps, cfg]
-    go.click(shown(generate), [base, files, strength, *common, seed, width, height], [image, parameters])
-    grid.click(shown(generate_grid), [base, files, strengths, seeds, *common, width, height], [image, parameters])
+    go.click(shown(generate), [base, files, *common, seed, width, height, *sliders], [image, parameters])
+    grid.click(shown(generate_grid), [base, files, kind, strengths, seeds, *common, width, height, *sliders],
+               [image, parameters])  # fmt: skip

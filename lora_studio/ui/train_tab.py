@@ -1,5 +1,6 @@
-"""The Train tab: a preset plus a few fields (and any other setting as key=value lines), Start/Stop/Resume,
-and a live view of the running job (progress, loss curve, newest samples, log tail, queue).
+"""The Train tab: a base-model picker, a preset, every setting as a form field (the rarely changed ones
+in an Advanced accordion), the estimated steps and GPU memory, Start/Stop/Resume, and a live view of
+the running job (progress bar, loss curve, newest samples, log tail, queue).
 
 The job runs in `jobs.JobManager`'s worker thread; a timer on the page polls it, so closing the page
 does not stop training and a reopened page shows the running job again.
@@ -7,12 +8,19 @@ does not stop training and a reopened page shows the running job again.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import gradio as gr
 
-from ..config import list_presets, load_preset
-from ..errors import LoraStudioError
+from ..config import TrainConfig, list_presets, load_preset
+from ..data import dataset_report
+from ..errors import ConfigError, LoraStudioError
+from ..estimate import estimate_memory
+from ..models import FAMILY_NAMES, describe_source, find_local_models
+from ..paths import models_dir
+from . import config_form
+from .config_form import BASIC_KEYS, FIELD_BY_KEY, FIELDS, KEYS, SECTION_TITLES, config_from_form, form_values
 from .errors import shown
 
 _manager = None
@@ -28,28 +36,104 @@ def manager():
     return _manager
 
 
-def build_config(preset: str, base: str, dataset: str, steps: float, lr: float, rank: float, advanced: str):
-    """The preset with the form's fields and the Advanced lines (`key.path=value`, one a line) applied.
-    Every bad field is reported at once by the config's own validation."""
-    overrides = [f"base_model={_toml_string(base)}", f"dataset.path={_toml_string(dataset)}"]
-    overrides += [f"optimizer.max_train_steps={int(steps)}", f"optimizer.learning_rate={float(lr)!r}"]
-    overrides += [f"lora.rank={int(rank)}"]
-    overrides += [line.strip() for line in (advanced or "").splitlines() if line.strip() and not line.startswith("#")]
-    return load_preset(preset, overrides)
+# --- base models ---------------------------------------------------------------------------------
 
 
-def _toml_string(text: str) -> str:
-    return '"' + text.strip().replace("\\", "\\\\").replace('"', '\\"') + '"'
+def describe_base(source: str) -> str:
+    """'SD 1.x, epsilon' for a usable base, else 'cannot use: <the reason>'."""
+    try:
+        summary = describe_source(source)
+    except LoraStudioError as exc:
+        return f"cannot use: {exc}"
+    return f"{FAMILY_NAMES.get(summary.family, summary.family)}, {summary.prediction_type}"
 
 
-def preset_fields(preset: str) -> tuple[str, str, int, float, int]:
+def base_choices() -> list[tuple[str, str]]:
+    """(label, value) for the picker: the bundled demo, then the models folder, each with its family."""
+    sources = ["demo", *(str(p) for p in find_local_models(models_dir()))]
+    return [(f"{Path(s).name} · {describe_base(s)}", s) for s in sources]
+
+
+def models_folder_table() -> list[list[str]]:
+    rows = []
+    for path in find_local_models(models_dir()):
+        try:
+            summary = describe_source(path)
+            rows.append([path.name, summary.kind, FAMILY_NAMES.get(summary.family, summary.family),
+                         summary.prediction_type, "; ".join(summary.notes)])  # fmt: skip
+        except LoraStudioError as exc:
+            rows.append([path.name, "", "", "", f"cannot use: {exc}"])
+    return rows
+
+
+def base_info(source: str) -> str:
+    if not (source or "").strip():
+        return "Pick the demo or a model from the folder, or type the path of a checkpoint or diffusers folder."
+    return f"**{Path(source).name}**: {describe_base(source.strip())}"
+
+
+def refresh_models(current: str):
+    folder = models_dir()
+    note = f"Models folder: `{folder}`" + ("" if folder.is_dir() else " (it does not exist yet; create it and "
+                                             "put .safetensors files or diffusers folders in it)")  # fmt: skip
+    return gr.update(choices=base_choices(), value=current), models_folder_table(), note
+
+
+# --- the form, steps and memory ------------------------------------------------------------------
+
+
+def preset_values(preset: str, dataset_path: str = "") -> list:
+    """The preset's settings for the form; the dataset already chosen (e.g. opened in the Dataset tab) stays."""
     config = load_preset(preset)
-    return (config.base_model, config.dataset.path, config.optimizer.max_train_steps or 1000,
-            config.optimizer.learning_rate, config.lora.rank)  # fmt: skip
+    if dataset_path.strip():
+        config.dataset.path = dataset_path.strip()
+    return form_values(config)
 
 
-def start(preset, base, dataset, steps, lr, rank, advanced) -> str:
-    config = build_config(preset, base, dataset, steps, lr, rank, advanced)
+def estimate(*values) -> str:
+    """Markdown with the run's total steps and a rough GPU memory figure, or every bad field."""
+    try:
+        config = config_from_form(list(values))
+    except ConfigError as exc:
+        return "**Fix these settings first:**\n" + "\n".join(f"- {p}" for p in exc.problems)
+    lines = [steps_line(config), memory_line(config)]
+    return "\n\n".join(line for line in lines if line)
+
+
+def steps_line(config: TrainConfig) -> str:
+    if not config.dataset.path.strip():
+        return "**Steps:** choose a dataset folder (field `path`) to count them."
+    try:
+        report = dataset_report(config)
+    except LoraStudioError as exc:
+        return f"**Steps:** cannot count yet: {exc}"
+    if not report["items"]:
+        return f"**Steps:** the dataset `{report['path']}` has no usable images yet."
+    line = (f"**Steps:** {report['total_steps']:,} in all ({report['steps_per_epoch']} per epoch; "
+            f"{report['images_per_epoch']} images per epoch, batch {report['batch_size']})")  # fmt: skip
+    if report["errors"]:
+        line += f"; {len(report['errors'])} file(s) will be skipped, see the Dataset tab"
+    return line + "."
+
+
+def memory_line(config: TrainConfig) -> str:
+    try:
+        family = config.family if config.family != "auto" else describe_source(config.base_model).family
+    except LoraStudioError as exc:
+        return f"**Base model:** {exc}"
+    if config.base_model.strip() == "demo":
+        return "**GPU memory:** the demo model is tiny (15 MB of weights) and trains on the CPU in a few minutes."
+    family = "sd2" if family == "sd2-v" else family
+    memory = estimate_memory(family, config)
+    return (f"**GPU memory (rough):** {memory.sentence()}. Formula and its measurements: "
+            "`lora_studio/estimate.py`.")  # fmt: skip
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+
+
+def start(*values) -> str:
+    config = config_from_form(list(values))
     job = manager().submit(config)
     waiting = len(manager().queued())
     return f"Job {job} ({config.name}) " + (f"queued behind {waiting - 1} other(s)." if waiting > 1 else "started.")
@@ -59,26 +143,38 @@ def stop() -> str:
     return "Stopping after this step; the LoRA and the state are saved." if manager().stop() else "Nothing is running."
 
 
-def resume(preset, base, dataset, steps, lr, rank, advanced) -> str:
+def resume(*values) -> str:
     """Continue the newest stopped run from its saved state (the form's values may extend it)."""
     status = manager().current()
     if status is None or status.state != "stopped" or status.run_dir is None:
         raise LoraStudioError("There is no stopped run to resume; start a new one instead.")
-    config = build_config(preset, base, dataset, steps, lr, rank, advanced)
+    config = config_from_form(list(values))
     job = manager().submit(config, resume_from=status.run_dir)
     return f"Job {job} resumes {status.run_dir.name} from step {status.step}."
 
 
-def poll() -> tuple[str, object, list, str]:
-    """What the page shows now: status line, loss curve, newest samples, log tail."""
+def progress_html(step: int, total: int, it_per_s: float, eta_s: float, state: str) -> str:
+    """A progress bar with the figures beside it (aria values let tests and screen readers read it)."""
+    percent = 100 * step / total if total else 0.0
+    colour = {"failed": "#dc2626", "stopped": "#a3a3a3", "done": "#16a34a"}.get(state, "#f97316")
+    eta = f"{int(eta_s // 60)} min {int(eta_s % 60)} s" if eta_s >= 60 else f"{eta_s:.0f} s"
+    return (
+        f'<div id="train-progressbar" role="progressbar" aria-valuemin="0" aria-valuemax="{total}" '
+        f'aria-valuenow="{step}" style="height:14px;border-radius:7px;background:#e5e5e5;overflow:hidden">'
+        f'<div style="height:100%;width:{percent:.1f}%;background:{colour}"></div></div>'
+        f"<div>{html.escape(state)} · step {step}/{total} ({percent:.0f}%) · {it_per_s:.2f} it/s · ETA {eta}</div>"
+    )
+
+
+def poll() -> tuple[str, str, object, list, str]:
+    """What the page shows now: progress bar, status line, loss curve, newest samples, log tail."""
     import pandas as pd
 
     status = manager().current()
     if status is None:
-        return "No training yet: pick a preset and press Start.", pd.DataFrame({"step": [], "loss": []}), [], ""
-    percent = 100 * status.step / status.total_steps if status.total_steps else 0
-    line = (f"**{status.state}** · {status.name} · step {status.step}/{status.total_steps} ({percent:.0f}%) · "
-            f"{status.it_per_s:.2f} it/s · ETA {status.eta_s:.0f} s")  # fmt: skip
+        empty = pd.DataFrame({"step": [], "loss": []})
+        return progress_html(0, 0, 0.0, 0.0, "idle"), "No training yet: pick a preset and press Start.", empty, [], ""
+    line = f"**{status.state}** · {status.name}"
     queued = manager().queued()
     if queued:
         line += f" · queued: {', '.join(q.name for q in queued)}"
@@ -86,7 +182,8 @@ def poll() -> tuple[str, object, list, str]:
         line += f"\n\n{status.message}"
     losses = pd.DataFrame(status.losses, columns=["step", "loss"])
     samples = [(str(p), Path(p).stem) for p in status.samples]
-    return line, losses, samples, log_tail(status.run_dir)
+    bar = progress_html(status.step, status.total_steps, status.it_per_s, status.eta_s, status.state)
+    return bar, line, losses, samples, log_tail(status.run_dir)
 
 
 def log_tail(run_dir: Path | None, lines: int = 20) -> str:
@@ -95,35 +192,76 @@ def log_tail(run_dir: Path | None, lines: int = 20) -> str:
     return "\n".join((run_dir / "log.txt").read_text(errors="replace").splitlines()[-lines:])
 
 
-def build() -> None:
+# --- layout --------------------------------------------------------------------------------------
+
+
+def field_component(field: config_form.FormField, value):
+    common = {"label": field.label, "elem_id": field.elem_id, "info": field.help or None}
+    if field.kind == "choice":
+        return gr.Dropdown(list(field.choices), value=value, **common)
+    if field.kind == "bool":
+        return gr.Checkbox(value=value, **common)
+    if field.kind in ("int", "float"):
+        return gr.Number(value=value, precision=0 if field.kind == "int" else None, **common)
+    return gr.Textbox(value=value, lines=3 if field.kind == "lines" else 1, **common)
+
+
+def build() -> dict[str, gr.components.Component]:
+    """The tab; returns the preset dropdown and the form's components by config key, for the other tabs."""
     presets = list_presets()
     first = "demo-cpu" if "demo-cpu" in presets else presets[0]
-    base0, dataset0, steps0, lr0, rank0 = preset_fields(first)
+    initial = dict(zip(KEYS, preset_values(first), strict=True))
+    components: dict[str, gr.components.Component] = {}
     with gr.Row():
-        preset = gr.Dropdown(presets, value=first, label="Preset", elem_id="train-preset")
-        base = gr.Textbox(base0, label="Base model", elem_id="train-base")
-        dataset = gr.Textbox(dataset0, label="Dataset folder", elem_id="train-dataset")
+        preset = gr.Dropdown(presets, value=first, label="Preset", elem_id="train-preset", scale=1)
+        components["base_model"] = gr.Dropdown(
+            base_choices(), value=initial["base_model"], label="Base model", allow_custom_value=True, scale=3,
+            elem_id="cfg-base_model", info="The demo, a model from the models folder, or a path you type",
+        )  # fmt: skip
+        refresh = gr.Button("Rescan models folder", scale=1, elem_id="train-rescan")
+    base_note = gr.Markdown(base_info(initial["base_model"]), elem_id="train-base-info")
+    with gr.Accordion("Models folder", open=False):
+        folder_note = gr.Markdown(f"Models folder: `{models_dir()}`")
+        folder_table = gr.Dataframe(models_folder_table(), headers=["name", "kind", "family", "prediction", "note"],
+                                    interactive=False, elem_id="train-models")  # fmt: skip
+    basic = [FIELD_BY_KEY[k] for k in BASIC_KEYS if k != "base_model"]
+    for row in (basic[:5], basic[5:]):
+        with gr.Row():
+            for field in row:
+                components[field.key] = field_component(field, initial[field.key])
+    with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
+        for section, title in SECTION_TITLES.items():
+            fields = [f for f in FIELDS if f.section == section and f.key not in components]
+            with gr.Accordion(title, open=False, elem_id=f"train-section-{section or 'general'}"):
+                for start_at in range(0, len(fields), 4):
+                    with gr.Row():
+                        for field in fields[start_at : start_at + 4]:
+                            components[field.key] = field_component(field, initial[field.key])
+    # The first estimate comes with the page, so the demo's figures are there before anyone clicks.
+    estimate_box = gr.Markdown(estimate(*initial.values()), elem_id="train-estimate")
     with gr.Row():
-        steps = gr.Number(steps0, label="Steps", precision=0, elem_id="train-steps")
-        lr = gr.Number(lr0, label="Learning rate")
-        rank = gr.Number(rank0, label="Rank", precision=0)
-    with gr.Accordion("Advanced", open=False):
-        advanced = gr.Code(label="Any other setting, one key.path=value a line (e.g. lora.alpha=8)", language=None,
-                           elem_id="train-advanced")  # fmt: skip
-    with gr.Row():
+        check = gr.Button("Check settings", elem_id="train-check")
         start_button = gr.Button("Start", variant="primary", elem_id="train-start")
         stop_button = gr.Button("Stop", variant="stop", elem_id="train-stop")
         resume_button = gr.Button("Resume", elem_id="train-resume")
     message = gr.Markdown(elem_id="train-message")
+    progress = gr.HTML(progress_html(0, 0, 0.0, 0.0, "idle"), elem_id="train-progress")
     status = gr.Markdown(elem_id="train-status")
     loss = gr.LinePlot(x="step", y="loss", label="Loss (smoothed)", elem_id="train-loss")
-    samples = gr.Gallery(label="Newest samples", columns=6, elem_id="train-samples")
+    samples = gr.Gallery(label="Newest samples (strength and seed in each name)", columns=6, elem_id="train-samples")
     log = gr.Textbox(label="Log", lines=8, elem_id="train-log")
 
-    form = [preset, base, dataset, steps, lr, rank, advanced]
-    preset.change(shown(preset_fields), preset, [base, dataset, steps, lr, rank])
+    form = [components[k] for k in KEYS]
+    preset.change(shown(preset_values), [preset, components["dataset.path"]], form).then(
+        shown(estimate), form, estimate_box
+    )
+    components["base_model"].change(base_info, components["base_model"], base_note)
+    refresh.click(shown(refresh_models), components["base_model"], [components["base_model"], folder_table,
+                                                                     folder_note])  # fmt: skip
+    gr.on([c.input for c in form] + [check.click], shown(estimate), form, estimate_box, trigger_mode="always_last")
     start_button.click(shown(start), form, message)
     stop_button.click(shown(stop), None, message)
     resume_button.click(shown(resume), form, message)
     timer = gr.Timer(1.0)
-    timer.tick(poll, None, [status, loss, samples, log])
+    timer.tick(poll, None, [progress, status, loss, samples, log])
+    return {"preset": preset, **components}

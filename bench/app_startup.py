@@ -1,0 +1,91 @@
+"""How long `python app.py --no-browser` takes until the page is usable, median of several runs.
+
+    python bench/app_startup.py                      # 5 runs
+    python bench/app_startup.py --json bench/results/app_startup_cpu.json
+
+"Usable" means what a person sees: headless Chromium (Debian's, as in the browser tests) has loaded
+the page and the Train tab button is on screen. The clock starts before the Python process is spawned,
+so interpreter start, imports, building the page, the server and the page's own JavaScript all count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import publish  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited with code {process.returncode} before serving")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the app did not answer at {url} within {timeout:.0f} s")
+
+
+def one_start(browser) -> dict[str, float]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "app.py", "--no-browser", "--port", str(port)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for_server(url, process)
+        served = time.perf_counter() - start
+        page = browser.new_page()
+        page.goto(url, wait_until="load", timeout=60_000)
+        page.get_by_role("tab", name="Train").wait_for(timeout=60_000)
+        usable = time.perf_counter() - start
+        page.close()
+        return {"served_s": round(served, 2), "usable_s": round(usable, 2)}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        runs = [one_start(browser) for _ in range(args.runs)]
+        browser.close()
+    report = {
+        "runs": runs,
+        "median_served_s": statistics.median(r["served_s"] for r in runs),
+        "median_usable_s": statistics.median(r["usable_s"] for r in runs),
+        "bar_s": 10.0,
+    }
+    publish(report, args.json)
+
+
+if __name__ == "__main__":
+    main()

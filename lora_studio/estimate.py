@@ -1,0 +1,129 @@
+"""What the Train tab shows before Start: the total step count and a rough GPU memory (VRAM) estimate.
+
+The memory formula (all sizes in GiB, 1 GiB = 2**30 bytes):
+
+    VRAM = frozen weights + LoRA training state + activations + workspace
+
+    frozen weights  = (UNet + text encoder(s) + VAE parameters) x weight bytes
+                      weight bytes: 2 with mixed_precision fp16/bf16, 4 with "no" (fp32)
+    LoRA state      = LoRA parameters x optimizer bytes per parameter
+                      (fp32 weight 4 + fp32 gradient 4 + optimizer state: AdamW 8, AdamW8bit 2,
+                       Prodigy 16, Adafactor 4); LoRA parameters = rank x sum(in + out) over the
+                      targeted layers (+ conv_rank x sum(in*k*k + out) for LoCon convs)
+    activations     = batch x A[family] x (width x height / native pixels) x targets factor
+                      x (checkpointing factor if gradient checkpointing) x (weight bytes / 2)
+    workspace       = 0.1 (cuBLAS/SDPA workspaces and allocator slack)
+
+A[family], the checkpointing factors and the attn-ff factor are fitted to the H100 peaks measured by
+the reference step benchmark (`../shared/bench/h100-reference.json`, recorded in CALIBRATION below):
+A is the peak's growth per extra sample (batch 1 -> 4), the factors are the ratios of the
+activation parts. `tests/test_estimate.py` checks the formula against every one of those peaks.
+Not measured, so taken from the nearest measured case: SD2 uses SD1.5's activations per pixel
+(same widths), 'full' (LoCon) uses the attn-ff factor, and the text encoders' own activations
+(77 tokens) are left out. torch.compile lowers the real peak (2.43 vs 2.84 GiB); the estimate ignores it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import TrainConfig
+
+GIB = 2**30
+WORKSPACE_GIB = 0.1
+
+# Parameter counts of the full-size diffusers models (counted on the meta device from assets/sd-configs).
+PARAMETERS = {
+    "sd1": {"unet": 859_520_964, "text_encoders": 123_060_480, "vae": 83_653_863},
+    "sd2": {"unet": 865_910_724, "text_encoders": 340_387_840, "vae": 83_653_863},
+    "sdxl": {"unet": 2_567_463_684, "text_encoders": 123_060_480 + 694_659_840, "vae": 83_653_863},
+}
+# sum(in + out) over the targeted linear layers (a LoRA of rank r has r times this many parameters),
+# and sum(in*k*k + out) over the LoCon convs of 'full'. Counted on the meta device; see the tests.
+UNET_LORA_WIDTH = {
+    "sd1": {"attn": 199_296, "attn-ff": 423_936, "full": 423_936},
+    "sd2": {"attn": 207_488, "attn-ff": 432_128, "full": 432_128},
+    "sdxl": {"attn": 1_451_520, "attn-ff": 2_659_840, "full": 2_659_840},
+}
+UNET_CONV_WIDTH = {"sd1": 544_000, "sd2": 544_000, "sdxl": 355_840}
+TEXT_ENCODER_LORA_WIDTH = {"sd1": 165_888, "sd2": 423_936, "sdxl": 165_888 + 737_280}
+
+NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+# GiB of activations per sample at the native size with the 'attn' targets, bf16.
+ACTIVATIONS_GIB = {"sd1": 1.08, "sd2": 1.08 * (768 / 512) ** 2, "sdxl": 7.26}
+CHECKPOINTING_FACTOR = {"sd1": 0.205, "sd2": 0.205, "sdxl": 0.092}
+TARGETS_FACTOR = {"attn": 1.0, "attn-ff": 1.156, "full": 1.156}
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4}
+
+# The measured H100 peaks the constants above are fitted to (reference step: bf16 UNet, fp32 rank-16 LoRA,
+# fused AdamW, SDPA, latents and text embeddings given, i.e. VAE and text encoders not on the GPU).
+CALIBRATION = [
+    # family, size, batch, targets, gradient checkpointing, peak GiB
+    ("sd1", 512, 1, "attn", False, 2.84),
+    ("sd1", 512, 4, "attn", False, 6.08),
+    ("sd1", 512, 1, "attn-ff", False, 3.06),
+    ("sd1", 512, 1, "attn", True, 1.98),
+    ("sdxl", 1024, 1, "attn", False, 12.49),
+    ("sdxl", 1024, 4, "attn", False, 34.26),
+    ("sdxl", 1024, 1, "attn", True, 5.90),
+]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_gib: float
+    lora_state_gib: float
+    activations_gib: float
+    lora_parameters: int
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.lora_state_gib + self.activations_gib + WORKSPACE_GIB
+
+    def sentence(self) -> str:
+        return (f"about {self.total_gib:.1f} GiB of GPU memory: weights {self.weights_gib:.1f}, "
+                f"LoRA + optimizer {self.lora_state_gib:.2f}, activations {self.activations_gib:.1f}, "
+                f"workspace {WORKSPACE_GIB:.1f} ({self.lora_parameters / 1e6:.1f}M LoRA parameters)")  # fmt: skip
+
+
+def lora_parameter_count(family: str, config: TrainConfig) -> int:
+    lora = config.lora
+    count = lora.rank * UNET_LORA_WIDTH[family][lora.unet_targets]
+    if lora.unet_targets == "full":
+        count += (lora.conv_rank or lora.rank) * UNET_CONV_WIDTH[family]
+    if lora.train_text_encoder:
+        count += lora.rank * TEXT_ENCODER_LORA_WIDTH[family]
+    return count
+
+
+def estimate_memory(
+    family: str,
+    config: TrainConfig,
+    width: int | None = None,
+    height: int | None = None,
+    with_vae_and_text_encoders: bool = True,
+) -> MemoryEstimate:
+    """The formula above for a full-size model of `family` (sd1, sd2, sdxl), trained as `config` says.
+
+    Width and height default to the dataset resolution (else the family's native size); the biggest
+    bucket sets the peak, so pass the largest bucket when you know it.
+    """
+    if family not in PARAMETERS:
+        raise ValueError(f"no memory figures for family {family!r}; known: {', '.join(PARAMETERS)}")
+    size = config.dataset.resolution or NATIVE_SIZE[family]
+    pixels = (width or size) * (height or size)
+    weight_bytes = 4 if config.mixed_precision == "no" else 2
+    counts = PARAMETERS[family]
+    frozen = counts["unet"] + (counts["text_encoders"] + counts["vae"] if with_vae_and_text_encoders else 0)
+    lora_parameters = lora_parameter_count(family, config)
+    per_parameter = 8 + OPTIMIZER_STATE_BYTES[config.optimizer.optimizer]
+    activations = (config.dataset.batch_size * ACTIVATIONS_GIB[family] * pixels / NATIVE_SIZE[family] ** 2
+                   * TARGETS_FACTOR[config.lora.unet_targets] * weight_bytes / 2)  # fmt: skip
+    if config.gradient_checkpointing:
+        activations *= CHECKPOINTING_FACTOR[family]
+    return MemoryEstimate(
+        weights_gib=frozen * weight_bytes / GIB,
+        lora_state_gib=lora_parameters * per_parameter / GIB,
+        activations_gib=activations,
+        lora_parameters=lora_parameters,
+    )

@@ -1,0 +1,152 @@
+"""The Train tab's form, generated from `TrainConfig` itself: one field per setting.
+
+Generating it keeps the form, the CLI and the presets on one typed config: a new setting appears
+in the form with its type, choices and help text, and the form's values go back through the
+config's own validation, which reports every bad field at once.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel
+
+from ..config import TrainConfig, parse_override_value, validate_config
+
+Kind = Literal["choice", "bool", "int", "float", "text", "list", "lines"]  # lines: a list of strings, one a line
+# Shown above the Advanced accordion, in this order; everything else goes inside it.
+BASIC_KEYS = [
+    "name",
+    "base_model",
+    "dataset.path",
+    "dataset.trigger_word",
+    "dataset.resolution",
+    "dataset.batch_size",
+    "optimizer.max_train_steps",
+    "optimizer.max_train_epochs",
+    "optimizer.learning_rate",
+    "lora.rank",
+    "lora.alpha",
+]
+SKIPPED_KEYS = {"version"}  # set by migration, not by people
+SECTION_TITLES = {
+    "": "General",
+    "dataset": "Dataset",
+    "lora": "LoRA",
+    "optimizer": "Optimizer and schedule",
+    "sample": "Samples during training",
+    "save": "Saving",
+}
+
+
+@dataclass(frozen=True)
+class FormField:
+    key: str  # dotted config path, e.g. "optimizer.learning_rate"
+    kind: Kind
+    choices: tuple[str, ...] = ()
+    optional: bool = False  # None is allowed (an empty number box)
+    help: str = ""
+
+    @property
+    def section(self) -> str:
+        return self.key.rpartition(".")[0]
+
+    @property
+    def label(self) -> str:
+        return self.key.rpartition(".")[2].replace("_", " ")
+
+    @property
+    def elem_id(self) -> str:
+        return "cfg-" + self.key.replace(".", "-")
+
+
+def _kind_of(annotation: Any) -> tuple[Kind, tuple[str, ...], bool]:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        kind, choices, _ = _kind_of(args[0])
+        return kind, choices, True
+    if origin is Literal:
+        return "choice", tuple(str(a) for a in typing.get_args(annotation)), False
+    if origin in (list, tuple):
+        return ("lines" if typing.get_args(annotation) == (str,) else "list"), (), False
+    if annotation is bool:
+        return "bool", (), False
+    if annotation is int:
+        return "int", (), False
+    if annotation is float:
+        return "float", (), False
+    return "text", (), False
+
+
+def config_fields() -> list[FormField]:
+    """Every setting of TrainConfig as a form field, sections flattened to dotted keys."""
+    fields = []
+    for name, info in TrainConfig.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for sub, sub_info in annotation.model_fields.items():
+                kind, choices, optional = _kind_of(sub_info.annotation)
+                fields.append(FormField(f"{name}.{sub}", kind, choices, optional, sub_info.description or ""))
+        elif name not in SKIPPED_KEYS:
+            kind, choices, optional = _kind_of(annotation)
+            fields.append(FormField(name, kind, choices, optional, info.description or ""))
+    return fields
+
+
+FIELDS = config_fields()
+FIELD_BY_KEY = {f.key: f for f in FIELDS}
+KEYS = [f.key for f in FIELDS]  # the order the handlers receive the form's values in
+
+
+def value_at(config: TrainConfig, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def to_form_value(field: FormField, value: Any) -> Any:
+    """A config value as its form component shows it (lists as TOML arrays, e.g. [0.5, 1.0])."""
+    if field.kind == "lines":
+        return "\n".join(value)
+    if field.kind == "list":
+        # JSON numbers and strings are valid TOML, and fit one line: [0.5, 1.0]
+        return "[" + ", ".join(json.dumps(item) for item in value) + "]"
+    return value
+
+
+def form_values(config: TrainConfig) -> list[Any]:
+    """The form's values for `config`, in KEYS order."""
+    return [to_form_value(FIELD_BY_KEY[k], value_at(config, k)) for k in KEYS]
+
+
+def _from_form_value(field: FormField, value: Any) -> Any:
+    if value is None or (isinstance(value, str) and not value.strip() and field.kind in ("int", "float")):
+        return None
+    if field.kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if field.kind == "lines" and isinstance(value, str):
+        return [line.strip() for line in value.splitlines() if line.strip()]
+    if field.kind == "list" and isinstance(value, str):
+        try:
+            return parse_override_value(value)
+        except Exception:
+            return value  # validation then names the field and the bad text
+    return value
+
+
+def config_from_form(values: list[Any]) -> TrainConfig:
+    """The form's values (KEYS order) as a validated config; ConfigError lists every bad field at once."""
+    if len(values) != len(KEYS):
+        raise ValueError(f"expected {len(KEYS)} form values, got {len(values)}")
+    data: dict[str, Any] = {}
+    for key, value in zip(KEYS, values, strict=True):
+        section, _, name = key.rpartition(".")
+        target = data.setdefault(section, {}) if section else data
+        target[name] = _from_form_value(FIELD_BY_KEY[key], value)
+    return validate_config(data, source="the Train form")

@@ -1,0 +1,85 @@
+"""The GPU memory estimate: its constants match the real full-size structures, and its formula matches
+the peaks the reference step benchmark measured on an H100."""
+
+import pytest
+import torch
+from test_full_size_layout import meta_components
+
+from lora_studio import estimate
+from lora_studio.config import LoraConfig, TrainConfig
+from lora_studio.lora import text_encoder_target_names, unet_target_names
+
+
+def widths(model: torch.nn.Module, names: list[str]) -> tuple[int, int]:
+    """sum(in + out) over linear (and 1x1 conv) layers, sum(in*k*k + out) over larger convs."""
+    modules = dict(model.named_modules())
+    linear = conv = 0
+    for name in names:
+        m = modules[name]
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1):
+            conv += m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels
+        elif isinstance(m, torch.nn.Conv2d):
+            linear += m.in_channels + m.out_channels
+        else:
+            linear += m.in_features + m.out_features
+    return linear, conv
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_constants_are_the_real_structures_counts(family):
+    unet, vae, te, te2 = meta_components(family)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    expected = estimate.PARAMETERS[family]
+    assert count(unet) == expected["unet"] and count(vae) == expected["vae"]
+    assert count(te) + (count(te2) if te2 is not None else 0) == expected["text_encoders"]
+    for targets in ("attn", "attn-ff", "full"):
+        linear, conv = widths(unet, unet_target_names(unet, targets))
+        assert linear == estimate.UNET_LORA_WIDTH[family][targets]
+        assert conv == (estimate.UNET_CONV_WIDTH[family] if targets == "full" else 0)
+    te_names = LoraConfig().text_encoder_targets
+    te_width = widths(te, text_encoder_target_names(te, te_names))[0]
+    if te2 is not None:
+        te_width += widths(te2, text_encoder_target_names(te2, te_names))[0]
+    assert te_width == estimate.TEXT_ENCODER_LORA_WIDTH[family]
+
+
+def reference_config(size, batch, targets, checkpointing) -> TrainConfig:
+    """The reference benchmark's setup: bf16 UNet, rank-16 LoRA on the UNet only, AdamW."""
+    return TrainConfig(
+        mixed_precision="bf16",
+        gradient_checkpointing=checkpointing,
+        dataset={"resolution": size, "batch_size": batch},
+        lora={"rank": 16, "alpha": 16, "unet_targets": targets, "train_text_encoder": False},
+    )
+
+
+@pytest.mark.parametrize("case", estimate.CALIBRATION, ids=lambda c: f"{c[0]}-{c[1]}-bs{c[2]}-{c[3]}-gc{c[4]}")
+def test_formula_matches_the_measured_h100_peaks(case):
+    family, size, batch, targets, checkpointing, peak = case
+    config = reference_config(size, batch, targets, checkpointing)
+    got = estimate.estimate_memory(family, config, with_vae_and_text_encoders=False)
+    assert got.total_gib == pytest.approx(peak, rel=0.05), got
+    # The reference counts its LoRA parameters too: 3,188,736 (SD1.5) and 23,224,320 (SDXL) at rank 16, attn.
+    if targets == "attn":
+        assert got.lora_parameters == {"sd1": 3_188_736, "sdxl": 23_224_320}[family]
+
+
+def test_estimate_moves_the_right_way():
+    def total(**changes):
+        base = {"mixed_precision": "bf16", "dataset": {"resolution": 1024, "batch_size": 2}, "lora": {"rank": 16}}
+        for key, value in changes.items():
+            if isinstance(value, dict):
+                base[key] = {**base.get(key, {}), **value}
+            else:
+                base[key] = value
+        return estimate.estimate_memory("sdxl", TrainConfig(**base)).total_gib
+
+    plain = total()
+    assert total(dataset={"batch_size": 4}) > plain
+    assert total(gradient_checkpointing=True) < plain
+    assert total(mixed_precision="no") > plain
+    assert total(dataset={"resolution": 768}) < plain
+    assert total(lora={"rank": 64}) > plain
+    assert total(optimizer={"optimizer": "adamw8bit"}) < plain
+    with pytest.raises(ValueError, match="no memory figures for family 'flux'"):
+        estimate.estimate_memory("flux", TrainConfig())
