@@ -2,6 +2,7 @@
 
     python bench/app_startup.py                      # 5 runs
     python bench/app_startup.py --json bench/results/app_startup_cpu.json
+    python bench/app_startup.py --baseline OTHER_CHECKOUT    # also time another checkout, interleaved
 
 "Usable" means what a person sees: headless Chromium (Debian's, as in the browser tests) has loaded
 the page and the Train tab button is on screen. The clock starts before the Python process is spawned,
@@ -47,11 +48,11 @@ def wait_for_server(url: str, process: subprocess.Popen, timeout: float = 120.0)
     raise RuntimeError(f"the app did not answer at {url} within {timeout:.0f} s")
 
 
-def one_start(browser) -> dict[str, float]:
+def one_start(browser, root: Path = ROOT) -> dict[str, float]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "app.py", "--no-browser", "--port", str(port)], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "app.py", "--no-browser", "--port", str(port)], cwd=root,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         wait_for_server(url, process)
@@ -71,20 +72,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. a git worktree of an older commit)")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
+    runs, baseline = [], []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        runs = [one_start(browser) for _ in range(args.runs)]
+        for _ in range(args.runs):  # interleaved, so both see the same machine load
+            runs.append(one_start(browser))
+            if args.baseline:
+                baseline.append(one_start(browser, args.baseline.resolve()))
         browser.close()
-    report = {
-        "runs": runs,
+    report = {"runs": runs, **medians(runs), "bar_s": 10.0}
+    if baseline:
+        report["baseline"] = {"checkout": str(args.baseline), "runs": baseline, **medians(baseline)}
+    publish(report, args.json)
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {
         "median_served_s": statistics.median(r["served_s"] for r in runs),
         "median_usable_s": statistics.median(r["usable_s"] for r in runs),
-        "bar_s": 10.0,
     }
-    publish(report, args.json)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,7 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
         page.locator("#cfg-sample-every_n_steps input").fill("5")
         page.locator("#cfg-sample-num_inference_steps input").fill("2")
         page.locator("#cfg-save-every_n_steps input").fill("0")
+        page.locator("#train-advanced > button").first.click()  # closed again: a compact screenshot
         page.locator("#train-check").click()
         wait_for_text(page, "#train-estimate", "300 in all")
         page.locator("#train-start").click()

@@ -16,6 +16,7 @@ from ..config import list_presets, preset_description
 from ..errors import LoraStudioError
 from ..models import FAMILY_NAMES, bundled_models, describe_source
 from . import dataset_tab, library_tab, preview_tab, train_tab
+from .errors import attach_app_log
 
 log = logging.getLogger(__name__)
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -116,6 +117,7 @@ def launch(
             f"listening on {host} would expose LoRA Studio to your network without a password; "
             "add --auth user:password (or set LORA_STUDIO_AUTH), or keep the default host 127.0.0.1"
         )
+    attach_app_log()
     app = build_app()
     app.launch(
         server_name=host,
