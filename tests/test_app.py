@@ -131,7 +131,7 @@ def test_page_lists_models_and_checks_a_file(browser_page, lora_file):
         result = page.locator("#check-result")
         result.get_by_text("is a LoRA adapter").wait_for(timeout=30_000)
         assert "Traceback" not in result.inner_text()
-        page.screenshot(path=str(ARTIFACTS / "models-tab.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / "models-check.png"), full_page=True)
 
 
 @pytest.mark.browser
@@ -287,3 +287,7 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
         download.value.save_as(saved)
         assert load_lora(saved).family == "sd1"
         page.screenshot(path=str(ARTIFACTS / "library-tab.png"), full_page=True)
+        for tab, table, shown in (("Models", "#bundled-models", "sdxl"), ("Presets", "#presets-table", "demo-cpu")):
+            page.get_by_role("tab", name=tab).click()  # a screenshot of every tab
+            page.locator(table).get_by_text(shown, exact=True).first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / f"{tab.lower()}-tab.png"), full_page=True)

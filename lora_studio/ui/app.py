@@ -20,6 +20,8 @@ from .errors import attach_app_log
 
 log = logging.getLogger(__name__)
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+# Small previews (the demo's 64 px) are shown scaled up with hard pixel edges; the file itself is unchanged.
+CSS = "#preview-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
 def bundled_models_table() -> list[list[str]]:
@@ -78,7 +80,9 @@ def build_app() -> gr.Blocks:
             result = gr.Markdown(elem_id="check-result")
             check.click(check_base_model, inputs=[source, allow_pickle], outputs=result)
         with gr.Tab("Presets"):
-            gr.Dataframe(value=presets_table(), headers=["preset", "when to use it"], interactive=False)
+            gr.Dataframe(
+                value=presets_table(), headers=["preset", "when to use it"], interactive=False, elem_id="presets-table"
+            )
     return app
 
 
@@ -126,6 +130,7 @@ def launch(
         share=False,
         inbrowser=open_browser,
         show_error=False,  # errors reach the page as our own sentences, never as tracebacks
+        css=CSS,
         prevent_thread_lock=not block,
     )
     return app
