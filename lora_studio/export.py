@@ -254,12 +254,32 @@ def save_diffusers(
     return path
 
 
+def load_into_pipeline(pipeline, lora: LoraFile, adapter_name: str) -> None:
+    """diffusers' `load_lora_weights` of a LoRA already checked against the base (`check_compatible`).
+
+    transformers 5.x's `load_adapter` counts every text-encoder weight whose name contains the adapter
+    name, or "lora", as an adapter weight. So a short name ("d" is in "encoder") or any second adapter
+    makes it log a report listing base weights or the first adapter's weights as MISSING and "newly
+    initialized". Nothing is changed (tested: the base and earlier adapters keep equal tensors), so
+    that one logger is quieted for this call rather than alarm people on every preview.
+    """
+    import logging
+
+    report = logging.getLogger("transformers.integrations.peft")  # where load_adapter logs its report
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        pipeline.load_lora_weights(lora.state_dict(torch.float32), adapter_name=adapter_name)
+    finally:
+        report.setLevel(level)
+
+
 def convert_to_diffusers(lora: LoraFile, base, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
     """Rewrite any LoRA in diffusers' own format: diffusers loads it into `base` (which fixes the module
     paths and per-module alphas) and saves it back with its adapter configs and our metadata."""
     check_compatible(lora, base)
     pipeline = base.pipeline
-    pipeline.load_lora_weights(lora.state_dict(torch.float32), adapter_name="convert")
+    load_into_pipeline(pipeline, lora, "convert")
     try:
         parts = {n: m for n, m in base.lora_parts().items() if "convert" in getattr(m, "peft_config", {})}
         metadata = {k: v for k, v in lora.metadata.items() if not k.startswith("sshs_")}

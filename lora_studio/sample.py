@@ -265,7 +265,7 @@ class Previewer:
         if name in self.loras:
             raise PreviewError(f"A LoRA named {name!r} is already loaded; remove it first or give another name.")
         export.check_compatible(lora, self.base)
-        self.pipeline.load_lora_weights(lora.state_dict(torch.float32), adapter_name=name)
+        export.load_into_pipeline(self.pipeline, lora, name)
         self.loras[name] = lora
         return name
 

@@ -183,7 +183,7 @@ def merge_lora(
     """
     export.check_compatible(lora, base)
     pipeline = base.pipeline
-    pipeline.load_lora_weights(lora.state_dict(torch.float32), adapter_name="merge")
+    export.load_into_pipeline(pipeline, lora, "merge")
     pipeline.fuse_lora(lora_scale=strength, adapter_names=["merge"])
     pipeline.unload_lora_weights()
     path = Path(path)

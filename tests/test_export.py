@@ -247,6 +247,39 @@ def diffusers_log(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+class Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_named_and_stacked_loads_change_nothing_and_log_no_false_report(sd1_full, tiny_folders):
+    _session, path = sd1_full
+    pipeline = load_base(tiny_folders["sd1"], device="cpu").pipeline
+    base_weights = {k: v.clone() for k, v in pipeline.text_encoder.state_dict().items()}
+    recorder = Recorder()  # transformers' loggers do not propagate, so caplog cannot see them
+    logging.getLogger("transformers.integrations.peft").addHandler(recorder)
+    try:
+        export.load_into_pipeline(pipeline, load_lora(path), "d")  # "d" is inside "encoder"
+        first = {k: v.clone() for k, v in pipeline.text_encoder.state_dict().items() if ".d." in k}
+        export.load_into_pipeline(pipeline, load_lora(path), "second")
+        assert recorder.messages == []
+        # What the quieting hides: a plain named load after another adapter reports weights as MISSING.
+        pipeline.load_lora_weights(load_lora(path).state_dict(torch.float32), adapter_name="third")
+        assert any("LOAD REPORT" in m and "MISSING" in m for m in recorder.messages)
+    finally:
+        logging.getLogger("transformers.integrations.peft").removeHandler(recorder)
+    assert logging.getLogger("transformers.integrations.peft").level == logging.NOTSET  # restored
+    after = pipeline.text_encoder.state_dict()
+    assert first and all(torch.equal(v, after[k]) for k, v in first.items())  # the first adapter is intact
+    for name, tensor in base_weights.items():  # and so is the base: wrapped weights moved to .base_layer
+        layer, _, leaf = name.rpartition(".")
+        assert torch.equal(tensor, after.get(name, after.get(f"{layer}.base_layer.{leaf}")))
+
+
 @pytest.mark.parametrize("fixture", ["sd1_full", "sd2v_attn_ff", "sdxl_attn_ff"])
 def test_diffusers_loads_every_module_and_renders_like_the_trained_model(request, tiny_folders, fixture, caplog):
     session, path = request.getfixturevalue(fixture)
