@@ -154,8 +154,9 @@ def connect(app: gr.Blocks, parts: dict, preset: gr.Dropdown, train_dataset: gr.
     view = [p["folder"], p["gallery"], p["report"], p["tags"]]
     p["open"].click(shown(open_dataset), [p["source"], preset], [*view, train_dataset])
     app.load(shown(open_dataset), [p["source"], preset], [*view, train_dataset])  # first start: the demo is open
-    p["files"].upload(shown(upload), [p["folder"], p["new_name"], p["files"], preset],
-                      [*view, p["status"], train_dataset])  # fmt: skip
+    uploaded = p["files"].upload(shown(upload), [p["folder"], p["new_name"], p["files"], preset],
+                                 [*view, p["status"], train_dataset])  # fmt: skip
+    uploaded.success(lambda: None, None, p["files"])  # the files are in the gallery now; empty the drop zone
 
     def pick(items, evt: gr.SelectData):
         path, label = items[evt.index][0], items[evt.index][1]
