@@ -119,3 +119,17 @@ def test_start_poll_stop_resume(fresh_manager, tmp_path):
 def test_resume_without_a_stopped_run_is_a_sentence(fresh_manager):
     with pytest.raises(LoraStudioError, match="no stopped run to resume"):
         fresh_manager.resume(*form())
+
+
+def test_model_descriptions_are_read_once_and_again_when_the_file_changes(tmp_path, monkeypatch):
+    reads = []
+    real = train_tab.describe_source
+    monkeypatch.setattr(train_tab, "describe_source", lambda source: reads.append(source) or real(source))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"not a checkpoint at all")
+    assert "is not a safetensors file" in train_tab.describe_base(str(path))
+    assert "is not a safetensors file" in train_tab.describe_base(str(path))
+    assert len(reads) == 1  # the second look used the kept description
+    save_file({"lora_unet_x.lora_down.weight": __import__("torch").zeros(2, 2)}, str(path))
+    assert "LoRA adapter" in train_tab.describe_base(str(path))  # another size and time: read again
+    assert len(reads) == 2

@@ -8,6 +8,7 @@ does not stop training and a reopened page shows the running job again.
 
 from __future__ import annotations
 
+import functools
 import html
 from pathlib import Path
 
@@ -39,12 +40,33 @@ def manager():
 # --- base models ---------------------------------------------------------------------------------
 
 
+def summarize(source: str | Path):
+    """describe_source's summary, or the LoraStudioError saying why the source cannot be used.
+
+    Kept per (path, size, modification time): the page lists the models folder in two tabs and again on
+    every rescan, and re-reading each checkpoint's header only makes sense once the file changed.
+    """
+    path = Path(source).expanduser()
+    try:
+        stat = path.stat()
+    except OSError:
+        return _summarize(str(source), 0, 0)
+    return _summarize(str(source), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _summarize(source: str, _size: int, _mtime_ns: int):
+    try:
+        return describe_source(source)
+    except LoraStudioError as exc:
+        return exc
+
+
 def describe_base(source: str) -> str:
     """'SD 1.x, epsilon' for a usable base, else 'cannot use: <the reason>'."""
-    try:
-        summary = describe_source(source)
-    except LoraStudioError as exc:
-        return f"cannot use: {exc}"
+    summary = summarize(source)
+    if isinstance(summary, LoraStudioError):
+        return f"cannot use: {summary}"
     return f"{FAMILY_NAMES.get(summary.family, summary.family)}, {summary.prediction_type}"
 
 
@@ -57,12 +79,12 @@ def base_choices() -> list[tuple[str, str]]:
 def models_folder_table() -> list[list[str]]:
     rows = []
     for path in find_local_models(models_dir()):
-        try:
-            summary = describe_source(path)
+        summary = summarize(path)
+        if isinstance(summary, LoraStudioError):
+            rows.append([path.name, "", "", "", f"cannot use: {summary}"])
+        else:
             rows.append([path.name, summary.kind, FAMILY_NAMES.get(summary.family, summary.family),
                          summary.prediction_type, "; ".join(summary.notes)])  # fmt: skip
-        except LoraStudioError as exc:
-            rows.append([path.name, "", "", "", f"cannot use: {exc}"])
     return rows
 
 
@@ -117,14 +139,15 @@ def steps_line(config: TrainConfig) -> str:
 
 
 def memory_line(config: TrainConfig) -> str:
-    try:
-        family = config.family if config.family != "auto" else describe_source(config.base_model).family
-    except LoraStudioError as exc:
-        return f"**Base model:** {exc}"
     if config.base_model.strip() == "demo":
         return "**GPU memory:** the demo model is tiny (15 MB of weights) and trains on the CPU in a few minutes."
-    family = "sd2" if family == "sd2-v" else family
-    memory = estimate_memory(family, config)
+    family = config.family
+    if family == "auto":
+        summary = summarize(config.base_model.strip())
+        if isinstance(summary, LoraStudioError):
+            return f"**Base model:** {summary}"
+        family = summary.family
+    memory = estimate_memory("sd2" if family == "sd2-v" else family, config)
     return (f"**GPU memory (rough):** {memory.sentence()}. Formula and its measurements: "
             "`lora_studio/estimate.py`.")  # fmt: skip
 
