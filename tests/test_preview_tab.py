@@ -75,6 +75,10 @@ def test_checkpoint_grid_turns_on_one_checkpoint_per_column(run_folder, tiny_fol
                                               "4", *common, 1.0)  # fmt: skip
     assert picture.size[0] > 2 * 32 and picture.size[1] > 2 * 32
     assert "Seed: 4" in text and ":0>" in text  # the first cell: first checkpoint at strength 0
+    checkpoint = str(run / "checkpoints" / "tiny-step000002.safetensors")  # chosen too: it is just a column
+    again, _ = preview_tab.generate_grid(str(tiny_folders["sd1"]), [final, checkpoint], "checkpoint x strength",
+                                         "0, 1", "4", *common, 1.0, 0.5)  # fmt: skip
+    assert again.size == picture.size  # still two checkpoint columns, not three
 
 
 def test_uploaded_lora_is_checked_and_kept_inside_the_runs_folder(run_folder, tmp_path, monkeypatch):

@@ -138,15 +138,16 @@ def generate_grid(base, files, kind, strengths_text, seeds_text, prompt, negativ
     checkpoints = run_checkpoints(pairs[0][0]) if kind == "checkpoint x strength" else []
     with _lock:
         previewer = previewer_for(base)
-        names = use_loras(previewer, [f for f, _ in pairs[1:]] + (checkpoints or [pairs[0][0]]))
-        others = dict(zip(names, [s for _f, s in pairs[1:]], strict=False))
-        settings = settings_from(prompt, negative, sampler, steps, cfg, seeds[0], width, height, others)
+        subjects = checkpoints or [pairs[0][0]]
+        others = [(f, strength) for f, strength in pairs[1:] if f not in subjects]  # a chosen checkpoint is a column
+        names = use_loras(previewer, [f for f, _ in others] + subjects)
+        fixed = {name: strength for name, (_f, strength) in zip(names, others, strict=False)}
+        settings = settings_from(prompt, negative, sampler, steps, cfg, seeds[0], width, height, fixed)
+        columns = tuple(names[len(others) :])
         if checkpoints:
-            x = Axis("checkpoint", tuple(names[len(pairs) - 1 :]))
-            y = Axis("strength", tuple(grid_strengths))
+            x, y = Axis("checkpoint", columns), Axis("strength", tuple(grid_strengths))
         else:
-            x = Axis("strength", tuple(grid_strengths), lora=names[-1])
-            y = Axis("seed", tuple(seeds))
+            x, y = Axis("strength", tuple(grid_strengths), lora=columns[0]), Axis("seed", tuple(seeds))
         grid = previewer.grid(settings, x, y)
     return grid.image, grid.previews[0][0].parameters
 
