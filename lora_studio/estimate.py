@@ -1,4 +1,4 @@
-"""What the Train tab shows before Start: the total step count and a rough GPU memory (VRAM) estimate.
+"""A rough GPU memory (VRAM) estimate for a training config; the Train tab shows it before Start.
 
 The memory formula (all sizes in GiB, 1 GiB = 2**30 bytes):
 
@@ -38,7 +38,7 @@ PARAMETERS = {
     "sd2": {"unet": 865_910_724, "text_encoders": 340_387_840, "vae": 83_653_863},
     "sdxl": {"unet": 2_567_463_684, "text_encoders": 123_060_480 + 694_659_840, "vae": 83_653_863},
 }
-# sum(in + out) over the targeted linear layers (a LoRA of rank r has r times this many parameters),
+# sum(in + out) over the targeted linear (and 1x1 conv) layers (a LoRA of rank r has r times this many parameters),
 # and sum(in*k*k + out) over the LoCon convs of 'full'. Counted on the meta device; see the tests.
 UNET_LORA_WIDTH = {
     "sd1": {"attn": 199_296, "attn-ff": 423_936, "full": 423_936},
