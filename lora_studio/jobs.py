@@ -114,7 +114,13 @@ class JobManager:
                 job = self._queue.popleft()
                 self._current = job
                 job.status.state = "running"
-            self._run_one(job)
+            # Each job gets its own thread, which ends with the job. A thread that ran torch keeps its OpenMP
+            # team alive; with a second live team, libgomp counts more threads than cores and stops spinning
+            # between parallel regions, so every later training (a small model's many short ops) ran about
+            # 1.8x slower (measured on 2 cores: 7.2 s -> 12.4 s for 40 demo steps).
+            runner = threading.Thread(target=self._run_one, args=(job,), name=f"lora-studio-job-{job.status.id}")
+            runner.start()
+            runner.join()
             with self._lock:
                 self._finished.append(job)
                 self._current = None
