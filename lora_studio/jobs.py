@@ -12,14 +12,17 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from .config import TrainConfig
 from .errors import LoraStudioError
 from .events import Commands, DoneEvent, ErrorEvent, ProgressEvent, SampleEvent
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -114,13 +117,7 @@ class JobManager:
                 job = self._queue.popleft()
                 self._current = job
                 job.status.state = "running"
-            # Each job gets its own thread, which ends with the job. A thread that ran torch keeps its OpenMP
-            # team alive; with a second live team, libgomp counts more threads than cores and stops spinning
-            # between parallel regions, so every later training (a small model's many short ops) ran about
-            # 1.8x slower (measured on 2 cores: 7.2 s -> 12.4 s for 40 demo steps).
-            runner = threading.Thread(target=self._run_one, args=(job,), name=f"lora-studio-job-{job.status.id}")
-            runner.start()
-            runner.join()
+            run_on_fresh_thread(self._run_one, job, name=f"lora-studio-job-{job.status.id}")
             with self._lock:
                 self._finished.append(job)
                 self._current = None
@@ -157,6 +154,30 @@ class JobManager:
             with self._lock:
                 status.state = "failed"
                 status.message = f"unexpected failure ({type(exc).__name__}: {exc}); details are in the log"
+
+
+def run_on_fresh_thread(fn: Callable[..., T], *args, name: str = "lora-studio-torch") -> T:
+    """Call `fn(*args)` on a new thread that ends with the call; return its result or raise its exception.
+
+    Any long-lived thread that runs torch keeps its OpenMP thread team. With a second live team libgomp
+    counts more threads than cores and stops spinning between parallel regions, so every later training
+    in the process (a small model's many short ops) ran about 1.8x slower: 7.2 s -> 12.4 s for 40 demo
+    steps on 2 cores. Jobs and the app's torch work (previews, exports) therefore run on threads that end.
+    """
+    outcome: dict[str, object] = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # re-raised on the calling thread
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=call, name=name)
+    runner.start()
+    runner.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
 
 
 def _copy(status: JobStatus) -> JobStatus:

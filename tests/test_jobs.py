@@ -68,3 +68,21 @@ def test_each_job_runs_on_its_own_thread_which_ends_with_it(tmp_path, tiny_folde
     assert first.state == second.state == "done"
     assert [t.name for t in seen] == ["lora-studio-job-1", "lora-studio-job-2"]
     assert not any(t.is_alive() for t in seen) and manager._worker.is_alive()
+
+
+def test_run_on_fresh_thread_returns_raises_and_ends():
+    from lora_studio.errors import LoraStudioError
+    from lora_studio.jobs import run_on_fresh_thread
+
+    threads = []
+
+    def work(x):
+        threads.append(threading.current_thread())
+        if x < 0:
+            raise LoraStudioError("negative")
+        return x * 2
+
+    assert run_on_fresh_thread(work, 21, name="t-1") == 42
+    with pytest.raises(LoraStudioError, match="negative"):
+        run_on_fresh_thread(work, -1)
+    assert threading.current_thread() not in threads and not any(t.is_alive() for t in threads)

@@ -1,5 +1,7 @@
 """Handler errors reach the page as one sentence; the traceback goes to the app's log.txt."""
 
+import threading
+
 import gradio as gr
 import pytest
 
@@ -12,6 +14,7 @@ def test_our_errors_are_their_own_sentence_and_others_point_at_the_log(tmp_path,
     log_file = errors.attach_app_log(tmp_path / "log.txt")
 
     def bad_input():
+        assert threading.current_thread() is not threading.main_thread()  # torch work never on a pooled thread
         raise LoraStudioError("the dataset folder is empty; add images first.")
 
     def bug():

@@ -9,6 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import LoraStudioError
+from ..jobs import run_on_fresh_thread
 from ..paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,15 @@ def attach_app_log(path: Path = APP_LOG) -> Path:
 
 
 def shown(handler):
-    """Run a handler; a LoraStudioError becomes a gr.Error sentence, anything else is logged and summarised."""
+    """Run a handler; a LoraStudioError becomes a gr.Error sentence, anything else is logged and summarised.
+
+    The handler runs on a thread of its own that ends with it (`jobs.run_on_fresh_thread`): Gradio's pool
+    threads live on, and one that ran torch (a preview, an export) would slow every later training.
+    """
 
     def wrapped(*args):
         try:
-            return handler(*args)
+            return run_on_fresh_thread(handler, *args, name=f"lora-studio-{handler.__name__}")
         except LoraStudioError as exc:
             raise gr.Error(str(exc)) from None
         except Exception:
