@@ -25,12 +25,6 @@ def diffusers_to_ldm_mapping() -> dict:
     return DIFFUSERS_TO_LDM_MAPPING
 
 
-def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    import torch
-
-    return torch.cat(tensors, dim=0)
-
-
 # Top-level prefixes of each component inside a single-file checkpoint.
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -187,6 +181,8 @@ def clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str
 
 def open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """OpenCLIP text encoders (SD2, SDXL's second) use open_clip names and a fused q/k/v projection."""
+    import torch  # here, not at the top: models.py reads this module's prefixes before torch is needed
+
     fixed = diffusers_to_ldm_mapping()["openclip"]["layers"]
     sd = {_with_text_model_prefix(k): v for k, v in state_dict.items()}
     out: dict[str, torch.Tensor] = {}
@@ -202,7 +198,7 @@ def open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dic
         if ".attn.q_proj." in name:
             kind = name.rsplit(".", 1)[1]  # weight or bias
             qkv = [sd[key.replace(".q_proj.", f".{p}_proj.")] for p in ("q", "k", "v")]
-            out[prefix + name.replace(f"q_proj.{kind}", f"in_proj_{kind}")] = _concat(qkv)
+            out[prefix + name.replace(f"q_proj.{kind}", f"in_proj_{kind}")] = torch.cat(qkv, dim=0)
         else:
             out[prefix + name] = value
     return out

@@ -486,7 +486,7 @@ def describe_source(source: str | Path, allow_pickle: bool = False) -> SourceSum
 
 
 def find_local_models(folder: Path) -> list[Path]:
-    """Checkpoint files and diffusers folders directly inside `folder` (and its hub-style subfolders).
+    """Checkpoint files and diffusers folders directly inside `folder` (not deeper), sorted by name.
 
     Pickle files are listed too, so the picker can say why they are refused rather than hide them.
     """

@@ -6,6 +6,7 @@ import shutil
 import time
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from lora_studio.config import TrainConfig, list_presets, load_preset
@@ -72,7 +73,7 @@ def test_base_picker_lists_the_models_folder_with_family_and_prediction(tmp_path
     models = tmp_path / "models"
     models.mkdir()
     shutil.copytree(tiny_folders["sdxl"], models / "my-sdxl")
-    save_file({"x": __import__("torch").zeros(1)}, str(models / "not-a-model.safetensors"))
+    save_file({"x": torch.zeros(1)}, str(models / "not-a-model.safetensors"))
     (models / "old.ckpt").write_bytes(b"pickle")
     (models / "notes.txt").write_text("ignored")
     monkeypatch.setenv("LORA_STUDIO_MODELS", str(models))
@@ -130,6 +131,6 @@ def test_model_descriptions_are_read_once_and_again_when_the_file_changes(tmp_pa
     assert "is not a safetensors file" in train_tab.describe_base(str(path))
     assert "is not a safetensors file" in train_tab.describe_base(str(path))
     assert len(reads) == 1  # the second look used the kept description
-    save_file({"lora_unet_x.lora_down.weight": __import__("torch").zeros(2, 2)}, str(path))
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(path))
     assert "LoRA adapter" in train_tab.describe_base(str(path))  # another size and time: read again
     assert len(reads) == 2
