@@ -606,7 +606,9 @@ def render_samples(session: Session) -> SampleEvent:
     devices = [session.device] if session.device.type == "cuda" else []
     try:
         pipeline.set_progress_bar_config(disable=True)
-        with torch.random.fork_rng(devices=devices):
+        # Under the training autocast: the LoRA weights are fp32 beside bf16/fp16 base weights, and
+        # without it their fp32 outputs reach the half-precision VAE, which refuses them.
+        with torch.random.fork_rng(devices=devices), session.accelerator.autocast():
             rendered = render(
                 pipeline,
                 prompts,

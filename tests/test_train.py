@@ -390,6 +390,31 @@ def test_sample_now_command(tmp_path, tiny_folders, images):
     assert len(samples) == 1 and samples[0].step == 1 and samples[0].images[0].name == "s0.50-seed1.png"
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_samples_render_during_bf16_training(tmp_path, tiny_folders, images, family):
+    """bf16 base weights beside fp32 LoRA weights: samples render under the training autocast.
+
+    Without it the fp32 LoRA outputs reached the bf16 VAE, and the first sample stopped the run."""
+    sample = {"every_n_steps": 1, "strengths": [0.0, 1.0], "seeds": [1], "num_inference_steps": 1}
+    events = []
+    done = run_training(
+        tiny_config(
+            tmp_path,
+            tiny_folders,
+            images,
+            base_model=str(tiny_folders[family]),
+            mixed_precision="bf16",
+            sample={**sample, "width": 32, "height": 32},
+            optimizer={"max_train_steps": 1},
+        ),
+        on_event=events.append,
+    )
+    assert [type(e).__name__ for e in events if type(e).__name__ in ("SampleEvent", "ErrorEvent")] == ["SampleEvent"]
+    folder = done.run_dir / "samples" / "step-000001"
+    assert sorted(p.name for p in folder.iterdir()) == ["s0.00-seed1.png", "s1.00-seed1.png"]
+    assert Image.open(folder / "s1.00-seed1.png").size == (32, 32)
+
+
 @pytest.mark.slow
 def test_torch_compile_trains_the_same_weights(tmp_path, tiny_folders, images):
     """torch_compile (inductor, about a minute to compile here) changes speed, not the result."""
