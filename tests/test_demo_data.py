@@ -42,8 +42,9 @@ def test_every_shape_and_colour_is_recognised():
 def test_outline_detector_separates_outlines_from_solid_shapes():
     solid = [demo_data.analyse(demo_data.render(s)) for s in scenes(120, seed=21)]
     rng = random.Random(22)
+    radius = demo_data.CONCEPT_MIN_RADIUS
     outlines = [
-        demo_data.analyse(demo_data.render(demo_data.random_scene(rng, outline=True, radius=rng.uniform(15, 22))))
+        demo_data.analyse(demo_data.render(demo_data.random_scene(rng, outline=True, radius=rng.uniform(radius, 22))))
         for _ in range(120)
     ]
     assert not any(a.concept for a in solid)
@@ -52,7 +53,8 @@ def test_outline_detector_separates_outlines_from_solid_shapes():
 
 def test_outline_shapes_are_still_classified():
     rng = random.Random(3)
-    truth = [demo_data.random_scene(rng, outline=True, radius=rng.uniform(15, 22)) for _ in range(60)]
+    radius = demo_data.CONCEPT_MIN_RADIUS
+    truth = [demo_data.random_scene(rng, outline=True, radius=rng.uniform(radius, 22)) for _ in range(60)]
     hits = [demo_data.analyse(demo_data.render(s)).shape == s.shape for s in truth]
     assert np.mean(hits) >= 0.9
 
