@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast, broadcast_object_list
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -232,18 +233,32 @@ def make_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, tot
     )
 
 
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The run's Accelerator, also when an earlier run in this process used another precision.
+
+    accelerate keeps the mixed-precision setting in a per-process singleton and refuses a second
+    Accelerator with another one ("restart your runtime"). The app runs many trainings in one process
+    (a demo in fp32, then a bf16 run), so a change of precision resets that state first, as accelerate's
+    own tests do between configurations. Under `accelerate launch` a process runs one training, so
+    the reset never happens there; the process group (PartialState) is never reset."""
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != config.mixed_precision:
+        AcceleratorState._reset_state()
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.optimizer.gradient_accumulation_steps,
+        # Without a GPU, say so: under torchrun/accelerate launch that selects multi-process CPU (gloo).
+        cpu=pick_device().type == "cpu",
+    )
+
+
 def prepare(
     config: TrainConfig, on_event=None, commands: Commands | None = None, run_dir: Path | None = None
 ) -> Session:
     """Everything before the first step: run folder, dataset, model, caches, LoRA, optimizer."""
     check_settings(config)
     report = check_dataset(config)  # before any model loads: a bad dataset fails in a second
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.optimizer.gradient_accumulation_steps,
-        # Without a GPU, say so: under torchrun/accelerate launch that selects multi-process CPU (gloo).
-        cpu=pick_device().type == "cpu",
-    )
+    accelerator = make_accelerator(config)
     run_dir = shared_run_dir(config, accelerator, run_dir)
     if accelerator.is_main_process:
         attach_log_file(run_dir)

@@ -390,6 +390,23 @@ def test_sample_now_command(tmp_path, tiny_folders, images):
     assert len(samples) == 1 and samples[0].step == 1 and samples[0].images[0].name == "s0.50-seed1.png"
 
 
+def test_runs_of_different_precision_follow_each_other_in_one_process(tmp_path, tiny_folders, images):
+    """The app trains many runs in one process: accelerate's per-process state must not pin the first
+    run's precision (it raised "AcceleratorState has already been initialized" on the second)."""
+    precisions = []
+    for i, precision in enumerate(["no", "bf16", "no"]):
+        config = tiny_config(
+            tmp_path / str(i), tiny_folders, images, mixed_precision=precision, optimizer={"max_train_steps": 1}
+        )
+        session = prepare(config)
+        precisions.append(session.accelerator.mixed_precision)
+        with session.accelerator.autocast():
+            autocast = torch.is_autocast_enabled("cpu")
+        assert autocast == (precision == "bf16")
+        assert train_module.train(session).lora_path.is_file()
+    assert precisions == ["no", "bf16", "no"]
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_samples_render_during_bf16_training(tmp_path, tiny_folders, images, family):
     """bf16 base weights beside fp32 LoRA weights: samples render under the training autocast.
