@@ -35,9 +35,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
 }
 TRIGGER = "zkz"
-# Pixels at 64 px. 3 px strokes often fell between the 4x VAE's latent pixels: demo LoRAs trained on
-# them drew broken rings; at 4 px the concept rate rose from about 30% to about 46% (2 seeds each).
-OUTLINE_WIDTH = 4
+OUTLINE_WIDTH = 4  # pixels at 64 px: 3 px strokes fell between the 4x VAE's latent pixels, and LoRAs drew broken rings
 
 
 @dataclass(frozen=True)
@@ -273,8 +271,8 @@ def concept_scenes(count: int = 24, seed: int = 7) -> list[Scene]:
     """The zkz dataset: outline-only shapes, balanced over shapes, colours and backgrounds.
 
     Shapes cycle with i; colours and backgrounds rotate against them, so each shape meets six colours
-    and every background. (Random colours once gave four orange stars out of six, and the LoRA tied
-    outlines to orange.)"""
+    and every background. (Random colours once gave four orange stars out of six.) With the 4 px strokes
+    and larger shapes this raised the demo LoRA's concept rate from about 30% to about 46% (2 seeds)."""
     rng = random.Random(seed)
     colors, backgrounds = list(COLORS), list(BACKGROUNDS)
     scenes = []
