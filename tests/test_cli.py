@@ -89,7 +89,7 @@ def test_lora_tools_from_the_command_line(tmp_path, capsys):
     from lora_studio.paths import DEMO_MODEL_DIR
 
     sets = ["optimizer.max_train_steps=4", f"output_dir='{tmp_path}'", "sample.every_n_steps=0",
-            f"dataset.cache_dir='{tmp_path / 'cache'}'"]  # fmt: skip
+            f"dataset.cache_dir='{tmp_path / 'cache'}'", "lora.rank=8", "lora.alpha=8"]  # fmt: skip
     assert main(["train", "demo-cpu", *[a for s in sets for a in ("--set", s)]]) == 0
     lora = next(tmp_path.glob("demo-*/demo.safetensors"))
     capsys.readouterr()
