@@ -12,6 +12,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -287,6 +288,19 @@ def concept_scenes(count: int = 24, seed: int = 7) -> list[Scene]:
         }
         scenes.append(random_scene(rng, outline=True, **fixed))
     return scenes
+
+
+def write_concept_images(folder: Path, count: int = 24) -> list[Path]:
+    """Write `concept_scenes(count)` as PNGs with same-name caption files; the demo dataset is count=24."""
+    paths = []
+    for i, scene in enumerate(concept_scenes(count)):
+        path = folder / f"zkz_{i:02d}_{scene.color}_{scene.shape}.png"
+        render(scene).save(path)
+        # Shapes cycle with i, phrasings with i // 4: every shape gets every phrasing, so the LoRA ties
+        # the style to the trigger word rather than to one phrasing.
+        path.with_suffix(".txt").write_text(scene.caption(template=i // 4) + "\n")
+        paths.append(path)
+    return paths
 
 
 @dataclass(frozen=True)

@@ -87,13 +87,15 @@ def test_eval_grid_covers_every_colour_and_shape():
     assert {c.background for c in cases} == set(demo_data.BACKGROUNDS)
 
 
-def test_bundled_demo_dataset_matches_the_generator():
+def test_bundled_demo_dataset_matches_the_generator(tmp_path):
     images = sorted(DEMO_DATASET_DIR.glob("*.png"))
     assert 12 <= len(images) <= 24
-    expected = demo_data.concept_scenes()
-    assert len(images) == len(expected)
-    for path, scene in zip(images, expected, strict=True):
+    written = demo_data.write_concept_images(tmp_path)  # what scripts/make_demo_model.py --dataset-only writes
+    assert [p.name for p in images] == [p.name for p in written]
+    for path, scene, fresh in zip(images, demo_data.concept_scenes(), written, strict=True):
         caption = path.with_suffix(".txt").read_text().strip()
+        assert caption == fresh.with_suffix(".txt").read_text().strip()
         assert caption.startswith("zkz, ") and scene.color in caption and scene.shape in caption
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(demo_data.render(scene)))
+        assert np.array_equal(np.asarray(Image.open(fresh)), np.asarray(Image.open(path)))
         assert demo_data.analyse(Image.open(path)).concept
