@@ -1,9 +1,9 @@
 """Regenerate docs/train-tab.png: the Train tab during a real `demo-cpu` run, as the README shows it.
 
-    python scripts/readme_screenshot.py            # about a minute on 2 CPU cores
+    python scripts/readme_screenshot.py            # about two minutes on 2 CPU cores
 
 It serves the app on a free loopback port, presses Start with the preset as it ships (runs go to a
-temp folder), waits for the samples of step 200 and the loss curve, and saves the page from headless
+temp folder), waits for the samples of step 350 and the loss curve, and saves the page from headless
 Chromium (Debian's, as the browser tests use).
 """
 
@@ -21,7 +21,7 @@ from lora_studio.ui.app import launch  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]  # fmt: skip
-WAIT_FOR_STEP = 200  # the demo preset samples every 100 steps; 200 shows the style starting to appear
+WAIT_FOR_STEP = 350  # the demo preset samples every 175 steps; half-way through, the style shows at strength 1
 
 
 def free_port() -> int:

@@ -1,8 +1,10 @@
 """bench/demo_quality.py's LoRA path: strength 0 reproduces the base model; a strong adapter changes the images."""
 
 import importlib.util
+import time
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
@@ -50,3 +52,29 @@ def test_lora_report_strength_zero_equals_base(tmp_path):
     pipeline.set_adapters(["again"], adapter_weights=[1.0])
     strong = demo_data.generate(pipeline, prompts, seeds, steps=4)
     assert any(list(a.getdata()) != list(b.getdata()) for a, b in zip(base_images, strong, strict=True))
+
+
+@pytest.mark.slow
+def test_lora_studio_demo_meets_the_issue_bar(tmp_path, monkeypatch):
+    """Issue 5's demo acceptance, end to end (about 4 minutes): `lora-studio demo` finishes within
+    3 minutes on 2 CPU cores, and bench/demo_quality.py's concept rate is >= 70% at strength 1, the
+    base model's (<= 10%) at 0, and in between at 0.5."""
+    from lora_studio.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the demo writes runs/ under the working folder
+    start = time.monotonic()
+    assert main(["demo"]) == 0
+    seconds = time.monotonic() - start
+    (lora,) = (tmp_path / "runs").glob("demo-*/demo.safetensors")
+
+    bench = load_bench()
+    pipeline = load_base("demo", dtype=torch.float32, device="cpu").pipeline
+    pipeline.set_progress_bar_config(disable=True)
+    cases = demo_data.eval_cases()
+    base = bench.base_report(pipeline, cases, steps=20, guidance=5.0)["base_with_trigger"]["concept"]
+    report = bench.lora_report(pipeline, lora, [0.0, 0.5, 1.0], cases, steps=20, guidance=5.0)
+
+    assert seconds <= 180, f"lora-studio demo took {seconds:.0f} s"
+    assert report["0"]["concept"] == base <= 0.10
+    assert base < report["0.5"]["concept"] < report["1"]["concept"]
+    assert report["1"]["concept"] >= 0.70

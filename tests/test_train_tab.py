@@ -58,7 +58,8 @@ def test_form_values_become_the_config_and_every_bad_field_is_reported():
 
 def test_estimate_shows_steps_and_memory_or_the_bad_fields(tmp_path):
     shown = train_tab.estimate(*form())
-    assert "**Steps:** 600 in all (3 per epoch; 24 images per epoch, batch 8)" in shown and "demo model" in shown
+    steps = load_preset("demo-cpu").optimizer.max_train_steps
+    assert f"**Steps:** {steps} in all (3 per epoch; 24 images per epoch, batch 8)" in shown and "demo model" in shown
     sdxl = form("sdxl-character", dataset__path="demo", family="sdxl", base_model=str(tmp_path / "x.safetensors"))
     shown = train_tab.estimate(*sdxl)
     config = config_from_form(sdxl)
