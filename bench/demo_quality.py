@@ -7,7 +7,8 @@
 Cases: every colour x shape of the demo world with rotating backgrounds, `--seeds` seeds each
 (8 x 4 x 2 = 64 by default). Colour: the palette colour nearest the mean colour of the shape mask.
 Shape: the template (circle, square, triangle, star) that best overlaps the shape's silhouette.
-Concept: the zkz outline detector (the share of the silhouette that is background).
+Concept: the zkz outline detector (the share of the silhouette that is background), overall and per
+prompted shape (`concept_by_shape` in the JSON).
 """
 
 from __future__ import annotations

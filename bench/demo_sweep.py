@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # demo_quality.py, for the scoring
 
 RANK_32 = ["lora.rank=32", "lora.alpha=32"]
 CONSTANT = [
@@ -80,26 +81,16 @@ def variant_sets(variant: str, out_root: Path) -> list[str]:
 
 
 def score_lora(lora: Path, device: str) -> dict:
-    """Concept rate (and per shape) at strengths 1 and 0.5, on demo_quality's cases and settings."""
+    """bench/demo_quality.py's report for one LoRA at strengths 1 and 0.5 (with per-shape concept rates)."""
     import torch
+    from demo_quality import lora_report
 
     from lora_studio import demo_data
     from lora_studio.models import load_base
 
     pipeline = load_base("demo", dtype=torch.float32, device=device).pipeline
     pipeline.set_progress_bar_config(disable=True)
-    pipeline.load_lora_weights(str(lora), adapter_name="demo")
-    cases = demo_data.eval_cases()
-    scores = {}
-    for strength in (1.0, 0.5):
-        pipeline.set_adapters(["demo"], adapter_weights=[strength])
-        images = demo_data.generate(pipeline, [c.prompt(True) for c in cases], [c.seed for c in cases], 20, 5.0)
-        hits: dict[str, list[bool]] = {}
-        for case, image in zip(cases, images, strict=True):
-            hits.setdefault(case.shape, []).append(demo_data.analyse(image).concept)
-        rates = {shape: sum(h) / len(h) for shape, h in hits.items()}
-        scores[f"{strength:g}"] = {"concept": sum(sum(h) for h in hits.values()) / len(cases), **rates}
-    return scores
+    return lora_report(pipeline, lora, [1.0, 0.5], demo_data.eval_cases(), steps=20, guidance=5.0)
 
 
 def run_one(variant: str, seed: int, out_root: Path, device: str, threads: int, extra: list[str]) -> dict:

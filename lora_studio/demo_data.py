@@ -331,19 +331,30 @@ class QualityScores:
     color_rate: float
     shape_rate: float
     concept_rate: float
+    concept_by_shape: dict[str, float]  # the concept rate of each prompted shape: stars are the hardest outline
 
-    def as_dict(self) -> dict[str, float]:
-        return {"cases": self.cases, "color": self.color_rate, "shape": self.shape_rate, "concept": self.concept_rate}
+    def as_dict(self) -> dict[str, float | dict[str, float]]:
+        return {
+            "cases": self.cases,
+            "color": self.color_rate,
+            "shape": self.shape_rate,
+            "concept": self.concept_rate,
+            "concept_by_shape": self.concept_by_shape,
+        }
 
 
 def score_images(cases: list[EvalCase], images: list[Image.Image]) -> QualityScores:
     analyses = [analyse(image) for image in images]
     n = len(cases)
+    by_shape: dict[str, list[bool]] = {}
+    for a, c in zip(analyses, cases, strict=True):
+        by_shape.setdefault(c.shape, []).append(a.concept)
     return QualityScores(
         cases=n,
         color_rate=sum(a.color == c.color for a, c in zip(analyses, cases, strict=True)) / n,
         shape_rate=sum(a.shape == c.shape for a, c in zip(analyses, cases, strict=True)) / n,
         concept_rate=sum(a.concept for a in analyses) / n,
+        concept_by_shape={shape: sum(hits) / len(hits) for shape, hits in by_shape.items()},
     )
 
 

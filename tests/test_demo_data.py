@@ -87,6 +87,15 @@ def test_eval_grid_covers_every_colour_and_shape():
     assert {c.background for c in cases} == set(demo_data.BACKGROUNDS)
 
 
+def test_scores_count_the_concept_per_prompted_shape():
+    cases = demo_data.eval_cases()[:8]  # red: circle, circle, square, square, triangle, ... (two seeds each)
+    scenes = [demo_data.random_scene(random.Random(i), outline=i < 2, shape=c.shape, color=c.color, radius=20.0)
+              for i, c in enumerate(cases)]  # fmt: skip
+    scores = demo_data.score_images(cases, [demo_data.render(s) for s in scenes])
+    assert scores.concept_by_shape == {"circle": 1.0, "square": 0.0, "triangle": 0.0, "star": 0.0}
+    assert scores.concept_rate == 2 / 8 and scores.as_dict()["concept_by_shape"] == scores.concept_by_shape
+
+
 def test_bundled_demo_dataset_matches_the_generator(tmp_path):
     images = sorted(DEMO_DATASET_DIR.glob("*.png"))
     assert 12 <= len(images) <= 24
