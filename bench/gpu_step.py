@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import publish  # noqa: E402
+from stepping import time_training_steps  # noqa: E402
 
-from lora_studio import buckets as bucketing  # noqa: E402
 from lora_studio.config import TrainConfig  # noqa: E402
 from lora_studio.paths import sd_config_dir  # noqa: E402
-from lora_studio.train import prepare, training_step  # noqa: E402
+from lora_studio.train import prepare  # noqa: E402
 
 
 def load_reference(path: Path):
@@ -123,31 +123,12 @@ def our_config(folder: Path, base: Path, data: Path, res: int, batch: int, compi
     )
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def ours_case(name: str, config: TrainConfig, steps: int) -> dict:
     prepared_at = time.perf_counter()
     session = prepare(config)
     prepare_s = time.perf_counter() - prepared_at
     batch = config.dataset.batch_size
-    batches = bucketing.iterate_batches(session.buckets, [1] * len(session.items), batch, 0)
-    warm = time.perf_counter()
-    for _ in range(3 if config.torch_compile else 2):  # a compile happens here
-        training_step(session, next(batches)[1])
-    synchronize()
-    warmup_s = time.perf_counter() - warm
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        session.position, indices = next(batches)
-        training_step(session, indices)  # reads the loss back, so the step has finished on the GPU
-        session.step += 1
-        times.append(time.perf_counter() - start)
+    warmup_s, times = time_training_steps(session, steps, warmup_steps=3 if config.torch_compile else 2)
     ms = statistics.median(times) * 1000
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     lora_params = sum(p.numel() for g in session.optimizer.param_groups for p in g["params"])
@@ -164,7 +145,7 @@ def ours_case(name: str, config: TrainConfig, steps: int) -> dict:
         lora_params=lora_params,
     )
     print(json.dumps(result), flush=True)
-    del session, batches
+    del session
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result

@@ -31,11 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/report.py, when imported by tests
 from report import publish  # noqa: E402
+from stepping import time_training_steps  # noqa: E402
 
 from lora_studio import demo_data  # noqa: E402
 from lora_studio.config import TrainConfig  # noqa: E402
 from lora_studio.models import load_base  # noqa: E402
-from lora_studio.train import prepare, training_step  # noqa: E402
+from lora_studio.train import prepare  # noqa: E402
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 WARMUP_SECONDS: dict[str, list[float]] = {}
@@ -71,19 +72,9 @@ def ours(folder: Path, data: Path, batch: int, steps: int, train_text_encoder: b
         save={"every_n_epochs": 0, "save_state": False},
     )
     session = prepare(config)
-    from lora_studio import buckets
-
-    batches = buckets.iterate_batches(session.buckets, [1] * len(session.items), batch, 0)
-    warm = time.perf_counter()
-    for _ in range(2):  # with torch_compile, the compile happens here
-        training_step(session, next(batches)[1])
-    WARMUP_SECONDS.setdefault("ours_compiled" if compile else "ours", []).append(time.perf_counter() - warm)
-    start = time.perf_counter()
-    for _ in range(steps):
-        session.position, indices = next(batches)
-        training_step(session, indices)
-        session.step += 1
-    return steps / (time.perf_counter() - start)
+    warmup_s, times = time_training_steps(session, steps)  # with torch_compile, the compile is in the warm-up
+    WARMUP_SECONDS.setdefault("ours_compiled" if compile else "ours", []).append(warmup_s)
+    return steps / sum(times)
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:

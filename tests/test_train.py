@@ -442,3 +442,16 @@ def test_torch_compile_trains_the_same_weights(tmp_path, tiny_folders, images):
     assert plain.keys() == compiled.keys()
     assert all(torch.allclose(plain[k], compiled[k], atol=1e-4) for k in plain)
     assert any(v.abs().sum() > 0 for k, v in compiled.items() if "lora_up" in k)
+
+
+def test_bench_timing_helper_times_real_training_steps(tmp_path, tiny_folders, images, monkeypatch):
+    """bench/stepping.py, which bench/train_step.py and bench/gpu_step.py time our trainer with."""
+    monkeypatch.syspath_prepend(str(os.path.join(os.path.dirname(__file__), "..", "bench")))
+    from stepping import time_training_steps
+
+    session = prepare(tiny_config(tmp_path, tiny_folders, images))
+    params = [p for group in session.optimizer.param_groups for p in group["params"]]
+    before = [p.detach().clone() for p in params]
+    warmup_s, times = time_training_steps(session, steps=3, warmup_steps=1)
+    assert session.step == 3 and len(times) == 3 and min(times) > 0 and warmup_s > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))  # the steps trained

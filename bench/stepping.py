@@ -1,0 +1,39 @@
+"""The one way the benchmarks time our trainer: real `training_step` calls on a prepared session."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from lora_studio import buckets
+from lora_studio.train import Session, training_step
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_training_steps(session: Session, steps: int, warmup_steps: int = 2) -> tuple[float, list[float]]:
+    """Warm-up seconds (a torch.compile happens there), then the seconds of each of `steps` timed steps.
+
+    Steps walk the data order the trainer would, advancing the session's step and position. Each step
+    has finished when timed: `training_step` reads the loss back, which waits for the GPU.
+    """
+    batches = buckets.iterate_batches(session.buckets, [1] * len(session.items), session.config.dataset.batch_size, 0)
+    warm = time.perf_counter()
+    for _ in range(warmup_steps):
+        training_step(session, next(batches)[1])
+    synchronize()
+    warmup_s = time.perf_counter() - warm
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the peak of the timed steps, not of the compile
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        session.position, indices = next(batches)
+        training_step(session, indices)
+        session.step += 1
+        times.append(time.perf_counter() - start)
+    return warmup_s, times
