@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -29,11 +30,20 @@ def time_training_steps(session: Session, steps: int, warmup_steps: int = 2) -> 
     warmup_s = time.perf_counter() - warm
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the peak of the timed steps, not of the compile
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+
+    def one_step() -> None:
         session.position, indices = next(batches)
         training_step(session, indices)
         session.step += 1
+
+    return warmup_s, time_each(one_step, steps)
+
+
+def time_each(step: Callable[[], object], steps: int) -> list[float]:
+    """The seconds each of `steps` calls of `step` took."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
         times.append(time.perf_counter() - start)
-    return warmup_s, times
+    return times

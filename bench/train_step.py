@@ -1,14 +1,15 @@
 """Training-step speed: our trainer against a reference loop in the style of diffusers' LoRA example.
 
-    python bench/train_step.py [--steps 20] [--runs 3] [--batch 8] [--json bench/results/train_step_cpu.json]
+    python bench/train_step.py [--steps 10] [--runs 8] [--batch 8] [--json bench/results/train_step_cpu.json]
 
 Both train the same LoRA (rank 8, UNet attention) on the bundled demo model, same batch and precision
 (fp32 on CPU), measured side by side in one process. The reference encodes every batch with the VAE
 and the text encoder each step and has no buckets, as `train_text_to_image_lora.py` does; ours reads
 cached latents (and cached text embeddings when the text encoder is frozen) and steps with fused
-AdamW; a fourth variant adds `torch_compile = true`. Reported: median steps/s over --runs runs of
---steps steps each (after 2 warm-up steps, which hold the one-off compile), the ratios, and the
-warm-up times.
+AdamW; a fourth variant adds `torch_compile = true`. Each case is prepared once and warmed up with 2
+steps (which hold the one-off compile); then --runs rounds time a block of --steps steps of every case
+in turn. Reported: steps/s from the median step time of each case, the ratios, each block's steps/s
+and the warm-up times.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/report.py, when imported by tests
 from report import publish  # noqa: E402
-from stepping import time_training_steps  # noqa: E402
+from stepping import time_each, time_training_steps  # noqa: E402
 
 from lora_studio import demo_data  # noqa: E402
 from lora_studio.config import TrainConfig  # noqa: E402
@@ -39,7 +41,7 @@ from lora_studio.models import load_base  # noqa: E402
 from lora_studio.train import prepare  # noqa: E402
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-WARMUP_SECONDS: dict[str, list[float]] = {}
+BlockTimer = Callable[[int], list[float]]  # runs n training steps, returns the seconds of each
 
 
 def make_dataset(folder: Path, count: int = 32) -> None:
@@ -49,7 +51,7 @@ def make_dataset(folder: Path, count: int = 32) -> None:
         (folder / f"{i:03d}.txt").write_text(scene.caption())
 
 
-def ours(folder: Path, data: Path, batch: int, steps: int, train_text_encoder: bool, compile: bool = False) -> float:
+def ours(folder: Path, data: Path, batch: int, train_text_encoder: bool, compile: bool = False) -> BlockTimer:
     config = TrainConfig(
         name="bench",
         torch_compile=compile,
@@ -72,16 +74,14 @@ def ours(folder: Path, data: Path, batch: int, steps: int, train_text_encoder: b
         save={"every_n_epochs": 0, "save_state": False},
     )
     session = prepare(config)
-    warmup_s, times = time_training_steps(session, steps)  # with torch_compile, the compile is in the warm-up
-    WARMUP_SECONDS.setdefault("ours_compiled" if compile else "ours", []).append(warmup_s)
-    return steps / sum(times)
+    return lambda steps: time_training_steps(session, steps, warmup_steps=0)[1]
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def reference(folder: Path, batch: int, steps: int) -> float:
+def reference(folder: Path, batch: int) -> BlockTimer:
     """diffusers' example loop: VAE and text encoder every step, LoRA on the UNet via add_adapter."""
     from diffusers import DDPMScheduler
     from peft import LoraConfig
@@ -122,55 +122,64 @@ def reference(folder: Path, batch: int, steps: int) -> float:
         optimizer.step()
         optimizer.zero_grad()
 
-    for _ in range(2):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps / (time.perf_counter() - start)
+    return lambda steps: time_each(step, steps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="steps per block")
+    parser.add_argument("--runs", type=int, default=8, help="rounds of one block per case")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp())
     make_dataset(folder / "data")
-    results: dict[str, list[float]] = {
-        "reference": [],
-        "ours_frozen_te": [],
-        "ours_trained_te": [],
-        "ours_frozen_te_compiled": [],
+    cases: dict[str, BlockTimer] = {
+        "reference": reference(folder, args.batch),
+        "ours_frozen_te": ours(folder / "a", folder / "data", args.batch, False),
+        "ours_trained_te": ours(folder / "b", folder / "data", args.batch, True),
+        "ours_frozen_te_compiled": ours(folder / "c", folder / "data", args.batch, False, compile=True),
     }
-    for run in range(args.runs):  # interleaved, so drifts in machine load hit all three alike
-        torch.manual_seed(run)
-        results["reference"].append(reference(folder, args.batch, args.steps))
-        results["ours_frozen_te"].append(ours(folder / f"a{run}", folder / "data", args.batch, args.steps, False))
-        results["ours_trained_te"].append(ours(folder / f"b{run}", folder / "data", args.batch, args.steps, True))
-        results["ours_frozen_te_compiled"].append(
-            ours(folder / f"c{run}", folder / "data", args.batch, args.steps, False, compile=True)
-        )
-    medians = {k: statistics.median(v) for k, v in results.items()}
+    warmup_s = {}
+    for name, block in cases.items():
+        start = time.perf_counter()
+        block(2)  # with torch_compile, the compile happens here
+        warmup_s[name] = time.perf_counter() - start
+    # Round-robin blocks of a few steps: this machine's speed drifts by 15% within a minute, and short
+    # interleaved blocks expose every case to the same drift (whole runs per case did not).
+    step_s: dict[str, list[float]] = {name: [] for name in cases}
+    block_steps_per_s: dict[str, list[float]] = {name: [] for name in cases}
+    for round_ in range(args.runs):
+        torch.manual_seed(round_)
+        for name, block in cases.items():
+            times = block(args.steps)
+            step_s[name] += times
+            block_steps_per_s[name].append(len(times) / sum(times))
+    medians = {name: 1 / statistics.median(times) for name, times in step_s.items()}
+    reference_rates = block_steps_per_s["reference"]
     report = {
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "batch": args.batch,
-        "steps_per_run": args.steps,
-        "runs": args.runs,
+        "steps_per_block": args.steps,
+        "rounds": args.runs,
         "steps_per_s_median": {k: round(v, 3) for k, v in medians.items()},
-        "steps_per_s_runs": {k: [round(x, 3) for x in v] for k, v in results.items()},
+        "steps_per_s_blocks": {k: [round(x, 3) for x in v] for k, v in block_steps_per_s.items()},
         "ratio_ours_frozen_te_vs_reference": round(medians["ours_frozen_te"] / medians["reference"], 2),
         "ratio_ours_trained_te_vs_reference": round(medians["ours_trained_te"] / medians["reference"], 2),
         "ratio_ours_frozen_te_compiled_vs_reference": round(
             medians["ours_frozen_te_compiled"] / medians["reference"], 2
         ),
-        "warmup_seconds_runs": {k: [round(x, 1) for x in v] for k, v in WARMUP_SECONDS.items()},
+        # The same comparison per round (blocks timed back to back), so a drift between rounds cancels out.
+        "ratio_vs_reference_median_of_rounds": {
+            name: round(statistics.median(o / r for o, r in zip(rates, reference_rates, strict=True)), 2)
+            for name, rates in block_steps_per_s.items()
+            if name != "reference"
+        },
+        "warmup_seconds": {k: round(v, 1) for k, v in warmup_s.items()},
         "notes": "ours uses fused AdamW (CPU and CUDA); compiled = TrainConfig.torch_compile (torch.compile, "
-        "inductor). Its compile happens in the first run's warm-up (torch's compile caches serve the later runs "
-        "in the same process), so warmup_seconds_runs[ours_compiled][0] is the one-off cost a user pays.",
+        "inductor); its compile happens in the warm-up, a one-off cost per training run. steps_per_s_median is "
+        "1 / the median step time over every timed step of the case.",
     }
     publish(report, args.json)
 
