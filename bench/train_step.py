@@ -98,16 +98,7 @@ def reference(folder: Path, batch: int) -> BlockTimer:
 
     def step() -> None:
         chosen = rng.sample(files, batch)
-        pixels = torch.stack(
-            [
-                torch.from_numpy(
-                    __import__("numpy").asarray(demo_data.Image.open(f).convert("RGB"), dtype="float32")
-                ).permute(2, 0, 1)
-                / 127.5
-                - 1
-                for f in chosen
-            ]
-        )
+        pixels = torch.stack([to_pixels(Image.open(f).convert("RGB")) for f in chosen])  # decoded every step
         captions = [f.with_suffix(".txt").read_text() for f in chosen]
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
