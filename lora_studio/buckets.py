@@ -152,9 +152,13 @@ def steps_per_epoch(buckets: Sequence[Bucket], repeats: Sequence[int], batch_siz
     return sum(math.ceil(n / batch_size) for n in counts.values())
 
 
-def count_total_steps(optim: OptimConfig, per_epoch_batches: int) -> int:
-    """Optimizer steps in the run: max_train_steps when set, else epochs x updates per epoch."""
+def count_total_steps(optim: OptimConfig, per_epoch_batches: int, processes: int = 1) -> int:
+    """Optimizer steps in the run: max_train_steps when set, else the steps that cover the epochs.
+
+    Each optimizer step consumes `processes` x gradient_accumulation_steps batches of one continuous
+    order that runs across epoch boundaries (iterate_batches), so the count is over all the epochs'
+    batches, not rounded up per epoch (which would add up to one step an epoch)."""
     if optim.max_train_steps:
         return optim.max_train_steps
-    updates_per_epoch = math.ceil(per_epoch_batches / optim.gradient_accumulation_steps)
-    return updates_per_epoch * (optim.max_train_epochs or 1)
+    batches = per_epoch_batches * (optim.max_train_epochs or 1)
+    return math.ceil(batches / (optim.gradient_accumulation_steps * processes))

@@ -222,13 +222,20 @@ def _optional_import(module: str, package: str):
         ) from None
 
 
-def make_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total: int):
+def make_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total: int, processes: int = 1):
+    """The rate schedule over `total` optimizer steps, stretched by the number of processes.
+
+    accelerate's prepared scheduler steps once per process for every optimizer step (it assumes each
+    process's dataloader shrank by that factor), so the schedule is built `processes` times longer, as
+    diffusers' examples and kohya do. Every schedule here depends only on the ratios of the current,
+    warm-up and total steps, so the rate at each optimizer step equals a single process's exactly.
+    """
     opt = config.optimizer
     return get_scheduler(
         opt.lr_scheduler,
         optimizer,
-        num_warmup_steps=opt.lr_warmup_steps,
-        num_training_steps=total,
+        num_warmup_steps=opt.lr_warmup_steps * processes,
+        num_training_steps=total * processes,
         num_cycles=opt.lr_scheduler_num_cycles,
     )
 
@@ -271,10 +278,11 @@ def prepare(
     torch.manual_seed(config.seed)  # LoRA init (gaussian) is drawn here
     inject_lora(base, config.lora)
     per_epoch = bucketing.steps_per_epoch(buckets, [i.repeats for i in report.items], config.dataset.batch_size)
-    total = bucketing.count_total_steps(config.optimizer, per_epoch)
+    total = bucketing.count_total_steps(config.optimizer, per_epoch, accelerator.num_processes)
     optimizer = make_optimizer(config, base, accelerator.device)
     parts = trained_parts(config, base)
-    prepared = accelerator.prepare(*parts.values(), optimizer, make_lr_scheduler(config, optimizer, total))
+    lr_scheduler = make_lr_scheduler(config, optimizer, total, accelerator.num_processes)
+    prepared = accelerator.prepare(*parts.values(), optimizer, lr_scheduler)
     models = dict(zip(parts, prepared[: len(parts)], strict=True))
     if config.torch_compile:
         # Compiled here rather than through Accelerator(dynamo_backend=...): accelerate keeps that setting
@@ -713,13 +721,21 @@ def record_metrics(session: Session, loss: float, lr: float, started: float, fir
     )
 
 
-def should_checkpoint(session: Session) -> bool:
+def should_checkpoint(session: Session, epoch_before: int) -> bool:
+    """After a step: every N steps, or when the step finished an epoch that is a multiple of N.
+
+    `epoch_before` is the epoch the step started in. A step of several micro-batches or processes can
+    end a few batches into the next epoch, so "finished an epoch" means the epoch number moved on."""
     save = session.config.save
     if save.every_n_steps and session.step % save.every_n_steps == 0:
         return True
-    if save.every_n_epochs and session.position.batch == 0 and session.step > 0:
-        return session.position.epoch % save.every_n_epochs == 0
-    return False
+    return epoch_checkpoint_due(save.every_n_epochs, epoch_before, session.position.epoch)
+
+
+def epoch_checkpoint_due(every_n_epochs: int, epoch_before: int, epoch_after: int) -> bool:
+    """Whether epochs epoch_before+1 .. epoch_after (the ones just completed, counted from 1) hold a multiple."""
+    finished = range(epoch_before + 1, epoch_after + 1)
+    return bool(every_n_epochs) and any(epoch % every_n_epochs == 0 for epoch in finished)
 
 
 def open_tensorboard(run_dir: Path):
@@ -785,7 +801,7 @@ def train(session: Session) -> DoneEvent:
         on_main(session, render_samples)
     upcoming = next(batches)
     while session.step < session.total_steps:
-        losses = []
+        losses, epoch_before = [], session.position.epoch
         for micro in range(config.optimizer.gradient_accumulation_steps):
             indices, upcoming = next_micro_batch(session, batches, upcoming)
             losses.append(training_step(session, indices, micro))
@@ -797,7 +813,7 @@ def train(session: Session) -> DoneEvent:
         if stop:
             stopped = True
             break
-        if should_checkpoint(session) or save:
+        if should_checkpoint(session, epoch_before) or save:
             on_main(session, save_checkpoint)
         every = config.sample.every_n_steps
         if (every and session.step % every == 0) or sample:

@@ -11,6 +11,7 @@ from lora_studio.buckets import (
     Bucket,
     Position,
     assign_buckets,
+    count_total_steps,
     epoch_batches,
     iterate_batches,
     make_buckets,
@@ -20,7 +21,7 @@ from lora_studio.buckets import (
     resize_and_crop,
     steps_per_epoch,
 )
-from lora_studio.config import DatasetConfig
+from lora_studio.config import DatasetConfig, OptimConfig
 from lora_studio.errors import ConfigError
 
 
@@ -115,3 +116,14 @@ def test_center_and_random_crops_fit_the_bucket():
     assert resize_and_crop(image, bucket, crop, resized).size == (512, 384)
     offsets = {plan_crop(1000, 500, bucket, True, random.Random(s))[1].crop_top_left for s in range(10)}
     assert len(offsets) > 1 and all(0 <= left <= resized[0] - 512 for _, left in offsets)
+
+
+@pytest.mark.parametrize(
+    "accumulation, processes, expected",
+    [(1, 1, 60), (2, 1, 30), (4, 1, 15), (1, 2, 30), (2, 2, 15), (1, 4, 15), (7, 1, 9)],
+)
+def test_epochs_count_updates_of_every_process_and_micro_batch(accumulation, processes, expected):
+    """6 batches an epoch, 10 epochs: an update takes accumulation x processes batches of the one order."""
+    optim = OptimConfig(max_train_steps=None, max_train_epochs=10, gradient_accumulation_steps=accumulation)
+    assert count_total_steps(optim, 6, processes) == expected
+    assert count_total_steps(optim.model_copy(update={"max_train_steps": 7}), 6, processes) == 7

@@ -4,6 +4,7 @@ Both ranks must end with identical LoRA weights, equal (within float tolerance) 
 training on the combined batch.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -59,10 +60,14 @@ def config_for(tmp_path, tiny_folders, data, batch_size, name):
             },
             "lora": {"rank": 4, "alpha": 4.0},
             "optimizer": {
-                "max_train_steps": 3,
+                # Epochs, not steps: each step of two processes consumes two batches of the global order.
+                "max_train_steps": None,
+                "max_train_epochs": 3,
                 "learning_rate": 1e-2,
                 "text_encoder_lr": 1e-2,
-                "lr_scheduler": "constant",
+                # A decaying rate: accelerate steps a prepared scheduler once per process per step unless
+                # the schedule is stretched to match, which a constant rate would not reveal.
+                "lr_scheduler": "linear",
             },
             "save": {"every_n_epochs": 0, "save_state": False},
             "sample": {"every_n_steps": 0},
@@ -104,3 +109,11 @@ def test_two_processes_equal_one_process_with_the_combined_batch(tmp_path, tiny_
         # sqrt(v), can magnify that to ~1e-5 in a weight, far below any visible effect.
         torch.testing.assert_close(rank0[key], value, rtol=1e-3, atol=1e-4)
     assert any(v.abs().sum() > 0 for k, v in expected.items() if "lora_B" in k)
+    rates = {name: logged_rates(tmp_path / name / "runs") for name in ("one", "two")}
+    assert rates["two"] == rates["one"] and rates["one"][0] > rates["one"][-1]
+    assert len(rates["one"]) == 3  # 3 epochs of one batch of 4 (one process) or two of 2 (two processes)
+
+
+def logged_rates(runs) -> list[float]:
+    (metrics,) = runs.glob("*/metrics.jsonl")
+    return [json.loads(line)["lr"] for line in metrics.read_text().splitlines()]

@@ -125,6 +125,33 @@ def test_run_folder_events_and_lora_file(tmp_path, tiny_folders, images):
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_up" in k), "up moved away from its zero init"
 
 
+def test_epoch_checkpoints_when_steps_straddle_epoch_boundaries(tmp_path, tiny_folders, images):
+    """4 batches an epoch, 3 per step (accumulation): epochs end inside steps 2, 3 and 4, and each is saved."""
+    config = tiny_config(
+        tmp_path,
+        tiny_folders,
+        images,
+        dataset={"batch_size": 1},
+        optimizer={"max_train_steps": None, "max_train_epochs": 3, "gradient_accumulation_steps": 3},
+        save={"every_n_steps": 0, "every_n_epochs": 1, "save_state": False},
+    )
+    events = []
+    done = run_training(config, on_event=events.append)
+    assert done.step == 4  # 3 epochs x 4 batches / 3 batches a step
+    assert [e.step for e in events if isinstance(e, CheckpointEvent)] == [2, 3, 4]
+    saved = sorted(p.name for p in (done.run_dir / "checkpoints").iterdir())
+    assert saved == [f"tiny-step00000{step}.safetensors" for step in (2, 3, 4)]
+
+
+@pytest.mark.parametrize(
+    "every, before, after, due",
+    [(1, 0, 1, True), (2, 0, 1, False), (2, 1, 2, True), (2, 0, 3, True), (3, 0, 2, False), (0, 0, 1, False),
+     (1, 2, 2, False)],
+)  # fmt: skip
+def test_an_epoch_checkpoint_is_due_when_a_finished_epoch_is_a_multiple(every, before, after, due):
+    assert train_module.epoch_checkpoint_due(every, before, after) is due
+
+
 def test_only_lora_parameters_change(tmp_path, tiny_folders, images):
     session = prepare(tiny_config(tmp_path, tiny_folders, images, optimizer={"max_train_steps": 3}))
     modules = [session.base.unet, session.base.vae, *session.base.text_encoders]
