@@ -29,10 +29,13 @@ from lora_studio import demo_data  # noqa: E402
 from lora_studio.models import load_base  # noqa: E402
 
 
-def base_report(pipeline, cases, steps: int, guidance: float) -> dict:
+def base_report(pipeline, cases, steps: int, guidance: float, triggers: tuple[bool, ...] = (False, True)) -> dict:
+    """The base model's rates without (`base`) and with (`base_with_trigger`) the trigger word, as asked."""
     seeds = [c.seed for c in cases]
     report = {}
     for label, trigger in (("base", False), ("base_with_trigger", True)):
+        if trigger not in triggers:
+            continue
         images = demo_data.generate(pipeline, [c.prompt(trigger) for c in cases], seeds, steps, guidance)
         report[label] = demo_data.score_images(cases, images).as_dict()
     concept = [demo_data.analyse(demo_data.render(s)).concept for s in demo_data.concept_scenes()]

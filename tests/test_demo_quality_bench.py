@@ -48,6 +48,8 @@ def test_lora_report_strength_zero_equals_base(tmp_path):
 
     assert set(report) == {"0", "1"}
     assert report["0"] == demo_data.score_images(cases, base_images).as_dict()
+    base = bench.base_report(pipeline, cases, steps=4, guidance=5.0, triggers=(True,))
+    assert set(base) == {"base_with_trigger", "dataset_concept"} and base["base_with_trigger"] == report["0"]
     pipeline.load_lora_weights(str(lora), adapter_name="again")
     pipeline.set_adapters(["again"], adapter_weights=[1.0])
     strong = demo_data.generate(pipeline, prompts, seeds, steps=4)
@@ -71,7 +73,7 @@ def test_lora_studio_demo_meets_the_issue_bar(tmp_path, monkeypatch):
     pipeline = load_base("demo", dtype=torch.float32, device="cpu").pipeline
     pipeline.set_progress_bar_config(disable=True)
     cases = demo_data.eval_cases()
-    base = bench.base_report(pipeline, cases, steps=20, guidance=5.0)["base_with_trigger"]["concept"]
+    base = bench.base_report(pipeline, cases, steps=20, guidance=5.0, triggers=(True,))["base_with_trigger"]["concept"]
     report = bench.lora_report(pipeline, lora, [0.0, 0.5, 1.0], cases, steps=20, guidance=5.0)
 
     assert seconds <= 180, f"lora-studio demo took {seconds:.0f} s"
