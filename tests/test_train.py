@@ -286,11 +286,50 @@ def test_dataset_errors_stop_before_any_model_loads(tmp_path, tiny_folders, imag
 def test_optimizer_errors_name_the_alternative(tmp_path, tiny_folders, images):
     with pytest.raises(TrainingError, match="needs a CUDA GPU.*optimizer = 'adamw'"):
         run_training(tiny_config(tmp_path, tiny_folders, images, optimizer={"optimizer": "adamw8bit"}))
-    try:
-        import prodigyopt  # noqa: F401
-    except ImportError:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "prodigyopt", None)  # what `import prodigyopt` meets when it is not installed
         with pytest.raises(TrainingError, match="pip install prodigyopt"):
             run_training(tiny_config(tmp_path / "p", tiny_folders, images, optimizer={"optimizer": "prodigy"}))
+
+
+def test_prodigy_trains_and_resumes_bit_identically(tmp_path, tiny_folders, images):
+    """Prodigy keeps its step-size estimate in the optimizer's param groups; the saved state must carry it."""
+    import prodigyopt
+
+    optimizer = {"optimizer": "prodigy", "learning_rate": 1.0, "text_encoder_lr": 1.0}
+    config = tiny_config(tmp_path / "b", tiny_folders, images, optimizer=optimizer)
+    assert isinstance(prepare(config).optimizer.optimizer, prodigyopt.Prodigy)
+    straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images, optimizer=optimizer))
+    commands = Commands()
+
+    def stop_at_5(event):
+        if isinstance(event, ProgressEvent) and event.step == 5:
+            commands.request_stop()
+
+    stopped = run_training(config, on_event=stop_at_5, commands=commands)
+    resumed = run_training(config, resume_from=stopped.run_dir)
+    assert stopped.step == 5 and resumed.step == 8
+    a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_up" in k)
+
+
+def test_tensorboard_gets_every_step_when_installed(tmp_path, tiny_folders, images):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    done = run_training(tiny_config(tmp_path / "a", tiny_folders, images, optimizer={"max_train_steps": 3}))
+    logged = [json.loads(line) for line in (done.run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(done.run_dir / "tensorboard"))
+    events.Reload()
+    for name in ("loss", "smoothed_loss", "lr"):
+        scalars = events.Scalars(f"train/{name}")
+        assert [e.step for e in scalars] == [1, 2, 3]
+        assert [e.value for e in scalars] == pytest.approx([m[name] for m in logged], rel=1e-6)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "tensorboard", None)  # not installed: metrics.jsonl only
+        done = run_training(tiny_config(tmp_path / "b", tiny_folders, images, optimizer={"max_train_steps": 1}))
+    assert (done.run_dir / "metrics.jsonl").is_file() and not (done.run_dir / "tensorboard").exists()
 
 
 def test_adafactor_and_schedulers_run(tmp_path, tiny_folders, images):
