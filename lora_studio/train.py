@@ -563,6 +563,7 @@ def save_checkpoint(session: Session) -> CheckpointEvent:
                 "smoothed_loss": session.smoothed_loss,
                 "optimizer": session.optimizer.state_dict(),
                 "lr_scheduler": session.lr_scheduler.state_dict(),
+                "processes": session.accelerator.num_processes,
                 "rng": rng_state(),
             },
             state_dir / "trainer.safetensors",
@@ -594,11 +595,24 @@ def resume(session: Session) -> None:
     trainer = load_state(state_dir / "trainer.safetensors")
     session.optimizer.load_state_dict(trainer["optimizer"])
     session.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+    rescale_schedule(session, trainer.get("processes", 1))  # states from before it was saved: one process
     restore_rng_state(trainer["rng"])
     session.step = trainer["step"]
     session.position = bucketing.Position(trainer["epoch"], trainer["batch"])
     session.smoothed_loss = trainer["smoothed_loss"]
     log.info("resumed %s at step %d", session.run_dir, session.step)
+
+
+def rescale_schedule(session: Session, saved_processes: int) -> None:
+    """Put a resumed schedule at the same point of its curve when the number of processes changed.
+
+    The schedule counts one step per process per optimizer step (see make_lr_scheduler), so a state
+    saved by 2 processes sits at twice the count a single process would use for the same step."""
+    processes = session.accelerator.num_processes
+    if saved_processes != processes:
+        scheduler = getattr(session.lr_scheduler, "scheduler", session.lr_scheduler)  # inside accelerate's wrapper
+        scheduler.last_epoch = scheduler.last_epoch * processes // saved_processes
+        log.info("resumed a run of %d processes on %d: rescaled its rate schedule", saved_processes, processes)
 
 
 # --- samples -------------------------------------------------------------------------------------------------

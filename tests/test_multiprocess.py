@@ -16,22 +16,71 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lora_studio.config import TrainConfig
-from lora_studio.train import lora_state_dicts, prepare, train
+from lora_studio.state import load_state
+from lora_studio.train import lora_state_dicts, prepare, run_training, train
 
 SCRIPT = textwrap.dedent(
     """
     import sys
     from safetensors.torch import save_file
     from lora_studio.config import TrainConfig
+    from lora_studio.events import Commands, ProgressEvent
     from lora_studio.train import lora_state_dicts, prepare, train
 
     config = TrainConfig.model_validate_json(open(sys.argv[1]).read())
-    session = prepare(config)
+    stop_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    commands = Commands()
+
+    def on_event(event):  # events reach the main process; the stop is then agreed by all
+        if isinstance(event, ProgressEvent) and event.step == stop_at:
+            commands.request_stop()
+
+    session = prepare(config, on_event, commands)
     train(session)
     flat = {f"{part}/{k}": v.contiguous() for part, sd in lora_state_dicts(session).items() for k, v in sd.items()}
     save_file(flat, sys.argv[2].format(rank=session.accelerator.process_index))
     """
 )
+
+
+def run_two_processes(tmp_path, config: TrainConfig, stop_at: int | None = None) -> tuple[dict, dict]:
+    """Train `config` in two CPU processes as `accelerate launch` would; the LoRA tensors of each rank."""
+    config_file = tmp_path / "two.json"
+    config_file.write_text(config.model_dump_json())
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    out = str(tmp_path / "rank{rank}.safetensors")
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    # torchrun is the launcher `accelerate launch --multi_gpu` runs; without a GPU accelerate then uses gloo.
+    port = str(free_port())
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    command += [str(script), str(config_file), out] + ([str(stop_at)] if stop_at else [])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return load_file(out.format(rank=0)), load_file(out.format(rank=1))
+
+
+def four_images(folder):
+    folder.mkdir()
+    for i in range(4):
+        image = Image.new("RGB", (32, 32), (50 * i, 200 - 40 * i, 90))
+        image.paste((255, 255, 255), (0, 0, 8 + 4 * i, 8))
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    return folder
+
+
+def lora_of(session) -> dict:
+    return {f"{part}/{k}": v for part, sd in lora_state_dicts(session).items() for k, v in sd.items()}
+
+
+def assert_close_loras(actual: dict, expected: dict) -> None:
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        # Sums split across processes round differently (~1e-7); Adam's first steps, which divide by
+        # sqrt(v), can magnify that to ~1e-5 in a weight, far below any visible effect.
+        torch.testing.assert_close(actual[key], value, rtol=1e-3, atol=1e-4)
+    assert any(v.abs().sum() > 0 for k, v in expected.items() if "lora_B" in k)
 
 
 def free_port() -> int:
@@ -76,42 +125,38 @@ def config_for(tmp_path, tiny_folders, data, batch_size, name):
 
 
 def test_two_processes_equal_one_process_with_the_combined_batch(tmp_path, tiny_folders):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(4):
-        image = Image.new("RGB", (32, 32), (50 * i, 200 - 40 * i, 90))
-        image.paste((255, 255, 255), (0, 0, 8 + 4 * i, 8))
-        image.save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"picture {i}")
-
+    data = four_images(tmp_path / "data")
     single = prepare(config_for(tmp_path / "one", tiny_folders, data, 4, "one"))
     train(single)
-    expected = {f"{part}/{k}": v for part, sd in lora_state_dicts(single).items() for k, v in sd.items()}
 
-    config_file = tmp_path / "two.json"
-    config_file.write_text(config_for(tmp_path / "two", tiny_folders, data, 2, "two").model_dump_json())
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    out = str(tmp_path / "rank{rank}.safetensors")
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
-    # torchrun is the launcher `accelerate launch --multi_gpu` runs; without a GPU accelerate then uses gloo.
-    port = str(free_port())
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    command += [str(script), str(config_file), out]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = run_two_processes(tmp_path, config_for(tmp_path / "two", tiny_folders, data, 2, "two"))
 
-    rank0, rank1 = load_file(out.format(rank=0)), load_file(out.format(rank=1))
-    assert set(rank0) == set(expected)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "both ranks hold identical weights"
-    for key, value in expected.items():
-        # Sums split across processes round differently (~1e-7); Adam's first steps, which divide by
-        # sqrt(v), can magnify that to ~1e-5 in a weight, far below any visible effect.
-        torch.testing.assert_close(rank0[key], value, rtol=1e-3, atol=1e-4)
-    assert any(v.abs().sum() > 0 for k, v in expected.items() if "lora_B" in k)
+    assert_close_loras(rank0, lora_of(single))
     rates = {name: logged_rates(tmp_path / name / "runs") for name in ("one", "two")}
     assert rates["two"] == rates["one"] and rates["one"][0] > rates["one"][-1]
     assert len(rates["one"]) == 3  # 3 epochs of one batch of 4 (one process) or two of 2 (two processes)
+
+
+def test_a_two_process_run_resumes_on_one_process(tmp_path, tiny_folders):
+    """Stopped after 1 of 3 steps on two processes (batch 2 each), finished on one (batch 4): the same
+    weights and rate at every step as one process throughout, though the saved schedule counted 2 a step.
+    (A step uses the rate the schedule set after the step before, so the stop leaves two steps to see it.)"""
+    data = four_images(tmp_path / "data")
+    one = config_for(tmp_path / "one", tiny_folders, data, 4, "one").model_copy(deep=True)
+    one.save.save_state = True
+    single = prepare(one)
+    train(single)
+
+    two = config_for(tmp_path / "two", tiny_folders, data, 2, "two").model_copy(deep=True)
+    two.save.save_state = True
+    run_two_processes(tmp_path, two, stop_at=1)
+    (run_dir,) = (tmp_path / "two" / "runs").iterdir()
+    resumed = run_training(one, resume_from=run_dir)
+
+    assert resumed.step == 3
+    assert_close_loras(load_state(run_dir / "state" / "lora.safetensors")["lora"], lora_of(single))
+    assert logged_rates(tmp_path / "two" / "runs") == logged_rates(tmp_path / "one" / "runs")
 
 
 def logged_rates(runs) -> list[float]:
