@@ -231,7 +231,8 @@ def train_with_progress(config, resume: Path | None = None) -> int:
     from .train import run_training
 
     commands = Commands()
-    bar = tqdm(total=None, unit="step", dynamic_ncols=True)
+    main_process = launched_rank() == 0  # under accelerate launch / torchrun, one process reports
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True, disable=not main_process)
 
     def on_event(event) -> None:
         if isinstance(event, ProgressEvent):
@@ -255,8 +256,14 @@ def train_with_progress(config, resume: Path | None = None) -> int:
         signal.signal(signal.SIGINT, previous)
         bar.close()
     state = "stopped" if done.stopped_early else "finished"
-    print(f"{state} at step {done.step}\nrun folder: {done.run_dir}\nLoRA file:  {done.lora_path}")
+    if main_process:
+        print(f"{state} at step {done.step}\nrun folder: {done.run_dir}\nLoRA file:  {done.lora_path}")
     return EXIT_OK
+
+
+def launched_rank() -> int:
+    """This process's rank as accelerate launch and torchrun announce it (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def parse_lora_argument(text: str) -> tuple[Path, float]:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lora_studio.config import TrainConfig
+from lora_studio.config import TrainConfig, save_config
 from lora_studio.state import load_state
 from lora_studio.train import lora_state_dicts, prepare, run_training, train
 
@@ -162,3 +162,18 @@ def test_a_two_process_run_resumes_on_one_process(tmp_path, tiny_folders):
 def logged_rates(runs) -> list[float]:
     (metrics,) = runs.glob("*/metrics.jsonl")
     return [json.loads(line)["lr"] for line in metrics.read_text().splitlines()]
+
+
+def test_the_cli_under_a_two_process_launch(tmp_path, tiny_folders):
+    """`accelerate launch -m lora_studio.cli train CONFIG` (torchrun here): one run folder, one report."""
+    config = config_for(tmp_path, tiny_folders, four_images(tmp_path / "data"), 2, "cli")
+    save_config(config, tmp_path / "cli.toml")
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command += [str(free_port()), "-m", "lora_studio.cli", "train", str(tmp_path / "cli.toml")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert len(logged_rates(tmp_path / "runs")) == 3 and (run_dir / "cli.safetensors").is_file()
+    assert result.stdout.count("finished at step 3") == 1, result.stdout  # the main process reports
+    assert result.stderr.count("0step [") == 1  # and only it draws a progress bar
