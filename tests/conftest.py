@@ -80,3 +80,19 @@ def tiny_folders(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("tiny")
     return {family: save_tiny_pipeline(family, root / family) for family in ("sd1", "sd2", "sd2-v", "sdxl")}
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """Load a script of bench/ as a module (they are scripts run by path, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,6 +1,5 @@
 """bench/demo_quality.py's LoRA path: strength 0 reproduces the base model; a strong adapter changes the images."""
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -12,15 +11,6 @@ from peft.utils import get_peft_model_state_dict
 
 from lora_studio import demo_data
 from lora_studio.models import load_base
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "demo_quality.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("demo_quality", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_random_lora(tmp_path) -> Path:
@@ -34,8 +24,8 @@ def write_random_lora(tmp_path) -> Path:
     return tmp_path / "pytorch_lora_weights.safetensors"
 
 
-def test_lora_report_strength_zero_equals_base(tmp_path):
-    bench = load_bench()
+def test_lora_report_strength_zero_equals_base(tmp_path, bench_script):
+    bench = bench_script("demo_quality")
     lora = write_random_lora(tmp_path)
     pipeline = load_base("demo", dtype=torch.float32, device="cpu").pipeline
     pipeline.set_progress_bar_config(disable=True)
@@ -57,7 +47,7 @@ def test_lora_report_strength_zero_equals_base(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_studio_demo_meets_the_issue_bar(tmp_path, monkeypatch):
+def test_lora_studio_demo_meets_the_issue_bar(tmp_path, monkeypatch, bench_script):
     """Issue 5's demo acceptance, end to end (about 4 minutes): `lora-studio demo` finishes within
     3 minutes on 2 CPU cores, and bench/demo_quality.py's concept rate is >= 70% at strength 1, the
     base model's (<= 10%) at 0, and in between at 0.5."""
@@ -69,7 +59,7 @@ def test_lora_studio_demo_meets_the_issue_bar(tmp_path, monkeypatch):
     seconds = time.monotonic() - start
     (lora,) = (tmp_path / "runs").glob("demo-*/demo.safetensors")
 
-    bench = load_bench()
+    bench = bench_script("demo_quality")
     pipeline = load_base("demo", dtype=torch.float32, device="cpu").pipeline
     pipeline.set_progress_bar_config(disable=True)
     cases = demo_data.eval_cases()

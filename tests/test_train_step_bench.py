@@ -1,25 +1,14 @@
 """bench/train_step.py: its reference loop really trains, and (slow) ours meets issue 5's CPU bar beside it."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "train_step.py"
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("train_step_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_reference_loop_trains_its_unet_lora_and_nothing_else(tmp_path):
+def test_reference_loop_trains_its_unet_lora_and_nothing_else(tmp_path, bench_script):
     """A reference that skipped work would flatter our ratio; this one encodes, steps and updates LoRA only."""
-    bench = load_bench()
+    bench = bench_script("train_step")
     bench.make_dataset(tmp_path / "data", count=4)
     step, unet = bench.reference_loop(tmp_path, batch=2)
     before = {name: p.detach().clone() for name, p in unet.named_parameters()}
@@ -32,12 +21,12 @@ def test_reference_loop_trains_its_unet_lora_and_nothing_else(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_step_bench_meets_the_cpu_bar():
+def test_train_step_bench_meets_the_cpu_bar(bench_script):
     """Issue 5: ours (with torch_compile) at >= 1.3x the reference's steps/s; the plain trainer is faster too.
 
     About 3 minutes on 2 cores once inductor's cache is warm (a first compile adds about 90 s).
     Run with `python -m pytest -m slow tests/test_train_step_bench.py`.
     """
-    report = load_bench().measure(runs=12)
+    report = bench_script("train_step").measure(runs=12)
     assert report["bar"]["met_by_ours_fastest"], report["ratio_vs_reference_median_of_rounds"]
     assert report["ratio_vs_reference_median_of_rounds"]["ours_frozen_te"] > 1.0
