@@ -555,8 +555,10 @@ def save_checkpoint(session: Session) -> CheckpointEvent:
         state_dir.mkdir(exist_ok=True)
         flat = {f"{part}/{k}": v for part, sd in lora_state_dicts(session).items() for k, v in sd.items()}
         save_state({"lora": flat}, state_dir / "lora.safetensors")
+        scaler = session.accelerator.scaler  # fp16 on a GPU: the loss scale and its growth count
         save_state(
             {
+                **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
                 "step": session.step,
                 "epoch": session.position.epoch,
                 "batch": session.position.batch,
@@ -596,6 +598,8 @@ def resume(session: Session) -> None:
     session.optimizer.load_state_dict(trainer["optimizer"])
     session.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     rescale_schedule(session, trainer.get("processes", 1))  # states from before it was saved: one process
+    if session.accelerator.scaler is not None and "grad_scaler" in trainer:
+        session.accelerator.scaler.load_state_dict(trainer["grad_scaler"])
     restore_rng_state(trainer["rng"])
     session.step = trainer["step"]
     session.position = bucketing.Position(trainer["epoch"], trainer["batch"])

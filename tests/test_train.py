@@ -199,6 +199,39 @@ def test_stop_then_resume_is_bit_identical(tmp_path, tiny_folders, images, cache
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fp16_loss_scale_resumes(tmp_path, tiny_folders, images, monkeypatch):
+    """A resumed fp16 run goes on with the loss scale it had, not a fresh 65536 (which would skip steps
+    on overflow while it backs off again). accelerate makes the GradScaler of fp16 runs on GPUs only, so
+    a real CPU GradScaler stands in, growing every step so that its state matters."""
+    make_accelerator = train_module.make_accelerator
+
+    def with_cpu_scaler(config):
+        accelerator = make_accelerator(config)
+        accelerator.scaler = torch.amp.GradScaler("cpu", growth_interval=1)
+        return accelerator
+
+    monkeypatch.setattr(train_module, "make_accelerator", with_cpu_scaler)
+    straight = prepare(tiny_config(tmp_path / "a", tiny_folders, images, mixed_precision="fp16"))
+    train_module.train(straight)
+    commands = Commands()
+
+    def stop_at_5(event):
+        if isinstance(event, ProgressEvent) and event.step == 5:
+            commands.request_stop()
+
+    config = tiny_config(tmp_path / "b", tiny_folders, images, mixed_precision="fp16")
+    stopped = prepare(config, stop_at_5, commands)
+    train_module.train(stopped)
+    resumed = prepare(config, run_dir=stopped.run_dir)
+    train_module.resume(resumed)
+    train_module.train(resumed)
+
+    assert stopped.step == 5 and resumed.step == straight.step == 8
+    assert resumed.accelerator.scaler.get_scale() == straight.accelerator.scaler.get_scale() > 65536
+    a, b = train_module.lora_state_dicts(straight), train_module.lora_state_dicts(resumed)
+    assert all(torch.equal(a[part][k], b[part][k]) for part in a for k in a[part])
+
+
 def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_folders, images):
     """A process killed with SIGKILL after its last state save (step 4) resumes to the same weights."""
     straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images))
