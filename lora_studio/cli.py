@@ -203,6 +203,13 @@ def run_train(args: argparse.Namespace) -> int:
     from .config import load_config
 
     if args.resume:
+        if not (args.resume / "config.toml").is_file():
+            print(
+                f"error: {args.resume} is not a run folder (it has no config.toml); give the folder of the run "
+                "to continue, e.g. runs/my-lora-20260101-120000",
+                file=sys.stderr,
+            )
+            return EXIT_INPUT
         config = load_config(args.resume / "config.toml", args.overrides)
     elif args.config:
         config = _load_config_or_preset(args.config, args.overrides)
@@ -232,21 +239,23 @@ def train_with_progress(config, resume: Path | None = None) -> int:
 
     commands = Commands()
     main_process = launched_rank() == 0  # under accelerate launch / torchrun, one process reports
-    bar = tqdm(total=None, unit="step", dynamic_ncols=True, disable=not main_process)
+    bars: list = []  # drawn at the first step, so a run that fails while loading leaves just its error
 
     def on_event(event) -> None:
         if isinstance(event, ProgressEvent):
-            bar.total = event.total_steps
-            bar.n = event.step
-            bar.set_postfix(loss=f"{event.smoothed_loss:.4f}", lr=f"{event.lr:.2e}")
+            if not bars:
+                bars.append(tqdm(total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True))
+            bars[0].total = event.total_steps
+            bars[0].n = event.step
+            bars[0].set_postfix(loss=f"{event.smoothed_loss:.4f}", lr=f"{event.lr:.2e}")
         elif isinstance(event, SampleEvent):
-            bar.write(f"samples at step {event.step}: {event.images[0].parent}")
-        elif isinstance(event, DoneEvent):
-            bar.close()
+            tqdm.write(f"samples at step {event.step}: {event.images[0].parent}")
+        elif isinstance(event, DoneEvent) and bars:
+            bars[0].close()
 
     def on_interrupt(signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        bar.write("stopping after this step and saving; press Ctrl-C again to abort")
+        tqdm.write("stopping after this step and saving; press Ctrl-C again to abort")
         commands.request_stop()
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
@@ -254,7 +263,8 @@ def train_with_progress(config, resume: Path | None = None) -> int:
         done = run_training(config, on_event=on_event, commands=commands, resume_from=resume)
     finally:
         signal.signal(signal.SIGINT, previous)
-        bar.close()
+        for bar in bars:
+            bar.close()
     state = "stopped" if done.stopped_early else "finished"
     if main_process:
         print(f"{state} at step {done.step}\nrun folder: {done.run_dir}\nLoRA file:  {done.lora_path}")

@@ -82,8 +82,18 @@ def test_train_and_resume_from_the_command_line(tmp_path, tiny_folders, capsys):
     run_dir = next((tmp_path / "runs").iterdir())
     assert (run_dir / "sd15-character.safetensors").is_file()
     assert main(["train", "--resume", str(run_dir), "--set", "optimizer.max_train_steps=3"]) == 0
-    assert "finished at step 3" in capsys.readouterr().out
+    resumed = capsys.readouterr()
+    assert "finished at step 3" in resumed.out and "3/3" in resumed.err  # the bar starts where the run was
     assert main(["train"]) == 2
+    assert "give a config or preset" in capsys.readouterr().err
+
+    # Failures: one sentence each, with what to do, and no empty progress bar drawn before it.
+    assert main(["train", "--resume", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path} is not a run folder") and "give the folder of the run" in err
+    assert main([*args, "--set", f"dataset.path={json.dumps(str(tmp_path / 'none'))}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the dataset has 1 error(s)") and "step" not in err
 
 
 def test_lora_tools_from_the_command_line(tmp_path, capsys):
