@@ -232,13 +232,13 @@ def train_with_progress(config, resume: Path | None = None) -> int:
     """Train with a tqdm bar; the first Ctrl-C stops after the current step and saves, a second aborts."""
     import signal
 
+    from accelerate import PartialState
     from tqdm import tqdm
 
     from .events import Commands, DoneEvent, ProgressEvent, SampleEvent
     from .train import run_training
 
     commands = Commands()
-    main_process = launched_rank() == 0  # under accelerate launch / torchrun, one process reports
     bars: list = []  # drawn at the first step, so a run that fails while loading leaves just its error
 
     def on_event(event) -> None:
@@ -266,14 +266,9 @@ def train_with_progress(config, resume: Path | None = None) -> int:
         for bar in bars:
             bar.close()
     state = "stopped" if done.stopped_early else "finished"
-    if main_process:
+    if PartialState().is_main_process:  # under accelerate launch / torchrun, one process reports
         print(f"{state} at step {done.step}\nrun folder: {done.run_dir}\nLoRA file:  {done.lora_path}")
     return EXIT_OK
-
-
-def launched_rank() -> int:
-    """This process's rank as accelerate launch and torchrun announce it (0 when run alone)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def parse_lora_argument(text: str) -> tuple[Path, float]:
