@@ -1,7 +1,8 @@
 """The multi-process path: two CPU processes (gloo), launched as `accelerate launch` would, split each batch.
 
 Both ranks must end with identical LoRA weights, equal (within float tolerance) to one process
-training on the combined batch.
+training on the combined batch, with the same rate at every step; a run stopped on two processes
+resumes on one; and the CLI itself runs under the launcher.
 """
 
 import json
@@ -50,14 +51,19 @@ def run_two_processes(tmp_path, config: TrainConfig, stop_at: int | None = None)
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     out = str(tmp_path / "rank{rank}.safetensors")
+    torchrun(str(script), str(config_file), out, *([str(stop_at)] if stop_at else []))
+    return load_file(out.format(rank=0)), load_file(out.format(rank=1))
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """Two processes of `args` under torchrun, the launcher `accelerate launch --multi_gpu` runs; without
+    a GPU accelerate then uses gloo. One thread each, as the 2 cores hold both."""
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
-    # torchrun is the launcher `accelerate launch --multi_gpu` runs; without a GPU accelerate then uses gloo.
-    port = str(free_port())
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    command += [str(script), str(config_file), out] + ([str(stop_at)] if stop_at else [])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command += [str(free_port()), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return load_file(out.format(rank=0)), load_file(out.format(rank=1))
+    return result
 
 
 def four_images(folder):
@@ -168,11 +174,7 @@ def test_the_cli_under_a_two_process_launch(tmp_path, tiny_folders):
     """`accelerate launch -m lora_studio.cli train CONFIG` (torchrun here): one run folder, one report."""
     config = config_for(tmp_path, tiny_folders, four_images(tmp_path / "data"), 2, "cli")
     save_config(config, tmp_path / "cli.toml")
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command += [str(free_port()), "-m", "lora_studio.cli", "train", str(tmp_path / "cli.toml")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = torchrun("-m", "lora_studio.cli", "train", str(tmp_path / "cli.toml"))
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert len(logged_rates(tmp_path / "runs")) == 3 and (run_dir / "cli.safetensors").is_file()
     assert result.stdout.count("finished at step 3") == 1, result.stdout  # the main process reports
