@@ -64,6 +64,17 @@ def tiny_config(tmp_path, tiny_folders, images, **sections) -> TrainConfig:
     return TrainConfig.model_validate(settings)
 
 
+def stopper(step: int):
+    """Commands plus an event handler that asks for a stop once `step` is done, as the Stop button does."""
+    commands = Commands()
+
+    def on_event(event):
+        if isinstance(event, ProgressEvent) and event.step == step:
+            commands.request_stop()
+
+    return commands, on_event
+
+
 def lora_tensors(path):
     return load_file(str(path))
 
@@ -182,11 +193,7 @@ def test_stop_then_resume_is_bit_identical(tmp_path, tiny_folders, images, cache
     )
     straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images, dataset=augment))
 
-    commands = Commands()
-
-    def stop_at_5(event):
-        if isinstance(event, ProgressEvent) and event.step == 5:
-            commands.request_stop()
+    commands, stop_at_5 = stopper(5)
 
     config = tiny_config(tmp_path / "b", tiny_folders, images, dataset=augment)
     stopped = run_training(config, on_event=stop_at_5, commands=commands)
@@ -213,11 +220,7 @@ def test_fp16_loss_scale_resumes(tmp_path, tiny_folders, images, monkeypatch):
     monkeypatch.setattr(train_module, "make_accelerator", with_cpu_scaler)
     straight = prepare(tiny_config(tmp_path / "a", tiny_folders, images, mixed_precision="fp16"))
     train_module.train(straight)
-    commands = Commands()
-
-    def stop_at_5(event):
-        if isinstance(event, ProgressEvent) and event.step == 5:
-            commands.request_stop()
+    commands, stop_at_5 = stopper(5)
 
     config = tiny_config(tmp_path / "b", tiny_folders, images, mixed_precision="fp16")
     stopped = prepare(config, stop_at_5, commands)
@@ -333,11 +336,7 @@ def test_prodigy_trains_and_resumes_bit_identically(tmp_path, tiny_folders, imag
     config = tiny_config(tmp_path / "b", tiny_folders, images, optimizer=optimizer)
     assert isinstance(prepare(config).optimizer.optimizer, prodigyopt.Prodigy)
     straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images, optimizer=optimizer))
-    commands = Commands()
-
-    def stop_at_5(event):
-        if isinstance(event, ProgressEvent) and event.step == 5:
-            commands.request_stop()
+    commands, stop_at_5 = stopper(5)
 
     stopped = run_training(config, on_event=stop_at_5, commands=commands)
     resumed = run_training(config, resume_from=stopped.run_dir)
