@@ -49,6 +49,7 @@ from .state import load_state, restore_rng_state, rng_state, save_state
 log = logging.getLogger(__name__)
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+STATE_FILE = "trainer.safetensors"  # in the run's state/ folder: everything a resume needs
 
 
 class TrainingError(LoraStudioError):
@@ -552,29 +553,42 @@ def save_checkpoint(session: Session) -> CheckpointEvent:
     state_dir = None
     if config.save.save_state:
         state_dir = session.run_dir / "state"
-        state_dir.mkdir(exist_ok=True)
-        flat = {f"{part}/{k}": v for part, sd in lora_state_dicts(session).items() for k, v in sd.items()}
-        save_state({"lora": flat}, state_dir / "lora.safetensors")
-        scaler = session.accelerator.scaler  # fp16 on a GPU: the loss scale and its growth count
-        save_state(
-            {
-                **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
-                "step": session.step,
-                "epoch": session.position.epoch,
-                "batch": session.position.batch,
-                "smoothed_loss": session.smoothed_loss,
-                "optimizer": session.optimizer.state_dict(),
-                "lr_scheduler": session.lr_scheduler.state_dict(),
-                "processes": session.accelerator.num_processes,
-                "rng": rng_state(),
-            },
-            state_dir / "trainer.safetensors",
-        )
+        save_trainer_state(session, state_dir / STATE_FILE)
+        (state_dir / "lora.safetensors").unlink(missing_ok=True)  # where runs before 2026-11-28 kept the LoRA
     prune_checkpoints(session)
     event = CheckpointEvent(session.step, path, state_dir)
     emit(session, event)
     log.info("checkpoint at step %d: %s", session.step, path)
     return event
+
+
+def save_trainer_state(session: Session, path: Path) -> None:
+    """Everything a resume needs, in one file written under a temp name and renamed into place.
+
+    One file, so a failed write (a full disk, a kill) leaves the previous complete state: never the
+    LoRA of one step beside the optimizer and position of another, which would resume wrongly without a
+    word. The state is fp32 LoRA weights, optimizer, scheduler, RNG, data position and fp16 loss scale."""
+    scaler = session.accelerator.scaler  # fp16 on a GPU: the loss scale and its growth count
+    state = {
+        "lora": {f"{part}/{k}": v for part, sd in lora_state_dicts(session).items() for k, v in sd.items()},
+        **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
+        "step": session.step,
+        "epoch": session.position.epoch,
+        "batch": session.position.batch,
+        "smoothed_loss": session.smoothed_loss,
+        "optimizer": session.optimizer.state_dict(),
+        "lr_scheduler": session.lr_scheduler.state_dict(),
+        "processes": session.accelerator.num_processes,
+        "rng": rng_state(),
+    }
+    try:
+        save_state(state, path)
+    except OSError as exc:
+        raise TrainingError(
+            f"could not save the resumable state at step {session.step} to {path}: {exc.strerror or exc}; free "
+            f"disk space, then continue with `lora-studio train --resume {session.run_dir}` (it goes on from "
+            "the last state that was saved whole)"
+        ) from exc
 
 
 def prune_checkpoints(session: Session) -> None:
@@ -588,13 +602,14 @@ def prune_checkpoints(session: Session) -> None:
 def resume(session: Session) -> None:
     """Load the LoRA weights, optimizer, scheduler, RNG and data position saved in state/."""
     state_dir = session.run_dir / "state"
-    if not (state_dir / "trainer.safetensors").is_file():
+    if not (state_dir / STATE_FILE).is_file():
         raise TrainingError(f"{session.run_dir} has no saved state to resume from; start a new run instead")
-    lora = load_state(state_dir / "lora.safetensors")["lora"]
+    trainer = read_trainer_state(state_dir / STATE_FILE)
+    # Runs before 2026-11-28 kept the LoRA in a second file.
+    lora = trainer["lora"] if "lora" in trainer else read_trainer_state(state_dir / "lora.safetensors")["lora"]
     for name, model in trained_models(session).items():
         part = {k.split("/", 1)[1]: v for k, v in lora.items() if k.startswith(name + "/")}
         set_peft_model_state_dict(model, part)
-    trainer = load_state(state_dir / "trainer.safetensors")
     session.optimizer.load_state_dict(trainer["optimizer"])
     session.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     rescale_schedule(session, trainer.get("processes", 1))  # states from before it was saved: one process
@@ -605,6 +620,16 @@ def resume(session: Session) -> None:
     session.position = bucketing.Position(trainer["epoch"], trainer["batch"])
     session.smoothed_loss = trainer["smoothed_loss"]
     log.info("resumed %s at step %d", session.run_dir, session.step)
+
+
+def read_trainer_state(path: Path) -> dict:
+    try:
+        return load_state(path)
+    except Exception as exc:  # safetensors and the structure decoder raise several kinds
+        raise TrainingError(
+            f"the saved state {path} cannot be read ({type(exc).__name__}: {exc}); the run cannot continue "
+            "from it: start a new run, or train from one of its checkpoints/ LoRA files"
+        ) from exc
 
 
 def rescale_schedule(session: Session, saved_processes: int) -> None:

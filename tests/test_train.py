@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from lora_studio import train as train_module
 from lora_studio.config import TrainConfig
 from lora_studio.events import CheckpointEvent, Commands, DoneEvent, ErrorEvent, ProgressEvent
+from lora_studio.state import load_state, save_state
 from lora_studio.train import TrainingError, prepare, run_training
 
 
@@ -118,7 +120,6 @@ def test_run_folder_events_and_lora_file(tmp_path, tiny_folders, images):
         "log.txt",
         "tiny.safetensors",
         "state/trainer.safetensors",
-        "state/lora.safetensors",
         "checkpoints/tiny-step000004.safetensors",
         "checkpoints/tiny-step000008.safetensors",
     ):
@@ -233,6 +234,63 @@ def test_fp16_loss_scale_resumes(tmp_path, tiny_folders, images, monkeypatch):
     assert resumed.accelerator.scaler.get_scale() == straight.accelerator.scaler.get_scale() > 65536
     a, b = train_module.lora_state_dicts(straight), train_module.lora_state_dicts(resumed)
     assert all(torch.equal(a[part][k], b[part][k]) for part in a for k in a[part])
+
+
+def test_a_full_disk_at_a_state_save_stops_clearly_and_keeps_the_last_whole_state(
+    tmp_path, tiny_folders, images, monkeypatch
+):
+    """The state saved at step 4 survives a failed save at step 8 whole: the LoRA, optimizer and position
+    of one step, never a mix. The run stops with a sentence that says what to do, and resuming after
+    that reaches the same weights as a run that never failed."""
+    from lora_studio import state as state_module
+
+    straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images))
+    write = state_module.save_file
+    saves = []
+
+    def disk_full_at_the_second_save(tensors, path, metadata=None):
+        saves.append(path)
+        if len(saves) == 2:
+            Path(path).write_bytes(b"half a file")
+            raise OSError(28, "No space left on device")
+        write(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(state_module, "save_file", disk_full_at_the_second_save)
+    config = tiny_config(tmp_path / "b", tiny_folders, images)
+    message = r"could not save the resumable state at step 8 to .*trainer.safetensors: No space left on device; "
+    with pytest.raises(
+        TrainingError, match=message + r"free disk space, then continue with `lora-studio train --resume"
+    ):
+        run_training(config)
+    monkeypatch.undo()
+
+    (run_dir,) = (tmp_path / "b" / "runs").iterdir()
+    assert [p.name for p in (run_dir / "state").iterdir()] == ["trainer.safetensors"]  # no temp file left
+    assert load_state(run_dir / "state" / "trainer.safetensors")["step"] == 4
+    resumed = run_training(config, resume_from=run_dir)
+    a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
+    assert resumed.step == 8 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_states_of_earlier_runs_resume_and_unreadable_ones_are_refused(tmp_path, tiny_folders, images):
+    """Runs saved before 2026-11-28 kept the LoRA in state/lora.safetensors beside trainer.safetensors."""
+    straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images))
+    commands, stop_at_5 = stopper(5)
+    config = tiny_config(tmp_path / "b", tiny_folders, images)
+    stopped = run_training(config, on_event=stop_at_5, commands=commands)
+    state_dir = stopped.run_dir / "state"
+    trainer = load_state(state_dir / "trainer.safetensors")
+    save_state({"lora": trainer.pop("lora")}, state_dir / "lora.safetensors")
+    save_state(trainer, state_dir / "trainer.safetensors")
+
+    resumed = run_training(config, resume_from=stopped.run_dir)
+    a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
+    assert resumed.step == 8 and all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.name for p in state_dir.iterdir()] == ["trainer.safetensors"]  # rewritten in one file
+
+    (state_dir / "trainer.safetensors").write_bytes(b"not a state")
+    with pytest.raises(TrainingError, match=r"the saved state .*trainer.safetensors cannot be read .*start a new run"):
+        run_training(config, resume_from=stopped.run_dir)
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_folders, images):
