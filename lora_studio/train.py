@@ -11,6 +11,7 @@ the final <name>.safetensors. Every file is written to a temp file and renamed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -37,7 +38,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from . import buckets as bucketing
 from . import export
 from .cache import LatentCache, LatentEntry, TextCache, cache_folder, plan_latent_entries, text_cache_refusal
-from .config import TrainConfig, save_config
+from .config import TrainConfig, load_config, save_config
 from .data import Item, ScanReport, build_caption, make_step_sample, scan
 from .errors import ConfigError, LoraStudioError
 from .events import CheckpointEvent, Commands, DoneEvent, ErrorEvent, ProgressEvent, SampleEvent
@@ -111,6 +112,35 @@ def new_run_dir(config: TrainConfig) -> Path:
         suffix += 1
     run_dir.mkdir(parents=True)
     return run_dir
+
+
+# Settings that give the saved state its shape: a resume with other values cannot load it.
+RESUME_FIXED = ("lora.rank", "lora.conv_rank", "lora.unet_targets", "lora.train_text_encoder",
+                "lora.text_encoder_targets", "lora.use_dora", "optimizer.optimizer")  # fmt: skip
+
+
+def check_resumable(config: TrainConfig, run_dir: Path) -> None:
+    """Refuse, before anything is written, a resume whose settings change the saved state's shape."""
+    started = load_config(run_dir / "config.toml")
+    changed = [
+        f"`{key}` from {setting(started, key)!r} to {setting(config, key)!r}"
+        for key in RESUME_FIXED
+        if setting(started, key) != setting(config, key)
+    ]
+    if changed:
+        raise TrainingError(
+            f"{run_dir} cannot resume with {', '.join(changed)}: its saved LoRA and optimizer state have the "
+            "run's own; resume without changing them, or start a new run with the new settings"
+        )
+
+
+def setting(config: TrainConfig, key: str):
+    """The value at a dotted config path, e.g. "lora.rank"."""
+    return functools.reduce(getattr, key.split("."), config)
+
+
+def record_config(config: TrainConfig, run_dir: Path) -> None:
+    save_config(config, run_dir / "config.toml", header=f"resolved config of run {run_dir.name}")
 
 
 def shared_run_dir(config: TrainConfig, accelerator: Accelerator, run_dir: Path | None) -> Path:
@@ -265,12 +295,16 @@ def prepare(
 ) -> Session:
     """Everything before the first step: run folder, dataset, model, caches, LoRA, optimizer."""
     check_settings(config)
+    resuming = run_dir is not None
+    if resuming:
+        check_resumable(config, run_dir)
     report = check_dataset(config)  # before any model loads: a bad dataset fails in a second
     accelerator = make_accelerator(config)
     run_dir = shared_run_dir(config, accelerator, run_dir)
     if accelerator.is_main_process:
         attach_log_file(run_dir)
-        save_config(config, run_dir / "config.toml", header=f"resolved config of run {run_dir.name}")
+        if not resuming:  # a resumed run records its settings once its state has loaded (resume())
+            record_config(config, run_dir)
     base = load_model(config, accelerator)
     resolution = config.dataset.resolution or base.native_resolution
     buckets = bucketing.assign_buckets([(i.width, i.height) for i in report.items], config.dataset, resolution)
@@ -607,19 +641,35 @@ def resume(session: Session) -> None:
     trainer = read_trainer_state(state_dir / STATE_FILE)
     # Runs before 2026-11-28 kept the LoRA in a second file.
     lora = trainer["lora"] if "lora" in trainer else read_trainer_state(state_dir / "lora.safetensors")["lora"]
+    try:
+        load_trained_state(session, lora, trainer)
+    except (RuntimeError, ValueError, KeyError) as exc:  # what torch and peft raise for a state of another shape
+        lines = str(exc).strip().splitlines()  # torch: a heading line, then the first mismatch
+        reason = " ".join(line.strip() for line in lines[:2])[:300]
+        raise TrainingError(
+            f"the saved state of {session.run_dir} does not fit this run's model and settings ({reason}); resume "
+            "with the base model and settings the run started with (its config.toml), or start a new run"
+        ) from exc
+    restore_rng_state(trainer["rng"])
+    session.step = trainer["step"]
+    session.position = bucketing.Position(trainer["epoch"], trainer["batch"])
+    session.smoothed_loss = trainer["smoothed_loss"]
+    if session.accelerator.is_main_process:
+        record_config(session.config, session.run_dir)  # with this segment's --set changes, now that they fit
+    log.info("resumed %s at step %d", session.run_dir, session.step)
+
+
+def load_trained_state(session: Session, lora: dict, trainer: dict) -> None:
     for name, model in trained_models(session).items():
         part = {k.split("/", 1)[1]: v for k, v in lora.items() if k.startswith(name + "/")}
-        set_peft_model_state_dict(model, part)
+        incompatible = set_peft_model_state_dict(model, part)
+        if incompatible.unexpected_keys:  # saved weights this model has no place for (another family)
+            raise ValueError(f"{len(incompatible.unexpected_keys)} saved {name} LoRA weights have no place here")
     session.optimizer.load_state_dict(trainer["optimizer"])
     session.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     rescale_schedule(session, trainer.get("processes", 1))  # states from before it was saved: one process
     if session.accelerator.scaler is not None and "grad_scaler" in trainer:
         session.accelerator.scaler.load_state_dict(trainer["grad_scaler"])
-    restore_rng_state(trainer["rng"])
-    session.step = trainer["step"]
-    session.position = bucketing.Position(trainer["epoch"], trainer["batch"])
-    session.smoothed_loss = trainer["smoothed_loss"]
-    log.info("resumed %s at step %d", session.run_dir, session.step)
 
 
 def read_trainer_state(path: Path) -> dict:

@@ -293,6 +293,24 @@ def test_states_of_earlier_runs_resume_and_unreadable_ones_are_refused(tmp_path,
         run_training(config, resume_from=stopped.run_dir)
 
 
+def test_a_resume_that_changes_the_state_shape_is_refused_and_the_run_stays_resumable(tmp_path, tiny_folders, images):
+    commands, stop_at_3 = stopper(3)
+    config = tiny_config(tmp_path, tiny_folders, images)
+    stopped = run_training(config, on_event=stop_at_3, commands=commands)
+    recorded = (stopped.run_dir / "config.toml").read_text()
+
+    bigger = tiny_config(tmp_path, tiny_folders, images, lora={"rank": 8}, optimizer={"optimizer": "adafactor"})
+    refusal = r"cannot resume with `lora.rank` from 4 to 8, `optimizer.optimizer` from 'adamw' to 'adafactor'"
+    with pytest.raises(TrainingError, match=refusal + ".*resume without changing them, or start a new run"):
+        run_training(bigger, resume_from=stopped.run_dir)
+    other_family = tiny_config(tmp_path, tiny_folders, images, base_model=str(tiny_folders["sd2"]), family="sd2")
+    with pytest.raises(TrainingError, match=r"does not fit this run's model and settings \(.*size mismatch"):
+        run_training(other_family, resume_from=stopped.run_dir)
+
+    assert (stopped.run_dir / "config.toml").read_text() == recorded  # the refusals wrote nothing
+    assert run_training(config, resume_from=stopped.run_dir).step == 8
+
+
 def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_folders, images):
     """A process killed with SIGKILL after its last state save (step 4) resumes to the same weights."""
     straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images))
