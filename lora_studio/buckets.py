@@ -145,7 +145,7 @@ def iterate_batches(
         epoch, first = epoch + 1, 0
 
 
-def steps_per_epoch(buckets: Sequence[Bucket], repeats: Sequence[int], batch_size: int) -> int:
+def batches_per_epoch(buckets: Sequence[Bucket], repeats: Sequence[int], batch_size: int) -> int:
     counts: dict[Bucket, int] = defaultdict(int)
     for bucket, count in zip(buckets, repeats, strict=True):
         counts[bucket] += count

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .buckets import Bucket, Crop, assign_buckets, count_total_steps, plan_crop, resize_and_crop, steps_per_epoch
+from .buckets import Bucket, Crop, assign_buckets, batches_per_epoch, count_total_steps, plan_crop, resize_and_crop
 from .config import DatasetConfig, TrainConfig
 from .paths import DEMO_DATASET_DIR
 
@@ -327,6 +327,11 @@ def captions_are_static(config: DatasetConfig) -> bool:
 # --- the report behind `lora-studio dataset` -------------------------------------------------------------
 
 
+def updates_per_epoch(batches: int, accumulation: int) -> int | float:
+    """Optimizer steps an epoch takes: whole when accumulation divides the batches, else to 2 decimals."""
+    return batches // accumulation if batches % accumulation == 0 else round(batches / accumulation, 2)
+
+
 def dataset_report(config: TrainConfig, resolution: int | None = None) -> dict:
     """Items, repeats, buckets, steps and every problem, as plain data (the CLI prints it or its JSON)."""
     dataset = config.dataset
@@ -334,7 +339,7 @@ def dataset_report(config: TrainConfig, resolution: int | None = None) -> dict:
     report = scan(dataset)
     buckets = assign_buckets([(i.width, i.height) for i in report.items], dataset, resolution) if report.items else []
     repeats = [i.repeats for i in report.items]
-    per_epoch = steps_per_epoch(buckets, repeats, dataset.batch_size) if buckets else 0
+    per_epoch = batches_per_epoch(buckets, repeats, dataset.batch_size) if buckets else 0
     counts = Counter(buckets)
     total = count_total_steps(config.optimizer, per_epoch)
     return {
@@ -346,7 +351,8 @@ def dataset_report(config: TrainConfig, resolution: int | None = None) -> dict:
         "resolution": resolution,
         "batch_size": dataset.batch_size,
         "buckets": [{"width": b.width, "height": b.height, "count": n} for b, n in sorted(counts.items())],
-        "steps_per_epoch": per_epoch,
+        "batches_per_epoch": per_epoch,
+        "steps_per_epoch": updates_per_epoch(per_epoch, config.optimizer.gradient_accumulation_steps),
         "total_steps": total,
         "errors": [p.as_dict() for p in report.errors],
         "warnings": [p.as_dict() for p in report.warnings],

@@ -312,7 +312,7 @@ def prepare(
         latent_cache, text_cache = prepare_caches(config, base, report, buckets)
     torch.manual_seed(config.seed)  # LoRA init (gaussian) is drawn here
     inject_lora(base, config.lora)
-    per_epoch = bucketing.steps_per_epoch(buckets, [i.repeats for i in report.items], config.dataset.batch_size)
+    per_epoch = bucketing.batches_per_epoch(buckets, [i.repeats for i in report.items], config.dataset.batch_size)
     total = bucketing.count_total_steps(config.optimizer, per_epoch, accelerator.num_processes)
     optimizer = make_optimizer(config, base, accelerator.device)
     parts = trained_parts(config, base)

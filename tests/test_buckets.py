@@ -11,6 +11,7 @@ from lora_studio.buckets import (
     Bucket,
     Position,
     assign_buckets,
+    batches_per_epoch,
     count_total_steps,
     epoch_batches,
     iterate_batches,
@@ -19,7 +20,6 @@ from lora_studio.buckets import (
     no_upscale_bucket,
     plan_crop,
     resize_and_crop,
-    steps_per_epoch,
 )
 from lora_studio.config import DatasetConfig, OptimConfig
 from lora_studio.errors import ConfigError
@@ -84,7 +84,7 @@ def test_batches_never_mix_buckets_and_cover_every_repeat(layout):
     batches = epoch_batches(buckets, repeats, 4, seed=1, epoch=0)
     assert all(len({buckets[i] for i in batch}) == 1 for batch in batches)
     assert sorted(itertools.chain(*batches)) == sorted(i for i, r in enumerate(repeats) for _ in range(r))
-    assert len(batches) == steps_per_epoch(buckets, repeats, 4)
+    assert len(batches) == batches_per_epoch(buckets, repeats, 4)
 
 
 def test_same_seed_same_order_other_seed_or_epoch_differs(layout):

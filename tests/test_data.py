@@ -233,9 +233,14 @@ def test_dataset_report_counts_steps_and_buckets(tmp_path):
         [(False, 3), (True, 5)],
         [(True, 5), (False, 3)],
     )
-    assert report["steps_per_epoch"] == 5 + 3  # ceil(10/2) + ceil(6/2)
+    assert report["steps_per_epoch"] == report["batches_per_epoch"] == 5 + 3  # ceil(10/2) + ceil(6/2)
     assert report["total_steps"] == 24
     assert report["errors"] == [] and isinstance(report["warnings"], list)
+
+    accumulated = dataset_report(config.model_copy(update={"optimizer": config.optimizer.model_copy(
+        update={"gradient_accumulation_steps": 3})}))  # fmt: skip
+    assert accumulated["batches_per_epoch"] == 8 and accumulated["steps_per_epoch"] == 2.67  # 3 batches a step
+    assert accumulated["total_steps"] == 8  # 24 batches over the 3 epochs
 
 
 def test_step_samples_are_reproducible_and_carry_sdxl_conditioning(tmp_path):
