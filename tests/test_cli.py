@@ -1,11 +1,17 @@
 """The command line: exit codes and output of the commands that need no GPU and no app."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 from PIL import Image
 
 from lora_studio.cli import main
 from lora_studio.config import load_preset
+from lora_studio.state import load_state
 
 
 def test_dataset_json_and_exit_codes(tmp_path, capsys):
@@ -123,3 +129,43 @@ def test_lora_tools_from_the_command_line(tmp_path, capsys):
 
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_after_the_step_saves_and_the_run_resumes(tmp_path, tiny_folders):
+    """The first Ctrl-C (SIGINT) of `lora-studio train` finishes the step, saves the LoRA and the state, and
+    exits 0 saying where it stopped; `--resume` then carries on from that step."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (90 * i, 40, 40)).save(data / f"{i}.png")
+    sets = [f"base_model={json.dumps(str(tiny_folders['sd1']))}", f"dataset.path={json.dumps(str(data))}",
+            f"output_dir={json.dumps(str(tmp_path / 'runs'))}", "dataset.resolution=32", "dataset.enable_bucket=false",
+            "mixed_precision='no'", "optimizer.max_train_steps=100000", "sample.every_n_steps=0",
+            "save.every_n_epochs=0", f"dataset.cache_dir={json.dumps(str(tmp_path / 'cache'))}"]  # fmt: skip
+    command = [sys.executable, "-m", "lora_studio.cli", "train", "sd15-character"]
+    command += [a for item in sets for a in ("--set", item)]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "runs").glob("*/metrics.jsonl")) or len(metrics_lines(tmp_path)) < 3:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err[-2000:]
+    assert "stopping after this step and saving" in out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    stopped_at = load_state(run_dir / "state" / "trainer.safetensors")["step"]
+    assert f"stopped at step {stopped_at}\n" in out and stopped_at >= 3
+    assert (run_dir / f"checkpoints/sd15-character-step{stopped_at:06d}.safetensors").is_file()
+
+    assert main(["train", "--resume", str(run_dir), "--set", f"optimizer.max_train_steps={stopped_at + 2}"]) == 0
+    assert [line["step"] for line in metrics_lines(tmp_path)][-3:] == [stopped_at, stopped_at + 1, stopped_at + 2]
+
+
+def metrics_lines(tmp_path) -> list[dict]:
+    (metrics,) = (tmp_path / "runs").glob("*/metrics.jsonl")
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
