@@ -932,7 +932,10 @@ def run_training(
         if resume_from is not None:
             resume(session)
         return train(session)
-    except LoraStudioError:
+    except LoraStudioError as exc:
+        # The sentence the caller shows, kept in the run's log.txt too; info, so a console that shows
+        # warnings (the CLI's) does not print it twice.
+        log.info("the run stopped: %s", exc)
         raise
     except Exception:
         log.exception("training failed")  # the traceback goes to log.txt, never to the page

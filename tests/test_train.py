@@ -265,6 +265,7 @@ def test_a_full_disk_at_a_state_save_stops_clearly_and_keeps_the_last_whole_stat
     monkeypatch.undo()
 
     (run_dir,) = (tmp_path / "b" / "runs").iterdir()
+    assert "could not save the resumable state at step 8" in (run_dir / "log.txt").read_text()
     assert [p.name for p in (run_dir / "state").iterdir()] == ["trainer.safetensors"]  # no temp file left
     assert load_state(run_dir / "state" / "trainer.safetensors")["step"] == 4
     resumed = run_training(config, resume_from=run_dir)
