@@ -152,6 +152,11 @@ def batches_per_epoch(buckets: Sequence[Bucket], repeats: Sequence[int], batch_s
     return sum(math.ceil(n / batch_size) for n in counts.values())
 
 
+def updates_per_epoch(batches: int, accumulation: int) -> int | float:
+    """Optimizer steps an epoch takes: whole when accumulation divides the batches, else to 2 decimals."""
+    return batches // accumulation if batches % accumulation == 0 else round(batches / accumulation, 2)
+
+
 def count_total_steps(optim: OptimConfig, per_epoch_batches: int, processes: int = 1) -> int:
     """Optimizer steps in the run: max_train_steps when set, else the steps that cover the epochs.
 

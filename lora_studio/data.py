@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .buckets import Bucket, Crop, assign_buckets, batches_per_epoch, count_total_steps, plan_crop, resize_and_crop
+from .buckets import (
+    Bucket,
+    Crop,
+    assign_buckets,
+    batches_per_epoch,
+    count_total_steps,
+    plan_crop,
+    resize_and_crop,
+    updates_per_epoch,
+)
 from .config import DatasetConfig, TrainConfig
 from .paths import DEMO_DATASET_DIR
 
@@ -325,11 +334,6 @@ def captions_are_static(config: DatasetConfig) -> bool:
 
 
 # --- the report behind `lora-studio dataset` -------------------------------------------------------------
-
-
-def updates_per_epoch(batches: int, accumulation: int) -> int | float:
-    """Optimizer steps an epoch takes: whole when accumulation divides the batches, else to 2 decimals."""
-    return batches // accumulation if batches % accumulation == 0 else round(batches / accumulation, 2)
 
 
 def dataset_report(config: TrainConfig, resolution: int | None = None) -> dict:
