@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 
 from lora_studio import buckets
-from lora_studio.train import Session, training_step
+from lora_studio.session import Session
+from lora_studio.step import training_step
 
 
 def synchronize() -> None:

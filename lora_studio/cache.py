@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .buckets import Bucket, Crop, plan_crop
 from .config import DatasetConfig, TrainConfig
-from .data import Item, bucket_pixels, captions_are_static
-from .fsutil import atomic_path
+from .data import Item, bucket_pixels
+from .paths import in_home
+from .runs import output_root
+from .safetensors_io import save_tensors
 
 Progress = Callable[[int, int], None]
 
@@ -54,19 +56,18 @@ def _read_entry(path: Path) -> dict[str, torch.Tensor] | None:
         return None  # missing or unreadable: rebuild it
 
 
-def _read_remembered(memory: dict, folder: Path, key: str) -> dict[str, torch.Tensor] | None:
+def _read_remembered(memory: dict, folder: Path | None, key: str) -> dict[str, torch.Tensor] | None:
     """An entry from memory, else from disk (then kept in memory); None when it is not cached."""
-    if key not in memory:
+    if key not in memory and folder is not None:
         found = _read_entry(_entry_path(folder, key))
         if found is None:
             return None
         memory[key] = found
-    return memory[key]
+    return memory.get(key)
 
 
 def _write_entry(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)
 
 
 # --- latents ----------------------------------------------------------------------------------------------
@@ -94,8 +95,11 @@ def plan_latent_entries(items: Sequence[Item], buckets: Sequence[Bucket], config
 
 
 class LatentCache:
-    def __init__(self, folder: Path, vae: torch.nn.Module, background: str = "#ffffff"):
-        self.folder = Path(folder) / "latents"
+    """VAE latents per (image, bucket, crop, flip, VAE). With `folder` None (`cache_latents_to_disk = false`)
+    they live in memory only, for this run: nothing is written, and the next run encodes again."""
+
+    def __init__(self, folder: Path | None, vae: torch.nn.Module, background: str = "#ffffff"):
+        self.folder = Path(folder) / "latents" if folder is not None else None
         self.vae = vae
         self.background = background
         self.vae_id = module_fingerprint(vae)
@@ -132,7 +136,7 @@ class LatentCache:
         """Encode every entry not yet cached, in VAE batches of one bucket each. Returns hit/built counts."""
         missing: dict[Bucket, list[LatentEntry]] = defaultdict(list)
         for entry in entries:
-            if not _entry_path(self.folder, self.key(items[entry.item_index], entry)).is_file():
+            if not self._has(self.key(items[entry.item_index], entry)):
                 missing[entry.bucket].append(entry)
         total = sum(len(v) for v in missing.values())
         done = 0
@@ -143,29 +147,23 @@ class LatentCache:
                 pixels = torch.stack([self.pixels(items[e.item_index], e) for e in chunk])
                 means, stds = self.encode(pixels)
                 for entry, mean, std in zip(chunk, means, stds, strict=True):
-                    path = _entry_path(self.folder, self.key(items[entry.item_index], entry))
-                    _write_entry(path, {"mean": mean, "std": std})
+                    self._store(self.key(items[entry.item_index], entry), {"mean": mean, "std": std})
                 done += len(chunk)
                 if progress is not None:
                     progress(done, total)
         return {"hits": len(entries) - total, "built": total}
 
+    def _has(self, key: str) -> bool:
+        return key in self.memory if self.folder is None else _entry_path(self.folder, key).is_file()
+
+    def _store(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.folder is None:
+            self.memory[key] = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        else:
+            _write_entry(_entry_path(self.folder, key), tensors)
+
 
 # --- text embeddings ------------------------------------------------------------------------------------
-
-
-def text_cache_refusal(config: TrainConfig) -> str | None:
-    """Why text-encoder outputs cannot be cached for this config, or None if they can."""
-    if config.lora.train_text_encoder:
-        return (
-            "the text encoder is being trained, so its outputs change every step; set lora.train_text_encoder = false"
-        )
-    if not captions_are_static(config.dataset):
-        return (
-            "captions change every step (shuffle_caption or caption dropout is on); "
-            "turn those off to cache text embeddings"
-        )
-    return None
 
 
 class TextCache:
@@ -205,4 +203,7 @@ class TextCache:
 
 
 def cache_folder(config: TrainConfig) -> Path:
-    return Path(config.dataset.cache_dir) if config.dataset.cache_dir else Path(config.output_dir) / ".cache"
+    """`dataset.cache_dir` (relative: under the home), else `.cache` in the folder the runs go in."""
+    if config.dataset.cache_dir.strip():
+        return in_home(config.dataset.cache_dir)
+    return output_root(config.output_dir) / ".cache"

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import LoraStudioError
+from .logs import attach_app_log
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE = 0, 1, 2
 
@@ -106,23 +107,39 @@ def add_lora_tool_parsers(sub) -> None:
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument(
-        "--listen", action="store_true", help="listen on all interfaces (0.0.0.0); needs --auth or LORA_STUDIO_AUTH"
-    )
-    parser.add_argument("--port", type=int, help="default: the first free port from 7860 (Gradio's own search)")
-    parser.add_argument("--auth", help="user:password, required when --host is not a loopback address")
+        "--listen", action="store_true",
+        help="listen on all interfaces (0.0.0.0); needs a password: LORA_STUDIO_AUTH=user:password or --auth-file",
+    )  # fmt: skip
+    parser.add_argument("--port", type=int, help="default: the first free port from 7860")
+    parser.add_argument("--auth-file", help="a file whose first line is user:password (kept out of `ps`)")
+    parser.add_argument("--auth", help="user:password on the command line (visible in `ps`; prefer --auth-file)")
+    parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (with --ssl-keyfile)")
+    parser.add_argument("--ssl-keyfile", help="the certificate's private key")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     parser.add_argument(
         "--models-dir", type=Path, help="base models the Train tab lists (default: models/, or LORA_STUDIO_MODELS)"
     )
+    parser.add_argument(
+        "--allow-dir", action="append", default=[], metavar="FOLDER",
+        help="also let the app read and write this folder (e.g. a dataset kept elsewhere); repeat for more",
+    )  # fmt: skip
+    parser.add_argument("--max-upload-mb", type=int, default=50, help="the largest file an upload may be (MB)")
 
 
 def run_app(args: argparse.Namespace) -> int:
-    from .ui.app import launch  # gradio is imported only when the app is wanted
+    from .ui.app import launch, read_auth_file  # gradio is imported only when the app is wanted
 
     host = "0.0.0.0" if args.listen else args.host
     if args.models_dir:
         os.environ["LORA_STUDIO_MODELS"] = str(args.models_dir)  # paths.models_dir() reads it on each listing
-    launch(host=host, port=args.port, auth=args.auth, open_browser=not args.no_browser)
+    if args.auth:
+        print("note: --auth shows the password to anyone who can list processes; prefer --auth-file or "
+              "LORA_STUDIO_AUTH", file=sys.stderr)  # fmt: skip
+    auth = read_auth_file(args.auth_file) if args.auth_file else args.auth
+    launch(
+        host=host, port=args.port, auth=auth, open_browser=not args.no_browser, allow_dirs=tuple(args.allow_dir),
+        max_upload_mb=args.max_upload_mb, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+    )  # fmt: skip
     return EXIT_OK
 
 
@@ -201,16 +218,11 @@ def print_dataset_report(report: dict) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .runs import RunFolder
 
     if args.resume:
-        if not (args.resume / "config.toml").is_file():
-            print(
-                f"error: {args.resume} is not a run folder (it has no config.toml); give the folder of the run "
-                "to continue, e.g. runs/my-lora-20260101-120000",
-                file=sys.stderr,
-            )
-            return EXIT_INPUT
-        config = load_config(args.resume / "config.toml", args.overrides)
+        run = RunFolder.open(args.resume)  # a folder that is not a run: one sentence, exit 1
+        config = load_config(run.config, args.overrides)
     elif args.config:
         config = _load_config_or_preset(args.config, args.overrides)
     else:
@@ -283,12 +295,10 @@ def parse_lora_argument(text: str) -> tuple[Path, float]:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from .models import load_base
     from .sample import Axis, Previewer, PreviewSettings, save_png
+    from .workflows import load_preview_base, parse_grid_axis
 
-    base = load_base(args.base, dtype=torch.float32 if str(args.base) == "demo" else None)
+    base = load_preview_base(args.base)
     previewer = Previewer(base)
     strengths = {}
     for text in args.lora:
@@ -308,13 +318,14 @@ def run_sample(args: argparse.Namespace) -> int:
         batch_count=args.batch_count,
     )
     if args.grid:
+        # A checkpoint grid turns its own checkpoints on one at a time, so the --lora stack stays off.
         with_checkpoints = any(spec.startswith("checkpoint") for spec in args.grid[:2])
-        axes = [grid_axis(spec, previewer, {} if with_checkpoints else strengths) for spec in args.grid[:2]]
+        first = None if with_checkpoints else next(iter(strengths), None)
+        axes = [parse_grid_axis(spec, previewer, first) for spec in args.grid[:2]]
         x, y = axes[0], axes[1] if len(axes) > 1 else Axis("seed", (settings.seed,))
         grid = previewer.grid(settings, x, y)
         notices = grid.previews[0][0].notices
-        save_png(grid.image, args.out, grid.previews[0][0].parameters)
-        written = [args.out]
+        written = [save_png(grid.image, args.out, grid.previews[0][0].parameters)]
     else:
         previews = previewer.generate(settings)
         notices = previews[0].notices
@@ -327,34 +338,6 @@ def run_sample(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return EXIT_OK
-
-
-def grid_axis(spec: str, previewer, strengths: dict[str, float]):
-    from .sample import Axis, PreviewError
-
-    kind, _, values = spec.partition("=")
-    kind, _, lora = kind.partition(":")
-    items = [v for v in values.split(",") if v.strip()]
-    try:
-        if kind == "seed":
-            return Axis("seed", tuple(int(v) for v in items))
-        if kind == "strength":  # of the named or first LoRA; with a checkpoint axis, of each checkpoint
-            return Axis("strength", tuple(float(v) for v in items), lora=lora or next(iter(strengths), None))
-    except ValueError:
-        raise PreviewError(f"Grid axis {spec!r} has a value that is not a number.") from None
-    if kind == "checkpoint":
-        names = tuple(previewer.add_lora(Path(v)) for v in items)
-        return Axis("checkpoint", names)
-    raise PreviewError(f"Grid axis {spec!r} is unknown; use strength=..., seed=... or checkpoint=FILE,FILE.")
-
-
-PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-
-
-def _dtype(name: str):
-    import torch
-
-    return getattr(torch, PRECISIONS[name])
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -383,22 +366,19 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .export import load_lora, save_kohya
+    from .workflows import export_lora_file
 
-    lora = load_lora(args.file)
-    save_kohya(lora, args.output, _dtype(args.precision))
-    print(f"wrote {args.output}: {len(lora.modules)} modules, kohya format (read as {lora.format})")
+    written = export_lora_file(args.file, args.output, "kohya", args.precision)
+    print(f"wrote {written}: kohya format")
     return EXIT_OK
 
 
 def run_resize(args: argparse.Namespace) -> int:
     import json
 
-    from .export import load_lora, save_kohya
-    from .tools import resize_lora
+    from .workflows import resize_lora_file
 
-    resized, report = resize_lora(load_lora(args.file), rank=args.rank, energy=args.energy)
-    save_kohya(resized, args.output, _dtype(args.precision))
+    written, report = resize_lora_file(args.file, args.output, args.rank, args.energy, args.precision)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -407,23 +387,19 @@ def run_resize(args: argparse.Namespace) -> int:
             print(f"  {name}: rank {row['from_rank']} -> {row['rank']}, error {row['error']:.4g} of {row['norm']:.4g}")
         total, norm = report.total_error, report.total_norm
         print(f"total Frobenius error {total:.4g} of {norm:.4g} ({report.relative_error:.2%})")
-    print(f"wrote {args.output}")
+    print(f"wrote {written}")
     return EXIT_OK
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    import torch
+    from .workflows import merge_into_base
 
-    from .export import load_lora
-    from .models import load_base
-    from .tools import merge_lora
-
-    base = load_base(args.base, dtype=torch.float32, device="cpu")
-    merge_lora(base, load_lora(args.lora), args.strength, args.output, dtype=_dtype(args.precision))
+    merge_into_base(args.base, args.lora, args.strength, args.output, args.precision)
     print(f"wrote {args.output} ({args.base} + {args.lora.name} at strength {args.strength:g})")
     return EXIT_OK
 
 
+LOGGED_COMMANDS = {"app", "train", "demo", "sample", "merge"}  # the rest only read files (and must answer fast)
 COMMANDS = {
     "app": run_app,
     "detect": run_detect,
@@ -447,21 +423,20 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["app", *argv]  # `lora-studio --port 8000` opens the app
     args = parser.parse_args(argv)
+    if args.command in LOGGED_COMMANDS:
+        attach_app_log()
     try:
         return COMMANDS[args.command](args)
     except LoraStudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except Exception as exc:  # one sentence here; the traceback is in the run's log.txt when there is a run
-        logging.getLogger(__name__).debug("unexpected failure", exc_info=True)
-        print(
-            f"error: unexpected failure ({type(exc).__name__}: {exc}); see the run's log.txt for details",
-            file=sys.stderr,
-        )
+    except Exception as exc:  # one sentence here; the traceback goes to the app's log file, whose path is given
+        where = attach_app_log()
+        logging.getLogger(__name__).error("lora-studio %s failed", args.command, exc_info=True)
+        print(f"error: unexpected failure ({type(exc).__name__}: {exc}); the details are in {where}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

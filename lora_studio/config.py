@@ -64,9 +64,16 @@ class DatasetConfig(Section):
         "#ffffff", pattern=r"^#[0-9a-fA-F]{6}$", description="Colour under transparent pixels."
     )
     cache_latents: bool = True  # kohya/OneTrainer: cache VAE latents unless augmenting per step
-    cache_latents_to_disk: bool = True
+    cache_latents_to_disk: bool = Field(
+        True, description="Keep cached latents on disk for later runs; off keeps them in memory for this run only."
+    )
     cache_text_embeddings: bool = False  # only possible with a frozen text encoder and static captions
-    cache_dir: str = Field("", description="Where latent/text caches live; empty uses <output_dir>/.cache.")
+    cache_dir: str = Field("", description="Where latent/text caches live; empty: .cache in the runs folder.")
+
+    @property
+    def captions_are_static(self) -> bool:
+        """Whether every step sees the same caption for an image (needed to cache text embeddings)."""
+        return not (self.shuffle_caption or self.caption_dropout_rate or self.caption_tag_dropout_rate)
 
     @model_validator(mode="after")
     def _bucket_range(self) -> DatasetConfig:
@@ -180,7 +187,7 @@ class TrainConfig(Section):
     )
     family: Family = "auto"
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
-    output_dir: str = "runs"
+    output_dir: str = Field("", description="Folder the run folders go in; empty: runs/ in the app's home.")
     seed: int = Field(42, ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"  # kohya/OneTrainer default on modern GPUs
     clip_skip: int = Field(1, ge=1, le=4)  # 1 = last layer; anime-style SD1 models use 2
@@ -202,6 +209,53 @@ class TrainConfig(Section):
         if value != CONFIG_VERSION:
             raise ValueError(f"must be {CONFIG_VERSION} after migration, got {value}")
         return value
+
+    def text_cache_refusal(self) -> str | None:
+        """Why text-encoder outputs cannot be cached with these settings, or None if they can."""
+        if self.lora.train_text_encoder:
+            return (
+                "the text encoder is being trained, so its outputs change every step; "
+                "set lora.train_text_encoder = false"
+            )
+        if not self.dataset.captions_are_static:
+            return (
+                "captions change every step (shuffle_caption or caption dropout is on); "
+                "turn those off to cache text embeddings"
+            )
+        return None
+
+    def combination_problems(self) -> list[str]:
+        """Settings that are each valid but cannot train together. "Check settings", `lora-studio config`
+        and the trainer all ask this one place, so what the form accepts is what training accepts."""
+        problems = []
+        if self.dataset.cache_latents and self.dataset.random_crop:
+            problems.append(
+                "`dataset.random_crop` changes every step, so latents cannot be cached; "
+                "turn cache_latents or random_crop off"
+            )
+        reason = self.text_cache_refusal() if self.dataset.cache_text_embeddings else None
+        if reason:
+            problems.append(f"`dataset.cache_text_embeddings` cannot be used: {reason}")
+        return problems
+
+    def training_problems(self) -> list[str]:
+        """Everything training would refuse before loading anything: the combinations, plus the fields a preset
+        leaves for the person to fill in (presets ship without a base model)."""
+        missing = [] if self.base_model.strip() else ["`base_model` is empty: choose a checkpoint, a diffusers "
+                                                       "folder or 'demo'"]  # fmt: skip
+        return missing + self.combination_problems()
+
+    def check_combinations(self, source: str = "config") -> TrainConfig:
+        problems = self.combination_problems()
+        if problems:
+            raise ConfigError(source, problems)
+        return self
+
+    def check_trainable(self, source: str = "config") -> TrainConfig:
+        problems = self.training_problems()
+        if problems:
+            raise ConfigError(source, problems)
+        return self
 
 
 # --- validation with every problem at once --------------------------------------------------------
@@ -241,9 +295,10 @@ def describe_errors(exc: ValidationError) -> list[str]:
 def validate_config(data: Mapping[str, Any], source: str = "config") -> TrainConfig:
     """Migrate then validate; raises ConfigError listing every bad field."""
     try:
-        return TrainConfig.model_validate(migrate(dict(data)))
+        config = TrainConfig.model_validate(migrate(dict(data)))
     except ValidationError as exc:
         raise ConfigError(source, describe_errors(exc)) from None
+    return config.check_combinations(source)
 
 
 # --- migrations -----------------------------------------------------------------------------------
@@ -410,8 +465,10 @@ def list_presets(folder: Path = PRESETS_DIR) -> list[str]:
 
 
 def preset_path(name: str, folder: Path = PRESETS_DIR) -> Path:
+    """The preset file of `name`; only the names list_presets gives (a name from a request cannot leave the
+    folder: "../x" is no preset)."""
     path = folder / f"{name}.toml"
-    if not path.is_file():
+    if name not in list_presets(folder):
         known = list_presets(folder)
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(known)}"

@@ -35,12 +35,14 @@ from .buckets import (
     updates_per_epoch,
 )
 from .config import DatasetConfig, TrainConfig
-from .paths import DEMO_DATASET_DIR
+from .errors import LoraStudioError
+from .paths import DEMO_DATASET_DIR, is_within
 
 if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MAX_CAPTION_BYTES = 64 * 1024  # a caption is a line of tags; a bigger "caption" is some other file
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 Severity = Literal["error", "warning"]
 
@@ -158,11 +160,24 @@ def find_concept_folders(root: Path, config: DatasetConfig) -> tuple[list[tuple[
 # --- reading one image and its caption ----------------------------------------------------------------
 
 
+class CaptionError(LoraStudioError):
+    """A caption file that is refused: too large, or a link out of the dataset folder."""
+
+
 def read_caption(image_path: Path, extension: str) -> tuple[str | None, list[str]]:
-    """The caption text (None if there is no file) and warnings about its encoding."""
+    """The caption text (None if there is no file) and warnings about its encoding; CaptionError for a caption
+    file that is refused (over 64 KB, or a link to a file outside the image's folder)."""
     path = image_path.with_suffix(extension if extension.startswith(".") else "." + extension)
     if not path.is_file():
         return None, []
+    if not is_within(path, image_path.parent):
+        raise CaptionError(f"{path.name} is a link to a file outside the dataset folder; replace it with a real file")
+    size = path.stat().st_size
+    if size > MAX_CAPTION_BYTES:
+        raise CaptionError(
+            f"{path.name} is {size / 1024:,.0f} KB, over the {MAX_CAPTION_BYTES // 1024} KB a caption may have; "
+            "it is probably not a caption, so shorten or remove it"
+        )
     raw = path.read_bytes()
     notes = []
     if raw.startswith(b"\xef\xbb\xbf"):
@@ -258,6 +273,9 @@ def scan(config: DatasetConfig, min_side: int | None = None) -> ScanReport:
 def _scan_one(
     path: Path, concept: str, repeats: int, config: DatasetConfig, min_side: int, seen: dict[str, Path], problems: list
 ) -> Item | None:
+    if not is_within(path, path.parent):
+        problems.append(Problem(str(path), "error", "a link to a file outside the dataset folder; copy the file in"))
+        return None
     data = path.read_bytes()
     if not data:
         problems.append(Problem(str(path), "error", "the file is empty (0 bytes); re-copy or remove it"))
@@ -286,7 +304,11 @@ def _scan_one(
         )
         if config.bucket_no_upscale:
             return None
-    caption, notes = read_caption(path, config.caption_extension)
+    try:
+        caption, notes = read_caption(path, config.caption_extension)
+    except CaptionError as exc:
+        problems.append(Problem(str(path), "error", str(exc)))
+        return None
     problems += [Problem(str(path), "warning", note) for note in notes]
     if caption is None:
         fallback = config.trigger_word or concept
@@ -326,11 +348,6 @@ def build_caption(item: Item, config: DatasetConfig, rng: random.Random) -> str:
     if config.shuffle_caption:
         rng.shuffle(rest)
     return ", ".join(fixed + rest)
-
-
-def captions_are_static(config: DatasetConfig) -> bool:
-    """Whether every step sees the same caption for an image (needed to cache text embeddings)."""
-    return not (config.shuffle_caption or config.caption_dropout_rate or config.caption_tag_dropout_rate)
 
 
 # --- the report behind `lora-studio dataset` -------------------------------------------------------------

@@ -14,7 +14,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import IMAGE_SUFFIXES, open_image, read_caption
+from .data import IMAGE_SUFFIXES, MAX_CAPTION_BYTES, open_image, read_caption
 from .errors import LoraStudioError
 from .fsutil import atomic_path, write_text_atomic
 
@@ -79,6 +79,9 @@ def import_files(folder: Path, files: list[Path], original_names: list[str] | No
             _copy_atomic(Path(source), inside(folder, clean))
             report.images.append(clean)
         elif suffix in CAPTION_SUFFIXES:
+            if Path(source).stat().st_size > MAX_CAPTION_BYTES:
+                report.skipped.append(f"{name}: over the {MAX_CAPTION_BYTES // 1024} KB a caption may have")
+                continue
             _copy_atomic(Path(source), inside(folder, clean))
             report.captions.append(clean)
         else:

@@ -28,11 +28,12 @@ from safetensors import safe_open
 from safetensors.torch import save as serialize
 
 from . import layout
-from .errors import LoraStudioError, ModelLoadError
-from .fsutil import atomic_path
+from .errors import LoraStudioError
+from .fsutil import atomic_path, write_bytes_atomic
 from .lora import ADAPTER_NAME
-from .models import BASE_MODEL_VERSION, read_safetensors_index
+from .models import BASE_MODEL_VERSION, FAMILY_NAMES, MODELSPEC_ARCHITECTURE
 from .paths import sd_config_dir
+from .safetensors_io import SafetensorsFileError, read_header
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 DOWN, UP, ALPHA, DORA = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
@@ -42,7 +43,6 @@ PART_PREFIX = {  # part (as diffusers names pipeline components) -> kohya prefix
 }
 SGM_BLOCKS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
 FAMILY_BY_VERSION = {v: k for k, v in BASE_MODEL_VERSION.items()}
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (768-v)", "sdxl": "SDXL"}
 # Width of the text the UNet cross-attends to, and of the text encoder, per family.
 CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 TEXT_ENCODER_WIDTH = {768: "sd1", 1024: "sd2"}
@@ -248,7 +248,6 @@ def save_diffusers(
                 tmp.write_bytes(serialize(tensors, metadata=header))
             else:
                 tmp.write_bytes(written.read_bytes())
-            _fsync(tmp)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return path
@@ -298,22 +297,6 @@ def check_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         )
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
-            _fsync(tmp)
-    except OSError as e:
-        raise LoraFileError(
-            f"Cannot write {path}: {e.strerror or e}; free some disk space or choose a folder you can write to."
-        ) from None
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 # --- reading -----------------------------------------------------------------------------------------------
 
 
@@ -328,13 +311,20 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
             "convert them to .safetensors first."
         )
     try:
-        index = read_safetensors_index(path)
-    except ModelLoadError as e:
+        header = read_header(path)
+    except SafetensorsFileError as e:
         raise LoraFileError(str(e)) from None
-    keys = list(index.shapes)
     with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in keys}
-    lora = parse_state_dict(tensors, index.metadata, path, adapter_config=_peft_adapter_config(path))
+        tensors = {k: f.get_tensor(k) for k in header.tensors}
+    try:
+        lora = parse_state_dict(tensors, header.metadata, path, adapter_config=_peft_adapter_config(path))
+    except LoraStudioError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, RecursionError) as exc:  # hostile or odd
+        raise LoraFileError(
+            f"{path} does not hold a LoRA this app can read ({type(exc).__name__}: {str(exc)[:200]}); export it "
+            "again from the tool that made it."
+        ) from None
     lora.path = path
     return lora
 
@@ -379,6 +369,8 @@ def _kohya_modules(tensors: dict[str, torch.Tensor], source) -> dict[str, LoraMo
             missing = DOWN if down is None else UP
             raise LoraFileError(f"{source}: module {name} has no {missing.strip('.')} tensor; the file is incomplete.")
         alpha = tensors.get(name + ALPHA)
+        if alpha is not None and alpha.numel() != 1:
+            raise LoraFileError(f"{source}: the alpha of module {name} holds {alpha.numel()} values, not one number.")
         # kohya's rule: no alpha means scale 1, i.e. alpha = rank.
         alpha_value = float(alpha.float().item()) if alpha is not None else float(down.shape[0])
         dora = tensors.get(name + DORA)
@@ -594,12 +586,6 @@ def check_compatible(lora: LoraFile, base) -> dict[str, tuple[str, str, torch.nn
 
 # --- metadata ------------------------------------------------------------------------------------------------
 
-MODELSPEC_ARCHITECTURE = {
-    "sd1": "stable-diffusion-v1/lora",
-    "sd2": "stable-diffusion-v2-512/lora",
-    "sd2-v": "stable-diffusion-v2-768-v/lora",
-    "sdxl": "stable-diffusion-xl-v1-base/lora",
-}
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
@@ -668,7 +654,7 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_flip_aug": str(config.dataset.flip_aug),
         "ss_training_comment": "trained with LoRA Studio",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(facts.family, MODELSPEC_ARCHITECTURE["sd1"]),
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(facts.family, MODELSPEC_ARCHITECTURE["sd1"]) + "/lora",
         "modelspec.implementation": SGM_IMPLEMENTATION if sdxl else "diffusers",
         "modelspec.title": config.name,
         "modelspec.resolution": f"{facts.resolution}x{facts.resolution}",

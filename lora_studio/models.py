@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from . import layout
 from .errors import ModelLoadError
 from .paths import DEMO_MODEL_DIR, sd_config_dir
+from .safetensors_io import SafetensorsFileError, read_header
 
 if TYPE_CHECKING:  # torch and diffusers load on first use: the app's page must come up before them
     import torch
@@ -35,8 +36,13 @@ log = logging.getLogger(__name__)
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x (512, epsilon)", "sd2-v": "SD 2.x (768, v)", "sdxl": "SDXL"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
-SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 # kohya/A1111 name of each family, written into metadata so other tools recognise our files.
+MODELSPEC_ARCHITECTURE = {  # modelspec.architecture of a base model; a LoRA of it appends "/lora"
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-512",
+    "sd2-v": "stable-diffusion-v2-768-v",
+    "sdxl": "stable-diffusion-xl-v1-base",
+}
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
 LORA_KEY_MARKERS = ("lora_down", "lora_up", ".lora_A.", ".lora_B.", "hada_w1", "lokr_w1", ".lora.down.")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -105,6 +111,16 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+DTYPE_NAMES = {"no": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # mixed and save precisions
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    """The torch dtype of a precision setting: mixed_precision ("no", "fp16", "bf16") or a save precision."""
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[precision])
+
+
 def pick_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 where the GPU supports it, else fp16 on a GPU; fp32 on the CPU, where half is slow or missing."""
     import torch
@@ -130,49 +146,12 @@ class CheckpointIndex:
 
 
 def read_safetensors_index(path: Path) -> CheckpointIndex:
-    """Parse the safetensors header ourselves so that a wrong or cut-short file gets a plain message.
-
-    safetensors itself only says `MetadataIncompleteBuffer` or `HeaderTooLarge`.
-    """
-    size = path.stat().st_size
-    if size == 0:
-        raise ModelLoadError(f"{path} is empty (0 bytes); the download or copy failed, so fetch or copy it again.")
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if header_len <= 1 or header_len > size - 8:
-            raise _not_safetensors(path)
-        if header_len > SAFETENSORS_MAX_HEADER:
-            raise ModelLoadError(
-                f"{path} has a {header_len / 1e6:,.0f} MB header, over the 100 MB safetensors allows; the file "
-                "is damaged or was not written by a safetensors library, so fetch or export it again."
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise _not_safetensors(path) from None
-    if not isinstance(header, dict):
-        raise _not_safetensors(path)
-    metadata = header.pop("__metadata__", None) or {}
+    """Names, shapes and metadata from the shared header reader, which turns any malformed header into a sentence."""
     try:
-        shapes = {name: tuple(info["shape"]) for name, info in header.items()}
-        data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    except (TypeError, KeyError, IndexError):
-        raise _not_safetensors(path) from None
-    expected = 8 + header_len + data_end
-    if size < expected:
-        raise ModelLoadError(
-            f"{path} is truncated: it should be {expected:,} bytes but is {size:,}; "
-            "the download or copy did not finish, so fetch or copy the file again."
-        )
-    return CheckpointIndex(path, shapes, {str(k): str(v) for k, v in metadata.items()})
-
-
-def _not_safetensors(path: Path) -> ModelLoadError:
-    return ModelLoadError(
-        f"{path} is not a safetensors file (its header cannot be read); "
-        "give a .safetensors checkpoint or a diffusers folder instead."
-    )
+        header = read_header(path)
+    except SafetensorsFileError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return CheckpointIndex(path, header.shapes, header.metadata)
 
 
 def read_pickle_index(path: Path, allow_pickle: bool) -> CheckpointIndex:
@@ -390,10 +369,10 @@ def missing_pipeline_files(folder: Path) -> list[str]:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         return ["model_index.json"]
-    index = json.loads(index_file.read_text(encoding="utf-8"))
+    index = _read_json(index_file)
     missing = []
     for name, spec in sorted(index.items()):
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+        if name.startswith("_") or not isinstance(spec, list) or not spec or spec[0] is None:
             continue
         sub = folder / name
         if name.startswith("tokenizer"):
@@ -502,7 +481,17 @@ def find_local_models(folder: Path) -> list[Path]:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A diffusers config file as a dict; a damaged one is a ModelLoadError naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelLoadError(
+            f"{path} cannot be read as JSON ({type(exc).__name__}); the model folder is damaged, so copy or "
+            "export it again."
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object; the model folder is damaged, so copy or export it again.")
+    return data
 
 
 def bundled_models() -> list[tuple[str, str, bool]]:

@@ -44,6 +44,9 @@ SAMPLER_SPECS = {
 SAMPLERS = tuple(SAMPLER_SPECS)
 STRENGTH_RANGE = (-2.0, 2.0)
 SIZE_MULTIPLE = 8  # the SD VAEs downsample 8x; diffusers' pipelines refuse other sizes
+MAX_SIDE = 2048  # SDXL's largest trained bucket; beyond it a preview only burns memory
+MAX_GRID_CELLS = 64
+MAX_BATCH_COUNT = 16
 
 
 class PreviewError(LoraStudioError):
@@ -64,6 +67,38 @@ def use_sampler(pipeline, sampler: str) -> None:
     pipeline.scheduler = cls.from_config(pipeline.scheduler.config, **extra)
 
 
+def call_pipeline(
+    pipeline, prompt: str, negative_prompt: str, seeds: list[int], steps: int, cfg: float, width: int | None,
+    height: int | None, clip_skip: int = 1, **extra,
+) -> list[Image.Image]:  # fmt: skip
+    """One image per seed: the one pipeline call of previews and training samples, so both honour the same
+    settings. Clip skip (A1111's meaning) is applied as training applies it (conditioning.py): for SD1/SD2 the
+    prompt embeddings are made here; SDXL's pipeline counts the layers skipped itself."""
+    texts: dict = {"prompt": [prompt] * len(seeds)}
+    texts["negative_prompt"] = [negative_prompt] * len(seeds) if negative_prompt else None
+    if clip_skip > 1 and not hasattr(pipeline, "text_encoder_2"):
+        texts = {f"{key}_embeds": clip_skipped(pipeline, value or [""] * len(seeds), clip_skip)
+                 for key, value in texts.items()}  # fmt: skip
+    return pipeline(
+        **texts,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        width=width,
+        height=height,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        clip_skip=clip_skip - 1 if clip_skip > 1 and hasattr(pipeline, "text_encoder_2") else None,
+        **extra,
+    ).images
+
+
+def clip_skipped(pipeline, prompts: list[str], clip_skip: int) -> torch.Tensor:
+    from .conditioning import encode_captions
+
+    encoder = pipeline.text_encoder
+    device = next(encoder.parameters()).device
+    return encode_captions([pipeline.tokenizer], [encoder], prompts, clip_skip, False, device)["hidden"]
+
+
 @torch.no_grad()
 def render(
     pipeline,
@@ -74,6 +109,7 @@ def render(
     guidance: float = 7.0,
     size: tuple[int, int] | None = None,
     negative_prompt: str = "",
+    clip_skip: int = 1,
 ) -> list[Rendered]:
     """One image per (prompt, strength, seed) with the adapters in the pipeline's peft layers at `strength`;
     the same seed gives the same noise at every strength. Training samples its live adapter this way."""
@@ -81,17 +117,8 @@ def render(
     results = []
     for prompt in prompts:
         for strength in strengths:
-            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-            images = pipeline(
-                [prompt] * len(seeds),
-                negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                width=width,
-                height=height,
-                generator=generators,
-                cross_attention_kwargs={"scale": strength},
-            ).images
+            images = call_pipeline(pipeline, prompt, negative_prompt, seeds, steps, guidance, width, height,
+                                   clip_skip, cross_attention_kwargs={"scale": strength})  # fmt: skip
             results += [Rendered(prompt, strength, seed, image) for seed, image in zip(seeds, images, strict=True)]
     return results
 
@@ -125,8 +152,10 @@ class PreviewSettings:
                 problems.append(f"strength {strength:g} of LoRA {name!r} is outside [-2, 2]; use a value inside")
         if not 1 <= self.steps <= 200:
             problems.append(f"steps = {self.steps}; use 1 to 200")
-        if not 1 <= self.batch_count <= 64:
-            problems.append(f"batch count = {self.batch_count}; use 1 to 64")
+        if not 1 <= self.batch_count <= MAX_BATCH_COUNT:
+            problems.append(f"batch count = {self.batch_count}; use 1 to {MAX_BATCH_COUNT}")
+        if not (SIZE_MULTIPLE <= self.width <= MAX_SIDE and SIZE_MULTIPLE <= self.height <= MAX_SIDE):
+            problems.append(f"size {self.width}x{self.height} is outside {SIZE_MULTIPLE}-{MAX_SIDE} pixels a side")
         if not 1 <= self.clip_skip <= 12:
             problems.append(f"clip skip = {self.clip_skip}; use 1 (the last layer) to 12")
         if self.cfg < 0:
@@ -293,16 +322,8 @@ class Previewer:
         self.set_strengths(settings.strengths)
         use_sampler(self.pipeline, settings.sampler)
         seeds = [settings.seed + i for i in range(settings.batch_count)]
-        images = self.pipeline(
-            [settings.prompt] * len(seeds),
-            negative_prompt=[settings.negative_prompt] * len(seeds) if settings.negative_prompt else None,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.cfg,
-            width=settings.width,
-            height=settings.height,
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-            clip_skip=settings.clip_skip - 1 or None,  # diffusers counts the layers skipped
-        ).images
+        images = call_pipeline(self.pipeline, settings.prompt, settings.negative_prompt, seeds, settings.steps,
+                               settings.cfg, settings.width, settings.height, settings.clip_skip)  # fmt: skip
         model = Path(str(self.base.source)).name
         previews = []
         for seed, image in zip(seeds, images, strict=True):
@@ -312,14 +333,24 @@ class Previewer:
 
     def grid(self, settings: PreviewSettings, x: Axis, y: Axis) -> Grid:
         """Render every (y, x) cell and lay them out with axis labels drawn on the image."""
+        check_grid_size(len(x.values), len(y.values))
         cells = [[cell_settings(settings, x, xv, y, yv) for xv in x.values] for yv in y.values]
         previews = [[self.render_cell(cell) for cell in row] for row in cells]
-        image = draw_grid([[p.image for p in row] for row in previews], x.labels(), y.labels())
+        image = draw_grid([[p.image for p in row] for row in previews], x.labels(), y.labels(), grid_title(x, y))
         return Grid(image, cells, previews, x, y)
 
     def render_cell(self, cell: PreviewSettings) -> Preview:
         """One cell again, from its recorded settings (a checkpoint axis records the adapter by name)."""
         return self.generate(replace(cell, batch_count=1))[0]
+
+
+def check_grid_size(columns: int, rows: int) -> None:
+    """Refuse, before anything loads or renders, a grid of more than MAX_GRID_CELLS images."""
+    if columns * rows > MAX_GRID_CELLS:
+        raise PreviewError(
+            f"A grid of {columns} x {rows} = {columns * rows} images is over the {MAX_GRID_CELLS} a grid may have; "
+            "give fewer values."
+        )
 
 
 @dataclass(frozen=True)
@@ -332,6 +363,7 @@ class Axis:
     values: tuple
     lora: str | None = None
     strength: float = 1.0
+    names: tuple[str, ...] = ()  # display labels of checkpoint values (e.g. "step 200"), else the values
 
     def __post_init__(self):
         if self.kind not in ("strength", "seed", "checkpoint"):
@@ -340,9 +372,23 @@ class Axis:
             raise PreviewError(f"The {self.kind} axis has no values; give at least one.")
 
     def labels(self) -> list[str]:
+        """What varies along the axis, short enough for a small cell; the LoRA's name is the grid's title."""
         if self.kind == "strength":
-            return [f"{self.lora + ' ' if self.lora else 'strength '}{v:g}" for v in self.values]
-        return [f"seed {v}" if self.kind == "seed" else str(v) for v in self.values]
+            return [f"{v:g}" for v in self.values]
+        if self.kind == "seed":
+            return [f"seed {v}" for v in self.values]
+        return list(self.names or (str(v) for v in self.values))
+
+
+def grid_title(x: Axis, y: Axis) -> str:
+    """Said once above the grid: whose strength varies, and along which axis."""
+    parts = []
+    for where, axis in (("columns", x), ("rows", y)):
+        if axis.kind == "strength":
+            parts.append(f"{where}: strength of {axis.lora}" if axis.lora else f"{where}: strength")
+        elif axis.kind == "checkpoint":
+            parts.append(f"{where}: checkpoints")
+    return "; ".join(parts)
 
 
 def cell_settings(settings: PreviewSettings, x: Axis, x_value, y: Axis, y_value) -> PreviewSettings:
@@ -375,20 +421,37 @@ class Grid:
     y: Axis
 
 
-def draw_grid(images: list[list[Image.Image]], x_labels: list[str], y_labels: list[str]) -> Image.Image:
-    """Images in rows and columns, column labels on top and row labels on the left, in black on white."""
+def draw_grid(
+    images: list[list[Image.Image]], x_labels: list[str], y_labels: list[str], title: str = ""
+) -> Image.Image:
+    """Images in rows and columns, a title line, column labels on top and row labels on the left, in black on
+    white; a label wider than its column is cut short (with an ellipsis) so labels never run into each other."""
     font = ImageFont.load_default()
     cell_w = max(im.width for row in images for im in row)
     cell_h = max(im.height for row in images for im in row)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = max(int(measure.textlength(t, font=font)) for t in y_labels) + 8
-    label_h = 18
-    grid = Image.new("RGB", (label_w + cell_w * len(x_labels), label_h + cell_h * len(y_labels)), "white")
+    title_h, label_h = (16 if title else 0), 18
+    width = max(label_w + cell_w * len(x_labels), int(measure.textlength(title, font=font)) + 6 if title else 0)
+    grid = Image.new("RGB", (width, title_h + label_h + cell_h * len(y_labels)), "white")
     draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((3, 2), title, fill="black", font=font)
     for i, text in enumerate(x_labels):
-        draw.text((label_w + i * cell_w + 2, 3), text, fill="black", font=font)
+        draw.text((label_w + i * cell_w + 2, title_h + 3), fit_text(measure, text, font, cell_w - 4), fill="black",
+                  font=font)  # fmt: skip
+    top = title_h + label_h
     for j, text in enumerate(y_labels):
-        draw.text((3, label_h + j * cell_h + cell_h // 2 - 6), text, fill="black", font=font)
+        draw.text((3, top + j * cell_h + cell_h // 2 - 6), text, fill="black", font=font)
         for i, image in enumerate(images[j]):
-            grid.paste(image, (label_w + i * cell_w, label_h + j * cell_h))
+            grid.paste(image, (label_w + i * cell_w, top + j * cell_h))
     return grid
+
+
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text`, cut short with an ellipsis until it fits `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"

@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .fsutil import atomic_path
+from .safetensors_io import read_header, save_tensors
 
 STRUCTURE_KEY = "lora_studio.state"
 
@@ -63,11 +62,11 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def save_state(state: dict[str, Any], path: str | os.PathLike) -> None:
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(state, tensors)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={STRUCTURE_KEY: json.dumps(structure)})
+    save_tensors(tensors, path, metadata={STRUCTURE_KEY: json.dumps(structure)})
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    read_header(path)  # a damaged or hostile file is refused in one sentence before safetensors reads it
     with safe_open(str(path), "pt") as f:
         structure = json.loads(f.metadata()[STRUCTURE_KEY])
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)

@@ -14,18 +14,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from . import export, layout
-from .fsutil import atomic_path
-from .models import BASE_MODEL_VERSION, BaseModel
-
-MODELSPEC_ARCHITECTURE = {
-    "sd1": "stable-diffusion-v1",
-    "sd2": "stable-diffusion-v2-512",
-    "sd2-v": "stable-diffusion-v2-768-v",
-    "sdxl": "stable-diffusion-xl-v1-base",
-}
+from .models import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE, BaseModel
+from .safetensors_io import read_header, save_tensors
 
 
 def to_ldm_state_dict(base: BaseModel) -> dict[str, torch.Tensor]:
@@ -61,8 +53,7 @@ def save_single_file(base: BaseModel, path: str | os.PathLike, dtype: torch.dtyp
     # safetensors needs contiguous CPU tensors; no copies beyond that, since an SDXL model is ~7 GB in fp32.
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     title = os.path.splitext(os.path.basename(os.fspath(path)))[0]
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=single_file_metadata(base, title))
+    save_tensors(state, path, metadata=single_file_metadata(base, title))
 
 
 # --- LoRA tools: inspect, resize, merge --------------------------------------------------------------------
@@ -86,8 +77,7 @@ def _hashes_match(lora: export.LoraFile) -> bool | None:
     if not stored or lora.path is None:
         return None
     with open(lora.path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        f.seek(8 + header_len)
+        f.seek(read_header(lora.path).data_start)
         digest = hashlib.sha256()
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)

@@ -2,13 +2,14 @@
 
     python scripts/readme_screenshot.py            # about two minutes on 2 CPU cores
 
-It serves the app on a free loopback port, presses Start with the preset as it ships (runs go to a
-temp folder), waits for the samples of step 350 and the loss curve, and saves the page from headless
-Chromium (Debian's, as the browser tests use).
+It serves the app on a free loopback port with its home in a temp folder (so the run goes there),
+presses Start with the preset as it ships, waits for the samples of step 350 and the loss curve, and
+saves the page from headless Chromium (Debian's, as the browser tests use).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import tempfile
@@ -33,16 +34,16 @@ def free_port() -> int:
 def main() -> None:
     out = ROOT / "docs" / "train-tab.png"
     port = free_port()
-    runs = tempfile.mkdtemp(prefix="lora-studio-screenshot-")
+    os.environ["LORA_STUDIO_HOME"] = tempfile.mkdtemp(prefix="lora-studio-screenshot-")
     app = launch(port=port, open_browser=False, block=False)
     try:
-        take_screenshot(port, runs, out)
+        take_screenshot(port, out)
     finally:
         app.close()
     print(f"wrote {out}")
 
 
-def take_screenshot(port: int, runs: str, out: Path) -> None:
+def take_screenshot(port: int, out: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -50,10 +51,6 @@ def take_screenshot(port: int, runs: str, out: Path) -> None:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(f"http://127.0.0.1:{port}/", wait_until="load", timeout=60_000)
         page.get_by_role("tab", name="Train").click()
-        page.locator("#train-advanced > button").first.click()
-        page.locator("#train-section-general > button").first.click()
-        page.locator("#cfg-output_dir textarea").fill(runs)
-        page.locator("#train-advanced > button").first.click()
         page.locator("#train-start").click()
         page.wait_for_function(
             "Number(document.querySelector('#train-progressbar').getAttribute('aria-valuenow')) >= "

@@ -96,3 +96,79 @@ def bench_script():
         return module
 
     return load
+
+
+class SmallDisk:
+    """A folder on a small tmpfs that `fill()` makes full, so writes there fail with ENOSPC for real.
+
+    Where the machine does not let a test mount a tmpfs (no root), the folder is an ordinary one and,
+    once filled, `fsutil`'s flush of any file in it raises ENOSPC: the error a full disk gives at that
+    call on filesystems that defer allocation."""
+
+    def __init__(self, folder, mounted: bool, monkeypatch):
+        self.folder, self.mounted, self._full = folder, mounted, False
+        if not mounted:
+            from lora_studio import fsutil
+
+            flush = fsutil._fsync
+
+            def full_disk_fsync(path):
+                if self._full and str(path).startswith(str(folder)):
+                    raise OSError(28, "No space left on device")
+                flush(path)
+
+            monkeypatch.setattr(fsutil, "_fsync", full_disk_fsync)
+
+    def fill(self) -> None:
+        self._full = True
+        if self.mounted:
+            import errno
+
+            with open(self.folder / ".ballast", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+            try:  # the last partial blocks too
+                with open(self.folder / ".ballast2", "wb") as f:
+                    while True:
+                        f.write(b"\0" * 512)
+                        f.flush()
+            except OSError:
+                pass
+
+    def free(self) -> None:
+        self._full = False
+        for name in (".ballast", ".ballast2"):
+            (self.folder / name).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    import subprocess
+
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)]
+    mounted = subprocess.run(mount, capture_output=True).returncode == 0
+    yield SmallDisk(folder, mounted, monkeypatch)
+    if mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def app_state(tmp_path, monkeypatch):
+    """The app's server-side state over a fresh home (runs/, datasets/, models/ in a temp folder), with Gradio's
+    upload folder in the temp folder too (handlers accept uploads only from there)."""
+    from lora_studio.paths import Roots
+    from lora_studio.ui.state import AppState
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(home))
+    monkeypatch.delenv("LORA_STUDIO_MODELS", raising=False)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio-uploads"))
+    (tmp_path / "gradio-uploads").mkdir()
+    return AppState(Roots.default())

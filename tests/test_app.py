@@ -2,6 +2,7 @@
 
 import base64
 import contextlib
+import shutil
 import socket
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def lora_file(tmp_path):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::"])
 def test_listening_on_the_network_needs_auth(host):
-    with pytest.raises(LoraStudioError, match="without a password.*--auth user:password"):
+    with pytest.raises(LoraStudioError, match="without a password.*--auth-file FILE .*LORA_STUDIO_AUTH"):
         launch(host=host, open_browser=False, block=False)
 
 
@@ -79,16 +80,21 @@ def test_bundled_models_are_listed():
     assert all(rows[f][2] == "ready" for f in ("sd1", "sd2", "sd2-v", "sdxl"))
 
 
-def test_check_base_model_gives_a_sentence_not_a_traceback(lora_file, tmp_path):
-    message = check_base_model(str(lora_file), allow_pickle=False)
+def test_check_base_model_gives_a_sentence_not_a_traceback(app_state, lora_file):
+    models = app_state.roots.models
+    models.mkdir()
+    shutil.copy(lora_file, models / lora_file.name)
+    message = check_base_model(app_state, str(models / lora_file.name), allow_pickle=False)
     assert message.startswith("**Cannot use this base model.**") and "is a LoRA adapter" in message
     assert "Traceback" not in message
-    assert "was not found" in check_base_model(str(tmp_path / "missing.safetensors"), False)
-    assert "Enter `demo`" in check_base_model("  ", False)
+    assert "was not found" in check_base_model(app_state, str(models / "missing.safetensors"), False)
+    assert "Enter `demo`" in check_base_model(app_state, "  ", False)
+    assert "lies outside the app's folders" in check_base_model(app_state, str(lora_file), False)
 
 
-def test_check_base_model_reports_the_family(tiny_folders):
-    message = check_base_model(str(tiny_folders["sdxl"]), False)
+def test_check_base_model_reports_the_family(app_state, tiny_folders):
+    shutil.copytree(tiny_folders["sdxl"], app_state.roots.models / "sdxl")
+    message = check_base_model(app_state, str(app_state.roots.models / "sdxl"), False)
     assert "SDXL (diffusers folder)" in message and "`epsilon`" in message
 
 
@@ -119,7 +125,9 @@ def app_page(page, auth=None):
 
 
 @pytest.mark.browser
-def test_page_lists_models_and_checks_a_file(browser_page, lora_file):
+def test_page_lists_models_and_checks_a_file(browser_page, lora_file, app_state):
+    app_state.roots.models.mkdir()
+    lora_file = shutil.copy(lora_file, app_state.roots.models / lora_file.name)
     with app_page(browser_page) as page:
         page.get_by_role("tab", name="Models").click()
         table = page.locator("#bundled-models")
@@ -135,7 +143,7 @@ def test_page_lists_models_and_checks_a_file(browser_page, lora_file):
 
 
 @pytest.mark.browser
-def test_page_asks_for_login_when_auth_is_set(browser_page):
+def test_page_asks_for_login_when_auth_is_set(browser_page, app_state):
     with app_page(browser_page, auth="me:s3cret") as page:
         page.get_by_label("username").fill("me")
         page.get_by_label("password").fill("wrong")
@@ -164,16 +172,17 @@ def image_bytes(page, selector: str) -> bytes:
 
 
 @pytest.mark.browser
-def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypatch):
-    """Upload the demo images, edit a caption, train, close and reopen the page while it trains, stop and
-    resume, preview at strength 0 and 1, then download the LoRA from the Library and read it back."""
+def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypatch, app_state):
+    """Started from another working directory: upload the demo images, edit a caption, train, close and reopen
+    the page while it trains, stop and resume, preview at strength 0 and 1, then pick the run in the Library's
+    table, download its LoRA and read it back."""
     from lora_studio.export import load_lora
     from lora_studio.paths import DEMO_DATASET_DIR
-    from lora_studio.ui import dataset_tab, preview_tab, train_tab
 
-    monkeypatch.setattr(dataset_tab, "DATASETS_DIR", tmp_path / "datasets")
-    monkeypatch.setattr(preview_tab, "RUNS_DIR", tmp_path / "runs")
-    monkeypatch.setattr(train_tab, "_manager", None)
+    elsewhere = tmp_path / "some-other-working-directory"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    home = app_state.roots.runs.parent
     uploads = sorted(str(p) for p in DEMO_DATASET_DIR.iterdir() if p.suffix in (".png", ".txt"))
     with app_page(browser_page) as page:
         # 1. Upload the demo images and captions into a new dataset.
@@ -181,7 +190,7 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
         page.locator("#dataset-new-name textarea").fill("my shapes")
         page.locator("#dataset-upload input[type=file]").set_input_files(uploads)
         wait_for_text(page, "#dataset-status", "Added 24 images and 24 captions")
-        dataset = tmp_path / "datasets" / "my_shapes"
+        dataset = home / "datasets" / "my_shapes"
         assert len(list(dataset.glob("*.png"))) == 24
         # 2. Edit a caption and see it saved.
         thumbnails = page.locator("#dataset-gallery .thumbnail-item")
@@ -203,8 +212,6 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
         page.locator("#train-advanced > button").first.click()
         for section in ("general", "dataset", "sample", "save"):
             page.locator(f"#train-section-{section} > button").first.click()
-        page.locator("#cfg-output_dir textarea").fill(str(tmp_path / "runs"))
-        page.locator("#cfg-dataset-cache_dir textarea").fill(str(tmp_path / "cache"))
         page.locator("#cfg-sample-every_n_steps input").fill("5")
         page.locator("#cfg-sample-num_inference_steps input").fill("2")
         page.locator("#cfg-save-every_n_steps input").fill("0")
@@ -248,7 +255,8 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
         )
         page.locator("#train-stop").click()
         wait_for_text(page, "#train-status", "stopped")
-        runs = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("demo-")]
+        runs = [p for p in (home / "runs").iterdir() if p.name.startswith("demo-")]
+        assert not list(elsewhere.iterdir())  # nothing was written to the working directory
         assert len(runs) == 1 and (runs[0] / "state" / "trainer.safetensors").is_file()
         lora_file = runs[0] / "demo.safetensors"
         assert lora_file.is_file()
@@ -276,8 +284,8 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
         page.get_by_role("tab", name="Library").click()
         page.locator("#library-refresh").click()
         wait_for_text(page, "#library-runs", runs[0].name)
-        page.locator("#library-run textarea").fill(runs[0].name)
-        page.get_by_role("button", name="Show").click()
+        page.locator("#library-runs [data-testid^='cell-'][data-col='0']", has_text=runs[0].name).first.click()
+        wait_for_text(page, "#library-run", runs[0].name)
         page.get_by_text('base_model = "demo"').wait_for(timeout=30_000)
         page.get_by_role("button", name="Export").click()
         link = page.locator("#library-download a").first
@@ -292,3 +300,33 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
             page.get_by_role("tab", name=tab).click()  # a screenshot of every tab
             page.locator(table).get_by_text(shown, exact=True).first.wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / f"{tab.lower()}-tab.png"), full_page=True)
+
+
+def test_the_app_starts_with_leftover_and_foreign_files_in_place(app_state, tiny_folders):
+    """A run killed mid-write (cut-off metrics line), a malformed .safetensors and a diffusers folder with a
+    damaged model_index.json: the app starts, lists the run, and lists both models as unusable with why."""
+    import httpx
+
+    from lora_studio.ui import library_tab, train_tab
+
+    home = app_state.roots.runs.parent
+    run = home / "runs" / "cut-20260101-000000"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text('name = "cut"\n')
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    models = home / "models"
+    models.mkdir()
+    header = b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}'
+    (models / "bad.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    shutil.copytree(tiny_folders["sd1"], models / "broken")
+    (models / "broken" / "model_index.json").write_text("{not json")
+    port = free_port()
+    app = launch(port=port, open_browser=False, block=False)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/config").status_code == 200
+        labels = {value.split("/")[-1]: label for label, value in train_tab.base_choices()}
+        assert "cannot use" in labels["bad.safetensors"] and "is not a safetensors file" in labels["bad.safetensors"]
+        assert "cannot use" in labels["broken"] and "model_index.json cannot be read as JSON" in labels["broken"]
+        assert library_tab.runs_table(app.lora_studio) == [[run.name, 1, 0.5, "no"]]
+    finally:
+        app.close()

@@ -6,9 +6,8 @@ from PIL import Image
 from tiny_models import text_config, tiny_vae
 from transformers import CLIPTextModel
 
-import lora_studio.cache as cache_module
 from lora_studio.buckets import assign_buckets
-from lora_studio.cache import LatentCache, TextCache, plan_latent_entries, text_cache_refusal
+from lora_studio.cache import LatentCache, TextCache, plan_latent_entries
 from lora_studio.config import DatasetConfig, TrainConfig
 from lora_studio.data import scan
 
@@ -86,21 +85,17 @@ def test_flip_aug_caches_mirrored_copies(tmp_path, vae):
     assert not torch.equal(plain, mirrored)
 
 
-def test_a_crash_mid_write_leaves_no_entry(tmp_path, vae, monkeypatch):
+def test_a_full_disk_mid_fill_leaves_no_entry(tmp_path, vae, small_disk):
+    from lora_studio.fsutil import WriteError
+
     make_images(tmp_path / "data", n=2)
     items, entries = prepare(tmp_path / "data")
-    cache = LatentCache(tmp_path / "cache", vae)
-
-    def dies_halfway(tensors, filename, *args, **kwargs):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(cache_module, "save_file", dies_halfway)
-    with pytest.raises(OSError):
+    cache = LatentCache(small_disk.folder / "cache", vae)
+    small_disk.fill()
+    with pytest.raises(WriteError, match="No space left on device"):
         cache.fill(items, entries)
-    monkeypatch.undo()
-    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    small_disk.free()
+    assert [p for p in (small_disk.folder / "cache").rglob("*") if p.is_file()] == []
     assert cache.fill(items, entries) == {"hits": 0, "built": 2}
 
 
@@ -115,10 +110,26 @@ def test_unreadable_entry_is_rebuilt(tmp_path, vae):
 
 
 def test_text_cache_refusals():
-    assert "text encoder is being trained" in text_cache_refusal(TrainConfig())
+    assert "text encoder is being trained" in TrainConfig().text_cache_refusal()
     frozen = {"train_text_encoder": False}
-    assert "shuffle_caption" in text_cache_refusal(TrainConfig(lora=frozen, dataset={"shuffle_caption": True}))
-    assert text_cache_refusal(TrainConfig(lora=frozen)) is None
+    assert "shuffle_caption" in TrainConfig(lora=frozen, dataset={"shuffle_caption": True}).text_cache_refusal()
+    assert TrainConfig(lora=frozen).text_cache_refusal() is None
+
+
+def test_latents_kept_in_memory_only_write_nothing(tmp_path, vae):
+    """cache_latents_to_disk = false: the run encodes once and keeps the latents in memory; no file is written."""
+    make_images(tmp_path / "data", n=2)
+    items, entries = prepare(tmp_path / "data")
+    cache = LatentCache(None, vae)
+    assert cache.fill(items, entries) == {"hits": 0, "built": 2}
+    assert cache.fill(items, entries) == {"hits": 2, "built": 0}
+    on_disk = LatentCache(tmp_path / "disk", vae)
+    on_disk.fill(items, entries)
+    for entry in entries:
+        item = items[entry.item_index]
+        assert torch.equal(cache.get(item, entry)["mean"], on_disk.get(item, entry)["mean"])
+    written = set(tmp_path.rglob("*.safetensors"))
+    assert written and written == set((tmp_path / "disk").rglob("*.safetensors"))  # the memory cache wrote none
 
 
 def test_text_cache_hits_and_clip_skip_invalidates(tmp_path):

@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 from PIL import Image
 
 from lora_studio.cli import main
 from lora_studio.config import load_preset
+from lora_studio.errors import LoraStudioError
 from lora_studio.state import load_state
 
 
@@ -54,9 +56,20 @@ def test_detect_reports_family_or_a_clear_error(tiny_folders, tmp_path, capsys):
 def test_app_refuses_network_host_without_auth(capsys, monkeypatch):
     monkeypatch.delenv("LORA_STUDIO_AUTH", raising=False)
     assert main(["--host", "0.0.0.0", "--no-browser"]) == 1
-    assert "--auth user:password" in capsys.readouterr().err
+    assert "--auth-file FILE (or set LORA_STUDIO_AUTH=user:password)" in capsys.readouterr().err
     assert main(["app", "--listen", "--no-browser"]) == 1
     assert "listening on 0.0.0.0" in capsys.readouterr().err
+
+
+def test_auth_comes_from_a_file_kept_out_of_ps(tmp_path):
+    from lora_studio.ui.app import read_auth_file
+
+    secret = tmp_path / "auth"
+    secret.write_text("me:s3cret\n")
+    assert read_auth_file(secret) == "me:s3cret"
+    secret.write_text("")
+    with pytest.raises(LoraStudioError, match="--auth-file .* put user:password on its first line"):
+        read_auth_file(secret)
 
 
 def test_train_and_resume_from_the_command_line(tmp_path, tiny_folders, capsys):
@@ -169,3 +182,35 @@ def test_ctrl_c_stops_after_the_step_saves_and_the_run_resumes(tmp_path, tiny_fo
 def metrics_lines(tmp_path) -> list[dict]:
     (metrics,) = (tmp_path / "runs").glob("*/metrics.jsonl")
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def test_config_refuses_settings_that_cannot_train_together(capsys):
+    """What training would refuse, `lora-studio config` (and the form's Check settings) refuses too."""
+    assert main(["config", "demo-cpu", "--set", "dataset.random_crop=true"]) == 1
+    assert "`dataset.random_crop` changes every step, so latents cannot be cached" in capsys.readouterr().err
+    assert main(["config", "demo-cpu", "--set", "dataset.cache_text_embeddings=true",
+                 "--set", "lora.train_text_encoder=true"]) == 1  # fmt: skip
+    assert "`dataset.cache_text_embeddings` cannot be used" in capsys.readouterr().err
+
+
+def test_an_unexpected_failure_names_the_log_that_holds_its_traceback(tmp_path, monkeypatch, capsys):
+    """The CLI and the app share one rotating log (runs/log.txt in the home); an unexpected error prints its path."""
+    from lora_studio import cli, logs
+
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(tmp_path))
+    monkeypatch.setattr(logs, "_attached", None)
+
+    def broken(args):
+        raise KeyError("something odd")
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", broken)
+    try:
+        assert main(["presets"]) == 1
+        err = capsys.readouterr().err
+        log_file = tmp_path / "runs" / "log.txt"
+        assert f"unexpected failure (KeyError: 'something odd'); the details are in {log_file}" in err
+        assert "Traceback" not in err and "KeyError: 'something odd'" in log_file.read_text()
+    finally:
+        import logging
+
+        logging.getLogger("lora_studio").removeHandler(logs._attached)

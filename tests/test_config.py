@@ -15,6 +15,7 @@ from lora_studio.config import (
     validate_config,
 )
 from lora_studio.errors import ConfigError
+from lora_studio.fsutil import WriteError
 from lora_studio.paths import PRESETS_DIR
 
 PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
@@ -81,7 +82,7 @@ def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("pathlib.Path.write_text", broken_write)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="c.toml: No space left on device"):
         save_config(TrainConfig(name="second"), path)
     monkeypatch.undo()
     assert path.read_text() == before

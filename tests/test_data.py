@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from lora_studio.config import DatasetConfig, TrainConfig
-from lora_studio.data import Item, build_caption, captions_are_static, dataset_report, load_image, scan
+from lora_studio.data import Item, build_caption, dataset_report, load_image, scan
 
 
 def save(path, size=(300, 200), color=(200, 30, 30), mode="RGB", **kwargs):
@@ -196,7 +196,7 @@ def test_dropouts():
     assert build_caption(item(), always, random.Random(0)) == ""
     tags = DatasetConfig(trigger_word="zkz", caption_tag_dropout_rate=1.0)
     assert build_caption(item(), tags, random.Random(0)) == "zkz"
-    assert not captions_are_static(tags) and captions_are_static(DatasetConfig())
+    assert not tags.captions_are_static and DatasetConfig().captions_are_static
 
 
 def test_concept_name_used_without_caption_or_trigger():

@@ -8,56 +8,96 @@ from lora_studio.ui import dataset_tab
 from lora_studio.ui.errors import shown
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setattr(dataset_tab, "DATASETS_DIR", tmp_path / "datasets")
-    return tmp_path
-
-
-def test_demo_opens_as_an_editable_copy_that_becomes_the_training_dataset(home):
-    folder, gallery, report, tags, train_dataset = dataset_tab.open_dataset("demo", "demo-cpu")
-    assert folder == train_dataset == str(home / "datasets" / "demo")
+def test_demo_opens_as_an_editable_copy_that_becomes_the_training_dataset(app_state):
+    state, folder, gallery, report, tags, train_dataset = dataset_tab.open_dataset(app_state, "demo", "demo-cpu")
+    assert state == folder == train_dataset == str(app_state.roots.datasets / "demo")
     assert len(gallery) == 24 and all(label.startswith("zkz, ") for _path, label in gallery)
     assert "**24 images** usable" in report and "0 errors" in report and "0 warnings" in report
     assert tags[0] == ["zkz", 24]
 
 
-def test_report_uses_the_chosen_presets_dataset_settings(home):
+def test_report_uses_the_chosen_presets_dataset_settings(app_state):
     # The demo's 64 px images are fine for the demo preset and too small for an SD1.5 preset's buckets.
-    _folder, _gallery, demo_report, _tags, _ = dataset_tab.open_dataset("demo", "demo-cpu")
-    _folder, _gallery, sd15_report, _tags, _ = dataset_tab.open_dataset("demo", "sd15-character")
+    *_, demo_report, _tags, _ = dataset_tab.open_dataset(app_state, "demo", "demo-cpu")
+    *_, sd15_report, _tags, _ = dataset_tab.open_dataset(app_state, "demo", "sd15-character")
     assert "0 warnings" in demo_report and "`demo-cpu` preset" in demo_report
     assert "24 warnings" in sd15_report and "smaller than" in sd15_report
 
 
-def test_upload_caption_edit_and_bulk_edit(home, tmp_path):
-    uploads = tmp_path / "uploads"
+def test_upload_caption_edit_and_bulk_edit(app_state, tmp_path):
+    uploads = tmp_path / "gradio-uploads" / "x"
     uploads.mkdir()
     for name in ("a.png", "b.png"):
         Image.new("RGB", (64, 64), "red").save(uploads / name)
     (uploads / "a.txt").write_text("a red square")
     (uploads / "broken.png").write_bytes(b"nope")
     files = [str(uploads / n) for n in ("a.png", "b.png", "a.txt", "broken.png")]
-    folder, gallery, report, _tags, message, train_dataset = dataset_tab.upload("", "my set", files)
-    assert folder == train_dataset == str(home / "datasets" / "my_set")
+    uploaded = dataset_tab.upload(app_state, None, "my set", files)
+    state, folder, gallery, report, _tags, message, train_dataset = uploaded
+    assert state == folder == train_dataset == str(app_state.roots.datasets / "my_set")
     assert [label for _p, label in gallery] == ["a red square", ""]
     assert "Added 2 images and 1 captions" in message and "broken.png: not a readable image" in message
     assert "b.png" in report and "caption" in report  # the missing caption is reported as a warning
 
-    gallery, message = dataset_tab.save_caption(folder, "/tmp/gradio/xyz/b.png", "a red circle")
+    gallery, message = dataset_tab.save_caption(app_state, state, "/tmp/gradio/xyz/b.png", "a red circle")
     assert message == "Saved b.txt." and gallery[1][1] == "a red circle"
-    gallery, _report, tags, message = dataset_tab.apply_bulk_edit(folder, "zkz", "", "", "red", "blue")
+    gallery, _report, tags, message = dataset_tab.apply_bulk_edit(app_state, state, "zkz", "", "", "red", "blue")
     assert message == "Changed 2 captions."
     assert [label for _p, label in gallery] == ["zkz, a blue square", "zkz, a blue circle"]
     assert ["zkz", 2] in tags
 
 
-def test_errors_are_sentences(home, tmp_path):
+def test_errors_are_sentences(app_state, tmp_path):
+    missing = app_state.roots.datasets / "missing"
     with pytest.raises(LoraStudioError, match="is not a folder"):
-        dataset_tab.open_dataset(str(tmp_path / "missing"))
+        dataset_tab.open_dataset(app_state, str(missing))
     with pytest.raises(LoraStudioError, match="No files were uploaded"):
-        dataset_tab.upload(str(tmp_path), "", [])
+        dataset_tab.upload(app_state, None, "", [])
+    with pytest.raises(LoraStudioError, match="No dataset is open"):
+        dataset_tab.save_caption(app_state, None, "a.png", "x")
     import gradio as gr
 
     with pytest.raises(gr.Error, match="is not a folder"):
-        shown(dataset_tab.open_dataset)(str(tmp_path / "missing"))
+        shown(dataset_tab.open_dataset, app_state)(str(missing))
+
+
+def test_folders_outside_the_roots_are_refused(app_state, tmp_path):
+    """Opening, and every handler that takes the open folder, resolve it inside the app's folders."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (64, 64)).save(outside / "x.png")
+    link = app_state.roots.datasets / "link"
+    app_state.roots.datasets.mkdir(parents=True)
+    link.symlink_to(outside)
+    for source in (str(outside), "../outside", str(link), "datasets/../../outside"):
+        with pytest.raises(LoraStudioError, match="outside the app's folders"):
+            dataset_tab.open_dataset(app_state, source)
+    with pytest.raises(LoraStudioError, match="outside the app's folders"):
+        dataset_tab.apply_bulk_edit(app_state, str(outside), "zkz", "", "", "", "")
+    assert not (outside / "x.txt").exists()
+
+
+def test_uploads_only_from_gradios_upload_folder_and_under_the_cap(app_state, tmp_path):
+    elsewhere = tmp_path / "secret.png"
+    Image.new("RGB", (64, 64)).save(elsewhere)
+    with pytest.raises(LoraStudioError, match="secret.png is not an upload"):
+        dataset_tab.upload(app_state, None, "x", [str(elsewhere)])
+    big = tmp_path / "gradio-uploads" / "big.png"
+    big.write_bytes(b"\0" * (app_state.max_upload_mb * 1024 * 1024 + 1))
+    with pytest.raises(LoraStudioError, match="over the 50 MB an upload may have"):
+        dataset_tab.upload(app_state, None, "x", [str(big)])
+
+
+def test_a_caption_over_64_kb_or_linked_out_of_the_folder_is_refused_with_its_name(app_state, tmp_path):
+    dataset_tab.open_dataset(app_state, "demo")
+    folder = app_state.roots.datasets / "demo"
+    first, second = sorted(folder.glob("*.png"))[:2]
+    first.with_suffix(".txt").write_text("tag, " * 20000)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the secret")
+    second.with_suffix(".txt").unlink()
+    second.with_suffix(".txt").symlink_to(secret)
+    _state, _folder, gallery, report, _tags, _ = dataset_tab.open_dataset(app_state, "demo")
+    assert f"`{first.name}`: {first.with_suffix('.txt').name} is 98 KB, over the 64 KB" in report
+    assert f"`{second.name}`: {second.with_suffix('.txt').name} is a link to a file outside" in report
+    assert all("the secret" not in label for _p, label in gallery)

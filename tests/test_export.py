@@ -21,10 +21,13 @@ from test_train import tiny_config
 from tiny_models import caption_images
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from lora_studio import export
+from lora_studio import export, outputs
+from lora_studio import session as session_module
+from lora_studio import step as step_module
 from lora_studio import train as train_module
 from lora_studio.config import LoraConfig
 from lora_studio.export import LoraFileError, kohya_name, load_lora, lora_from_models
+from lora_studio.fsutil import WriteError
 from lora_studio.lora import text_encoder_target_names, unet_target_names
 from lora_studio.models import load_base
 from lora_studio.paths import sd_config_dir
@@ -51,7 +54,7 @@ def trained_session(tmp_path, tiny_folders, images, family="sd1", steps=4, **sec
     )
     session = train_module.prepare(config)
     for _ in range(steps):
-        train_module.training_step(session, [0, 1])
+        step_module.training_step(session, [0, 1])
         session.step += 1
     return session
 
@@ -59,7 +62,7 @@ def trained_session(tmp_path, tiny_folders, images, family="sd1", steps=4, **sec
 def trained_file(tmp_path_factory, tiny_folders, images, family, lora):
     tmp = tmp_path_factory.mktemp(family)
     session = trained_session(tmp, tiny_folders, images, family, lora=lora)
-    return session, train_module.save_lora_file(session, tmp / f"{family}.safetensors")
+    return session, outputs.save_lora_file(session, tmp / f"{family}.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,7 @@ def sd2v_attn_ff(tmp_path_factory, tiny_folders, images):
 
 
 def session_parts(session):
-    return train_module.trained_models(session)
+    return session_module.trained_models(session)
 
 
 # --- key names on the real architectures ---------------------------------------------------------------------
@@ -312,7 +315,7 @@ def test_diffusers_loads_every_module_and_renders_like_the_trained_model(request
 def test_diffusers_format_option_keeps_alpha(tmp_path, tiny_folders, images, sd1_full):
     session = trained_session(tmp_path, tiny_folders, images, "sd1", lora={"rank": 4, "alpha": 1.0},
                               save={"format": "diffusers"})  # fmt: skip
-    path = train_module.save_lora_file(session, tmp_path / "native.safetensors")
+    path = outputs.save_lora_file(session, tmp_path / "native.safetensors")
     tensors, metadata = read_file(path)
     assert all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in tensors)
     assert "lora_adapter_metadata" in metadata and metadata["ss_network_alpha"] == "1"
@@ -426,7 +429,7 @@ def test_failed_writes_leave_the_previous_file_intact(tmp_path, sd1_full, monkey
 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    with pytest.raises(LoraFileError, match="Cannot write .*a-file"):
+    with pytest.raises(WriteError, match="Could not write .*a-file"):
         export.save_kohya(lora, blocker / "out.safetensors")
 
     name = next(iter(lora.modules))
@@ -441,7 +444,7 @@ def test_failed_writes_leave_the_previous_file_intact(tmp_path, sd1_full, monkey
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(target), "write_bytes", disk_full)
-    with pytest.raises(LoraFileError, match="No space left on device"):
+    with pytest.raises(WriteError, match="No space left on device; free some disk space"):
         export.save_kohya(lora, target)
     monkeypatch.undo()
     assert target.read_bytes() == before
@@ -500,7 +503,7 @@ def test_merge_equals_the_lora_applied_at_that_strength(tmp_path, tiny_folders, 
 def test_dora_magnitude_is_written_as_dora_scale_and_read_back(tmp_path, tiny_folders, images):
     lora = {"rank": 4, "alpha": 2.0, "use_dora": True, "unet_targets": "full", "conv_rank": 2}
     session = trained_session(tmp_path, tiny_folders, images, "sd1", steps=2, lora=lora)
-    path = train_module.save_lora_file(session, tmp_path / "dora.safetensors", torch.float32)
+    path = outputs.save_lora_file(session, tmp_path / "dora.safetensors", torch.float32)
     tensors, _ = read_file(path)
     layers = {
         kohya_name(part, name, "sd1"): layer
@@ -529,9 +532,9 @@ def test_demo_round_trip_equal_tensors_and_generations(tmp_path):
     config.save.precision = "fp32"
     session = train_module.prepare(config)
     for _ in range(6):
-        train_module.training_step(session, list(range(config.dataset.batch_size)))
+        step_module.training_step(session, list(range(config.dataset.batch_size)))
         session.step += 1
-    path = train_module.save_lora_file(session, tmp_path / "demo.safetensors")
+    path = outputs.save_lora_file(session, tmp_path / "demo.safetensors")
     loaded = load_lora(path)
     expected = lora_from_models(session_parts(session), "sd1")
     assert loaded.family == "sd1" and set(loaded.modules) == set(expected.modules)
@@ -557,7 +560,7 @@ def test_save_precision(tmp_path, sd1_full, precision, dtype):
     session, _ = sd1_full
     session.config.save.precision = precision
     try:
-        path = train_module.save_lora_file(session, tmp_path / f"{precision}.safetensors")
+        path = outputs.save_lora_file(session, tmp_path / f"{precision}.safetensors")
     finally:
         session.config.save.precision = "fp32"
     tensors, metadata = read_file(path)

@@ -11,62 +11,69 @@ from lora_studio.config import load_preset
 from lora_studio.errors import LoraStudioError
 from lora_studio.export import load_lora
 from lora_studio.models import load_base
-from lora_studio.paths import DEMO_MODEL_DIR
-from lora_studio.ui import library_tab, preview_tab
+from lora_studio.paths import DEMO_MODEL_DIR, Roots
+from lora_studio.runs import RunFolder
+from lora_studio.ui import library_tab
+from lora_studio.ui.state import AppState
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    sets = [f"output_dir='{runs}'", f"dataset.cache_dir='{runs / '.cache'}'", "optimizer.max_train_steps=6",
+    home = tmp_path_factory.mktemp("home")
+    runs = home / "runs"
+    sets = [f"output_dir='{runs}'", "optimizer.max_train_steps=6",
             "sample.every_n_steps=3", "sample.num_inference_steps=2", "save.every_n_steps=3"]  # fmt: skip
-    return runs, train.run_training(load_preset("demo-cpu", sets))
+    return AppState(Roots(runs, home / "datasets", home / "models")), train.run_training(load_preset("demo-cpu", sets))
 
 
 @pytest.fixture
-def library(demo_run, monkeypatch):
-    runs, done = demo_run
-    monkeypatch.setattr(preview_tab, "RUNS_DIR", runs)
-    return done
+def library(demo_run):
+    return demo_run
 
 
 def test_runs_and_details(library):
-    done = library
-    loss = library_tab.last_metrics(done.run_dir)["loss"]
-    assert library_tab.runs_table() == [[done.run_dir.name, 6, loss, "yes"]]
-    config, metrics, samples, files = library_tab.run_details(done.run_dir.name)
+    app, done = library
+    loss = RunFolder(done.run_dir).last_metrics()["loss"]
+    assert library_tab.runs_table(app) == [[done.run_dir.name, 6, loss, "yes"]]
+    config, metrics, samples, files = library_tab.run_details(app, done.run_dir.name)
     assert 'base_model = "demo"' in config and json.loads(metrics)["step"] == 6
     assert len(samples) == 6 and all("step-000006" in p for p, _ in samples)
     assert files[0] == str(done.lora_path) and any("checkpoints" in f for f in files)
 
 
 def test_export_inspect_resize_merge(library):
-    done = library
+    app, done = library
     name, file = done.run_dir.name, str(done.lora_path)
-    kohya = library_tab.export_file(name, file, "kohya", "bf16")
+    kohya = library_tab.export_file(app, name, file, "kohya", "bf16")
     assert load_lora(kohya).modules and next(iter(load_lora(kohya).modules.values())).down.dtype == torch.bfloat16
-    native = library_tab.export_file(name, file, "diffusers", "fp32")
+    native = library_tab.export_file(app, name, file, "diffusers", "fp32")
     imported = load_lora(native)
     assert imported.format == "diffusers" and set(imported.modules) == set(load_lora(file).modules)
-    assert json.loads(library_tab.inspect_file(name, file))["family"] == "sd1"
-    out, summary = library_tab.resize_file(name, file, 2)
+    assert json.loads(library_tab.inspect_file(app, name, file))["family"] == "sd1"
+    out, summary = library_tab.resize_file(app, name, file, 2)
     assert load_lora(out).summary()["rank"] == 2 and "Frobenius error" in summary
-    merged = library_tab.merge_file(name, file, 0.5)
+    merged = library_tab.merge_file(app, name, file, 0.5)
     assert load_base(merged, device="cpu", config=DEMO_MODEL_DIR).family == "sd1"
 
 
 def test_paths_outside_the_runs_folder_and_deletion(library, tmp_path):
-    done = library
+    app, done = library
     with pytest.raises(LoraStudioError, match="No run named"):
-        library_tab.run_details("../" + done.run_dir.name + "/..")
+        library_tab.run_details(app, "../" + done.run_dir.name + "/..")
     outside = tmp_path / "x.safetensors"
     outside.write_bytes(b"x")
     with pytest.raises(LoraStudioError, match="Pick one of this run's LoRA files"):
-        library_tab.inspect_file(done.run_dir.name, str(outside))
+        library_tab.inspect_file(app, done.run_dir.name, str(outside))
     with pytest.raises(LoraStudioError, match="Tick 'Yes, delete it' first"):
-        library_tab.delete_run(done.run_dir.name, False)
+        library_tab.delete_run(app, done.run_dir.name, False)
     assert done.run_dir.is_dir()
     copy = done.run_dir.with_name("copy-20260101-000000")
     shutil.copytree(done.run_dir, copy)
-    table, message = library_tab.delete_run(copy.name, True)
+    held = RunFolder(copy).lock()  # as a training of it would
+    assert {row[0]: row[3] for row in library_tab.runs_table(app)}[copy.name] == "training"
+    with pytest.raises(LoraStudioError, match="is being trained right now .* will not delete it"):
+        library_tab.delete_run(app, copy.name, True)
+    held.release()
+    table, message, chosen = library_tab.delete_run(app, copy.name, True)
     assert message == f"Deleted {copy.name}." and not copy.exists() and [r[0] for r in table] == [done.run_dir.name]
+    assert chosen is None

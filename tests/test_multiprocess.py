@@ -17,8 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lora_studio.config import TrainConfig, save_config
+from lora_studio.resume import lora_state_dicts
 from lora_studio.state import load_state
-from lora_studio.train import lora_state_dicts, prepare, run_training, train
+from lora_studio.train import prepare, run_training, train
 
 SCRIPT = textwrap.dedent(
     """
@@ -26,7 +27,8 @@ SCRIPT = textwrap.dedent(
     from safetensors.torch import save_file
     from lora_studio.config import TrainConfig
     from lora_studio.events import Commands, ProgressEvent
-    from lora_studio.train import lora_state_dicts, prepare, train
+    from lora_studio.resume import lora_state_dicts
+    from lora_studio.train import prepare, train
 
     config = TrainConfig.model_validate_json(open(sys.argv[1]).read())
     stop_at = int(sys.argv[3]) if len(sys.argv) > 3 else None

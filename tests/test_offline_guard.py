@@ -35,7 +35,18 @@ def test_loopback_is_allowed():
         server.close()
 
 
-def test_hub_is_offline():
-    import huggingface_hub.constants
+def test_the_package_itself_puts_the_hub_offline():
+    """In a fresh process whose environment has no HF_HUB_OFFLINE (the conftest sets it for the tests, so
+    checking it here could not fail): importing lora_studio alone must put huggingface_hub offline, and a
+    user's explicit setting is left as it is."""
+    import os
+    import subprocess
+    import sys
 
-    assert huggingface_hub.constants.HF_HUB_OFFLINE
+    code = "import lora_studio, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert fresh.stdout.strip() == "True", fresh.stderr[-2000:]
+    without = subprocess.run([sys.executable, "-c", "import huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"],
+                             capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert without.stdout.strip() == "False"  # so the line above is the package's doing

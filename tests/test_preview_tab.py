@@ -1,43 +1,52 @@
 """The Preview tab's handlers, called directly on a tiny model and a LoRA trained in the test."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_export import trained_session
 from tiny_models import caption_images
 
-from lora_studio import train as train_module
+from lora_studio import outputs
 from lora_studio.errors import LoraStudioError
+from lora_studio.paths import Roots
 from lora_studio.ui import preview_tab
+from lora_studio.ui.state import AppState
+from lora_studio.workflows import run_lora_files
 
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory, tiny_folders):
-    """runs/<run>/tiny.safetensors plus one checkpoint, as a training run leaves them."""
-    runs = tmp_path_factory.mktemp("runs")
+    """runs/<run>/tiny.safetensors plus one checkpoint, as a training run leaves them, in an app whose roots
+    take the tiny base models in as an --allow-dir folder."""
+    home = tmp_path_factory.mktemp("home")
     images = caption_images(tmp_path_factory.mktemp("data"))
-    session = trained_session(runs / "work", tiny_folders, images, "sd1")
-    run = runs / "tiny-20260101-000000"
-    train_module.save_lora_file(session, run / "checkpoints" / "tiny-step000002.safetensors")
-    train_module.save_lora_file(session, run / "tiny.safetensors")
-    return runs, run
+    session = trained_session(home / "work", tiny_folders, images, "sd1")
+    run = home / "runs" / "tiny-20260101-000000"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text('name = "tiny"\n')
+    outputs.save_lora_file(session, run / "checkpoints" / "tiny-step000002.safetensors")
+    outputs.save_lora_file(session, run / "tiny.safetensors")
+    roots = Roots(home / "runs", home / "datasets", home / "models", extra=(tiny_folders["sd1"].parent.resolve(),))
+    return AppState(roots), run
 
 
 def test_lora_choices_lists_finals_then_checkpoints(run_folder):
-    runs, run = run_folder
-    assert preview_tab.lora_choices(runs) == [
+    app, run = run_folder
+    assert preview_tab.lora_choices(app) == [
         str(run / "tiny.safetensors"),
         str(run / "checkpoints" / "tiny-step000002.safetensors"),
     ]
 
 
 def test_generate_at_strengths_and_a_grid(run_folder, tiny_folders):
-    _runs, run = run_folder
+    app, run = run_folder
     base, lora = str(tiny_folders["sd1"]), [str(run / "tiny.safetensors")]
-    assert preview_tab.suggest_prompt(lora) == "zkz, "
+    assert preview_tab.suggest_prompt(app, lora) == "zkz, "
     common = ("zkz, a thing", "", "ddim", 3, 5.0)
 
     def image(files, *strengths):
-        picture, text = preview_tab.generate(base, files, *common, 3, 32, 32, *strengths)
+        picture, text = preview_tab.generate(app, base, files, *common, 3, 32, 32, *strengths)
         return np.asarray(picture, dtype=np.int16), text
 
     plain, _ = image([], 1.0)
@@ -45,53 +54,81 @@ def test_generate_at_strengths_and_a_grid(run_folder, tiny_folders):
     one, _ = image(lora, 1.0)
     assert np.array_equal(zero, plain) and np.abs(one - zero).max() > 10
     assert "<lora:" in text and "Seed: 3" in text
-    picture, _ = preview_tab.generate_grid(base, lora, "strength x seed", "0, 1", "1, 2", *common, 32, 32, 1.0)
+    picture, _ = preview_tab.generate_grid(app, base, lora, "strength x seed", "0, 1", "1, 2", *common, 32, 32, 1.0)
     assert picture.size[0] > 2 * 32 and picture.size[1] > 2 * 32
     with pytest.raises(LoraStudioError, match="numbers separated by commas"):
-        preview_tab.generate_grid(base, lora, "strength x seed", "0, strong", "1", *common, 32, 32, 1.0)
+        preview_tab.generate_grid(app, base, lora, "strength x seed", "0, strong", "1", *common, 32, 32, 1.0)
     with pytest.raises(LoraStudioError, match="Pick a LoRA"):
-        preview_tab.generate_grid(base, [], "strength x seed", "0, 1", "1", *common, 32, 32, 1.0)
+        preview_tab.generate_grid(app, base, [], "strength x seed", "0, 1", "1", *common, 32, 32, 1.0)
 
 
 def test_each_stacked_lora_has_its_own_strength(run_folder, tiny_folders):
-    _runs, run = run_folder
+    app, run = run_folder
     final, checkpoint = str(run / "tiny.safetensors"), str(run / "checkpoints" / "tiny-step000002.safetensors")
     common = ("zkz, a thing", "", "ddim", 3, 5.0, 3, 32, 32)
-    _image, text = preview_tab.generate(str(tiny_folders["sd1"]), [final, checkpoint], *common, 0.25, 0.75, 1, 1)
+    _image, text = preview_tab.generate(app, str(tiny_folders["sd1"]), [final, checkpoint], *common, 0.25, 0.75, 1, 1)
     assert ":0.25>" in text and ":0.75>" in text
     with pytest.raises(LoraStudioError, match="stacks at most 4"):
-        preview_tab.chosen_strengths([final] * 5, [1] * 4)
+        preview_tab.chosen_strengths(app, [final] * 5, [1] * 4)
     shown = preview_tab.strength_sliders([final, checkpoint])
     assert [u.get("visible") for u in shown] == [True, True, False, False]
     assert shown[1]["label"] == "Strength: checkpoints/tiny-step000002.safetensors"
 
 
 def test_checkpoint_grid_turns_on_one_checkpoint_per_column(run_folder, tiny_folders):
-    _runs, run = run_folder
+    app, run = run_folder
     final = str(run / "tiny.safetensors")
-    assert preview_tab.run_checkpoints(final) == [str(run / "checkpoints" / "tiny-step000002.safetensors"), final]
+    checkpoint = run / "checkpoints" / "tiny-step000002.safetensors"
+    assert run_lora_files(Path(final)) == [checkpoint, run / "tiny.safetensors"]
     common = ("zkz, a thing", "", "ddim", 3, 5.0, 32, 32)
-    picture, text = preview_tab.generate_grid(str(tiny_folders["sd1"]), [final], "checkpoint x strength", "0, 1",
-                                              "4", *common, 1.0)  # fmt: skip
+    picture, text = preview_tab.generate_grid(app, str(tiny_folders["sd1"]), [final], "checkpoint x strength",
+                                              "0, 1", "4", *common, 1.0)  # fmt: skip
     assert picture.size[0] > 2 * 32 and picture.size[1] > 2 * 32
     assert "Seed: 4" in text and ":0>" in text  # the first cell: first checkpoint at strength 0
     checkpoint = str(run / "checkpoints" / "tiny-step000002.safetensors")  # chosen too: it is just a column
-    again, _ = preview_tab.generate_grid(str(tiny_folders["sd1"]), [final, checkpoint], "checkpoint x strength",
-                                         "0, 1", "4", *common, 1.0, 0.5)  # fmt: skip
+    again, _ = preview_tab.generate_grid(app, str(tiny_folders["sd1"]), [final, checkpoint],
+                                         "checkpoint x strength", "0, 1", "4", *common, 1.0, 0.5)  # fmt: skip
     assert again.size == picture.size  # still two checkpoint columns, not three
 
 
-def test_uploaded_lora_is_checked_and_kept_inside_the_runs_folder(run_folder, tmp_path, monkeypatch):
-    runs, run = run_folder
-    monkeypatch.setattr(preview_tab, "RUNS_DIR", tmp_path / "runs")
-    upload = tmp_path / "incoming" / "..My LoRA!.safetensors"  # a hidden-file dot prefix is dropped too
-    upload.parent.mkdir(parents=True)
+def test_uploaded_lora_is_checked_and_kept_inside_the_runs_folder(app_state, run_folder, tmp_path):
+    _app, run = run_folder
+    upload = tmp_path / "gradio-uploads" / "..My LoRA!.safetensors"  # a hidden-file dot prefix is dropped too
     upload.write_bytes((run / "tiny.safetensors").read_bytes())
-    dropdown, message = preview_tab.upload_lora(str(upload), [])
-    target = tmp_path / "runs" / "uploads" / "My_LoRA_.safetensors"
+    dropdown, message = preview_tab.upload_lora(app_state, str(upload), [])
+    target = app_state.roots.runs / "uploads" / "My_LoRA_.safetensors"
     assert target.is_file() and message == "Added My_LoRA_.safetensors." and dropdown.value == [str(target)]
-    bad = tmp_path / "incoming" / "bad.safetensors"
+    assert preview_tab.lora_choices(app_state) == [str(target)]
+    bad = tmp_path / "gradio-uploads" / "bad.safetensors"
     bad.write_bytes(b"not a lora")
     with pytest.raises(LoraStudioError):
-        preview_tab.upload_lora(str(bad), [])
-    assert sorted(p.name for p in (tmp_path / "runs" / "uploads").iterdir()) == ["My_LoRA_.safetensors"]
+        preview_tab.upload_lora(app_state, str(bad), [])
+    assert sorted(p.name for p in (app_state.roots.runs / "uploads").iterdir()) == ["My_LoRA_.safetensors"]
+
+
+def test_lora_files_and_base_models_outside_the_roots_are_refused(run_folder, tmp_path):
+    app, run = run_folder
+    outside = tmp_path / "stolen.safetensors"
+    outside.write_bytes((run / "tiny.safetensors").read_bytes())
+    link = run / "link.safetensors"
+    link.symlink_to(outside)
+    common = ("zkz", "", "ddim", 2, 5.0, 1, 32, 32)
+    try:
+        for files in ([str(outside)], [str(link)], [str(run / ".." / ".." / ".." / outside.name)]):
+            with pytest.raises(LoraStudioError, match="lies outside"):
+                preview_tab.generate(app, "demo", files, *common, 1.0)
+        with pytest.raises(LoraStudioError, match="The base model '/etc' lies outside"):
+            preview_tab.generate(app, "/etc", [], *common, 1.0)
+    finally:
+        link.unlink()
+
+
+def test_preview_size_and_grid_cells_are_capped(run_folder, tiny_folders):
+    app, run = run_folder
+    base, lora = str(tiny_folders["sd1"]), [str(run / "tiny.safetensors")]
+    with pytest.raises(LoraStudioError, match="size 100000x64 is outside 8-2048 pixels a side"):
+        preview_tab.generate(app, base, lora, "zkz", "", "ddim", 2, 5.0, 1, 100000, 64, 1.0)
+    strengths = ", ".join(str(i / 100) for i in range(65))
+    with pytest.raises(LoraStudioError, match="65 x 1 = 65 images is over the 64"):
+        preview_tab.generate_grid(app, base, lora, "strength x seed", strengths, "1", "zkz", "", "ddim", 2, 5.0,
+                                  32, 32, 1.0)  # fmt: skip

@@ -1,5 +1,7 @@
 """Preview: per-LoRA strengths without reloads, samplers, grids, A1111 infotext, training samples, CLI."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,9 @@ from test_export import trained_session
 from test_train import tiny_config
 from tiny_models import caption_images
 
+from lora_studio import outputs
+from lora_studio import session as session_module
+from lora_studio import step as step_module
 from lora_studio import train as train_module
 from lora_studio.cli import main
 from lora_studio.export import LoraFileError
@@ -37,7 +42,7 @@ def two_loras(tmp_path_factory, tiny_folders, images):
     for i, lora in enumerate(({"rank": 4, "alpha": 4.0}, {"rank": 2, "alpha": 2.0, "unet_targets": "attn"})):
         tmp = tmp_path_factory.mktemp(f"lora{i}")
         session = trained_session(tmp, tiny_folders, images, "sd1", lora=lora, seed=7 + i)
-        paths.append(train_module.save_lora_file(session, tmp / f"lora{i}.safetensors"))
+        paths.append(outputs.save_lora_file(session, tmp / f"lora{i}.safetensors"))
     return paths
 
 
@@ -154,6 +159,51 @@ def test_checkpoint_axes(tiny_folders, two_loras):
         previewer.grid(settings(), Axis("strength", (0.0, 1.0)), Axis("seed", (1, 2)))
 
 
+def test_grid_labels_say_what_varies_and_name_the_lora_once():
+    """Columns of a strength grid are labelled 0.5, 1 (not `run_lora:0.5`, which ran into each other at 64 px);
+    the LoRA's name is said once, in the title; a label too wide for its column is cut short."""
+    from lora_studio.sample import draw_grid, fit_text, grid_title
+    from lora_studio.workflows import checkpoint_label
+
+    x = Axis("strength", (0.0, 0.5, 1.0), lora="demo-20261202-063552_demo")
+    assert x.labels() == ["0", "0.5", "1"] and Axis("seed", (1, 2)).labels() == ["seed 1", "seed 2"]
+    assert grid_title(x, Axis("seed", (1,))) == "columns: strength of demo-20261202-063552_demo"
+    checkpoints = Axis("checkpoint", ("a", "b"), names=("step 200", "final"))
+    assert checkpoints.labels() == ["step 200", "final"]
+    assert checkpoint_label(Path("r/checkpoints/demo-step000200.safetensors")) == "step 200"
+    assert checkpoint_label(Path("r/demo.safetensors")) == "final"
+    from PIL import Image, ImageDraw, ImageFont
+
+    font, draw = ImageFont.load_default(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cut = fit_text(draw, "a label much wider than a 64 pixel column", font, 60)
+    assert cut.endswith("…") and draw.textlength(cut, font=font) <= 60
+    grid = draw_grid([[Image.new("RGB", (64, 64))] * 3], x.labels(), ["seed 1"], grid_title(x, Axis("seed", (1,))))
+    assert grid.width >= draw.textlength(grid_title(x, Axis("seed", (1,))), font=font)
+
+
+def test_training_samples_and_previews_honour_clip_skip(tiny_folders, two_loras):
+    """At clip skip 2, a training sample (render) and a preview (Previewer.generate) are conditioned exactly
+    as a training step is (step.encode_text), and differ from clip skip 1; so the "Clip skip: 2" their
+    infotext claims is the truth."""
+    from lora_studio.sample import render, use_sampler
+    from lora_studio.step import encode_text
+
+    base = load_base(tiny_folders["sd1"], device="cpu")
+    pipeline = base.pipeline
+    pipeline.set_progress_bar_config(disable=True)
+    use_sampler(pipeline, "ddim")  # as settings() asks of the preview below
+    skip1, skip2 = (render(pipeline, ["zkz, a thing"], [1.0], [3], 3, 5.0, (32, 32), clip_skip=c)[0] for c in (1, 2))
+    with torch.no_grad():
+        as_trained = {k: encode_text(base, [text], 2)["hidden"] for k, text in (("p", "zkz, a thing"), ("n", ""))}
+        direct = pipeline(prompt_embeds=as_trained["p"], negative_prompt_embeds=as_trained["n"], guidance_scale=5.0,
+                          num_inference_steps=3, width=32, height=32,
+                          generator=[torch.Generator("cpu").manual_seed(3)]).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(skip2.image), np.asarray(direct))
+    assert not np.array_equal(np.asarray(skip1.image), np.asarray(skip2.image))
+    preview = Previewer(base).generate(settings(clip_skip=2))[0]
+    assert "Clip skip: 2" in preview.parameters and np.array_equal(np.asarray(preview.image), np.asarray(direct))
+
+
 # --- infotext -----------------------------------------------------------------------------------------------
 
 
@@ -264,7 +314,7 @@ def test_previewing_the_adapters_of_a_run_in_progress(tmp_path, tiny_folders, im
     from lora_studio.sample import render, use_sampler
 
     session = trained_session(tmp_path, tiny_folders, images, "sd1")
-    parts = train_module.trained_models(session)
+    parts = session_module.trained_models(session)
     previewer = Previewer(load_base(tiny_folders["sd1"], device="cpu"))
     name = previewer.add_lora(lora_from_models(parts, "sd1"), name="live")
     ours = previewer.generate(settings(strengths={name: 0.8}))[0]
@@ -302,9 +352,9 @@ def test_strength_contract_on_the_demo_model(tmp_path):
         sets = [f"output_dir='{tmp_path}'", f"dataset.cache_dir='{tmp_path / 'cache'}'", f"seed={seed}"]
         session = train_module.prepare(load_preset("demo-cpu", sets))
         for _ in range(8):
-            train_module.training_step(session, list(range(8)))
+            step_module.training_step(session, list(range(8)))
             session.step += 1
-        parts = train_module.trained_models(session)
+        parts = session_module.trained_models(session)
         loras.append(lora_from_models(parts, "sd1"))
     base_image = Previewer(load_base("demo", dtype=torch.float32, device="cpu"))
     previewer = Previewer(load_base("demo", dtype=torch.float32, device="cpu"))

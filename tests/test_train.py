@@ -6,13 +6,15 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from lora_studio import outputs
+from lora_studio import resume as resume_module
+from lora_studio import step as step_module
 from lora_studio import train as train_module
 from lora_studio.config import TrainConfig
 from lora_studio.events import CheckpointEvent, Commands, DoneEvent, ErrorEvent, ProgressEvent
@@ -96,14 +98,14 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, tiny_folders, images):
         """The loss on the same batch with the same noise and timesteps (16 draws per image)."""
         with torch.no_grad():
             repeated = batch * 8
-            draws = train_module.sample_draws(123, 0, 0, repeated)
-            latents, captions, crops = train_module.batch_latents(session, repeated, draws)
-            hidden, added = train_module.conditioning(session, captions, crops)
-            return train_module.diffusion_loss(session, latents, hidden, added, draws).item()
+            draws = step_module.sample_draws(123, 0, 0, repeated)
+            latents, captions, crops = step_module.batch_latents(session, repeated, draws)
+            hidden, added = step_module.conditioning(session, captions, crops)
+            return step_module.diffusion_loss(session, latents, hidden, added, draws).item()
 
     before = fixed_loss()
     for _ in range(30):
-        train_module.training_step(session, batch)
+        step_module.training_step(session, batch)
         session.step += 1
     assert fixed_loss() < 0.8 * before
 
@@ -161,7 +163,7 @@ def test_epoch_checkpoints_when_steps_straddle_epoch_boundaries(tmp_path, tiny_f
      (1, 2, 2, False)],
 )  # fmt: skip
 def test_an_epoch_checkpoint_is_due_when_a_finished_epoch_is_a_multiple(every, before, after, due):
-    assert train_module.epoch_checkpoint_due(every, before, after) is due
+    assert outputs.epoch_checkpoint_due(every, before, after) is due
 
 
 def test_only_lora_parameters_change(tmp_path, tiny_folders, images):
@@ -227,46 +229,44 @@ def test_fp16_loss_scale_resumes(tmp_path, tiny_folders, images, monkeypatch):
     stopped = prepare(config, stop_at_5, commands)
     train_module.train(stopped)
     resumed = prepare(config, run_dir=stopped.run_dir)
-    train_module.resume(resumed)
+    resume_module.resume(resumed)
     train_module.train(resumed)
 
     assert stopped.step == 5 and resumed.step == straight.step == 8
     assert resumed.accelerator.scaler.get_scale() == straight.accelerator.scaler.get_scale() > 65536
-    a, b = train_module.lora_state_dicts(straight), train_module.lora_state_dicts(resumed)
+    a, b = resume_module.lora_state_dicts(straight), resume_module.lora_state_dicts(resumed)
     assert all(torch.equal(a[part][k], b[part][k]) for part in a for k in a[part])
 
 
-def test_a_full_disk_at_a_state_save_stops_clearly_and_keeps_the_last_whole_state(
-    tmp_path, tiny_folders, images, monkeypatch
+def test_a_full_disk_at_a_save_stops_clearly_and_keeps_the_last_whole_state(
+    tmp_path, tiny_folders, images, small_disk
 ):
-    """The state saved at step 4 survives a failed save at step 8 whole: the LoRA, optimizer and position
-    of one step, never a mix. The run stops with a sentence that says what to do, and resuming after
-    that reaches the same weights as a run that never failed."""
-    from lora_studio import state as state_module
+    """The run folder lies on a small disk that fills up after the step-4 checkpoint: the step-8 save fails
+    for real (ENOSPC). The run stops with a sentence that says what to do, the state saved at step 4 stays
+    whole (the LoRA, optimizer and position of one step, never a mix, no temp file left), the error reaches
+    the event callback too, and resuming once there is room reaches the weights of a run that never failed."""
+    from lora_studio.events import CheckpointEvent, ErrorEvent
 
     straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images))
-    write = state_module.save_file
-    saves = []
+    config = tiny_config(tmp_path / "b", tiny_folders, images, output_dir=str(small_disk.folder))
+    errors = []
 
-    def disk_full_at_the_second_save(tensors, path, metadata=None):
-        saves.append(path)
-        if len(saves) == 2:
-            Path(path).write_bytes(b"half a file")
-            raise OSError(28, "No space left on device")
-        write(tensors, path, metadata=metadata)
+    def fill_after_step_4(event):
+        if isinstance(event, CheckpointEvent) and event.step == 4:
+            small_disk.fill()
+        if isinstance(event, ErrorEvent):
+            errors.append(event.message)
 
-    monkeypatch.setattr(state_module, "save_file", disk_full_at_the_second_save)
-    config = tiny_config(tmp_path / "b", tiny_folders, images)
-    message = r"could not save the resumable state at step 8 to .*trainer.safetensors: No space left on device; "
-    with pytest.raises(
-        TrainingError, match=message + r"free disk space, then continue with `lora-studio train --resume"
-    ):
-        run_training(config)
-    monkeypatch.undo()
+    message = r"could not save .* at step 8: No space left on device; free disk space, then continue with "
+    with pytest.raises(TrainingError, match=message + r"`lora-studio train --resume .*`"):
+        run_training(config, on_event=fill_after_step_4)
+    assert len(errors) == 1 and "No space left on device" in errors[0]
+    small_disk.free()
 
-    (run_dir,) = (tmp_path / "b" / "runs").iterdir()
-    assert "could not save the resumable state at step 8" in (run_dir / "log.txt").read_text()
+    (run_dir,) = (p for p in small_disk.folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert "could not save" in (run_dir / "log.txt").read_text()
     assert [p.name for p in (run_dir / "state").iterdir()] == ["trainer.safetensors"]  # no temp file left
+    assert not [p for p in run_dir.rglob("*.tmp")]
     assert load_state(run_dir / "state" / "trainer.safetensors")["step"] == 4
     resumed = run_training(config, resume_from=run_dir)
     a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)

@@ -25,12 +25,6 @@ def form(preset: str = "demo-cpu", **changes) -> list:
     return list(values.values())
 
 
-@pytest.fixture
-def fresh_manager(monkeypatch):
-    monkeypatch.setattr(train_tab, "_manager", None)
-    return train_tab
-
-
 def test_every_setting_is_a_form_field_and_every_preset_round_trips():
     expected = {n for n, f in TrainConfig.model_fields.items() if n != "version" and "." not in n}
     top_level = {k for k in KEYS if "." not in k}
@@ -56,28 +50,32 @@ def test_form_values_become_the_config_and_every_bad_field_is_reported():
     assert "max_train_steps" in problems and "lora.rank" in problems and "sample.strengths" in problems
 
 
-def test_estimate_shows_steps_and_memory_or_the_bad_fields(tmp_path):
-    shown = train_tab.estimate(*form())
+def test_estimate_shows_steps_and_memory_or_the_bad_fields(app_state):
+    shown = train_tab.estimate(app_state, *form())
     steps = load_preset("demo-cpu").optimizer.max_train_steps
     assert f"**Steps:** {steps} in all (3 per epoch; 24 images per epoch, batch 8)" in shown and "demo model" in shown
-    sdxl = form("sdxl-character", dataset__path="demo", family="sdxl", base_model=str(tmp_path / "x.safetensors"))
-    shown = train_tab.estimate(*sdxl)
+    base = str(app_state.roots.models / "x.safetensors")
+    sdxl = form("sdxl-character", dataset__path="demo", family="sdxl", base_model=base)
+    shown = train_tab.estimate(app_state, *sdxl)
     config = config_from_form(sdxl)
     assert re.search(r"about \d+\.\d GiB of GPU memory", shown), shown
     per_epoch = 24 * config.dataset.repeats // config.dataset.batch_size
     assert f"{config.optimizer.max_train_epochs * per_epoch:,} in all ({per_epoch} per epoch" in shown
-    bad = train_tab.estimate(*form(lora__rank=0, dataset__batch_size=0))
+    bad = train_tab.estimate(app_state, *form(lora__rank=0, dataset__batch_size=0))
     assert bad.startswith("**Fix these settings first:**") and "lora.rank" in bad and "batch_size" in bad
+    # What Start would refuse, Check settings says: combinations, and paths outside the app's folders.
+    assert "random_crop" in train_tab.estimate(app_state, *form(dataset__random_crop=True))
+    refused = train_tab.estimate(app_state, *form(output_dir="/tmp", base_model=""))
+    assert "`output_dir` '/tmp' lies outside" in refused and "`base_model` is empty" in refused
 
 
-def test_base_picker_lists_the_models_folder_with_family_and_prediction(tmp_path, monkeypatch, tiny_folders):
-    models = tmp_path / "models"
+def test_base_picker_lists_the_models_folder_with_family_and_prediction(app_state, tiny_folders):
+    models = app_state.roots.models
     models.mkdir()
     shutil.copytree(tiny_folders["sdxl"], models / "my-sdxl")
     save_file({"x": torch.zeros(1)}, str(models / "not-a-model.safetensors"))
     (models / "old.ckpt").write_bytes(b"pickle")
     (models / "notes.txt").write_text("ignored")
-    monkeypatch.setenv("LORA_STUDIO_MODELS", str(models))
     choices = dict((value.split("/")[-1], label) for label, value in train_tab.base_choices())
     assert list(choices) == ["demo", "my-sdxl", "not-a-model.safetensors", "old.ckpt"]
     assert choices["my-sdxl"] == "my-sdxl · SDXL, epsilon"
@@ -86,7 +84,8 @@ def test_base_picker_lists_the_models_folder_with_family_and_prediction(tmp_path
     assert "cannot use" in choices["not-a-model.safetensors"]
     rows = {row[0]: row for row in train_tab.models_folder_table()}
     assert rows["my-sdxl"][1:4] == ["diffusers folder", "SDXL", "epsilon"]
-    assert train_tab.base_info(str(models / "my-sdxl")) == "**my-sdxl**: SDXL, epsilon"
+    assert train_tab.base_info(app_state, str(models / "my-sdxl")) == "**my-sdxl**: SDXL, epsilon"
+    assert train_tab.base_info(app_state, "/etc").startswith("cannot use: The base model '/etc' lies outside")
 
 
 def test_progress_bar_carries_its_figures():
@@ -95,32 +94,33 @@ def test_progress_bar_carries_its_figures():
     assert "4.50 it/s" in bar and "ETA 1 min 15 s" in bar
 
 
-def test_start_poll_stop_resume(fresh_manager, tmp_path):
-    tab = fresh_manager
-    assert tab.stop() == "Nothing is running."
-    assert tab.poll()[1].startswith("No training yet")
-    values = form(output_dir=str(tmp_path), dataset__cache_dir=str(tmp_path / "cache"), sample__every_n_steps=5,
-                  sample__num_inference_steps=2, save__every_n_steps=0, optimizer__max_train_steps=400)  # fmt: skip
-    assert tab.start(*values).startswith("Job 1 (demo) started")
-    manager = tab.manager()
+def test_start_poll_stop_resume(app_state):
+    tab, app = train_tab, app_state
+    assert tab.stop(app) == "Nothing is running."
+    assert tab.poll(app)[1].startswith("No training yet")
+    values = form(sample__every_n_steps=5, sample__num_inference_steps=2, save__every_n_steps=0,
+                  optimizer__max_train_steps=400)  # fmt: skip
+    assert tab.start(app, *values).startswith("Job 1 (demo) started")
+    manager = app.jobs
     while (status := manager.current()) is None or status.step < 6:
         time.sleep(0.05)  # a busy loop would hold the GIL and starve the training thread
-    assert tab.stop().startswith("Stopping")
+    assert tab.stop(app).startswith("Stopping")
     stopped = manager.wait(1)
     assert stopped.state == "stopped"
-    bar, line, losses, samples, log = tab.poll()
+    bar, line, losses, samples, log = tab.poll(app)
     assert f'aria-valuenow="{stopped.step}"' in bar and 'aria-valuemax="400"' in bar
     assert "**stopped**" in line and len(losses) == stopped.step and samples and "prepared" in log
-    assert tab.resume(*values).startswith(f"Job 2 resumes {stopped.run_dir.name} from step {stopped.step}")
+    assert stopped.run_dir.parent == app.roots.runs  # the runs root, whatever the working directory
+    assert tab.resume(app, *values).startswith(f"Job 2 resumes {stopped.run_dir.name} from step {stopped.step}")
     while (status := manager.current()) is None or status.id != 2 or status.step < stopped.step + 2:
         time.sleep(0.05)
-    tab.stop()
+    tab.stop(app)
     assert manager.wait(2).state == "stopped"
 
 
-def test_resume_without_a_stopped_run_is_a_sentence(fresh_manager):
+def test_resume_without_a_stopped_run_is_a_sentence(app_state):
     with pytest.raises(LoraStudioError, match="no stopped run to resume"):
-        fresh_manager.resume(*form())
+        train_tab.resume(app_state, *form())
 
 
 def test_model_descriptions_are_read_once_and_again_when_the_file_changes(tmp_path, monkeypatch):

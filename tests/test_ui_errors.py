@@ -5,13 +5,14 @@ import threading
 import gradio as gr
 import pytest
 
+from lora_studio import logs
 from lora_studio.errors import ConfigError, LoraStudioError
 from lora_studio.ui import errors
 
 
 def test_our_errors_are_their_own_sentence_and_others_point_at_the_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(errors, "_attached", None)
-    log_file = errors.attach_app_log(tmp_path / "log.txt")
+    monkeypatch.setattr(logs, "_attached", None)
+    log_file = logs.attach_app_log(tmp_path / "log.txt")
 
     def bad_input():
         assert threading.current_thread() is not threading.main_thread()  # torch work never on a pooled thread
@@ -31,7 +32,7 @@ def test_our_errors_are_their_own_sentence_and_others_point_at_the_log(tmp_path,
     assert "Traceback" in logged and "KeyError: 'unet.weird'" in logged
     import logging
 
-    logging.getLogger("lora_studio").removeHandler(errors._attached)
+    logging.getLogger("lora_studio").removeHandler(logs._attached)
 
 
 def test_bad_form_fields_are_listed_together():

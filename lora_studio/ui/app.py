@@ -1,7 +1,9 @@
 """The Gradio app: the Dataset, Train, Preview and Library tabs, the bundled models and presets, a base-model checker.
 
 Handlers catch every error: a LoraStudioError is shown as its own sentence, anything else is
-logged with its traceback and shown as one sentence pointing at the log.
+logged with its traceback and shown as one sentence pointing at the log. What the app holds lives in
+one `AppState` built here; the trust boundary (roots, Host/Origin checks, caps, auth) is set up in
+`launch`. README "Security" says what is exposed and how it is protected.
 """
 
 from __future__ import annotations
@@ -9,19 +11,26 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from ..config import list_presets, preset_description
 from ..errors import LoraStudioError
+from ..logs import attach_app_log
 from ..models import FAMILY_NAMES, bundled_models, describe_source
+from ..paths import Roots
 from . import dataset_tab, library_tab, preview_tab, train_tab
-from .errors import attach_app_log
+from .errors import shown
+from .guard import LoginThrottle, RequestGuard
+from .state import DEFAULT_MAX_UPLOAD_MB, AppState, confined_base
 
 log = logging.getLogger(__name__)
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 # Small previews (the demo's 64 px) are shown scaled up with hard pixel edges; the file itself is unchanged.
 CSS = "#preview-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
+GRADIO_CACHE_CLEANUP = (3600, 3600)  # every hour, delete Gradio's temp copies (uploads, images) over an hour old
 
 
 def bundled_models_table() -> list[list[str]]:
@@ -32,12 +41,13 @@ def presets_table() -> list[list[str]]:
     return [[name, preset_description(name)] for name in list_presets()]
 
 
-def check_base_model(source: str, allow_pickle: bool) -> str:
-    """Markdown describing a base-model source, or the one-sentence reason it cannot be used."""
+def check_base_model(app: AppState, source: str, allow_pickle: bool) -> str:
+    """Markdown describing a base-model source (inside the app's roots), or the one-sentence reason it cannot be
+    used."""
     if not source.strip():
         return "Enter `demo`, the path to a `.safetensors` checkpoint, or a diffusers folder."
     try:
-        summary = describe_source(source.strip(), allow_pickle=allow_pickle)
+        summary = describe_source(confined_base(app.roots, source), allow_pickle=allow_pickle)
     except LoraStudioError as exc:
         return f"**Cannot use this base model.** {exc}"
     except Exception:
@@ -51,39 +61,42 @@ def check_base_model(source: str, allow_pickle: bool) -> str:
     return "\n".join(lines)
 
 
-def build_app() -> gr.Blocks:
-    with gr.Blocks(title="LoRA Studio") as app:
+def build_app(app: AppState | None = None) -> gr.Blocks:
+    """The page, wired to one AppState (default: the home's folders)."""
+    app = app or AppState(Roots.default())
+    with gr.Blocks(title="LoRA Studio", delete_cache=GRADIO_CACHE_CLEANUP) as blocks:
         gr.Markdown("# LoRA Studio\nTrain Stable Diffusion LoRAs on your own GPU, offline.")
         with gr.Tab("Dataset"):
             dataset = dataset_tab.build()
         with gr.Tab("Train"):
-            train = train_tab.build()
-        dataset_tab.connect(app, dataset, train["preset"], train["dataset.path"])
+            train = train_tab.build(app)
+        dataset_tab.connect(app, blocks, dataset, train["preset"], train["dataset.path"])
         with gr.Tab("Preview"):
-            preview_tab.build()
+            preview_tab.build(app)
         with gr.Tab("Library"):
-            library_tab.build()
+            library_tab.build(app)
         with gr.Tab("Models"):
-            gr.Markdown("## Bundled models")
-            gr.Dataframe(
-                value=bundled_models_table(),
-                headers=["name", "what it is", "status"],
-                interactive=False,
-                elem_id="bundled-models",
-            )
-            gr.Markdown("## Check a base model")
-            source = gr.Textbox(
-                label="Base model", placeholder="demo, /path/to/model.safetensors or a diffusers folder"
-            )
-            allow_pickle = gr.Checkbox(label="Allow pickle (.ckpt) files from a source I trust", value=False)
-            check = gr.Button("Check", elem_id="check-base")
-            result = gr.Markdown(elem_id="check-result")
-            check.click(check_base_model, inputs=[source, allow_pickle], outputs=result)
+            build_models_tab(app)
         with gr.Tab("Presets"):
             gr.Dataframe(
                 value=presets_table(), headers=["preset", "when to use it"], interactive=False, elem_id="presets-table"
             )
-    return app
+    blocks.lora_studio = app  # for tests and scripts that drive a launched app
+    return blocks
+
+
+def build_models_tab(app: AppState) -> None:
+    gr.Markdown("## Bundled models")
+    gr.Dataframe(
+        value=bundled_models_table(), headers=["name", "what it is", "status"], interactive=False,
+        elem_id="bundled-models",
+    )  # fmt: skip
+    gr.Markdown("## Check a base model")
+    source = gr.Textbox(label="Base model", placeholder="demo, /path/to/model.safetensors or a diffusers folder")
+    allow_pickle = gr.Checkbox(label="Allow pickle (.ckpt) files from a source I trust", value=False)
+    check = gr.Button("Check", elem_id="check-base")
+    result = gr.Markdown(elem_id="check-result")
+    check.click(shown(check_base_model, app), inputs=[source, allow_pickle], outputs=result)
 
 
 def is_loopback(host: str) -> bool:
@@ -98,10 +111,20 @@ def is_loopback(host: str) -> bool:
 def parse_auth(auth: str | None) -> tuple[str, str] | None:
     if not auth:
         return None
-    user, sep, password = auth.partition(":")
+    user, sep, password = auth.strip().partition(":")
     if not sep or not user or not password:
         raise LoraStudioError("--auth must be user:password with both parts non-empty; e.g. --auth me:s3cret")
     return user, password
+
+
+def read_auth_file(path: str | os.PathLike) -> str:
+    """user:password from the first line of a file (kept out of `ps`, unlike --auth)."""
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        raise LoraStudioError(
+            f"--auth-file {path} cannot be read, or is empty; put user:password on its first line."
+        ) from None
 
 
 def launch(
@@ -110,27 +133,57 @@ def launch(
     auth: str | None = None,
     open_browser: bool = True,
     block: bool = True,
+    allow_dirs: tuple[str, ...] = (),
+    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
 ) -> gr.Blocks:
     """Serve the app. Listening beyond this machine requires a password: training boxes hold private data.
 
-    With `block=False` it returns the running app at once (tests close it with `.close()`).
+    `auth` is user:password (else LORA_STUDIO_AUTH). With `block=False` it returns the running app at once
+    (tests close it with `.close()`).
     """
     credentials = parse_auth(auth or os.environ.get("LORA_STUDIO_AUTH"))
-    if not is_loopback(host) and credentials is None:
+    loopback = is_loopback(host)
+    if not loopback and credentials is None:
         raise LoraStudioError(
             f"listening on {host} would expose LoRA Studio to your network without a password; "
-            "add --auth user:password (or set LORA_STUDIO_AUTH), or keep the default host 127.0.0.1"
+            "add --auth-file FILE (or set LORA_STUDIO_AUTH=user:password), or keep the default host 127.0.0.1"
         )
+    if not loopback and not ssl_certfile:
+        log.warning("listening on %s over plain HTTP: passwords and images cross the network unencrypted; "
+                    "give --ssl-certfile and --ssl-keyfile to serve HTTPS", host)  # fmt: skip
     attach_app_log()
-    app = build_app()
-    app.launch(
+    roots = Roots.default(tuple(allow_dirs))
+    blocks = build_app(AppState(roots, max_upload_mb=max_upload_mb))
+    port = port or free_port_from(7860)
+    blocks.launch(
         server_name=host,
         server_port=port,
-        auth=credentials,
+        auth=LoginThrottle(*credentials).check if credentials else None,
         share=False,
         inbrowser=open_browser,
         show_error=False,  # errors reach the page as our own sentences, never as tracebacks
         css=CSS,
         prevent_thread_lock=not block,
+        allowed_paths=roots.served(),
+        max_file_size=f"{max_upload_mb}mb",
+        app_kwargs={"middleware": [Middleware(RequestGuard, loopback=loopback, port=port)]},
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
     )
-    return app
+    return blocks
+
+
+def free_port_from(first: int, tries: int = 100) -> int:
+    """The first free loopback port from `first` (Gradio's own search, made here so the Host check knows it)."""
+    import socket
+
+    for port in range(first, first + tries):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise LoraStudioError(f"no free port from {first} to {first + tries - 1}; give one with --port")

@@ -1,7 +1,9 @@
 """The Dataset tab: open or upload a dataset, edit captions one by one or in bulk, see the report.
 
-The handlers are plain functions of plain values (tests call them directly); `build` wires them to
-Gradio components. Errors reach the page as one sentence through `gr.Warning`, never as a traceback.
+The open folder lives in the page's server-side state (`gr.State`), set only by `open_dataset` after it
+resolved the request's path inside the app's roots; every other handler takes the folder from there,
+never from a request value. Handlers are plain functions of plain values (tests call them directly);
+`build` wires them to Gradio components. Errors reach the page as one sentence, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,42 +14,54 @@ from pathlib import Path
 import gradio as gr
 
 from ..config import DatasetConfig, load_preset
-from ..data import IMAGE_SUFFIXES, read_caption, resolve_dataset_path, scan
+from ..data import IMAGE_SUFFIXES, CaptionError, read_caption, scan
 from ..dataset_edit import BulkEdit, bulk_edit, import_files, safe_name, write_caption
 from ..errors import LoraStudioError
-from ..paths import DEMO_DATASET_DIR, PROJECT_ROOT
+from ..paths import DEMO_DATASET_DIR, is_within
 from .errors import shown
+from .state import AppState, uploaded_files
 
-DATASETS_DIR = PROJECT_ROOT / "datasets"  # uploads and the editable copy of the demo dataset
+MAX_GALLERY = 500  # images shown at once; a dataset is 10-200 images, a folder of thousands is not one
 
 
-def working_folder(source: str) -> Path:
-    """The folder edits go to: the user's own folder as given, or (for `demo`, which ships read-only with
-    the app) a copy of the bundled demo dataset under datasets/demo, made once."""
+def working_folder(app: AppState, source: str) -> Path:
+    """The folder edits go to: a folder inside the roots as given (resolved, symlinks included), or for `demo`
+    (which ships read-only with the app) a copy of the bundled demo dataset under datasets/demo, made once."""
     source = source.strip() or "demo"
-    folder = resolve_dataset_path(source)
-    if folder == DEMO_DATASET_DIR:
-        copy = DATASETS_DIR / "demo"
+    if source == "demo":
+        copy = app.roots.datasets / "demo"
         if not copy.exists():
             shutil.copytree(DEMO_DATASET_DIR, copy)
         return copy
+    folder = app.roots.resolve(source, "dataset folder", write=True)
     if not folder.is_dir():
         raise LoraStudioError(f"{folder} is not a folder; give the folder that holds your images, or upload them.")
     return folder
 
 
-def new_dataset_folder(name: str) -> Path:
+def open_folder(app: AppState, folder: str | None) -> Path:
+    """The page's open folder from its server-side state, checked again against the roots."""
+    if not folder:
+        raise LoraStudioError("No dataset is open; open a folder or upload images into a new dataset first.")
+    return app.roots.resolve(folder, "open dataset folder", write=True)
+
+
+def new_dataset_folder(app: AppState, name: str) -> Path:
     """datasets/<name> for an upload into a new dataset; the name is sanitized like any upload name."""
-    folder = DATASETS_DIR / safe_name(name or "my-dataset")
+    folder = app.roots.datasets / safe_name(name or "my-dataset")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
 def gallery_items(folder: Path) -> list[tuple[str, str]]:
-    """Every image of the folder (no cap) with its caption as the label."""
+    """The folder's images (links out of the folder left out) with their captions as labels."""
     items = []
-    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        caption, _notes = read_caption(image, ".txt")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and is_within(p, folder))
+    for image in images[:MAX_GALLERY]:
+        try:
+            caption, _notes = read_caption(image, ".txt")
+        except CaptionError as exc:
+            caption = f"(caption refused: {exc})"
         items.append((str(image), caption or ""))
     return items
 
@@ -75,42 +89,44 @@ def folder_view(folder: Path, preset: str | None = None) -> tuple[list, str, lis
     return gallery_items(folder), "\n".join(lines), tags
 
 
-def open_dataset(source: str, preset: str | None = None) -> tuple[str, list, str, list, str]:
-    """The folder's view; the folder also becomes the Train tab's dataset (so edits are what trains)."""
-    folder = working_folder(source)
-    return str(folder), *folder_view(folder, preset), str(folder)
+def open_dataset(app: AppState, source: str, preset: str | None = None) -> tuple[str, str, list, str, list, str]:
+    """The folder (for the page's state), its view; it also becomes the Train tab's dataset (so edits are what
+    trains)."""
+    folder = working_folder(app, source)
+    return str(folder), str(folder), *folder_view(folder, preset), str(folder)
 
 
 def upload(
-    folder_text: str, new_name: str, files: list[str] | None, preset: str | None = None
-) -> tuple[str, list, str, list, str, str]:
+    app: AppState, folder: str | None, new_name: str, files: list[str] | None, preset: str | None = None
+) -> tuple[str, str, list, str, list, str, str]:
     """Copy uploads (images and same-name .txt captions) into the open folder, or into datasets/<new name>."""
     if not files:
         raise LoraStudioError("No files were uploaded; pick images (and their .txt captions) to add.")
-    folder = Path(folder_text) if folder_text and not new_name.strip() else new_dataset_folder(new_name)
-    paths = [Path(f) for f in files]
+    target = new_dataset_folder(app, new_name) if new_name.strip() or not folder else open_folder(app, folder)
+    paths = uploaded_files(app, files)
     # Gradio keeps the browser's file name as the temp file's name; it is sanitized again on import.
-    result = import_files(folder, paths, [p.name for p in paths])
-    message = f"Added {len(result.images)} images and {len(result.captions)} captions to {folder}."
+    result = import_files(target, paths, [p.name for p in paths])
+    message = f"Added {len(result.images)} images and {len(result.captions)} captions to {target}."
     if result.skipped:
         message += " Skipped: " + "; ".join(result.skipped)
-    return str(folder), *folder_view(folder, preset), message, str(folder)
+    return str(target), str(target), *folder_view(target, preset), message, str(target)
 
 
-def save_caption(folder_text: str, image_path: str, caption: str) -> tuple[list, str]:
-    folder = Path(folder_text)
-    path = write_caption(folder, Path(image_path).name, caption)
-    return gallery_items(folder), f"Saved {path.name}."
+def save_caption(app: AppState, folder: str | None, image_path: str, caption: str) -> tuple[list, str]:
+    target = open_folder(app, folder)
+    path = write_caption(target, Path(image_path or "").name, caption)
+    return gallery_items(target), f"Saved {path.name}."
 
 
 def apply_bulk_edit(
-    folder_text: str, trigger: str, prefix: str, suffix: str, find: str, replace: str, preset: str | None = None
-) -> tuple[list, str, list, str]:
-    folder = Path(folder_text)
-    changed = bulk_edit(folder, BulkEdit(find=find, replace=replace, prefix=prefix, suffix=suffix,
+    app: AppState, folder: str | None, trigger: str, prefix: str, suffix: str, find: str, replace: str,
+    preset: str | None = None,
+) -> tuple[list, str, list, str]:  # fmt: skip
+    target = open_folder(app, folder)
+    changed = bulk_edit(target, BulkEdit(find=find, replace=replace, prefix=prefix, suffix=suffix,
                                          trigger_word=trigger))  # fmt: skip
     message = f"Changed {len(changed)} captions." if changed else "No caption needed a change."
-    return *folder_view(folder, preset), message
+    return *folder_view(target, preset), message
 
 
 def build() -> dict[str, gr.components.Component]:
@@ -126,6 +142,7 @@ def build() -> dict[str, gr.components.Component]:
         )
         parts["open"] = gr.Button("Open", elem_id="dataset-open", scale=1)
     parts["folder"] = gr.Textbox(label="Editing", interactive=False, elem_id="dataset-folder")
+    parts["open_folder"] = gr.State(None)  # server-side: the folder open_dataset or upload resolved
     with gr.Row():
         parts["files"] = gr.File(label="Upload images and captions", file_count="multiple", type="filepath",
                                  elem_id="dataset-upload")  # fmt: skip
@@ -148,13 +165,16 @@ def build() -> dict[str, gr.components.Component]:
     return parts
 
 
-def connect(app: gr.Blocks, parts: dict, preset: gr.Dropdown, train_dataset: gr.components.Component) -> None:
+def connect(
+    app: AppState, blocks: gr.Blocks, parts: dict, preset: gr.Dropdown, train_dataset: gr.components.Component
+) -> None:
     """Events: the Train tab's preset sets the report's checks, and the open folder becomes its dataset."""
     p = parts
-    view = [p["folder"], p["gallery"], p["report"], p["tags"]]
-    p["open"].click(shown(open_dataset), [p["source"], preset], [*view, train_dataset])
-    app.load(shown(open_dataset), [p["source"], preset], [*view, train_dataset])  # first start: the demo is open
-    uploaded = p["files"].upload(shown(upload), [p["folder"], p["new_name"], p["files"], preset],
+    state = p["open_folder"]
+    view = [state, p["folder"], p["gallery"], p["report"], p["tags"]]
+    p["open"].click(shown(open_dataset, app), [p["source"], preset], [*view, train_dataset])
+    blocks.load(shown(open_dataset, app), [p["source"], preset], [*view, train_dataset])  # first start: the demo
+    uploaded = p["files"].upload(shown(upload, app), [state, p["new_name"], p["files"], preset],
                                  [*view, p["status"], train_dataset])  # fmt: skip
     uploaded.success(lambda: None, None, p["files"])  # the files are in the gallery now; empty the drop zone
 
@@ -163,6 +183,6 @@ def connect(app: gr.Blocks, parts: dict, preset: gr.Dropdown, train_dataset: gr.
         return (path["image"]["path"] if isinstance(path, dict) else path), label or ""
 
     p["gallery"].select(pick, [p["gallery"]], [p["selected"], p["caption"]])
-    p["save"].click(shown(save_caption), [p["folder"], p["selected"], p["caption"]], [p["gallery"], p["status"]])
-    bulk_inputs = [p["folder"], p["trigger"], p["prefix"], p["suffix"], p["find"], p["replace"], preset]
-    p["bulk"].click(shown(apply_bulk_edit), bulk_inputs, [p["gallery"], p["report"], p["tags"], p["status"]])
+    p["save"].click(shown(save_caption, app), [state, p["selected"], p["caption"]], [p["gallery"], p["status"]])
+    bulk_inputs = [state, p["trigger"], p["prefix"], p["suffix"], p["find"], p["replace"], preset]
+    p["bulk"].click(shown(apply_bulk_edit, app), bulk_inputs, [p["gallery"], p["report"], p["tags"], p["status"]])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import html
+import logging
 from pathlib import Path
 
 import gradio as gr
@@ -20,22 +21,13 @@ from ..errors import ConfigError, LoraStudioError
 from ..estimate import estimate_memory
 from ..models import FAMILY_NAMES, describe_source, find_local_models
 from ..paths import models_dir
+from ..runs import RunFolder
 from . import config_form
 from .config_form import BASIC_KEYS, FIELD_BY_KEY, FIELDS, KEYS, SECTION_TITLES, config_from_form, form_values
 from .errors import shown
+from .state import AppState, confined_base, confined_config
 
-_manager = None
-
-
-def manager():
-    """The app's one job manager, made on first use (it starts the worker thread)."""
-    global _manager
-    if _manager is None:
-        from ..jobs import JobManager
-
-        _manager = JobManager()
-    return _manager
-
+log = logging.getLogger(__name__)
 
 # --- base models ---------------------------------------------------------------------------------
 
@@ -60,6 +52,9 @@ def _summarize(source: str, _size: int, _mtime_ns: int):
         return describe_source(source)
     except LoraStudioError as exc:
         return exc
+    except Exception as exc:  # a leftover or foreign file must never stop the listing (or the app's start)
+        log.warning("reading %s failed", source, exc_info=True)
+        return LoraStudioError(f"{Path(source).name} cannot be read ({type(exc).__name__}); see the app's log")
 
 
 def describe_base(source: str) -> str:
@@ -88,10 +83,14 @@ def models_folder_table() -> list[list[str]]:
     return rows
 
 
-def base_info(source: str) -> str:
+def base_info(app: AppState, source: str) -> str:
     if not (source or "").strip():
         return "Pick the demo or a model from the folder, or type the path of a checkpoint or diffusers folder."
-    return f"**{Path(source).name}**: {describe_base(source.strip())}"
+    try:
+        source = confined_base(app.roots, source)
+    except LoraStudioError as exc:
+        return f"cannot use: {exc}"
+    return f"**{Path(source).name}**: {describe_base(source)}"
 
 
 def refresh_models(current: str):
@@ -112,14 +111,27 @@ def preset_values(preset: str, dataset_path: str = "") -> list:
     return form_values(config)
 
 
-def estimate(*values) -> str:
-    """Markdown with the run's total steps and a rough GPU memory figure, or every bad field."""
+def estimate(app: AppState, *values) -> str:
+    """Markdown with the run's total steps and a rough GPU memory figure, or every problem Start would meet:
+    bad fields, settings that cannot train together, paths outside the app's folders."""
     try:
         config = config_from_form(list(values))
     except ConfigError as exc:
-        return "**Fix these settings first:**\n" + "\n".join(f"- {p}" for p in exc.problems)
+        return fix_first(exc.problems)
+    problems = config.training_problems()
+    if config.dataset.path.strip():
+        try:
+            config = confined_config(app.roots, config)
+        except LoraStudioError as exc:
+            problems.append(str(exc))
+    if problems:
+        return fix_first(problems)
     lines = [steps_line(config), memory_line(config)]
     return "\n\n".join(line for line in lines if line)
+
+
+def fix_first(problems: list[str]) -> str:
+    return "**Fix these settings first:**\n" + "\n".join(f"- {p}" for p in problems)
 
 
 def steps_line(config: TrainConfig) -> str:
@@ -155,24 +167,24 @@ def memory_line(config: TrainConfig) -> str:
 # --- jobs ----------------------------------------------------------------------------------------
 
 
-def start(*values) -> str:
-    config = config_from_form(list(values))
-    job = manager().submit(config)
-    waiting = len(manager().queued())
+def start(app: AppState, *values) -> str:
+    config = confined_config(app.roots, config_from_form(list(values)))
+    job = app.jobs.submit(config)
+    waiting = len(app.jobs.queued())
     return f"Job {job} ({config.name}) " + (f"queued behind {waiting - 1} other(s)." if waiting > 1 else "started.")
 
 
-def stop() -> str:
-    return "Stopping after this step; the LoRA and the state are saved." if manager().stop() else "Nothing is running."
+def stop(app: AppState) -> str:
+    return "Stopping after this step; the LoRA and the state are saved." if app.jobs.stop() else "Nothing is running."
 
 
-def resume(*values) -> str:
+def resume(app: AppState, *values) -> str:
     """Continue the newest stopped run from its saved state (the form's values may extend it)."""
-    status = manager().current()
+    status = app.jobs.current()
     if status is None or status.state != "stopped" or status.run_dir is None:
         raise LoraStudioError("There is no stopped run to resume; start a new one instead.")
-    config = config_from_form(list(values))
-    job = manager().submit(config, resume_from=status.run_dir)
+    config = confined_config(app.roots, config_from_form(list(values)))
+    job = app.jobs.submit(config, resume_from=status.run_dir)
     return f"Job {job} resumes {status.run_dir.name} from step {status.step}."
 
 
@@ -189,16 +201,16 @@ def progress_html(step: int, total: int, it_per_s: float, eta_s: float, state: s
     )
 
 
-def poll() -> tuple[str, str, object, list, str]:
+def poll(app: AppState) -> tuple[str, str, object, list, str]:
     """What the page shows now: progress bar, status line, loss curve, newest samples, log tail."""
     import pandas as pd
 
-    status = manager().current()
+    status = app.jobs.current()
     if status is None:
         empty = pd.DataFrame({"step": [], "loss": []})
         return progress_html(0, 0, 0.0, 0.0, "idle"), "No training yet: pick a preset and press Start.", empty, [], ""
     line = f"**{status.state}** · {status.name}"
-    queued = manager().queued()
+    queued = app.jobs.queued()
     if queued:
         line += f" · queued: {', '.join(q.name for q in queued)}"
     if status.message:
@@ -210,9 +222,12 @@ def poll() -> tuple[str, str, object, list, str]:
 
 
 def log_tail(run_dir: Path | None, lines: int = 20) -> str:
-    if run_dir is None or not (run_dir / "log.txt").is_file():
+    """The last lines of the run's log (read from its end: a long run's log is large, the page polls every second)."""
+    if run_dir is None or not RunFolder(run_dir).log.is_file():
         return ""
-    return "\n".join((run_dir / "log.txt").read_text(errors="replace").splitlines()[-lines:])
+    with open(RunFolder(run_dir).log, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 16384))
+        return "\n".join(f.read().decode("utf-8", errors="replace").splitlines()[-lines:])
 
 
 # --- layout --------------------------------------------------------------------------------------
@@ -229,7 +244,7 @@ def field_component(field: config_form.FormField, value):
     return gr.Textbox(value=value, lines=3 if field.kind == "lines" else 1, **common)
 
 
-def build() -> dict[str, gr.components.Component]:
+def build(app: AppState) -> dict[str, gr.components.Component]:
     """The tab; returns the preset dropdown and the form's components by config key, for the other tabs."""
     presets = list_presets()
     first = "demo-cpu" if "demo-cpu" in presets else presets[0]
@@ -242,7 +257,7 @@ def build() -> dict[str, gr.components.Component]:
             elem_id="cfg-base_model", info="The demo, a model from the models folder, or a path you type",
         )  # fmt: skip
         refresh = gr.Button("Rescan models folder", scale=1, elem_id="train-rescan")
-    base_note = gr.Markdown(base_info(initial["base_model"]), elem_id="train-base-info")
+    base_note = gr.Markdown(base_info(app, initial["base_model"]), elem_id="train-base-info")
     with gr.Accordion("Models folder", open=False):
         folder_note = gr.Markdown(f"Models folder: `{models_dir()}`")
         folder_table = gr.Dataframe(models_folder_table(), headers=["name", "kind", "family", "prediction", "note"],
@@ -261,7 +276,7 @@ def build() -> dict[str, gr.components.Component]:
                         for field in fields[start_at : start_at + 4]:
                             components[field.key] = field_component(field, initial[field.key])
     # The first estimate comes with the page, so the demo's figures are there before anyone clicks.
-    estimate_box = gr.Markdown(estimate(*initial.values()), elem_id="train-estimate")
+    estimate_box = gr.Markdown(estimate(app, *initial.values()), elem_id="train-estimate")
     with gr.Row():
         check = gr.Button("Check settings", elem_id="train-check")
         start_button = gr.Button("Start", variant="primary", elem_id="train-start")
@@ -276,15 +291,16 @@ def build() -> dict[str, gr.components.Component]:
 
     form = [components[k] for k in KEYS]
     preset.change(shown(preset_values), [preset, components["dataset.path"]], form).then(
-        shown(estimate), form, estimate_box
+        shown(estimate, app), form, estimate_box
     )
-    components["base_model"].change(base_info, components["base_model"], base_note)
+    components["base_model"].change(shown(base_info, app), components["base_model"], base_note)
     refresh.click(shown(refresh_models), components["base_model"], [components["base_model"], folder_table,
                                                                      folder_note])  # fmt: skip
-    gr.on([c.input for c in form] + [check.click], shown(estimate), form, estimate_box, trigger_mode="always_last")
-    start_button.click(shown(start), form, message)
-    stop_button.click(shown(stop), None, message)
-    resume_button.click(shown(resume), form, message)
+    gr.on([c.input for c in form] + [check.click], shown(estimate, app), form, estimate_box,
+          trigger_mode="always_last")  # fmt: skip
+    start_button.click(shown(start, app), form, message)
+    stop_button.click(shown(stop, app), None, message)
+    resume_button.click(shown(resume, app), form, message)
     timer = gr.Timer(1.0)
-    timer.tick(poll, None, [progress, status, loss, samples, log])
+    timer.tick(shown(poll, app), None, [progress, status, loss, samples, log])
     return {"preset": preset, **components}

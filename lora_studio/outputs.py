@@ -1,0 +1,168 @@
+"""What a run writes as it goes: LoRA files (final and checkpoints) and samples at several strengths."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from . import export
+from .events import CheckpointEvent, SampleEvent
+from .models import dtype_of
+from .resume import save_trainer_state
+from .sample import PreviewSettings, infotext, render, save_png, use_sampler
+from .session import Session, emit, trained_models
+
+log = logging.getLogger(__name__)
+
+
+def save_lora_file(session: Session, path: Path, dtype: torch.dtype | None = None) -> Path:
+    """The LoRA in the configured format: kohya (loads everywhere, the default) or diffusers-native."""
+    dtype = dtype or dtype_of(session.config.save.precision)
+    parts = trained_models(session)
+    metadata = export.training_metadata(session.config, training_facts(session))
+    if session.config.save.format == "diffusers":
+        return export.save_diffusers(parts, type(session.base.pipeline), path, dtype, metadata)
+    lora = export.lora_from_models(parts, session.base.family, session.base.unet.config)
+    lora.metadata = metadata
+    return export.save_kohya(lora, path, dtype)
+
+
+def training_facts(session: Session) -> export.TrainingFacts:
+    """What the LoRA file's kohya metadata reports about this run: images, folders, buckets, steps, times."""
+    items, position = session.items, session.position
+    folders: dict[str, dict[str, int]] = {}
+    bucket_counts: Counter = Counter()
+    for item, bucket in zip(items, session.buckets, strict=True):
+        entry = folders.setdefault(item.concept, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+        bucket_counts[(bucket.width, bucket.height)] += item.repeats  # images per epoch, as kohya counts them
+    return export.TrainingFacts(
+        family=session.base.family,
+        base_source=session.base.source,
+        resolution=session.resolution,
+        num_images=session.report.images_per_epoch,
+        steps=session.step,
+        epochs=position.epoch + (1 if position.batch else 0),
+        tag_frequency=session.report.tag_frequency(),
+        dataset_dirs=folders,
+        buckets=[{"resolution": [w, h], "count": n} for (w, h), n in sorted(bucket_counts.items())],
+        started_at=session.started_at,
+        finished_at=time.time(),
+        prediction_type=session.base.prediction_type,
+    )
+
+
+def save_checkpoint(session: Session) -> CheckpointEvent:
+    """A LoRA file in checkpoints/ plus the exact state to resume from in state/."""
+    config = session.config
+    run = session.run
+    path = save_lora_file(session, run.checkpoint(config.name, session.step))
+    state_dir = None
+    if config.save.save_state:
+        state_dir = run.state_dir
+        save_trainer_state(session, run.state_file)
+        run.legacy_lora_state.unlink(missing_ok=True)  # where runs before 2026-11-28 kept the LoRA
+    prune_checkpoints(session)
+    event = CheckpointEvent(session.step, path, state_dir)
+    emit(session, event)
+    log.info("checkpoint at step %d: %s", session.step, path)
+    return event
+
+
+def prune_checkpoints(session: Session) -> None:
+    keep = session.config.save.keep_last
+    if keep:
+        files = session.run.checkpoint_files()
+        for old in files[:-keep]:
+            old.unlink()
+
+
+def should_checkpoint(session: Session, epoch_before: int) -> bool:
+    """After a step: every N steps, or when the step finished an epoch that is a multiple of N.
+
+    `epoch_before` is the epoch the step started in. A step of several micro-batches or processes can
+    end a few batches into the next epoch, so "finished an epoch" means the epoch number moved on."""
+    save = session.config.save
+    if save.every_n_steps and session.step % save.every_n_steps == 0:
+        return True
+    return epoch_checkpoint_due(save.every_n_epochs, epoch_before, session.position.epoch)
+
+
+def epoch_checkpoint_due(every_n_epochs: int, epoch_before: int, epoch_after: int) -> bool:
+    """Whether epochs epoch_before+1 .. epoch_after (the ones just completed, counted from 1) hold a multiple."""
+    finished = range(epoch_before + 1, epoch_after + 1)
+    return bool(every_n_epochs) and any(epoch % every_n_epochs == 0 for epoch in finished)
+
+
+def default_sample_prompt(session: Session) -> str:
+    """The trigger word and the first image's caption: what the run is teaching."""
+    first = session.items[0]
+    trigger = session.config.dataset.trigger_word.strip()
+    parts = [trigger] if trigger and trigger not in first.caption else []
+    return ", ".join(parts + [first.caption or first.concept])
+
+
+def render_samples(session: Session) -> SampleEvent:
+    """Images at every configured strength and seed, into samples/step-NNNNNN/, with A1111 infotext.
+
+    Rendered in eval mode, under no_grad and inside a forked RNG, so a run with sampling trains exactly
+    the weights a run without it does.
+    """
+    settings = session.config.sample
+    pipeline = session.base.pipeline
+    prompts = settings.prompts or [default_sample_prompt(session)]
+    size = (settings.width or session.resolution, settings.height or session.resolution)
+    scheduler = pipeline.scheduler
+    use_sampler(pipeline, settings.sampler)
+    for model in session.models.values():
+        model.eval()
+    devices = [session.device] if session.device.type == "cuda" else []
+    try:
+        pipeline.set_progress_bar_config(disable=True)
+        # Under the training autocast: the LoRA weights are fp32 beside bf16/fp16 base weights, and
+        # without it their fp32 outputs reach the half-precision VAE, which refuses them.
+        with torch.random.fork_rng(devices=devices), session.accelerator.autocast():
+            rendered = render(
+                pipeline,
+                prompts,
+                settings.strengths,
+                settings.seeds,
+                settings.num_inference_steps,
+                settings.guidance_scale,
+                size,
+                settings.negative_prompt,
+                session.config.clip_skip,
+            )
+    finally:
+        pipeline.scheduler = scheduler
+        for model in session.models.values():
+            model.train()
+    paths = []
+    for r in rendered:
+        prompt_index = prompts.index(r.prompt) if len(prompts) > 1 else None
+        path = session.run.sample_path(session.step, r.strength, r.seed, prompt_index)
+        paths.append(save_png(r.image, path, sample_infotext(session, r, size)))
+    event = SampleEvent(session.step, paths, list(settings.strengths))
+    emit(session, event)
+    return event
+
+
+def sample_infotext(session: Session, rendered, size: tuple[int, int]) -> str:
+    settings = session.config.sample
+    preview = PreviewSettings(
+        prompt=rendered.prompt,
+        negative_prompt=settings.negative_prompt,
+        strengths={session.config.name: rendered.strength},
+        sampler=settings.sampler,
+        steps=settings.num_inference_steps,
+        cfg=settings.guidance_scale,
+        seed=rendered.seed,
+        width=size[0],
+        height=size[1],
+        clip_skip=session.config.clip_skip,
+    )
+    return infotext(preview, rendered.seed, {}, Path(str(session.base.source)).name) + f", Step: {session.step}"

@@ -1,0 +1,289 @@
+"""The run folder: the one owner of its layout. Everything else asks `RunFolder` for a path.
+
+    runs/<name>-<YYYYmmdd-HHMMSS>/
+        config.toml                      the resolved config
+        metrics.jsonl                    one JSON line per logged step
+        log.txt                          the run's log, tracebacks included
+        samples/step-000100/s0.50-seed42.png
+        checkpoints/<name>-step000100.safetensors
+        state/trainer.safetensors        everything a resume needs, in one file
+        <name>.safetensors               the final LoRA
+        exports/                         copies the Library wrote (other formats, resized, merged)
+        tensorboard/
+        .lock                            held (an OS lock) while the run is being trained
+
+Runs live in one root, `runs/` under the home (paths.home()), never under the working directory.
+A run being trained holds an OS lock on its `.lock` file, so a second trainer, a second resume and a
+delete are refused in one sentence, and a crashed trainer leaves no stale lock (the OS drops it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from .errors import LoraStudioError
+from .paths import home, in_home
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer.safetensors"  # in the run's state/ folder: everything a resume needs
+LEGACY_LORA_STATE = "lora.safetensors"  # where runs before 2026-11-28 kept the LoRA beside the state
+APP_LOG = "log.txt"  # the app's and the CLI's own log, in the runs root (each run also has its own)
+STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
+
+
+class RunError(LoraStudioError):
+    """A run folder that cannot be used as asked: missing, not a run, or in use."""
+
+
+def runs_root() -> Path:
+    return home() / "runs"
+
+
+def output_root(output_dir: str) -> Path:
+    """The folder new runs go in: a config's `output_dir` under the home, or the runs root when empty."""
+    return in_home(output_dir) if output_dir.strip() else runs_root()
+
+
+def app_log_path() -> Path:
+    return runs_root() / APP_LOG
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    # --- making, opening, listing ---------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: Path, name: str) -> RunFolder:
+        """A new, empty run folder `<root>/<name>-<timestamp>` (a suffix when two start in one second)."""
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path, suffix = root / f"{name}-{stamp}", 1
+        while path.exists():
+            path, suffix = root / f"{name}-{stamp}-{suffix}", suffix + 1
+        path.mkdir(parents=True)
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> RunFolder:
+        """An existing run; a folder without config.toml is refused with what to give instead."""
+        run = cls(Path(path))
+        if not run.config.is_file():
+            raise RunError(
+                f"{path} is not a run folder (it has no config.toml); give the folder of the run to continue, "
+                "e.g. runs/my-lora-20260101-120000"
+            )
+        return run
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # --- the layout ------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "log.txt"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path / "state"
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    @property
+    def legacy_lora_state(self) -> Path:
+        return self.state_dir / LEGACY_LORA_STATE
+
+    @property
+    def exports(self) -> Path:
+        return self.path / "exports"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    def sample_folder(self, step: int) -> Path:
+        return self.samples / f"step-{step:06d}"
+
+    def sample_path(self, step: int, strength: float, seed: int, prompt_index: int | None = None) -> Path:
+        prefix = f"p{prompt_index}-" if prompt_index is not None else ""
+        return self.sample_folder(step) / f"{prefix}s{strength:.2f}-seed{seed}.png"
+
+    def checkpoint(self, name: str, step: int) -> Path:
+        return self.checkpoints / f"{name}-step{step:06d}.safetensors"
+
+    def final_lora(self, name: str) -> Path:
+        return self.path / f"{name}.safetensors"
+
+    # --- what is in it -------------------------------------------------------------------------------
+
+    def checkpoint_files(self) -> list[Path]:
+        """Checkpoint LoRA files, oldest step first (the step is zero-padded in the name)."""
+        return sorted(self.checkpoints.glob("*-step*.safetensors")) if self.checkpoints.is_dir() else []
+
+    def final_files(self) -> list[Path]:
+        return sorted(self.path.glob("*.safetensors"))
+
+    def lora_files(self) -> list[Path]:
+        """Every LoRA file the run wrote: the final file(s), then its checkpoints by step."""
+        return self.final_files() + self.checkpoint_files()
+
+    def newest_samples(self) -> tuple[int, list[Path]]:
+        """The newest sample step and its images (0 and [] when none were rendered)."""
+        steps = sorted(
+            (int(m.group(1)), p)
+            for p in (self.samples.iterdir() if self.samples.is_dir() else [])
+            if (m := STEP_FOLDER.match(p.name))
+        )
+        if not steps:
+            return 0, []
+        step, folder = steps[-1]
+        return step, sorted(folder.glob("*.png"))
+
+    def read_metrics(self) -> list[dict]:
+        """Every whole line of metrics.jsonl; a cut-off or damaged line (a kill mid-write) is skipped."""
+        if not self.metrics.is_file():
+            return []
+        rows = []
+        with open(self.metrics, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+        return rows
+
+    def last_metrics(self) -> dict:
+        rows = self.read_metrics()
+        return rows[-1] if rows else {}
+
+    def append_metrics(self, row: dict) -> None:
+        """One line per step, appended: the log grows with the run and is never rewritten."""
+        with open(self.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # --- the lock ----------------------------------------------------------------------------------
+
+    def lock(self) -> RunLock:
+        """Take the run's lock for a training; refused in one sentence while another process trains it."""
+        return RunLock.acquire(self)
+
+    def is_locked(self) -> bool:
+        if not self.lock_file.is_file():
+            return False
+        try:
+            RunLock.acquire(self).release()
+        except RunError:
+            return True
+        return False
+
+    def delete(self) -> None:
+        """Remove the whole folder, unless a trainer holds it (the lock is held while deleting)."""
+        held = RunLock.acquire(self, doing="delete it")
+        try:
+            shutil.rmtree(self.path)
+        finally:
+            held.release()
+
+
+class RunLock:
+    """An OS lock (flock / msvcrt) on the run's .lock file: released when the holder exits, even killed."""
+
+    def __init__(self, run: RunFolder, handle):
+        self.run, self._handle = run, handle
+
+    @classmethod
+    def acquire(cls, run: RunFolder, doing: str = "train it") -> RunLock:
+        handle = open(run.lock_file, "a+")  # noqa: SIM115 - held open for the life of the lock
+        try:
+            _lock_file(handle)
+        except OSError:
+            handle.close()
+            raise RunError(
+                f"{run.path} is being trained right now (another job or process holds it), so LoRA Studio will "
+                f"not {doing}; stop that training first, or wait for it to finish"
+            ) from None
+        return cls(run, handle)
+
+    def release(self) -> None:
+        if self._handle is not None and not self._handle.closed:
+            _unlock_file(self._handle)
+            self._handle.close()
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+if sys.platform == "win32":  # pragma: no cover - the tests run on Linux
+    import msvcrt
+
+    def _lock_file(handle) -> None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+
+    def _unlock_file(handle) -> None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock_file(handle) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock_file(handle) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def list_runs(root: Path | None = None) -> list[RunFolder]:
+    """Runs directly in `root` (default: the runs root), newest name first; folders without config.toml are
+    not runs (uploads/, .cache/) and are left out."""
+    root = root or runs_root()
+    if not root.is_dir():
+        return []
+    runs = [RunFolder(p) for p in root.iterdir() if p.is_dir() and (p / "config.toml").is_file()]
+    return sorted(runs, key=lambda r: r.name, reverse=True)
+
+
+def run_of_lora_file(path: Path) -> RunFolder:
+    """The run a final or checkpoint LoRA file belongs to."""
+    return RunFolder(path.parent.parent if path.parent.name == "checkpoints" else path.parent)

@@ -1,0 +1,102 @@
+"""One training run in memory: its config, run folder, model, data, optimizer and position.
+
+Shared by the phases: `train.py` (prepare, loop), `step.py` (one step's maths), `resume.py` (the
+resumable state) and `outputs.py` (LoRA files, checkpoints, samples).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+
+from . import buckets as bucketing
+from .cache import LatentCache, TextCache
+from .config import TrainConfig
+from .data import Item, ScanReport
+from .errors import LoraStudioError
+from .events import Commands
+from .models import BaseModel, dtype_of
+from .runs import RunFolder, RunLock
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(LoraStudioError):
+    """Training cannot start or had to stop; the message says why and what to do."""
+
+
+@dataclass
+class Session:
+    config: TrainConfig
+    run: RunFolder
+    accelerator: Accelerator
+    base: BaseModel
+    report: ScanReport
+    buckets: list[bucketing.Bucket]
+    latent_cache: LatentCache | None
+    text_cache: TextCache | None
+    noise_scheduler: DDPMScheduler
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    resolution: int
+    models: dict[str, torch.nn.Module]  # the trained parts as accelerate prepared them (DDP-wrapped on several GPUs)
+    on_event: Callable | None = None
+    commands: Commands = field(default_factory=Commands)
+    lock: RunLock | None = None  # held by the main process while it trains this run
+    step: int = 0
+    position: bucketing.Position = field(default_factory=bucketing.Position)  # of the next batch to train on
+    smoothed_loss: float | None = None
+    tensorboard: object | None = None  # a SummaryWriter when the tensorboard package is installed
+    started_at: float = field(default_factory=time.time)  # wall clock, for the file's ss_training_started_at
+
+    @property
+    def items(self) -> list[Item]:
+        return self.report.items
+
+    @property
+    def device(self) -> torch.device:
+        # The accelerator's, not `unet.device`: diffusers computes that by walking every module (slow per step).
+        return self.accelerator.device
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return dtype_of(self.config.mixed_precision)
+
+    @property
+    def run_dir(self):
+        return self.run.path
+
+
+def trained_parts(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
+    """The model parts that carry trained LoRA, named as diffusers' LoRA files name them."""
+    return base.lora_parts(text_encoders=config.lora.train_text_encoder)
+
+
+def trained_models(session: Session) -> dict[str, torch.nn.Module]:
+    """The trained parts without accelerate's DDP and torch.compile wrappers, named as in session.models."""
+    unwrap = session.accelerator.unwrap_model
+    return {name: unwrap(model, keep_torch_compile=False) for name, model in session.models.items()}
+
+
+def emit(session: Session, event) -> None:
+    """Deliver an event; a failing callback is logged and never stops training."""
+    if session.on_event is None:
+        return
+    try:
+        session.on_event(event)
+    except Exception:
+        log.exception("the event callback failed on %s", type(event).__name__)
+
+
+def on_main(session: Session, action, *args):
+    """Run a file-writing action on the main process only; every process waits for it."""
+    result = action(session, *args) if session.accelerator.is_main_process else None
+    session.accelerator.wait_for_everyone()
+    return result

@@ -1,0 +1,100 @@
+"""What the app holds on the server, built once in `build_app`: never taken from a request.
+
+The folders a request may touch (`Roots`), the one job manager that trains (its worker thread starts
+with the first job), and the loaded preview models (one base at a time, to keep memory bounded).
+What one page has open (its dataset folder, its chosen run) lives in that page's `gr.State`, which
+Gradio keeps on the server too.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LoraStudioError
+from ..paths import Roots, home, is_within
+
+DEFAULT_MAX_UPLOAD_MB = 50
+
+
+@dataclass
+class AppState:
+    roots: Roots
+    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+    previewers: dict = field(default_factory=dict)  # base source -> sample.Previewer
+    preview_lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
+    _jobs: object | None = None
+    _jobs_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def jobs(self):
+        """The app's one job manager, made on first use (it starts the worker thread)."""
+        with self._jobs_lock:
+            if self._jobs is None:
+                from ..jobs import JobManager
+
+                self._jobs = JobManager()
+            return self._jobs
+
+    def previewer(self, base: str):
+        """The loaded Previewer for `base`, loading it (and dropping any other) on first use."""
+        from ..sample import Previewer
+        from ..workflows import load_preview_base
+
+        if base not in self.previewers:
+            self.previewers.clear()
+            self.previewers[base] = Previewer(load_preview_base(base))
+        return self.previewers[base]
+
+
+def confined_base(roots: Roots, source: str) -> str:
+    """A base model named in a request: the demo, a hub id already in the local cache, or a path inside the
+    roots (returned resolved, so it does not depend on the working directory)."""
+    from ..models import HUB_ID, resolve_cached_hub_id
+
+    text = (source or "").strip()
+    if text == "demo":
+        return text
+    if HUB_ID.match(text) and not (home() / text).exists():
+        return str(resolve_cached_hub_id(text))  # a folder of the local Hugging Face cache, or a sentence why not
+    return str(roots.resolve(text, "base model"))
+
+
+def confined_config(roots: Roots, config):
+    """The form's config with every path resolved inside the roots: the dataset and the base model where the
+    app may read, `output_dir` and `dataset.cache_dir` inside the runs folder (where the app writes)."""
+    from ..data import resolve_dataset_path
+
+    dataset = resolve_dataset_path(config.dataset.path) if config.dataset.path.strip() == "demo" else None
+    dataset = dataset or roots.resolve(config.dataset.path, "dataset folder (`dataset.path`)")
+    output = roots.resolve(config.output_dir or roots.runs, "`output_dir`", write=True, within=roots.runs)
+    cache = config.dataset.cache_dir.strip()
+    if cache:
+        cache = str(roots.resolve(cache, "`dataset.cache_dir`", write=True, within=roots.runs))
+    return config.model_copy(
+        update={
+            "base_model": confined_base(roots, config.base_model),
+            "output_dir": str(output),
+            "dataset": config.dataset.model_copy(update={"path": str(dataset), "cache_dir": cache}),
+        }
+    )
+
+
+def uploaded_files(app: AppState, files: list[str]) -> list[Path]:
+    """Gradio's own temp copies of the uploads: a path elsewhere (a crafted request) or over the cap is refused."""
+    from gradio.utils import get_upload_folder
+
+    cache = Path(get_upload_folder()).resolve()
+    paths = []
+    for file in files:
+        path = Path(file).resolve()
+        if not is_within(path, cache) or not path.is_file():
+            raise LoraStudioError(f"{Path(file).name} is not an upload; add files with the upload box.")
+        if path.stat().st_size > app.max_upload_mb * 1024 * 1024:
+            raise LoraStudioError(
+                f"{path.name} is over the {app.max_upload_mb} MB an upload may have; shrink it, or start the app "
+                "with a larger --max-upload-mb."
+            )
+        paths.append(path)
+    return paths

@@ -1,0 +1,135 @@
+"""What the CLI and the app both do with LoRA files and previews; `cli.py` and `ui/*` call these and hold no copy.
+
+- export (any format to kohya, or to diffusers' own with the base model's help), resize, merge into a base;
+- the grids (strength x seed of one LoRA, checkpoint x strength of one run), with their labels and caps;
+- the policies both follow, such as "the demo model runs in fp32".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import LoraStudioError
+from .models import dtype_of, load_base
+from .runs import run_of_lora_file
+
+if TYPE_CHECKING:  # torch loads on first use: the app's page comes up before it (README: start-up time)
+    import torch
+
+    from .models import BaseModel
+    from .sample import Axis, Grid, Previewer, PreviewSettings
+
+MAX_GRID_CHECKPOINTS = 8  # a grid wider than this is unreadable; the newest are kept
+STEP_IN_NAME = re.compile(r"-step(\d+)$")
+
+
+def base_dtype(source: str) -> torch.dtype | None:
+    """The demo model is tiny: full precision on any device (half precision only costs it quality).
+    Anything else: None, the device's usual dtype."""
+    return dtype_of("fp32") if str(source).strip() == "demo" else None
+
+
+def load_preview_base(source: str) -> BaseModel:
+    return load_base(source, dtype=base_dtype(source))
+
+
+# --- LoRA files -----------------------------------------------------------------------------------------------
+
+
+def export_lora_file(source: Path, out: Path, fmt: str, precision: str, base_model: str | None = None) -> Path:
+    """`source` (any readable format) written as kohya, or as diffusers' own format (which needs the base)."""
+    from .export import convert_to_diffusers, load_lora, save_kohya
+
+    lora = load_lora(source)
+    if fmt == "kohya":
+        return save_kohya(lora, out, dtype_of(precision))
+    if fmt != "diffusers":
+        raise LoraStudioError(f"Export format {fmt!r} is unknown; choose kohya or diffusers.")
+    if not base_model:
+        raise LoraStudioError("Exporting in the diffusers format needs the base model the LoRA was trained on.")
+    return convert_to_diffusers(lora, load_preview_base(base_model), out, dtype_of(precision))
+
+
+def resize_lora_file(source: Path, out: Path, rank: int | None, energy: float | None, precision: str = "fp16"):
+    """SVD to a smaller rank; returns the written path and the error report."""
+    from .export import load_lora, save_kohya
+    from .tools import resize_lora
+
+    resized, report = resize_lora(load_lora(source), rank=rank, energy=energy)
+    return save_kohya(resized, out, dtype_of(precision)), report
+
+
+def merge_into_base(base_model: str, lora_file: Path, strength: float, out: Path, precision: str = "fp16") -> Path:
+    """A single-file checkpoint of the base with the LoRA baked in; exact work, so fp32 on the CPU."""
+    from .export import load_lora
+    from .tools import merge_lora
+
+    base = load_base(base_model, dtype=dtype_of("fp32"), device="cpu")
+    return merge_lora(base, load_lora(lora_file), float(strength), out, dtype=dtype_of(precision))
+
+
+def exports_path(source: Path, suffix: str) -> Path:
+    """Where the Library puts what it makes from one of a run's files: the run's exports/ folder."""
+    return run_of_lora_file(source).exports / f"{source.stem}-{suffix}.safetensors"
+
+
+# --- grids ----------------------------------------------------------------------------------------------------
+
+
+def strength_seed_grid(
+    previewer: Previewer, settings: PreviewSettings, lora: str, strengths: Sequence[float], seeds: Sequence[int]
+) -> Grid:
+    """One LoRA at several strengths (columns) and seeds (rows); other loaded LoRAs stay as `settings` says."""
+    from .sample import Axis
+
+    return previewer.grid(settings, Axis("strength", tuple(strengths), lora=lora), Axis("seed", tuple(seeds)))
+
+
+def checkpoint_label(path: Path) -> str:
+    """'step 200' for a checkpoint file, 'final' for the run's own file: what varies between the columns."""
+    found = STEP_IN_NAME.search(path.stem)
+    return f"step {int(found.group(1))}" if found else "final"
+
+
+def run_lora_files(lora_file: Path) -> list[Path]:
+    """The LoRA files of the run `lora_file` belongs to, checkpoints by step then the final file (newest 8)."""
+    run = run_of_lora_file(lora_file)
+    files = run.checkpoint_files() + run.final_files()
+    if len(files) < 2:
+        raise LoraStudioError(f"{run.name} has no checkpoints besides its final LoRA; save every N steps to get some.")
+    return files[-MAX_GRID_CHECKPOINTS:]
+
+
+def checkpoint_strength_grid(
+    previewer: Previewer, settings: PreviewSettings, names: Sequence[str], files: Sequence[Path],
+    strengths: Sequence[float],
+) -> Grid:  # fmt: skip
+    """Loaded checkpoints `names` (columns, labelled by step) at several strengths (rows)."""
+    from .sample import Axis
+
+    checkpoints = Axis("checkpoint", tuple(names), names=tuple(checkpoint_label(f) for f in files))
+    return previewer.grid(settings, checkpoints, Axis("strength", tuple(strengths)))
+
+
+def parse_grid_axis(spec: str, previewer: Previewer, default_lora: str | None) -> Axis:
+    """The CLI's `strength=0,0.5,1`, `strength:NAME=...`, `seed=1,2` or `checkpoint=FILE,FILE`."""
+    from .sample import Axis
+
+    kind, _, values = spec.partition("=")
+    kind, _, lora = kind.partition(":")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    try:
+        if kind == "seed":
+            return Axis("seed", tuple(int(v) for v in items))
+        if kind == "strength":  # of the named or first LoRA; with a checkpoint axis, of each checkpoint
+            return Axis("strength", tuple(float(v) for v in items), lora=lora or default_lora)
+    except ValueError:
+        raise LoraStudioError(f"Grid axis {spec!r} has a value that is not a number.") from None
+    if kind == "checkpoint":
+        files = [Path(v) for v in items]
+        names = tuple(previewer.add_lora(f) for f in files)
+        return Axis("checkpoint", names, names=tuple(checkpoint_label(f) for f in files))
+    raise LoraStudioError(f"Grid axis {spec!r} is unknown; use strength=..., seed=... or checkpoint=FILE,FILE.")

@@ -1,0 +1,294 @@
+"""Attacks on a running app over real HTTP, as a web page or a local process could make them.
+
+The app runs on a loopback port with its home in a temp folder. Beside the home lies a folder the app
+must never touch, with a sentinel file, an image, a caption and a LoRA as bait; after every test each
+of its files is byte-identical. Requests go through Gradio's own queue protocol (tests/gradio_http.py)
+with payloads, Host and Origin headers and event data of the test's choosing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from gradio_http import GradioHTTP
+from PIL import Image
+from safetensors.torch import save_file
+from test_app import free_port
+
+from lora_studio.runs import RunFolder
+from lora_studio.ui.config_form import KEYS
+
+BAIT = {"sentinel.txt": b"do not touch\n", "caption.txt": b"a secret caption\n"}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("security")
+    home, outside, uploads = root / "home", root / "outside", root / "gradio"
+    for folder in (home, outside, uploads):
+        folder.mkdir()
+    for name, data in BAIT.items():
+        (outside / name).write_bytes(data)
+    Image.new("RGB", (64, 64), "red").save(outside / "image.png")
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 2), "lora_unet_x.lora_up.weight": torch.ones(2, 2)},
+              str(outside / "lora.safetensors"))  # fmt: skip
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LORA_STUDIO_HOME", str(home))
+        env.setenv("GRADIO_TEMP_DIR", str(uploads))
+        env.delenv("LORA_STUDIO_MODELS", raising=False)
+        from lora_studio.ui.app import launch
+
+        port = free_port()
+        app = launch(port=port, open_browser=False, block=False, max_upload_mb=1)
+        try:
+            yield {"url": f"http://127.0.0.1:{port}", "port": port, "home": home, "outside": outside,
+                   "before": snapshot(outside), "app": app}  # fmt: skip
+        finally:
+            app.close()
+
+
+@pytest.fixture(autouse=True)
+def outside_untouched(server):
+    yield
+    assert snapshot(server["outside"]) == server["before"], "a file outside the app's folders changed"
+    assert {p.name for p in server["outside"].iterdir()} == set(server["before"]), "a file appeared outside"
+
+
+@pytest.fixture
+def client(server):
+    return GradioHTTP(server["url"])
+
+
+def refused(result, *phrases: str) -> str:
+    ok, message = result
+    assert not ok, f"expected a refusal, got {message!r}"
+    for phrase in phrases:
+        assert phrase in message, message
+    assert "Traceback" not in message
+    return message
+
+
+def test_foreign_host_headers_are_refused(server):
+    port = server["port"]
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.nip.io:{port}", f"localhost.evil:{port}",
+                 f"127.0.0.1:{port + 1}"):  # fmt: skip
+        for method, path in (("GET", "/"), ("GET", "/config"), ("GET", "/gradio_api/info"),
+                             ("POST", "/gradio_api/queue/join")):  # fmt: skip
+            response = httpx.request(method, server["url"] + path, headers={"Host": host}, json={})
+            assert response.status_code == 403, (host, path, response.status_code)
+            assert "answers only to 127.0.0.1" in response.text
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+        assert httpx.get(server["url"] + "/config", headers={"Host": host}).status_code == 200, host
+
+
+def test_cross_origin_requests_that_change_something_are_refused(server, tmp_path):
+    picture = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    for origin in ("http://evil.example", "null", f"http://localhost:{server['port'] + 1}"):
+        response = GradioHTTP(server["url"]).upload(picture, headers={"Origin": origin})
+        assert response.status_code == 403, origin
+        assert "may not change anything" in response.text
+    ours = GradioHTTP(server["url"]).upload(picture, headers={"Origin": server["url"]})
+    assert ours.status_code == 200
+
+
+def test_dataset_folders_outside_the_roots_are_refused(server, client):
+    home, outside = server["home"], server["outside"]
+    link = home / "datasets" / "innocent"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(outside)
+    for source in (str(outside), "../outside", "%2e%2e/outside", "datasets/../../outside", str(link), "/etc",
+                   str(home / "datasets" / ".." / ".." / "outside")):  # fmt: skip
+        refused(client.call("open_dataset", [source, None]), "outside the app's folders")
+    # The open folder is server-side state: a request that puts a folder in the state's place is not heard.
+    bait = str(outside)
+    refused(client.call("apply_bulk_edit", [bait, "zkz", "", "", "secret", "x", None]), "No dataset is open")
+    refused(client.call("save_caption", [bait, str(outside / "image.png"), "a new caption"]), "No dataset is open")
+
+
+def test_uploads_stay_inside_the_datasets_folder(server, client, tmp_path):
+    picture = tmp_path / "..%2f..%2foutside%2fsentinel.png"
+    Image.new("RGB", (8, 8), "blue").save(picture)
+    (stored,) = client.upload(picture).json()
+    ok, data = client.call("upload", [str(server["outside"]), "../../outside",
+                                      [GradioHTTP.file_data(stored, picture.name)], None])  # fmt: skip
+    assert ok, data
+    landed = server["home"] / "datasets" / "outside"
+    assert landed.is_dir() and len(list(landed.glob("*.png"))) == 1
+    # A file path of the server's choosing is not an upload, whatever the request claims.
+    result = client.call("upload", [None, "x", [GradioHTTP.file_data(str(server["outside"] / "sentinel.txt"))], None])
+    refused(result)
+
+
+def test_over_cap_uploads_and_captions_are_refused(server, client, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (2 * 1024 * 1024))  # the app was started with --max-upload-mb 1
+    assert client.upload(big).status_code == 413
+    caption = tmp_path / "huge.txt"
+    caption.write_text("tag, " * 20000)
+    image = tmp_path / "huge.png"
+    Image.new("RGB", (8, 8)).save(image)
+    stored = [client.upload(p).json()[0] for p in (image, caption)]
+    ok, data = client.call("upload", [None, "capped", [GradioHTTP.file_data(s) for s in stored], None])
+    assert ok and "huge.txt: over the 64 KB a caption may have" in data[-2]
+
+
+def test_a_caption_linked_out_of_the_folder_is_never_shown(server, client):
+    assert client.call("open_dataset", ["demo", None])[0]
+    folder = server["home"] / "datasets" / "demo"
+    image = sorted(folder.glob("*.png"))[0]
+    image.with_suffix(".txt").unlink()
+    image.with_suffix(".txt").symlink_to(server["outside"] / "caption.txt")
+    ok, data = client.call("open_dataset", ["demo", None])
+    assert ok
+    gallery, report = data[2], data[3]
+    assert "a secret caption" not in str(gallery) and "is a link to a file outside the dataset folder" in report
+
+
+def form_values(client, **changes) -> list:
+    ok, values = client.call("preset_values", ["demo-cpu", "demo"])
+    assert ok, values
+    values = dict(zip(KEYS, values, strict=True))
+    values.update({key.replace("__", "."): value for key, value in changes.items()})
+    return list(values.values())
+
+
+def test_training_paths_outside_the_runs_folder_are_refused(server, client):
+    outside = str(server["outside"])
+    for changes, phrase in (
+        ({"output_dir": outside}, "`output_dir`"),
+        ({"output_dir": "../outside"}, "`output_dir`"),
+        ({"dataset__cache_dir": outside}, "`dataset.cache_dir`"),
+        ({"dataset__path": outside}, "dataset folder"),
+        ({"base_model": str(server["outside"] / "lora.safetensors")}, "base model"),
+    ):
+        refused(client.call("start", form_values(client, **changes)), phrase, "lies outside")
+    refused(client.call("preset_values", ["../../outside/x", ""]))  # Gradio's own check of the choices
+
+
+def test_a_preset_name_cannot_leave_the_presets_folder(server):
+    from lora_studio.config import load_preset
+    from lora_studio.errors import ConfigError
+
+    (server["home"] / "evil.toml").write_text('name = "x"\n')
+    with pytest.raises(ConfigError, match="there is no"):
+        load_preset(str(Path("..") / ".." / server["home"] / "evil"))
+
+
+def test_preview_library_and_model_checks_read_nothing_outside(server, client):
+    outside = server["outside"]
+    common = ["zkz", "", "euler_a", 2, 5.0, 1, 64, 64, 1.0, 1.0, 1.0, 1.0]
+    # The LoRA list takes only its own choices (Gradio refuses others); the base model box takes any text.
+    refused(client.call("generate", ["demo", [str(outside / "lora.safetensors")], *common]))
+    refused(client.call("generate", [str(outside), [], *common]), "lies outside")
+    refused(client.call("suggest_prompt", [[str(outside / "lora.safetensors")]]))
+    assert "lies outside" in client.call("check_base_model", [str(outside / "lora.safetensors"), False])[1][0]
+    row = {"index": [0, 0], "value": "../outside", "row_value": ["../outside", 0, None, "no"], "selected": True}
+    refused(client.call("select_run", [{"headers": ["run"], "data": [["../outside"]]}], event_data=row), "No run")
+    run_name = "../outside"  # in the chosen run's (server-side) place: not heard
+    lora = str(outside / "lora.safetensors")
+    refused(client.call("export_file", [run_name, lora, "kohya", "fp16"]))  # and library_tab.checked_file below it
+    refused(client.call("delete_run", [run_name, True]), "No run named None")
+
+
+def test_preview_size_and_grid_cells_are_capped(server, client):
+    common = ["zkz", "", "euler_a", 2, 5.0]
+    too_big = ["demo", [], *common, 1, 100000, 100000, 1, 1, 1, 1]
+    refused(client.call("generate", too_big), "greater than maximum value 2048")  # and sample.MAX_SIDE below it
+    run = server["home"] / "runs" / "grid-20260101-000000"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.toml").write_text('name = "grid"\n')
+    (run / "grid.safetensors").write_bytes((server["outside"] / "lora.safetensors").read_bytes())
+    assert client.call("refresh_lists", [])[0]  # as the page's Refresh button: the new run's file is a choice
+    strengths = ", ".join(str(i / 10000) for i in range(10000))
+    grid = ["demo", [str(run / "grid.safetensors")], "strength x seed", strengths, "1", *common, 64, 64, 1, 1, 1, 1]
+    refused(client.call("generate_grid", grid), "10000 x 1 = 10000 images is over the 64 a grid may have")
+
+
+def test_a_training_run_cannot_be_deleted_or_resumed_twice(server, client):
+    """Start a long demo run from the page, then try what must be refused while it trains: deleting it from
+    the Library, and resuming it from the command line (a second trainer on the same run)."""
+    values = form_values(client, optimizer__max_train_steps=5000, sample__every_n_steps=0, save__every_n_steps=0)
+    ok, message = client.call("start", values)
+    assert ok and "started" in message[0]
+    runs = server["home"] / "runs"
+    deadline = time.monotonic() + 120
+    run = None
+    while time.monotonic() < deadline:
+        found = [p for p in runs.glob("demo-*") if (p / "metrics.jsonl").is_file()]
+        if found:
+            run = found[0]
+            break
+        time.sleep(0.2)
+    assert run is not None, "the run did not start"
+    try:
+        row = {"index": [0, 0], "value": run.name, "row_value": [run.name, 0, None, "training"], "selected": True}
+        ok, _ = client.call("select_run", [{"headers": ["run"], "data": [[run.name]]}], event_data=row, session="lib")
+        assert ok
+        deleting = client.call("delete_run", [None, True], session="lib")
+        refused(deleting, "is being trained right now", "will not delete")
+        assert run.is_dir()
+        env = {**os.environ, "LORA_STUDIO_HOME": str(server["home"])}
+        second = subprocess.run([sys.executable, "-m", "lora_studio.cli", "train", "--resume", str(run)],
+                                capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        assert second.returncode == 1 and "is being trained right now" in second.stderr, second.stderr
+    finally:
+        assert client.call("stop", [])[0]
+        server["app"].lora_studio.jobs.wait(1, timeout=120)
+    steps = [row["step"] for row in RunFolder(run).read_metrics()]
+    assert steps == sorted(set(steps)), "two trainers interleaved the run's metrics"
+
+
+def test_failed_logins_are_answered_ever_more_slowly(tmp_path, monkeypatch):
+    """With a password (as --listen requires): wrong guesses wait longer each time, one at a time, whatever the
+    number sent at once; the right password still gets in and resets the wait."""
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(tmp_path))
+    from lora_studio.ui.app import launch
+
+    port = free_port()
+    app = launch(port=port, auth="me:s3cret", open_browser=False, block=False)
+    url = f"http://127.0.0.1:{port}/login"
+    try:
+        times = []
+        for _ in range(5):
+            started = time.monotonic()
+            response = httpx.post(url, data={"username": "me", "password": "guess"})
+            times.append(time.monotonic() - started)
+            assert response.status_code == 400
+        assert times[-1] >= 1.9 and times[-1] > 4 * times[0], times  # 0, 0.25, 0.5, 1, 2 s of backoff
+        ok = httpx.post(url, data={"username": "me", "password": "s3cret"}, timeout=30)
+        assert ok.status_code == 200 and ok.json() == {"success": True}
+        quick = time.monotonic()
+        assert httpx.post(url, data={"username": "me", "password": "guess"}).status_code == 400
+        assert time.monotonic() - quick < 1.0  # the success reset the wait
+    finally:
+        app.close()
+
+
+def test_login_attempts_sent_at_once_still_wait_their_turn():
+    import asyncio
+
+    from lora_studio.ui.guard import LoginThrottle
+
+    throttle = LoginThrottle("me", "s3cret", base_delay=0.05)
+
+    async def four_at_once():
+        started = time.monotonic()
+        results = await asyncio.gather(*(throttle.check("me", "guess") for _ in range(4)))
+        return results, time.monotonic() - started
+
+    results, took = asyncio.run(four_at_once())
+    assert results == [False] * 4 and took >= 0.05 + 0.1 + 0.2
+    assert throttle.delay() == 0.4
