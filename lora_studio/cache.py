@@ -45,6 +45,15 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
+@torch.no_grad()
+def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent distribution (mean, std; unscaled, fp32 on the CPU) of a batch of [-1, 1] pixels: the one
+    VAE encode of training steps and of the latent cache."""
+    param = next(vae.parameters())
+    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+    return dist.mean.float().cpu(), dist.std.float().cpu()
+
+
 def _entry_path(folder: Path, key: str) -> Path:
     return folder / key[:2] / f"{key}.safetensors"
 
@@ -120,11 +129,8 @@ class LatentCache:
         """The VAE input for an entry: [-1, 1], CHW."""
         return bucket_pixels(item, entry.bucket, entry.resized, entry.crop, entry.flip, self.background)
 
-    @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        param = next(self.vae.parameters())
-        dist = self.vae.encode(pixels.to(param.device, param.dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
+        return encode_pixels(self.vae, pixels)
 
     def fill(
         self,

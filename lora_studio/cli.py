@@ -144,7 +144,8 @@ def run_app(args: argparse.Namespace) -> int:
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    from .models import FAMILY_NAMES, describe_source
+    from .catalogue import describe_source
+    from .models import FAMILY_NAMES
 
     summary = describe_source(args.source, allow_pickle=args.allow_pickle)
     print(

@@ -11,6 +11,8 @@ import torch
 
 from . import export
 from .events import CheckpointEvent, SampleEvent
+from .lora_file import lora_from_models
+from .lora_metadata import TrainingFacts, training_metadata
 from .models import dtype_of
 from .resume import save_trainer_state
 from .sample import PreviewSettings, infotext, render, save_png, use_sampler
@@ -23,15 +25,15 @@ def save_lora_file(session: Session, path: Path, dtype: torch.dtype | None = Non
     """The LoRA in the configured format: kohya (loads everywhere, the default) or diffusers-native."""
     dtype = dtype or dtype_of(session.config.save.precision)
     parts = trained_models(session)
-    metadata = export.training_metadata(session.config, training_facts(session))
+    metadata = training_metadata(session.config, training_facts(session))
     if session.config.save.format == "diffusers":
         return export.save_diffusers(parts, type(session.base.pipeline), path, dtype, metadata)
-    lora = export.lora_from_models(parts, session.base.family, session.base.unet.config)
+    lora = lora_from_models(parts, session.base.family, session.base.unet.config)
     lora.metadata = metadata
     return export.save_kohya(lora, path, dtype)
 
 
-def training_facts(session: Session) -> export.TrainingFacts:
+def training_facts(session: Session) -> TrainingFacts:
     """What the LoRA file's kohya metadata reports about this run: images, folders, buckets, steps, times."""
     items, position = session.items, session.position
     folders: dict[str, dict[str, int]] = {}
@@ -40,7 +42,7 @@ def training_facts(session: Session) -> export.TrainingFacts:
         entry = folders.setdefault(item.concept, {"n_repeats": item.repeats, "img_count": 0})
         entry["img_count"] += 1
         bucket_counts[(bucket.width, bucket.height)] += item.repeats  # images per epoch, as kohya counts them
-    return export.TrainingFacts(
+    return TrainingFacts(
         family=session.base.family,
         base_source=session.base.source,
         resolution=session.resolution,

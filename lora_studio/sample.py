@@ -282,19 +282,21 @@ class Previewer:
         self.base = base
         self.pipeline = base.pipeline
         self.pipeline.set_progress_bar_config(disable=True)
-        self.loras: dict[str, object] = {}  # name -> export.LoraFile
+        self.loras: dict[str, object] = {}  # name -> lora_file.LoraFile
 
     def add_lora(self, source, name: str | None = None) -> str:
-        """Load a LoRA file (or an `export.LoraFile`) as adapter `name`; checks it fits the base first."""
-        from . import export
+        """Load a LoRA file (or a `lora_file.LoraFile`) as adapter `name`; checks it fits the base first."""
+        from .export import load_into_pipeline
+        from .lora_file import LoraFile
+        from .lora_read import check_compatible, load_lora
 
-        lora = source if isinstance(source, export.LoraFile) else export.load_lora(source)
+        lora = source if isinstance(source, LoraFile) else load_lora(source)
         name = name or (Path(lora.path).stem if lora.path else f"lora{len(self.loras) + 1}")
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)  # adapter names end up in module dicts and infotext
         if name in self.loras:
             raise PreviewError(f"A LoRA named {name!r} is already loaded; remove it first or give another name.")
-        export.check_compatible(lora, self.base)
-        export.load_into_pipeline(self.pipeline, lora, name)
+        check_compatible(lora, self.base)
+        load_into_pipeline(self.pipeline, lora, name)
         self.loras[name] = lora
         return name
 

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from . import buckets as bucketing
-from .cache import LatentEntry
+from .cache import LatentEntry, encode_pixels
 from .conditioning import encode_captions
 from .data import build_caption, make_step_sample
-from .models import BaseModel
+from .models import TEXT_ENCODER_NAMES, BaseModel
 from .session import Session, TrainingError
 
 
@@ -86,19 +86,12 @@ def batch_latents(session: Session, indices: list[int], draws: list[Draw]) -> tu
             make_step_sample(session.items[i], session.buckets[i], config.dataset, d.rng)
             for i, d in zip(indices, draws, strict=True)
         ]
-        mean, std = encode_pixels(base, torch.stack([s.pixels for s in samples]))  # one VAE batch
+        mean, std = encode_pixels(base.vae, torch.stack([s.pixels for s in samples]))  # one VAE batch
         captions, crops = [s.caption for s in samples], [s.crop for s in samples]
     latents = mean + std * torch.stack([torch.randn(mean.shape[1:], generator=d.gen) for d in draws])
     vae_config = base.vae.config
     latents = (latents - (getattr(vae_config, "shift_factor", None) or 0.0)) * vae_config.scaling_factor
     return latents.to(session.device), captions, crops
-
-
-@torch.no_grad()
-def encode_pixels(base: BaseModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    vae = base.vae
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean.float().cpu(), dist.std.float().cpu()
 
 
 def conditioning(session: Session, captions: list[str], crops: list) -> tuple[torch.Tensor, dict | None]:
@@ -111,8 +104,8 @@ def conditioning(session: Session, captions: list[str], crops: list) -> tuple[to
             encoded = {k: torch.stack([e[k] for e in entries]).to(session.device) for k in entries[0]}
     else:
         # Through the prepared (possibly DDP-wrapped) encoders, so their gradients are synchronised.
-        names = ["text_encoder", "text_encoder_2"]
-        encoders = [session.models.get(name, e) for name, e in zip(names, base.text_encoders, strict=False)]
+        pairs = zip(TEXT_ENCODER_NAMES, base.text_encoders, strict=False)
+        encoders = [session.models.get(name, e) for name, e in pairs]
         encoded = encode_text(base, captions, session.config.clip_skip, encoders, session.device)
     added = None
     if base.family == "sdxl":

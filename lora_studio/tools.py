@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
-from . import export, layout
+from . import layout
+from .export import load_into_pipeline
+from .lora_file import LoraFile, LoraFileError, LoraModule
+from .lora_read import check_compatible, load_lora
 from .models import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE, BaseModel
 from .safetensors_io import read_header, save_tensors
 
@@ -61,7 +64,7 @@ def save_single_file(base: BaseModel, path: str | os.PathLike, dtype: torch.dtyp
 
 def inspect_lora(path: str | os.PathLike) -> dict:
     """Everything a person asks of a LoRA file: family, format, modules, rank/alpha, hashes, metadata."""
-    lora = export.load_lora(path)
+    lora = load_lora(path)
     summary = lora.summary()
     summary["per_module"] = {
         name: {"rank": m.rank, "alpha": m.alpha, "shape": list(m.delta().shape), "dora": m.dora_scale is not None}
@@ -71,7 +74,7 @@ def inspect_lora(path: str | os.PathLike) -> dict:
     return summary
 
 
-def _hashes_match(lora: export.LoraFile) -> bool | None:
+def _hashes_match(lora: LoraFile) -> bool | None:
     """Whether the file's sshs_model_hash is the hash of its tensor bytes (None when it has none)."""
     stored = lora.metadata.get("sshs_model_hash")
     if not stored or lora.path is None:
@@ -106,16 +109,16 @@ class ResizeReport:
 
 
 def resize_lora(
-    lora: export.LoraFile, rank: int | None = None, energy: float | None = None
-) -> tuple[export.LoraFile, ResizeReport]:
+    lora: LoraFile, rank: int | None = None, energy: float | None = None
+) -> tuple[LoraFile, ResizeReport]:
     """Truncated SVD of each module's delta: to `rank`, or to the fewest singular values whose squared sum
     keeps `energy` (0-1] of the total. Each module keeps its scale (alpha / rank), as kohya's resize does."""
     if (rank is None) == (energy is None):
-        raise export.LoraFileError("Give either a target rank or a kept-energy ratio, not both and not neither.")
+        raise LoraFileError("Give either a target rank or a kept-energy ratio, not both and not neither.")
     if rank is not None and rank < 1:
-        raise export.LoraFileError(f"The target rank must be at least 1, not {rank}.")
+        raise LoraFileError(f"The target rank must be at least 1, not {rank}.")
     if energy is not None and not 0 < energy <= 1:
-        raise export.LoraFileError(f"The kept-energy ratio must lie in (0, 1], not {energy}.")
+        raise LoraFileError(f"The kept-energy ratio must lie in (0, 1], not {energy}.")
     modules, rows = {}, {}
     error_sq = norm_sq = 0.0
     for name, module in lora.modules.items():
@@ -134,11 +137,11 @@ def resize_lora(
     else:
         metadata["ss_network_dim"] = "Dynamic"
         metadata["ss_network_alpha"] = "Dynamic"
-    resized = export.LoraFile(modules, metadata, lora.format, lora.family, None, list(lora.notes))
+    resized = LoraFile(modules, metadata, lora.format, lora.family, None, list(lora.notes))
     return resized, ResizeReport(rows, math.sqrt(error_sq), math.sqrt(norm_sq))
 
 
-def _resize_module(module: export.LoraModule, rank: int | None, energy: float | None):
+def _resize_module(module: LoraModule, rank: int | None, energy: float | None):
     delta = module.delta().flatten(1).double()  # [out, in * kh * kw]
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     if rank is not None:
@@ -154,7 +157,7 @@ def _resize_module(module: export.LoraModule, rank: int | None, energy: float | 
     error = float(torch.linalg.norm(delta - (u[:, :keep] * s[:keep]) @ vh[:keep]))
     down_shape = (keep, *module.down.shape[1:])
     up_shape = (module.up.shape[0], keep, *module.up.shape[2:])
-    resized = export.LoraModule(  # fp32: the writers cast to the chosen save precision
+    resized = LoraModule(  # fp32: the writers cast to the chosen save precision
         down=down.reshape(down_shape).float(),
         up=up.reshape(up_shape).float(),
         alpha=scale * keep,  # same alpha/rank as before
@@ -164,16 +167,16 @@ def _resize_module(module: export.LoraModule, rank: int | None, energy: float | 
 
 
 def merge_lora(
-    base: BaseModel, lora: export.LoraFile, strength: float, path: str | os.PathLike, dtype: torch.dtype | None = None
+    base: BaseModel, lora: LoraFile, strength: float, path: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> Path:
     """Bake `lora` at `strength` into `base` and write a single-file checkpoint (original layout).
 
     The fusing is diffusers' own (`load_lora_weights` + `fuse_lora`), the same code that previews it, so
     the merged model renders what the preview showed.
     """
-    export.check_compatible(lora, base)
+    check_compatible(lora, base)
     pipeline = base.pipeline
-    export.load_into_pipeline(pipeline, lora, "merge")
+    load_into_pipeline(pipeline, lora, "merge")
     pipeline.fuse_lora(lora_scale=strength, adapter_names=["merge"])
     pipeline.unload_lora_weights()
     path = Path(path)

@@ -41,7 +41,8 @@ def load_preview_base(source: str) -> BaseModel:
 
 def export_lora_file(source: Path, out: Path, fmt: str, precision: str, base_model: str | None = None) -> Path:
     """`source` (any readable format) written as kohya, or as diffusers' own format (which needs the base)."""
-    from .export import convert_to_diffusers, load_lora, save_kohya
+    from .export import convert_to_diffusers, save_kohya
+    from .lora_read import load_lora
 
     lora = load_lora(source)
     if fmt == "kohya":
@@ -55,7 +56,8 @@ def export_lora_file(source: Path, out: Path, fmt: str, precision: str, base_mod
 
 def resize_lora_file(source: Path, out: Path, rank: int | None, energy: float | None, precision: str = "fp16"):
     """SVD to a smaller rank; returns the written path and the error report."""
-    from .export import load_lora, save_kohya
+    from .export import save_kohya
+    from .lora_read import load_lora
     from .tools import resize_lora
 
     resized, report = resize_lora(load_lora(source), rank=rank, energy=energy)
@@ -64,7 +66,7 @@ def resize_lora_file(source: Path, out: Path, rank: int | None, energy: float | 
 
 def merge_into_base(base_model: str, lora_file: Path, strength: float, out: Path, precision: str = "fp16") -> Path:
     """A single-file checkpoint of the base with the LoRA baked in; exact work, so fp32 on the CPU."""
-    from .export import load_lora
+    from .lora_read import load_lora
     from .tools import merge_lora
 
     base = load_base(base_model, dtype=dtype_of("fp32"), device="cpu")

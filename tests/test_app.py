@@ -176,7 +176,7 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
     """Started from another working directory: upload the demo images, edit a caption, train, close and reopen
     the page while it trains, stop and resume, preview at strength 0 and 1, then pick the run in the Library's
     table, download its LoRA and read it back."""
-    from lora_studio.export import load_lora
+    from lora_studio.lora_read import load_lora
     from lora_studio.paths import DEMO_DATASET_DIR
 
     elsewhere = tmp_path / "some-other-working-directory"

@@ -8,7 +8,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 from lora_studio import demo_data
-from lora_studio.models import describe_source, load_base
+from lora_studio.catalogue import describe_source
+from lora_studio.models import load_base
 from lora_studio.paths import DEMO_MODEL_DIR
 
 

@@ -21,14 +21,15 @@ from test_train import tiny_config
 from tiny_models import caption_images
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from lora_studio import export, outputs
+from lora_studio import export, lora_file, lora_read, outputs
 from lora_studio import session as session_module
 from lora_studio import step as step_module
 from lora_studio import train as train_module
 from lora_studio.config import LoraConfig
-from lora_studio.export import LoraFileError, kohya_name, load_lora, lora_from_models
 from lora_studio.fsutil import WriteError
 from lora_studio.lora import text_encoder_target_names, unet_target_names
+from lora_studio.lora_file import LoraFileError, kohya_name, lora_from_models
+from lora_studio.lora_read import load_lora
 from lora_studio.models import load_base
 from lora_studio.paths import sd_config_dir
 from lora_studio.sample import render, use_sampler
@@ -168,7 +169,7 @@ def read_file(path):
 def test_kohya_file_keys_alphas_and_conv_shapes(sd1_full):
     session, path = sd1_full
     tensors, metadata = read_file(path)
-    assert all(k.startswith(export.KOHYA_PREFIXES) for k in tensors)
+    assert all(k.startswith(lora_file.KOHYA_PREFIXES) for k in tensors)
     modules = {k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
     assert all(f"{m}.alpha" in tensors for m in modules)
     injected = sum(isinstance(m, LoraLayer) for part in session_parts(session).values() for m in part.modules())
@@ -216,7 +217,7 @@ def test_hashes_recomputed_independently(sd1_full, tmp_path):
     assert metadata["sshs_model_hash"] == hashlib.sha256(data[8 + header_len :]).hexdigest()
     assert metadata["sshs_legacy_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     # A file over 1 MiB, where the legacy hash covers real bytes.
-    big = export.LoraFile({"lora_unet_x": export.LoraModule(torch.randn(64, 8192), torch.randn(64, 64), 8.0)})
+    big = lora_file.LoraFile({"lora_unet_x": lora_file.LoraModule(torch.randn(64, 8192), torch.randn(64, 64), 8.0)})
     out = export.save_kohya(big, tmp_path / "big.safetensors", torch.float32)
     data = out.read_bytes()
     assert len(data) > 0x110000
@@ -372,7 +373,7 @@ def test_family_mismatch_is_a_clear_error(sdxl_attn_ff, tiny_folders):
     _session, path = sdxl_attn_ff
     base = load_base(tiny_folders["sd1"], device="cpu")
     with pytest.raises(LoraFileError, match=r"is a SDXL LoRA but the base model .* is SD 1\.x"):
-        export.check_compatible(load_lora(path), base)
+        lora_read.check_compatible(load_lora(path), base)
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------
@@ -433,8 +434,8 @@ def test_failed_writes_leave_the_previous_file_intact(tmp_path, sd1_full, monkey
         export.save_kohya(lora, blocker / "out.safetensors")
 
     name = next(iter(lora.modules))
-    broken = export.LoraFile(dict(lora.modules), dict(lora.metadata))
-    broken.modules[name] = export.LoraModule(lora.modules[name].down * float("nan"), lora.modules[name].up, 1.0)
+    broken = lora_file.LoraFile(dict(lora.modules), dict(lora.metadata))
+    broken.modules[name] = lora_file.LoraModule(lora.modules[name].down * float("nan"), lora.modules[name].up, 1.0)
     with pytest.raises(LoraFileError, match="NaN or inf"):
         export.save_kohya(broken, target)
 
@@ -547,7 +548,7 @@ def test_demo_round_trip_equal_tensors_and_generations(tmp_path):
         return np.asarray(out[0].image, dtype=np.int16)
 
     fresh = load_base("demo", dtype=torch.float32, device="cpu")
-    export.check_compatible(loaded, fresh)
+    lora_read.check_compatible(loaded, fresh)
     fresh.pipeline.load_lora_weights(loaded.state_dict(), adapter_name="demo")
     assert np.abs(image(fresh.pipeline) - image(session.base.pipeline)).max() <= 2
 

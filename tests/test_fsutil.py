@@ -12,8 +12,9 @@ from PIL import Image
 from lora_studio import fsutil
 from lora_studio.config import TrainConfig, save_config
 from lora_studio.dataset_edit import write_caption
-from lora_studio.export import LoraFile, LoraModule, save_kohya
+from lora_studio.export import save_kohya
 from lora_studio.fsutil import WriteError, atomic_path, write_text_atomic
+from lora_studio.lora_file import LoraFile, LoraModule
 from lora_studio.sample import save_png
 from lora_studio.state import save_state
 

@@ -20,7 +20,7 @@ from diffusers.loaders.single_file_utils import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lora_studio import layout
-from lora_studio.models import CheckpointIndex, detect_family
+from lora_studio.checkpoints import CheckpointIndex, detect_family
 from lora_studio.paths import sd_config_dir
 
 

@@ -9,7 +9,7 @@ import torch
 from lora_studio import train
 from lora_studio.config import load_preset
 from lora_studio.errors import LoraStudioError
-from lora_studio.export import load_lora
+from lora_studio.lora_read import load_lora
 from lora_studio.models import load_base
 from lora_studio.paths import DEMO_MODEL_DIR, Roots
 from lora_studio.runs import RunFolder

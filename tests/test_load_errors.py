@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import save_file
 from test_single_file import assert_same_weights
 
+from lora_studio.catalogue import describe_source
 from lora_studio.errors import ModelLoadError
-from lora_studio.models import describe_source, load_base
+from lora_studio.models import load_base
 from lora_studio.tools import save_single_file, to_ldm_state_dict
 
 

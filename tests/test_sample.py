@@ -15,7 +15,7 @@ from lora_studio import session as session_module
 from lora_studio import step as step_module
 from lora_studio import train as train_module
 from lora_studio.cli import main
-from lora_studio.export import LoraFileError
+from lora_studio.lora_file import LoraFileError
 from lora_studio.models import load_base
 from lora_studio.sample import (
     SAMPLERS,
@@ -310,7 +310,7 @@ def test_sample_command_single_and_grid(tmp_path, tiny_folders, two_loras, capsy
 
 def test_previewing_the_adapters_of_a_run_in_progress(tmp_path, tiny_folders, images):
     """A snapshot of the live adapters previews exactly like the training model itself."""
-    from lora_studio.export import lora_from_models
+    from lora_studio.lora_file import lora_from_models
     from lora_studio.sample import render, use_sampler
 
     session = trained_session(tmp_path, tiny_folders, images, "sd1")
@@ -345,7 +345,7 @@ def test_demo_run_with_samples_trains_the_same_lora(tmp_path):
 def test_strength_contract_on_the_demo_model(tmp_path):
     """Two short demo LoRAs (different seeds) on the bundled demo model, previewed at 64 px."""
     from lora_studio.config import load_preset
-    from lora_studio.export import lora_from_models
+    from lora_studio.lora_file import lora_from_models
 
     loras = []
     for seed in (1, 2):

@@ -16,10 +16,11 @@ from pathlib import Path
 import gradio as gr
 from starlette.middleware import Middleware
 
+from ..catalogue import bundled_models, describe_source
 from ..config import list_presets, preset_description
 from ..errors import LoraStudioError
 from ..logs import attach_app_log
-from ..models import FAMILY_NAMES, bundled_models, describe_source
+from ..models import FAMILY_NAMES
 from ..paths import Roots
 from . import dataset_tab, library_tab, preview_tab, train_tab
 from .errors import shown

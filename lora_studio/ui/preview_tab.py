@@ -49,7 +49,7 @@ def checked_loras(app: AppState, files: list[str] | None) -> list[Path]:
 
 def use_loras(previewer, files: list[Path]) -> list[str]:
     """Load the chosen files (once each) and unload the others; returns their adapter names in order."""
-    from ..export import load_lora
+    from ..lora_read import load_lora
 
     wanted = {f"{path.parent.name}_{path.stem}"[-60:]: path for path in files}
     for name in list(previewer.loras):
@@ -144,7 +144,7 @@ def generate_grid(app: AppState, base, files, kind, strengths_text, seeds_text, 
 def upload_lora(app: AppState, upload: str | None, chosen: list[str] | None):
     """Copy an uploaded LoRA into runs/uploads (name sanitized), check it reads, and add it to the choice."""
     from ..dataset_edit import safe_name
-    from ..export import load_lora
+    from ..lora_read import load_lora
 
     if not upload:
         raise LoraStudioError("No file was uploaded; pick a .safetensors LoRA file.")

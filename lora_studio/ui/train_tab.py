@@ -15,11 +15,12 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..catalogue import describe_source, find_local_models
 from ..config import TrainConfig, list_presets, load_preset
 from ..data import dataset_report
 from ..errors import ConfigError, LoraStudioError
 from ..estimate import estimate_memory
-from ..models import FAMILY_NAMES, describe_source, find_local_models
+from ..models import FAMILY_NAMES
 from ..paths import models_dir
 from ..runs import RunFolder
 from . import config_form

@@ -1,0 +1,162 @@
+"""A LoRA in memory, whatever file it came from: kohya-named modules (down, up, alpha, DoRA scale) plus the
+file's metadata, so preview, inspect, resize, merge and the writers have one thing to work on; and the
+kohya names of a trained model's modules (INTEROP.md).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import layout
+from .errors import LoraStudioError
+from .lora import ADAPTER_NAME
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+DOWN, UP, ALPHA, DORA = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
+
+
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers-native files only (INTEROP.md)
+PART_PREFIX = {  # part (as diffusers names pipeline components) -> kohya prefix, per family
+    "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    "default": {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"},
+}
+
+
+SGM_BLOCKS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+
+
+class LoraFileError(LoraStudioError):
+    """A LoRA file that cannot be read, does not fit the base model, or cannot be written."""
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer: delta W = (alpha / rank) * up @ down, optionally DoRA-rescaled."""
+
+    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
+    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
+    alpha: float
+    dora_scale: torch.Tensor | None = None  # [out, 1] (linear) or [out, 1, 1, 1] (conv), LyCORIS' layout
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """The weight update at strength 1, shaped like the adapted layer's weight."""
+        product = self.up.flatten(1).float() @ self.down.flatten(1).float()
+        return (self.scale * product).reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+@dataclass
+class LoraFile:
+    modules: dict[str, LoraModule]  # kohya names, without the .lora_down/... suffix
+    metadata: dict[str, str] = field(default_factory=dict)
+    format: str = "kohya"  # the format it was read from: kohya, onetrainer, diffusers or peft
+    family: str | None = None  # sd1 / sd2 / sd2-v / sdxl, or None when nothing tells
+    path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The kohya tensors, ready for safetensors or for diffusers' `load_lora_weights`."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, module in self.modules.items():
+            tensors[name + DOWN] = _cpu(module.down, dtype)
+            tensors[name + UP] = _cpu(module.up, dtype)
+            tensors[name + ALPHA] = torch.tensor(float(module.alpha), dtype=dtype or module.down.dtype)
+            if module.dora_scale is not None:
+                tensors[name + DORA] = _cpu(module.dora_scale, dtype)
+        return tensors
+
+    def parts(self) -> Counter:
+        return Counter(name.split("_", 2)[1] if not name.startswith("lora_unet_") else "unet" for name in self.modules)
+
+    def summary(self) -> dict:
+        """What `inspect` prints: family, format, module counts, rank and alpha (the most common ones)."""
+        ranks = Counter(m.rank for m in self.modules.values())
+        alphas = Counter(m.alpha for m in self.modules.values())
+        return {
+            "path": str(self.path) if self.path else None,
+            "family": self.family,
+            "format": self.format,
+            "modules": len(self.modules),
+            "modules_per_part": dict(self.parts()),
+            "rank": ranks.most_common(1)[0][0] if ranks else None,
+            "alpha": alphas.most_common(1)[0][0] if alphas else None,
+            "ranks": {str(k): v for k, v in sorted(ranks.items())},
+            "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
+            "dora": any(m.dora_scale is not None for m in self.modules.values()),
+            "sshs_model_hash": self.metadata.get("sshs_model_hash"),
+            "sshs_legacy_hash": self.metadata.get("sshs_legacy_hash"),
+            "metadata": self.metadata,
+            "notes": self.notes,
+        }
+
+
+def _cpu(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.detach().to("cpu", dtype or t.dtype).contiguous()
+
+
+def kohya_name(part: str, module_path: str, family: str, unet_config=None) -> str:
+    """The kohya module name of one adapted layer (INTEROP.md's prefix rules)."""
+    prefix = PART_PREFIX["sdxl" if family == "sdxl" else "default"][part]
+    if part == "unet":
+        if family == "sdxl":  # kohya trains SDXL on the SGM UNet, and every reader expects its names
+            module_path = layout.unet_key_to_ldm(module_path + ".weight", unet_config).removesuffix(".weight")
+        return f"{prefix}_{module_path.replace('.', '_')}"
+    # transformers 5's CLIPTextModel is flat (`encoder.layers…`); readers expect `text_model.encoder.layers…`.
+    path = module_path.removeprefix("text_model.")
+    return f"{prefix}_text_model_{path.replace('.', '_')}"
+
+
+def module_map(base) -> dict[str, tuple[str, str, torch.nn.Module]]:
+    """kohya name -> (part, module path, module) for every Linear/Conv2d of the base's UNet and encoders."""
+    found = {}
+    for part, model in base.lora_parts().items():
+        for path, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d) or ".lora_" in path:
+                continue
+            path = path.removesuffix(".base_layer")  # a layer that already carries a LoRA (peft wraps it)
+            if part == "unet" and base.family == "sdxl":
+                try:
+                    name = kohya_name(part, path, base.family, base.unet.config)
+                except KeyError:  # conv_in, time embedding and the like have no SGM block name we use
+                    continue
+            else:
+                name = kohya_name(part, path, base.family)
+            found[name] = (part, path, module)
+    return found
+
+
+def lora_from_models(parts: dict[str, torch.nn.Module], family: str, unet_config=None) -> LoraFile:
+    """Collect the trained adapters of each part (peft layers) as kohya-named modules."""
+    from peft.tuners.lora import LoraLayer
+
+    modules: dict[str, LoraModule] = {}
+    for part, model in parts.items():
+        for path, layer in model.named_modules():
+            if not isinstance(layer, LoraLayer) or ADAPTER_NAME not in layer.lora_A:
+                continue
+            down = layer.lora_A[ADAPTER_NAME].weight
+            up = layer.lora_B[ADAPTER_NAME].weight
+            alpha = layer.scaling[ADAPTER_NAME] * layer.r[ADAPTER_NAME]
+            magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight if layer.use_dora.get(ADAPTER_NAME) else None
+            dora = as_dora_scale(magnitude, down, up)
+            modules[kohya_name(part, path, family, unet_config)] = LoraModule(down, up, float(alpha), dora)
+    return LoraFile(modules, family=family)
+
+
+def as_dora_scale(magnitude: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """peft's DoRA magnitude ([out] linear, [1, out, 1, 1] conv) in LyCORIS' `dora_scale` layout
+    ([out, 1] or [out, 1, 1, 1]), which ComfyUI and A1111 broadcast against the weight."""
+    return None if magnitude is None else magnitude.reshape(up.shape[0], *([1] * (down.dim() - 1)))
