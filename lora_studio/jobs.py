@@ -66,7 +66,8 @@ class JobManager:
         self._worker.start()
 
     def submit(self, config: TrainConfig, resume_from: Path | None = None) -> int:
-        job = _Job(JobStatus(next(self._ids), config.name), config, resume_from)
+        # A resume names its run from the start, so a queued resume's run is known (the Library will not delete it).
+        job = _Job(JobStatus(next(self._ids), config.name, run_dir=resume_from), config, resume_from)
         with self._wake:
             self._queue.append(job)
             self._wake.notify()

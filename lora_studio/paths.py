@@ -19,7 +19,6 @@ from pathlib import Path
 from .errors import LoraStudioError
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-PROJECT_ROOT = CHECKOUT  # the bundled data lies beside the package (`pip install -e .`, like kohya_ss)
 ASSETS_DIR = CHECKOUT / "assets"
 SD_CONFIGS_DIR = ASSETS_DIR / "sd-configs"
 DEMO_MODEL_DIR = ASSETS_DIR / "demo-model"

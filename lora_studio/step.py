@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from . import buckets as bucketing
-from .cache import LatentEntry, encode_pixels
+from .cache import LatentCache, LatentEntry, TextCache, encode_pixels
 from .conditioning import encode_captions
-from .data import build_caption, make_step_sample
+from .config import DatasetConfig, OptimConfig
+from .data import Item, build_caption, make_step_sample
 from .models import TEXT_ENCODER_NAMES, BaseModel
 from .session import Session, TrainingError
 
@@ -60,91 +63,98 @@ def sample_draws(seed: int, step: int, micro: int, indices: list[int]) -> list[D
     return draws
 
 
-def cached_latent(session: Session, index: int, rng: random.Random) -> dict[str, torch.Tensor]:
-    item, bucket = session.items[index], session.buckets[index]
+def cached_latent(
+    latent_cache: LatentCache, item: Item, bucket: bucketing.Bucket, index: int, flip_aug: bool, rng: random.Random
+) -> dict[str, torch.Tensor]:
     resized, crop = bucketing.plan_crop(item.width, item.height, bucket, False, random.Random(0))
-    flip = session.config.dataset.flip_aug and rng.random() < 0.5
-    cached = session.latent_cache.get(item, LatentEntry(index, bucket, resized, crop, flip))
+    flip = flip_aug and rng.random() < 0.5
+    cached = latent_cache.get(item, LatentEntry(index, bucket, resized, crop, flip))
     if cached is None:
         raise TrainingError(f"the latent cache lost the entry of {item.path}; delete the cache folder and rerun")
     return {**cached, "crop": crop}
 
 
-def batch_latents(session: Session, indices: list[int], draws: list[Draw]) -> tuple:
-    """Scaled latents of a batch, plus each sample's caption and crop (SDXL conditioning)."""
-    config, base = session.config, session.base
-    captions, crops = [], []
-    if session.latent_cache is not None:
-        entries = [cached_latent(session, index, d.rng) for index, d in zip(indices, draws, strict=True)]
+def batch_latents(
+    vae: torch.nn.Module, latent_cache: LatentCache | None, dataset: DatasetConfig, items: list[Item],
+    buckets: list[bucketing.Bucket], indices: list[int], draws: list[Draw], device: torch.device,
+) -> tuple:  # fmt: skip
+    """Scaled latents of a batch (from the cache, or one VAE batch), plus each sample's caption and crop (SDXL
+    conditioning). `items`, `buckets` are the whole dataset's; `indices` pick the batch."""
+    if latent_cache is not None:
+        entries = [cached_latent(latent_cache, items[i], buckets[i], i, dataset.flip_aug, d.rng)
+                   for i, d in zip(indices, draws, strict=True)]  # fmt: skip
         mean, std = torch.stack([e["mean"] for e in entries]), torch.stack([e["std"] for e in entries])
         crops = [e["crop"] for e in entries]
-        captions = [
-            build_caption(session.items[i], config.dataset, d.rng) for i, d in zip(indices, draws, strict=True)
-        ]
+        captions = [build_caption(items[i], dataset, d.rng) for i, d in zip(indices, draws, strict=True)]
     else:
-        samples = [
-            make_step_sample(session.items[i], session.buckets[i], config.dataset, d.rng)
-            for i, d in zip(indices, draws, strict=True)
-        ]
-        mean, std = encode_pixels(base.vae, torch.stack([s.pixels for s in samples]))  # one VAE batch
+        samples = [make_step_sample(items[i], buckets[i], dataset, d.rng) for i, d in zip(indices, draws, strict=True)]
+        mean, std = encode_pixels(vae, torch.stack([s.pixels for s in samples]))  # one VAE batch
         captions, crops = [s.caption for s in samples], [s.crop for s in samples]
     latents = mean + std * torch.stack([torch.randn(mean.shape[1:], generator=d.gen) for d in draws])
-    vae_config = base.vae.config
-    latents = (latents - (getattr(vae_config, "shift_factor", None) or 0.0)) * vae_config.scaling_factor
-    return latents.to(session.device), captions, crops
+    latents = (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+    return latents.to(device), captions, crops
 
 
-def conditioning(session: Session, captions: list[str], crops: list) -> tuple[torch.Tensor, dict | None]:
-    base = session.base
-    if session.text_cache is not None:
-        entries = [session.text_cache.get(c) for c in captions]
-        if any(e is None for e in entries):
-            encoded = encode_text(base, captions, session.config.clip_skip)
-        else:
-            encoded = {k: torch.stack([e[k] for e in entries]).to(session.device) for k in entries[0]}
+def conditioning(
+    base: BaseModel, encoders: list[torch.nn.Module], text_cache: TextCache | None, captions: list[str],
+    crops: list, clip_skip: int, device: torch.device,
+) -> tuple[torch.Tensor, dict | None]:  # fmt: skip
+    """The UNet's text conditioning of a batch: cached embeddings where every caption has one, else through
+    `encoders` (the trained, possibly DDP-wrapped ones, so their gradients are synchronised); SDXL adds its
+    pooled embedding and micro-conditioning (original size, crop, target size)."""
+    entries = [text_cache.get(c) for c in captions] if text_cache is not None else [None]
+    if all(e is not None for e in entries):
+        encoded = {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
     else:
-        # Through the prepared (possibly DDP-wrapped) encoders, so their gradients are synchronised.
-        pairs = zip(TEXT_ENCODER_NAMES, base.text_encoders, strict=False)
-        encoders = [session.models.get(name, e) for name, e in pairs]
-        encoded = encode_text(base, captions, session.config.clip_skip, encoders, session.device)
+        encoded = encode_text(base, captions, clip_skip, encoders if text_cache is None else None, device)
     added = None
     if base.family == "sdxl":
-        time_ids = torch.tensor(
-            [[*c.original_size, *c.crop_top_left, *c.target_size] for c in crops],
-            device=session.device,
-            dtype=encoded["hidden"].dtype,
-        )
+        time_ids = torch.tensor([[*c.original_size, *c.crop_top_left, *c.target_size] for c in crops], device=device,
+                                dtype=encoded["hidden"].dtype)  # fmt: skip
         added = {"text_embeds": encoded["pooled"], "time_ids": time_ids}
     return encoded["hidden"], added
 
 
 def diffusion_loss(
-    session: Session, latents: torch.Tensor, hidden: torch.Tensor, added: dict | None, draws: list[Draw]
-) -> torch.Tensor:
-    config, scheduler = session.config, session.noise_scheduler
+    unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor, hidden: torch.Tensor, added: dict | None,
+    draws: list[Draw], optim: OptimConfig, weight_dtype: torch.dtype = torch.float32, autocast=nullcontext,
+) -> torch.Tensor:  # fmt: skip
+    """The noise-prediction (or v-prediction) MSE of `unet` on `latents`, with each sample's noise and timestep
+    from its own draws; offset noise and min-SNR weighting as `optim` says. `autocast` is the run's mixed
+    precision context (accelerate's)."""
     shape = latents.shape[1:]
     noise = torch.stack([torch.randn(shape, generator=d.gen) for d in draws]).to(latents.device)
-    if config.optimizer.noise_offset:
+    if optim.noise_offset:
         # Offset noise (Guttenberg 2023): lets the model learn overall brightness, i.e. very dark/bright images.
         offset = torch.stack([torch.randn((shape[0], 1, 1), generator=d.gen) for d in draws]).to(latents.device)
-        noise = noise + config.optimizer.noise_offset * offset
+        noise = noise + optim.noise_offset * offset
     steps = scheduler.config.num_train_timesteps
     timesteps = torch.cat([torch.randint(0, steps, (1,), generator=d.gen) for d in draws]).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-    weight_dtype = session.weight_dtype
-    with session.accelerator.autocast():
-        pred = session.models["unet"](
+    with autocast():
+        pred = unet(
             noisy.to(weight_dtype), timesteps, encoder_hidden_states=hidden.to(weight_dtype), added_cond_kwargs=added
         ).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if config.optimizer.min_snr_gamma:
+    if optim.min_snr_gamma:
         # Min-SNR-gamma weighting (Hang et al. 2023); the v-prediction form divides by SNR + 1.
         snr = compute_snr(scheduler, timesteps)
-        clipped = torch.clamp(snr, max=config.optimizer.min_snr_gamma)
+        clipped = torch.clamp(snr, max=optim.min_snr_gamma)
         per_sample = per_sample * (clipped / (snr + 1 if v_prediction else snr))
     return per_sample.mean()
+
+
+def batch_loss(session: Session, indices: list[int], draws: list[Draw]) -> torch.Tensor:
+    """The loss of one batch with the session's models, data and settings: the glue between a run and the maths."""
+    config, base, device = session.config, session.base, session.device
+    latents, captions, crops = batch_latents(base.vae, session.latent_cache, config.dataset, session.items,
+                                             session.buckets, indices, draws, device)  # fmt: skip
+    encoders = [session.models.get(name, e) for name, e in zip(TEXT_ENCODER_NAMES, base.text_encoders, strict=False)]
+    hidden, added = conditioning(base, encoders, session.text_cache, captions, crops, config.clip_skip, device)
+    return diffusion_loss(session.models["unet"], session.noise_scheduler, latents, hidden, added, draws,
+                          config.optimizer, session.weight_dtype, session.accelerator.autocast)  # fmt: skip
 
 
 def training_step(session: Session, indices: list[int], micro: int = 0) -> float:
@@ -153,9 +163,7 @@ def training_step(session: Session, indices: list[int], micro: int = 0) -> float
     draws = sample_draws(seed, session.step, micro, indices)
     torch.manual_seed(seed * 1_000_003 + session.step * 101 + micro)  # LoRA dropout draws from the global RNG
     with session.accelerator.accumulate(*session.models.values()):
-        latents, captions, crops = batch_latents(session, indices, draws)
-        hidden, added = conditioning(session, captions, crops)
-        loss = diffusion_loss(session, latents, hidden, added, draws)
+        loss = batch_loss(session, indices, draws)
         session.accelerator.backward(loss)
         if session.accelerator.sync_gradients and session.config.optimizer.max_grad_norm:
             params = [p for group in session.optimizer.param_groups for p in group["params"]]

@@ -108,9 +108,7 @@ class ResizeReport:
         }
 
 
-def resize_lora(
-    lora: LoraFile, rank: int | None = None, energy: float | None = None
-) -> tuple[LoraFile, ResizeReport]:
+def resize_lora(lora: LoraFile, rank: int | None = None, energy: float | None = None) -> tuple[LoraFile, ResizeReport]:
     """Truncated SVD of each module's delta: to `rank`, or to the fewest singular values whose squared sum
     keeps `energy` (0-1] of the total. Each module keeps its scale (alpha / rank), as kohya's resize does."""
     if (rank is None) == (energy is None):

@@ -330,3 +330,14 @@ def test_the_app_starts_with_leftover_and_foreign_files_in_place(app_state, tiny
         assert library_tab.runs_table(app.lora_studio) == [[run.name, 1, 0.5, "no"]]
     finally:
         app.close()
+
+
+def test_listening_with_a_password_warns_that_plain_http_is_unencrypted(app_state, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="lora_studio")
+    app = launch(host="0.0.0.0", port=free_port(), auth="me:s3cret", open_browser=False, block=False)
+    try:
+        assert any("over plain HTTP" in r.getMessage() and "--ssl-certfile" in r.getMessage() for r in caplog.records)
+    finally:
+        app.close()

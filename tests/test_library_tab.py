@@ -77,3 +77,30 @@ def test_paths_outside_the_runs_folder_and_deletion(library, tmp_path):
     table, message, chosen = library_tab.delete_run(app, copy.name, True)
     assert message == f"Deleted {copy.name}." and not copy.exists() and [r[0] for r in table] == [done.run_dir.name]
     assert chosen is None
+
+
+def test_a_run_queued_to_resume_cannot_be_deleted(app_state, monkeypatch):
+    """While the worker is busy, a resume waits in the queue; its run is refused for deletion. (The trainer is
+    held by a stand-in here: this is the queue's rule, and a real run would only make it slower.)"""
+    import threading
+
+    release = threading.Event()
+
+    def held_training(config, on_event=None, commands=None, resume_from=None):
+        release.wait(60)
+        raise LoraStudioError("stopped by the test")
+
+    monkeypatch.setattr(train, "run_training", held_training)
+    run = RunFolder.create(app_state.roots.runs, "queued")
+    run.config.write_text('name = "queued"\n')
+    try:
+        app_state.jobs.submit(load_preset("demo-cpu"))  # takes the worker
+        app_state.jobs.submit(load_preset("demo-cpu"), resume_from=run.path)
+        with pytest.raises(LoraStudioError, match="is queued to resume"):
+            library_tab.delete_run(app_state, run.name, True)
+        assert run.path.is_dir()
+    finally:
+        release.set()
+    app_state.jobs.wait(2, timeout=60)
+    library_tab.delete_run(app_state, run.name, True)
+    assert not run.path.exists()

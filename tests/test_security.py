@@ -70,7 +70,7 @@ def client(server):
     return GradioHTTP(server["url"])
 
 
-def refused(result, *phrases: str) -> str:
+def assert_refused(result, *phrases: str) -> str:
     ok, message = result
     assert not ok, f"expected a refusal, got {message!r}"
     for phrase in phrases:
@@ -111,11 +111,12 @@ def test_dataset_folders_outside_the_roots_are_refused(server, client):
         link.symlink_to(outside)
     for source in (str(outside), "../outside", "%2e%2e/outside", "datasets/../../outside", str(link), "/etc",
                    str(home / "datasets" / ".." / ".." / "outside")):  # fmt: skip
-        refused(client.call("open_dataset", [source, None]), "outside the app's folders")
+        assert_refused(client.call("open_dataset", [source, None]), "outside the app's folders")
     # The open folder is server-side state: a request that puts a folder in the state's place is not heard.
     bait = str(outside)
-    refused(client.call("apply_bulk_edit", [bait, "zkz", "", "", "secret", "x", None]), "No dataset is open")
-    refused(client.call("save_caption", [bait, str(outside / "image.png"), "a new caption"]), "No dataset is open")
+    assert_refused(client.call("apply_bulk_edit", [bait, "zkz", "", "", "secret", "x", None]), "No dataset is open")
+    caption = client.call("save_caption", [bait, str(outside / "image.png"), "a new caption"])
+    assert_refused(caption, "No dataset is open")
 
 
 def test_uploads_stay_inside_the_datasets_folder(server, client, tmp_path):
@@ -129,7 +130,7 @@ def test_uploads_stay_inside_the_datasets_folder(server, client, tmp_path):
     assert landed.is_dir() and len(list(landed.glob("*.png"))) == 1
     # A file path of the server's choosing is not an upload, whatever the request claims.
     result = client.call("upload", [None, "x", [GradioHTTP.file_data(str(server["outside"] / "sentinel.txt"))], None])
-    refused(result)
+    assert_refused(result)
 
 
 def test_over_cap_uploads_and_captions_are_refused(server, client, tmp_path):
@@ -174,8 +175,8 @@ def test_training_paths_outside_the_runs_folder_are_refused(server, client):
         ({"dataset__path": outside}, "dataset folder"),
         ({"base_model": str(server["outside"] / "lora.safetensors")}, "base model"),
     ):
-        refused(client.call("start", form_values(client, **changes)), phrase, "lies outside")
-    refused(client.call("preset_values", ["../../outside/x", ""]))  # Gradio's own check of the choices
+        assert_refused(client.call("start", form_values(client, **changes)), phrase, "lies outside")
+    assert_refused(client.call("preset_values", ["../../outside/x", ""]))  # Gradio's own check of the choices
 
 
 def test_a_preset_name_cannot_leave_the_presets_folder(server):
@@ -191,22 +192,23 @@ def test_preview_library_and_model_checks_read_nothing_outside(server, client):
     outside = server["outside"]
     common = ["zkz", "", "euler_a", 2, 5.0, 1, 64, 64, 1.0, 1.0, 1.0, 1.0]
     # The LoRA list takes only its own choices (Gradio refuses others); the base model box takes any text.
-    refused(client.call("generate", ["demo", [str(outside / "lora.safetensors")], *common]))
-    refused(client.call("generate", [str(outside), [], *common]), "lies outside")
-    refused(client.call("suggest_prompt", [[str(outside / "lora.safetensors")]]))
+    assert_refused(client.call("generate", ["demo", [str(outside / "lora.safetensors")], *common]))
+    assert_refused(client.call("generate", [str(outside), [], *common]), "lies outside")
+    assert_refused(client.call("suggest_prompt", [[str(outside / "lora.safetensors")]]))
     assert "lies outside" in client.call("check_base_model", [str(outside / "lora.safetensors"), False])[1][0]
     row = {"index": [0, 0], "value": "../outside", "row_value": ["../outside", 0, None, "no"], "selected": True}
-    refused(client.call("select_run", [{"headers": ["run"], "data": [["../outside"]]}], event_data=row), "No run")
+    selected = client.call("select_run", [{"headers": ["run"], "data": [["../outside"]]}], event_data=row)
+    assert_refused(selected, "No run")
     run_name = "../outside"  # in the chosen run's (server-side) place: not heard
     lora = str(outside / "lora.safetensors")
-    refused(client.call("export_file", [run_name, lora, "kohya", "fp16"]))  # and library_tab.checked_file below it
-    refused(client.call("delete_run", [run_name, True]), "No run named None")
+    assert_refused(client.call("export_file", [run_name, lora, "kohya", "fp16"]))  # and checked_file below it
+    assert_refused(client.call("delete_run", [run_name, True]), "No run named None")
 
 
 def test_preview_size_and_grid_cells_are_capped(server, client):
     common = ["zkz", "", "euler_a", 2, 5.0]
     too_big = ["demo", [], *common, 1, 100000, 100000, 1, 1, 1, 1]
-    refused(client.call("generate", too_big), "greater than maximum value 2048")  # and sample.MAX_SIDE below it
+    assert_refused(client.call("generate", too_big), "greater than maximum value 2048")  # and sample.MAX_SIDE below it
     run = server["home"] / "runs" / "grid-20260101-000000"
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.toml").write_text('name = "grid"\n')
@@ -214,7 +216,7 @@ def test_preview_size_and_grid_cells_are_capped(server, client):
     assert client.call("refresh_lists", [])[0]  # as the page's Refresh button: the new run's file is a choice
     strengths = ", ".join(str(i / 10000) for i in range(10000))
     grid = ["demo", [str(run / "grid.safetensors")], "strength x seed", strengths, "1", *common, 64, 64, 1, 1, 1, 1]
-    refused(client.call("generate_grid", grid), "10000 x 1 = 10000 images is over the 64 a grid may have")
+    assert_refused(client.call("generate_grid", grid), "10000 x 1 = 10000 images is over the 64 a grid may have")
 
 
 def test_a_training_run_cannot_be_deleted_or_resumed_twice(server, client):
@@ -238,7 +240,7 @@ def test_a_training_run_cannot_be_deleted_or_resumed_twice(server, client):
         ok, _ = client.call("select_run", [{"headers": ["run"], "data": [[run.name]]}], event_data=row, session="lib")
         assert ok
         deleting = client.call("delete_run", [None, True], session="lib")
-        refused(deleting, "is being trained right now", "will not delete")
+        assert_refused(deleting, "is being trained right now", "will not delete")
         assert run.is_dir()
         env = {**os.environ, "LORA_STUDIO_HOME": str(server["home"])}
         second = subprocess.run([sys.executable, "-m", "lora_studio.cli", "train", "--resume", str(run)],

@@ -99,9 +99,7 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, tiny_folders, images):
         with torch.no_grad():
             repeated = batch * 8
             draws = step_module.sample_draws(123, 0, 0, repeated)
-            latents, captions, crops = step_module.batch_latents(session, repeated, draws)
-            hidden, added = step_module.conditioning(session, captions, crops)
-            return step_module.diffusion_loss(session, latents, hidden, added, draws).item()
+            return step_module.batch_loss(session, repeated, draws).item()
 
     before = fixed_loss()
     for _ in range(30):
