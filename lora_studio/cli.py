@@ -431,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     except LoraStudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except BrokenPipeError:  # `lora-studio inspect ... | head`: the reader left; nothing went wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe: no error at exit
+        return EXIT_OK
     except Exception as exc:  # one sentence here; the traceback goes to the app's log file, whose path is given
         where = attach_app_log()
         logging.getLogger(__name__).error("lora-studio %s failed", args.command, exc_info=True)

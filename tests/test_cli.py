@@ -214,3 +214,13 @@ def test_an_unexpected_failure_names_the_log_that_holds_its_traceback(tmp_path, 
         import logging
 
         logging.getLogger("lora_studio").removeHandler(logs._attached)
+
+
+def test_output_cut_short_by_a_pipe_is_not_an_error():
+    """`lora-studio dataset demo --json | head -2`: the reader may leave before the output is written. Closing the
+    pipe before the command writes makes that certain: no traceback, no error, exit 0."""
+    command = [sys.executable, "-m", "lora_studio.cli", "dataset", "demo", "--json"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before a byte is written
+    err = proc.stderr.read()
+    assert proc.wait(120) == 0 and err == "", err
