@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import SAVE_PRECISIONS
 from .errors import LoraStudioError
 from .logs import attach_app_log
 
@@ -85,7 +86,7 @@ def add_lora_tool_parsers(sub) -> None:
     export = sub.add_parser("export", help="rewrite any LoRA file (kohya, OneTrainer, diffusers, PEFT) as kohya")
     export.add_argument("file", type=Path)
     export.add_argument("-o", "--output", type=Path, required=True)
-    export.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    export.add_argument("--precision", choices=SAVE_PRECISIONS, default="fp16")
 
     resize = sub.add_parser("resize", help="shrink a LoRA's rank by SVD; reports the error per module and in total")
     resize.add_argument("file", type=Path)
@@ -93,7 +94,7 @@ def add_lora_tool_parsers(sub) -> None:
     target.add_argument("--rank", type=int, help="the new rank of every module")
     target.add_argument("--energy", type=float, help="keep this share (0-1] of each module's squared singular values")
     resize.add_argument("-o", "--output", type=Path, required=True)
-    resize.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    resize.add_argument("--precision", choices=SAVE_PRECISIONS, default="fp16")
     resize.add_argument("--json", action="store_true", help="print the error report as JSON")
 
     merge = sub.add_parser("merge", help="bake a LoRA into a base model and write a single-file checkpoint")
@@ -101,7 +102,7 @@ def add_lora_tool_parsers(sub) -> None:
     merge.add_argument("lora", type=Path)
     merge.add_argument("-o", "--output", type=Path, required=True)
     merge.add_argument("--strength", type=float, default=1.0)
-    merge.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    merge.add_argument("--precision", choices=SAVE_PRECISIONS, default="fp16")
 
 
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,8 @@ CONFIG_VERSION = 1
 
 Family = Literal["auto", "sd1", "sd2", "sd2-v", "sdxl"]
 UnetTargets = Literal["attn", "attn-ff", "full"]
+SavePrecision = Literal["fp16", "bf16", "fp32"]
+SAVE_PRECISIONS = typing.get_args(SavePrecision)  # what files are written in: the CLI and the Library offer these
 
 
 class Section(BaseModel):
@@ -172,7 +175,7 @@ class SaveConfig(Section):
     format: Literal["kohya", "diffusers"] = Field(
         "kohya", description="kohya loads in A1111/Forge, ComfyUI and diffusers; diffusers is the PEFT-native format."
     )
-    precision: Literal["fp16", "bf16", "fp32"] = "fp16"  # kohya's default save_precision
+    precision: SavePrecision = "fp16"  # kohya's default save_precision
     every_n_steps: int = Field(0, ge=0)
     every_n_epochs: int = Field(1, ge=0)  # kohya GUI default
     keep_last: int = Field(0, ge=0, description="Keep only the newest N checkpoints; 0 keeps all.")
@@ -245,12 +248,6 @@ class TrainConfig(Section):
                                                        "folder or 'demo'"]  # fmt: skip
         return missing + self.combination_problems()
 
-    def check_combinations(self, source: str = "config") -> TrainConfig:
-        problems = self.combination_problems()
-        if problems:
-            raise ConfigError(source, problems)
-        return self
-
     def check_trainable(self, source: str = "config") -> TrainConfig:
         problems = self.training_problems()
         if problems:
@@ -298,7 +295,10 @@ def validate_config(data: Mapping[str, Any], source: str = "config") -> TrainCon
         config = TrainConfig.model_validate(migrate(dict(data)))
     except ValidationError as exc:
         raise ConfigError(source, describe_errors(exc)) from None
-    return config.check_combinations(source)
+    problems = config.combination_problems()
+    if problems:
+        raise ConfigError(source, problems)
+    return config
 
 
 # --- migrations -----------------------------------------------------------------------------------

@@ -294,3 +294,19 @@ def test_login_attempts_sent_at_once_still_wait_their_turn():
     results, took = asyncio.run(four_at_once())
     assert results == [False] * 4 and took >= 0.05 + 0.1 + 0.2
     assert throttle.delay() == 0.4
+
+
+def test_the_other_path_taking_handlers_read_nothing_outside(server, client):
+    """Check settings, the base-model note, resume, an uploaded LoRA and the Library's inspect, resize and merge:
+    each refuses (or reports) a path outside the roots without reading it."""
+    outside = server["outside"]
+    ok, shown = client.call("estimate", form_values(client, dataset__path=str(outside)))
+    assert ok and "lies outside" in shown[0] and "Steps:" not in shown[0]
+    ok, note = client.call("base_info", [str(outside / "lora.safetensors")])
+    assert ok and note[0].startswith("cannot use:") and "lies outside" in note[0]
+    assert_refused(client.call("resume", form_values(client, output_dir=str(outside))))
+    crafted = GradioHTTP.file_data(str(outside / "lora.safetensors"))
+    assert_refused(client.call("upload_lora", [crafted, []]))
+    lora = str(outside / "lora.safetensors")
+    for handler, extra in (("inspect_file", []), ("resize_file", [2]), ("merge_file", [1.0])):
+        assert_refused(client.call(handler, ["../outside", lora, *extra]))

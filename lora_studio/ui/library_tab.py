@@ -13,13 +13,13 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..config import SAVE_PRECISIONS
 from ..errors import LoraStudioError
 from ..runs import RunFolder, list_runs
 from ..workflows import export_lora_file, exports_path, merge_into_base, resize_lora_file
 from .errors import shown
 from .state import AppState
 
-PRECISIONS = ("fp16", "bf16", "fp32")
 FORMATS = ("kohya", "diffusers")
 
 
@@ -67,8 +67,9 @@ def base_model_of(run: RunFolder) -> str:
 def export_file(app: AppState, name: str, file: str, fmt: str, precision: str) -> str:
     """A copy in the chosen format and precision in the run's exports/ folder, for download."""
     run, source = checked_file(app, name, file)
-    if fmt not in FORMATS or precision not in PRECISIONS:
-        raise LoraStudioError(f"Choose a format ({', '.join(FORMATS)}) and a precision ({', '.join(PRECISIONS)}).")
+    if fmt not in FORMATS or precision not in SAVE_PRECISIONS:
+        choices = f"a format ({', '.join(FORMATS)}) and a precision ({', '.join(SAVE_PRECISIONS)})"
+        raise LoraStudioError(f"Choose {choices}.")
     out = exports_path(source, f"{fmt}-{precision}")
     base_model = base_model_of(run) if fmt == "diffusers" else None
     return str(export_lora_file(source, out, fmt, precision, base_model))
@@ -124,7 +125,7 @@ def build(app: AppState) -> None:
     file = gr.Dropdown([], label="LoRA file", elem_id="library-file")
     with gr.Row():
         fmt = gr.Dropdown(list(FORMATS), value="kohya", label="Format")
-        precision = gr.Dropdown(list(PRECISIONS), value="fp16", label="Precision")
+        precision = gr.Dropdown(list(SAVE_PRECISIONS), value="fp16", label="Precision")
         export = gr.Button("Export")
     download = gr.File(label="Download", elem_id="library-download")
     with gr.Row():
