@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))  # demo_quality.py, for the scoring
 
 RANK_32 = ["lora.rank=32", "lora.alpha=32"]
+TEXT_CACHED = ["dataset.cache_text_embeddings=true"]
 CONSTANT = [
     "optimizer.lr_scheduler=constant_with_warmup",
     "optimizer.learning_rate=3e-3",
@@ -53,6 +54,11 @@ VARIANTS: dict[str, list[str]] = {
     "cosine-600": ["optimizer.max_train_steps=600"],
     "cosine-rank32-600": RANK_32 + ["optimizer.max_train_steps=600"],
     "cosine-rank32-6e-3-600": RANK_32 + ["optimizer.max_train_steps=600", "optimizer.learning_rate=6e-3"],
+    # Session 8 (issue 17: the demo in 90 s on 2 cores): fewer image-steps, text embeddings cached.
+    "cached-350": TEXT_CACHED + ["optimizer.max_train_steps=350"],
+    "cached-350-6e-3": TEXT_CACHED + ["optimizer.max_train_steps=350", "optimizer.learning_rate=6e-3"],
+    "cached-batch4-600": TEXT_CACHED + ["optimizer.max_train_steps=600", "dataset.batch_size=4"],
+    "cached-400-5e-3": TEXT_CACHED + ["optimizer.max_train_steps=400", "optimizer.learning_rate=5e-3"],
 }
 _dataset_lock = threading.Lock()
 

@@ -15,6 +15,7 @@ import json
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,13 +46,37 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
+def must_upcast(vae: torch.nn.Module) -> bool:
+    """An fp16 VAE that overflows in fp16: the SDXL VAE gives NaN latents there (a frequent report in other
+    trainers' trackers). diffusers marks such VAEs `force_upcast` (the default); a fixed fp16 VAE, such as
+    madebyollin's sdxl-vae-fp16-fix, sets it false and encodes in fp16."""
+    return next(vae.parameters()).dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", True))
+
+
+@contextmanager
+def encoding_precision(vae: torch.nn.Module):
+    """The VAE in fp32 (and autocast off) while it encodes, when it must be upcast; back to fp16 after. The
+    fp16 -> fp32 -> fp16 round trip is exact, so the weights are unchanged. As diffusers' SDXL pipeline
+    does for decoding."""
+    if not must_upcast(vae):
+        yield
+        return
+    vae.to(torch.float32)
+    try:
+        with torch.autocast(next(vae.parameters()).device.type, enabled=False):
+            yield
+    finally:
+        vae.to(torch.float16)
+
+
 @torch.no_grad()
 def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's latent distribution (mean, std; unscaled, fp32 on the CPU) of a batch of [-1, 1] pixels: the one
     VAE encode of training steps and of the latent cache."""
-    param = next(vae.parameters())
-    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
-    return dist.mean.float().cpu(), dist.std.float().cpu()
+    with encoding_precision(vae):
+        param = next(vae.parameters())
+        dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+        return dist.mean.float().cpu(), dist.std.float().cpu()
 
 
 def _entry_path(folder: Path, key: str) -> Path:

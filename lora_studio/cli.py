@@ -345,7 +345,7 @@ def run_sample(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .tools import inspect_lora
+    from .lora_inspect import inspect_lora
 
     info = inspect_lora(args.file)
     per_module = info.pop("per_module")

@@ -195,6 +195,11 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"  # kohya/OneTrainer default on modern GPUs
     clip_skip: int = Field(1, ge=1, le=4)  # 1 = last layer; anime-style SD1 models use 2
     gradient_checkpointing: bool = False
+    low_vram: bool = Field(
+        False,
+        description="Keep the UNet off the GPU while latents and text embeddings are cached, so the VAE and "
+        "text encoders never share the card with it (they leave it once the caches are full in any run).",
+    )
     torch_compile: bool = Field(
         False,
         description="Compile the trained models with torch.compile (inductor): faster steps after a one-off "
@@ -212,6 +217,15 @@ class TrainConfig(Section):
         if value != CONFIG_VERSION:
             raise ValueError(f"must be {CONFIG_VERSION} after migration, got {value}")
         return value
+
+    def frozen_parts_off_device(self) -> set[str]:
+        """The frozen parts no training step needs once the caches are full, so training keeps them off the GPU:
+        the VAE with cached latents, the text encoders with cached embeddings (refused unless they are frozen
+        and the captions static, so every step hits the cache)."""
+        parts = {"vae"} if self.dataset.cache_latents else set()
+        if self.dataset.cache_text_embeddings and not self.lora.train_text_encoder:
+            parts.add("text_encoders")
+        return parts
 
     def text_cache_refusal(self) -> str | None:
         """Why text-encoder outputs cannot be cached with these settings, or None if they can."""

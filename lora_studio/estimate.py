@@ -101,12 +101,14 @@ def estimate_memory(
     config: TrainConfig,
     width: int | None = None,
     height: int | None = None,
-    with_vae_and_text_encoders: bool = True,
+    with_vae_and_text_encoders: bool | None = None,
 ) -> MemoryEstimate:
     """The formula above for a full-size model of `family` (sd1, sd2, sdxl), trained as `config` says.
 
     Width and height default to the dataset resolution (else the family's native size); the biggest
-    bucket sets the peak, so pass the largest bucket when you know it.
+    bucket sets the peak, so pass the largest bucket when you know it. The VAE and text encoders count
+    unless the config keeps them off the GPU while training (`frozen_parts_off_device`); True or False
+    counts both or neither.
     """
     if family not in PARAMETERS:
         raise ValueError(f"no memory figures for family {family!r}; known: {', '.join(PARAMETERS)}")
@@ -114,7 +116,11 @@ def estimate_memory(
     pixels = (width or size) * (height or size)
     weight_bytes = 4 if config.mixed_precision == "no" else 2
     counts = PARAMETERS[family]
-    frozen = counts["unet"] + (counts["text_encoders"] + counts["vae"] if with_vae_and_text_encoders else 0)
+    if with_vae_and_text_encoders is None:
+        off = config.frozen_parts_off_device()
+    else:
+        off = set() if with_vae_and_text_encoders else {"vae", "text_encoders"}
+    frozen = counts["unet"] + sum(counts[part] for part in ("text_encoders", "vae") if part not in off)
     lora_parameters = lora_parameter_count(family, config)
     per_parameter = 8 + OPTIMIZER_STATE_BYTES[config.optimizer.optimizer]
     activations = (config.dataset.batch_size * ACTIVATIONS_GIB[family] * pixels / NATIVE_SIZE[family] ** 2
@@ -127,3 +133,58 @@ def estimate_memory(
         activations_gib=activations,
         lora_parameters=lora_parameters,
     )
+
+
+CARD_SIZES_GIB = (8, 12, 16, 24, 48, 80)
+HEADROOM = 0.9  # of the card: the desktop, the CUDA context and fragmentation take the rest
+MOST_BATCH = 64  # guidance stops counting here ("64+")
+
+
+def largest_batch(family: str, config: TrainConfig, card_gib: float, most: int = MOST_BATCH) -> int:
+    """The biggest batch size whose estimate fits in HEADROOM of a card of `card_gib` GiB (0: not even 1)."""
+    fits = 0
+    for batch in range(1, most + 1):
+        trial = config.model_copy(update={"dataset": config.dataset.model_copy(update={"batch_size": batch})})
+        if estimate_memory(family, trial).total_gib > HEADROOM * card_gib:
+            break
+        fits = batch
+    return fits
+
+
+def batch_guidance(family: str, config: TrainConfig, card: tuple[str, float] | None = None) -> str:
+    """Which batch fits on common cards, and on this machine's GPU when nvidia-smi names one."""
+    sizes = " · ".join(f"{gib} GiB: {shown_batch(largest_batch(family, config, gib))}" for gib in CARD_SIZES_GIB)
+    card = card or local_gpu()
+    mine = ""
+    if card is not None:
+        name, gib = card
+        fits = largest_batch(family, config, gib)
+        mine = (f"On this machine's {name} ({gib:.0f} GiB): up to batch {shown_batch(fits)}. " if fits else
+                f"This machine's {name} ({gib:.0f} GiB) is too small for these settings: try the low-VRAM preset. ")
+    return f"{mine}Largest batch by card size: {sizes}."
+
+
+def shown_batch(fits: int) -> str:
+    return "none" if not fits else f"{fits}+" if fits >= MOST_BATCH else str(fits)
+
+
+_local_gpu: list = []
+
+
+def local_gpu() -> tuple[str, float] | None:
+    """The first NVIDIA GPU's name and memory, from nvidia-smi (no torch import; None without one). Asked once."""
+    if not _local_gpu:
+        import shutil
+        import subprocess
+
+        found = None
+        if shutil.which("nvidia-smi"):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5, check=True).stdout  # fmt: skip
+                name, mib = out.strip().splitlines()[0].rsplit(",", 1)
+                found = (name.strip(), float(mib) / 1024)
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                found = None
+        _local_gpu.append(found)
+    return _local_gpu[0]

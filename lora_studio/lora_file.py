@@ -12,27 +12,25 @@ from pathlib import Path
 import torch
 
 from . import layout
-from .errors import LoraStudioError
 from .lora import ADAPTER_NAME
-
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-
-
-DOWN, UP, ALPHA, DORA = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
-
+from .lora_inspect import (  # noqa: F401  (the kohya key spelling, re-exported for the writers and readers)
+    ALPHA,
+    DORA,
+    DOWN,
+    KOHYA_PREFIXES,
+    SGM_BLOCKS,
+    UP,
+    LoraFileError,
+    ModuleFacts,
+    part_of,
+    summarise,
+)
 
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers-native files only (INTEROP.md)
 PART_PREFIX = {  # part (as diffusers names pipeline components) -> kohya prefix, per family
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
     "default": {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"},
 }
-
-
-SGM_BLOCKS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
-
-
-class LoraFileError(LoraStudioError):
-    """A LoRA file that cannot be read, does not fit the base model, or cannot be written."""
 
 
 @dataclass
@@ -51,6 +49,9 @@ class LoraModule:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def facts(self) -> ModuleFacts:
+        return ModuleFacts(tuple(self.down.shape), tuple(self.up.shape), self.alpha, self.dora_scale is not None)
 
     def delta(self) -> torch.Tensor:
         """The weight update at strength 1, shaped like the adapted layer's weight."""
@@ -79,28 +80,12 @@ class LoraFile:
         return tensors
 
     def parts(self) -> Counter:
-        return Counter(name.split("_", 2)[1] if not name.startswith("lora_unet_") else "unet" for name in self.modules)
+        return Counter(part_of(name) for name in self.modules)
 
     def summary(self) -> dict:
         """What `inspect` prints: family, format, module counts, rank and alpha (the most common ones)."""
-        ranks = Counter(m.rank for m in self.modules.values())
-        alphas = Counter(m.alpha for m in self.modules.values())
-        return {
-            "path": str(self.path) if self.path else None,
-            "family": self.family,
-            "format": self.format,
-            "modules": len(self.modules),
-            "modules_per_part": dict(self.parts()),
-            "rank": ranks.most_common(1)[0][0] if ranks else None,
-            "alpha": alphas.most_common(1)[0][0] if alphas else None,
-            "ranks": {str(k): v for k, v in sorted(ranks.items())},
-            "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
-            "dora": any(m.dora_scale is not None for m in self.modules.values()),
-            "sshs_model_hash": self.metadata.get("sshs_model_hash"),
-            "sshs_legacy_hash": self.metadata.get("sshs_legacy_hash"),
-            "metadata": self.metadata,
-            "notes": self.notes,
-        }
+        facts = {name: m.facts() for name, m in self.modules.items()}
+        return summarise(facts, self.metadata, self.format, self.family, self.path, self.notes)
 
 
 def _cpu(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -21,7 +21,6 @@ from .lora_file import (
     DORA,
     DOWN,
     KOHYA_PREFIXES,
-    SGM_BLOCKS,
     UP,
     LoraFile,
     LoraFileError,
@@ -30,34 +29,28 @@ from .lora_file import (
     kohya_name,
     module_map,
 )
-from .models import BASE_MODEL_VERSION, FAMILY_NAMES, TEXT_ENCODER_NAMES
+from .lora_inspect import (
+    CROSS_ATTENTION_WIDTH,
+    check_lora_path,
+    check_module_shapes,
+    family_from_metadata,
+    family_of,
+    is_onetrainer_sdxl,
+    kohya_module_names,
+    missing_half,
+    not_finite,
+    read_lora_header,
+    unknown_tensors,
+    vector_alpha,
+)
+from .models import FAMILY_NAMES, TEXT_ENCODER_NAMES
 from .paths import sd_config_dir
-from .safetensors_io import SafetensorsFileError, read_header
-
-FAMILY_BY_VERSION = {v: k for k, v in BASE_MODEL_VERSION.items()}
-
-
-# Width of the text the UNet cross-attends to, and of the text encoder, per family.
-CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-
-
-TEXT_ENCODER_WIDTH = {768: "sd1", 1024: "sd2"}
 
 
 def load_lora(path: str | os.PathLike) -> LoraFile:
     """Read a kohya, OneTrainer, diffusers or PEFT LoRA file, checked and converted to kohya names."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoraFileError(f"{path} does not exist; give the path of a .safetensors LoRA file.")
-    if path.suffix.lower() != ".safetensors":
-        raise LoraFileError(
-            f"{path} is not a .safetensors file; LoRA files in pickle formats (.ckpt/.pt/.bin) are not read, "
-            "convert them to .safetensors first."
-        )
-    try:
-        header = read_header(path)
-    except SafetensorsFileError as e:
-        raise LoraFileError(str(e)) from None
+    path = check_lora_path(path)
+    header = read_lora_header(path)
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in header.tensors}
     try:
@@ -85,9 +78,8 @@ def parse_state_dict(
     keys = list(tensors)
     if all(k.startswith(KOHYA_PREFIXES) for k in keys):
         modules, fmt = _kohya_modules(tensors, source), "kohya"
-        if any(n.startswith("lora_te1_") for n in modules) and not any(n.startswith(SGM_BLOCKS) for n in modules):
-            if any(n.startswith("lora_unet_") for n in modules):
-                fmt = "onetrainer"  # SDXL with diffusers block names: OneTrainer's spelling of kohya
+        if is_onetrainer_sdxl(modules):
+            fmt = "onetrainer"
     elif any(".lora_A." in k or ".lora_B." in k for k in keys):
         modules, fmt = _peft_modules(tensors, metadata, source, adapter_config)
     else:
@@ -105,26 +97,21 @@ def parse_state_dict(
 
 
 def _kohya_modules(tensors: dict[str, torch.Tensor], source) -> dict[str, LoraModule]:
-    names = {k.rsplit(".lora_", 1)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in tensors}
     modules = {}
-    for name in sorted(names):
+    for name in kohya_module_names(tensors):
         down, up = tensors.get(name + DOWN), tensors.get(name + UP)
         if down is None or up is None:
-            missing = DOWN if down is None else UP
-            raise LoraFileError(f"{source}: module {name} has no {missing.strip('.')} tensor; the file is incomplete.")
+            raise missing_half(source, name, DOWN if down is None else UP)
         alpha = tensors.get(name + ALPHA)
         if alpha is not None and alpha.numel() != 1:
-            raise LoraFileError(f"{source}: the alpha of module {name} holds {alpha.numel()} values, not one number.")
+            raise vector_alpha(source, name, alpha.numel())
         # kohya's rule: no alpha means scale 1, i.e. alpha = rank.
         alpha_value = float(alpha.float().item()) if alpha is not None else float(down.shape[0])
         dora = tensors.get(name + DORA)
         modules[name] = LoraModule(down, up, alpha_value, dora)
     unknown = set(tensors) - {n + s for n in modules for s in (DOWN, UP, ALPHA, DORA)}
     if unknown:
-        raise LoraFileError(
-            f"{source} has {len(unknown)} tensor(s) this app does not know, e.g. {sorted(unknown)[0]} "
-            "(LyCORIS LoHa/LoKr are not supported); export it as plain LoRA."
-        )
+        raise unknown_tensors(source, unknown)
     return modules
 
 
@@ -234,56 +221,19 @@ def _sdxl_unet_paths(config) -> list[str]:
 
 def check_modules(modules: dict[str, LoraModule], source) -> None:
     for name, m in modules.items():
-        if m.down.dim() not in (2, 4) or m.up.dim() != m.down.dim():
-            raise LoraFileError(
-                f"{source}: module {name} has lora_down of shape {tuple(m.down.shape)} and lora_up of shape "
-                f"{tuple(m.up.shape)}; they must both be 2-D (linear) or 4-D (conv). The file is damaged."
-            )
-        if m.up.shape[1] != m.down.shape[0]:
-            raise LoraFileError(
-                f"{source}: module {name} has rank {m.down.shape[0]} in lora_down but {m.up.shape[1]} in lora_up; "
-                "the file is damaged or was edited, so re-export it."
-            )
+        check_module_shapes(name, tuple(m.down.shape), tuple(m.up.shape), source)
         for label, t in (("lora_down", m.down), ("lora_up", m.up)):
             if not torch.isfinite(t.float()).all():
-                raise LoraFileError(
-                    f"{source}: module {name}'s {label} holds NaN or inf values; the training that made it diverged, "
-                    "so use an earlier checkpoint."
-                )
+                raise not_finite(source, name, label)
 
 
 def detect_family(lora: LoraFile) -> str | None:
     """From the metadata when it says, else from the key names and the layer widths."""
-    declared = _family_from_metadata(lora.metadata)
-    if declared:
-        return declared
-    names = lora.modules
-    if any(n.startswith(("lora_te1_", "lora_te2_")) or n.startswith(SGM_BLOCKS) for n in names):
-        return "sdxl"
-    for name, m in names.items():
-        if name.startswith("lora_unet_") and name.endswith("attn2_to_k"):
-            return CROSS_ATTENTION_WIDTH.get(m.down.shape[1])
-    for name, m in names.items():
-        if name.startswith("lora_te_") and name.endswith("q_proj"):
-            return TEXT_ENCODER_WIDTH.get(m.down.shape[1])
-    return None
-
-
-def _family_from_metadata(metadata: dict[str, str]) -> str | None:
-    version = metadata.get("ss_base_model_version", "")
-    if version in FAMILY_BY_VERSION:
-        return FAMILY_BY_VERSION[version]
-    if version.startswith("sdxl"):
-        return "sdxl"
-    architecture = metadata.get("modelspec.architecture", "")
-    for family, arch in (("sdxl", "stable-diffusion-xl"), ("sd2-v", "v2-768-v"), ("sd2", "v2"), ("sd1", "v1")):
-        if arch in architecture:
-            return family
-    return None
+    return family_of(lora.metadata, {name: tuple(m.down.shape) for name, m in lora.modules.items()})
 
 
 def _family_from_shapes(downs: dict[tuple[str, str], torch.Tensor | None], metadata) -> str | None:
-    declared = _family_from_metadata(metadata)
+    declared = family_from_metadata(metadata)
     if declared:
         return declared
     if any(part == "text_encoder_2" for part, _ in downs):

@@ -16,7 +16,7 @@ from .lora_metadata import TrainingFacts, training_metadata
 from .models import dtype_of
 from .resume import save_trainer_state
 from .sample import PreviewSettings, infotext, render, save_png, use_sampler
-from .session import Session, emit, trained_models
+from .session import Session, emit, frozen_parts_on_device, trained_models
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def save_checkpoint(session: Session) -> CheckpointEvent:
     if config.save.save_state:
         state_dir = run.state_dir
         save_trainer_state(session, run.state_file)
+        session.saved_step = session.step
         run.legacy_lora_state.unlink(missing_ok=True)  # where runs before 2026-11-28 kept the LoRA
     prune_checkpoints(session)
     event = CheckpointEvent(session.step, path, state_dir)
@@ -127,7 +128,7 @@ def render_samples(session: Session) -> SampleEvent:
         pipeline.set_progress_bar_config(disable=True)
         # Under the training autocast: the LoRA weights are fp32 beside bf16/fp16 base weights, and
         # without it their fp32 outputs reach the half-precision VAE, which refuses them.
-        with torch.random.fork_rng(devices=devices), session.accelerator.autocast():
+        with torch.random.fork_rng(devices=devices), session.accelerator.autocast(), frozen_parts_on_device(session):
             rendered = render(
                 pipeline,
                 prompts,

@@ -106,7 +106,7 @@ def resume(session: Session) -> None:
             "with the base model and settings the run started with (its config.toml), or start a new run"
         ) from exc
     restore_rng_state(trainer["rng"])
-    session.step = trainer["step"]
+    session.step = session.saved_step = trainer["step"]
     session.position = bucketing.Position(trainer["epoch"], trainer["batch"])
     session.smoothed_loss = trainer["smoothed_loss"]
     if session.accelerator.is_main_process:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from .config import TrainConfig
 from .data import Item, ScanReport
 from .errors import LoraStudioError
 from .events import Commands
-from .models import BaseModel, dtype_of
+from .models import TEXT_ENCODER_NAMES, BaseModel, dtype_of
 from .runs import RunFolder, RunLock
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class Session:
     smoothed_loss: float | None = None
     tensorboard: object | None = None  # a SummaryWriter when the tensorboard package is installed
     started_at: float = field(default_factory=time.time)  # wall clock, for the file's ss_training_started_at
+    saved_step: int | None = None  # the step of the last state saved whole in state/ (what a resume continues)
+    offloaded: dict[str, torch.nn.Module] = field(default_factory=dict)  # frozen parts kept off the device
 
     @property
     def items(self) -> list[Item]:
@@ -72,6 +75,48 @@ class Session:
     @property
     def run_dir(self):
         return self.run.path
+
+
+def offloadable_parts(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
+    """The base's modules for `config.frozen_parts_off_device()`, by diffusers' component names."""
+    off = config.frozen_parts_off_device()
+    parts = {"vae": base.vae} if "vae" in off else {}
+    if "text_encoders" in off:
+        parts |= dict(zip(TEXT_ENCODER_NAMES, base.text_encoders, strict=False))
+    return parts
+
+
+def offload_frozen_parts(session: Session, to: torch.device | str = "cpu") -> None:
+    """Move the parts no step needs off the training device (issue 17's low-VRAM mode: on an SDXL card the
+    VAE and both text encoders are ~1.7 GB in fp16 that the UNet's activations can use instead). Samples
+    bring them back for the rendering (`frozen_parts_on_device`). A no-op when training on the CPU."""
+    if session.device.type == "cpu" and torch.device(to).type == "cpu":
+        return
+    session.offloaded = offloadable_parts(session.config, session.base)
+    for module in session.offloaded.values():
+        module.to(to)
+    if session.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if session.offloaded:
+        log.info("kept off %s while training: %s", session.device, ", ".join(session.offloaded))
+
+
+@contextmanager
+def frozen_parts_on_device(session: Session):
+    """The offloaded parts on the training device for as long as the block runs (rendering samples)."""
+    if not session.offloaded:
+        yield
+        return
+    home = {name: next(m.parameters()).device for name, m in session.offloaded.items()}
+    for module in session.offloaded.values():
+        module.to(session.device)
+    try:
+        yield
+    finally:
+        for name, module in session.offloaded.items():
+            module.to(home[name])
+        if session.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def trained_parts(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:

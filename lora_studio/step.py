@@ -36,7 +36,7 @@ def encode_text(
     """Conditioning for a batch of captions (conditioning.encode_captions) through the base's tokenizers and
     `encoders` (default: its own; training passes the prepared, possibly DDP-wrapped ones)."""
     encoders = encoders or base.text_encoders
-    device = device or base.unet.device
+    device = device or next(encoders[0].parameters()).device  # the UNet may be parked elsewhere (low_vram)
     return encode_captions(base.tokenizers, encoders, captions, clip_skip, base.family == "sdxl", device)
 
 

@@ -1,4 +1,4 @@
-"""Tools: write a base model back to one single-file checkpoint; inspect, resize and merge LoRA files.
+"""Tools: write a base model back to one single-file checkpoint; resize and merge LoRA files.
 
 The writer produces the original LDM/SGM layout that A1111, Forge, ComfyUI and diffusers'
 `from_single_file` read; merging a LoRA into a checkpoint saves through it.
@@ -6,7 +6,6 @@ The writer produces the original LDM/SGM layout that A1111, Forge, ComfyUI and d
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ import torch
 from . import layout
 from .export import load_into_pipeline
 from .lora_file import LoraFile, LoraFileError, LoraModule
-from .lora_read import check_compatible, load_lora
+from .lora_read import check_compatible
 from .models import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE, BaseModel
-from .safetensors_io import read_header, save_tensors
+from .safetensors_io import save_tensors
 
 
 def to_ldm_state_dict(base: BaseModel) -> dict[str, torch.Tensor]:
@@ -59,32 +58,7 @@ def save_single_file(base: BaseModel, path: str | os.PathLike, dtype: torch.dtyp
     save_tensors(state, path, metadata=single_file_metadata(base, title))
 
 
-# --- LoRA tools: inspect, resize, merge --------------------------------------------------------------------
-
-
-def inspect_lora(path: str | os.PathLike) -> dict:
-    """Everything a person asks of a LoRA file: family, format, modules, rank/alpha, hashes, metadata."""
-    lora = load_lora(path)
-    summary = lora.summary()
-    summary["per_module"] = {
-        name: {"rank": m.rank, "alpha": m.alpha, "shape": list(m.delta().shape), "dora": m.dora_scale is not None}
-        for name, m in lora.modules.items()
-    }
-    summary["hashes_match"] = _hashes_match(lora)
-    return summary
-
-
-def _hashes_match(lora: LoraFile) -> bool | None:
-    """Whether the file's sshs_model_hash is the hash of its tensor bytes (None when it has none)."""
-    stored = lora.metadata.get("sshs_model_hash")
-    if not stored or lora.path is None:
-        return None
-    with open(lora.path, "rb") as f:
-        f.seek(read_header(lora.path).data_start)
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest() == stored
+# --- LoRA tools: resize, merge (inspect is lora_inspect.py, which needs no torch) -----------------------------
 
 
 @dataclass

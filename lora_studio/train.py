@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from diffusers import DDPMScheduler
 from . import buckets as bucketing
 from .cache import LatentCache, TextCache, cache_folder, plan_latent_entries
 from .config import TrainConfig
+from .cpu_threads import CpuThreads
 from .data import ScanReport, build_caption, scan
 from .errors import LoraStudioError
 from .events import Commands, DoneEvent, ErrorEvent, ProgressEvent
@@ -33,7 +35,7 @@ from .optimizers import make_lr_scheduler, make_optimizer
 from .outputs import render_samples, save_checkpoint, save_lora_file, should_checkpoint
 from .resume import check_resumable, record_config, resume, write_failure
 from .runs import RunFolder, RunLock, output_root
-from .session import Session, TrainingError, emit, on_main, trained_parts
+from .session import Session, TrainingError, emit, offload_frozen_parts, on_main, trained_parts
 from .step import encode_text, training_step
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,25 @@ def prepare_caches(config: TrainConfig, base: BaseModel, report: ScanReport, buc
     return latent_cache, text_cache
 
 
+@contextmanager
+def unet_parked(base: BaseModel, park: torch.device | str = "cpu"):
+    """The UNet on `park` while the block runs, back on its device after. With `low_vram` the caches fill
+    this way: on an 8 GiB card, SDXL's UNet (4.8 GiB in bf16) beside both text encoders and a 1024 px VAE
+    encode would not fit. Once the caches are full, the VAE and frozen encoders leave the card instead
+    (session.offload_frozen_parts)."""
+    device = base.unet.device
+    if device == torch.device(park):
+        yield
+        return
+    base.unet.to(park)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        base.unet.to(device)
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """The run's Accelerator, also when an earlier run in this process used another precision.
 
@@ -161,14 +182,14 @@ def build_session(config: TrainConfig, accelerator: Accelerator, report: ScanRep
     base = load_model(config, accelerator)
     resolution = config.dataset.resolution or base.native_resolution
     buckets = bucketing.assign_buckets([(i.width, i.height) for i in report.items], config.dataset, resolution)
-    with accelerator.main_process_first():  # the main process builds the caches, the others then hit them
-        latent_cache, text_cache = prepare_caches(config, base, report, buckets)
+    with accelerator.main_process_first(), unet_parked(base) if config.low_vram else nullcontext():
+        latent_cache, text_cache = prepare_caches(config, base, report, buckets)  # main first, the others hit
     torch.manual_seed(config.seed)  # LoRA init (gaussian) is drawn here
     inject_lora(base, config.lora)
     per_epoch = bucketing.batches_per_epoch(buckets, [i.repeats for i in report.items], config.dataset.batch_size)
     total = bucketing.count_total_steps(config.optimizer, per_epoch, accelerator.num_processes)
     models, optimizer, lr_scheduler = prepare_trained_parts(config, accelerator, base, total)
-    return Session(
+    session = Session(
         config=config,
         run=run,
         accelerator=accelerator,
@@ -184,6 +205,8 @@ def build_session(config: TrainConfig, accelerator: Accelerator, report: ScanRep
         resolution=resolution,
         models=models,
     )
+    offload_frozen_parts(session)
+    return session
 
 
 def prepare_trained_parts(config: TrainConfig, accelerator: Accelerator, base: BaseModel, total: int) -> tuple:
@@ -277,6 +300,31 @@ def step_loss(session: Session, losses: list[float]) -> float:
     return loss
 
 
+def run_steps(session: Session, batches, upcoming, started: float, first_step: int, threads: CpuThreads) -> bool:
+    """Steps until the total is reached (False) or a stop is requested (True), with checkpoints and samples."""
+    config = session.config
+    while session.step < session.total_steps:
+        losses, epoch_before = [], session.position.epoch
+        for micro in range(config.optimizer.gradient_accumulation_steps):
+            indices, upcoming = next_micro_batch(session, batches, upcoming)
+            threads.step_started()
+            losses.append(training_step(session, indices, micro))
+            threads.step_finished()
+            session.position = upcoming[0]  # saved state resumes from the next batch
+        loss = step_loss(session, losses)
+        session.step += 1
+        on_main(session, record_metrics, loss, session.lr_scheduler.get_last_lr()[0], started, first_step)
+        stop, save, sample = agreed_commands(session)
+        if stop:
+            return True
+        if should_checkpoint(session, epoch_before) or save:
+            on_main(session, save_checkpoint)
+        every = config.sample.every_n_steps
+        if (every and session.step % every == 0) or sample:
+            on_main(session, render_samples)
+    return False
+
+
 def train(session: Session) -> DoneEvent:
     """Run steps until the total is reached or a stop is requested; save the final LoRA."""
     config = session.config
@@ -287,28 +335,14 @@ def train(session: Session) -> DoneEvent:
         session.buckets, repeats, config.dataset.batch_size, config.seed, session.position
     )
     started, first_step = time.perf_counter(), session.step
-    stopped = False
     if config.sample.at_start and session.step == 0 and config.sample.every_n_steps:
         on_main(session, render_samples)
     upcoming = next(batches)
-    while session.step < session.total_steps:
-        losses, epoch_before = [], session.position.epoch
-        for micro in range(config.optimizer.gradient_accumulation_steps):
-            indices, upcoming = next_micro_batch(session, batches, upcoming)
-            losses.append(training_step(session, indices, micro))
-            session.position = upcoming[0]  # saved state resumes from the next batch
-        loss = step_loss(session, losses)
-        session.step += 1
-        on_main(session, record_metrics, loss, session.lr_scheduler.get_last_lr()[0], started, first_step)
-        stop, save, sample = agreed_commands(session)
-        if stop:
-            stopped = True
-            break
-        if should_checkpoint(session, epoch_before) or save:
-            on_main(session, save_checkpoint)
-        every = config.sample.every_n_steps
-        if (every and session.step % every == 0) or sample:
-            on_main(session, render_samples)
+    threads = CpuThreads(session.accelerator.device.type, session.accelerator.num_processes)
+    try:
+        stopped = run_steps(session, batches, upcoming, started, first_step, threads)
+    finally:
+        threads.restore()
     if stopped or config.save.save_state:
         on_main(session, save_checkpoint)
     final = session.run.final_lora(config.name)
@@ -344,6 +378,11 @@ def run_training(
             raise
         raise error from exc
     except Exception as exc:
+        if is_out_of_memory(exc):
+            error = out_of_memory(config, session)
+            log.info("the run stopped: %s (%s)", error, str(exc).splitlines()[0][:300])
+            report_failure(on_event, session, str(error))
+            raise error from exc
         log.exception("training failed")  # the traceback goes to log.txt, never to the page
         where = session.run.log if session is not None else "the log"
         report_failure(on_event, session, f"unexpected failure ({type(exc).__name__}: {exc}); details are in {where}")
@@ -354,6 +393,34 @@ def run_training(
         for handler in set(logging.getLogger("lora_studio").handlers) - handlers_before:
             logging.getLogger("lora_studio").removeHandler(handler)
             handler.close()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's CUDA (and XPU) out-of-memory error, or the MPS backend's RuntimeError saying the same."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def out_of_memory(config: TrainConfig, session: Session | None) -> TrainingError:
+    """The one sentence for a GPU that ran out of memory: where, the three settings that help, and what was kept."""
+    where = f"at step {session.step + 1}" if session is not None else "while loading the model and filling the caches"
+    device = session.device if session is not None else pick_device()
+    card = ""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        card = f" ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
+    sdxl = (session.base.family if session is not None else config.family) == "sdxl"
+    low_vram = "sdxl-low-vram" if sdxl else "sd15-low-vram"
+    helps = (
+        f"lower the batch size (now {config.dataset.batch_size})"
+        + ("" if config.gradient_checkpointing else ", turn on gradient checkpointing")
+        + f", or start from the {low_vram} preset"
+    )
+    if session is not None and session.saved_step is not None:
+        resume_with = f"Resume (or --resume {session.run_dir})"
+        kept = f"the state saved at step {session.saved_step} is kept, so {resume_with} goes on from there"
+    else:
+        kept = "no state had been saved yet, so start the run again"
+    return TrainingError(f"the GPU{card} ran out of memory {where}; {helps}; {kept}")
 
 
 def report_failure(on_event, session: Session | None, message: str) -> None:

@@ -73,6 +73,15 @@ def no_network_attempts():
     assert not attempts, f"the code under test tried to reach the network: {attempts}"
 
 
+@pytest.fixture(autouse=True)
+def fixed_cpu_threads(monkeypatch):
+    """Trainings in tests run at a fixed thread count. The default policy (cpu_threads.ThreadTuner) picks the
+    count from step times, and 1 and 2 threads give results that differ by ~1e-7, so tests that compare
+    weights bit for bit (resume, several processes) would depend on the machine's load. The tuner has tests
+    of its own (test_cpu_threads.py) that set this back."""
+    monkeypatch.setenv("LORA_STUDIO_CPU_THREADS", str(os.cpu_count() or 1))
+
+
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory) -> dict:
     """Saved tiny diffusers folders for every family, built once per session."""

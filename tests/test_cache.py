@@ -146,3 +146,36 @@ def test_text_cache_hits_and_clip_skip_invalidates(tmp_path):
     assert cache.fill(captions, encode) == {"hits": 2, "built": 0}
     torch.testing.assert_close(cache.get("a blue circle")["hidden"], encode(["a blue circle"])["hidden"][0])
     assert TextCache(tmp_path, [encoder], clip_skip=2).fill(captions, encode)["built"] == 2
+
+
+def overflowing_vae() -> torch.nn.Module:
+    """A tiny VAE whose first convolution's outputs exceed fp16's range (65504), as the SDXL VAE's do."""
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e5)
+    return vae.eval()
+
+
+def test_an_fp16_vae_encodes_in_fp32_and_stays_fp16():
+    """Issue 17: on fp16 cards the VAE encodes upcast (diffusers' force_upcast), so latents are finite."""
+    from lora_studio.cache import encode_pixels, must_upcast
+
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    reference = overflowing_vae()
+    expected_mean, _ = encode_pixels(reference, pixels)
+    assert torch.isfinite(expected_mean).all()
+
+    half = overflowing_vae().half()
+    with torch.no_grad():
+        raw = half.encode(pixels.half()).latent_dist.mean
+    assert not torch.isfinite(raw).all()  # what encoding in fp16 gives: the bug this guards against
+    assert must_upcast(half)
+    mean, std = encode_pixels(half, pixels)
+    assert torch.isfinite(mean).all() and torch.isfinite(std).all()
+    assert torch.allclose(mean, expected_mean, rtol=1e-2, atol=1e-2)  # fp16 weights, fp32 maths
+    assert all(p.dtype == torch.float16 for p in half.parameters())  # handed back as it came
+
+    fixed = overflowing_vae().half()
+    fixed.register_to_config(force_upcast=False)  # a fixed fp16 VAE the user provides: encoded in fp16
+    assert not must_upcast(fixed)

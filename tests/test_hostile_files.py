@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 
 from lora_studio.catalogue import describe_source
 from lora_studio.errors import LoraStudioError
+from lora_studio.lora_inspect import inspect_lora
 from lora_studio.lora_read import load_lora
 from lora_studio.safetensors_io import SafetensorsFileError, read_header
 from lora_studio.state import load_state
-from lora_studio.tools import inspect_lora
 
 GOOD = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
 

@@ -364,6 +364,126 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, t
     assert not (run_dir / "tiny.safetensors").exists()
 
 
+def test_gpu_out_of_memory_is_one_sentence_and_the_last_state_resumes(tmp_path, tiny_folders, images, monkeypatch):
+    """Issue 17: what ran out, at which step, the settings that help, and what was kept; then Resume works.
+    The CPU has no GPU to exhaust, so the 6th step raises torch's own OutOfMemoryError, as CUDA would."""
+    real = train_module.training_step
+    calls = {"n": 0}
+
+    def out_of_memory_at_6(session, indices, micro=0):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(session, indices, micro)
+
+    monkeypatch.setattr(train_module, "training_step", out_of_memory_at_6)
+    events = []
+    with pytest.raises(TrainingError) as raised:
+        run_training(tiny_config(tmp_path, tiny_folders, images), on_event=events.append)
+    message = str(raised.value)
+    assert message.startswith("the GPU ran out of memory at step 6; lower the batch size (now 2), turn on gradient "
+                              "checkpointing, or start from the sd15-low-vram preset; the state saved at step 4 is "
+                              "kept")  # fmt: skip
+    assert "\n" not in message and isinstance(events[-1], ErrorEvent) and events[-1].message == message
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert "ran out of memory at step 6" in (run_dir / "log.txt").read_text()
+    monkeypatch.setattr(train_module, "training_step", real)
+    done = run_training(tiny_config(tmp_path, tiny_folders, images, dataset={"batch_size": 1}), resume_from=run_dir)
+    assert done.step == 8 and done.lora_path.is_file()
+
+
+def test_cached_runs_keep_the_vae_and_frozen_encoders_off_the_device_and_train_the_same(
+    tmp_path, tiny_folders, images
+):
+    """Issue 17's low-VRAM mode: with latents and embeddings cached, no step touches the VAE or the frozen
+    text encoders. Moved to the meta device (any use would raise), the run trains exactly the same weights."""
+    from lora_studio.session import frozen_parts_on_device, offload_frozen_parts, offloadable_parts
+
+    cached = {"cache_latents": True, "cache_text_embeddings": True}
+    frozen = {"train_text_encoder": False}
+    plain = run_training(tiny_config(tmp_path / "a", tiny_folders, images, dataset=cached, lora=frozen))
+    session = prepare(tiny_config(tmp_path / "b", tiny_folders, images, dataset=cached, lora=frozen))
+    assert set(offloadable_parts(session.config, session.base)) == {"vae", "text_encoder"}
+    offload_frozen_parts(session, to="meta")
+    parts = [session.base.vae, *session.base.text_encoders]
+    offloaded = train_module.train(session)
+    assert all(p.device.type == "meta" for m in parts for p in m.parameters())
+    a, b = lora_tensors(plain.lora_path), lora_tensors(offloaded.lora_path)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # Samples bring them to the training device for the rendering and send them back after.
+    moves = []
+    real_to = torch.nn.Module.to
+    session.offloaded = {"vae": session.base.vae}
+
+    def recording_to(module, *args, **kwargs):
+        if module is session.base.vae:
+            moves.append(str(args[0]))
+        return module if module is session.base.vae else real_to(module, *args, **kwargs)
+
+    torch.nn.Module.to = recording_to
+    try:
+        with frozen_parts_on_device(session):
+            assert moves == ["cpu"]
+    finally:
+        torch.nn.Module.to = real_to
+    assert moves == ["cpu", "meta"]
+    training_encoder = session.config.model_copy(deep=True)
+    training_encoder.lora.train_text_encoder = True  # a trained encoder stays: steps run it
+    assert set(offloadable_parts(training_encoder, session.base)) == {"vae"}
+
+
+def test_low_vram_parks_the_unet_while_the_caches_fill(tmp_path, tiny_folders, images, monkeypatch):
+    """With low_vram the UNet leaves the training device before any cache is filled and is back before the
+    first step; the caches are filled by the VAE and the text encoder on their own device. The CPU has one
+    device, so the UNet's moves are recorded rather than made."""
+    from lora_studio.cache import LatentCache, TextCache
+
+    events = []
+    monkeypatch.setattr(train_module, "unet_parked", recording_park(events))
+    for cache in (LatentCache, TextCache):
+        real_fill = cache.fill
+
+        def fill(self, *args, _real=real_fill, **kwargs):
+            events.append("fill")
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cache, "fill", fill)
+    cached = {"cache_latents": True, "cache_text_embeddings": True}
+    config = tiny_config(tmp_path, tiny_folders, images, dataset=cached, lora={"train_text_encoder": False})
+    run_training(config.model_copy(update={"low_vram": True}))
+    assert events == ["parked", "fill", "fill", "back"]
+    events.clear()
+    run_training(config)
+    assert events == ["fill", "fill"]
+
+
+def test_a_parked_unet_goes_to_the_park_and_comes_back_to_its_device(tiny_folders):
+    from lora_studio.models import load_base
+
+    base = load_base(str(tiny_folders["sd1"]), torch.float32, "cpu")
+    moves = []
+    base.unet.to = lambda where: moves.append(str(where)) or base.unet  # one real device here: record the moves
+    with train_module.unet_parked(base, park="meta"):
+        assert moves == ["meta"]
+    assert moves == ["meta", "cpu"]
+    with train_module.unet_parked(base, park="cpu"):  # already there: nothing moves
+        pass
+    assert moves == ["meta", "cpu"]
+
+
+def recording_park(events):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def park(base, to="cpu"):
+        assert base.unet.device.type == "cpu"
+        events.append("parked")
+        yield
+        events.append("back")
+
+    return park
+
+
 def test_a_failing_callback_never_stops_training(tmp_path, tiny_folders, images):
     def broken(event):
         raise RuntimeError("the UI went away")

@@ -4,13 +4,16 @@ picker, and a job that runs in the background while the page polls it."""
 import re
 import shutil
 import time
+from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from lora_studio.config import TrainConfig, list_presets, load_preset
 from lora_studio.errors import ConfigError, LoraStudioError
+from lora_studio.jobs import JobStatus
 from lora_studio.ui import train_tab
 from lora_studio.ui.config_form import KEYS, config_from_form, form_values
 
@@ -107,15 +110,46 @@ def test_start_poll_stop_resume(app_state):
     assert tab.stop(app).startswith("Stopping")
     stopped = manager.wait(1)
     assert stopped.state == "stopped"
-    bar, line, losses, samples, log = tab.poll(app)
+    bar, line, losses, samples, log, shown_now = tab.poll(app)
     assert f'aria-valuenow="{stopped.step}"' in bar and 'aria-valuemax="400"' in bar
     assert "**stopped**" in line and len(losses) == stopped.step and samples and "prepared" in log
+    # The same page polling again is sent nothing: its browser has nothing to redraw.
+    assert tab.poll(app, shown_now)[:5] == (gr.skip(),) * 5
     assert stopped.run_dir.parent == app.roots.runs  # the runs root, whatever the working directory
     assert tab.resume(app, *values).startswith(f"Job 2 resumes {stopped.run_dir.name} from step {stopped.step}")
     while (status := manager.current()) is None or status.id != 2 or status.step < stopped.step + 2:
         time.sleep(0.05)
     tab.stop(app)
     assert manager.wait(2).state == "stopped"
+
+
+def test_a_poll_sends_only_what_changed_and_the_loss_curve_at_most_every_few_seconds(app_state, monkeypatch):
+    manager = app_state.jobs
+    status = JobStatus(id=7, name="demo", state="running", step=3, total_steps=100, losses=[(1, 0.5), (2, 0.4)],
+                       samples=[Path("/x/s1.png")])  # fmt: skip
+    monkeypatch.setattr(manager, "current", lambda: status)  # the page's view of a job, without running one
+    monkeypatch.setattr(manager, "queued", lambda: [])
+    first = train_tab.poll(app_state, None, now=100.0)
+    assert len(first[2]) == 2 and first[3] == [("/x/s1.png", "s1")]
+    status.step, status.losses = 4, [*status.losses, (3, 0.3)]
+    soon = train_tab.poll(app_state, first[-1], now=101.0)
+    assert soon[0] != gr.skip() and soon[1] == gr.skip()  # the bar moved, the status line did not
+    assert soon[2] == gr.skip() and soon[3] == gr.skip()  # the curve waits; the samples are the same
+    later = train_tab.poll(app_state, soon[-1], now=100.0 + train_tab.LOSS_PLOT_SECONDS)
+    assert len(later[2]) == 3
+    status.state, status.losses = "done", [*status.losses, (4, 0.2)]
+    assert len(train_tab.poll(app_state, later[-1], now=later[-1].loss_sent_at + 0.1)[2]) == 4  # the end, at once
+    status2 = JobStatus(id=8, name="next", state="running", step=0, total_steps=10)
+    monkeypatch.setattr(manager, "current", lambda: status2)
+    fresh = train_tab.poll(app_state, later[-1], now=200.0)
+    assert fresh[3] == [] and len(fresh[2]) == 0  # another job: the old samples and curve are cleared
+
+
+def test_a_long_loss_curve_is_thinned_to_its_shape():
+    points = [(i, 1.0 / i) for i in range(1, 2001)]
+    kept = train_tab.thinned(points)
+    assert len(kept) <= train_tab.LOSS_PLOT_POINTS + 1 and kept[0] == points[0] and kept[-1] == points[-1]
+    assert train_tab.thinned(points[:10]) == points[:10]
 
 
 def test_resume_without_a_stopped_run_is_a_sentence(app_state):

@@ -76,7 +76,7 @@ def export_file(app: AppState, name: str, file: str, fmt: str, precision: str) -
 
 
 def inspect_file(app: AppState, name: str, file: str) -> str:
-    from ..tools import inspect_lora
+    from ..lora_inspect import inspect_lora
 
     info = inspect_lora(checked_file(app, name, file)[1])
     info.pop("per_module")

@@ -1,0 +1,115 @@
+"""The demo's training speed started from the app's Train tab, with the live page open in Chromium, beside
+the same training from the command line.
+
+    python bench/app_training.py                   # 3 rounds of 200 steps each way
+    python bench/app_training.py --rounds 3 --steps 200 --json bench/results/app_training_cpu.json
+
+The app case is what a person does: `python app.py`, the Train tab open in headless Chromium (Debian's,
+as in the browser tests), the demo preset, Start, and the page left open while it polls every second
+and redraws the progress bar, the loss curve, the samples and the log. The CLI case is `lora-studio
+train demo-cpu` with the same settings. Both keep the preset's samples (every 175 steps) and use the
+shipped thread policy. Steps/s come from the `time` of each line of the run's metrics.jsonl, from step
+10 to the last, so model loading does not count. The two cases alternate; figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from app_startup import CHROMIUM, CHROMIUM_ARGS, free_port, wait_for_server  # noqa: E402
+from report import publish  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def steps_per_s(run_dir: Path, first: int = 10) -> float:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = {line["step"]: line["time"] for line in lines}
+    last = max(times)
+    return (last - first) / (times[last] - times[first])
+
+
+def env_for(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("LORA_STUDIO_CPU_THREADS", "OMP_NUM_THREADS")}
+    return {**env, "LORA_STUDIO_HOME": str(home)}
+
+
+def cli_run(home: Path, steps: int) -> float:
+    subprocess.run(
+        [sys.executable, "-m", "lora_studio.cli", "train", "demo-cpu", "--set", f"optimizer.max_train_steps={steps}"],
+        cwd=ROOT, env=env_for(home), check=True, capture_output=True,
+    )  # fmt: skip
+    return steps_per_s(newest_run(home))
+
+
+def newest_run(home: Path) -> Path:
+    return max((home / "runs").glob("demo-*"), key=lambda p: p.stat().st_mtime)
+
+
+def app_run(browser, home: Path, steps: int) -> float:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    process = subprocess.Popen([sys.executable, "app.py", "--no-browser", "--port", str(port)], cwd=ROOT,
+                               env=env_for(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for_server(url, process)
+        page = browser.new_page()
+        page.goto(url, wait_until="load", timeout=60_000)
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#cfg-optimizer-max_train_steps input").fill(str(steps))
+        page.locator("#train-start").click()
+        page.wait_for_function(
+            "() => { const e = document.querySelector('#train-status'); "
+            "return e && /\\b(done|failed|stopped)\\b/.test(e.innerText); }",
+            timeout=900_000,
+        )
+        page.close()
+        return steps_per_s(newest_run(home))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    rates: dict[str, list[float]] = {"cli": [], "app": []}
+    with tempfile.TemporaryDirectory() as home, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        for round_ in range(args.rounds):
+            for case in ("cli", "app") if round_ % 2 == 0 else ("app", "cli"):
+                started = time.perf_counter()
+                rate = cli_run(Path(home), args.steps) if case == "cli" else app_run(browser, Path(home), args.steps)
+                rates[case].append(round(rate, 3))
+                print(f"round {round_ + 1} {case}: {rate:.2f} steps/s ({time.perf_counter() - started:.0f} s)",
+                      flush=True)  # fmt: skip
+        browser.close()
+    cli, app = statistics.median(rates["cli"]), statistics.median(rates["app"])
+    report = {
+        "what": "demo-cpu training steps/s from the Train tab with the live page open, beside the CLI",
+        "cores": os.cpu_count(),
+        "steps": args.steps,
+        "runs": rates,
+        "cli_steps_per_s": cli,
+        "app_steps_per_s": app,
+        "app_share": round(app / cli, 3),
+    }
+    publish(report, args.json)
+
+
+if __name__ == "__main__":
+    main()
