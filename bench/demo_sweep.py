@@ -59,6 +59,16 @@ VARIANTS: dict[str, list[str]] = {
     "cached-350-6e-3": TEXT_CACHED + ["optimizer.max_train_steps=350", "optimizer.learning_rate=6e-3"],
     "cached-batch4-600": TEXT_CACHED + ["optimizer.max_train_steps=600", "dataset.batch_size=4"],
     "cached-400-5e-3": TEXT_CACHED + ["optimizer.max_train_steps=400", "optimizer.learning_rate=5e-3"],
+    "cached-350-rank32": TEXT_CACHED + RANK_32 + ["optimizer.max_train_steps=350"],
+    "cached-350-no-min-snr": TEXT_CACHED + ["optimizer.max_train_steps=350", "optimizer.min_snr_gamma=0"],
+    "cached-350-no-clip": TEXT_CACHED + ["optimizer.max_train_steps=350", "optimizer.max_grad_norm=0"],
+    "cached-350-rank32-alpha64": TEXT_CACHED + ["lora.rank=32", "lora.alpha=64", "optimizer.max_train_steps=350"],
+    "cached-350-rank32-snr2": TEXT_CACHED + RANK_32 + ["optimizer.max_train_steps=350", "optimizer.min_snr_gamma=2"],
+    "cached-350-rank32-snr1": TEXT_CACHED + RANK_32 + ["optimizer.max_train_steps=350", "optimizer.min_snr_gamma=1"],
+    "cached-400-rank32": TEXT_CACHED + RANK_32 + ["optimizer.max_train_steps=400"],
+    "cached-400-rank32-snr2": TEXT_CACHED + RANK_32 + ["optimizer.max_train_steps=400", "optimizer.min_snr_gamma=2"],
+    "cached-350-snr2": TEXT_CACHED + ["optimizer.max_train_steps=350", "optimizer.min_snr_gamma=2"],
+    "cached-350-snr1": TEXT_CACHED + ["optimizer.max_train_steps=350", "optimizer.min_snr_gamma=1"],
 }
 _dataset_lock = threading.Lock()
 
