@@ -43,12 +43,14 @@ class ThreadTuner:
     """Picks the faster of `most` and `most - 1` intra-op threads from timed steps, and keeps re-checking.
 
     Call `step_started()` before and `step_finished()` after each training step (only the step: saving
-    and sampling would blur the comparison). A check times up to `trial` steps at each count, interleaved,
-    and keeps the one with the lower median; it ends early when one count is clearly slower. Then
-    `interval` steps run before the next check; the interval doubles while the choice holds (up to
-    `max_interval`), and a check comes early when the median of the last `trial` steps is `slowdown`
-    times the chosen count's. `set_threads` and `clock` are torch's and the wall clock unless a test
-    passes its own."""
+    and sampling would blur the comparison). The steps at the chosen count are timed as they run; a check
+    runs up to `trial` steps at the other count and switches when their median is 5% faster. The first
+    step after any switch is not timed: oneDNN builds its kernels again for a new thread count, and
+    switching every step (an interleaved check) made the idle demo 29% slower. A check ends after one
+    timed step when one count is `clear` times faster than the other (the busy case). Then `interval`
+    steps run before the next check; the interval doubles while the choice holds (up to `max_interval`),
+    and a check comes early when the chosen count's recent median is `slowdown` times what it was.
+    `set_threads` and `clock` are torch's and the wall clock unless a test passes its own."""
 
     def __init__(
         self,
@@ -61,71 +63,74 @@ class ThreadTuner:
         slowdown: float = 1.4,
         warmup: int = 2,
         clear: float = 1.5,
+        switch_gain: float = 0.95,
     ):
         self.candidates = [most, most - 1]
         self.set_threads, self.clock = set_threads, clock
         self.trial, self.first_interval, self.max_interval, self.slowdown = trial, interval, max_interval, slowdown
-        self.clear = clear
+        self.clear, self.switch_gain = clear, switch_gain
         self.interval = interval
-        self.chosen = most
-        self.plan: list[int] = []  # thread counts of the steps still to time in this check
-        self.timings: dict[int, list[float]] = {}
-        self.recent: list[float] = []
-        self.chosen_median: float | None = None
-        self.until_check = warmup  # the first steps allocate and are slow: the first check comes after them
+        self.chosen = self.current = most
+        self.recent: list[float] = []  # the last `trial` timed steps at the chosen count
+        self.baseline: float | None = None  # the chosen count's median when it was chosen
+        self.probe: list[float] | None = None  # timed steps at the other count during a check
+        self.untimed = warmup  # steps not to time: warm-up, and the first after a switch
+        self.until_check = 0
         self.started: float | None = None
-        self.current = most
 
     def _use(self, threads: int) -> None:
         if threads != self.current:
             self.set_threads(threads)
             self.current = threads
+            self.untimed = max(self.untimed, 1)
+
+    def _other(self) -> int:
+        return next(c for c in self.candidates if c != self.chosen)
 
     def step_started(self) -> None:
-        if not self.plan and self.until_check <= 0:
-            # The chosen count first, so that a clearly slower other count is left after one step.
-            order = [self.chosen, *(c for c in self.candidates if c != self.chosen)]
-            self.plan = [c for _ in range(self.trial) for c in order]  # interleaved: drift hits both
-            self.timings = {c: [] for c in self.candidates}
-        self._use(self.plan[0] if self.plan else self.chosen)
+        if self.probe is None and self.until_check <= 0 and len(self.recent) == self.trial and not self.untimed:
+            self.probe = []
+            self._use(self._other())
         self.started = self.clock()
 
     def step_finished(self) -> None:
         if self.started is None:
             return
         seconds, self.started = self.clock() - self.started, None
-        if self.plan:
-            self.timings[self.plan.pop(0)].append(seconds)
-            if not self.plan or self._clearly_decided():
+        if self.untimed:
+            self.untimed -= 1
+            return
+        if self.probe is not None:
+            self.probe.append(seconds)
+            if len(self.probe) == self.trial or self._clearly_decided():
                 self._decide()
             return
-        self.until_check -= 1
         self.recent = (self.recent + [seconds])[-self.trial :]
-        if (
-            self.chosen_median
-            and len(self.recent) == self.trial
-            and statistics.median(self.recent) > self.slowdown * self.chosen_median
-        ):
-            self.until_check, self.interval = 0, self.first_interval  # the machine got busier (or freer)
+        self.until_check -= 1
+        if len(self.recent) < self.trial:
+            return
+        if self.baseline is None:
+            self.baseline = statistics.median(self.recent)
+        elif statistics.median(self.recent) > self.slowdown * self.baseline:
+            self.until_check, self.interval = 0, self.first_interval  # the machine got busier
 
     def _clearly_decided(self) -> bool:
-        """One count's every step slower than `clear` times the other's slowest: the busy case, where
-        each step at the wrong count costs twice or more, so the check ends at once."""
-        first, second = (self.timings[c] for c in self.candidates)
-        if not first or not second:
-            return False
-        return min(first) > self.clear * max(second) or min(second) > self.clear * max(first)
+        """One count `clear` times faster than the other, step for step: the busy case, where each step at the
+        wrong count costs twice or more, so the check ends at once."""
+        return min(self.probe) > self.clear * max(self.recent) or self.clear * max(self.probe) < min(self.recent)
 
     def _decide(self) -> None:
-        self.plan = []
-        medians = {c: statistics.median(t) for c, t in self.timings.items()}
-        best = min(medians, key=medians.get)
-        self.interval = min(2 * self.interval, self.max_interval) if best == self.chosen else self.first_interval
-        if best != self.chosen:
-            log.info("CPU threads: %d (step medians %s)", best, {c: round(m, 4) for c, m in medians.items()})
-        self.chosen, self.chosen_median = best, medians[best]
-        self.until_check, self.recent = self.interval, []
-        self._use(best)
+        probe, self.probe = self.probe, None
+        mine, theirs = statistics.median(self.recent), statistics.median(probe)
+        if theirs < self.switch_gain * mine:
+            log.info("CPU threads: %d (step median %.4f s; %.4f s at %d)", self._other(), theirs, mine, self.chosen)
+            self.chosen, self.recent, self.baseline = self._other(), probe[-self.trial :], theirs
+            self.interval = self.first_interval
+        else:
+            self.baseline = mine
+            self.interval = min(2 * self.interval, self.max_interval)
+        self.until_check = self.interval
+        self._use(self.chosen)
 
 
 class CpuThreads:
