@@ -73,7 +73,7 @@ def find_local_models(folder: Path) -> list[Path]:
 def bundled_models() -> list[tuple[str, str, bool]]:
     """(name, what it is, whether it is usable now) for what ships under assets/."""
     demo_ready = (DEMO_MODEL_DIR / "model_index.json").is_file()
-    rows = [("demo", "tiny SD-family model for CPU runs; trains in minutes, no checkpoint needed", demo_ready)]
+    rows = [("demo", "tiny SD-family model for CPU runs; trains in about 80 s, no checkpoint needed", demo_ready)]
     for family in FAMILIES:
         ready = (sd_config_dir(family) / "model_index.json").is_file()
         rows.append(

@@ -155,7 +155,7 @@ def steps_line(config: TrainConfig) -> str:
 
 def memory_line(config: TrainConfig) -> str:
     if config.base_model.strip() == "demo":
-        return "**GPU memory:** the demo model is tiny (15 MB of weights) and trains on the CPU in a few minutes."
+        return "**GPU memory:** the demo model is tiny (15 MB of weights) and trains on 2 CPU cores in about 80 s."
     family = config.family
     if family == "auto":
         summary = summarize(config.base_model.strip())
@@ -362,5 +362,7 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
     resume_button.click(shown(resume, app), form, message)
     timer = gr.Timer(1.0)
     page_has = gr.State(None)  # this page's Shown, kept on the server
-    timer.tick(shown(poll, app), page_has, [progress, status, loss, samples, log, page_has])
+    # show_progress="hidden": Gradio would otherwise draw its pending overlay on all five outputs every second,
+    # and that redrawing is CPU the training on the same machine does not get.
+    timer.tick(shown(poll, app), page_has, [progress, status, loss, samples, log, page_has], show_progress="hidden")
     return {"preset": preset, **components}
