@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_startup import CHROMIUM, CHROMIUM_ARGS, free_port, wait_for_server  # noqa: E402
+from app_startup import CHROMIUM, CHROMIUM_ARGS, serving_app  # noqa: E402
 from report import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,12 +56,7 @@ def newest_run(home: Path) -> Path:
 
 
 def app_run(browser, home: Path, steps: int) -> float:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    process = subprocess.Popen([sys.executable, "app.py", "--no-browser", "--port", str(port)], cwd=ROOT,
-                               env=env_for(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        wait_for_server(url, process)
+    with serving_app(ROOT, env_for(home)) as url:
         page = browser.new_page()
         page.goto(url, wait_until="load", timeout=60_000)
         page.get_by_role("tab", name="Train").click()
@@ -73,10 +68,7 @@ def app_run(browser, home: Path, steps: int) -> float:
             timeout=900_000,
         )
         page.close()
-        return steps_per_s(newest_run(home))
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    return steps_per_s(newest_run(home))
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ Not measured, so taken from the nearest measured case: SD2 uses SD1.5's activati
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import TrainConfig
@@ -141,14 +142,12 @@ MOST_BATCH = 64  # guidance stops counting here ("64+")
 
 
 def largest_batch(family: str, config: TrainConfig, card_gib: float, most: int = MOST_BATCH) -> int:
-    """The biggest batch size whose estimate fits in HEADROOM of a card of `card_gib` GiB (0: not even 1)."""
-    fits = 0
-    for batch in range(1, most + 1):
-        trial = config.model_copy(update={"dataset": config.dataset.model_copy(update={"batch_size": batch})})
-        if estimate_memory(family, trial).total_gib > HEADROOM * card_gib:
-            break
-        fits = batch
-    return fits
+    """The biggest batch size whose estimate fits in HEADROOM of a card of `card_gib` GiB (0: not even 1).
+    Only the activations grow with the batch, linearly, so the answer is one division."""
+    one = estimate_memory(family, config.model_copy(update={"dataset": config.dataset.model_copy(
+        update={"batch_size": 1})}))  # fmt: skip
+    room = HEADROOM * card_gib - (one.total_gib - one.activations_gib)
+    return max(0, min(most, math.floor(room / one.activations_gib)))
 
 
 def batch_guidance(family: str, config: TrainConfig, card: tuple[str, float] | None = None) -> str:

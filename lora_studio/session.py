@@ -102,21 +102,24 @@ def offload_frozen_parts(session: Session, to: torch.device | str = "cpu") -> No
 
 
 @contextmanager
-def frozen_parts_on_device(session: Session):
-    """The offloaded parts on the training device for as long as the block runs (rendering samples)."""
-    if not session.offloaded:
-        yield
-        return
-    home = {name: next(m.parameters()).device for name, m in session.offloaded.items()}
-    for module in session.offloaded.values():
-        module.to(session.device)
+def modules_on(modules, device: torch.device | str):
+    """`modules` on `device` while the block runs, each back where it was after (and the CUDA cache freed)."""
+    modules = [m for m in modules if next(m.parameters()).device != torch.device(device)]
+    homes = [next(m.parameters()).device for m in modules]
+    for module in modules:
+        module.to(device)
     try:
         yield
     finally:
-        for name, module in session.offloaded.items():
-            module.to(home[name])
-        if session.device.type == "cuda":
+        for module, home in zip(modules, homes, strict=True):
+            module.to(home)
+        if torch.cuda.is_available() and modules:
             torch.cuda.empty_cache()
+
+
+def frozen_parts_on_device(session: Session):
+    """The offloaded parts on the training device for as long as the block runs (rendering samples)."""
+    return modules_on(session.offloaded.values(), session.device)
 
 
 def trained_parts(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from .optimizers import make_lr_scheduler, make_optimizer
 from .outputs import render_samples, save_checkpoint, save_lora_file, should_checkpoint
 from .resume import check_resumable, record_config, resume, write_failure
 from .runs import RunFolder, RunLock, output_root
-from .session import Session, TrainingError, emit, offload_frozen_parts, on_main, trained_parts
+from .session import Session, TrainingError, emit, modules_on, offload_frozen_parts, on_main, trained_parts
 from .step import encode_text, training_step
 
 log = logging.getLogger(__name__)
@@ -115,23 +115,12 @@ def prepare_caches(config: TrainConfig, base: BaseModel, report: ScanReport, buc
     return latent_cache, text_cache
 
 
-@contextmanager
 def unet_parked(base: BaseModel, park: torch.device | str = "cpu"):
     """The UNet on `park` while the block runs, back on its device after. With `low_vram` the caches fill
     this way: on an 8 GiB card, SDXL's UNet (4.8 GiB in bf16) beside both text encoders and a 1024 px VAE
     encode would not fit. Once the caches are full, the VAE and frozen encoders leave the card instead
     (session.offload_frozen_parts)."""
-    device = base.unet.device
-    if device == torch.device(park):
-        yield
-        return
-    base.unet.to(park)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    try:
-        yield
-    finally:
-        base.unet.to(device)
+    return modules_on([base.unet], park)
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:

@@ -303,6 +303,14 @@ def field_component(field: config_form.FormField, value):
     return gr.Textbox(value=value, lines=3 if field.kind == "lines" else 1, **common)
 
 
+def poll_every_second(app: AppState, outputs: list) -> None:
+    """The live view: a timer polls the job; what this page was sent (`Shown`) is kept on the server."""
+    page_has = gr.State(None)
+    # show_progress="hidden": Gradio would otherwise draw its pending overlay on all five outputs every second,
+    # and that redrawing is CPU the training on the same machine does not get.
+    gr.Timer(1.0).tick(shown(poll, app), page_has, [*outputs, page_has], show_progress="hidden")
+
+
 def build(app: AppState) -> dict[str, gr.components.Component]:
     """The tab; returns the preset dropdown and the form's components by config key, for the other tabs."""
     presets = list_presets()
@@ -360,9 +368,5 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
     start_button.click(shown(start, app), form, message)
     stop_button.click(shown(stop, app), None, message)
     resume_button.click(shown(resume, app), form, message)
-    timer = gr.Timer(1.0)
-    page_has = gr.State(None)  # this page's Shown, kept on the server
-    # show_progress="hidden": Gradio would otherwise draw its pending overlay on all five outputs every second,
-    # and that redrawing is CPU the training on the same machine does not get.
-    timer.tick(shown(poll, app), page_has, [progress, status, loss, samples, log, page_has], show_progress="hidden")
+    poll_every_second(app, [progress, status, loss, samples, log])
     return {"preset": preset, **components}
