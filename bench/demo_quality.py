@@ -43,16 +43,20 @@ def base_report(pipeline, cases, steps: int, guidance: float, triggers: tuple[bo
     return report
 
 
-def lora_report(pipeline, lora: Path, strengths: list[float], cases, steps: int, guidance: float) -> dict:
-    """Concept, colour and shape rates with the trigger word, at each adapter strength."""
+def lora_report(
+    pipeline, lora: Path, strengths: list[float], cases, steps: int, guidance: float, no_trigger: tuple = ()
+) -> dict:
+    """Concept, colour and shape rates with the trigger word at each adapter strength, and without it
+    (`"<strength> no trigger"`) at the strengths in `no_trigger`: how specific to its trigger the concept is."""
     pipeline.load_lora_weights(str(lora), adapter_name="demo")
     seeds = [c.seed for c in cases]
-    prompts = [c.prompt(trigger=True) for c in cases]
     report = {}
     for strength in strengths:
         pipeline.set_adapters(["demo"], adapter_weights=[strength])
-        images = demo_data.generate(pipeline, prompts, seeds, steps, guidance)
-        report[f"{strength:g}"] = demo_data.score_images(cases, images).as_dict()
+        for trigger in (True, False) if strength in no_trigger else (True,):
+            images = demo_data.generate(pipeline, [c.prompt(trigger) for c in cases], seeds, steps, guidance)
+            label = f"{strength:g}" + ("" if trigger else " no trigger")
+            report[label] = demo_data.score_images(cases, images).as_dict()
     pipeline.unload_lora_weights()
     return report
 
@@ -60,7 +64,7 @@ def lora_report(pipeline, lora: Path, strengths: list[float], cases, steps: int,
 def print_table(report: dict) -> None:
     print(f"{'setting':28} {'cases':>5} {'colour':>7} {'shape':>7} {'concept':>8}")
     rows = [(k, report[k]) for k in ("base", "base_with_trigger")]
-    rows += [(f"lora strength {k}", v) for k, v in report.get("lora", {}).items()]
+    rows += [(f"lora strength {k}", v) for k, v in report.get("lora", {}).items()]  # "1 no trigger": without it
     for name, r in rows:
         print(f"{name:28} {r['cases']:>5} {r['color']:>7.0%} {r['shape']:>7.0%} {r['concept']:>8.0%}")
     print(f"{'demo dataset images':28} {'':>5} {'':>7} {'':>7} {report['dataset_concept']:>8.0%}")
@@ -71,6 +75,8 @@ def main() -> None:
     parser.add_argument("--model", default="demo", help="base model (default: the bundled demo model)")
     parser.add_argument("--lora", type=Path, help="a LoRA file to score at --strengths")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    parser.add_argument("--no-trigger", type=float, nargs="*", default=[1.0],
+                        help="strengths also scored without the trigger word (trigger specificity)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per colour x shape prompt")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
@@ -83,7 +89,8 @@ def main() -> None:
     cases = demo_data.eval_cases(args.seeds)
     report = base_report(pipeline, cases, args.steps, args.guidance)
     if args.lora:
-        report["lora"] = lora_report(pipeline, args.lora, args.strengths, cases, args.steps, args.guidance)
+        report["lora"] = lora_report(pipeline, args.lora, args.strengths, cases, args.steps, args.guidance,
+                                     tuple(args.no_trigger))
     report["settings"] = {
         "model": args.model,
         "steps": args.steps,

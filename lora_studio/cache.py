@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from .buckets import Bucket, Crop, plan_crop
 from .config import DatasetConfig, TrainConfig
-from .data import Item, bucket_pixels
+from .data import Item, bucket_mask, bucket_pixels
 from .paths import in_home
 from .runs import output_root
 from .safetensors_io import save_tensors
@@ -141,10 +141,13 @@ class LatentCache:
 
     def key(self, item: Item, entry: LatentEntry) -> str:
         parts = [item.content_hash, entry.bucket, entry.resized, entry.crop, entry.flip, self.background, self.vae_id]
+        if item.mask_hash:  # the mask is stored with the latent: another mask is another entry
+            parts.append(("mask", item.mask_hash))
         return hashlib.sha256(repr(parts).encode()).hexdigest()
 
     def get(self, item: Item, entry: LatentEntry) -> dict[str, torch.Tensor] | None:
-        """{'mean', 'std'} of the latent distribution (unscaled), or None when not cached.
+        """{'mean', 'std'} of the latent distribution (unscaled), plus 'mask' (1, h, w) for an item with a mask; None
+        when not cached.
 
         Entries read once stay in memory: training reads every entry every epoch, and a file open per
         sample per step costs more than the tiny demo UNet's whole step."""
@@ -178,7 +181,10 @@ class LatentCache:
                 pixels = torch.stack([self.pixels(items[e.item_index], e) for e in chunk])
                 means, stds = self.encode(pixels)
                 for entry, mean, std in zip(chunk, means, stds, strict=True):
-                    self._store(self.key(items[entry.item_index], entry), {"mean": mean, "std": std})
+                    item = items[entry.item_index]
+                    mask = bucket_mask(item, entry.bucket, entry.resized, entry.crop, entry.flip, mean.shape[-2:])
+                    tensors = {"mean": mean, "std": std, **({"mask": mask} if mask is not None else {})}
+                    self._store(self.key(item, entry), tensors)
                 done += len(chunk)
                 if progress is not None:
                     progress(done, total)

@@ -46,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("path", help="the images folder ('demo' for the bundled demo dataset)")
     dataset.add_argument("--config", help="a TOML config or preset whose dataset settings apply")
     dataset.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    checkpoints = sub.add_parser(
+        "checkpoints", help="list a run's LoRA files with their validation loss; --best prints the best one's path"
+    )
+    checkpoints.add_argument("run", type=Path, help="the run folder, e.g. runs/my-lora-20260101-120000")
+    checkpoints.add_argument("--best", action="store_true", help="print only the path of the lowest validation loss")
+    checkpoints.add_argument("--json", action="store_true", help="print one JSON object")
+    reg = sub.add_parser(
+        "reg-images", help="render a config's regularization images with its base model (cached), before training"
+    )
+    reg.add_argument("config", help="a TOML config or a preset name")
+    reg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     add_lora_tool_parsers(sub)
     add_sample_parser(sub)
     return parser
@@ -211,11 +222,63 @@ def print_dataset_report(report: dict) -> None:
     for bucket in report["buckets"]:
         print(f"  {bucket['width']}x{bucket['height']}: {bucket['count']} images")
     print(f"Steps: {report['steps_per_epoch']} per epoch, {report['total_steps']} in all")
+    if report["regularization_images_per_epoch"]:
+        print(f"Regularization: {report['regularization_images_per_epoch']} images per epoch beside the training ones")
+    if report["validation_images"]:
+        print(f"Validation: {len(report['validation_images'])} images held out of training")
+        for path in report["validation_images"]:
+            print(f"  {path}")
     for kind in ("warnings", "errors"):
         if report[kind]:
             print(f"{kind.capitalize()} ({len(report[kind])}):")
             for problem in report[kind]:
                 print(f"  {problem['path']}: {problem['message']}")
+
+
+def run_checkpoints(args: argparse.Namespace) -> int:
+    import json
+
+    from .runs import RunFolder
+
+    run = RunFolder.open(args.run)
+    best, losses = run.best_lora(), run.validation_losses()
+    if args.best:
+        if best is None:
+            raise LoraStudioError(f"{run.path} has no validated LoRA file; train with validation.fraction or "
+                                  "validation.path set to have one")  # fmt: skip
+        print(best)
+        return EXIT_OK
+    rows = [{"file": str(path), **losses.get(path, {}), "best": path == best} for path in run.lora_files()]
+    if args.json:
+        print(json.dumps({"run": str(run.path), "best": str(best) if best else None, "files": rows}, indent=2))
+        return EXIT_OK
+    for row in rows:
+        loss = f"{row['validation_loss']:.6f}" if "validation_loss" in row else "-"
+        print(f"{'*' if row['best'] else ' '} {loss:>10}  {row['file']}")
+    print("* lowest validation loss" if best else "no file was validated (set validation.fraction or .path)")
+    return EXIT_OK
+
+
+def run_reg_images(args: argparse.Namespace) -> int:
+    """Render (or find cached) what `regularization.generate` will train on, so it can be looked at first."""
+    from .cache import cache_folder
+    from .data import scan
+    from .models import dtype_of, load_base, pick_device
+    from .reg_images import generate_regularization
+
+    config = _load_config_or_preset(args.config, [*args.overrides, "regularization.generate=true",
+                                                  "regularization.path=''"])  # fmt: skip
+    report = scan(config.dataset)
+    if not report.items:
+        raise LoraStudioError(f"the dataset {report.root} has no usable images; check it with `lora-studio dataset`")
+    device = pick_device()
+    base = load_base(config.base_model, dtype_of(config.mixed_precision if device.type != "cpu" else "no"), device)
+    resolution = config.dataset.resolution or base.native_resolution
+    items = generate_regularization(config, base, report.items, resolution)
+    print(f"{len(items)} regularization images in {cache_folder(config) / 'regularization'}")
+    for item in items:
+        print(f"  {item.path.name}: {item.caption}")
+    return EXIT_OK
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -249,7 +312,7 @@ def train_with_progress(config, resume: Path | None = None) -> int:
     from accelerate import PartialState
     from tqdm import tqdm
 
-    from .events import Commands, DoneEvent, ProgressEvent, SampleEvent
+    from .events import Commands, DoneEvent, ProgressEvent, SampleEvent, ValidationEvent
     from .train import run_training
 
     commands = Commands()
@@ -264,6 +327,8 @@ def train_with_progress(config, resume: Path | None = None) -> int:
             bars[0].set_postfix(loss=f"{event.smoothed_loss:.4f}", lr=f"{event.lr:.2e}")
         elif isinstance(event, SampleEvent):
             tqdm.write(f"samples at step {event.step}: {event.images[0].parent}")
+        elif isinstance(event, ValidationEvent):
+            tqdm.write(f"validation loss at step {event.step}: {event.loss:.6f} ({len(event.per_image)} images)")
         elif isinstance(event, DoneEvent) and bars:
             bars[0].close()
 
@@ -401,13 +466,16 @@ def run_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-LOGGED_COMMANDS = {"app", "train", "demo", "sample", "merge"}  # the rest only read files (and must answer fast)
+# The rest only read files (and must answer fast).
+LOGGED_COMMANDS = {"app", "train", "demo", "sample", "merge", "reg-images"}
 COMMANDS = {
     "app": run_app,
     "detect": run_detect,
     "config": run_config,
     "presets": run_presets,
     "dataset": run_dataset,
+    "checkpoints": run_checkpoints,
+    "reg-images": run_reg_images,
     "train": run_train,
     "demo": run_demo,
     "inspect": run_inspect,

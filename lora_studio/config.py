@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .fsutil import write_text_atomic
 from .paths import PRESETS_DIR
+from .sample_prompts import SamplePrompt, parse_sample_prompt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,6 +60,10 @@ class DatasetConfig(Section):
     bucket_no_upscale: bool = False
     random_crop: bool = False
     flip_aug: bool = False
+    color_jitter: tuple[float, float, float, float] = Field(
+        (0.0, 0.0, 0.0, 0.0), description="Colour augmentation per sample and step: brightness, contrast, saturation "
+        "and hue jitter, e.g. [0.1, 0.1, 0.1, 0.02] (a factor in 1 +- j; hue shifts by up to j of the colour wheel).",
+    )  # fmt: skip
     shuffle_caption: bool = False
     keep_tokens: int = Field(0, ge=0, description="Leading comma-separated tags that shuffle keeps in place.")
     caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
@@ -66,12 +71,36 @@ class DatasetConfig(Section):
     alpha_background: str = Field(
         "#ffffff", pattern=r"^#[0-9a-fA-F]{6}$", description="Colour under transparent pixels."
     )
+    masked_loss: bool = Field(
+        False, description="Weight the loss by each image's mask, `name.mask.png` beside it (white = learn, black = "
+        "ignore); images without one are learned whole.",
+    )  # fmt: skip
+    alpha_mask: bool = Field(False, description="With masked_loss: an image without a mask file uses its alpha "
+                             "channel as the mask (kohya's alpha_mask).")  # fmt: skip
+    unmasked_weight: float = Field(
+        0.0, ge=0.0, le=1.0, description="With masked_loss: the loss weight of the masked-out (black) area "
+        "(OneTrainer's unmasked weight); 0 ignores it.",
+    )  # fmt: skip
     cache_latents: bool = True  # kohya/OneTrainer: cache VAE latents unless augmenting per step
     cache_latents_to_disk: bool = Field(
         True, description="Keep cached latents on disk for later runs; off keeps them in memory for this run only."
     )
     cache_text_embeddings: bool = False  # only possible with a frozen text encoder and static captions
     cache_dir: str = Field("", description="Where latent/text caches live; empty: .cache in the runs folder.")
+
+    @field_validator("color_jitter")
+    @classmethod
+    def _jitter_in_range(cls, value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        limits = (1.0, 1.0, 1.0, 0.5)
+        bad = [f"{name} {v}" for name, v, top in zip(("brightness", "contrast", "saturation", "hue"), value, limits,
+                                                      strict=True) if not 0.0 <= v <= top]  # fmt: skip
+        if bad:
+            raise ValueError(f"{', '.join(bad)} out of range: brightness, contrast and saturation take 0-1, hue 0-0.5")
+        return value
+
+    @property
+    def color_augmented(self) -> bool:
+        return any(self.color_jitter)
 
     @property
     def captions_are_static(self) -> bool:
@@ -107,6 +136,15 @@ class LoraConfig(Section):
     init_lora_weights: Literal["default", "gaussian"] = (
         "default"  # peft default: B = 0, so the adapter starts as a no-op
     )
+    ema_decay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Exponential moving average of the LoRA weights, e.g. 0.999; 0 turns it off."
+    )
+    ema_warmup: bool = Field(
+        True, description="Ramp the EMA decay up from 0 as 1 - (1 + step)^(-2/3) (diffusers' EMA warm-up), capped "
+        "at ema_decay; off: (1 + step) / (10 + step).",
+    )  # fmt: skip
+    ema_for_samples: bool = Field(True, description="Samples and the validation loss use the EMA weights.")
+    ema_for_files: bool = Field(True, description="The final LoRA file and the checkpoints hold the EMA weights.")
 
     @model_validator(mode="after")
     def _conv_needs_full(self) -> LoraConfig:
@@ -138,6 +176,10 @@ class OptimConfig(Section):
     min_snr_gamma: float | None = Field(
         5.0, ge=0, description="Min-SNR-gamma loss weighting; 0 turns it off (TOML has no null)."
     )  # Hang et al. 2023 recommend 5; kohya guides use 5
+    zero_terminal_snr: bool = Field(
+        False, description="Rescale the noise schedule to zero SNR at the last timestep (Lin et al. 2023), so the "
+        "model learns pure black and white; needs a v-prediction model or prediction_type = 'v_prediction'.",
+    )  # fmt: skip
 
     @field_validator("betas")
     @classmethod
@@ -149,7 +191,11 @@ class OptimConfig(Section):
 
 class SampleConfig(Section):
     every_n_steps: int = Field(100, ge=0, description="Render samples every N steps; 0 turns sampling off.")
-    prompts: list[str] = Field(default_factory=list, description="Empty uses the trigger word and a dataset caption.")
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="One per line, kohya's flags allowed: `a red star --n blurry --w 512 --h 768 --d 42 --l 7 --s 28 "
+        "--ss euler_a`; empty uses the trigger word and a dataset caption.",
+    )  # fmt: skip
     negative_prompt: str = ""
     strengths: list[float] = Field(default_factory=lambda: [0.5, 1.0], description="Adapter strengths to render.")
     seeds: list[int] = Field(default_factory=lambda: [42])
@@ -162,6 +208,25 @@ class SampleConfig(Section):
     width: int | None = Field(None, ge=32)
     height: int | None = Field(None, ge=32)
 
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_parse(cls, value: list[str]) -> list[str]:
+        samplers = typing.get_args(cls.model_fields["sampler"].annotation)
+        problems = []
+        for number, line in enumerate(value, 1):
+            try:
+                if not parse_sample_prompt(line, samplers).prompt:
+                    problems.append(f"prompt {number} has settings but no prompt text")
+            except ValueError as exc:
+                problems.append(f"prompt {number}: {exc}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    def prompt_lines(self) -> list[SamplePrompt]:
+        """The prompts with their per-prompt settings (kohya's flags) parsed."""
+        return [parse_sample_prompt(line) for line in self.prompts]
+
     @field_validator("strengths")
     @classmethod
     def _strengths_in_range(cls, value: list[float]) -> list[float]:
@@ -169,6 +234,64 @@ class SampleConfig(Section):
         if bad:
             raise ValueError(f"strengths must lie in [-2, 2], got {bad}")
         return value
+
+
+class ValidationConfig(Section):
+    """A held-out set scored at fixed noise and timesteps, so two evaluations differ only by the weights
+    (kohya sd-scripts #193; OneTrainer #859: the training loss alone picks overfitted checkpoints)."""
+
+    fraction: float = Field(
+        0.0, ge=0.0, le=0.5,
+        description="Share of each folder's images held out for the validation loss (seeded); 0: none held out.",
+    )  # fmt: skip
+    path: str = Field("", description="A separate folder of validation images and captions, instead of a fraction.")
+    every_n_steps: int = Field(
+        0, ge=0, description="Validation loss every N steps; also at every checkpoint and at the end. 0: only those."
+    )
+    timesteps: int = Field(
+        4, ge=1, le=32, description="Fixed timesteps spread over the schedule, each with its own fixed noise."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.fraction or self.path.strip())
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ValidationConfig:
+        if self.fraction and self.path.strip():
+            raise ValueError(
+                f"both fraction ({self.fraction}) and path ({self.path!r}) are set; hold out a fraction of the "
+                "dataset or use a separate folder, not both"
+            )
+        return self
+
+
+class RegularizationConfig(Section):
+    """Prior preservation: images of the class without the trigger, so the LoRA changes what the trigger asks for
+    and leaves the rest of the model alone (kohya's reg folder; OneTrainer's and ai-toolkit's reg datasets)."""
+
+    path: str = Field("", description="A folder of regularization images with captions; kohya's N_class/ layout too.")
+    generate: bool = Field(
+        False, description="Render the regularization images with the base model itself, from the training captions "
+        "without the trigger word (cached: a second run reuses them).",
+    )  # fmt: skip
+    class_word: str = Field("", description="Put in place of the trigger word in generated prompts, e.g. 'dog'.")
+    images: int = Field(0, ge=0, le=2000, description="Images to generate; 0: one per training image.")
+    steps: int = Field(20, ge=1, le=100, description="Sampling steps of each generated image.")
+    guidance_scale: float = Field(7.0, ge=0.0, description="CFG of the generated images.")
+    prior_loss_weight: float = Field(1.0, ge=0.0, description="Loss weight of regularization images (kohya: 1.0).")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.path.strip()) or self.generate
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RegularizationConfig:
+        if self.generate and self.path.strip():
+            raise ValueError(
+                f"both path ({self.path!r}) and generate are set; use your own folder or generated images, not both"
+            )
+        return self
 
 
 class SaveConfig(Section):
@@ -209,6 +332,8 @@ class TrainConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     optimizer: OptimConfig = Field(default_factory=OptimConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     save: SaveConfig = Field(default_factory=SaveConfig)
 
     @field_validator("version")
@@ -249,6 +374,21 @@ class TrainConfig(Section):
             problems.append(
                 "`dataset.random_crop` changes every step, so latents cannot be cached; "
                 "turn cache_latents or random_crop off"
+            )
+        if self.dataset.cache_latents and self.dataset.color_augmented:
+            problems.append(
+                "`dataset.color_jitter` changes every step, so latents cannot be cached; "
+                "turn cache_latents off or set color_jitter to [0, 0, 0, 0]"
+            )
+        if self.optimizer.zero_terminal_snr and self.prediction_type == "epsilon":
+            problems.append(
+                "`optimizer.zero_terminal_snr` needs v-prediction (at zero SNR there is no noise left to predict); "
+                "set prediction_type = 'v_prediction' (or 'auto' with a v-prediction model), or turn it off"
+            )
+        if not self.dataset.masked_loss and (self.dataset.alpha_mask or self.dataset.unmasked_weight):
+            problems.append(
+                "`dataset.alpha_mask` and `dataset.unmasked_weight` act only with masked loss; "
+                "set dataset.masked_loss = true, or leave them at false and 0"
             )
         reason = self.text_cache_refusal() if self.dataset.cache_text_embeddings else None
         if reason:
@@ -339,12 +479,15 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "bucket_no_upscale": "dataset.bucket_no_upscale",
     "random_crop": "dataset.random_crop",
     "flip_aug": "dataset.flip_aug",
+    "color_aug": "dataset.color_jitter",  # kohya's flag: hue/saturation/value jitter
     "shuffle_caption": "dataset.shuffle_caption",
     "keep_tokens": "dataset.keep_tokens",
     "caption_dropout_rate": "dataset.caption_dropout_rate",
     "caption_tag_dropout_rate": "dataset.caption_tag_dropout_rate",
     "cache_latents": "dataset.cache_latents",
     "cache_latents_to_disk": "dataset.cache_latents_to_disk",
+    "masked_loss": "dataset.masked_loss",
+    "alpha_mask": "dataset.alpha_mask",
     "network_dim": "lora.rank",
     "network_alpha": "lora.alpha",
     "network_dropout": "lora.dropout",
@@ -362,8 +505,13 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "max_train_epochs": "optimizer.max_train_epochs",
     "max_train_steps": "optimizer.max_train_steps",
     "noise_offset": "optimizer.noise_offset",
+    "zero_terminal_snr": "optimizer.zero_terminal_snr",
     "min_snr_gamma": "optimizer.min_snr_gamma",
     "sample_every_n_steps": "sample.every_n_steps",
+    "reg_data_dir": "regularization.path",
+    "prior_loss_weight": "regularization.prior_loss_weight",
+    "validation_split": "validation.fraction",  # kohya sd-scripts' validation PRs (#1858/#1900)
+    "validate_every_n_steps": "validation.every_n_steps",
     "save_precision": "save.precision",
     "save_every_n_epochs": "save.every_n_epochs",
     "save_every_n_steps": "save.every_n_steps",
@@ -385,6 +533,10 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
             value = KOHYA_OPTIMIZERS.get(value.lower(), value)
         if key == "network_train_unet_only":
             target, value = "lora.train_text_encoder", not value
+        if key == "color_aug":  # kohya's on/off: a mild jitter of each kind
+            value = [0.1, 0.1, 0.1, 0.02] if value else [0.0, 0.0, 0.0, 0.0]
+        if key == "alpha_mask" and value is True:  # kohya's alpha_mask turns masked loss on by itself
+            _set_path(out, "dataset.masked_loss", True)
         _set_path(out, target, value)
     return out
 

@@ -11,6 +11,7 @@ small per-item records, so memory does not grow with image sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import random
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from .buckets import (
     Bucket,
@@ -36,12 +37,13 @@ from .buckets import (
 )
 from .config import DatasetConfig, TrainConfig
 from .errors import LoraStudioError
-from .paths import DEMO_DATASET_DIR, is_within
+from .paths import DEMO_DATASET_DIR, DEMO_VALIDATION_DIR, is_within
 
 if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MASK_SUFFIX = ".mask.png"  # `cat.mask.png` beside `cat.png`: white = learn, black = ignore (masked loss)
 MAX_CAPTION_BYTES = 64 * 1024  # a caption is a line of tags; a bigger "caption" is some other file
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 Severity = Literal["error", "warning"]
@@ -68,6 +70,8 @@ class Item:
     width: int  # after EXIF orientation
     height: int
     content_hash: str  # sha256 of the file bytes: the cache key and the duplicate check
+    mask_hash: str = ""  # sha256 of its mask file with masked loss on, "alpha" for its alpha channel, else ""
+    regularization: bool = False  # a prior-preservation image: no trigger word, its loss weighted by prior_loss_weight
 
 
 @dataclass
@@ -102,12 +106,27 @@ class ScanReport:
 
 
 def resolve_dataset_path(path: str) -> Path:
-    """`demo` names the bundled demo dataset; anything else is a folder path."""
-    return DEMO_DATASET_DIR if path.strip() == "demo" else Path(path).expanduser()
+    """`demo` names the bundled demo dataset and `demo-validation` its held-out images; anything else is a folder."""
+    bundled = {"demo": DEMO_DATASET_DIR, "demo-validation": DEMO_VALIDATION_DIR}
+    return bundled.get(path.strip(), Path(path).expanduser())
+
+
+def is_training_image(path: Path) -> bool:
+    """An image file of a dataset: an image suffix, and not another image's mask."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(path)
+
+
+def is_mask_file(path: Path) -> bool:
+    return path.name.lower().endswith(MASK_SUFFIX)
+
+
+def mask_file(image_path: Path) -> Path:
+    """Where an image's mask lives: `cat.png` -> `cat.mask.png` beside it."""
+    return image_path.with_name(image_path.stem + MASK_SUFFIX)
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_training_image(p))
 
 
 def find_concept_folders(root: Path, config: DatasetConfig) -> tuple[list[tuple[Path, str, int]], list[Problem]]:
@@ -318,10 +337,136 @@ def _scan_one(
         problems.append(
             Problem(str(path), "warning", "the caption file is empty; only the trigger word or folder name is used")
         )
-    return Item(path, caption, concept, repeats, width, height, digest)
+    mask_hash = _check_mask(path, image_size=(width, height), config=config, problems=problems)
+    if mask_hash is None:
+        return None
+    return Item(path, caption, concept, repeats, width, height, digest, mask_hash)
+
+
+def _check_mask(path: Path, image_size: tuple[int, int], config: DatasetConfig, problems: list) -> str | None:
+    """With masked loss on: the mask's hash ("" when the whole image is learned, "alpha" for the alpha channel);
+    None (and an error) for a mask that cannot be used."""
+    if not config.masked_loss:
+        return ""
+    source = mask_file(path)
+    if not source.is_file():
+        if config.alpha_mask and _has_alpha(path):
+            return "alpha"
+        problems.append(Problem(str(path), "warning", f"no {source.name}; the whole image is learned"))
+        return ""
+    if not is_within(source, path.parent):
+        problems.append(Problem(str(source), "error", "a link to a file outside the dataset folder; copy it in"))
+        return None
+    data = source.read_bytes()
+    try:
+        size = open_image(data).size
+    except Exception as exc:  # Pillow raises several kinds for damaged files
+        problems.append(Problem(str(source), "error", _image_problem(source, exc)))
+        return None
+    if size != image_size:
+        problems.append(Problem(str(source), "error", (
+            f"the mask is {size[0]}x{size[1]} but {path.name} is {image_size[0]}x{image_size[1]}; "
+            "re-export the mask at the image's size")))  # fmt: skip
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
+def _has_alpha(path: Path) -> bool:
+    with Image.open(path) as image:
+        return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+# --- the validation set ---------------------------------------------------------------------------------
+
+
+def split_validation(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """(training, held out): `fraction` of each concept folder's images, drawn with `seed`, at least one from a
+    folder of two or more, never a folder's last image. Stratified, so every concept is both trained and
+    validated; the draw depends only on the seed and the file names, so a resume holds out the same images."""
+    if not fraction:
+        return list(items), []
+    folders: dict[str, list[Item]] = {}
+    for item in items:
+        folders.setdefault(item.concept, []).append(item)
+    held: set[Path] = set()
+    for concept, members in folders.items():
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        ordered = sorted(members, key=lambda i: i.path.name)
+        held |= {i.path for i in random.Random(f"{seed}-validation-{concept}").sample(ordered, count)}
+    return [i for i in items if i.path not in held], [i for i in items if i.path in held]
+
+
+def validation_items(config: TrainConfig, report: ScanReport) -> tuple[ScanReport, list[Item], list[Problem]]:
+    """The training report with any held-out images removed, the validation images, and problems found.
+
+    `validation.fraction` holds out part of each folder; `validation.path` scans a separate folder with the
+    dataset's own settings (its kohya repeat counts do not matter: every image is scored once)."""
+    settings = config.validation
+    if settings.path.strip():
+        scanned = scan(config.dataset.model_copy(update={"path": settings.path}))
+        problems = [Problem(p.path, p.severity, f"validation image: {p.message}") for p in scanned.problems]
+        return report, scanned.items, problems
+    training, held = split_validation(report.items, settings.fraction, config.seed)
+    problems = []
+    if settings.fraction and not held:
+        problems.append(Problem(str(report.root), "error", (
+            f"validation.fraction = {settings.fraction} holds out no image: every folder has a single image; "
+            "add images, or give a separate folder in validation.path")))  # fmt: skip
+    return ScanReport(report.root, training, report.problems, report.layout), held, problems
+
+
+# --- regularization images ----------------------------------------------------------------------------------
+
+
+def regularization_items(config: TrainConfig) -> tuple[list[Item], list[Problem]]:
+    """The images of `regularization.path` (plain or kohya N_class/ layout), marked as regularization images."""
+    if not config.regularization.path.strip():
+        return [], []
+    scanned = scan(config.dataset.model_copy(update={"path": config.regularization.path, "masked_loss": False,
+                                                     "alpha_mask": False, "unmasked_weight": 0.0}))  # fmt: skip
+    problems = [Problem(p.path, p.severity, f"regularization image: {p.message}") for p in scanned.problems]
+    return [dataclasses.replace(i, regularization=True) for i in scanned.items], problems
+
+
+def balance_regularization(training: list[Item], regularization: list[Item]) -> list[Item]:
+    """kohya's balance: the regularization images repeated, one more repeat at a time in order, until an epoch holds
+    as many of them as of training images (with repeats); their own N_ repeat counts start the count."""
+    target = sum(i.repeats for i in training)
+    if not regularization or not target:
+        return list(regularization)
+    repeats = [min(i.repeats, target) for i in regularization]
+    count, index = sum(repeats), 0
+    while count < target:
+        repeats[index % len(regularization)] += 1
+        count, index = count + 1, index + 1
+    while count > target:  # more regularization images than training ones: the later ones sit out
+        last = max(i for i, r in enumerate(repeats) if r > 0)
+        repeats[last] -= 1
+        count -= 1
+    return [dataclasses.replace(i, repeats=r) for i, r in zip(regularization, repeats, strict=True) if r > 0]
+
+
+def planned_regularization(config: TrainConfig, training: list[Item], resolution: int) -> tuple[list[Item], list]:
+    """The regularization images an epoch will hold, before any model loads: the folder's, balanced; or stand-ins
+    for the images `regularization.generate` will render (square, at the training resolution)."""
+    if config.regularization.generate and training:
+        count = config.regularization.images or len(training)
+        planned = [Item(Path(f"generated-{n}"), "", "regularization", 1, resolution, resolution, "", "", True)
+                   for n in range(count)]  # fmt: skip
+        return balance_regularization(training, planned), []
+    found, problems = regularization_items(config)
+    return balance_regularization(training, found), problems
 
 
 # --- captions -------------------------------------------------------------------------------------------
+
+
+def validation_caption(item: Item, config: DatasetConfig) -> str:
+    """An image's caption as the validation pass sees it every time: trigger and prefix/suffix, no shuffle, no
+    dropout (a validation loss that drew its captions would not compare weights alone)."""
+    fixed = config.model_copy(update={"shuffle_caption": False, "caption_dropout_rate": 0.0,
+                                      "caption_tag_dropout_rate": 0.0})  # fmt: skip
+    return build_caption(item, fixed, random.Random(0))
 
 
 def build_caption(item: Item, config: DatasetConfig, rng: random.Random) -> str:
@@ -333,11 +478,11 @@ def build_caption(item: Item, config: DatasetConfig, rng: random.Random) -> str:
     if config.caption_dropout_rate and rng.random() < config.caption_dropout_rate:
         return ""
     text = item.caption
-    if not text and not config.trigger_word:
+    if not text and (item.regularization or not config.trigger_word):
         text = item.concept  # kohya's fallback: the concept folder's class name
     text = ", ".join(p for p in (config.caption_prefix.strip(" ,"), text, config.caption_suffix.strip(" ,")) if p)
     tags = [t.strip() for t in text.split(",") if t.strip()]
-    trigger = config.trigger_word.strip()
+    trigger = "" if item.regularization else config.trigger_word.strip()  # the class, not the concept
     keep = config.keep_tokens
     if trigger and trigger not in {t.strip() for t in tags} and trigger not in text.split():
         tags.insert(0, trigger)
@@ -357,9 +502,12 @@ def dataset_report(config: TrainConfig, resolution: int | None = None) -> dict:
     """Items, repeats, buckets, steps and every problem, as plain data (the CLI prints it or its JSON)."""
     dataset = config.dataset
     resolution = resolution or dataset.resolution or 512
-    report = scan(dataset)
-    buckets = assign_buckets([(i.width, i.height) for i in report.items], dataset, resolution) if report.items else []
-    repeats = [i.repeats for i in report.items]
+    report, held, problems = validation_items(config, scan(dataset))
+    regularization, reg_problems = planned_regularization(config, report.items, resolution)
+    report.problems = report.problems + problems + reg_problems
+    counted = report.items + regularization
+    buckets = assign_buckets([(i.width, i.height) for i in counted], dataset, resolution) if counted else []
+    repeats = [i.repeats for i in counted]
     per_epoch = batches_per_epoch(buckets, repeats, dataset.batch_size) if buckets else 0
     counts = Counter(buckets)
     total = count_total_steps(config.optimizer, per_epoch)
@@ -368,6 +516,8 @@ def dataset_report(config: TrainConfig, resolution: int | None = None) -> dict:
         "layout": report.layout,
         "items": len(report.items),
         "images_per_epoch": report.images_per_epoch,
+        "validation_images": [str(i.path) for i in held],
+        "regularization_images_per_epoch": sum(i.repeats for i in regularization),
         "repeats": {c: r for c, r in sorted({(i.concept, i.repeats) for i in report.items})},
         "resolution": resolution,
         "batch_size": dataset.batch_size,
@@ -383,13 +533,45 @@ def dataset_report(config: TrainConfig, resolution: int | None = None) -> dict:
 # --- transforms: an item as one training step sees it ------------------------------------------------------
 
 
+def load_mask(item: Item) -> Image.Image | None:
+    """An item's loss mask as an 8-bit L image the size of the image (oriented like it), or None when the whole
+    image is learned: its `.mask.png`, or its alpha channel (kohya's alpha_mask)."""
+    if not item.mask_hash:
+        return None
+    if item.mask_hash == "alpha":
+        return open_image(item.path).convert("RGBA").getchannel("A")
+    return open_image(mask_file(item.path)).convert("L")
+
+
+def bucket_mask(
+    item: Item, bucket: Bucket, resized: tuple[int, int], crop: Crop, flip: bool, latent_size: tuple[int, int]
+) -> torch.Tensor | None:
+    """An item's mask through the same resize, crop and flip as its image, averaged down to the latent's
+    (height, width): a (1, h, w) tensor in [0, 1], or None without a mask."""
+    mask = load_mask(item)
+    if mask is None:
+        return None
+    mask = resize_and_crop(mask, bucket, crop, resized)
+    if flip:
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    import torch  # here, as in bucket_pixels: the Dataset tab uses this module before torch is needed
+    import torch.nn.functional as F
+
+    pixels = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    return F.interpolate(pixels, size=latent_size, mode="area")[0].clamp(0.0, 1.0)
+
+
 def bucket_pixels(
-    item: Item, bucket: Bucket, resized: tuple[int, int], crop: Crop, flip: bool, background: str
-) -> torch.Tensor:
-    """An item resized and cropped into its bucket, optionally mirrored, as a [-1, 1] CHW tensor."""
+    item: Item, bucket: Bucket, resized: tuple[int, int], crop: Crop, flip: bool, background: str,
+    jitter: ColorJitter | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """An item resized and cropped into its bucket, optionally mirrored and colour-jittered, as a [-1, 1] CHW
+    tensor."""
     image = resize_and_crop(load_image(item.path, background), bucket, crop, resized)
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if jitter is not None:
+        image = apply_color_jitter(image, jitter)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     import torch  # here, not at the top: the app's Dataset tab uses this module before torch is needed
 
@@ -404,11 +586,41 @@ class StepSample:
     caption: str
     crop: Crop  # SDXL's original size, crop top-left and target size
     flip: bool
+    resized: tuple[int, int] = (0, 0)  # the size it was resized to before the crop (for its mask)
 
 
 def make_step_sample(item: Item, bucket: Bucket, config: DatasetConfig, rng: random.Random) -> StepSample:
-    """Random crop and flip (when enabled) and the step's caption, all drawn from `rng` for exact resume."""
+    """Random crop, flip and colour jitter (when enabled) and the step's caption, all drawn from `rng` for exact
+    resume."""
     resized, crop = plan_crop(item.width, item.height, bucket, config.random_crop, rng)
     flip = config.flip_aug and rng.random() < 0.5
-    pixels = bucket_pixels(item, bucket, resized, crop, flip, config.alpha_background)
-    return StepSample(pixels, build_caption(item, config, rng), crop, flip)
+    jitter = draw_color_jitter(config.color_jitter, rng) if config.color_augmented else None
+    pixels = bucket_pixels(item, bucket, resized, crop, flip, config.alpha_background, jitter)
+    return StepSample(pixels, build_caption(item, config, rng), crop, flip, resized)
+
+
+@dataclass(frozen=True)
+class ColorJitter:
+    brightness: float  # factors: 1 leaves the image as it is
+    contrast: float
+    saturation: float
+    hue: float  # a shift in turns of the colour wheel: 0 leaves it
+
+
+def draw_color_jitter(strengths: tuple[float, float, float, float], rng: random.Random) -> ColorJitter:
+    """One sample's colour change: each factor uniform in 1 +- its strength, the hue shift in +- its strength."""
+    brightness, contrast, saturation, hue = strengths
+    return ColorJitter(*(1.0 + rng.uniform(-s, s) for s in (brightness, contrast, saturation)), rng.uniform(-hue, hue))
+
+
+def apply_color_jitter(image: Image.Image, jitter: ColorJitter) -> Image.Image:
+    """Brightness, contrast, saturation (Pillow's ImageEnhance) and a hue rotation (in HSV), in that order."""
+    image = ImageEnhance.Brightness(image).enhance(jitter.brightness)
+    image = ImageEnhance.Contrast(image).enhance(jitter.contrast)
+    image = ImageEnhance.Color(image).enhance(jitter.saturation)
+    if jitter.hue:
+        h, s, v = image.convert("HSV").split()
+        shift = round(jitter.hue * 256) % 256
+        h = h.point(lambda x: (x + shift) % 256)
+        image = Image.merge("HSV", (h, s, v)).convert("RGB")
+    return image

@@ -14,7 +14,10 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import IMAGE_SUFFIXES, MAX_CAPTION_BYTES, open_image, read_caption
+import numpy as np
+from PIL import Image, ImageOps
+
+from .data import IMAGE_SUFFIXES, MAX_CAPTION_BYTES, is_training_image, mask_file, open_image, read_caption, to_rgb
 from .errors import LoraStudioError
 from .fsutil import atomic_path, write_text_atomic
 
@@ -131,10 +134,78 @@ def bulk_edit(folder: Path, edit: BulkEdit, extension: str = ".txt") -> list[str
     """Apply `edit` to the caption of every image in `folder` (missing captions start empty); returns the
     names of the captions that changed. Each file is replaced atomically."""
     changed = []
-    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for image in sorted(p for p in folder.iterdir() if is_training_image(p)):
         caption, _notes = read_caption(image, extension)
         new = edit.apply(caption or "")
         if new != (caption or ""):
             write_text_atomic(image.with_suffix(extension), new + "\n")
             changed.append(image.with_suffix(extension).name)
     return changed
+
+
+# --- masks (masked loss) --------------------------------------------------------------------------------------
+
+MASK_TINT = (220, 38, 38)  # how the Dataset tab shows the ignored area over an image
+MAX_LAYERS = 16  # painted layers taken from one request (the editor sends one per layer the person made)
+
+
+def dataset_image(folder: Path, image_name: str) -> Path:
+    """An image of the dataset by name (from the page), refused unless it is a training image inside `folder`."""
+    image = inside(folder, image_name)
+    if not is_training_image(image) or not image.is_file():
+        raise DatasetEditError(f"{image_name!r} is not an image in {folder}; reload the dataset.")
+    return image
+
+
+def mask_overlay(folder: Path, image_name: str) -> Image.Image:
+    """The image with the area its mask ignores tinted red (half-weight areas half tinted); as is without a mask."""
+    image = dataset_image(folder, image_name)
+    picture = to_rgb(open_image(image), (255, 255, 255))
+    mask_path = mask_file(image)
+    if not mask_path.is_file():
+        return picture
+    mask = open_image(mask_path).convert("L")
+    if mask.size != picture.size:
+        raise DatasetEditError(f"{mask_path.name} is not the size of {image.name}; paint a new mask and save it.")
+    ignored = ImageOps.invert(mask).point(lambda v: v * 6 // 10)  # at most 60% tint, so the image shows through
+    return Image.composite(Image.new("RGB", picture.size, MASK_TINT), picture, ignored)
+
+
+def painted_mask(image_size: tuple[int, int], layers: list[np.ndarray], current: Image.Image | None) -> Image.Image:
+    """The mask after painting: every stroke (any pixel a layer covers) becomes ignored (black) on top of the
+    current mask (or an all-white one)."""
+    width, height = image_size
+    if len(layers) > MAX_LAYERS:
+        raise DatasetEditError(f"{len(layers)} painted layers; at most {MAX_LAYERS} are taken, merge some first")
+    mask = np.asarray(current.convert("L"), dtype=np.uint8).copy() if current is not None else None
+    mask = mask if mask is not None else np.full((height, width), 255, dtype=np.uint8)
+    for layer in map(np.asarray, layers):
+        if layer.shape[:2] != mask.shape:
+            raise DatasetEditError(f"a painted layer is {layer.shape[1]}x{layer.shape[0]}, not the image's "
+                                   f"{width}x{height}; reload the image and paint again")  # fmt: skip
+        with_alpha = layer.ndim == 3 and layer.shape[2] == 4
+        mask[layer[..., 3] > 0 if with_alpha else layer.reshape(*mask.shape, -1).any(-1)] = 0
+    return Image.fromarray(mask, "L")
+
+
+def save_painted_mask(folder: Path, image_name: str, layers: list[np.ndarray]) -> Path:
+    """Paint strokes into the image's mask (`name.mask.png` beside it), written atomically."""
+    image = dataset_image(folder, image_name)
+    size = open_image(image).size
+    target = mask_file(image)
+    current = open_image(target) if target.is_file() else None
+    if current is not None and current.size != size:
+        current = None  # a mask of another size is replaced, not combined
+    mask = painted_mask(size, layers, current)
+    with atomic_path(target) as partial:
+        mask.save(partial, format="PNG")
+    return target
+
+
+def clear_mask(folder: Path, image_name: str) -> bool:
+    """Remove an image's mask (the whole image is learned again); False when it had none."""
+    target = mask_file(dataset_image(folder, image_name))
+    if not target.is_file():
+        return False
+    target.unlink()
+    return True

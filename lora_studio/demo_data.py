@@ -290,10 +290,14 @@ def concept_scenes(count: int = 24, seed: int = 7) -> list[Scene]:
     return scenes
 
 
-def write_concept_images(folder: Path, count: int = 24) -> list[Path]:
-    """Write `concept_scenes(count)` as PNGs with same-name caption files; the demo dataset is count=24."""
+DEMO_IMAGES, DEMO_VALIDATION_IMAGES = 24, 8  # the demo dataset, and the held-out scenes that follow it
+
+
+def write_concept_images(folder: Path, count: int = DEMO_IMAGES, first: int = 0) -> list[Path]:
+    """Write scenes `first` .. `count - 1` of `concept_scenes(count)` as PNGs with same-name caption files: the demo
+    dataset is 0-23; its validation set is 24-31 (the same world, never trained on)."""
     paths = []
-    for i, scene in enumerate(concept_scenes(count)):
+    for i, scene in list(enumerate(concept_scenes(count)))[first:]:
         path = folder / f"zkz_{i:02d}_{scene.color}_{scene.shape}.png"
         render(scene).save(path)
         # Shapes cycle with i, phrasings with i // 4: every shape gets every phrasing, so the LoRA ties

@@ -32,6 +32,13 @@ class SampleEvent:
 
 
 @dataclass(frozen=True)
+class ValidationEvent:
+    step: int
+    loss: float  # the mean over held-out images and fixed timesteps
+    per_image: dict[str, float]  # image path -> its loss
+
+
+@dataclass(frozen=True)
 class CheckpointEvent:
     step: int
     lora_path: Path
@@ -52,7 +59,7 @@ class ErrorEvent:
     message: str
 
 
-Event = ProgressEvent | SampleEvent | CheckpointEvent | DoneEvent | ErrorEvent
+Event = ProgressEvent | SampleEvent | ValidationEvent | CheckpointEvent | DoneEvent | ErrorEvent
 
 
 class Commands:

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from .config import TrainConfig
 from .errors import LoraStudioError
-from .events import Commands, DoneEvent, ErrorEvent, ProgressEvent, SampleEvent
+from .events import Commands, DoneEvent, ErrorEvent, ProgressEvent, SampleEvent, ValidationEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +37,7 @@ class JobStatus:
     it_per_s: float = 0.0
     eta_s: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, smoothed loss)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     samples: list[Path] = field(default_factory=list)  # the newest sample images
     sample_step: int = 0
     run_dir: Path | None = None
@@ -135,6 +136,8 @@ class JobManager:
                     status.run_dir = event.run_dir or status.run_dir
                 elif isinstance(event, SampleEvent):
                     status.samples, status.sample_step = list(event.images), event.step
+                elif isinstance(event, ValidationEvent):
+                    status.validation.append((event.step, event.loss))
                 elif isinstance(event, DoneEvent):
                     status.run_dir, status.lora_path = event.run_dir, event.lora_path
                 elif isinstance(event, ErrorEvent):
@@ -182,4 +185,5 @@ def run_on_fresh_thread(fn: Callable[..., T], *args, name: str = "lora-studio-to
 
 
 def _copy(status: JobStatus) -> JobStatus:
-    return JobStatus(**{**status.__dict__, "losses": list(status.losses), "samples": list(status.samples)})
+    lists = {name: list(getattr(status, name)) for name in ("losses", "validation", "samples")}
+    return JobStatus(**{**status.__dict__, **lists})

@@ -82,6 +82,7 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_lr_warmup_steps": str(opt.lr_warmup_steps),
         "ss_min_snr_gamma": str(opt.min_snr_gamma),
         "ss_noise_offset": str(opt.noise_offset),
+        "ss_zero_terminal_snr": str(opt.zero_terminal_snr),
         "ss_seed": str(config.seed),
         "ss_mixed_precision": config.mixed_precision,
         "ss_training_started_at": f"{facts.started_at:.3f}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,7 +17,9 @@ from .lora_metadata import TrainingFacts, training_metadata
 from .models import dtype_of
 from .resume import save_trainer_state
 from .sample import PreviewSettings, infotext, render, save_png, use_sampler
+from .sample_prompts import SamplePrompt
 from .session import Session, emit, frozen_parts_on_device, trained_models
+from .validation import record_file
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +29,12 @@ def save_lora_file(session: Session, path: Path, dtype: torch.dtype | None = Non
     dtype = dtype or dtype_of(session.config.save.precision)
     parts = trained_models(session)
     metadata = training_metadata(session.config, training_facts(session))
-    if session.config.save.format == "diffusers":
-        return export.save_diffusers(parts, type(session.base.pipeline), path, dtype, metadata)
-    lora = lora_from_models(parts, session.base.family, session.base.unet.config)
-    lora.metadata = metadata
-    return export.save_kohya(lora, path, dtype)
+    with session.averaged(session.config.lora.ema_for_files):
+        if session.config.save.format == "diffusers":
+            return export.save_diffusers(parts, type(session.base.pipeline), path, dtype, metadata)
+        lora = lora_from_models(parts, session.base.family, session.base.unet.config)
+        lora.metadata = metadata
+        return export.save_kohya(lora, path, dtype)
 
 
 def training_facts(session: Session) -> TrainingFacts:
@@ -63,6 +67,7 @@ def save_checkpoint(session: Session) -> CheckpointEvent:
     config = session.config
     run = session.run
     path = save_lora_file(session, run.checkpoint(config.name, session.step))
+    record_file(session, path)
     state_dir = None
     if config.save.save_state:
         state_dir = run.state_dir
@@ -77,11 +82,13 @@ def save_checkpoint(session: Session) -> CheckpointEvent:
 
 
 def prune_checkpoints(session: Session) -> None:
+    """Keep the newest `save.keep_last` checkpoints, and the one with the lowest validation loss whatever its age."""
     keep = session.config.save.keep_last
     if keep:
-        files = session.run.checkpoint_files()
-        for old in files[:-keep]:
-            old.unlink()
+        best = session.run.best_lora()
+        for old in session.run.checkpoint_files()[:-keep]:
+            if old != best:
+                old.unlink()
 
 
 def should_checkpoint(session: Session, epoch_before: int) -> bool:
@@ -110,62 +117,70 @@ def default_sample_prompt(session: Session) -> str:
 
 
 def render_samples(session: Session) -> SampleEvent:
-    """Images at every configured strength and seed, into samples/step-NNNNNN/, with A1111 infotext.
+    """Images at every configured strength and seed (or the prompt's own `--d` seed), into samples/step-NNNNNN/,
+    with A1111 infotext; each prompt line's kohya flags override the [sample] settings for that prompt.
 
     Rendered in eval mode, under no_grad and inside a forked RNG, so a run with sampling trains exactly
     the weights a run without it does.
     """
-    settings = session.config.sample
+    lines = session.config.sample.prompt_lines() or [SamplePrompt(default_sample_prompt(session))]
     pipeline = session.base.pipeline
-    prompts = settings.prompts or [default_sample_prompt(session)]
-    size = (settings.width or session.resolution, settings.height or session.resolution)
     scheduler = pipeline.scheduler
-    use_sampler(pipeline, settings.sampler)
     for model in session.models.values():
         model.eval()
     devices = [session.device] if session.device.type == "cuda" else []
+    paths = []
     try:
         pipeline.set_progress_bar_config(disable=True)
         # Under the training autocast: the LoRA weights are fp32 beside bf16/fp16 base weights, and
         # without it their fp32 outputs reach the half-precision VAE, which refuses them.
-        with torch.random.fork_rng(devices=devices), session.accelerator.autocast(), frozen_parts_on_device(session):
-            rendered = render(
-                pipeline,
-                prompts,
-                settings.strengths,
-                settings.seeds,
-                settings.num_inference_steps,
-                settings.guidance_scale,
-                size,
-                settings.negative_prompt,
-                session.config.clip_skip,
-            )
+        with (
+            torch.random.fork_rng(devices=devices),
+            session.accelerator.autocast(),
+            frozen_parts_on_device(session),
+            session.averaged(session.config.lora.ema_for_samples),
+        ):
+            for index, line in enumerate(lines):
+                settings = prompt_settings(session, line)
+                use_sampler(pipeline, settings.sampler, zero_terminal_snr=session.config.optimizer.zero_terminal_snr)
+                seeds = list(session.config.sample.seeds) if line.seed is None else [line.seed]
+                for r in render_prompt(session, settings, seeds):
+                    path = session.run.sample_path(session.step, r.strength, r.seed, index if len(lines) > 1 else None)
+                    paths.append(save_png(r.image, path, sample_infotext(session, settings, r)))
     finally:
         pipeline.scheduler = scheduler
         for model in session.models.values():
             model.train()
-    paths = []
-    for r in rendered:
-        prompt_index = prompts.index(r.prompt) if len(prompts) > 1 else None
-        path = session.run.sample_path(session.step, r.strength, r.seed, prompt_index)
-        paths.append(save_png(r.image, path, sample_infotext(session, r, size)))
-    event = SampleEvent(session.step, paths, list(settings.strengths))
+    event = SampleEvent(session.step, paths, list(session.config.sample.strengths))
     emit(session, event)
     return event
 
 
-def sample_infotext(session: Session, rendered, size: tuple[int, int]) -> str:
-    settings = session.config.sample
-    preview = PreviewSettings(
-        prompt=rendered.prompt,
-        negative_prompt=settings.negative_prompt,
-        strengths={session.config.name: rendered.strength},
-        sampler=settings.sampler,
-        steps=settings.num_inference_steps,
-        cfg=settings.guidance_scale,
-        seed=rendered.seed,
-        width=size[0],
-        height=size[1],
+def prompt_settings(session: Session, line: SamplePrompt) -> PreviewSettings:
+    """One prompt line's settings: its own flags, else the [sample] section's (the seed: the first of `seeds`)."""
+    sample = session.config.sample
+    size = (sample.width or session.resolution, sample.height or session.resolution)
+    return PreviewSettings(
+        prompt=line.prompt,
+        negative_prompt=sample.negative_prompt if line.negative_prompt is None else line.negative_prompt,
+        strengths={session.config.name: 1.0},
+        sampler=line.sampler or sample.sampler,
+        steps=line.num_inference_steps or sample.num_inference_steps,
+        cfg=sample.guidance_scale if line.guidance_scale is None else line.guidance_scale,
+        seed=sample.seeds[0] if line.seed is None else line.seed,
+        width=line.width or size[0],
+        height=line.height or size[1],
         clip_skip=session.config.clip_skip,
     )
+
+
+def render_prompt(session: Session, settings: PreviewSettings, seeds: list[int]) -> list:
+    """One prompt's images at every configured strength and each seed."""
+    return render(session.base.pipeline, [settings.prompt], session.config.sample.strengths, seeds, settings.steps,
+                  settings.cfg, (settings.width, settings.height), settings.negative_prompt,
+                  settings.clip_skip)  # fmt: skip
+
+
+def sample_infotext(session: Session, settings: PreviewSettings, rendered) -> str:
+    preview = replace(settings, strengths={session.config.name: rendered.strength}, seed=rendered.seed)
     return infotext(preview, rendered.seed, {}, Path(str(session.base.source)).name) + f", Step: {session.step}"

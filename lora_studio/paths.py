@@ -23,6 +23,7 @@ ASSETS_DIR = CHECKOUT / "assets"
 SD_CONFIGS_DIR = ASSETS_DIR / "sd-configs"
 DEMO_MODEL_DIR = ASSETS_DIR / "demo-model"
 DEMO_DATASET_DIR = ASSETS_DIR / "demo-dataset"
+DEMO_VALIDATION_DIR = ASSETS_DIR / "demo-validation"  # 8 held-out images of the same style (validation.path)
 PRESETS_DIR = CHECKOUT / "presets"
 
 

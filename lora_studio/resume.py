@@ -16,6 +16,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from . import buckets as bucketing
 from .config import TrainConfig, load_config, save_config
+from .ema import load_ema
 from .fsutil import WriteError
 from .runs import RunFolder
 from .session import Session, TrainingError, trained_models
@@ -67,6 +68,7 @@ def save_trainer_state(session: Session, path: Path) -> None:
     state = {
         "lora": {f"{part}/{k}": v for part, sd in lora_state_dicts(session).items() for k, v in sd.items()},
         **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
+        **({"ema": session.ema.state_dict()} if session.ema is not None else {}),
         "step": session.step,
         "epoch": session.position.epoch,
         "batch": session.position.batch,
@@ -125,6 +127,8 @@ def load_trained_state(session: Session, lora: dict, trainer: dict) -> None:
     rescale_schedule(session, trainer.get("processes", 1))  # states from before it was saved: one process
     if session.accelerator.scaler is not None and "grad_scaler" in trainer:
         session.accelerator.scaler.load_state_dict(trainer["grad_scaler"])
+    if session.ema is not None and "ema" in trainer:  # a state without one (EMA newly on) starts from these weights
+        load_ema(session.ema, trainer["ema"], session.config.lora, session.device)
 
 
 def read_trainer_state(path: Path) -> dict:

@@ -2,7 +2,9 @@
 
     runs/<name>-<YYYYmmdd-HHMMSS>/
         config.toml                      the resolved config
-        metrics.jsonl                    one JSON line per logged step
+        metrics.jsonl                    one JSON line per logged step (and one per validation pass)
+        validation.json                  the validation loss of each LoRA file, and the best one
+        image_losses.json                each image's loss: training (last epoch) and validation (last pass)
         log.txt                          the run's log, tracebacks included
         samples/step-000100/s0.50-seed42.png
         checkpoints/<name>-step000100.safetensors
@@ -28,9 +30,11 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from .errors import LoraStudioError
-from .paths import home, in_home
+from .fsutil import WriteError, write_text_atomic
+from .paths import home, in_home, is_within
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer.safetensors"  # in the run's state/ folder: everything a resume needs
@@ -99,6 +103,14 @@ class RunFolder:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def validation_record(self) -> Path:
+        return self.path / "validation.json"
+
+    @property
+    def image_losses(self) -> Path:
+        return self.path / "image_losses.json"
 
     @property
     def log(self) -> Path:
@@ -190,13 +202,69 @@ class RunFolder:
         return rows
 
     def last_metrics(self) -> dict:
-        rows = self.read_metrics()
+        """The newest training step's line (validation lines are left out: they have no training loss)."""
+        rows = [row for row in self.read_metrics() if "loss" in row]
         return rows[-1] if rows else {}
+
+    def validation_metrics(self) -> list[dict]:
+        """The validation passes' lines: {"step", "epoch", "validation_loss", "time"}."""
+        return [row for row in self.read_metrics() if "validation_loss" in row]
 
     def append_metrics(self, row: dict) -> None:
         """One line per step, appended: the log grows with the run and is never rewritten."""
         with open(self.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+    # --- validation losses of the LoRA files -------------------------------------------------------------
+
+    def read_json(self, path: Path) -> dict:
+        """A JSON record of the run; {} when missing or damaged (a record is a help, never a reason to fail)."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def record_validation(self, lora_file: Path, step: int, loss: float) -> None:
+        """Remember the validation loss of a LoRA file the run wrote (kept across resumes in validation.json)."""
+        files = self.read_json(self.validation_record).get("files", {})
+        files = files if isinstance(files, dict) else {}
+        files[lora_file.relative_to(self.path).as_posix()] = {"step": step, "validation_loss": loss}
+        existing = {name: entry for name, entry in files.items() if (self.path / name).is_file()}
+        self.write_record(self.validation_record, {"files": files, "best": lowest_loss(existing)})
+
+    def validation_losses(self) -> dict[Path, dict]:
+        """{LoRA file: {"step", "validation_loss"}} for the run's files that still exist and were validated."""
+        files = self.read_json(self.validation_record).get("files", {})
+        if not isinstance(files, dict):
+            return {}
+        found = {self.path / name: entry for name, entry in files.items() if isinstance(entry, dict)}
+        return {path: entry for path, entry in found.items() if path.is_file() and is_within(path, self.path)}
+
+    def best_lora(self) -> Path | None:
+        """The LoRA file with the lowest validation loss (the earliest step on a tie), None without validation."""
+        return lowest_loss(self.validation_losses())
+
+    def record_image_losses(self, kind: str, step: int, losses: dict[str, float], epoch: int | None = None) -> None:
+        """Each image's loss, highest first, under `kind` ("training": the last finished epoch's mean per image;
+        "validation": the last pass), replacing what was there."""
+        record = self.read_json(self.image_losses)
+        ranked = dict(sorted(losses.items(), key=lambda pair: pair[1], reverse=True))
+        record[kind] = {"step": step, **({"epoch": epoch} if epoch is not None else {}), "images": ranked}
+        self.write_record(self.image_losses, record)
+
+    def write_record(self, path: Path, record: dict) -> None:
+        """Write a JSON record whole (temp file, rename). A record is a help: a failed write (a full disk) is logged
+        and training goes on; the next checkpoint's save says what to do, and the old record stays whole."""
+        try:
+            write_text_atomic(path, json.dumps(record, indent=1))
+        except WriteError as exc:
+            log.warning("%s; training goes on without it", exc)
+
+    def read_image_losses(self) -> dict[str, dict]:
+        """{kind: {"step", "images": {path: loss}}} as record_image_losses wrote it ({} when none)."""
+        record = self.read_json(self.image_losses)
+        return {k: v for k, v in record.items() if isinstance(v, dict) and isinstance(v.get("images"), dict)}
 
     # --- the lock ----------------------------------------------------------------------------------
 
@@ -272,6 +340,13 @@ else:
 
     def _unlock_file(handle) -> None:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def lowest_loss(entries: dict) -> Any | None:
+    """The key whose entry has the lowest "validation_loss" (the earliest "step" on a tie), None if none has one."""
+    scored = [(entry["validation_loss"], entry.get("step", 0), str(key), key) for key, entry in entries.items()
+              if isinstance(entry, dict) and isinstance(entry.get("validation_loss"), (int, float))]  # fmt: skip
+    return min(scored)[3] if scored else None
 
 
 def list_runs(root: Path | None = None) -> list[RunFolder]:

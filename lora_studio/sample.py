@@ -61,9 +61,12 @@ class Rendered:
     image: Image.Image
 
 
-def use_sampler(pipeline, sampler: str) -> None:
-    """Swap the pipeline's scheduler for `sampler`, keeping the model's noise schedule and prediction type."""
+def use_sampler(pipeline, sampler: str, zero_terminal_snr: bool = False) -> None:
+    """Swap the pipeline's scheduler for `sampler`, keeping the model's noise schedule and prediction type; with
+    `zero_terminal_snr`, the rescaled schedule sampled from its last timestep ("trailing"), as Lin et al. 2023 say."""
     cls, extra, _label, _schedule = SAMPLER_SPECS[sampler]
+    if zero_terminal_snr:
+        extra = {**extra, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     pipeline.scheduler = cls.from_config(pipeline.scheduler.config, **extra)
 
 
@@ -338,7 +341,8 @@ class Previewer:
         check_grid_size(len(x.values), len(y.values))
         cells = [[cell_settings(settings, x, xv, y, yv) for xv in x.values] for yv in y.values]
         previews = [[self.render_cell(cell) for cell in row] for row in cells]
-        image = draw_grid([[p.image for p in row] for row in previews], x.labels(), y.labels(), grid_title(x, y))
+        image = draw_grid([[p.image for p in row] for row in previews], x.labels(), y.labels(), grid_title(x, y),
+                          x.highlight)  # fmt: skip
         return Grid(image, cells, previews, x, y)
 
     def render_cell(self, cell: PreviewSettings) -> Preview:
@@ -366,6 +370,7 @@ class Axis:
     lora: str | None = None
     strength: float = 1.0
     names: tuple[str, ...] = ()  # display labels of checkpoint values (e.g. "step 200"), else the values
+    highlight: int | None = None  # the index of a value to frame (the best checkpoint), when the axis is columns
 
     def __post_init__(self):
         if self.kind not in ("strength", "seed", "checkpoint"):
@@ -423,30 +428,41 @@ class Grid:
     y: Axis
 
 
+HIGHLIGHT = "#ea580c"  # the frame and label colour of the highlighted column (the best checkpoint)
+
+
 def draw_grid(
-    images: list[list[Image.Image]], x_labels: list[str], y_labels: list[str], title: str = ""
-) -> Image.Image:
+    images: list[list[Image.Image]], x_labels: list[str], y_labels: list[str], title: str = "",
+    highlight: int | None = None,
+) -> Image.Image:  # fmt: skip
     """Images in rows and columns, a title line, column labels on top and row labels on the left, in black on
-    white; a label wider than its column is cut short (with an ellipsis) so labels never run into each other."""
+    white; a label wider than its column is cut short (with an ellipsis) so labels never run into each other.
+    Column labels may have several lines ("step 200\nval 0.081"); column `highlight` is framed in orange."""
     font = ImageFont.load_default()
     cell_w = max(im.width for row in images for im in row)
     cell_h = max(im.height for row in images for im in row)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = max(int(measure.textlength(t, font=font)) for t in y_labels) + 8
-    title_h, label_h = (16 if title else 0), 18
+    lines = max(len(t.split("\n")) for t in x_labels)
+    title_h, label_h = (16 if title else 0), 4 + 14 * lines
     width = max(label_w + cell_w * len(x_labels), int(measure.textlength(title, font=font)) + 6 if title else 0)
     grid = Image.new("RGB", (width, title_h + label_h + cell_h * len(y_labels)), "white")
     draw = ImageDraw.Draw(grid)
     if title:
         draw.text((3, 2), title, fill="black", font=font)
     for i, text in enumerate(x_labels):
-        draw.text((label_w + i * cell_w + 2, title_h + 3), fit_text(measure, text, font, cell_w - 4), fill="black",
-                  font=font)  # fmt: skip
+        colour = HIGHLIGHT if i == highlight else "black"
+        for n, line in enumerate(text.split("\n")):
+            draw.text((label_w + i * cell_w + 2, title_h + 3 + 14 * n), fit_text(measure, line, font, cell_w - 4),
+                      fill=colour, font=font)  # fmt: skip
     top = title_h + label_h
     for j, text in enumerate(y_labels):
         draw.text((3, top + j * cell_h + cell_h // 2 - 6), text, fill="black", font=font)
         for i, image in enumerate(images[j]):
             grid.paste(image, (label_w + i * cell_w, top + j * cell_h))
+    if highlight is not None:
+        left = label_w + highlight * cell_w
+        draw.rectangle((left, top, left + cell_w - 1, top + cell_h * len(y_labels) - 1), outline=HIGHLIGHT, width=2)
     return grid
 
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -20,16 +21,40 @@ from . import buckets as bucketing
 from .cache import LatentCache, TextCache
 from .config import TrainConfig
 from .data import Item, ScanReport
+from .ema import ema_weights
 from .errors import LoraStudioError
-from .events import Commands
+from .events import Commands, ValidationEvent
 from .models import TEXT_ENCODER_NAMES, BaseModel, dtype_of
 from .runs import RunFolder, RunLock
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
+
+    from .validation import ValidationSet
 
 log = logging.getLogger(__name__)
 
 
 class TrainingError(LoraStudioError):
     """Training cannot start or had to stop; the message says why and what to do."""
+
+
+@dataclass
+class ImageLosses:
+    """Each training image's loss over the epoch so far (the Dataset tab lists the highest first, to find mislabelled
+    or odd images). Losses of one epoch are averaged per image and written when it ends."""
+
+    current: dict[int, list[float]] = field(default_factory=dict)
+
+    def add(self, indices: list[int], losses: list[float]) -> None:
+        for index, loss in zip(indices, losses, strict=True):
+            self.current.setdefault(index, []).append(loss)
+
+    def take(self) -> dict[int, float]:
+        """The epoch's mean loss per item index, and a fresh start for the next epoch."""
+        means = {index: sum(losses) / len(losses) for index, losses in self.current.items()}
+        self.current = {}
+        return means
 
 
 @dataclass
@@ -58,6 +83,15 @@ class Session:
     started_at: float = field(default_factory=time.time)  # wall clock, for the file's ss_training_started_at
     saved_step: int | None = None  # the step of the last state saved whole in state/ (what a resume continues)
     offloaded: dict[str, torch.nn.Module] = field(default_factory=dict)  # frozen parts kept off the device
+    validation: ValidationSet | None = None  # the held-out images, on the main process when validation is on
+    last_validation: ValidationEvent | None = None  # the newest validation pass (main process)
+    validated_step: int | None = None  # the step of the newest validation pass (every process)
+    image_losses: ImageLosses = field(default_factory=ImageLosses)
+    ema: EMAModel | None = None  # the average of the LoRA weights, with lora.ema_decay
+
+    def averaged(self, use: bool = True):
+        """The EMA weights in the trained parts while the block runs, when there is an average and `use`."""
+        return ema_weights(self.ema, self.optimizer, use)
 
     @property
     def items(self) -> list[Item]:

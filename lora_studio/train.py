@@ -25,7 +25,16 @@ from . import buckets as bucketing
 from .cache import LatentCache, TextCache, cache_folder, plan_latent_entries
 from .config import TrainConfig
 from .cpu_threads import CpuThreads
-from .data import ScanReport, build_caption, scan
+from .data import (
+    Item,
+    ScanReport,
+    balance_regularization,
+    build_caption,
+    regularization_items,
+    scan,
+    validation_items,
+)
+from .ema import make_ema
 from .errors import LoraStudioError
 from .events import Commands, DoneEvent, ErrorEvent, ProgressEvent
 from .fsutil import WriteError
@@ -33,10 +42,12 @@ from .lora import inject_lora
 from .models import BaseModel, dtype_of, load_base, pick_device
 from .optimizers import make_lr_scheduler, make_optimizer
 from .outputs import render_samples, save_checkpoint, save_lora_file, should_checkpoint
+from .reg_images import generate_regularization
 from .resume import check_resumable, record_config, resume, write_failure
 from .runs import RunFolder, RunLock, output_root
 from .session import Session, TrainingError, emit, modules_on, offload_frozen_parts, on_main, trained_parts
 from .step import encode_text, training_step
+from .validation import build_validation_set, record_file, validate, validation_due
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +84,31 @@ def attach_log_file(run: RunFolder) -> logging.Handler:
     return handler
 
 
-def check_dataset(config: TrainConfig) -> ScanReport:
-    report = scan(config.dataset)
-    for problem in report.warnings:
-        log.warning("%s: %s", problem.path, problem.message)
-    if report.errors:
-        shown = "; ".join(f"{Path(p.path).name}: {p.message}" for p in report.errors[:3])
-        more = f" (and {len(report.errors) - 3} more)" if len(report.errors) > 3 else ""
-        raise TrainingError(f"the dataset has {len(report.errors)} error(s): {shown}{more}")
-    return report
+def check_dataset(config: TrainConfig) -> tuple[ScanReport, list[Item]]:
+    """The training images and the held-out validation images; every problem logged, errors refused at once."""
+    report, held_out, problems = validation_items(config, scan(config.dataset))
+    regularization, reg_problems = regularization_items(config)
+    problems = report.problems + problems + reg_problems
+    for problem in problems:
+        if problem.severity == "warning":
+            log.warning("%s: %s", problem.path, problem.message)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        shown = "; ".join(f"{Path(p.path).name}: {p.message}" for p in errors[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise TrainingError(f"the dataset has {len(errors)} error(s): {shown}{more}")
+    return with_regularization(report, regularization), held_out
+
+
+def with_regularization(report: ScanReport, regularization: list[Item]) -> ScanReport:
+    """The training report with the regularization images after the training images, balanced as kohya does."""
+    if not regularization:
+        return report
+    training = [i for i in report.items if not i.regularization]
+    balanced = balance_regularization(training, regularization)
+    log.info("regularization: %d images, %d per epoch beside %d training images", len(balanced),
+             sum(i.repeats for i in balanced), sum(i.repeats for i in training))  # fmt: skip
+    return ScanReport(report.root, training + balanced, report.problems, report.layout)
 
 
 def load_model(config: TrainConfig, accelerator: Accelerator) -> BaseModel:
@@ -93,6 +120,11 @@ def load_model(config: TrainConfig, accelerator: Accelerator) -> BaseModel:
         raise TrainingError(
             f"the preset is for {config.family} but {config.base_model} is {base.family}; "
             "pick a preset of that family or set family = 'auto'"
+        )
+    if config.optimizer.zero_terminal_snr and base.prediction_type != "v_prediction":
+        raise TrainingError(
+            f"optimizer.zero_terminal_snr needs v-prediction, but {config.base_model} predicts "
+            f"{base.prediction_type}; set prediction_type = 'v_prediction' to train it towards v, or turn it off"
         )
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
@@ -148,31 +180,57 @@ def prepare(
     """Everything before the first step: run folder (locked), dataset, model, caches, LoRA, optimizer."""
     config.check_trainable()
     accelerator = make_accelerator(config)
-    report = check_dataset(config)  # before any model loads or folder is made: a bad dataset fails in a second
+    report, held_out = check_dataset(config)  # before any model loads or folder is made: fails in a second
     run, lock = claim_run(config, accelerator, run_dir)
     try:
         if accelerator.is_main_process:
             attach_log_file(run)
             if run_dir is None:  # a resumed run records its settings once its state has loaded (resume())
                 record_config(config, run)
-        session = build_session(config, accelerator, report, run)
+        session = build_session(config, accelerator, report, run, held_out)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
     session.lock, session.on_event, session.commands = lock, on_event, commands or Commands()
-    log.info("prepared %s: %d images, %d steps, %s on %s", run.path, len(report.items), session.total_steps,
+    log.info("prepared %s: %d images, %d steps, %s on %s", run.path, len(session.items), session.total_steps,
              session.base.family, accelerator.device)  # fmt: skip
     return session
 
 
-def build_session(config: TrainConfig, accelerator: Accelerator, report: ScanReport, run: RunFolder) -> Session:
+def training_scheduler(config: TrainConfig, base: BaseModel) -> DDPMScheduler:
+    """The DDPM schedule noise is added with: the base model's, rescaled to zero terminal SNR when asked."""
+    zero_snr = {"rescale_betas_zero_snr": True} if config.optimizer.zero_terminal_snr else {}
+    return DDPMScheduler.from_config(base.scheduler.config, **zero_snr)
+
+
+def log_progress(done: int, total: int) -> None:
+    """Regularization rendering, in the log (the app shows its tail): every tenth and the last."""
+    if done == total or done % max(1, total // 10) == 0:
+        log.info("rendering regularization images: %d/%d", done, total)
+
+
+def held_out_set(config: TrainConfig, base: BaseModel, items: list, resolution: int, accelerator: Accelerator):
+    """The validation set, encoded on the main process (the only one that validates); None without validation."""
+    if not items or not accelerator.is_main_process:
+        return None
+    return build_validation_set(config, base, items, resolution, accelerator.device)
+
+
+def build_session(
+    config: TrainConfig, accelerator: Accelerator, report: ScanReport, run: RunFolder, validation: list | None = None
+) -> Session:
     """Load the model, fill the caches, add the LoRA, and make the optimizer and rate schedule."""
     base = load_model(config, accelerator)
     resolution = config.dataset.resolution or base.native_resolution
+    if config.regularization.generate:
+        with accelerator.main_process_first():  # the main process renders, the others find them cached
+            generated = generate_regularization(config, base, report.items, resolution, log_progress)
+        report = with_regularization(report, generated)
     buckets = bucketing.assign_buckets([(i.width, i.height) for i in report.items], config.dataset, resolution)
     with accelerator.main_process_first(), unet_parked(base) if config.low_vram else nullcontext():
         latent_cache, text_cache = prepare_caches(config, base, report, buckets)  # main first, the others hit
+        held_out = held_out_set(config, base, validation, resolution, accelerator)
     torch.manual_seed(config.seed)  # LoRA init (gaussian) is drawn here
     inject_lora(base, config.lora)
     per_epoch = bucketing.batches_per_epoch(buckets, [i.repeats for i in report.items], config.dataset.batch_size)
@@ -187,12 +245,14 @@ def build_session(config: TrainConfig, accelerator: Accelerator, report: ScanRep
         buckets=buckets,
         latent_cache=latent_cache,
         text_cache=text_cache,
-        noise_scheduler=DDPMScheduler.from_config(base.scheduler.config),
+        noise_scheduler=training_scheduler(config, base),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         total_steps=total,
         resolution=resolution,
         models=models,
+        validation=held_out,
+        ema=make_ema(config.lora, optimizer),
     )
     offload_frozen_parts(session)
     return session
@@ -304,9 +364,14 @@ def run_steps(session: Session, batches, upcoming, started: float, first_step: i
         session.step += 1
         on_main(session, record_metrics, loss, session.lr_scheduler.get_last_lr()[0], started, first_step)
         stop, save, sample = agreed_commands(session)
+        if session.position.epoch != epoch_before:
+            on_main(session, record_training_image_losses)
         if stop:
             return True
-        if should_checkpoint(session, epoch_before) or save:
+        checkpoint = should_checkpoint(session, epoch_before) or save
+        if validation_due(session, checkpoint):
+            validate_now(session)
+        if checkpoint:
             on_main(session, save_checkpoint)
         every = config.sample.every_n_steps
         if (every and session.step % every == 0) or sample:
@@ -332,10 +397,13 @@ def train(session: Session) -> DoneEvent:
         stopped = run_steps(session, batches, upcoming, started, first_step, threads)
     finally:
         threads.restore()
+    if validation_due(session, True) and session.validated_step != session.step:
+        validate_now(session)  # the final file's score (a stop's or the last step's)
     if stopped or config.save.save_state:
         on_main(session, save_checkpoint)
     final = session.run.final_lora(config.name)
     on_main(session, save_lora_file, final)
+    on_main(session, record_file, final)
     if session.tensorboard is not None:
         session.tensorboard.close()
     if session.lock is not None:
@@ -343,6 +411,19 @@ def train(session: Session) -> DoneEvent:
     done = DoneEvent(session.step, session.run_dir, final, stopped)
     emit(session, done)
     return done
+
+
+def validate_now(session: Session) -> None:
+    """A validation pass on the main process; every process notes the step, so all agree on the next one."""
+    on_main(session, validate)
+    session.validated_step = session.step
+
+
+def record_training_image_losses(session: Session) -> None:
+    """The finished epoch's loss per training image (this process's share), highest first, in image_losses.json."""
+    losses = session.image_losses.take()
+    by_path = {str(session.items[index].path): loss for index, loss in losses.items()}
+    session.run.record_image_losses("training", session.step, by_path, epoch=session.position.epoch)
 
 
 def run_training(

@@ -96,23 +96,56 @@ def checkpoint_label(path: Path) -> str:
     return f"step {int(found.group(1))}" if found else "final"
 
 
+def validation_note(path: Path) -> str:
+    """'val 0.0812' for a LoRA file its run validated, plus ' (best)' for the run's best; '' otherwise."""
+    run = run_of_lora_file(path)
+    entry = {p.resolve(): e for p, e in run.validation_losses().items()}.get(path.resolve())
+    if not entry or not isinstance(entry.get("validation_loss"), (int, float)):
+        return ""
+    best = run.best_lora()
+    return f"val {entry['validation_loss']:.4f}" + (" (best)" if best and best.resolve() == path.resolve() else "")
+
+
+def lora_file_label(path: Path) -> str:
+    """A run's LoRA file as the pickers list it: its name, and its validation loss when it has one."""
+    note = validation_note(path)
+    return f"{path.name} · {note}" if note else path.name
+
+
 def run_lora_files(lora_file: Path) -> list[Path]:
-    """The LoRA files of the run `lora_file` belongs to, checkpoints by step then the final file (newest 8)."""
+    """The LoRA files of the run `lora_file` belongs to, checkpoints by step then the final file: the newest 8, with
+    the best (lowest validation loss) in place of the oldest of them when it is older."""
     run = run_of_lora_file(lora_file)
     files = run.checkpoint_files() + run.final_files()
     if len(files) < 2:
         raise LoraStudioError(f"{run.name} has no checkpoints besides its final LoRA; save every N steps to get some.")
-    return files[-MAX_GRID_CHECKPOINTS:]
+    kept = files[-MAX_GRID_CHECKPOINTS:]
+    best = run.best_lora()
+    if best is not None and best in files and best not in kept:
+        kept = [best, *kept[1:]]
+    return kept
+
+
+def checkpoint_column(path: Path) -> str:
+    """A checkpoint grid's column label: the step, then the validation loss and "best" on lines of their own."""
+    note = validation_note(path)
+    loss, _, best = note.partition(" (")
+    return "\n".join(part for part in (checkpoint_label(path), loss, "best" if best else "") if part)
 
 
 def checkpoint_strength_grid(
     previewer: Previewer, settings: PreviewSettings, names: Sequence[str], files: Sequence[Path],
     strengths: Sequence[float],
 ) -> Grid:  # fmt: skip
-    """Loaded checkpoints `names` (columns, labelled by step) at several strengths (rows)."""
+    """Loaded checkpoints `names` (columns, labelled by step and validation loss, the best framed) at several
+    strengths (rows): the pick-the-best-checkpoint view."""
     from .sample import Axis
 
-    checkpoints = Axis("checkpoint", tuple(names), names=tuple(checkpoint_label(f) for f in files))
+    best = run_of_lora_file(files[0]).best_lora()
+    resolved = [f.resolve() for f in files]
+    highlight = resolved.index(best.resolve()) if best is not None and best.resolve() in resolved else None
+    columns = tuple(checkpoint_column(f) for f in files)
+    checkpoints = Axis("checkpoint", tuple(names), names=columns, highlight=highlight)
     return previewer.grid(settings, checkpoints, Axis("strength", tuple(strengths)))
 
 

@@ -1,7 +1,7 @@
 """Train the bundled demo base model from scratch on CPU, and write the demo LoRA dataset.
 
     python scripts/make_demo_model.py                  # resumes from runs/demo-model-work/ if interrupted
-    python scripts/make_demo_model.py --dataset-only   # rewrites assets/demo-dataset/ alone
+    python scripts/make_demo_model.py --dataset-only   # rewrites assets/demo-dataset/ and demo-validation/ alone
 
 Deterministic (fixed seeds) and resumable (phase results and periodic checkpoints, all in
 safetensors, under --work). The result is a complete diffusers folder in assets/demo-model/ that
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lora_studio import demo_data  # noqa: E402
-from lora_studio.paths import DEMO_DATASET_DIR, DEMO_MODEL_DIR, sd_config_dir  # noqa: E402
+from lora_studio.paths import DEMO_DATASET_DIR, DEMO_MODEL_DIR, DEMO_VALIDATION_DIR, sd_config_dir  # noqa: E402
 from lora_studio.state import load_state, save_state  # noqa: E402
 
 SEED = 1234
@@ -139,6 +139,17 @@ def write_demo_dataset(folder: Path) -> None:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     images = demo_data.write_concept_images(folder)
+    held_out = DEMO_VALIDATION_DIR
+    if held_out.exists():
+        shutil.rmtree(held_out)
+    held_out.mkdir(parents=True)
+    count = demo_data.DEMO_IMAGES + demo_data.DEMO_VALIDATION_IMAGES
+    demo_data.write_concept_images(held_out, count, first=demo_data.DEMO_IMAGES)
+    (held_out / "README.md").write_text(
+        f"# Demo validation images\n\n{demo_data.DEMO_VALIDATION_IMAGES} more images of the demo dataset's `zkz` "
+        "style (scenes 24-31 of the same\ngenerator), never trained on: the demo-cpu preset's `validation.path`. "
+        "Written by\n`scripts/make_demo_model.py` with the dataset.\n"
+    )
     (folder / "README.md").write_text(
         "# Demo LoRA dataset\n\n"
         f"{len(images)} images of the `zkz` style: shapes drawn as outlines only, which the demo base model\n"
@@ -441,7 +452,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR)
     parser.add_argument(
-        "--dataset-only", action="store_true", help="rewrite assets/demo-dataset/ and stop (no model training)"
+        "--dataset-only", action="store_true",
+        help="rewrite assets/demo-dataset/ and demo-validation/, then stop (no training)",
     )
     args = parser.parse_args()
     if args.dataset_only:

@@ -265,7 +265,7 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
         page.get_by_role("tab", name="Preview").click()
         page.get_by_role("button", name="Refresh lists").click()
         page.locator("#preview-loras input").click()
-        page.get_by_role("option", name=str(lora_file)).click()
+        page.get_by_role("option", name=f"{runs[0].name}/demo.safetensors").click()
         page.wait_for_function("document.querySelector('#preview-prompt textarea').value.startsWith('zkz')")
         page.locator("#preview-prompt textarea").fill("zkz, a red circle on a white background")
 
@@ -302,6 +302,86 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
             page.screenshot(path=str(ARTIFACTS / f"{tab.lower()}-tab.png"), full_page=True)
 
 
+@pytest.mark.browser
+def test_the_validation_curve_and_the_best_checkpoint_in_the_browser(browser_page, tmp_path, app_state):
+    """Issue 18 in the page: train with 3 images held out; the curve has a validation series; the Library and the
+    Preview picker mark the best file; the checkpoint x strength grid renders and exports the best checkpoint; a mask
+    painted in the Dataset tab is saved beside its image."""
+    from lora_studio.lora_read import load_lora
+    from lora_studio.runs import RunFolder
+
+    with app_page(browser_page) as page:
+        wait_for_text(page, "#dataset-report", "24 images")
+        page.locator("#dataset-gallery .thumbnail-item").first.click()
+        page.locator("#dataset-mask-section > button").first.click()
+        canvas = page.locator("#dataset-mask-editor canvas").first
+        canvas.wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)  # the editor draws the image in before it takes strokes
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.2)
+        page.mouse.down()
+        for step in range(1, 11):
+            page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * (0.2 + 0.06 * step))
+        page.mouse.up()
+        page.locator("#dataset-mask-save").click()
+        wait_for_text(page, "#dataset-status", ".mask.png")
+        masks = list((app_state.roots.datasets / "demo").glob("*.mask.png"))
+        assert len(masks) == 1 and masks[0].name.startswith("zkz_00")
+        import numpy as np
+        from PIL import Image
+
+        assert (np.asarray(Image.open(masks[0])) == 0).any()  # the stroke is ignored area now
+        page.screenshot(path=str(ARTIFACTS / "dataset-mask.png"), full_page=True)
+
+        page.get_by_role("tab", name="Train").click()
+        wait_for_text(page, "#train-estimate", "Steps:")
+        page.locator("#cfg-optimizer-max_train_steps input").fill("20")
+        page.locator("#train-advanced > button").first.click()
+        for section in ("sample", "save", "validation"):
+            page.locator(f"#train-section-{section} > button").first.click()
+        page.locator("#cfg-sample-every_n_steps input").fill("0")
+        page.locator("#cfg-save-every_n_steps input").fill("10")
+        page.locator("#cfg-validation-every_n_steps input").fill("5")  # the preset holds out assets/demo-validation
+        page.locator("#train-check").click()
+        wait_for_text(page, "#train-estimate", "8 images held out for the validation loss")
+        page.locator("#train-start").click()
+        wait_for_text(page, "#train-status", "done", timeout=120_000)
+        # The curve's points carry their series in the SVG: four validation passes (every 5 of 20 steps) beside the
+        # training loss.
+        page.wait_for_function("document.querySelectorAll(\"#train-loss [aria-label*='series: validation']\")"
+                               ".length >= 4", timeout=30_000)  # fmt: skip
+        page.screenshot(path=str(ARTIFACTS / "train-tab-validation.png"), full_page=True)
+        (run,) = [RunFolder(p) for p in app_state.roots.runs.iterdir() if p.name.startswith("demo-")]
+        best = run.best_lora()
+        assert [r["step"] for r in run.validation_metrics()] == [5, 10, 15, 20]
+        assert best is not None
+
+        page.get_by_role("tab", name="Library").click()
+        page.locator("#library-refresh").click()
+        wait_for_text(page, "#library-runs", "(val ")
+
+        page.get_by_role("tab", name="Preview").click()
+        page.get_by_role("button", name="Refresh lists").click()
+        page.locator("#preview-loras input").click()
+        page.get_by_role("option", name=f"{run.name}/{best.name} · val").click()  # the picker shows the losses
+        page.locator("#preview-grid-kind input").click()
+        page.get_by_role("option", name="checkpoint x strength").click()
+        page.locator("#preview-steps input").fill("4")  # a quick grid: 3 files x 3 strengths
+        page.locator("#preview-grid").click()
+        page.locator("#preview-image img").wait_for(timeout=120_000)
+        page.wait_for_function("document.querySelector('#preview-pick input').value.includes('(best)')")
+        page.screenshot(path=str(ARTIFACTS / "preview-best-checkpoint.png"), full_page=True)
+        page.locator("#preview-export").click()
+        link = page.locator("#preview-download a").first
+        link.wait_for(timeout=30_000)
+        with page.expect_download() as download:
+            link.click()
+        saved = tmp_path / "best.safetensors"
+        download.value.save_as(saved)
+        assert set(load_lora(saved).modules) == set(load_lora(best).modules)
+        assert (run.exports / f"{best.stem}-kohya-fp16.safetensors").is_file()
+
+
 def test_the_app_starts_with_leftover_and_foreign_files_in_place(app_state, tiny_folders):
     """A run killed mid-write (cut-off metrics line), a malformed .safetensors and a diffusers folder with a
     damaged model_index.json: the app starts, lists the run, and lists both models as unusable with why."""
@@ -327,7 +407,7 @@ def test_the_app_starts_with_leftover_and_foreign_files_in_place(app_state, tiny
         labels = {value.split("/")[-1]: label for label, value in train_tab.base_choices()}
         assert "cannot use" in labels["bad.safetensors"] and "is not a safetensors file" in labels["bad.safetensors"]
         assert "cannot use" in labels["broken"] and "model_index.json cannot be read as JSON" in labels["broken"]
-        assert library_tab.runs_table(app.lora_studio) == [[run.name, 1, 0.5, "no"]]
+        assert library_tab.runs_table(app.lora_studio) == [[run.name, 1, 0.5, "no", ""]]
     finally:
         app.close()
 

@@ -1,5 +1,7 @@
 """The Dataset tab's handlers, called directly: open, upload (sanitized), caption edit, bulk edit, report."""
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -101,3 +103,24 @@ def test_a_caption_over_64_kb_or_linked_out_of_the_folder_is_refused_with_its_na
     assert f"`{first.name}`: {first.with_suffix('.txt').name} is 98 KB, over the 64 KB" in report
     assert f"`{second.name}`: {second.with_suffix('.txt').name} is a link to a file outside" in report
     assert all("the secret" not in label for _p, label in gallery)
+
+
+def test_a_mask_is_painted_shown_and_removed_from_the_tab(app_state):
+    import numpy as np
+
+    folder, *_ = dataset_tab.open_dataset(app_state, "demo")
+    image = sorted(p for p in Path(folder).glob("*.png"))[0]
+    picture, editor = dataset_tab.show_mask(app_state, folder, str(image))
+    assert picture.size == (64, 64) and editor["layers"] == [] and editor["background"] is picture
+    with pytest.raises(LoraStudioError, match="Nothing is painted"):
+        dataset_tab.save_mask(app_state, folder, str(image), editor)
+    stroke = np.zeros((64, 64, 4), dtype=np.uint8)
+    stroke[:, 32:, 3] = 255
+    shown_now, _editor, message = dataset_tab.save_mask(app_state, folder, str(image), {**editor, "layers": [stroke]})
+    mask = image.with_name(image.stem + ".mask.png")
+    assert message.startswith(f"Saved {mask.name}") and mask.is_file()
+    assert shown_now.getpixel((48, 32)) != picture.getpixel((48, 32))  # the ignored half is tinted now
+    assert len(dataset_tab.gallery_items(Path(folder))) == 24  # the mask is not an image
+    assert dataset_tab.remove_mask(app_state, folder, str(image))[2].startswith("Removed") and not mask.exists()
+    with pytest.raises(LoraStudioError, match="not an image"):
+        dataset_tab.save_mask(app_state, folder, "/etc/passwd", {**editor, "layers": [stroke]})

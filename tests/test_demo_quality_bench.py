@@ -34,9 +34,11 @@ def test_lora_report_strength_zero_equals_base(tmp_path, bench_script):
     prompts = [c.prompt(trigger=True) for c in cases]
     base_images = demo_data.generate(pipeline, prompts, seeds, steps=4)
 
-    report = bench.lora_report(pipeline, lora, [0.0, 1.0], cases, steps=4, guidance=5.0)
+    report = bench.lora_report(pipeline, lora, [0.0, 1.0], cases, steps=4, guidance=5.0, no_trigger=(0.0,))
 
-    assert set(report) == {"0", "1"}
+    assert set(report) == {"0", "1", "0 no trigger"}
+    plain = demo_data.generate(pipeline, [c.prompt(trigger=False) for c in cases], seeds, steps=4)
+    assert report["0 no trigger"] == demo_data.score_images(cases, plain).as_dict()  # the prompts without zkz
     assert report["0"] == demo_data.score_images(cases, base_images).as_dict()
     base = bench.base_report(pipeline, cases, steps=4, guidance=5.0, triggers=(True,))
     assert set(base) == {"base_with_trigger", "dataset_concept"} and base["base_with_trigger"] == report["0"]

@@ -11,7 +11,7 @@ from lora_studio.config import load_preset
 from lora_studio.errors import LoraStudioError
 from lora_studio.lora_read import load_lora
 from lora_studio.models import load_base
-from lora_studio.paths import DEMO_MODEL_DIR, Roots
+from lora_studio.paths import DEMO_DATASET_DIR, DEMO_MODEL_DIR, Roots
 from lora_studio.runs import RunFolder
 from lora_studio.ui import library_tab
 from lora_studio.ui.state import AppState
@@ -22,7 +22,8 @@ def demo_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     runs = home / "runs"
     sets = [f"output_dir='{runs}'", "optimizer.max_train_steps=6",
-            "sample.every_n_steps=3", "sample.num_inference_steps=2", "save.every_n_steps=3"]  # fmt: skip
+            "sample.every_n_steps=3", "sample.num_inference_steps=2", "save.every_n_steps=3",
+            "validation.fraction=0.125", "validation.path=''"]  # fmt: skip
     return AppState(Roots(runs, home / "datasets", home / "models")), train.run_training(load_preset("demo-cpu", sets))
 
 
@@ -34,11 +35,20 @@ def library(demo_run):
 def test_runs_and_details(library):
     app, done = library
     loss = RunFolder(done.run_dir).last_metrics()["loss"]
-    assert library_tab.runs_table(app) == [[done.run_dir.name, 6, loss, "yes"]]
+    run = RunFolder(done.run_dir)
+    best = run.best_lora()
+    best_loss = run.validation_losses()[best]["validation_loss"]
+    assert best_loss == min(row["validation_loss"] for row in run.validation_metrics())
+    step = "final" if best.parent == run.path else f"step {int(best.stem[-6:])}"
+    assert library_tab.runs_table(app) == [[done.run_dir.name, 6, loss, "yes", f"{step} (val {best_loss:.4f})"]]
     config, metrics, samples, files = library_tab.run_details(app, done.run_dir.name)
     assert 'base_model = "demo"' in config and json.loads(metrics)["step"] == 6
     assert len(samples) == 6 and all("step-000006" in p for p, _ in samples)
-    assert files[0] == str(done.lora_path) and any("checkpoints" in f for f in files)
+    labels = dict((value, label) for label, value in files)
+    assert files[0][1] == str(done.lora_path) and any("checkpoints" in f for f in labels)
+    assert labels[str(best)].endswith(f"val {best_loss:.4f} (best)")  # the picker marks the best file
+    assert sum("(best)" in label for label in labels.values()) == 1
+    assert all("val " in label for label in labels.values())  # every file of the run was validated
 
 
 def test_export_inspect_resize_merge(library):
@@ -104,3 +114,19 @@ def test_a_run_queued_to_resume_cannot_be_deleted(app_state, monkeypatch):
     app_state.jobs.wait(2, timeout=60)
     library_tab.delete_run(app_state, run.name, True)
     assert not run.path.exists()
+
+
+def test_the_dataset_tab_lists_a_runs_per_image_losses_highest_first(library):
+    from lora_studio.ui import dataset_tab
+
+    app, done = library
+    rows = dataset_tab.image_losses(app, done.run_dir.name)
+    kinds = [row[2] for row in rows]
+    assert kinds == ["validation"] * 3 + ["training"] * 21  # 3 of the demo's 24 images held out (0.125)
+    for kind in ("validation", "training"):
+        losses = [row[3] for row in rows if row[2] == kind]
+        assert losses == sorted(losses, reverse=True) and all(loss > 0 for loss in losses)
+    assert {row[0] for row in rows} == {p.name for p in DEMO_DATASET_DIR.glob("*.png")}
+    assert dataset_tab.run_names(app).choices[0][1] == done.run_dir.name
+    with pytest.raises(LoraStudioError, match="No run named"):
+        dataset_tab.image_losses(app, "../../etc")

@@ -1,5 +1,6 @@
 """The Preview tab's handlers, called directly on a tiny model and a LoRA trained in the test."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,9 @@ from tiny_models import caption_images
 
 from lora_studio import outputs
 from lora_studio.errors import LoraStudioError
+from lora_studio.lora_read import load_lora
 from lora_studio.paths import Roots
+from lora_studio.runs import RunFolder
 from lora_studio.ui import preview_tab
 from lora_studio.ui.state import AppState
 from lora_studio.workflows import run_lora_files
@@ -132,3 +135,32 @@ def test_preview_size_and_grid_cells_are_capped(run_folder, tiny_folders):
     with pytest.raises(LoraStudioError, match="65 x 1 = 65 images is over the 64"):
         preview_tab.generate_grid(app, base, lora, "strength x seed", strengths, "1", "zkz", "", "ddim", 2, 5.0,
                                   32, 32, 1.0)  # fmt: skip
+
+
+def test_the_pick_the_best_checkpoint_view_labels_frames_and_exports_the_best(run_folder, tiny_folders, tmp_path):
+    app, run = run_folder
+    home = tmp_path / "home"
+    shutil.copytree(run, home / "runs" / run.name)
+    app = AppState(Roots(home / "runs", home / "datasets", home / "models", extra=app.roots.extra))
+    copy = RunFolder(home / "runs" / run.name)
+    checkpoint, final = copy.checkpoint("tiny", 2), copy.final_lora("tiny")
+    copy.record_validation(checkpoint, 2, 0.125)
+    copy.record_validation(final, 3, 0.25)
+    labels = dict((value, label) for label, value in preview_tab.labelled_lora_choices(app))
+    assert labels[str(checkpoint)] == f"{run.name}/tiny-step000002.safetensors · val 0.1250 (best)"
+    assert labels[str(final)] == f"{run.name}/tiny.safetensors · val 0.2500"
+
+    common = ("zkz, a thing", "", "ddim", 3, 5.0, 32, 32)
+    picture, _ = preview_tab.generate_grid(app, str(tiny_folders["sd1"]), [str(final)], "checkpoint x strength",
+                                           "0, 1", "4", *common, 1.0)  # fmt: skip
+    pixels = np.asarray(picture)
+    column = [x for x in range(pixels.shape[1]) if (pixels[:, x] == (234, 88, 12)).all(axis=1).sum() > 40]
+    assert column and max(column) < picture.size[0] - 32  # the frame is around the first column (the best)
+    pick = preview_tab.grid_checkpoints(app, [str(final)], "checkpoint x strength")
+    assert pick.value == str(checkpoint) and len(pick.choices) == 2
+    exported = Path(preview_tab.export_checkpoint(app, pick.value))
+    assert exported.parent == copy.exports and exported.name == "tiny-step000002-kohya-fp16.safetensors"
+    original, written = load_lora(checkpoint), load_lora(exported)
+    assert set(written.modules) == set(original.modules)
+    with pytest.raises(LoraStudioError, match="inside|outside|not a LoRA"):
+        preview_tab.export_checkpoint(app, str(tmp_path / "elsewhere.safetensors"))

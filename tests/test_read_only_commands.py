@@ -95,6 +95,9 @@ def test_read_only_commands_import_neither_torch_nor_diffusers(tmp_path):
     rc, heavy, out = imports_after(["inspect", str(lora), "--json"])
     assert rc == 0 and json.loads(out[: out.rindex("\n[")])["family"] == "sd1"
     assert heavy == set()
-    for argv in (["detect", "demo"], ["config", "demo-cpu"], ["dataset", "demo", "--json"], ["presets"]):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text('name = "x"\n')
+    for argv in (["detect", "demo"], ["config", "demo-cpu"], ["dataset", "demo", "--json"], ["presets"],
+                 ["checkpoints", str(tmp_path / "run")]):  # fmt: skip
         rc, heavy, _ = imports_after(argv)
         assert rc == 0 and heavy == set(), (argv, heavy)

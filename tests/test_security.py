@@ -249,7 +249,7 @@ def test_a_training_run_cannot_be_deleted_or_resumed_twice(server, client):
     finally:
         assert client.call("stop", [])[0]
         server["app"].lora_studio.jobs.wait(1, timeout=120)
-    steps = [row["step"] for row in RunFolder(run).read_metrics()]
+    steps = [row["step"] for row in RunFolder(run).read_metrics() if "loss" in row]  # validation lines left out
     assert steps == sorted(set(steps)), "two trainers interleaved the run's metrics"
 
 

@@ -112,7 +112,8 @@ def test_start_poll_stop_resume(app_state):
     assert stopped.state == "stopped"
     bar, line, losses, samples, log, shown_now = tab.poll(app)
     assert f'aria-valuenow="{stopped.step}"' in bar and 'aria-valuemax="400"' in bar
-    assert "**stopped**" in line and len(losses) == stopped.step and samples and "prepared" in log
+    training = losses[losses["series"] == tab.TRAINING_SERIES]
+    assert "**stopped**" in line and len(training) == stopped.step and samples and "prepared" in log
     # The same page polling again is sent nothing: its browser has nothing to redraw.
     assert tab.poll(app, shown_now)[:5] == (gr.skip(),) * 5
     assert stopped.run_dir.parent == app.roots.runs  # the runs root, whatever the working directory
@@ -143,6 +144,19 @@ def test_a_poll_sends_only_what_changed_and_the_loss_curve_at_most_every_few_sec
     monkeypatch.setattr(manager, "current", lambda: status2)
     fresh = train_tab.poll(app_state, later[-1], now=200.0)
     assert fresh[3] == [] and len(fresh[2]) == 0  # another job: the old samples and curve are cleared
+
+
+def test_the_curve_draws_validation_passes_beside_the_training_loss(app_state, monkeypatch):
+    status = JobStatus(id=3, name="demo", state="running", step=4, total_steps=10,
+                       losses=[(1, 0.5), (2, 0.4), (3, 0.3), (4, 0.2)], validation=[(2, 0.45), (4, 0.35)])  # fmt: skip
+    monkeypatch.setattr(app_state.jobs, "current", lambda: status)
+    monkeypatch.setattr(app_state.jobs, "queued", lambda: [])
+    frame = train_tab.poll(app_state, None, now=10.0)[2]
+    validation = frame[frame["series"] == train_tab.VALIDATION_SERIES]
+    assert list(zip(validation["step"], validation["loss"], strict=True)) == [(2, 0.45), (4, 0.35)]
+    assert (frame["series"] == train_tab.TRAINING_SERIES).sum() == 4
+    status.validation = [*status.validation, (6, 0.3)]  # a new pass alone is a change to draw
+    assert len(train_tab.poll(app_state, None, now=10.0)[2]) == 7
 
 
 def test_a_long_loss_curve_is_thinned_to_its_shape():

@@ -39,6 +39,8 @@ SECTION_TITLES = {
     "lora": "LoRA",
     "optimizer": "Optimizer and schedule",
     "sample": "Samples during training",
+    "validation": "Validation and the best checkpoint",
+    "regularization": "Regularization (prior preservation)",
     "save": "Saving",
 }
 

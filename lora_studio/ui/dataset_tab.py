@@ -14,12 +14,22 @@ from pathlib import Path
 import gradio as gr
 
 from ..config import DatasetConfig, load_preset
-from ..data import IMAGE_SUFFIXES, CaptionError, read_caption, scan
-from ..dataset_edit import BulkEdit, bulk_edit, import_files, safe_name, write_caption
+from ..data import CaptionError, is_training_image, read_caption, scan
+from ..dataset_edit import (
+    BulkEdit,
+    bulk_edit,
+    clear_mask,
+    import_files,
+    mask_overlay,
+    safe_name,
+    save_painted_mask,
+    write_caption,
+)
 from ..errors import LoraStudioError
 from ..paths import DEMO_DATASET_DIR, is_within
+from ..runs import list_runs
 from .errors import shown
-from .state import AppState, uploaded_files
+from .state import AppState, checked_run, uploaded_files
 
 MAX_GALLERY = 500  # images shown at once; a dataset is 10-200 images, a folder of thousands is not one
 
@@ -56,7 +66,7 @@ def new_dataset_folder(app: AppState, name: str) -> Path:
 def gallery_items(folder: Path) -> list[tuple[str, str]]:
     """The folder's images (links out of the folder left out) with their captions as labels."""
     items = []
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and is_within(p, folder))
+    images = sorted(p for p in folder.iterdir() if is_training_image(p) and is_within(p, folder))
     for image in images[:MAX_GALLERY]:
         try:
             caption, _notes = read_caption(image, ".txt")
@@ -129,6 +139,54 @@ def apply_bulk_edit(
     return *folder_view(target, preset), message
 
 
+def editor_value(picture) -> dict:
+    return {"background": picture, "layers": [], "composite": picture}
+
+
+def show_mask(app: AppState, folder: str | None, image_path: str) -> tuple:
+    """The selected image with its mask over it (red: ignored), and the painting canvas on it."""
+    picture = mask_overlay(open_folder(app, folder), Path(image_path or "").name)
+    return picture, editor_value(picture)
+
+
+def save_mask(app: AppState, folder: str | None, image_path: str, painted: dict | None) -> tuple:
+    """The strokes painted on the canvas become ignored area of the image's mask, saved beside it."""
+    layers = list((painted or {}).get("layers") or [])
+    if not image_path:
+        raise LoraStudioError("Select an image in the gallery first, then paint over what to ignore.")
+    if not layers:
+        raise LoraStudioError("Nothing is painted; paint over the area the LoRA should ignore, then save.")
+    target = open_folder(app, folder)
+    path = save_painted_mask(target, Path(image_path).name, layers)
+    return *show_mask(app, folder, image_path), f"Saved {path.name}: painted areas are ignored by masked loss."
+
+
+def remove_mask(app: AppState, folder: str | None, image_path: str) -> tuple:
+    removed = clear_mask(open_folder(app, folder), Path(image_path or "").name)
+    note = "Removed the mask: the whole image is learned." if removed else "This image has no mask."
+    return *show_mask(app, folder, image_path), note
+
+
+def image_losses(app: AppState, run_name: str | None) -> list[list]:
+    """A run's per-image losses, highest first: the held-out images' from its last validation pass, then the training
+    images' mean over its last finished epoch (high ones are worth a look: a wrong caption, an odd crop)."""
+    run = checked_run(app, run_name)
+    record = run.read_image_losses()
+    if not record:
+        raise LoraStudioError(f"{run.name} has no per-image losses yet; they are written as each epoch ends.")
+    rows = []
+    for kind in ("validation", "training"):
+        part = record.get(kind)
+        if part:
+            rows += [[Path(path).name, Path(path).parent.name, kind, round(float(loss), 6)]
+                     for path, loss in part["images"].items()]  # fmt: skip
+    return rows
+
+
+def run_names(app: AppState) -> gr.Dropdown:
+    return gr.Dropdown(choices=[run.name for run in list_runs(app.roots.runs)])
+
+
 def build() -> dict[str, gr.components.Component]:
     """The tab's components; `connect` wires their events once the Train tab exists."""
     parts = {}
@@ -154,12 +212,29 @@ def build() -> dict[str, gr.components.Component]:
     with gr.Row():
         parts["caption"] = gr.Textbox(label="Caption of the selected image", scale=4, elem_id="caption-edit")
         parts["save"] = gr.Button("Save caption", elem_id="caption-save", scale=1)
+    with gr.Accordion("Mask of the selected image (masked loss)", open=False, elem_id="dataset-mask-section"):
+        with gr.Row():
+            parts["mask_view"] = gr.Image(label="The image with its mask (red: ignored)", interactive=False,
+                                          type="pil", elem_id="dataset-mask-view")  # fmt: skip
+            parts["mask_editor"] = gr.ImageEditor(
+                label="Paint over what the LoRA should ignore, then save", type="numpy", elem_id="dataset-mask-editor",
+                brush=gr.Brush(colors=["#dc2626"], color_mode="fixed"), sources=(), transforms=(),
+            )  # fmt: skip
+        with gr.Row():
+            parts["mask_save"] = gr.Button("Save mask", elem_id="dataset-mask-save")
+            parts["mask_clear"] = gr.Button("Remove mask", elem_id="dataset-mask-clear")
     with gr.Accordion("Bulk edit", open=False):
         with gr.Row():
             for key, label in (("trigger", "Trigger word"), ("prefix", "Prefix"), ("suffix", "Suffix"),
                                ("find", "Find"), ("replace", "Replace with")):  # fmt: skip
                 parts[key] = gr.Textbox(label=label)
         parts["bulk"] = gr.Button("Apply to every caption", elem_id="bulk-apply")
+    with gr.Accordion("Per-image loss of a run (highest first)", open=False, elem_id="dataset-losses-section"):
+        with gr.Row():
+            parts["loss_run"] = gr.Dropdown([], label="Run", scale=4, elem_id="dataset-loss-run")
+            parts["loss_show"] = gr.Button("Show losses", scale=1, elem_id="dataset-loss-show")
+        parts["losses"] = gr.Dataframe(headers=["image", "folder", "set", "loss"], interactive=False,
+                                       elem_id="dataset-losses")  # fmt: skip
     parts["report"] = gr.Markdown(elem_id="dataset-report")
     parts["tags"] = gr.Dataframe(headers=["tag", "count"], label="Tag frequency", interactive=False)
     return parts
@@ -174,6 +249,7 @@ def connect(
     view = [state, p["folder"], p["gallery"], p["report"], p["tags"]]
     p["open"].click(shown(open_dataset, app), [p["source"], preset], [*view, train_dataset])
     blocks.load(shown(open_dataset, app), [p["source"], preset], [*view, train_dataset])  # first start: the demo
+    blocks.load(shown(run_names, app), None, p["loss_run"])
     uploaded = p["files"].upload(shown(upload, app), [state, p["new_name"], p["files"], preset],
                                  [*view, p["status"], train_dataset])  # fmt: skip
     uploaded.success(lambda: None, None, p["files"])  # the files are in the gallery now; empty the drop zone
@@ -182,7 +258,14 @@ def connect(
         path, label = items[evt.index][0], items[evt.index][1]
         return (path["image"]["path"] if isinstance(path, dict) else path), label or ""
 
-    p["gallery"].select(pick, [p["gallery"]], [p["selected"], p["caption"]])
+    p["gallery"].select(pick, [p["gallery"]], [p["selected"], p["caption"]]).then(
+        shown(show_mask, app), [state, p["selected"]], [p["mask_view"], p["mask_editor"]]
+    )
+    mask_outputs = [p["mask_view"], p["mask_editor"], p["status"]]
+    p["mask_save"].click(shown(save_mask, app), [state, p["selected"], p["mask_editor"]], mask_outputs)
+    p["mask_clear"].click(shown(remove_mask, app), [state, p["selected"]], mask_outputs)
+    p["loss_run"].focus(shown(run_names, app), None, p["loss_run"])
+    p["loss_show"].click(shown(image_losses, app), p["loss_run"], p["losses"])
     p["save"].click(shown(save_caption, app), [state, p["selected"], p["caption"]], [p["gallery"], p["status"]])
     bulk_inputs = [state, p["trigger"], p["prefix"], p["suffix"], p["find"], p["replace"], preset]
     p["bulk"].click(shown(apply_bulk_edit, app), bulk_inputs, [p["gallery"], p["report"], p["tags"], p["status"]])

@@ -16,20 +16,18 @@ import gradio as gr
 from ..config import SAVE_PRECISIONS
 from ..errors import LoraStudioError
 from ..runs import RunFolder, list_runs
-from ..workflows import export_lora_file, exports_path, merge_into_base, resize_lora_file
+from ..workflows import (
+    checkpoint_label,
+    export_lora_file,
+    exports_path,
+    lora_file_label,
+    merge_into_base,
+    resize_lora_file,
+)
 from .errors import shown
-from .state import AppState
+from .state import AppState, checked_run
 
 FORMATS = ("kohya", "diffusers")
-
-
-def run_folder(app: AppState, name: str | None) -> RunFolder:
-    """The run `name`, refused unless it is a run directly inside the runs folder."""
-    root = app.roots.runs.resolve()
-    run = RunFolder((root / Path(name or "").name).resolve())
-    if not name or run.path.parent != root or not run.config.is_file():
-        raise LoraStudioError(f"No run named {name!r} in {root}; refresh the list and select a run.")
-    return run
 
 
 def runs_table(app: AppState) -> list[list]:
@@ -37,21 +35,31 @@ def runs_table(app: AppState) -> list[list]:
     for run in list_runs(app.roots.runs):
         metrics = run.last_metrics()
         state = "training" if run.is_locked() else ("yes" if run.final_files() else "no")
-        rows.append([run.name, metrics.get("step", 0), metrics.get("loss"), state])
+        rows.append([run.name, metrics.get("step", 0), metrics.get("loss"), state, best_note(run)])
     return rows
+
+
+def best_note(run: RunFolder) -> str:
+    """'step 300 (val 0.0812)' for a run that validated its files, else ''."""
+    best = run.best_lora()
+    if best is None:
+        return ""
+    entry = run.validation_losses()[best]
+    return f"{checkpoint_label(best)} (val {entry['validation_loss']:.4f})"
 
 
 def run_details(app: AppState, name: str) -> tuple[str, str, list, list[str]]:
     """Config, last metrics, the newest samples and every LoRA file of a run."""
-    run = run_folder(app, name)
+    run = checked_run(app, name)
     config = run.config.read_text(encoding="utf-8", errors="replace")
     metrics = json.dumps(run.last_metrics(), indent=2)
     _step, images = run.newest_samples()
-    return config, metrics, [(str(p), p.stem) for p in images], [str(p) for p in run.lora_files()]
+    files = [(lora_file_label(p), str(p)) for p in run.lora_files()]
+    return config, metrics, [(str(p), p.stem) for p in images], files
 
 
 def checked_file(app: AppState, name: str | None, file: str | None) -> tuple[RunFolder, Path]:
-    run = run_folder(app, name)
+    run = checked_run(app, name)
     path = Path(file or "").resolve()
     if not file or path not in [p.resolve() for p in run.lora_files()]:
         raise LoraStudioError("Pick one of this run's LoRA files first.")
@@ -104,7 +112,7 @@ def delete_run(app: AppState, name: str, confirmed: bool) -> tuple[list[list], s
     """Remove a run after confirmation; never one that is training or waiting in the queue to resume."""
     if not confirmed:
         raise LoraStudioError("Tick 'Yes, delete it' first: deleting a run cannot be undone.")
-    run = run_folder(app, name)
+    run = checked_run(app, name)
     queued = [job for job in app.jobs.queued() if job.run_dir and Path(job.run_dir).resolve() == run.path]
     if queued:
         raise LoraStudioError(f"{run.name} is queued to resume; remove it from the queue (or let it finish) first.")
@@ -114,8 +122,8 @@ def delete_run(app: AppState, name: str, confirmed: bool) -> tuple[list[list], s
 
 def build(app: AppState) -> None:
     refresh = gr.Button("Refresh runs", elem_id="library-refresh")
-    table = gr.Dataframe(runs_table(app), headers=["run", "step", "loss", "final LoRA"], interactive=False,
-                         elem_id="library-runs")  # fmt: skip
+    table = gr.Dataframe(runs_table(app), headers=["run", "step", "loss", "final LoRA", "best (validation)"],
+                         interactive=False, elem_id="library-runs")  # fmt: skip
     chosen = gr.State(None)  # server-side: the run selected in the table
     shown_run = gr.Markdown("Select a run in the table.", elem_id="library-run")
     with gr.Row():
@@ -145,7 +153,7 @@ def build(app: AppState) -> None:
         name = evt.row_value[0] if evt.row_value else None
         config_text, metrics_text, images, files = run_details(app, name)
         return (name, f"**{name}**", config_text, metrics_text, images,
-                gr.Dropdown(choices=files, value=files[0] if files else None))  # fmt: skip
+                gr.Dropdown(choices=files, value=files[0][1] if files else None))  # fmt: skip
 
     refresh.click(shown(runs_table, app), None, table)
     table.select(shown(select_run), table, [chosen, shown_run, config, metrics, samples, file])

@@ -14,8 +14,15 @@ import gradio as gr
 
 from ..errors import LoraStudioError
 from ..fsutil import atomic_path
-from ..runs import list_runs
-from ..workflows import checkpoint_strength_grid, run_lora_files, strength_seed_grid
+from ..runs import list_runs, run_of_lora_file
+from ..workflows import (
+    checkpoint_strength_grid,
+    export_lora_file,
+    exports_path,
+    lora_file_label,
+    run_lora_files,
+    strength_seed_grid,
+)
 from .config_form import FIELD_BY_KEY
 from .errors import shown
 from .state import AppState, confined_base, uploaded_files
@@ -33,6 +40,12 @@ def lora_choices(app: AppState) -> list[str]:
     uploads = app.roots.runs / UPLOADS
     files += sorted(str(f) for f in uploads.glob("*.safetensors")) if uploads.is_dir() else []
     return files
+
+
+def labelled_lora_choices(app: AppState) -> list[tuple[str, str]]:
+    """lora_choices as (label, file) pairs: the run and file name, and the validation loss (best marked) if any."""
+    return [(f"{Path(f).parent.name if Path(f).parent.name != 'checkpoints' else Path(f).parent.parent.name}/"
+             f"{lora_file_label(Path(f))}", f) for f in lora_choices(app)]  # fmt: skip
 
 
 def checked_loras(app: AppState, files: list[str] | None) -> list[Path]:
@@ -141,6 +154,25 @@ def generate_grid(app: AppState, base, files, kind, strengths_text, seeds_text, 
     return grid.image, grid.previews[0][0].parameters
 
 
+def grid_checkpoints(app: AppState, files: list[str] | None, kind: str):
+    """After a checkpoint grid: its run's files to export, labelled with their validation loss, the best chosen."""
+    paths = checked_loras(app, (files or [])[:1])
+    if kind != "checkpoint x strength" or not paths:
+        return gr.Dropdown(choices=[], value=None)
+    checkpoints = run_lora_files(paths[0])
+    best = run_of_lora_file(paths[0]).best_lora()
+    chosen = best if best in checkpoints else checkpoints[-1]
+    return gr.Dropdown(choices=[(lora_file_label(f), str(f)) for f in checkpoints], value=str(chosen))
+
+
+def export_checkpoint(app: AppState, file: str | None) -> str:
+    """The picked checkpoint as a kohya fp16 file (what A1111, ComfyUI and diffusers load) in its run's exports/."""
+    if not file:
+        raise LoraStudioError("Render a checkpoint x strength grid first, then pick the checkpoint to export.")
+    (source,) = checked_loras(app, [file])
+    return str(export_lora_file(source, exports_path(source, "kohya-fp16"), "kohya", "fp16"))
+
+
 def upload_lora(app: AppState, upload: str | None, chosen: list[str] | None):
     """Copy an uploaded LoRA into runs/uploads (name sanitized), check it reads, and add it to the choice."""
     from ..dataset_edit import safe_name
@@ -157,7 +189,8 @@ def upload_lora(app: AppState, upload: str | None, chosen: list[str] | None):
     with atomic_path(target) as partial:
         shutil.copyfile(source, partial)
     kept = [str(p) for p in checked_loras(app, chosen)] if chosen else []
-    return gr.Dropdown(choices=lora_choices(app), value=[*kept, str(target)], multiselect=True), f"Added {name}."
+    choices = labelled_lora_choices(app)
+    return gr.Dropdown(choices=choices, value=[*kept, str(target)], multiselect=True), f"Added {name}."
 
 
 def parse_numbers(text: str, kind, label: str) -> list:
@@ -180,7 +213,7 @@ def strength_sliders(files: list[str] | None) -> list:
 def refresh_lists(app: AppState) -> tuple:
     from .train_tab import base_choices
 
-    return gr.Dropdown(choices=lora_choices(app)), gr.Dropdown(choices=base_choices())
+    return gr.Dropdown(choices=labelled_lora_choices(app)), gr.Dropdown(choices=base_choices())
 
 
 def build(app: AppState) -> None:
@@ -189,8 +222,8 @@ def build(app: AppState) -> None:
     with gr.Row():
         base = gr.Dropdown(base_choices(), value="demo", label="Base model", allow_custom_value=True, scale=3,
                            elem_id="preview-base")  # fmt: skip
-        files = gr.Dropdown(lora_choices(app), multiselect=True, label=f"LoRA files (stack up to {MAX_STACK})",
-                            scale=5, elem_id="preview-loras")  # fmt: skip
+        files = gr.Dropdown(labelled_lora_choices(app), multiselect=True, scale=5, elem_id="preview-loras",
+                            label=f"LoRA files (stack up to {MAX_STACK})")  # fmt: skip
         refresh = gr.Button("Refresh lists", scale=1)
     with gr.Row():
         upload = gr.File(label="Add a LoRA file (.safetensors)", file_types=[".safetensors"], type="filepath",
@@ -203,7 +236,7 @@ def build(app: AppState) -> None:
     negative = gr.Textbox(label="Negative prompt")
     with gr.Row():
         sampler = gr.Dropdown(list(SAMPLERS), value="euler_a", label="Sampler")  # the config's names: no torch import
-        steps = gr.Number(20, label="Steps", precision=0, minimum=1, maximum=200)
+        steps = gr.Number(20, label="Steps", precision=0, minimum=1, maximum=200, elem_id="preview-steps")
         cfg = gr.Number(5.0, label="CFG")
         seed = gr.Number(1, label="Seed", precision=0)
         width = gr.Number(64, label="Width", precision=0, minimum=8, maximum=2048)
@@ -216,6 +249,11 @@ def build(app: AppState) -> None:
         grid = gr.Button("Grid", elem_id="preview-grid")
     image = gr.Image(label="Result", type="pil", height=512, elem_id="preview-image")
     parameters = gr.Textbox(label="Parameters", lines=3, elem_id="preview-parameters")
+    with gr.Row():
+        pick = gr.Dropdown([], label="Checkpoint to export (the best validation loss is chosen)", scale=3,
+                           elem_id="preview-pick")  # fmt: skip
+        export = gr.Button("Export this checkpoint", scale=1, elem_id="preview-export")
+    download = gr.File(label="Exported checkpoint (kohya, fp16)", elem_id="preview-download")
 
     refresh.click(shown(refresh_lists, app), None, [files, base])
     upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status])
@@ -223,4 +261,5 @@ def build(app: AppState) -> None:
     common = [prompt, negative, sampler, steps, cfg]
     go.click(shown(generate, app), [base, files, *common, seed, width, height, *sliders], [image, parameters])
     grid.click(shown(generate_grid, app), [base, files, kind, strengths, seeds, *common, width, height, *sliders],
-               [image, parameters])  # fmt: skip
+               [image, parameters]).success(shown(grid_checkpoints, app), [files, kind], pick)  # fmt: skip
+    export.click(shown(export_checkpoint, app), pick, download)

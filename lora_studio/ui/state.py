@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import LoraStudioError
 from ..paths import Roots, home, is_within
+from ..runs import RunFolder
 
 DEFAULT_MAX_UPLOAD_MB = 50
 
@@ -62,8 +63,9 @@ def confined_base(roots: Roots, source: str) -> str:
 
 
 def confined_config(roots: Roots, config):
-    """The form's config with every path resolved inside the roots: the dataset and the base model where the
-    app may read, `output_dir` and `dataset.cache_dir` inside the runs folder (where the app writes)."""
+    """The form's config with every path resolved inside the roots: the dataset, the validation folder and the
+    base model where the app may read, `output_dir` and `dataset.cache_dir` inside the runs folder (where the app
+    writes)."""
     from ..data import resolve_dataset_path
 
     dataset = resolve_dataset_path(config.dataset.path) if config.dataset.path.strip() == "demo" else None
@@ -72,13 +74,26 @@ def confined_config(roots: Roots, config):
     cache = config.dataset.cache_dir.strip()
     if cache:
         cache = str(roots.resolve(cache, "`dataset.cache_dir`", write=True, within=roots.runs))
+    held_out = config.validation.path.strip()
+    if held_out and held_out != "demo-validation":  # the bundled demo's held-out images are readable as they are
+        held_out = str(roots.resolve(held_out, "validation folder (`validation.path`)"))
     return config.model_copy(
         update={
             "base_model": confined_base(roots, config.base_model),
             "output_dir": str(output),
             "dataset": config.dataset.model_copy(update={"path": str(dataset), "cache_dir": cache}),
+            "validation": config.validation.model_copy(update={"path": held_out}),
         }
     )
+
+
+def checked_run(app: AppState, name: str | None) -> RunFolder:
+    """The run `name` (from a request), refused unless it is a run directly inside the runs folder."""
+    root = app.roots.runs.resolve()
+    run = RunFolder((root / Path(name or "").name).resolve())
+    if not name or run.path.parent != root or not run.config.is_file():
+        raise LoraStudioError(f"No run named {name!r} in {root}; refresh the list and select a run.")
+    return run
 
 
 def uploaded_files(app: AppState, files: list[str]) -> list[Path]:

@@ -148,6 +148,8 @@ def steps_line(config: TrainConfig) -> str:
         return f"**Steps:** the dataset `{report['path']}` has no usable images yet."
     line = (f"**Steps:** {report['total_steps']:,} in all ({report['steps_per_epoch']} per epoch; "
             f"{report['images_per_epoch']} images per epoch, batch {report['batch_size']})")  # fmt: skip
+    if report["validation_images"]:
+        line += f"; {len(report['validation_images'])} images held out for the validation loss"
     if report["errors"]:
         line += f"; {len(report['errors'])} file(s) will be skipped, see the Dataset tab"
     return line + "."
@@ -233,7 +235,7 @@ def poll(app: AppState, before: Shown | None = None, now: float | None = None) -
     now = time.monotonic() if now is None else now
     status = app.jobs.current()
     if status is None:
-        empty = pd.DataFrame({"step": [], "loss": []})
+        empty = pd.DataFrame({"step": [], "loss": [], "series": pd.Series([], dtype=str)})
         idle = progress_html(0, 0, 0.0, 0.0, "idle"), "No training yet: pick a preset and press Start."
         return (*only_new(before, idle), empty if before.loss_points else gr.skip(), gr.skip(), gr.skip(),
                 Shown(bar=idle[0], line=idle[1], loss_points=0))  # fmt: skip
@@ -246,15 +248,16 @@ def poll(app: AppState, before: Shown | None = None, now: float | None = None) -
     bar = progress_html(status.step, status.total_steps, status.it_per_s, status.eta_s, status.state)
     if status.id != before.job:
         before = Shown(job=status.id)
-    redraw = len(status.losses) != before.loss_points and (
+    points = len(status.losses) + len(status.validation)
+    redraw = points != before.loss_points and (
         status.state != "running" or now - before.loss_sent_at >= LOSS_PLOT_SECONDS or before.loss_points <= 0
     )
-    losses = pd.DataFrame(thinned(status.losses), columns=["step", "loss"]) if redraw else gr.skip()
+    losses = loss_frame(status) if redraw else gr.skip()
     samples = tuple(str(p) for p in status.samples)
     tail = log_tail(status.run_dir)
     shown_now = Shown(
         status.id, bar, line,
-        len(status.losses) if redraw else before.loss_points, now if redraw else before.loss_sent_at,
+        points if redraw else before.loss_points, now if redraw else before.loss_sent_at,
         samples, tail,
     )  # fmt: skip
     return (
@@ -264,6 +267,19 @@ def poll(app: AppState, before: Shown | None = None, now: float | None = None) -
         tail if tail != before.log else gr.skip(),
         shown_now,
     )
+
+
+TRAINING_SERIES, VALIDATION_SERIES = "training (smoothed)", "validation"
+SERIES_COLOURS = {TRAINING_SERIES: "#f97316", VALIDATION_SERIES: "#2563eb"}  # named colours: the series are categories
+
+
+def loss_frame(status):
+    """The curves the plot draws: the smoothed training loss (thinned) and every validation pass, one series each."""
+    import pandas as pd
+
+    rows = [(step, loss, TRAINING_SERIES) for step, loss in thinned(status.losses)]
+    rows += [(step, loss, VALIDATION_SERIES) for step, loss in status.validation]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
 def only_new(before: Shown, bar_and_line: tuple[str, str]) -> tuple:
@@ -352,7 +368,8 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
     message = gr.Markdown(elem_id="train-message")
     progress = gr.HTML(progress_html(0, 0, 0.0, 0.0, "idle"), elem_id="train-progress")
     status = gr.Markdown(elem_id="train-status")
-    loss = gr.LinePlot(x="step", y="loss", label="Loss (smoothed)", elem_id="train-loss")
+    loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss: training (smoothed) and validation",
+                       color_map=SERIES_COLOURS, elem_id="train-loss")  # fmt: skip
     samples = gr.Gallery(label="Newest samples (strength and seed in each name)", columns=6, elem_id="train-samples")
     log = gr.Textbox(label="Log", lines=8, elem_id="train-log")
 
