@@ -312,7 +312,7 @@ def train_with_progress(config, resume: Path | None = None) -> int:
     from accelerate import PartialState
     from tqdm import tqdm
 
-    from .events import Commands, DoneEvent, ProgressEvent, SampleEvent, ValidationEvent
+    from .events import Commands, DoneEvent, ProgressEvent, SampleEvent
     from .train import run_training
 
     commands = Commands()
@@ -327,8 +327,6 @@ def train_with_progress(config, resume: Path | None = None) -> int:
             bars[0].set_postfix(loss=f"{event.smoothed_loss:.4f}", lr=f"{event.lr:.2e}")
         elif isinstance(event, SampleEvent):
             tqdm.write(f"samples at step {event.step}: {event.images[0].parent}")
-        elif isinstance(event, ValidationEvent):
-            tqdm.write(f"validation loss at step {event.step}: {event.loss:.6f} ({len(event.per_image)} images)")
         elif isinstance(event, DoneEvent) and bars:
             bars[0].close()
 
