@@ -310,3 +310,20 @@ def test_the_other_path_taking_handlers_read_nothing_outside(server, client):
     lora = str(outside / "lora.safetensors")
     for handler, extra in (("inspect_file", []), ("resize_file", [2]), ("merge_file", [1.0])):
         assert_refused(client.call(handler, ["../outside", lora, *extra]))
+
+
+def test_issue_18_handlers_read_and_write_nothing_outside(server, client):
+    """The validation folder, the per-image losses of a run, the best-checkpoint export and the mask painter: each
+    refuses a path outside the roots, and the image a mask is painted on is server-side state, not a request value."""
+    outside = server["outside"]
+    ok, shown = client.call("estimate", form_values(client, validation__path=str(outside)))
+    assert ok and "lies outside" in shown[0]
+    assert_refused(client.call("start", form_values(client, validation__path="../outside")), "outside")
+    assert_refused(client.call("image_losses", ["../outside"]))  # not one of the choices; the run is checked below too
+    lora = str(outside / "lora.safetensors")
+    assert_refused(client.call("export_checkpoint", [lora]))
+    assert_refused(client.call("grid_checkpoints", [[lora], "checkpoint x strength"]))
+    for handler, extra in (("show_mask", []), ("remove_mask", []), ("save_mask", [None])):
+        # The open folder and the selected image are the page's server-side state: bait in their place is not heard.
+        result = client.call(handler, [str(outside), str(outside / "image.png"), *extra])
+        assert_refused(result, "No dataset is open" if handler != "save_mask" else "Select an image")
