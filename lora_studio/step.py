@@ -93,11 +93,11 @@ def batch_latents(
         samples = [make_step_sample(items[i], buckets[i], dataset, d.rng) for i, d in zip(indices, draws, strict=True)]
         mean, std = encode_pixels(vae, torch.stack([s.pixels for s in samples]))  # one VAE batch
         captions, crops = [s.caption for s in samples], [s.crop for s in samples]
-        masks = [bucket_mask(items[i], buckets[i], s.resized, s.crop, s.flip, mean.shape[-2:]) if dataset.masked_loss
-                 else None for i, s in zip(indices, samples, strict=True)]  # fmt: skip
+        masks = [bucket_mask(items[i], buckets[i], s.resized, s.crop, s.flip, mean.shape[-2:])
+                 for i, s in zip(indices, samples, strict=True)]  # None for an item without a mask  # fmt: skip
     latents = mean + std * torch.stack([torch.randn(mean.shape[1:], generator=d.gen) for d in draws])
     latents = (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
-    weights = loss_weights(masks, dataset.unmasked_weight, mean.shape) if dataset.masked_loss else None
+    weights = loss_weights(masks, dataset.unmasked_weight, mean.shape)
     return latents.to(device), captions, crops, None if weights is None else weights.to(device)
 
 
@@ -107,8 +107,7 @@ def loss_weights(masks: list[torch.Tensor | None], unmasked_weight: float, shape
     if all(m is None for m in masks):
         return None
     full = torch.ones((1, *shape[-2:]))
-    stacked = torch.stack([full if m is None else unmasked_weight + (1.0 - unmasked_weight) * m for m in masks])
-    return stacked
+    return torch.stack([full if m is None else unmasked_weight + (1.0 - unmasked_weight) * m for m in masks])
 
 
 def conditioning(

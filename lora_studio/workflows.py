@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .errors import LoraStudioError
 from .models import dtype_of, load_base
-from .runs import run_of_lora_file
+from .runs import lowest_loss, run_of_lora_file
 
 if TYPE_CHECKING:  # torch loads on first use: the app's page comes up before it (README: start-up time)
     import torch
@@ -98,11 +98,11 @@ def checkpoint_label(path: Path) -> str:
 
 def validation_note(path: Path) -> str:
     """'val 0.0812' for a LoRA file its run validated, plus ' (best)' for the run's best; '' otherwise."""
-    run = run_of_lora_file(path)
-    entry = {p.resolve(): e for p, e in run.validation_losses().items()}.get(path.resolve())
+    losses = run_of_lora_file(path).validation_losses()  # one read of the run's record per file
+    entry = {p.resolve(): e for p, e in losses.items()}.get(path.resolve())
     if not entry or not isinstance(entry.get("validation_loss"), (int, float)):
         return ""
-    best = run.best_lora()
+    best = lowest_loss(losses)
     return f"val {entry['validation_loss']:.4f}" + (" (best)" if best and best.resolve() == path.resolve() else "")
 
 

@@ -166,6 +166,16 @@ def progress_step(page) -> int:
     return int(page.locator("#train-progressbar").get_attribute("aria-valuenow"))
 
 
+def download_from(page, selector: str, to: Path) -> Path:
+    """Click the download link a gr.File shows and save what the browser receives at `to`."""
+    link = page.locator(f"{selector} a").first
+    link.wait_for(timeout=30_000)
+    with page.expect_download() as download:
+        link.click()
+    download.value.save_as(to)
+    return to
+
+
 def image_bytes(page, selector: str) -> bytes:
     src = page.locator(f"{selector} img").get_attribute("src")
     return base64.b64decode(src.split(",", 1)[1]) if src.startswith("data:") else page.request.get(src).body()
@@ -288,12 +298,7 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
         wait_for_text(page, "#library-run", runs[0].name)
         page.get_by_text('base_model = "demo"').wait_for(timeout=30_000)
         page.get_by_role("button", name="Export").click()
-        link = page.locator("#library-download a").first
-        link.wait_for(timeout=30_000)
-        with page.expect_download() as download:
-            link.click()
-        saved = tmp_path / "downloaded.safetensors"
-        download.value.save_as(saved)
+        saved = download_from(page, "#library-download", tmp_path / "downloaded.safetensors")
         assert load_lora(saved).family == "sd1"
         page.screenshot(path=str(ARTIFACTS / "library-tab.png"), full_page=True)
         for tab, table, shown in (("Models", "#bundled-models", "sdxl"), ("Presets", "#presets-table", "demo-cpu")):
@@ -372,12 +377,7 @@ def test_the_validation_curve_and_the_best_checkpoint_in_the_browser(browser_pag
         page.wait_for_function("document.querySelector('#preview-pick input').value.includes('(best)')")
         page.screenshot(path=str(ARTIFACTS / "preview-best-checkpoint.png"), full_page=True)
         page.locator("#preview-export").click()
-        link = page.locator("#preview-download a").first
-        link.wait_for(timeout=30_000)
-        with page.expect_download() as download:
-            link.click()
-        saved = tmp_path / "best.safetensors"
-        download.value.save_as(saved)
+        saved = download_from(page, "#preview-download", tmp_path / "best.safetensors")
         assert set(load_lora(saved).modules) == set(load_lora(best).modules)
         assert (run.exports / f"{best.stem}-kohya-fp16.safetensors").is_file()
 

@@ -4,13 +4,13 @@ settings say, the live weights come back exactly, and a resume with it (and vali
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import stopper, tiny_config
+from test_train import straight_and_resumed, tiny_config
 from test_validation import make_images
 
 from lora_studio.ema import lora_parameters
 from lora_studio.outputs import save_lora_file
 from lora_studio.step import training_step
-from lora_studio.train import prepare, run_training
+from lora_studio.train import prepare
 from lora_studio.validation import validation_pass
 
 
@@ -78,12 +78,7 @@ def test_files_and_samples_use_the_average_as_set_and_the_live_weights_come_back
 
 def test_a_run_with_the_average_and_validation_resumes_bit_exactly(tmp_path, tiny_folders, images):
     settings = {"lora": {"ema_decay": 0.9}, "validation": {"fraction": 0.34, "every_n_steps": 2}}
-    straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images, **settings))
-    commands, stop_at_5 = stopper(5)
-    config = tiny_config(tmp_path / "b", tiny_folders, images, **settings)
-    stopped = run_training(config, on_event=stop_at_5, commands=commands)
-    resumed = run_training(config, resume_from=stopped.run_dir)
-    a, b = load_file(str(straight.lora_path)), load_file(str(resumed.lora_path))
+    straight, resumed, a, b = straight_and_resumed(tmp_path, tiny_folders, images, **settings)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     from lora_studio.runs import RunFolder
 

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
-from test_train import stopper, tiny_config
+from test_train import straight_and_resumed, tiny_config
 
 from lora_studio.buckets import Bucket
 from lora_studio.cache import LatentCache, LatentEntry
@@ -16,7 +15,7 @@ from lora_studio.dataset_edit import DatasetEditError, clear_mask, mask_overlay,
 from lora_studio.errors import ConfigError
 from lora_studio.models import load_base
 from lora_studio.step import loss_weights, masked_mse
-from lora_studio.train import prepare, run_training
+from lora_studio.train import prepare
 
 
 def masked_images(folder, count=4, half=True):
@@ -125,12 +124,7 @@ def test_every_feature_on_resumes_bit_exactly(tmp_path, tiny_folders):
         "lora": {"ema_decay": 0.9},
         "regularization": {"generate": True, "steps": 2, "prior_loss_weight": 0.5},
     }
-    straight = run_training(tiny_config(tmp_path / "a", tiny_folders, folder, **settings))
-    commands, stop_at_5 = stopper(5)
-    config = tiny_config(tmp_path / "b", tiny_folders, folder, **settings)
-    stopped = run_training(config, on_event=stop_at_5, commands=commands)
-    resumed = run_training(config, resume_from=stopped.run_dir)
-    a, b = load_file(str(straight.lora_path)), load_file(str(resumed.lora_path))
+    _straight, _resumed, a, b = straight_and_resumed(tmp_path, tiny_folders, folder, **settings)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 

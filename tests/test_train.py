@@ -79,6 +79,16 @@ def stopper(step: int):
     return commands, on_event
 
 
+def straight_and_resumed(tmp_path, tiny_folders, images, **settings):
+    """The final LoRA tensors of a run straight through, and of the same run stopped at step 5 and resumed."""
+    straight = run_training(tiny_config(tmp_path / "straight", tiny_folders, images, **settings))
+    commands, stop_at_5 = stopper(5)
+    config = tiny_config(tmp_path / "resumed", tiny_folders, images, **settings)
+    stopped = run_training(config, on_event=stop_at_5, commands=commands)
+    resumed = run_training(config, resume_from=stopped.run_dir)
+    return straight, resumed, lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
+
+
 def lora_tensors(path):
     return load_file(str(path))
 
