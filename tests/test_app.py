@@ -155,7 +155,8 @@ def test_page_asks_for_login_when_auth_is_set(browser_page, app_state):
 HAS_TEXT = (
     "([sel, text]) => { const e = document.querySelector(sel); return e && (e.value ?? e.innerText).includes(text) }"
 )
-PROGRESS = "Number(document.querySelector('#train-progressbar').getAttribute('aria-valuenow'))"
+# -1 until the bar is drawn: a page that is still loading has none yet (a throw would end the wait at once).
+PROGRESS = "Number(document.querySelector('#train-progressbar')?.getAttribute('aria-valuenow') ?? -1)"
 
 
 def wait_for_text(page, selector: str, text: str, timeout: int = 60_000) -> None:
