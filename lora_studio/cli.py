@@ -32,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="validate a config or preset and print it resolved")
     config.add_argument("config", help="a TOML file or a preset name (see `lora-studio presets`)")
     config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config.add_argument("--save", metavar="NAME", help="save it as your preset NAME (listed beside the bundled ones)")
 
-    sub.add_parser("presets", help="list the bundled presets")
+    presets = sub.add_parser("presets", help="list the bundled presets and yours")
+    presets.add_argument("--delete", metavar="NAME", help="delete your preset NAME")
 
     train = sub.add_parser("train", help="train a LoRA from a config or preset; --resume continues a run")
     train.add_argument("config", nargs="?", help="a TOML config or a preset name")
@@ -170,17 +172,27 @@ def run_detect(args: argparse.Namespace) -> int:
 
 
 def run_config(args: argparse.Namespace) -> int:
-    from .config import config_to_toml
+    from .config import config_to_toml, save_user_preset
 
-    print(config_to_toml(_load_config_or_preset(args.config, args.overrides)), end="")
+    config = _load_config_or_preset(args.config, args.overrides)
+    if args.save:
+        based_on = args.config if not Path(args.config).exists() else ""
+        print(f"saved your preset {args.save}: {save_user_preset(config, args.save, based_on)}")
+        return EXIT_OK
+    print(config_to_toml(config), end="")
     return EXIT_OK
 
 
 def run_presets(args: argparse.Namespace) -> int:
-    from .config import list_presets, preset_description
+    from .config import bundled_presets, delete_user_preset, preset_description, user_presets
 
-    for name in list_presets():
-        print(f"{name:16} {preset_description(name)}")
+    if args.delete:
+        print(f"deleted your preset {args.delete} ({delete_user_preset(args.delete)})")
+        return EXIT_OK
+    for name in bundled_presets():
+        print(f"{name:22} {preset_description(name)}")
+    for name in user_presets():
+        print(f"{name:22} (yours) {preset_description(name)}")
     return EXIT_OK
 
 
@@ -261,21 +273,15 @@ def run_checkpoints(args: argparse.Namespace) -> int:
 
 def run_reg_images(args: argparse.Namespace) -> int:
     """Render (or find cached) what `regularization.generate` will train on, so it can be looked at first."""
-    from .cache import cache_folder
-    from .data import scan
-    from .models import dtype_of, load_base, pick_device
-    from .reg_images import generate_regularization
+    from .reg_images import render_for_config
 
-    config = _load_config_or_preset(args.config, [*args.overrides, "regularization.generate=true",
-                                                  "regularization.path=''"])  # fmt: skip
-    report = scan(config.dataset)
-    if not report.items:
-        raise LoraStudioError(f"the dataset {report.root} has no usable images; check it with `lora-studio dataset`")
-    device = pick_device()
-    base = load_base(config.base_model, dtype_of(config.mixed_precision if device.type != "cpu" else "no"), device)
-    resolution = config.dataset.resolution or base.native_resolution
-    items = generate_regularization(config, base, report.items, resolution)
-    print(f"{len(items)} regularization images in {cache_folder(config) / 'regularization'}")
+    config = _load_config_or_preset(args.config, args.overrides)
+    preparing = PreparingBar()
+    try:
+        folder, items = render_for_config(config, lambda done, total: preparing.show("rendering", done, total))
+    finally:
+        preparing.close()
+    print(f"{len(items)} regularization images in {folder}")
     for item in items:
         print(f"  {item.path.name}: {item.caption}")
     return EXIT_OK
@@ -305,6 +311,28 @@ def run_demo(args: argparse.Namespace) -> int:
     return train_with_progress(load_preset("demo-cpu"))
 
 
+class PreparingBar:
+    """A tqdm bar for work before training (rendering regularization images), closed when it is done."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def show(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=stage, unit="image", dynamic_ncols=True)
+        self.bar.n = done
+        self.bar.refresh()
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def train_with_progress(config, resume: Path | None = None) -> int:
     """Train with a tqdm bar; the first Ctrl-C stops after the current step and saves, a second aborts."""
     import signal
@@ -312,14 +340,18 @@ def train_with_progress(config, resume: Path | None = None) -> int:
     from accelerate import PartialState
     from tqdm import tqdm
 
-    from .events import Commands, DoneEvent, ProgressEvent, SampleEvent
+    from .events import Commands, DoneEvent, PreparingEvent, ProgressEvent, SampleEvent
     from .train import run_training
 
     commands = Commands()
     bars: list = []  # drawn at the first step, so a run that fails while loading leaves just its error
+    preparing = PreparingBar()
 
     def on_event(event) -> None:
-        if isinstance(event, ProgressEvent):
+        if isinstance(event, PreparingEvent):
+            preparing.show(event.stage, event.done, event.total)
+        elif isinstance(event, ProgressEvent):
+            preparing.close()
             if not bars:
                 bars.append(tqdm(total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True))
             bars[0].total = event.total_steps
@@ -340,6 +372,7 @@ def train_with_progress(config, resume: Path | None = None) -> int:
         done = run_training(config, on_event=on_event, commands=commands, resume_from=resume)
     finally:
         signal.signal(signal.SIGINT, previous)
+        preparing.close()
         for bar in bars:
             bar.close()
     state = "stopped" if done.stopped_early else "finished"

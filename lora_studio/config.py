@@ -11,7 +11,9 @@ Defaults follow common practice; the comment beside a default says where it come
 from __future__ import annotations
 
 import difflib
+import re
 import sys
+import time
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -22,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .fsutil import write_text_atomic
-from .paths import PRESETS_DIR
+from .paths import PRESETS_DIR, is_within, user_presets_dir
 from .sample_prompts import SamplePrompt, parse_sample_prompt
 
 if sys.version_info >= (3, 11):
@@ -626,19 +628,65 @@ def save_config(config: TrainConfig, path: str | Path, header: str = "") -> None
 # --- presets --------------------------------------------------------------------------------------
 
 
-def list_presets(folder: Path = PRESETS_DIR) -> list[str]:
-    return sorted(p.stem for p in folder.glob("*.toml"))
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # no separators, no leading dot: stays in its folder
 
 
-def preset_path(name: str, folder: Path = PRESETS_DIR) -> Path:
+def bundled_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def user_presets() -> list[str]:
+    """The presets a person saved: files with a preset's name in the user presets folder, none that would hide a
+    bundled one (a leftover or foreign file there is skipped, never fatal)."""
+    folder, bundled = user_presets_dir(), set(bundled_presets())
+    if not folder.is_dir():
+        return []
+    names = (p.stem for p in folder.glob("*.toml") if p.is_file() and is_within(p, folder))
+    return sorted(n for n in names if PRESET_NAME.fullmatch(n) and n not in bundled)
+
+
+def list_presets() -> list[str]:
+    """Every preset a config may start from: the bundled ones, then the person's own."""
+    return bundled_presets() + user_presets()
+
+
+def preset_path(name: str) -> Path:
     """The preset file of `name`; only the names list_presets gives (a name from a request cannot leave the
     folder: "../x" is no preset)."""
-    path = folder / f"{name}.toml"
-    if name not in list_presets(folder):
-        known = list_presets(folder)
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(known)}"
-        raise ConfigError(f"preset {name!r}", [f"there is no {path.name} in {folder}; {hint}"])
+    if name in bundled_presets():
+        return PRESETS_DIR / f"{name}.toml"
+    if name in user_presets():
+        return user_presets_dir() / f"{name}.toml"
+    known = list_presets()
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"choose one of: {', '.join(known)}"
+    where = f"{PRESETS_DIR} or {user_presets_dir()}"
+    raise ConfigError(f"preset {name!r}", [f"there is no {name}.toml in {where}; {hint}"])
+
+
+def save_user_preset(config: TrainConfig, name: str, based_on: str = "") -> Path:
+    """`config` as the person's preset `name` (a new one, or their own of that name replaced); never a bundled one."""
+    name = (name or "").strip()
+    if not PRESET_NAME.fullmatch(name):
+        raise ConfigError(f"preset name {name!r}", ["use 1-64 letters, digits, '-', '_' or '.', starting with a "
+                                                    "letter or digit (it becomes the file name)"])  # fmt: skip
+    if name in bundled_presets():
+        raise ConfigError(f"preset name {name!r}", ["a bundled preset has this name and stays as shipped; "
+                                                    "choose another name"])  # fmt: skip
+    source = f", from the {based_on} preset" if based_on else ""
+    header = f"Your preset, saved {time.strftime('%Y-%m-%d %H:%M')}{source}."
+    path = user_presets_dir() / f"{name}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_config(config.model_copy(update={"name": name}), path, header=header)
+    return path
+
+
+def delete_user_preset(name: str) -> Path:
+    """Remove one of the person's presets; the bundled ones cannot be deleted."""
+    if name in bundled_presets():
+        raise ConfigError(f"preset {name!r}", ["it is a bundled preset, which cannot be deleted"])
+    path = preset_path(name)  # only a listed name: a request cannot name another file
+    path.unlink()
     return path
 
 
@@ -646,10 +694,14 @@ def load_preset(name: str, overrides: Iterable[str] = ()) -> TrainConfig:
     return load_config(preset_path(name), overrides)
 
 
-def preset_description(name: str, folder: Path = PRESETS_DIR) -> str:
-    """The leading comment block of a preset: when to use it."""
+def preset_description(name: str) -> str:
+    """The leading comment block of a preset: when to use it (a file that cannot be read says so instead)."""
     lines = []
-    for line in preset_path(name, folder).read_text(encoding="utf-8").splitlines():
+    try:
+        text = preset_path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"(cannot read this preset: {exc.__class__.__name__})"
+    for line in text.splitlines():
         if not line.startswith("#"):
             break
         lines.append(line.lstrip("#").strip())

@@ -11,6 +11,10 @@ class ModelLoadError(LoraStudioError):
     """A base model could not be found, read or recognised."""
 
 
+class StoppedEarly(LoraStudioError):
+    """The person pressed Stop before training began (while regularization images rendered): nothing to save."""
+
+
 class ConfigError(LoraStudioError):
     """A config or preset has one or more bad fields; `problems` lists every one of them."""
 

@@ -25,6 +25,15 @@ class ProgressEvent:
 
 
 @dataclass(frozen=True)
+class PreparingEvent:
+    """Work before the first step that takes minutes (rendering regularization images), for a progress bar."""
+
+    stage: str  # what is being done, as the page says it: "rendering regularization images"
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
 class SampleEvent:
     step: int
     images: list[Path]  # one file per (prompt, strength, seed)
@@ -59,7 +68,7 @@ class ErrorEvent:
     message: str
 
 
-Event = ProgressEvent | SampleEvent | ValidationEvent | CheckpointEvent | DoneEvent | ErrorEvent
+Event = ProgressEvent | PreparingEvent | SampleEvent | ValidationEvent | CheckpointEvent | DoneEvent | ErrorEvent
 
 
 class Commands:

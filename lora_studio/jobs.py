@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from .config import TrainConfig
-from .errors import LoraStudioError
-from .events import Commands, DoneEvent, ErrorEvent, ProgressEvent, SampleEvent, ValidationEvent
+from .errors import LoraStudioError, StoppedEarly
+from .events import Commands, DoneEvent, ErrorEvent, PreparingEvent, ProgressEvent, SampleEvent, ValidationEvent
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+REG_IMAGES = "regularization images"
 
 
 @dataclass
@@ -36,6 +37,7 @@ class JobStatus:
     total_steps: int = 0
     it_per_s: float = 0.0
     eta_s: float = 0.0
+    preparing: tuple[str, int, int] | None = None  # (what, done, total) before the first step, e.g. reg rendering
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, smoothed loss)
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     samples: list[Path] = field(default_factory=list)  # the newest sample images
@@ -51,6 +53,7 @@ class _Job:
     config: TrainConfig
     resume_from: Path | None
     commands: Commands = field(default_factory=Commands)
+    work: str = "train"  # or "regularization images": render them only, to be looked at before training
 
 
 class JobManager:
@@ -69,6 +72,15 @@ class JobManager:
     def submit(self, config: TrainConfig, resume_from: Path | None = None) -> int:
         # A resume names its run from the start, so a queued resume's run is known (the Library will not delete it).
         job = _Job(JobStatus(next(self._ids), config.name, run_dir=resume_from), config, resume_from)
+        with self._wake:
+            self._queue.append(job)
+            self._wake.notify()
+        return job.status.id
+
+    def submit_regularization_images(self, config: TrainConfig) -> int:
+        """Render a config's regularization images (cached) in the queue, on the device training uses."""
+        job = _Job(JobStatus(next(self._ids), f"{config.name} (regularization images)"), config, None,
+                   work=REG_IMAGES)  # fmt: skip
         with self._wake:
             self._queue.append(job)
             self._wake.notify()
@@ -134,6 +146,9 @@ class JobManager:
                     status.it_per_s, status.eta_s = event.it_per_s, event.eta_s
                     status.losses.append((event.step, event.smoothed_loss))
                     status.run_dir = event.run_dir or status.run_dir
+                    status.preparing = None
+                elif isinstance(event, PreparingEvent):
+                    status.preparing = (event.stage, event.done, event.total)
                 elif isinstance(event, SampleEvent):
                     status.samples, status.sample_step = list(event.images), event.step
                 elif isinstance(event, ValidationEvent):
@@ -144,12 +159,18 @@ class JobManager:
                     status.message = event.message
 
         try:
+            if job.work == REG_IMAGES:
+                self._render_regularization(job, on_event)
+                return
             from .train import run_training  # torch and diffusers load with the first job, not with the app
 
             done = run_training(job.config, on_event=on_event, commands=job.commands, resume_from=job.resume_from)
             with self._lock:
                 status.state = "stopped" if done.stopped_early else "done"
                 status.run_dir, status.lora_path = done.run_dir, done.lora_path
+        except StoppedEarly as exc:
+            with self._lock:
+                status.state, status.message = "stopped", str(exc)
         except LoraStudioError as exc:
             with self._lock:
                 status.state, status.message = "failed", str(exc)
@@ -158,6 +179,18 @@ class JobManager:
             with self._lock:
                 status.state = "failed"
                 status.message = f"unexpected failure ({type(exc).__name__}: {exc}); details are in the log"
+
+    def _render_regularization(self, job: _Job, on_event) -> None:
+        from .reg_images import RENDERING, render_for_config
+
+        def progress(done: int, total: int) -> None:
+            on_event(PreparingEvent(RENDERING, done, total))
+
+        folder, items = render_for_config(job.config, progress, job.commands.take_stop)
+        with self._lock:
+            job.status.state = "done"
+            job.status.message = (f"{len(items)} regularization images in `{folder}`: open that folder in the "
+                                  "Dataset tab to see them; training with these settings reuses them.")  # fmt: skip
 
 
 def run_on_fresh_thread(fn: Callable[..., T], *args, name: str = "lora-studio-torch") -> T:

@@ -14,13 +14,11 @@ from .models import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE
 
 
 def model_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
-    """kohya's `sshs_model_hash` and `sshs_legacy_hash` of the file these tensors and metadata make.
-
-    The hash strings have fixed lengths, so the header is serialised with same-length placeholders:
-    the bytes the hashes cover come out exactly as in the final file.
-    """
-    placeholder = metadata | {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
-    data = serialize(tensors, metadata=placeholder)
+    """kohya's `sshs_model_hash` and `sshs_legacy_hash`, computed as kohya's `precalculate_safetensors_hashes` does:
+    over a re-serialisation holding only the `ss_*` metadata (other keys, such as the ModelSpec ones, must not change
+    the hashes). The model hash covers the tensor bytes, the same as in the written file; the legacy one is the
+    sha256 of bytes 0x100000-0x110000 of that re-serialisation, as sd-webui-additional-networks hashes, cut to 8."""
+    data = serialize(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
     header_len = int.from_bytes(data[:8], "little")
     model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
     legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]

@@ -48,6 +48,12 @@ def models_dir() -> Path:
     return Path(configured).expanduser().resolve() if configured else home() / "models"
 
 
+def user_presets_dir() -> Path:
+    """Presets a person saved ("Save as preset", `lora-studio config --save`), beside the bundled read-only ones;
+    its own folder, as the home defaults to the checkout, whose presets/ are the bundled ones."""
+    return home() / "user-presets"
+
+
 def in_home(path: str | os.PathLike) -> Path:
     """A folder from a config: absolute as given, relative ones under the home (never the working directory)."""
     path = Path(path).expanduser()

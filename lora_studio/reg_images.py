@@ -18,12 +18,14 @@ import torch
 from .cache import cache_folder, module_fingerprint
 from .config import TrainConfig
 from .data import Item
+from .errors import StoppedEarly
 from .fsutil import atomic_path, write_text_atomic
 from .models import BaseModel
 from .sample import call_pipeline, use_sampler
 
 log = logging.getLogger(__name__)
 SAMPLER = "euler_a"  # A1111's default, as the samples during training
+RENDERING = "rendering regularization images"  # the stage the progress bars name
 
 
 def class_prompt(caption: str, trigger: str, class_word: str) -> str:
@@ -40,7 +42,7 @@ def base_fingerprint(base: BaseModel) -> str:
 
 def generate_regularization(
     config: TrainConfig, base: BaseModel, training: list[Item], resolution: int,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None,
 ) -> list[Item]:  # fmt: skip
     """The regularization images for `training`, rendered where they are not cached yet; returned as items."""
     settings, folder = config.regularization, cache_folder(config) / "regularization"
@@ -57,6 +59,9 @@ def generate_regularization(
         key = [identity, prompt, seed, resolution, settings.steps, settings.guidance_scale, SAMPLER]
         path = folder / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.png"
         if not path.is_file():
+            if should_stop is not None and should_stop():
+                raise StoppedEarly(f"Stopped while rendering regularization images: {index} of {count} are ready "
+                                   f"in {folder}, and the next start with these settings reuses them.")  # fmt: skip
             render_one(base, prompt, seed, resolution, settings.steps, settings.guidance_scale, path)
             built += 1
         data = path.read_bytes()
@@ -66,6 +71,29 @@ def generate_regularization(
             progress(index + 1, count)
     log.info("regularization images: %d rendered, %d from the cache in %s", built, count - built, folder)
     return items
+
+
+def render_for_config(
+    config: TrainConfig, progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[Path, list]:  # fmt: skip
+    """What `regularization.generate` will train on, rendered (or found cached) before training, so it can be looked
+    at first: the folder they are in and the items. The CLI's `reg-images` and the Train tab's button."""
+    from .data import scan
+    from .errors import LoraStudioError
+    from .models import dtype_of, load_base, pick_device
+
+    config = config.model_copy(update={"regularization": config.regularization.model_copy(
+        update={"generate": True, "path": ""})})  # fmt: skip
+    report = scan(config.dataset)
+    if not report.items:
+        raise LoraStudioError(f"The dataset {report.root} has no usable images; check it in the Dataset tab "
+                              "(or with `lora-studio dataset`).")  # fmt: skip
+    device = pick_device()
+    base = load_base(config.base_model, dtype_of(config.mixed_precision if device.type != "cpu" else "no"), device)
+    resolution = config.dataset.resolution or base.native_resolution
+    items = generate_regularization(config, base, report.items, resolution, progress, should_stop)
+    return cache_folder(config) / "regularization", items
 
 
 def render_one(base: BaseModel, prompt: str, seed: int, size: int, steps: int, cfg: float, path: Path) -> None:

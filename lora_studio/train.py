@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -36,13 +37,13 @@ from .data import (
 )
 from .ema import make_ema
 from .errors import LoraStudioError
-from .events import Commands, DoneEvent, ErrorEvent, ProgressEvent
+from .events import Commands, DoneEvent, ErrorEvent, PreparingEvent, ProgressEvent
 from .fsutil import WriteError
 from .lora import inject_lora
 from .models import BaseModel, dtype_of, load_base, pick_device
 from .optimizers import make_lr_scheduler, make_optimizer
 from .outputs import render_samples, save_checkpoint, save_lora_file, should_checkpoint
-from .reg_images import generate_regularization
+from .reg_images import RENDERING, generate_regularization
 from .resume import check_resumable, record_config, resume, write_failure
 from .runs import RunFolder, RunLock, output_root
 from .session import Session, TrainingError, emit, modules_on, offload_frozen_parts, on_main, trained_parts
@@ -187,7 +188,7 @@ def prepare(
             attach_log_file(run)
             if run_dir is None:  # a resumed run records its settings once its state has loaded (resume())
                 record_config(config, run)
-        session = build_session(config, accelerator, report, run, held_out)
+        session = build_session(config, accelerator, report, run, held_out, on_event, commands)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -204,10 +205,19 @@ def training_scheduler(config: TrainConfig, base: BaseModel) -> DDPMScheduler:
     return DDPMScheduler.from_config(base.scheduler.config, **zero_snr)
 
 
-def log_progress(done: int, total: int) -> None:
-    """Regularization rendering, in the log (the app shows its tail): every tenth and the last."""
-    if done == total or done % max(1, total // 10) == 0:
-        log.info("rendering regularization images: %d/%d", done, total)
+def rendering_progress(on_event, accelerator: Accelerator) -> Callable[[int, int], None]:
+    """Regularization rendering's progress: a `PreparingEvent` per image (the app's and the CLI's bar) and a log
+    line every tenth (the log file keeps it)."""
+
+    def report(done: int, total: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        if done == total or done % max(1, total // 10) == 0:
+            log.info("%s: %d/%d", RENDERING, done, total)
+        if on_event is not None:
+            on_event(PreparingEvent(RENDERING, done, total))
+
+    return report
 
 
 def held_out_set(config: TrainConfig, base: BaseModel, items: list, resolution: int, accelerator: Accelerator):
@@ -218,14 +228,17 @@ def held_out_set(config: TrainConfig, base: BaseModel, items: list, resolution: 
 
 
 def build_session(
-    config: TrainConfig, accelerator: Accelerator, report: ScanReport, run: RunFolder, validation: list | None = None
+    config: TrainConfig, accelerator: Accelerator, report: ScanReport, run: RunFolder, validation: list | None = None,
+    on_event=None, commands: Commands | None = None,
 ) -> Session:
     """Load the model, fill the caches, add the LoRA, and make the optimizer and rate schedule."""
     base = load_model(config, accelerator)
     resolution = config.dataset.resolution or base.native_resolution
     if config.regularization.generate:
         with accelerator.main_process_first():  # the main process renders, the others find them cached
-            generated = generate_regularization(config, base, report.items, resolution, log_progress)
+            generated = generate_regularization(config, base, report.items, resolution,
+                                                rendering_progress(on_event, accelerator),
+                                                commands.take_stop if commands is not None else None)  # fmt: skip
         report = with_regularization(report, generated)
     buckets = bucketing.assign_buckets([(i.width, i.height) for i in report.items], config.dataset, resolution)
     with accelerator.main_process_first(), unet_parked(base) if config.low_vram else nullcontext():

@@ -57,6 +57,13 @@ def test_presets_match_their_family():
     assert not load_preset("sdxl-low-vram").lora.train_text_encoder
 
 
+def test_the_prior_presets_are_the_character_presets_with_generated_class_images():
+    for family in ("sd15", "sdxl"):
+        plain, prior = load_preset(f"{family}-character"), load_preset(f"{family}-character-prior")
+        assert prior.regularization.generate and not plain.regularization.enabled
+        assert prior.model_copy(update={"name": plain.name, "regularization": plain.regularization}) == plain
+
+
 def test_round_trip_with_every_section_changed(tmp_path):
     config = TrainConfig(
         name="x1",

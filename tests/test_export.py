@@ -209,22 +209,43 @@ def test_metadata_is_strings_with_kohya_and_modelspec_keys(sd1_full):
     assert metadata["modelspec.trigger_phrase"] == "zkz"
 
 
-def test_hashes_recomputed_independently(sd1_full, tmp_path):
+def kohya_hashes(path) -> tuple[str, str]:
+    """The two hashes as kohya's `train_util.precalculate_safetensors_hashes` computes them when it saves a file:
+    the tensors re-serialised with only the `ss_*` metadata, then sd-webui-additional-networks' two hashes of it
+    (`addnet_hash_safetensors`: sha256 after the header; `addnet_hash_legacy`: bytes 0x100000-0x110000)."""
+    import io
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k.startswith("ss_")}
+    b = io.BytesIO(save(load_file(str(path)), metadata))
+    n = int.from_bytes(b.read(8), "little")
+    b.seek(n + 8)
+    model_hash = hashlib.sha256(b.read()).hexdigest()
+    b.seek(0x100000)
+    return model_hash, hashlib.sha256(b.read(0x10000)).hexdigest()[0:8]
+
+
+def test_hashes_are_kohyas(sd1_full, tmp_path):
     _session, path = sd1_full
     data = path.read_bytes()
     header_len = int.from_bytes(data[:8], "little")
     metadata = json.loads(data[8 : 8 + header_len])["__metadata__"]
-    assert metadata["sshs_model_hash"] == hashlib.sha256(data[8 + header_len :]).hexdigest()
-    assert metadata["sshs_legacy_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-    # A file over 1 MiB, where the legacy hash covers real bytes.
-    big = lora_file.LoraFile({"lora_unet_x": lora_file.LoraModule(torch.randn(64, 8192), torch.randn(64, 64), 8.0)})
+    assert (metadata["sshs_model_hash"], metadata["sshs_legacy_hash"]) == kohya_hashes(path)
+    assert metadata["sshs_model_hash"] == hashlib.sha256(data[8 + header_len :]).hexdigest()  # the file's tensors
+    # A file over 1 MiB, where the legacy hash covers real bytes, with ModelSpec keys beside the ss_* ones: those
+    # move the file's bytes but not kohya's hash.
+    big = lora_file.LoraFile({"lora_unet_x": lora_file.LoraModule(torch.randn(64, 8192), torch.randn(64, 64), 8.0)},
+                             {"ss_network_dim": "64", "modelspec.title": "big"})  # fmt: skip
     out = export.save_kohya(big, tmp_path / "big.safetensors", torch.float32)
     data = out.read_bytes()
-    assert len(data) > 0x110000
     header_len = int.from_bytes(data[:8], "little")
     metadata = json.loads(data[8 : 8 + header_len])["__metadata__"]
-    assert metadata["sshs_legacy_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-    assert metadata["sshs_model_hash"] == hashlib.sha256(data[8 + header_len :]).hexdigest()
+    assert len(data) > 0x110000 and any(not k.startswith(("ss_", "sshs_")) for k in metadata)
+    assert (metadata["sshs_model_hash"], metadata["sshs_legacy_hash"]) == kohya_hashes(out)
+    assert metadata["sshs_legacy_hash"] != hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
 def test_round_trip_gives_equal_tensors(sd1_full):

@@ -14,6 +14,7 @@ from lora_studio.buckets import epoch_batches
 from lora_studio.config import validate_config
 from lora_studio.data import Item, balance_regularization, build_caption, dataset_report
 from lora_studio.errors import ConfigError
+from lora_studio.events import PreparingEvent
 from lora_studio.step import batch_losses, sample_draws
 from lora_studio.train import prepare
 
@@ -74,7 +75,11 @@ def test_generated_class_images_are_cached_and_reused(tmp_path, tiny_folders, mo
     monkeypatch.setattr(reg_images, "render_one", lambda *a: rendered.append(a[1]) or real(*a))
     settings = {"generate": True, "class_word": "shape", "steps": 2, "images": 4}
     config = tiny_config(tmp_path, tiny_folders, train, regularization=settings)
-    session = prepare(config)
+    events = []
+    session = prepare(config, on_event=events.append)
+    rendering = [e for e in events if isinstance(e, PreparingEvent)]  # what the app's and the CLI's bar show
+    assert [(e.stage, e.done, e.total) for e in rendering] == [("rendering regularization images", n, 4)
+                                                               for n in (1, 2, 3, 4)]  # fmt: skip
     generated = [i for i in session.items if i.regularization]
     assert len(rendered) == 4 and len(generated) == 4 and all(i.path.is_file() for i in generated)
     assert all(p.startswith("shape, a thing number") and "zkz" not in p for p in rendered)
@@ -104,7 +109,8 @@ def test_the_reg_images_command_renders_them_before_training(tmp_path, tiny_fold
 
     save_config(config, tmp_path / "c.toml")
     assert main(["reg-images", str(tmp_path / "c.toml"), "--set", "regularization.steps=2"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "rendering: 100%" in err and "2/2" in err  # the bar
     folder = tmp_path / "c" / "regularization"
     assert f"2 regularization images in {folder}" in out and len(list(folder.glob("*.png"))) == 2
     assert "a thing number 0" in out and "zkz" not in out.split("\n", 1)[1]

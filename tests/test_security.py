@@ -330,3 +330,21 @@ def test_issue_18_handlers_read_and_write_nothing_outside(server, client):
         message = assert_refused(result)
         assert str(outside) not in message and "image.png" not in message, message
         assert any(reason in message for reason in ("No dataset is open", "Select an image", "'' is not an image"))
+
+
+def test_a_saved_preset_stays_in_the_user_presets_folder_and_leaves_the_bundled_ones(server, client):
+    """Save as preset takes its name from the request: one that climbs out, or a bundled preset's, is refused;
+    Delete takes only a listed preset of the person's."""
+    from lora_studio.paths import PRESETS_DIR
+
+    bundled = snapshot(PRESETS_DIR)
+    for name in ("../../outside/evil", "../outside/sentinel", "/tmp/evil", "demo-cpu", "..", "a\\b"):
+        assert_refused(client.call("save_preset", [name, "demo-cpu", *form_values(client)]), "preset name")
+    assert_refused(client.call("delete_preset", ["../../outside/sentinel"]))  # not one of the picker's choices
+    assert_refused(client.call("delete_preset", ["demo-cpu"]), "not one of your presets")
+    assert_refused(client.call("save_preset", ["mine", "../outside", *form_values(client)]))  # not a choice
+    ok, (picker, message) = client.call("save_preset", ["mine", "demo-cpu", *form_values(client)])
+    assert ok and "Saved your preset" in message and (server["home"] / "user-presets" / "mine.toml").is_file()
+    ok, _ = client.call("delete_preset", ["mine"])
+    assert ok and not (server["home"] / "user-presets" / "mine.toml").exists()
+    assert snapshot(PRESETS_DIR) == bundled

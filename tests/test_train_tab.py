@@ -97,6 +97,38 @@ def test_progress_bar_carries_its_figures():
     assert "4.50 it/s" in bar and "ETA 1 min 15 s" in bar
 
 
+def test_while_regularization_images_render_the_bar_counts_them_and_then_the_steps(app_state, monkeypatch):
+    status = JobStatus(id=4, name="demo", state="running", total_steps=0,
+                       preparing=("rendering regularization images", 6, 24))  # fmt: skip
+    monkeypatch.setattr(app_state.jobs, "current", lambda: status)
+    monkeypatch.setattr(app_state.jobs, "queued", lambda: [])
+    bar = train_tab.poll(app_state, None, now=1.0)[0]
+    assert 'id="train-preparingbar"' in bar and 'aria-valuenow="6"' in bar and 'aria-valuemax="24"' in bar
+    assert "rendering regularization images 6/24 (25%)" in bar and "train-progressbar" not in bar
+    status.preparing, status.step, status.total_steps = None, 1, 350  # the first step clears it
+    assert 'id="train-progressbar"' in train_tab.poll(app_state, None, now=2.0)[0]
+
+
+def test_regularization_images_render_in_the_queue_to_be_looked_at_and_stop_between_images(app_state):
+    tab, manager = train_tab, app_state.jobs
+    settings = {"regularization__class_word": "drawing", "regularization__steps": 2, "dataset__resolution": 64}
+    message = tab.render_regularization(app_state, *form(regularization__images=2, **settings))
+    assert message.startswith("Job 1 renders the regularization images")
+    done = manager.wait(1)
+    folder = app_state.roots.runs / ".cache" / "regularization"
+    assert done.state == "done" and f"2 regularization images in `{folder}`" in done.message
+    assert done.preparing == ("rendering regularization images", 2, 2) and len(list(folder.glob("*.png"))) == 2
+    tab.render_regularization(app_state, *form(regularization__images=400, **settings))
+    while (status := manager.current()) is None or status.id != 2 or status.preparing is None:
+        time.sleep(0.05)
+    assert tab.stop(app_state).startswith("Stopping")
+    stopped = manager.wait(2)
+    assert stopped.state == "stopped" and stopped.message.startswith("Stopped while rendering regularization images")
+    assert stopped.preparing[1] < 400  # stopped between images, the rendered ones kept for the next start
+    with pytest.raises(LoraStudioError, match="`regularization.path` is set"):
+        tab.render_regularization(app_state, *form(regularization__path="datasets", **settings))
+
+
 def test_start_poll_stop_resume(app_state):
     tab, app = train_tab, app_state
     assert tab.stop(app) == "Nothing is running."

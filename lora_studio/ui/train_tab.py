@@ -18,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..catalogue import describe_source, find_local_models
-from ..config import TrainConfig, list_presets, load_preset
+from ..config import TrainConfig, delete_user_preset, list_presets, load_preset, save_user_preset, user_presets
 from ..data import dataset_report
 from ..errors import ConfigError, LoraStudioError
 from ..estimate import batch_guidance, estimate_memory
@@ -170,6 +170,26 @@ def memory_line(config: TrainConfig) -> str:
             "measurements: `lora_studio/estimate.py`.")  # fmt: skip
 
 
+# --- your presets -------------------------------------------------------------------------------
+
+
+def save_preset(name: str, based_on: str | None, *values) -> tuple:
+    """The form, validated, as the person's preset `name`; the picker then lists and selects it. Paths are kept as
+    typed (Start confines them, as it does for any preset)."""
+    config = config_from_form(list(values))
+    path = save_user_preset(config, name, based_on if based_on in list_presets() else "")
+    return gr.update(choices=list_presets(), value=path.stem), f"Saved your preset **{path.stem}** (`{path}`)."
+
+
+def delete_preset(name: str | None) -> tuple:
+    """Delete the selected preset if it is one of the person's; the picker goes back to the demo's."""
+    if name not in user_presets():
+        raise LoraStudioError(f"{name!r} is not one of your presets (bundled presets cannot be deleted); select one "
+                              "you saved, then press Delete.")  # fmt: skip
+    path = delete_user_preset(name)
+    return gr.update(choices=list_presets(), value="demo-cpu"), f"Deleted your preset {name} (`{path}`)."
+
+
 # --- jobs ----------------------------------------------------------------------------------------
 
 
@@ -178,6 +198,19 @@ def start(app: AppState, *values) -> str:
     job = app.jobs.submit(config)
     waiting = len(app.jobs.queued())
     return f"Job {job} ({config.name}) " + (f"queued behind {waiting - 1} other(s)." if waiting > 1 else "started.")
+
+
+def render_regularization(app: AppState, *values) -> str:
+    """Queue the rendering of the form's generated regularization images, to look at in the Dataset tab before
+    training (training with the same settings finds them cached)."""
+    config = confined_config(app.roots, config_from_form(list(values)))
+    if config.regularization.path.strip():
+        raise LoraStudioError("`regularization.path` is set, so training uses that folder's images; clear it to "
+                              "generate class images with the base model instead.")  # fmt: skip
+    job = app.jobs.submit_regularization_images(config)
+    waiting = len(app.jobs.queued())
+    return f"Job {job} renders the regularization images" + (
+        f", queued behind {waiting - 1} other(s)." if waiting > 1 else "; the bar below counts them.")
 
 
 def stop(app: AppState) -> str:
@@ -199,11 +232,25 @@ def progress_html(step: int, total: int, it_per_s: float, eta_s: float, state: s
     percent = 100 * step / total if total else 0.0
     colour = {"failed": "#dc2626", "stopped": "#a3a3a3", "done": "#16a34a"}.get(state, "#f97316")
     eta = f"{int(eta_s // 60)} min {int(eta_s % 60)} s" if eta_s >= 60 else f"{eta_s:.0f} s"
+    figures = f"step {step}/{total} ({percent:.0f}%) · {it_per_s:.2f} it/s · ETA {eta}"
+    return bar_html("train-progressbar", step, total, colour, f"{html.escape(state)} · {figures}")
+
+
+def preparing_html(state: str, stage: str, done: int, total: int) -> str:
+    """The bar while a job prepares (rendering regularization images): its own id, so nothing mistakes it for
+    the training steps."""
+    percent = 100 * done / total if total else 0.0
+    text = f"{html.escape(state)} · {html.escape(stage)} {done}/{total} ({percent:.0f}%)"
+    return bar_html("train-preparingbar", done, total, "#0ea5e9", text)
+
+
+def bar_html(element_id: str, value: int, maximum: int, colour: str, text: str) -> str:
+    percent = 100 * value / maximum if maximum else 0.0
     return (
-        f'<div id="train-progressbar" role="progressbar" aria-valuemin="0" aria-valuemax="{total}" '
-        f'aria-valuenow="{step}" style="height:14px;border-radius:7px;background:#e5e5e5;overflow:hidden">'
+        f'<div id="{element_id}" role="progressbar" aria-valuemin="0" aria-valuemax="{maximum}" '
+        f'aria-valuenow="{value}" style="height:14px;border-radius:7px;background:#e5e5e5;overflow:hidden">'
         f'<div style="height:100%;width:{percent:.1f}%;background:{colour}"></div></div>'
-        f"<div>{html.escape(state)} · step {step}/{total} ({percent:.0f}%) · {it_per_s:.2f} it/s · ETA {eta}</div>"
+        f"<div>{text}</div>"
     )
 
 
@@ -245,7 +292,10 @@ def poll(app: AppState, before: Shown | None = None, now: float | None = None) -
         line += f" · queued: {', '.join(q.name for q in queued)}"
     if status.message:
         line += f"\n\n{status.message}"
-    bar = progress_html(status.step, status.total_steps, status.it_per_s, status.eta_s, status.state)
+    if status.preparing is not None:  # cleared by the first step
+        bar = preparing_html(status.state, *status.preparing)
+    else:
+        bar = progress_html(status.step, status.total_steps, status.it_per_s, status.eta_s, status.state)
     if status.id != before.job:
         before = Shown(job=status.id)
     points = len(status.losses) + len(status.validation)
@@ -341,6 +391,13 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
         )  # fmt: skip
         refresh = gr.Button("Rescan models folder", scale=1, elem_id="train-rescan")
     base_note = gr.Markdown(base_info(app, initial["base_model"]), elem_id="train-base-info")
+    with gr.Accordion("Your presets", open=False, elem_id="train-your-presets"):
+        with gr.Row():
+            preset_name = gr.Textbox(label="Name", placeholder="my-style-v2", max_lines=1, max_length=64,
+                                     elem_id="train-preset-name", scale=2)  # fmt: skip
+            save_preset_button = gr.Button("Save the form as a preset", elem_id="train-save-preset", scale=1)
+            delete_preset_button = gr.Button("Delete the selected preset", elem_id="train-delete-preset", scale=1)
+        preset_message = gr.Markdown(elem_id="train-preset-message")
     with gr.Accordion("Models folder", open=False):
         folder_note = gr.Markdown(f"Models folder: `{models_dir()}`")
         folder_table = gr.Dataframe(models_folder_table(), headers=["name", "kind", "family", "prediction", "note"],
@@ -358,6 +415,9 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
                     with gr.Row():
                         for field in fields[start_at : start_at + 4]:
                             components[field.key] = field_component(field, initial[field.key])
+                if section == "regularization":
+                    render_button = gr.Button("Render regularization images now (to look at them first)",
+                                              elem_id="train-render-reg")  # fmt: skip
     # The first estimate comes with the page, so the demo's figures are there before anyone clicks.
     estimate_box = gr.Markdown(estimate(app, *initial.values()), elem_id="train-estimate")
     with gr.Row():
@@ -377,6 +437,8 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
     preset.change(shown(preset_values), [preset, components["dataset.path"]], form).then(
         shown(estimate, app), form, estimate_box
     )
+    save_preset_button.click(shown(save_preset), [preset_name, preset, *form], [preset, preset_message])
+    delete_preset_button.click(shown(delete_preset), preset, [preset, preset_message])
     components["base_model"].change(shown(base_info, app), components["base_model"], base_note)
     refresh.click(shown(refresh_models), components["base_model"], [components["base_model"], folder_table,
                                                                      folder_note])  # fmt: skip
@@ -384,6 +446,7 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
           trigger_mode="always_last")  # fmt: skip
     start_button.click(shown(start, app), form, message)
     stop_button.click(shown(stop, app), None, message)
+    render_button.click(shown(render_regularization, app), form, message)
     resume_button.click(shown(resume, app), form, message)
     poll_every_second(app, [progress, status, loss, samples, log])
     return {"preset": preset, **components}
