@@ -93,13 +93,21 @@ class ScanReport:
     def images_per_epoch(self) -> int:
         return sum(item.repeats for item in self.items)
 
+    def folder_name(self, item: Item) -> str:
+        """The name of the folder an item came from, as kohya keys its metadata: `10_zkz` in kohya's layout, the
+        dataset folder's own name in a plain one, the class folder's for a regularization image."""
+        if item.regularization or not is_within(item.path, self.root):
+            return item.path.parent.name
+        parts = item.path.resolve().relative_to(self.root.resolve()).parts
+        return parts[0] if self.layout == "kohya" and len(parts) > 1 else self.root.resolve().name
+
     def tag_frequency(self) -> dict[str, dict[str, int]]:
-        """{concept folder: {tag: count}} over the raw captions: kohya's `ss_tag_frequency`."""
+        """{folder name: {tag: count}} over the raw captions, tags lower-cased: kohya's `ss_tag_frequency`."""
         frequency: dict[str, Counter] = {}
         for item in self.items:
-            tags = (t.strip() for t in item.caption.split(","))
-            frequency.setdefault(item.concept, Counter()).update(t for t in tags if t)
-        return {concept: dict(counter) for concept, counter in frequency.items()}
+            tags = (t.strip().lower() for t in item.caption.split(","))
+            frequency.setdefault(self.folder_name(item), Counter()).update(t for t in tags if t)
+        return {folder: dict(counter) for folder, counter in frequency.items()}
 
 
 # --- folder layout ---------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +45,35 @@ class TrainingFacts:
     started_at: float
     finished_at: float
     prediction_type: str = "epsilon"
+    max_train_steps: int = 0
+    num_reg_images: int = 0
+    reg_dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
+    session_id: int = 0
+
+
+@functools.lru_cache(maxsize=8)
+def _file_hashes(path: str, size: int, mtime_ns: int) -> tuple[str, str]:
+    """A1111's two hashes of a checkpoint file, as kohya's `model_hash` and `calculate_sha256` compute them: sha256
+    of bytes 0x100000-0x110000 cut to 8, and of the whole file (seconds for a 7 GB SDXL file, so once per file)."""
+    whole = hashlib.sha256()
+    with open(path, "rb") as file:
+        file.seek(0x100000)
+        legacy = hashlib.sha256(file.read(0x10000)).hexdigest()[0:8]
+        file.seek(0)
+        for chunk in iter(lambda: file.read(1024 * 1024), b""):
+            whole.update(chunk)
+    return legacy, whole.hexdigest()
+
+
+def base_model_hashes(source: str) -> dict[str, str]:
+    """kohya's `ss_sd_model_hash` / `ss_new_sd_model_hash` for a single-file base model; none for a folder (diffusers
+    layout, the demo) or a hub id, where kohya's functions have no file to hash."""
+    path = Path(source)
+    if not path.is_file():
+        return {}
+    stat = path.stat()
+    legacy, whole = _file_hashes(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return {"ss_sd_model_hash": legacy, "ss_new_sd_model_hash": whole}
 
 
 def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
@@ -64,16 +94,24 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_sd_model_name": Path(facts.base_source).name or facts.base_source,
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(lora.rank),
-        "ss_network_alpha": f"{lora.alpha:g}",
+        "ss_network_alpha": str(float(lora.alpha)),  # kohya writes str() of a float: "16.0"
+        "ss_network_dropout": str(float(lora.dropout)) if lora.dropout else "None",
         "ss_network_args": json.dumps({k: str(v) for k, v in network_args.items()}),
         "ss_resolution": f"({facts.resolution}, {facts.resolution})",
         "ss_clip_skip": str(config.clip_skip),
         "ss_num_train_images": str(facts.num_images),
+        "ss_num_reg_images": str(facts.num_reg_images),
         "ss_num_epochs": str(facts.epochs),
+        "ss_epoch": str(facts.epochs),
         "ss_steps": str(facts.steps),
-        "ss_learning_rate": f"{opt.learning_rate:g}",
-        "ss_unet_lr": f"{opt.unet_lr or opt.learning_rate:g}",
-        "ss_text_encoder_lr": f"{opt.text_encoder_lr or opt.learning_rate:g}" if lora.train_text_encoder else "0",
+        "ss_max_train_steps": str(facts.max_train_steps),
+        "ss_session_id": str(facts.session_id),
+        "ss_batch_size_per_device": str(config.dataset.batch_size),
+        "ss_gradient_accumulation_steps": str(opt.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "ss_learning_rate": str(float(opt.learning_rate)),
+        "ss_unet_lr": str(float(opt.unet_lr or opt.learning_rate)),
+        "ss_text_encoder_lr": str(float(opt.text_encoder_lr or opt.learning_rate)) if lora.train_text_encoder else "0",
         "ss_network_train_unet_only": str(not lora.train_text_encoder),
         "ss_optimizer": opt.optimizer,
         "ss_lr_scheduler": opt.lr_scheduler,
@@ -87,11 +125,19 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_training_finished_at": f"{facts.finished_at:.3f}",
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
         "ss_dataset_dirs": json.dumps(facts.dataset_dirs),
+        "ss_reg_dataset_dirs": json.dumps(facts.reg_dataset_dirs),
+        "ss_prior_loss_weight": str(float(config.regularization.prior_loss_weight)),
+        "ss_max_grad_norm": str(float(opt.max_grad_norm)),
         "ss_bucket_info": json.dumps({"buckets": facts.buckets}),
         "ss_caption_dropout_rate": str(config.dataset.caption_dropout_rate),
         "ss_shuffle_caption": str(config.dataset.shuffle_caption),
         "ss_keep_tokens": str(config.dataset.keep_tokens),
         "ss_flip_aug": str(config.dataset.flip_aug),
+        "ss_color_aug": str(any(config.dataset.color_jitter)),
+        "ss_enable_bucket": str(config.dataset.enable_bucket),
+        "ss_min_bucket_reso": str(config.dataset.min_bucket_reso),
+        "ss_max_bucket_reso": str(config.dataset.max_bucket_reso),
+        "ss_cache_latents": str(config.dataset.cache_latents),
         "ss_training_comment": "trained with LoRA Studio",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(facts.family, MODELSPEC_ARCHITECTURE["sd1"]) + "/lora",
@@ -104,4 +150,4 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "modelspec.encoder_layer": str(config.clip_skip),
         "modelspec.description": f"LoRA for {facts.base_source}, {facts.steps} steps",
     }
-    return metadata
+    return metadata | base_model_hashes(facts.base_source)

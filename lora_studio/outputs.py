@@ -39,18 +39,24 @@ def save_lora_file(session: Session, path: Path, dtype: torch.dtype | None = Non
 
 def training_facts(session: Session) -> TrainingFacts:
     """What the LoRA file's kohya metadata reports about this run: images, folders, buckets, steps, times."""
-    items, position = session.items, session.position
+    items, position, report = session.items, session.position, session.report
     folders: dict[str, dict[str, int]] = {}
+    reg_folders: dict[str, dict[str, int]] = {}
     bucket_counts: Counter = Counter()
     for item, bucket in zip(items, session.buckets, strict=True):
-        entry = folders.setdefault(item.concept, {"n_repeats": item.repeats, "img_count": 0})
+        into = reg_folders if item.regularization else folders
+        entry = into.setdefault(report.folder_name(item), {"n_repeats": item.repeats, "img_count": 0})
         entry["img_count"] += 1
         bucket_counts[(bucket.width, bucket.height)] += item.repeats  # images per epoch, as kohya counts them
     return TrainingFacts(
         family=session.base.family,
         base_source=session.base.source,
         resolution=session.resolution,
-        num_images=session.report.images_per_epoch,
+        num_images=sum(i.repeats for i in items if not i.regularization),
+        num_reg_images=sum(i.repeats for i in items if i.regularization),
+        reg_dataset_dirs=reg_folders,
+        max_train_steps=session.total_steps,
+        session_id=int(session.started_at * 1000) % 2**31,  # kohya: a random int naming the run a file came from
         steps=session.step,
         epochs=position.epoch + (1 if position.batch else 0),
         tag_frequency=session.report.tag_frequency(),

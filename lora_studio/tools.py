@@ -105,7 +105,7 @@ def resize_lora(lora: LoraFile, rank: int | None = None, energy: float | None = 
         metadata["ss_network_dim"] = str(ranks.pop())
         alphas = {m.alpha for m in modules.values()}
         if len(alphas) == 1:
-            metadata["ss_network_alpha"] = f"{alphas.pop():g}"
+            metadata["ss_network_alpha"] = str(float(alphas.pop()))  # kohya: "16.0"
     else:
         metadata["ss_network_dim"] = "Dynamic"
         metadata["ss_network_alpha"] = "Dynamic"

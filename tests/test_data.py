@@ -158,6 +158,9 @@ def test_kohya_layout_counts_repeats(tmp_path):
     assert report.images_per_epoch == 3 * 10 + 2
     assert {i.concept: i.repeats for i in report.items} == {"zkz dog": 10, "style": 2}
     assert any("not a kohya N_name folder" in p.message for p in report.warnings)
+    # The LoRA file's metadata keys the folders by their names, as kohya does.
+    assert {report.folder_name(i) for i in report.items} == {"10_zkz dog", "2_style"}
+    assert set(report.tag_frequency()) == {"10_zkz dog", "2_style"}
 
 
 def test_pointing_at_the_kohya_concept_folder_explains_the_fix(tmp_path):
@@ -207,8 +210,9 @@ def test_tag_frequency_per_folder(tmp_path):
     save(tmp_path / "3_a" / "1.png", color=(1, 1, 1))
     (tmp_path / "3_a" / "1.txt").write_text("red, star")
     save(tmp_path / "3_a" / "2.png", color=(2, 2, 2))
-    (tmp_path / "3_a" / "2.txt").write_text("red, circle")
-    assert scan_folder(tmp_path).tag_frequency() == {"a": {"red": 2, "star": 1, "circle": 1}}
+    (tmp_path / "3_a" / "2.txt").write_text("Red, circle")
+    # kohya's ss_tag_frequency: keyed by the folder's name, tags lower-cased
+    assert scan_folder(tmp_path).tag_frequency() == {"3_a": {"red": 2, "star": 1, "circle": 1}}
 
 
 def test_dataset_report_counts_steps_and_buckets(tmp_path):

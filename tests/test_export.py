@@ -198,11 +198,18 @@ def test_metadata_is_strings_with_kohya_and_modelspec_keys(sd1_full):
                 "modelspec.description"):  # fmt: skip
         assert key in metadata, key
     assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
-    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2"
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"  # kohya writes str(float)
     assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
     assert metadata["ss_steps"] == "4" and metadata["ss_num_train_images"] == "4"
     frequency = json.loads(metadata["ss_tag_frequency"])
     assert frequency[next(iter(frequency))]["a thing"] == 4
+    # Keyed by the dataset folder's own name, as kohya keys them (`10_zkz` in its layout: tests/test_data.py).
+    folder = _session.report.root.resolve().name
+    assert list(frequency) == [folder] and json.loads(metadata["ss_dataset_dirs"]) == {
+        folder: {"n_repeats": 1, "img_count": 4}}  # fmt: skip
+    assert metadata["ss_epoch"].isdigit() and metadata["ss_max_train_steps"] == "4"
+    assert metadata["ss_num_reg_images"] == "0" and json.loads(metadata["ss_reg_dataset_dirs"]) == {}
+    assert "ss_sd_model_hash" not in metadata  # a diffusers folder: kohya has no file to hash either
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert metadata["modelspec.implementation"] == "diffusers"
     assert metadata["modelspec.prediction_type"] == "epsilon"
@@ -226,6 +233,19 @@ def kohya_hashes(path) -> tuple[str, str]:
     model_hash = hashlib.sha256(b.read()).hexdigest()
     b.seek(0x100000)
     return model_hash, hashlib.sha256(b.read(0x10000)).hexdigest()[0:8]
+
+
+def test_a_single_file_base_model_gets_kohyas_base_hashes(tmp_path):
+    from lora_studio.lora_metadata import base_model_hashes
+
+    checkpoint = tmp_path / "base.safetensors"
+    checkpoint.write_bytes(bytes(range(256)) * 5000)  # 1.28 MB: the legacy window holds real bytes
+    data = checkpoint.read_bytes()
+    assert base_model_hashes(str(checkpoint)) == {
+        "ss_sd_model_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],  # kohya's model_hash()
+        "ss_new_sd_model_hash": hashlib.sha256(data).hexdigest(),  # kohya's calculate_sha256()
+    }
+    assert base_model_hashes(str(tmp_path)) == {} and base_model_hashes("demo") == {}
 
 
 def test_hashes_are_kohyas(sd1_full, tmp_path):
@@ -340,7 +360,7 @@ def test_diffusers_format_option_keeps_alpha(tmp_path, tiny_folders, images, sd1
     path = outputs.save_lora_file(session, tmp_path / "native.safetensors")
     tensors, metadata = read_file(path)
     assert all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in tensors)
-    assert "lora_adapter_metadata" in metadata and metadata["ss_network_alpha"] == "1"
+    assert "lora_adapter_metadata" in metadata and metadata["ss_network_alpha"] == "1.0"
     ours = generate(session.base.pipeline, 1.0)
     outside = load_base(tiny_folders["sd1"], device="cpu").pipeline
     outside.load_lora_weights(str(path))

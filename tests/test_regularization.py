@@ -15,6 +15,7 @@ from lora_studio.config import validate_config
 from lora_studio.data import Item, balance_regularization, build_caption, dataset_report
 from lora_studio.errors import ConfigError
 from lora_studio.events import PreparingEvent
+from lora_studio.outputs import training_facts
 from lora_studio.step import batch_losses, sample_draws
 from lora_studio.train import prepare
 
@@ -56,6 +57,10 @@ def test_a_class_folder_interleaves_with_training_and_is_weighted(tmp_path, tiny
     epoch = [index for batch in epoch_batches(session.buckets, [i.repeats for i in session.items], 2, 7, 0)
              for index in batch]  # fmt: skip
     assert sum(flags[i] for i in epoch) == sum(not flags[i] for i in epoch) == 4  # one class image per training one
+    facts = training_facts(session)  # the LoRA file's metadata counts them apart, as kohya's does
+    assert (facts.num_images, facts.num_reg_images) == (4, 4)
+    assert facts.reg_dataset_dirs == {"2_thing": {"n_repeats": 2, "img_count": 2}}
+    assert "2_thing" not in facts.dataset_dirs
     reg_batch = [4, 5]
     with torch.no_grad():  # fresh draws each call: the same noise and timesteps
         full = batch_losses(session, reg_batch, sample_draws(1, 0, 0, reg_batch))
