@@ -11,6 +11,14 @@ from __future__ import annotations
 import torch
 
 
+def unread_layers(num_layers: int, clip_skip: int, sdxl: bool, pooled: bool) -> range:
+    """The encoder layers whose output `encode_captions` never reads, so an adapter there gets no gradient and
+    changes no image (consumers condition the same way): SD1/2 with clip skip k read layer L-k, SDXL reads layer
+    L-1-k of each encoder, but its second one also gives the pooled embedding from the last layer (all read)."""
+    skip = 0 if sdxl and pooled else clip_skip if sdxl else clip_skip - 1
+    return range(num_layers - skip, num_layers)
+
+
 def encode_captions(
     tokenizers: list, encoders: list[torch.nn.Module], captions: list[str], clip_skip: int, sdxl: bool,
     device: torch.device,

@@ -272,6 +272,15 @@ def hex_color(value: str) -> tuple[int, int, int]:
 # --- scanning -----------------------------------------------------------------------------------------
 
 
+def smallest_unscaled_side(config: DatasetConfig) -> int:
+    """The shortest image side that training will not upscale: the smallest bucket side with buckets, the training
+    resolution without them (every image is resized to cover resolution x resolution); when that resolution is the
+    family's default (0), unknown here, the bucket minimum stands in rather than warn about what will not happen."""
+    if not config.enable_bucket and config.resolution:
+        return config.resolution
+    return config.min_bucket_reso
+
+
 def scan(config: DatasetConfig, min_side: int | None = None) -> ScanReport:
     """Find, open and check every image; report every problem; keep the usable ones."""
     root = resolve_dataset_path(config.path)
@@ -280,7 +289,7 @@ def scan(config: DatasetConfig, min_side: int | None = None) -> ScanReport:
     report.problems += problems
     report.layout = "kohya" if sources and sources[0][0] != root else "plain"
     seen: dict[str, Path] = {}
-    min_side = min_side if min_side is not None else config.min_bucket_reso
+    min_side = min_side if min_side is not None else smallest_unscaled_side(config)
     for folder, concept, repeats in sources:
         for path in _image_files(folder):
             item = _scan_one(path, concept, repeats, config, min_side, seen, report.problems)
@@ -322,11 +331,13 @@ def _scan_one(
     seen.setdefault(digest, path)
     if min(width, height) < min_side:
         fate = "skipped (bucket_no_upscale is on)" if config.bucket_no_upscale else "upscaled, so it may look soft"
+        limit = "training resolution" if min_side == config.resolution and not config.enable_bucket else (
+            "minimum bucket side")
         problems.append(
             Problem(
                 str(path),
                 "warning",
-                f"{width}x{height} is smaller than the minimum bucket side {min_side}; it will be {fate}",
+                f"{width}x{height} is smaller than the {limit} {min_side}; it will be {fate}",
             )
         )
         if config.bucket_no_upscale:

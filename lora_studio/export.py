@@ -45,6 +45,13 @@ def save_kohya(lora: LoraFile, path: str | os.PathLike, dtype: torch.dtype = tor
     return path
 
 
+def published_text_encoder_key(key: str) -> str:
+    """A text-encoder adapter key in the layout diffusers files have always had (`text_model.encoder.layers…`):
+    transformers 5's CLIPTextModel is flat (`encoder.layers…`), but ComfyUI's key map and diffusers before it expect
+    the `text_model.` level (INTEROP.md). Reading takes both (`lora_file.kohya_name`)."""
+    return key if key.startswith("text_model.") else f"text_model.{key}"
+
+
 def save_diffusers(
     parts: dict[str, torch.nn.Module],
     pipeline_class,
@@ -61,6 +68,8 @@ def save_diffusers(
     layers, adapter_metadata = {}, {}
     for part, model in parts.items():
         state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        if part.startswith("text_encoder"):
+            state = {published_text_encoder_key(k): v for k, v in state.items()}
         layers[f"{part}_lora_layers"] = {k: _cpu(v, dtype) for k, v in state.items()}
         adapter_metadata[f"{part}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
     check_tensors({f"{p}.{k}": v for p, sd in layers.items() for k, v in sd.items()}, path)

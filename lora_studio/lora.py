@@ -21,6 +21,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 
+from .conditioning import unread_layers
 from .config import LoraConfig
 
 ADAPTER_NAME = "default"
@@ -53,9 +54,17 @@ def _in_transformer(name: str) -> bool:
     return bool(TRANSFORMER.match(name.rsplit(".", 1)[0]))
 
 
-def text_encoder_target_names(text_encoder: torch.nn.Module, targets: Iterable[str]) -> list[str]:
+def text_encoder_target_names(
+    text_encoder: torch.nn.Module, targets: Iterable[str], unread: Iterable[int] = ()
+) -> list[str]:
+    """The encoder's layers to adapt: those ending in a target name, except in layers the conditioning never reads
+    (`conditioning.unread_layers`: an adapter there would be saved as zeros and dead weight in every file)."""
     suffixes = tuple(f".{t}" for t in targets)
-    return [name for name, _ in text_encoder.named_modules() if ".layers." in name and name.endswith(suffixes)]
+    skipped = tuple(f".layers.{index}." for index in unread)
+    return [
+        name for name, _ in text_encoder.named_modules()
+        if ".layers." in name and name.endswith(suffixes) and not any(s in f"{name}." for s in skipped)
+    ]  # fmt: skip
 
 
 def peft_config(settings: LoraConfig, target_names: list[str], with_convs: bool = False) -> PeftLoraConfig:
@@ -74,7 +83,7 @@ def peft_config(settings: LoraConfig, target_names: list[str], with_convs: bool 
     )
 
 
-def inject_lora(base, settings: LoraConfig) -> dict[str, list[str]]:
+def inject_lora(base, settings: LoraConfig, clip_skip: int = 1) -> dict[str, list[str]]:
     """Add LoRA adapters to the UNet and (if trained) the text encoders. Returns the adapted names per part.
 
     Injection goes through peft's own `inject_adapter_in_model` for every part: transformers 5's
@@ -85,8 +94,13 @@ def inject_lora(base, settings: LoraConfig) -> dict[str, list[str]]:
     _inject(base.unet, peft_config(settings, unet_names, with_convs=True))
     injected["unet"] = unet_names
     if settings.train_text_encoder:
+        sdxl, count = base.family == "sdxl", len(base.text_encoders)
         for index, encoder in enumerate(base.text_encoders):
-            names = text_encoder_target_names(encoder, settings.text_encoder_targets)
+            layers = encoder.config.num_hidden_layers
+            unread = unread_layers(layers, clip_skip, sdxl, pooled=sdxl and index == count - 1)
+            names = text_encoder_target_names(encoder, settings.text_encoder_targets, unread)
+            if not names:  # every layer unread (a tiny encoder with a large clip skip): nothing there would learn
+                continue
             _inject(encoder, peft_config(settings, names))
             injected[f"text_encoder{'' if index == 0 else '_2'}"] = names
     return injected

@@ -245,7 +245,7 @@ def build_session(
         latent_cache, text_cache = prepare_caches(config, base, report, buckets)  # main first, the others hit
         held_out = held_out_set(config, base, validation, resolution, accelerator)
     torch.manual_seed(config.seed)  # LoRA init (gaussian) is drawn here
-    inject_lora(base, config.lora)
+    inject_lora(base, config.lora, config.clip_skip)
     per_epoch = bucketing.batches_per_epoch(buckets, [i.repeats for i in report.items], config.dataset.batch_size)
     total = bucketing.count_total_steps(config.optimizer, per_epoch, accelerator.num_processes)
     models, optimizer, lr_scheduler = prepare_trained_parts(config, accelerator, base, total)

@@ -148,6 +148,20 @@ def test_missing_caption_falls_back(tmp_path):
     assert "no .txt caption; 'zkz' is used" in report.warnings[0].message
 
 
+def test_without_buckets_only_images_below_the_training_resolution_are_said_to_be_upscaled(tmp_path):
+    save(tmp_path / "a.png", size=(64, 64))
+    save(tmp_path / "b.png", size=(64, 48), color=(1, 2, 3))
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text("a shape")
+    settings = {"enable_bucket": False, "resolution": 64, "min_bucket_reso": 256}  # the demo's size, buckets off
+    report = scan(DatasetConfig(path=str(tmp_path), **settings))
+    assert problems_for(report, "a.png") == [] and len(report.items) == 2
+    assert ["64x48 is smaller than the training resolution 64; it will be upscaled, so it may look soft"] == [
+        p.message for p in problems_for(report, "b.png")]  # fmt: skip
+    with_buckets = scan(DatasetConfig(path=str(tmp_path), min_bucket_reso=256))
+    assert "smaller than the minimum bucket side 256" in problems_for(with_buckets, "a.png")[0].message
+
+
 def test_kohya_layout_counts_repeats(tmp_path):
     for i in range(3):
         save(tmp_path / "10_zkz dog" / f"{i}.png", color=(i, 0, 0))

@@ -362,13 +362,23 @@ def test_diffusers_format_option_keeps_alpha(tmp_path, tiny_folders, images, sd1
     assert all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in tensors)
     assert "lora_adapter_metadata" in metadata and metadata["ss_network_alpha"] == "1.0"
     ours = generate(session.base.pipeline, 1.0)
+    # The published layout (`text_encoder.text_model.encoder…`), which ComfyUI and older diffusers expect
+    assert all(k.startswith("text_encoder.text_model.encoder.") for k in tensors if k.startswith("text_encoder."))
     outside = load_base(tiny_folders["sd1"], device="cpu").pipeline
     outside.load_lora_weights(str(path))
+    te_loaded = [n for n, m in outside.text_encoder.named_modules() if hasattr(m, "lora_A") and m.lora_A]
+    assert len(te_loaded) == len({k.rsplit(".lora_", 1)[0] for k in tensors if k.startswith("text_encoder.")}) > 0
     assert np.abs(generate(outside, 1.0) - ours).max() <= 2  # alpha/rank = 1/4 applied, not 1
     imported = load_lora(path)
     assert imported.format == "diffusers" and {m.alpha for m in imported.modules.values()} == {1.0}
     expected = lora_from_models(session_parts(session), "sd1")
     assert set(imported.modules) == set(expected.modules)
+    # Files this project wrote before (transformers 5's flat `text_encoder.encoder…` keys) still read the same.
+    flat = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in tensors.items()}
+    save_file(flat, str(tmp_path / "flat.safetensors"), metadata)
+    older = load_lora(tmp_path / "flat.safetensors")
+    assert set(older.modules) == set(imported.modules)
+    assert all(torch.equal(older.modules[n].down, imported.modules[n].down) for n in older.modules)
 
 
 def test_peft_and_onetrainer_files_import(tmp_path, sd1_full):

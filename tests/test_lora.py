@@ -91,6 +91,29 @@ def test_both_sdxl_text_encoders_and_dora(tiny_folders):
     base = load_base(tiny_folders["sdxl"], device="cpu")
     injected = inject_lora(base, LoraConfig(use_dora=True, dropout=0.1))
     assert set(injected) == {"unet", "text_encoder", "text_encoder_2"}
-    assert len(injected["text_encoder"]) == len(injected["text_encoder_2"]) == 2 * 6
+    # SDXL reads the penultimate layer of encoder 1 (its last is never read) and all of encoder 2 (pooled)
+    assert len(injected["text_encoder"]) == 6 and len(injected["text_encoder_2"]) == 2 * 6
     assert all(n.startswith("text_model.encoder.layers.") for n in injected["text_encoder_2"])
     assert any("lora_magnitude_vector" in n for n, _ in base.unet.named_parameters())
+
+
+@pytest.mark.parametrize(("family", "clip_skip"), [("sd1", 1), ("sd1", 2), ("sdxl", 1), ("sdxl", 2)])
+def test_every_text_encoder_adapter_gets_a_gradient_and_no_unread_layer_gets_one(tiny_folders, family, clip_skip):
+    """An adapter where clip skip leaves the layer unread would be saved as zeros; none is made, and every one made
+    is read (its lora_B, zero at first, gets a gradient)."""
+    from lora_studio.conditioning import encode_captions
+
+    base = load_base(tiny_folders[family], device="cpu")
+    injected = inject_lora(base, LoraConfig(rank=2, alpha=2.0, init_lora_weights="gaussian"), clip_skip)
+    out = encode_captions(base.tokenizers, base.text_encoders, ["a red star"], clip_skip, family == "sdxl",
+                          torch.device("cpu"))  # fmt: skip
+    (out["hidden"].sum() + out.get("pooled", torch.zeros(())).sum()).backward()
+    layers = base.text_encoders[0].config.num_hidden_layers  # the tiny encoders have 2
+    expected_first = layers - (clip_skip if family == "sdxl" else clip_skip - 1)
+    assert {n.split(".layers.")[1].split(".")[0] for n in injected.get("text_encoder", [])} == {
+        str(i) for i in range(expected_first)}  # fmt: skip
+    for part, encoder in zip(("text_encoder", "text_encoder_2"), base.text_encoders, strict=False):
+        ups = [(n, p) for n, p in encoder.named_parameters() if "lora_B" in n]
+        assert bool(ups) == (part in injected)
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in ups), [
+            n for n, p in ups if p.grad is None or not p.grad.abs().sum()]  # fmt: skip
