@@ -110,6 +110,30 @@ def add_lora_tool_parsers(sub) -> None:
     resize.add_argument("--precision", choices=SAVE_PRECISIONS, default="fp16")
     resize.add_argument("--json", action="store_true", help="print the error report as JSON")
 
+    bake = sub.add_parser(
+        "merge-loras", help="bake LoRAs at their strengths into one LoRA file (exact, or SVD to a rank)",
+        description="Example: lora-studio merge-loras style.safetensors:0.7 face.safetensors:0.5 -o both.safetensors",
+    )  # fmt: skip
+    bake.add_argument("loras", nargs="+", metavar="FILE[:STRENGTH]", help="a LoRA file and its strength (default 1)")
+    bake.add_argument("-o", "--output", type=Path, required=True)
+    bake_target = bake.add_mutually_exclusive_group()
+    bake_target.add_argument("--rank", type=int, help="SVD the result to this rank (default: exact, ranks added)")
+    bake_target.add_argument("--energy", type=float, help="SVD keeping this share (0-1] of the energy")
+    bake.add_argument("--precision", choices=SAVE_PRECISIONS, default="fp16")
+
+    extract = sub.add_parser("extract", help="a LoRA of a fine-tuned checkpoint's difference to its base (SVD)")
+    extract.add_argument("base", help="the base model: 'demo', a checkpoint file or a diffusers folder")
+    extract.add_argument("tuned", help="its fine-tune, in any of the same forms")
+    extract.add_argument("-o", "--output", type=Path, required=True)
+    extract_target = extract.add_mutually_exclusive_group(required=True)
+    extract_target.add_argument("--rank", type=int, help="the rank of every extracted layer")
+    extract_target.add_argument("--energy", type=float, help="keep this share (0-1] of each layer's energy")
+    extract.add_argument("--targets", choices=("attn", "attn-ff", "full"), default="attn-ff",
+                         help="the UNet layers, as in training (full: with the resnet convs)")  # fmt: skip
+    extract.add_argument("--unet-only", action="store_true", help="leave the text encoders out")
+    extract.add_argument("--precision", choices=SAVE_PRECISIONS, default="fp16")
+    extract.add_argument("--json", action="store_true", help="print the error report as JSON")
+
     merge = sub.add_parser("merge", help="bake a LoRA into a base model and write a single-file checkpoint")
     merge.add_argument("base", help="'demo', a .safetensors checkpoint, a diffusers folder or a cached hub id")
     merge.add_argument("lora", type=Path)
@@ -472,19 +496,45 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_resize(args: argparse.Namespace) -> int:
-    import json
-
     from .workflows import resize_lora_file
 
     written, report = resize_lora_file(args.file, args.output, args.rank, args.energy, args.precision)
-    if args.json:
+    print_error_report(report, args.json)
+    print(f"wrote {written}")
+    return EXIT_OK
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from .workflows import extract_lora_file
+
+    written, report = extract_lora_file(args.base, args.tuned, args.output, args.rank, args.energy, args.targets,
+                                        not args.unet_only, args.precision)  # fmt: skip
+    print_error_report(report, args.json)
+    print(f"wrote {written} ({len(report.per_module)} layers)")
+    return EXIT_OK
+
+
+def print_error_report(report, as_json: bool) -> None:
+    """An SVD's error: the five worst layers and the total (Frobenius norms), or all of it as JSON."""
+    import json
+
+    if as_json:
         print(json.dumps(report.as_dict(), indent=2))
-    else:
-        worst = sorted(report.per_module.items(), key=lambda kv: -kv[1]["error"])[:5]
-        for name, row in worst:
-            print(f"  {name}: rank {row['from_rank']} -> {row['rank']}, error {row['error']:.4g} of {row['norm']:.4g}")
-        total, norm = report.total_error, report.total_norm
-        print(f"total Frobenius error {total:.4g} of {norm:.4g} ({report.relative_error:.2%})")
+        return
+    worst = sorted(report.per_module.items(), key=lambda kv: -kv[1]["error"])[:5]
+    for name, row in worst:
+        was = f"rank {row['from_rank']} -> {row['rank']}" if "from_rank" in row else f"rank {row['rank']}"
+        print(f"  {name}: {was}, error {row['error']:.4g} of {row['norm']:.4g}")
+    total, norm = report.total_error, report.total_norm
+    print(f"total Frobenius error {total:.4g} of {norm:.4g} ({report.relative_error:.2%})")
+
+
+def run_merge_loras(args: argparse.Namespace) -> int:
+    from .workflows import bake_lora_files, parse_stack_entry
+
+    stack = [parse_stack_entry(text) for text in args.loras]
+    _baked, report, written = bake_lora_files(stack, args.output, args.rank, args.energy, args.precision)
+    print(report.sentence())
     print(f"wrote {written}")
     return EXIT_OK
 
@@ -507,6 +557,8 @@ COMMANDS = {
     "dataset": run_dataset,
     "checkpoints": run_checkpoints,
     "reg-images": run_reg_images,
+    "merge-loras": run_merge_loras,
+    "extract": run_extract,
     "train": run_train,
     "demo": run_demo,
     "inspect": run_inspect,

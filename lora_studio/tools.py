@@ -154,3 +154,161 @@ def merge_lora(
     path = Path(path)
     save_single_file(base, path, dtype)
     return path
+
+
+# --- bake a stack: several LoRAs at their strengths as one file --------------------------------------------------
+
+BASE_KEYS = ("ss_base_model_version", "ss_v2", "ss_sd_model_name", "ss_clip_skip", "ss_resolution",
+             "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
+             "modelspec.prediction_type", "modelspec.resolution", "modelspec.encoder_layer")  # fmt: skip
+
+
+@dataclass
+class BakeReport:
+    """What a bake made: the stack it came from, its rank, and (after an SVD) what the truncation lost."""
+
+    stack: list[tuple[str, float]]  # (file or name, strength)
+    modules: int
+    rank: int  # the largest module rank of the result
+    resize: ResizeReport | None = None
+
+    def sentence(self) -> str:
+        parts = " + ".join(f"{Path(name).name} x {strength:g}" for name, strength in self.stack)
+        exact = ("exact (ranks concatenated)" if self.resize is None else
+                 f"SVD to rank {self.rank}, Frobenius error {self.resize.total_error:.4g} "
+                 f"({100 * self.resize.relative_error:.2f}% of the stack's)")  # fmt: skip
+        return f"Baked {parts}: {self.modules} modules, rank up to {self.rank}, {exact}."
+
+
+def bake_stack(
+    stack: list[tuple[LoraFile, float]], rank: int | None = None, energy: float | None = None
+) -> tuple[LoraFile, BakeReport]:
+    """LoRAs at their strengths as one LoRA whose delta is exactly the stack's sum: each module's downs stacked and
+    its ups scaled by strength x alpha/rank and set side by side (alpha = the new rank, so the scale is 1). With a
+    `rank` or an `energy`, an SVD then truncates it (`resize_lora`) and the report gives the error."""
+    if not stack:
+        raise LoraFileError("Choose at least one LoRA to bake.")
+    families = {lora.family for lora, _ in stack} - {None}
+    if len(families) > 1:
+        raise LoraFileError(f"The stack mixes model families ({', '.join(sorted(families))}); bake LoRAs of one.")
+    grouped: dict[str, list[tuple[LoraModule, float, str]]] = {}
+    for lora, strength in stack:
+        label = lora.path.name if lora.path else "a LoRA"
+        for name, module in lora.modules.items():
+            if module.dora_scale is not None:
+                raise LoraFileError(f"{label}: module {name} is DoRA, whose change is not a plain sum, so a stack "
+                                    "with it cannot be baked exactly; bake plain LoRAs (or LoCon) only.")  # fmt: skip
+            grouped.setdefault(name, []).append((module, float(strength), label))
+    modules = {name: _concatenated(name, parts) for name, parts in grouped.items()}
+    first = stack[0][0]
+    described = " + ".join(f"{(lora.path.stem if lora.path else 'lora')} x {s:g}" for lora, s in stack)
+    metadata = {k: first.metadata[k] for k in BASE_KEYS if k in first.metadata}
+    ranks = {m.rank for m in modules.values()}
+    metadata |= {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+        "ss_training_comment": f"baked by LoRA Studio from {described}",
+        "modelspec.title": "baked stack",
+        "modelspec.description": f"{described}, baked into one LoRA",
+    }
+    metadata["ss_network_alpha"] = metadata["ss_network_dim"] if metadata["ss_network_dim"] != "Dynamic" else "Dynamic"
+    triggers = [lora.metadata.get("modelspec.trigger_phrase", "") for lora, _ in stack]
+    if any(triggers):
+        metadata["modelspec.trigger_phrase"] = ", ".join(t for t in triggers if t)
+    baked = LoraFile(modules, metadata, "kohya", next(iter(families), None))
+    sources = [(str(lora.path) if lora.path else "lora", float(s)) for lora, s in stack]
+    if rank is None and energy is None:
+        return baked, BakeReport(sources, len(modules), max(m.rank for m in modules.values()))
+    resized, report = resize_lora(baked, rank, energy)
+    return resized, BakeReport(sources, len(modules), max(m.rank for m in resized.modules.values()), report)
+
+
+def _concatenated(name: str, parts: list[tuple[LoraModule, float, str]]) -> LoraModule:
+    shapes = {(tuple(m.down.shape[1:]), m.up.shape[0]) for m, _, _ in parts}
+    if len(shapes) > 1:
+        labels = ", ".join(label for _, _, label in parts)
+        raise LoraFileError(f"Module {name} has different layer shapes in {labels}; they were trained for different "
+                            "base models, so they cannot be baked together.")  # fmt: skip
+    down = torch.cat([m.down.float() for m, _, _ in parts], dim=0)
+    up = torch.cat([m.up.float() * (strength * m.scale) for m, strength, _ in parts], dim=1)
+    return LoraModule(down=down, up=up, alpha=float(down.shape[0]))  # alpha = rank: the scale is in the ups
+
+
+# --- extract: a LoRA from a fine-tuned checkpoint's difference to its base -------------------------------------
+
+
+def extract_lora(
+    base: BaseModel, tuned: BaseModel, rank: int | None = None, energy: float | None = None,
+    targets: str = "attn-ff", text_encoders: bool = True, min_difference: float = 1e-6,
+) -> tuple[LoraFile, ResizeReport]:  # fmt: skip
+    """What kohya's `extract_lora_from_models` does: per adapted layer (the `targets` preset's, and the text
+    encoders' unless off), the SVD of tuned - base kept to `rank` or to `energy` (0-1] of its squared singular
+    values; alpha = rank, so the file applies the kept part at strength 1. Layers whose largest change is below
+    `min_difference` are left out (kohya: an untrained text encoder). The report holds each layer's error."""
+    from .lora import TEXT_ENCODER_DEFAULT, text_encoder_target_names, unet_target_names
+    from .lora_file import kohya_name
+
+    if (rank is None) == (energy is None):
+        raise LoraFileError("Give either a target rank or a kept-energy ratio, not both and not neither.")
+    if rank is not None and rank < 1:
+        raise LoraFileError(f"The target rank must be at least 1, not {rank}.")
+    if energy is not None and not 0 < energy <= 1:
+        raise LoraFileError(f"The kept-energy ratio must lie in (0, 1], not {energy}.")
+    if base.family != tuned.family:
+        raise LoraFileError(f"The fine-tuned model is {tuned.family} but the base is {base.family}; extract from a "
+                            "fine-tune of that very base.")  # fmt: skip
+    parts = {"unet": (base.unet, tuned.unet, unet_target_names(base.unet, targets))}
+    if text_encoders:
+        for part, (a, b) in zip(("text_encoder", "text_encoder_2"), zip(base.text_encoders, tuned.text_encoders,
+                                                                        strict=True), strict=False):  # fmt: skip
+            parts[part] = (a, b, text_encoder_target_names(a, TEXT_ENCODER_DEFAULT))
+    modules, rows = {}, {}
+    error_sq = norm_sq = 0.0
+    for part, (before, after, names) in parts.items():
+        tuned_layers = dict(after.named_modules())
+        for path, layer in before.named_modules():
+            if path not in names:
+                continue
+            other = tuned_layers.get(path)
+            if other is None or other.weight.shape != layer.weight.shape:
+                raise LoraFileError(f"Layer {part}.{path} differs in shape between the two models; they are not a "
+                                    "base and its fine-tune.")  # fmt: skip
+            difference = other.weight.detach().double().cpu() - layer.weight.detach().double().cpu()
+            if difference.abs().max() < min_difference:
+                continue
+            name = kohya_name(part, path, base.family, base.unet.config if base.family == "sdxl" else None)
+            modules[name], error, norm = _low_rank(difference, rank, energy)
+            rows[name] = {"rank": modules[name].rank, "error": error, "norm": norm}
+            error_sq, norm_sq = error_sq + error**2, norm_sq + norm**2
+    if not modules:
+        raise LoraFileError("The two models have the same weights in every layer a LoRA adapts; nothing to extract.")
+    ranks = {m.rank for m in modules.values()}
+    dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    metadata = {
+        "ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim,
+        "ss_base_model_version": BASE_MODEL_VERSION[base.family], "ss_v2": str(base.family in ("sd2", "sd2-v")),
+        "ss_sd_model_name": Path(str(base.source)).name,
+        "ss_training_comment": f"extracted by LoRA Studio from {Path(str(tuned.source)).name} minus its base",
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": MODELSPEC_ARCHITECTURE[base.family] + "/lora",
+        "modelspec.title": f"{Path(str(tuned.source)).stem} (extracted)",
+    }  # fmt: skip
+    lora = LoraFile(modules, metadata, "kohya", base.family)
+    return lora, ResizeReport(rows, math.sqrt(error_sq), math.sqrt(norm_sq))
+
+
+def _low_rank(difference: torch.Tensor, rank: int | None, energy: float | None) -> tuple[LoraModule, float, float]:
+    """One layer's difference as up @ down of the kept rank (alpha = rank: scale 1), its error and its norm."""
+    flat = difference.flatten(1)  # a conv's [out, in, kh, kw] as [out, in * kh * kw], as kohya does
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    if rank is not None:
+        keep = min(rank, s.numel())
+    else:
+        cumulative = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-30)
+        keep = int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=cumulative.dtype)).item()) + 1
+        keep = min(keep, s.numel())
+    root = s[:keep].sqrt()
+    up, down = u[:, :keep] * root, root[:, None] * vh[:keep]
+    error = float(torch.linalg.norm(flat - up @ down))
+    down = down.reshape(keep, *difference.shape[1:])
+    up = up.reshape(difference.shape[0], keep, *([1] * (difference.dim() - 2)))
+    return LoraModule(down=down.float(), up=up.float(), alpha=float(keep)), error, float(torch.linalg.norm(flat))

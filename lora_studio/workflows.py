@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,47 @@ def resize_lora_file(source: Path, out: Path, rank: int | None, energy: float | 
 
     resized, report = resize_lora(load_lora(source), rank=rank, energy=energy)
     return save_kohya(resized, out, dtype_of(precision)), report
+
+
+def parse_stack_entry(text: str) -> tuple[Path, float]:
+    """`file.safetensors:0.7` (strength 1 without the colon part) as (file, strength)."""
+    path, sep, strength = text.rpartition(":")
+    if not sep or not path or "/" in strength or "\\" in strength:
+        return Path(text), 1.0
+    try:
+        return Path(path), float(strength)
+    except ValueError:
+        raise LoraStudioError(f"{text!r}: the strength after the colon must be a number, e.g. {path}:0.7.") from None
+
+
+def bake_lora_files(
+    stack: Sequence[tuple[Path, float]], out: Path | None, rank: int | None = None, energy: float | None = None,
+    precision: str = "fp16",
+):  # fmt: skip
+    """LoRA files at their strengths baked into one LoRA (`tools.bake_stack`); written as kohya when `out` is given.
+    Returns (the baked LoraFile, its report, the written path or None)."""
+    from .export import save_kohya
+    from .lora_read import load_lora
+    from .tools import bake_stack
+
+    baked, report = bake_stack([(load_lora(path), strength) for path, strength in stack], rank, energy)
+    written = save_kohya(baked, out, dtype_of(precision)) if out is not None else None
+    return baked, report, written
+
+
+def extract_lora_file(
+    base_model: str, tuned_model: str, out: Path, rank: int | None, energy: float | None, targets: str = "attn-ff",
+    text_encoders: bool = True, precision: str = "fp16",
+):  # fmt: skip
+    """A LoRA of a fine-tuned checkpoint's difference to its base (`tools.extract_lora`), written as kohya; exact
+    work, so both load in fp32 on the CPU. Returns the written path and the error report."""
+    from .export import save_kohya
+    from .tools import extract_lora
+
+    base = load_base(base_model, dtype=dtype_of("fp32"), device="cpu")
+    tuned = load_base(tuned_model, dtype=dtype_of("fp32"), device="cpu")
+    lora, report = extract_lora(base, tuned, rank, energy, targets, text_encoders)
+    return save_kohya(lora, out, dtype_of(precision)), report
 
 
 def merge_into_base(base_model: str, lora_file: Path, strength: float, out: Path, precision: str = "fp16") -> Path:
@@ -131,6 +173,26 @@ def checkpoint_column(path: Path) -> str:
     note = validation_note(path)
     loss, _, best = note.partition(" (")
     return "\n".join(part for part in (checkpoint_label(path), loss, "best" if best else "") if part)
+
+
+BAKED_ADAPTER = "baked_stack"
+
+
+def baked_comparison(previewer: Previewer, settings: PreviewSettings, baked, rank: int):
+    """The stack (`settings.strengths`) and the baked LoRA at strength 1 alone, side by side, for one prompt and
+    seed: what saving would give, before it is saved. Returns the image and the largest pixel difference."""
+    import numpy as np
+
+    from .sample import draw_grid
+
+    previewer.remove_lora(BAKED_ADAPTER)
+    previewer.add_lora(baked, BAKED_ADAPTER)
+    stack = previewer.generate(settings)[0].image
+    alone = previewer.generate(replace(settings, strengths={BAKED_ADAPTER: 1.0}))[0].image
+    difference = int(np.abs(np.asarray(stack, dtype=np.int16) - np.asarray(alone, dtype=np.int16)).max())
+    labels = ["the stack", f"baked (rank {rank}), strength 1"]
+    image = draw_grid([[stack, alone]], labels, [f"seed {settings.seed}"], f"largest pixel difference: {difference}")
+    return image, difference
 
 
 def checkpoint_strength_grid(

@@ -164,3 +164,29 @@ def test_the_pick_the_best_checkpoint_view_labels_frames_and_exports_the_best(ru
     assert set(written.modules) == set(original.modules)
     with pytest.raises(LoraStudioError, match="inside|outside|not a LoRA"):
         preview_tab.export_checkpoint(app, str(tmp_path / "elsewhere.safetensors"))
+
+
+def test_bake_the_stack_compare_it_and_save_it(run_folder, tiny_folders):
+    app, run = run_folder
+    base = str(tiny_folders["sd1"])
+    files = [str(run / "tiny.safetensors"), str(run / "checkpoints" / "tiny-step000002.safetensors")]
+    common = ("zkz, a thing", "", "ddim", 3, 5.0, 3, 32, 32)
+    with pytest.raises(LoraStudioError, match="Bake the stack first"):
+        preview_tab.save_baked(app, None, "x")
+    picture, note, baked = preview_tab.bake_stack_preview(app, base, files, *common, 0, 0.7, -0.4)
+    assert picture.width > 64 and "Baked tiny.safetensors x 0.7 + tiny-step000002.safetensors x -0.4" in note
+    difference = int(note.rsplit("largest pixel difference ", 1)[1].rstrip("."))
+    assert difference <= 2  # the baked LoRA at strength 1 renders as the stack does
+    path, message, _choices = preview_tab.save_baked(app, baked, "../../my stack.safetensors")
+    saved = Path(path)
+    assert saved == app.roots.runs / "uploads" / "my_stack.safetensors" and "Saved my_stack.safetensors" in message
+    assert str(saved) in preview_tab.lora_choices(app)
+    written = load_lora(saved)
+    assert set(written.modules) == set(baked.modules) and written.metadata["modelspec.title"] == "my_stack"
+    with pytest.raises(LoraStudioError, match="exists already"):
+        preview_tab.save_baked(app, baked, "my stack")
+    _, svd_note, small = preview_tab.bake_stack_preview(app, base, files, *common, 2, 0.7, -0.4)
+    assert "SVD to rank 2" in svd_note and max(m.rank for m in small.modules.values()) <= 2
+    with pytest.raises(LoraStudioError, match="rank must be 0"):
+        preview_tab.bake_stack_preview(app, base, files, *common, 5000, 1.0, 1.0)
+    saved.unlink()

@@ -348,3 +348,13 @@ def test_a_saved_preset_stays_in_the_user_presets_folder_and_leaves_the_bundled_
     ok, _ = client.call("delete_preset", ["mine"])
     assert ok and not (server["home"] / "user-presets" / "mine.toml").exists()
     assert snapshot(PRESETS_DIR) == bundled
+
+
+def test_baking_a_stack_reads_only_run_files_and_saves_only_into_uploads(server, client):
+    """Bake takes its LoRAs from the picker's choices; Save takes the baked LoRA from the page's server-side state
+    (a value sent in its place is not heard) and a name that cannot climb out of runs/uploads."""
+    common = ["zkz", "", "euler_a", 2, 5.0, 1, 64, 64, 0, 1.0, 1.0, 1.0, 1.0]
+    assert_refused(client.call("bake_stack_preview", ["demo", [str(server["outside"] / "lora.safetensors")], *common]))
+    bait = {"modules": {}, "path": str(server["outside"] / "sentinel.txt")}
+    assert_refused(client.call("save_baked", [bait, "../../outside/sentinel"]), "Bake the stack first")
+    assert not (server["home"] / "outside").exists()

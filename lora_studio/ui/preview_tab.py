@@ -16,6 +16,8 @@ from ..errors import LoraStudioError
 from ..fsutil import atomic_path
 from ..runs import list_runs, run_of_lora_file
 from ..workflows import (
+    bake_lora_files,
+    baked_comparison,
     checkpoint_strength_grid,
     export_lora_file,
     exports_path,
@@ -173,6 +175,50 @@ def export_checkpoint(app: AppState, file: str | None) -> str:
     return str(export_lora_file(source, exports_path(source, "kohya-fp16"), "kohya", "fp16"))
 
 
+MAX_BAKE_RANK = 1024
+
+
+def bake_stack_preview(app: AppState, base, files, prompt, negative, sampler, steps, cfg, seed, width, height, rank,
+                       *strengths):  # fmt: skip
+    """The chosen LoRAs at their sliders' strengths baked into one (exact, or SVD to `rank`), rendered beside the
+    stack before anything is saved; the baked LoRA stays in this page's server-side state for "Save"."""
+    pairs = chosen_strengths(app, files, strengths)
+    if not pairs:
+        raise LoraStudioError("Choose the LoRAs to bake and set their strengths first.")
+    rank = int(rank or 0)
+    if not 0 <= rank <= MAX_BAKE_RANK:
+        raise LoraStudioError(f"The rank must be 0 (exact) to {MAX_BAKE_RANK}, not {rank}.")
+    baked, report, _ = bake_lora_files(pairs, None, rank or None)
+    base = confined_base(app.roots, base or "demo")
+    with app.preview_lock:
+        previewer = app.previewer(base)
+        names = use_loras(previewer, [f for f, _ in pairs])
+        settings = settings_from(prompt, negative, sampler, steps, cfg, seed, width, height,
+                                 {n: s for n, (_f, s) in zip(names, pairs, strict=True)})  # fmt: skip
+        image, difference = baked_comparison(previewer, settings, baked, report.rank)
+    note = f"{report.sentence()} Rendered beside the stack: largest pixel difference {difference}."
+    return image, note, baked
+
+
+def save_baked(app: AppState, baked, name: str | None):
+    """The baked LoRA of this page (server-side state, never a request value) as a kohya fp16 file in runs/uploads,
+    where the LoRA list finds it; an existing file is not replaced."""
+    from ..dataset_edit import safe_name
+    from ..export import save_kohya
+    from ..models import dtype_of
+
+    if baked is None:
+        raise LoraStudioError("Bake the stack first (Bake and compare), then save it.")
+    stem = safe_name(f"{(name or '').strip().removesuffix('.safetensors') or 'baked'}.safetensors")
+    target = app.roots.runs / UPLOADS / (stem if stem.endswith(".safetensors") else f"{stem}.safetensors")
+    if target.exists():
+        raise LoraStudioError(f"{target.name} exists already in {target.parent}; choose another name.")
+    baked.metadata["modelspec.title"] = target.stem
+    save_kohya(baked, target, dtype_of("fp16"))
+    return str(target), f"Saved {target.name}: it is in the LoRA list (Refresh lists).", gr.Dropdown(
+        choices=labelled_lora_choices(app))
+
+
 def upload_lora(app: AppState, upload: str | None, chosen: list[str] | None):
     """Copy an uploaded LoRA into runs/uploads (name sanitized), check it reads, and add it to the choice."""
     from ..dataset_edit import safe_name
@@ -254,6 +300,17 @@ def build(app: AppState) -> None:
                            elem_id="preview-pick")  # fmt: skip
         export = gr.Button("Export this checkpoint", scale=1, elem_id="preview-export")
     download = gr.File(label="Exported checkpoint (kohya, fp16)", elem_id="preview-download")
+    with gr.Accordion("Bake the stack into one LoRA", open=False, elem_id="preview-bake"):
+        with gr.Row():
+            bake_rank = gr.Number(0, label="Rank (0: exact, the ranks added; else an SVD to this rank)", precision=0,
+                                  minimum=0, maximum=MAX_BAKE_RANK, elem_id="preview-bake-rank")  # fmt: skip
+            bake_button = gr.Button("Bake and compare", elem_id="preview-bake-button")
+            bake_name = gr.Textbox(label="File name", placeholder="my-stack", max_lines=1, max_length=100,
+                                   elem_id="preview-bake-name")  # fmt: skip
+            save_bake = gr.Button("Save the baked LoRA", elem_id="preview-bake-save")
+        bake_note = gr.Markdown(elem_id="preview-bake-note")
+        baked_file = gr.File(label="Baked LoRA (kohya, fp16)", elem_id="preview-bake-file")
+    baked = gr.State(None)  # the baked LoraFile, on the server
 
     refresh.click(shown(refresh_lists, app), None, [files, base])
     upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status])
@@ -263,3 +320,6 @@ def build(app: AppState) -> None:
     grid.click(shown(generate_grid, app), [base, files, kind, strengths, seeds, *common, width, height, *sliders],
                [image, parameters]).success(shown(grid_checkpoints, app), [files, kind], pick)  # fmt: skip
     export.click(shown(export_checkpoint, app), pick, download)
+    bake_button.click(shown(bake_stack_preview, app),
+                      [base, files, *common, seed, width, height, bake_rank, *sliders], [image, bake_note, baked])
+    save_bake.click(shown(save_baked, app), [baked, bake_name], [baked_file, bake_note, files])  # fmt: skip
