@@ -154,6 +154,9 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (with --ssl-keyfile)")
     parser.add_argument("--ssl-keyfile", help="the certificate's private key")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    parser.add_argument("--resume-queue", action="store_true",
+                        help="start the jobs that were queued or running when the app last stopped (else they wait "
+                             "for a click in the Train tab)")  # fmt: skip
     parser.add_argument(
         "--models-dir", type=Path, help="base models the Train tab lists (default: models/, or LORA_STUDIO_MODELS)"
     )
@@ -177,6 +180,7 @@ def run_app(args: argparse.Namespace) -> int:
     launch(
         host=host, port=args.port, auth=auth, open_browser=not args.no_browser, allow_dirs=tuple(args.allow_dir),
         max_upload_mb=args.max_upload_mb, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+        resume_queue=args.resume_queue,
     )  # fmt: skip
     return EXIT_OK
 

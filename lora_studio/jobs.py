@@ -19,7 +19,17 @@ from typing import TypeVar
 
 from .config import TrainConfig
 from .errors import LoraStudioError, StoppedEarly
-from .events import Commands, DoneEvent, ErrorEvent, PreparingEvent, ProgressEvent, SampleEvent, ValidationEvent
+from .events import (
+    CheckpointEvent,
+    Commands,
+    DoneEvent,
+    ErrorEvent,
+    PreparingEvent,
+    ProgressEvent,
+    SampleEvent,
+    ValidationEvent,
+)
+from .job_store import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,16 +64,20 @@ class _Job:
     resume_from: Path | None
     commands: Commands = field(default_factory=Commands)
     work: str = "train"  # or "regularization images": render them only, to be looked at before training
+    record: JobRecord | None = None  # its file in the runs root's .queue/ (None without a store)
 
 
 class JobManager:
-    """A queue of training jobs served by one worker thread."""
+    """A queue of training jobs served by one worker thread. With a `JobStore`, every queued and running job is
+    also on disk, and `recover` finds what was queued or running when the app last died."""
 
-    def __init__(self):
+    def __init__(self, store: JobStore | None = None):
         self._lock = threading.Lock()
         self._queue: deque[_Job] = deque()
         self._current: _Job | None = None
         self._finished: list[_Job] = []
+        self._recovered: dict[str, JobRecord] = {}  # key -> a job from before the restart, waiting for a click
+        self._store = store
         self._ids = itertools.count(1)
         self._wake = threading.Condition(self._lock)
         self._worker = threading.Thread(target=self._serve, name="lora-studio-jobs", daemon=True)
@@ -71,20 +85,66 @@ class JobManager:
 
     def submit(self, config: TrainConfig, resume_from: Path | None = None) -> int:
         # A resume names its run from the start, so a queued resume's run is known (the Library will not delete it).
-        job = _Job(JobStatus(next(self._ids), config.name, run_dir=resume_from), config, resume_from)
+        return self._enqueue(_Job(JobStatus(0, config.name, run_dir=resume_from), config, resume_from))
+
+    def submit_regularization_images(self, config: TrainConfig) -> int:
+        """Render a config's regularization images (cached) in the queue, on the device training uses."""
+        return self._enqueue(_Job(JobStatus(0, f"{config.name} (regularization images)"), config, None,
+                                  work=REG_IMAGES))  # fmt: skip
+
+    def _enqueue(self, job: _Job, record: JobRecord | None = None) -> int:
+        job.status.id = next(self._ids)
+        if self._store is not None:
+            job.record = record or self._store.new_record(job.config, job.work, job.status.name, job.resume_from)
+            job.record.state = "queued"
+            self._store.write(job.record)
         with self._wake:
             self._queue.append(job)
             self._wake.notify()
         return job.status.id
 
-    def submit_regularization_images(self, config: TrainConfig) -> int:
-        """Render a config's regularization images (cached) in the queue, on the device training uses."""
-        job = _Job(JobStatus(next(self._ids), f"{config.name} (regularization images)"), config, None,
-                   work=REG_IMAGES)  # fmt: skip
-        with self._wake:
-            self._queue.append(job)
-            self._wake.notify()
-        return job.status.id
+    # --- jobs from before a restart -------------------------------------------------------------------------
+
+    def recover(self, start: bool = False) -> list[JobRecord]:
+        """The jobs recorded on disk by an app that is gone: each waits for `start_recovered` (a click), or all
+        are queued now, oldest first, with `start` (`--resume-queue`). A job that was running goes on from its
+        run's saved state when there is one, else starts over; nothing runs twice and nothing is dropped."""
+        records = self._store.load() if self._store is not None else []
+        with self._lock:
+            self._recovered.update({r.key: r for r in records if r.key not in self._recovered})
+        if start:
+            for record in records:
+                self.start_recovered(record.key)
+        return records
+
+    def recovered(self) -> list[JobRecord]:
+        with self._lock:
+            return sorted(self._recovered.values(), key=lambda r: r.created)
+
+    def start_recovered(self, key: str) -> int:
+        """Queue a job from before the restart: a resume of its run if it was running and saved a state."""
+        with self._lock:
+            record = self._recovered.pop(key, None)
+        if record is None:
+            raise LoraStudioError("That job from before the restart is no longer waiting; refresh the list.")
+        config = record.train_config()
+        resume_from = Path(record.run_dir) if record.resumable else None
+        if record.interrupted and not record.resumable:
+            log.info("job %s had saved no state before the app stopped: it starts over", record.name)
+            record.run_dir = None
+        record.resume_from = str(resume_from) if resume_from else None
+        job = _Job(JobStatus(0, record.name, run_dir=resume_from), config, resume_from, work=record.work)
+        return self._enqueue(job, record)
+
+    def discard_recovered(self, key: str) -> JobRecord:
+        """Forget a job from before the restart (its run folder, if any, stays in the Library)."""
+        with self._lock:
+            record = self._recovered.pop(key, None)
+        if record is None:
+            raise LoraStudioError("That job from before the restart is no longer waiting; refresh the list.")
+        if self._store is not None:
+            self._store.remove(record.key)
+        return record
 
     def stop(self) -> bool:
         """Ask the running job to stop after its current step (it saves its LoRA and state first)."""
@@ -131,10 +191,23 @@ class JobManager:
                 job = self._queue.popleft()
                 self._current = job
                 job.status.state = "running"
-            run_on_fresh_thread(self._run_one, job, name=f"lora-studio-job-{job.status.id}")
-            with self._lock:
-                self._finished.append(job)
-                self._current = None
+            self._record(job, state="running")
+            try:
+                run_on_fresh_thread(self._run_one, job, name=f"lora-studio-job-{job.status.id}")
+            finally:
+                if self._store is not None and job.record is not None:
+                    self._store.remove(job.record.key)  # ended, however it ended: nothing to pick up again
+                with self._lock:
+                    self._finished.append(job)
+                    self._current = None
+
+    def _record(self, job: _Job, **changes) -> None:
+        """Update the job's file (the worker's thread and the training thread both call this)."""
+        if self._store is None or job.record is None:
+            return
+        for name, value in changes.items():
+            setattr(job.record, name, value)
+        self._store.write(job.record)
 
     def _run_one(self, job: _Job) -> None:
         status = job.status
@@ -145,8 +218,13 @@ class JobManager:
                     status.step, status.total_steps = event.step, event.total_steps
                     status.it_per_s, status.eta_s = event.it_per_s, event.eta_s
                     status.losses.append((event.step, event.smoothed_loss))
+                    if event.run_dir is not None and job.record is not None and job.record.run_dir is None:
+                        self._record(job, run_dir=str(event.run_dir))  # where a restart finds its state
                     status.run_dir = event.run_dir or status.run_dir
                     status.preparing = None
+                elif isinstance(event, CheckpointEvent):
+                    if event.state_dir is not None:
+                        self._record(job, saved_step=event.step)
                 elif isinstance(event, PreparingEvent):
                     status.preparing = (event.stage, event.done, event.total)
                 elif isinstance(event, SampleEvent):

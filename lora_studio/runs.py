@@ -51,6 +51,11 @@ def runs_root() -> Path:
     return home() / "runs"
 
 
+def queue_folder(root: Path) -> Path:
+    """Where the app records its queued and running jobs, one small file each, so a restart finds them."""
+    return root / ".queue"
+
+
 def output_root(output_dir: str) -> Path:
     """The folder new runs go in: a config's `output_dir` under the home, or the runs root when empty."""
     return in_home(output_dir) if output_dir.strip() else runs_root()

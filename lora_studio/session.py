@@ -157,8 +157,10 @@ def frozen_parts_on_device(session: Session):
 
 
 def trained_parts(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
-    """The model parts that carry trained LoRA, named as diffusers' LoRA files name them."""
-    return base.lora_parts(text_encoders=config.lora.train_text_encoder)
+    """The model parts that carry trained LoRA, named as diffusers' LoRA files name them (a text encoder whose every
+    layer clip skip leaves unread carries none: `lora.inject_lora`)."""
+    parts = base.lora_parts(text_encoders=config.lora.train_text_encoder)
+    return {name: model for name, model in parts.items() if name == "unet" or hasattr(model, "peft_config")}
 
 
 def trained_models(session: Session) -> dict[str, torch.nn.Module]:

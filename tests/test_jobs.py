@@ -4,9 +4,11 @@ import threading
 import time
 
 import pytest
+import torch
 from test_train import tiny_config
 from tiny_models import caption_images
 
+from lora_studio.errors import LoraStudioError
 from lora_studio.jobs import JobManager
 
 
@@ -86,3 +88,61 @@ def test_run_on_fresh_thread_returns_raises_and_ends():
     with pytest.raises(LoraStudioError, match="negative"):
         run_on_fresh_thread(work, -1)
     assert threading.current_thread() not in threads and not any(t.is_alive() for t in threads)
+
+
+def test_queued_and_running_jobs_are_recorded_on_disk_until_they_end(tmp_path, tiny_folders, images):
+    from lora_studio.job_store import JobStore
+
+    store = JobStore(tmp_path / "runs" / ".queue")
+    manager = JobManager(store)
+    long = tiny_config(tmp_path / "a", tiny_folders, images, optimizer={"max_train_steps": 60},
+                       save={"every_n_steps": 3, "save_state": True})  # fmt: skip
+    first = manager.submit(long)
+    second = manager.submit(tiny_config(tmp_path / "b", tiny_folders, images))
+    while not (records := store.load()) or records[0].saved_step < 3:
+        time.sleep(0.05)
+    running, queued = records
+    assert (running.state, queued.state) == ("running", "queued") and running.run_dir and queued.run_dir is None
+    assert running.train_config() == long and running.name == long.name
+    manager.stop()
+    assert manager.wait(first).state == "stopped" and manager.wait(second).state == "done"
+    assert store.load() == [] and list(store.folder.iterdir()) == []  # ended jobs leave nothing to pick up
+
+
+def test_after_a_restart_the_jobs_wait_and_a_running_one_resumes_bit_exactly(tmp_path, tiny_folders, images):
+    """As the app finds them after it was killed: one job was running (its run saved a state at step 5), one was
+    queued, one had saved nothing yet; a damaged record is skipped. Resumed, the first ends with the weights of a
+    run that was never interrupted."""
+    from test_train import lora_tensors, stopper
+
+    from lora_studio.job_store import JobStore
+    from lora_studio.train import run_training
+
+    config = tiny_config(tmp_path / "k", tiny_folders, images, optimizer={"max_train_steps": 12})
+    straight = run_training(tiny_config(tmp_path / "s", tiny_folders, images, optimizer={"max_train_steps": 12}))
+    commands, stop_at_5 = stopper(5)
+    killed = run_training(config, on_event=stop_at_5, commands=commands)  # its state/ is what a kill leaves
+    store = JobStore(tmp_path / "runs" / ".queue")
+    running = store.new_record(config, "train", config.name, None)
+    running.state, running.run_dir, running.saved_step = "running", str(killed.run_dir), 5
+    queued = store.new_record(tiny_config(tmp_path / "q", tiny_folders, images), "train", "queued one", None)
+    fresh = store.new_record(config, "train", "never saved", None)
+    fresh.state = "running"
+    for record in (running, queued, fresh):
+        store.write(record)
+        time.sleep(0.001)  # distinct keys and creation times
+    (store.folder / "job-garbled.json").write_text("{not json")
+    manager = JobManager(store)
+    found = manager.recover()
+    assert [r.key for r in found] == [running.key, queued.key, fresh.key]
+    assert [(r.interrupted, r.resumable) for r in found] == [(True, True), (False, False), (True, False)]
+    resumed = manager.wait(manager.start_recovered(running.key))
+    assert resumed.state == "done" and resumed.run_dir == killed.run_dir and resumed.step == 12
+    straight_weights, resumed_weights = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
+    assert all(torch.equal(straight_weights[k], resumed_weights[k]) for k in straight_weights)
+    assert manager.wait(manager.start_recovered(queued.key)).state == "done"
+    assert manager.discard_recovered(fresh.key).name == "never saved"
+    assert [p.name for p in store.folder.iterdir()] == ["job-garbled.json"]  # left alone, never fatal
+    with pytest.raises(LoraStudioError, match="no longer waiting"):
+        manager.start_recovered(running.key)
+    assert JobManager(JobStore(tmp_path / "runs" / ".queue")).recover() == []

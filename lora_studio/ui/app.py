@@ -72,6 +72,7 @@ def build_app(app: AppState | None = None) -> gr.Blocks:
         with gr.Tab("Train"):
             train = train_tab.build(app)
         dataset_tab.connect(app, blocks, dataset, train["preset"], train["dataset.path"])
+        blocks.load(shown(train_tab.recovered_choices, app), None, train["_recovered"])
         with gr.Tab("Preview"):
             preview_tab.build(app)
         with gr.Tab("Library"):
@@ -138,6 +139,7 @@ def launch(
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
+    resume_queue: bool = False,
 ) -> gr.Blocks:
     """Serve the app. Listening beyond this machine requires a password: training boxes hold private data.
 
@@ -156,7 +158,9 @@ def launch(
                     "give --ssl-certfile and --ssl-keyfile to serve HTTPS", host)  # fmt: skip
     attach_app_log()
     roots = Roots.default(tuple(allow_dirs))
-    blocks = build_app(AppState(roots, max_upload_mb=max_upload_mb))
+    state = AppState(roots, max_upload_mb=max_upload_mb)
+    state.jobs.recover(start=resume_queue)  # what was queued or running when the app last stopped
+    blocks = build_app(state)
     port = port or free_port_from(7860)
     blocks.launch(
         server_name=host,

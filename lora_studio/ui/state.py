@@ -33,9 +33,11 @@ class AppState:
         """The app's one job manager, made on first use (it starts the worker thread)."""
         with self._jobs_lock:
             if self._jobs is None:
+                from ..job_store import JobStore
                 from ..jobs import JobManager
+                from ..runs import queue_folder
 
-                self._jobs = JobManager()
+                self._jobs = JobManager(JobStore(queue_folder(self.roots.runs)))
             return self._jobs
 
     def previewer(self, base: str):

@@ -227,6 +227,55 @@ def resume(app: AppState, *values) -> str:
     return f"Job {job} resumes {status.run_dir.name} from step {status.step}."
 
 
+# --- jobs from before a restart ----------------------------------------------------------------------
+
+
+def recovered_label(record) -> str:
+    if not record.interrupted:
+        return f"{record.name} · was queued"
+    if record.resumable:
+        at = f"step {record.saved_step}" if record.saved_step else "its saved state"
+        return f"{record.name} · was running: resume from {at}"
+    return f"{record.name} · was running, had saved nothing: starts over"
+
+
+def recovered_choices(app: AppState):
+    """The jobs that were queued or running when the app last stopped, for the picker."""
+    records = app.jobs.recovered()
+    choices = [(recovered_label(r), r.key) for r in records]
+    return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
+
+
+def start_recovered(app: AppState, key: str | None) -> tuple:
+    """Queue the picked job from before the restart (a running one resumes from its saved state)."""
+    if not key:
+        raise LoraStudioError("No job from before the restart is picked; there may be none.")
+    chosen = {r.key: r for r in app.jobs.recovered()}.get(key)
+    if chosen is None:
+        raise LoraStudioError("That job from before the restart is no longer waiting; refresh the list.")
+    confined_config(app.roots, chosen.train_config())  # its paths still inside the app's folders
+    job = app.jobs.start_recovered(key)
+    return f"Job {job}: {recovered_label(chosen)}.", recovered_choices(app)
+
+
+def start_all_recovered(app: AppState) -> tuple:
+    records = app.jobs.recovered()
+    if not records:
+        raise LoraStudioError("No jobs from before the restart are waiting.")
+    for record in records:
+        confined_config(app.roots, record.train_config())
+    jobs = [app.jobs.start_recovered(r.key) for r in records]
+    return f"Queued {len(jobs)} job(s) from before the restart.", recovered_choices(app)
+
+
+def discard_recovered(app: AppState, key: str | None) -> tuple:
+    if not key:
+        raise LoraStudioError("No job from before the restart is picked; there may be none.")
+    record = app.jobs.discard_recovered(key)
+    where = f" (its run folder {Path(record.run_dir).name} stays in the Library)" if record.run_dir else ""
+    return f"Discarded {record.name}{where}.", recovered_choices(app)
+
+
 def progress_html(step: int, total: int, it_per_s: float, eta_s: float, state: str) -> str:
     """A progress bar with the figures beside it (aria values let tests and screen readers read it)."""
     percent = 100 * step / total if total else 0.0
@@ -281,12 +330,14 @@ def poll(app: AppState, before: Shown | None = None, now: float | None = None) -
     before = before or Shown()
     now = time.monotonic() if now is None else now
     status = app.jobs.current()
+    waiting = app.jobs.recovered()
+    note = f" · {len(waiting)} job(s) from before the restart wait (see below)" if waiting else ""
     if status is None:
         empty = pd.DataFrame({"step": [], "loss": [], "series": pd.Series([], dtype=str)})
-        idle = progress_html(0, 0, 0.0, 0.0, "idle"), "No training yet: pick a preset and press Start."
+        idle = progress_html(0, 0, 0.0, 0.0, "idle"), "No training yet: pick a preset and press Start." + note
         return (*only_new(before, idle), empty if before.loss_points else gr.skip(), gr.skip(), gr.skip(),
                 Shown(bar=idle[0], line=idle[1], loss_points=0))  # fmt: skip
-    line = f"**{status.state}** · {status.name}"
+    line = f"**{status.state}** · {status.name}{note}"
     queued = app.jobs.queued()
     if queued:
         line += f" · queued: {', '.join(q.name for q in queued)}"
@@ -426,6 +477,13 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
         stop_button = gr.Button("Stop", variant="stop", elem_id="train-stop")
         resume_button = gr.Button("Resume", elem_id="train-resume")
     message = gr.Markdown(elem_id="train-message")
+    with gr.Accordion("Jobs from before the restart", open=bool(app.jobs.recovered()), elem_id="train-recovered"):
+        with gr.Row():
+            recovered = gr.Dropdown([], label="Queued or running when the app last stopped", scale=3,
+                                    elem_id="train-recovered-jobs")  # fmt: skip
+            start_one = gr.Button("Start / resume it", elem_id="train-recovered-start", scale=1)
+            start_all = gr.Button("Start all", elem_id="train-recovered-all", scale=1)
+            discard = gr.Button("Discard it", elem_id="train-recovered-discard", scale=1)
     progress = gr.HTML(progress_html(0, 0, 0.0, 0.0, "idle"), elem_id="train-progress")
     status = gr.Markdown(elem_id="train-status")
     loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss: training (smoothed) and validation",
@@ -448,5 +506,9 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
     stop_button.click(shown(stop, app), None, message)
     render_button.click(shown(render_regularization, app), form, message)
     resume_button.click(shown(resume, app), form, message)
+    start_one.click(shown(start_recovered, app), recovered, [message, recovered])
+    start_all.click(shown(start_all_recovered, app), None, [message, recovered])
+    discard.click(shown(discard_recovered, app), recovered, [message, recovered])
+    components["_recovered"] = recovered  # app.py fills it as each page loads
     poll_every_second(app, [progress, status, loss, samples, log])
-    return {"preset": preset, **components}
+    return {"preset": preset, **components}  # and "_recovered", the picker of jobs from before a restart
