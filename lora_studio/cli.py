@@ -59,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reg.add_argument("config", help="a TOML config or a preset name")
     reg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    caption = sub.add_parser("caption", help="caption a dataset with a captioner on disk (BLIP, Florence-2, WD14)")
+    caption.add_argument("path", type=Path, help="the dataset folder (plain or kohya's N_name/ layout)")
+    caption.add_argument("--model", type=Path, required=True,
+                         help="the captioner's folder, e.g. models/captioners/wd-v1-4-vit-tagger-v2")  # fmt: skip
+    caption.add_argument("--mode", choices=("missing", "prepend", "append", "overwrite"), default="missing",
+                         help="missing: caption only images without one (default)")  # fmt: skip
+    caption.add_argument("--trigger", default="", help="put this word first in every caption")
+    caption.add_argument("--threshold", type=float, default=0.35, help="a tagger's tag threshold (default 0.35)")
+    caption.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
+    caption.add_argument("--preview", type=int, metavar="N", help="only print the first N captions, write nothing")
     add_lora_tool_parsers(sub)
     add_sample_parser(sub)
     return parser
@@ -533,6 +543,32 @@ def print_error_report(report, as_json: bool) -> None:
     print(f"total Frobenius error {total:.4g} of {norm:.4g} ({report.relative_error:.2%})")
 
 
+def run_caption(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .captioner import caption_dataset, load_captioner
+
+    captioner = load_captioner(args.model, threshold=args.threshold)
+    if args.preview:
+        for result in caption_dataset(args.path, captioner, args.mode, args.trigger, args.batch, limit=args.preview,
+                                      write=False):  # fmt: skip
+            shown = result.after if result.after is not None else f"(kept) {result.before}"
+            print(f"{result.image.name}: {shown}")
+        return EXIT_OK
+    bar = tqdm(unit="image", dynamic_ncols=True, desc="captioning")
+
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        results = caption_dataset(args.path, captioner, args.mode, args.trigger, args.batch, progress=progress)
+    finally:
+        bar.close()
+    print(f"wrote {sum(r.written for r in results)} captions in {args.path} ({len(results)} images)")
+    return EXIT_OK
+
+
 def run_merge_loras(args: argparse.Namespace) -> int:
     from .workflows import bake_lora_files, parse_stack_entry
 
@@ -562,6 +598,7 @@ COMMANDS = {
     "checkpoints": run_checkpoints,
     "reg-images": run_reg_images,
     "merge-loras": run_merge_loras,
+    "caption": run_caption,
     "extract": run_extract,
     "train": run_train,
     "demo": run_demo,

@@ -48,6 +48,11 @@ def models_dir() -> Path:
     return Path(configured).expanduser().resolve() if configured else home() / "models"
 
 
+def captioners_dir() -> Path:
+    """Captioning models the person has on disk, one folder each (BLIP, BLIP-2, Florence-2, a WD14 tagger)."""
+    return models_dir() / "captioners"
+
+
 def user_presets_dir() -> Path:
     """Presets a person saved ("Save as preset", `lora-studio config --save`), beside the bundled read-only ones;
     its own folder, as the home defaults to the checkout, whose presets/ are the bundled ones."""

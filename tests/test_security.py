@@ -358,3 +358,12 @@ def test_baking_a_stack_reads_only_run_files_and_saves_only_into_uploads(server,
     bait = {"modules": {}, "path": str(server["outside"] / "sentinel.txt")}
     assert_refused(client.call("save_baked", [bait, "../../outside/sentinel"]), "Bake the stack first")
     assert not (server["home"] / "outside").exists()
+
+
+def test_the_captioner_is_taken_only_from_the_captioners_folder(server, client):
+    """The captioner is a name from the picker (a folder of models/captioners), the dataset the page's open folder:
+    a path in either place is not heard, and nothing outside is read or written."""
+    outside = str(server["outside"])
+    for handler, extra in (("preview_captions", []), ("caption_all", [4, "demo-cpu"])):
+        assert_refused(client.call(handler, [outside, outside, "overwrite", "", 0.35, *extra]))
+        assert_refused(client.call(handler, [outside, "../../outside", "overwrite", "", 0.35, *extra]))

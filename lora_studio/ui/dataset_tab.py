@@ -25,7 +25,7 @@ from ..dataset_edit import (
     save_painted_mask,
     write_caption,
 )
-from ..errors import LoraStudioError
+from ..errors import LoraStudioError, StoppedEarly
 from ..paths import DEMO_DATASET_DIR, is_within
 from ..runs import list_runs
 from .errors import shown
@@ -183,6 +183,73 @@ def image_losses(app: AppState, run_name: str | None) -> list[list]:
     return rows
 
 
+# --- a local captioner -----------------------------------------------------------------------------------------
+
+PREVIEW_CAPTIONS = 4  # images captioned (not written) by "Preview"
+
+
+def captioner_choices() -> gr.Dropdown:
+    from ..captioner import list_captioners
+
+    choices = [(info.label, info.name) for info in list_captioners()]
+    return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
+
+
+def chosen_captioner(app: AppState, name: str | None, threshold: float):
+    """The captioner folder `name` of models/captioners/ (only a listed one), loaded once and kept."""
+    from ..captioner import list_captioners, load_captioner
+    from ..paths import captioners_dir
+
+    found = {info.name: info for info in list_captioners()}
+    if name not in found:
+        raise LoraStudioError(f"No captioner named {name!r} is in {captioners_dir()}; put a captioning model's "
+                              "folder there (BLIP, Florence-2 or a WD14 tagger), then press Refresh.")  # fmt: skip
+    if not 0.0 < float(threshold) < 1.0:
+        raise LoraStudioError(f"The tag threshold must lie between 0 and 1, not {threshold}.")
+    key = (str(found[name].path), float(threshold))
+    if app.loaded_captioner is None or app.loaded_captioner[0] != key:
+        app.loaded_captioner = None  # the old model goes before the new one loads
+        app.loaded_captioner = (key, load_captioner(found[name].path, float(threshold)))
+    return app.loaded_captioner[1]
+
+
+def preview_captions(app: AppState, folder: str | None, name: str | None, mode: str, trigger: str,
+                     threshold: float) -> list[list]:  # fmt: skip
+    """What captioning would write for the first few images, written nowhere."""
+    from ..captioner import caption_dataset
+
+    target = open_folder(app, folder)
+    captioner = chosen_captioner(app, name, threshold)
+    results = caption_dataset(target, captioner, mode, trigger[:200], limit=PREVIEW_CAPTIONS, write=False)
+    return [[r.image.name, r.before or "", r.after if r.after is not None else "(kept as it is)"] for r in results]
+
+
+def caption_all(app: AppState, folder: str | None, name: str | None, mode: str, trigger: str, threshold: float,
+                batch: int, preset: str | None = None, progress=gr.Progress()) -> tuple:  # fmt: skip
+    """Caption every image of the open folder, batch by batch, each write atomic; Stop ends it after a batch."""
+    from ..captioner import caption_dataset
+
+    target = open_folder(app, folder)
+    captioner = chosen_captioner(app, name, threshold)
+    app.caption_stop.clear()
+
+    def report(done: int, total: int) -> None:
+        progress((done, total), desc="captioning", unit="images")
+
+    try:
+        results = caption_dataset(target, captioner, mode, trigger[:200], int(batch), progress=report,
+                                  should_stop=app.caption_stop.is_set)  # fmt: skip
+        message = f"Wrote {sum(r.written for r in results)} captions ({len(results)} images, mode {mode})."
+    except StoppedEarly as exc:
+        message = str(exc)
+    return *folder_view(target, preset), message
+
+
+def stop_captioning(app: AppState) -> str:
+    app.caption_stop.set()
+    return "Stopping after the current batch; what is written stays."
+
+
 def run_names(app: AppState) -> gr.Dropdown:
     return gr.Dropdown(choices=[run.name for run in list_runs(app.roots.runs)])
 
@@ -229,6 +296,24 @@ def build() -> dict[str, gr.components.Component]:
                                ("find", "Find"), ("replace", "Replace with")):  # fmt: skip
                 parts[key] = gr.Textbox(label=label)
         parts["bulk"] = gr.Button("Apply to every caption", elem_id="bulk-apply")
+    with gr.Accordion("Caption with a model on this computer", open=False, elem_id="dataset-caption-section"):
+        with gr.Row():
+            parts["captioner"] = gr.Dropdown([], label="Captioner (a folder in models/captioners)", scale=3,
+                                             elem_id="dataset-captioner")  # fmt: skip
+            parts["captioner_refresh"] = gr.Button("Refresh", scale=1)
+            parts["caption_mode"] = gr.Radio(["missing", "prepend", "append", "overwrite"], value="missing",
+                                             label="Images that have a caption", scale=3,
+                                             info="missing: caption only those without one")  # fmt: skip
+        with gr.Row():
+            parts["caption_trigger"] = gr.Textbox(label="Trigger word (put first)", max_length=200)
+            parts["caption_threshold"] = gr.Number(0.35, label="Tag threshold (taggers)", minimum=0.01, maximum=0.99)
+            parts["caption_batch"] = gr.Number(4, label="Batch", precision=0, minimum=1, maximum=32)
+        with gr.Row():
+            parts["caption_preview"] = gr.Button(f"Preview the first {PREVIEW_CAPTIONS}", elem_id="caption-preview")
+            parts["caption_all"] = gr.Button("Caption all", variant="primary", elem_id="caption-all")
+            parts["caption_stop"] = gr.Button("Stop", variant="stop", elem_id="caption-stop")
+        parts["caption_rows"] = gr.Dataframe(headers=["image", "caption now", "would become"], interactive=False,
+                                             elem_id="caption-preview-table")  # fmt: skip
     with gr.Accordion("Per-image loss of a run (highest first)", open=False, elem_id="dataset-losses-section"):
         with gr.Row():
             parts["loss_run"] = gr.Dropdown([], label="Run", scale=4, elem_id="dataset-loss-run")
@@ -265,6 +350,13 @@ def connect(
     p["mask_save"].click(shown(save_mask, app), [state, p["selected"], p["mask_editor"]], mask_outputs)
     p["mask_clear"].click(shown(remove_mask, app), [state, p["selected"]], mask_outputs)
     p["loss_run"].focus(shown(run_names, app), None, p["loss_run"])
+    blocks.load(shown(captioner_choices), None, p["captioner"])
+    p["captioner_refresh"].click(shown(captioner_choices), None, p["captioner"])
+    settings = [state, p["captioner"], p["caption_mode"], p["caption_trigger"], p["caption_threshold"]]
+    p["caption_preview"].click(shown(preview_captions, app), settings, p["caption_rows"])
+    p["caption_all"].click(shown(caption_all, app), [*settings, p["caption_batch"], preset],
+                           [p["gallery"], p["report"], p["tags"], p["status"]])  # fmt: skip
+    p["caption_stop"].click(shown(stop_captioning, app), None, p["status"])
     p["loss_show"].click(shown(image_losses, app), p["loss_run"], p["losses"])
     p["save"].click(shown(save_caption, app), [state, p["selected"], p["caption"]], [p["gallery"], p["status"]])
     bulk_inputs = [state, p["trigger"], p["prefix"], p["suffix"], p["find"], p["replace"], preset]

@@ -25,6 +25,8 @@ class AppState:
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
     previewers: dict = field(default_factory=dict)  # base source -> sample.Previewer
     preview_lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
+    caption_stop: threading.Event = field(default_factory=threading.Event)  # the Dataset tab's Stop captioning
+    loaded_captioner: tuple | None = None  # ((folder, threshold), captioner): kept between preview and captioning
     _jobs: object | None = None
     _jobs_lock: threading.Lock = field(default_factory=threading.Lock)
 
