@@ -490,6 +490,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{args.file}\n  format: {info['format']}   family: {info['family'] or 'unknown'}")
     print(f"  modules: {info['modules']} {info['modules_per_part']}   rank: {info['ranks']}   alpha: {info['alphas']}")
+    blocks = "   ".join(f"{block}: {ranks}" for block, ranks in info["ranks_by_block"].items())
+    if blocks:
+        print(f"  UNet ranks by block (rank: modules): {blocks}")
     print(f"  DoRA: {info['dora']}   sshs_model_hash: {info['sshs_model_hash']} (matches: {info['hashes_match']})")
     for note in info["notes"]:
         print(f"  note: {note}")

@@ -33,6 +33,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 CONFIG_VERSION = 1
+BLOCK_COUNTS = (3, 25)  # block_ranks: down/mid/up, or kohya's block_dims (SD 1.x/2.x UNet)
 
 Family = Literal["auto", "sd1", "sd2", "sd2-v", "sdxl"]
 UnetTargets = Literal["attn", "attn-ff", "full"]
@@ -134,6 +135,20 @@ class LoraConfig(Section):
     text_encoder_targets: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],  # kohya's TE modules
     )
+    include_modules: str = Field(
+        "", description="A regular expression over the layers' kohya names (as in the file, e.g. "
+        "lora_unet_up_blocks_.*_attn2_): only matching layers get an adapter. Empty: every target.",
+    )  # fmt: skip
+    exclude_modules: str = Field(
+        "", description="A regular expression over the layers' kohya names: matching layers get no adapter.",
+    )  # fmt: skip
+    block_ranks: list[int] = Field(
+        default_factory=list, description="Rank per UNet block: 3 values (down, mid, up; any model) or kohya's "
+        "block_dims, 25 values (IN00-IN11, MID, OUT00-OUT11; SD 1.x/2.x). 0 leaves a block out. Empty: rank.",
+    )  # fmt: skip
+    block_alphas: list[float] = Field(
+        default_factory=list, description="Alpha per UNet block, as many values as block_ranks. Empty: alpha.",
+    )  # fmt: skip
     use_dora: bool = False
     init_lora_weights: Literal["default", "gaussian"] = (
         "default"  # peft default: B = 0, so the adapter starts as a no-op
@@ -147,6 +162,29 @@ class LoraConfig(Section):
     )  # fmt: skip
     ema_for_samples: bool = Field(True, description="Samples and the validation loss use the EMA weights.")
     ema_for_files: bool = Field(True, description="The final LoRA file and the checkpoints hold the EMA weights.")
+
+    @field_validator("include_modules", "exclude_modules")
+    @classmethod
+    def _a_regular_expression(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"{value!r} is not a regular expression ({exc}); e.g. 'up_blocks_.*attn2'") from None
+        return value
+
+    @model_validator(mode="after")
+    def _blocks_line_up(self) -> LoraConfig:
+        if len(self.block_ranks) not in (0, *BLOCK_COUNTS):
+            raise ValueError(f"block_ranks has {len(self.block_ranks)} values; give 3 (down, mid, up) or 25 (kohya's "
+                             "block_dims for SD 1.x/2.x), or none")  # fmt: skip
+        if any(r < 0 or r > 1024 for r in self.block_ranks):
+            raise ValueError("block_ranks must lie between 0 (no adapter in that block) and 1024")
+        if self.block_alphas and len(self.block_alphas) != len(self.block_ranks):
+            raise ValueError(f"block_alphas has {len(self.block_alphas)} values but block_ranks has "
+                             f"{len(self.block_ranks)}; give one alpha per block, or none")  # fmt: skip
+        if any(a <= 0 for a in self.block_alphas):
+            raise ValueError("block_alphas must be above 0")
+        return self
 
     @model_validator(mode="after")
     def _conv_needs_full(self) -> LoraConfig:
@@ -372,6 +410,9 @@ class TrainConfig(Section):
         """Settings that are each valid but cannot train together. "Check settings", `lora-studio config`
         and the trainer all ask this one place, so what the form accepts is what training accepts."""
         problems = []
+        if len(self.lora.block_ranks) == 25 and self.family == "sdxl":
+            problems.append("`lora.block_ranks` has kohya's 25 SD 1.x/2.x blocks, but the family is SDXL, whose UNet "
+                            "has other blocks; give 3 values (down, mid, up) instead")  # fmt: skip
         if self.dataset.cache_latents and self.dataset.random_crop:
             problems.append(
                 "`dataset.random_crop` changes every step, so latents cannot be cached; "

@@ -23,6 +23,7 @@ from peft import inject_adapter_in_model
 
 from .conditioning import unread_layers
 from .config import LoraConfig
+from .errors import LoraStudioError
 
 ADAPTER_NAME = "default"
 ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -67,10 +68,72 @@ def text_encoder_target_names(
     ]  # fmt: skip
 
 
-def peft_config(settings: LoraConfig, target_names: list[str], with_convs: bool = False) -> PeftLoraConfig:
-    """peft's config for one model part; LoCon convs get their own rank and alpha through peft's patterns."""
+BLOCK_PATH = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
+
+
+def block_index(path: str, blocks: int) -> int | None:
+    """The UNet block a layer (diffusers path) lies in: of 3 (down, mid, up), or of kohya's 25 SD 1.x/2.x blocks
+    (`networks/lora.py` get_block_index: IN00 = conv_in, IN01-IN11, MID = 12, OUT00-OUT11 = 13-24). None: outside
+    the blocks (conv_in, the time embedding)."""
+    if path.startswith("mid_block."):
+        return 1 if blocks == 3 else 12
+    match = BLOCK_PATH.match(path)
+    if match is None:
+        return None
+    if blocks == 3:
+        return 0 if match[1] == "down" else 2
+    i, j = int(match[2]), int(match[4])
+    index = 3 * i + (2 if match[3].endswith("samplers") else j)
+    return 1 + index if match[1] == "down" else 13 + index
+
+
+def block_settings(settings: LoraConfig, names: list[str]) -> tuple[list[str], dict[str, int], dict[str, float]]:
+    """The UNet layers left after `block_ranks` (a block of rank 0 is left out), and peft's per-layer rank and alpha
+    patterns for the blocks whose values differ from the defaults (convs keep conv_rank, as kohya's block_dims do)."""
+    if not settings.block_ranks:
+        return names, {}, {}
+    kept, ranks, alphas = [], {}, {}
+    for name in names:
+        index = block_index(name, len(settings.block_ranks))
+        if index is None or LOCON.match(name):
+            kept.append(name)
+            continue
+        rank = settings.block_ranks[index]
+        if rank == 0:
+            continue
+        kept.append(name)
+        alpha = settings.block_alphas[index] if settings.block_alphas else settings.alpha
+        if rank != settings.rank or alpha != settings.alpha:
+            ranks[re.escape(name)], alphas[re.escape(name)] = rank, alpha  # peft matches keys as regexes
+    return kept, ranks, alphas
+
+
+def chosen_by_patterns(part: str, names: list[str], settings: LoraConfig, family: str, unet_config=None) -> list[str]:
+    """The layers `include_modules` / `exclude_modules` keep, matched against their kohya names (as in the file)."""
+    from .lora_file import kohya_name
+
+    if not settings.include_modules and not settings.exclude_modules:
+        return names
+    include = re.compile(settings.include_modules) if settings.include_modules else None
+    exclude = re.compile(settings.exclude_modules) if settings.exclude_modules else None
+    kept = []
+    for name in names:
+        kohya = kohya_name(part, name, family, unet_config)
+        if (include is None or include.search(kohya)) and (exclude is None or not exclude.search(kohya)):
+            kept.append(name)
+    return kept
+
+
+def peft_config(
+    settings: LoraConfig, target_names: list[str], with_convs: bool = False, ranks: dict | None = None,
+    alphas: dict | None = None,
+) -> PeftLoraConfig:  # fmt: skip
+    """peft's config for one model part; LoCon convs get their own rank and alpha through peft's patterns, and
+    per-block ranks (`block_settings`) theirs."""
     patterns = {LOCON.pattern: settings.conv_rank} if with_convs and settings.conv_rank else {}
-    alphas = {LOCON.pattern: settings.conv_alpha or settings.alpha} if patterns else {}
+    conv_alpha = {LOCON.pattern: settings.conv_alpha or settings.alpha} if patterns else {}
+    alphas = {**conv_alpha, **(alphas or {})}
+    patterns |= ranks or {}
     return PeftLoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
@@ -90,19 +153,30 @@ def inject_lora(base, settings: LoraConfig, clip_skip: int = 1) -> dict[str, lis
     `add_adapter` would demand peft >= 0.22, and one path for all parts keeps them consistent.
     """
     injected: dict[str, list[str]] = {}
-    unet_names = unet_target_names(base.unet, settings.unet_targets)
-    _inject(base.unet, peft_config(settings, unet_names, with_convs=True))
+    unet_config = base.unet.config if base.family == "sdxl" else None
+    if len(settings.block_ranks) == 25 and base.family == "sdxl":
+        raise LoraStudioError("lora.block_ranks has kohya's 25 SD 1.x/2.x blocks, but the base model is SDXL; give 3 "
+                              "values (down, mid, up) instead.")  # fmt: skip
+    unet_names = chosen_by_patterns("unet", unet_target_names(base.unet, settings.unet_targets), settings,
+                                    base.family, unet_config)  # fmt: skip
+    unet_names, ranks, alphas = block_settings(settings, unet_names)
+    if not unet_names:
+        raise LoraStudioError("No UNet layer is left to adapt: lora.include_modules, exclude_modules or block_ranks "
+                              "leave out every one; loosen them.")  # fmt: skip
+    _inject(base.unet, peft_config(settings, unet_names, with_convs=True, ranks=ranks, alphas=alphas))
     injected["unet"] = unet_names
     if settings.train_text_encoder:
         sdxl, count = base.family == "sdxl", len(base.text_encoders)
         for index, encoder in enumerate(base.text_encoders):
             layers = encoder.config.num_hidden_layers
             unread = unread_layers(layers, clip_skip, sdxl, pooled=sdxl and index == count - 1)
+            part = f"text_encoder{'' if index == 0 else '_2'}"
             names = text_encoder_target_names(encoder, settings.text_encoder_targets, unread)
+            names = chosen_by_patterns(part, names, settings, base.family)
             if not names:  # every layer unread (a tiny encoder with a large clip skip): nothing there would learn
                 continue
             _inject(encoder, peft_config(settings, names))
-            injected[f"text_encoder{'' if index == 0 else '_2'}"] = names
+            injected[part] = names
     return injected
 
 

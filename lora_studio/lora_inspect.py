@@ -154,6 +154,26 @@ def part_of(name: str) -> str:
     return name.split("_", 2)[1] if not name.startswith("lora_unet_") else "unet"
 
 
+def unet_block_of(name: str) -> str | None:
+    """down, mid or up for a kohya UNet module name (diffusers paths for SD 1.x/2.x, SGM for SDXL); None else."""
+    for block, marks in (("down", ("_down_blocks_", "_input_blocks_")), ("mid", ("_mid_block_", "_middle_block_")),
+                         ("up", ("_up_blocks_", "_output_blocks_"))):  # fmt: skip
+        if name.startswith("lora_unet") and any(mark in name for mark in marks):
+            return block
+    return None
+
+
+def ranks_by_block(modules: Mapping[str, ModuleFacts]) -> dict[str, dict[str, int]]:
+    """{down|mid|up: {rank: modules}}: where per-block ranks (kohya's block_dims) put their rank, at a glance."""
+    found: dict[str, Counter] = {}
+    for name, module in modules.items():
+        block = unet_block_of(name)
+        if block is not None:
+            found.setdefault(block, Counter())[module.rank] += 1
+    return {block: {str(r): n for r, n in sorted(found[block].items())} for block in ("down", "mid", "up")
+            if block in found}  # fmt: skip
+
+
 def summarise(modules: Mapping[str, ModuleFacts], metadata: Mapping[str, str], fmt: str, family, path, notes) -> dict:
     """What `inspect` prints: family, format, module counts, rank and alpha (the most common ones)."""
     ranks = Counter(m.rank for m in modules.values())
@@ -167,6 +187,7 @@ def summarise(modules: Mapping[str, ModuleFacts], metadata: Mapping[str, str], f
         "rank": ranks.most_common(1)[0][0] if ranks else None,
         "alpha": alphas.most_common(1)[0][0] if alphas else None,
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "ranks_by_block": ranks_by_block(modules),
         "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
         "dora": any(m.dora for m in modules.values()),
         "sshs_model_hash": metadata.get("sshs_model_hash"),

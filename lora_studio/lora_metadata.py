@@ -86,6 +86,14 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         network_args["use_dora"] = True
     if lora.dropout:
         network_args["dropout"] = lora.dropout
+    if lora.block_ranks:  # kohya's network_args spelling: comma-separated strings
+        network_args["block_dims"] = ",".join(str(r) for r in lora.block_ranks)
+        network_args["block_alphas"] = ",".join(f"{a:g}" for a in lora.block_alphas or [lora.alpha] * len(
+            lora.block_ranks))  # fmt: skip
+    if lora.include_modules:
+        network_args["include_patterns"] = json.dumps([lora.include_modules])
+    if lora.exclude_modules:
+        network_args["exclude_patterns"] = json.dumps([lora.exclude_modules])
     sdxl = facts.family == "sdxl"
     metadata = {
         "ss_output_name": config.name,

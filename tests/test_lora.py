@@ -1,5 +1,8 @@
 """LoRA injection: kohya's module counts on the real structures, no-op at init, fp32 adapters, kohya scale."""
 
+import json
+import re
+
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -8,7 +11,9 @@ from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lora_studio.config import LoraConfig
+from lora_studio.errors import LoraStudioError
 from lora_studio.lora import inject_lora, text_encoder_target_names, trainable_parameters, unet_target_names
+from lora_studio.lora_read import load_lora
 from lora_studio.models import load_base
 from lora_studio.paths import sd_config_dir
 
@@ -117,3 +122,80 @@ def test_every_text_encoder_adapter_gets_a_gradient_and_no_unread_layer_gets_one
         assert bool(ups) == (part in injected)
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in ups), [
             n for n, p in ups if p.grad is None or not p.grad.abs().sum()]  # fmt: skip
+
+
+def test_kohyas_block_index_for_sd1_layers():
+    from lora_studio.lora import block_index
+
+    block = "attentions.0.transformer_blocks.0.attn1.to_q"
+    assert block_index(f"down_blocks.0.{block}", 25) == 1  # IN01 (IN00 is conv_in)
+    assert block_index("down_blocks.1.attentions.1.proj_in", 25) == 5  # IN05
+    assert block_index("down_blocks.0.downsamplers.0.conv", 25) == 3  # IN03
+    assert block_index(f"mid_block.{block}", 25) == 12  # MID
+    assert block_index("up_blocks.1.attentions.2.proj_out", 25) == 18  # OUT05
+    assert block_index("up_blocks.3.resnets.2.conv1", 25) == 24  # OUT11
+    assert block_index("conv_in", 25) is None and block_index("time_embedding.linear_1", 3) is None
+    assert [block_index(p, 3) for p in (f"down_blocks.2.{block}", f"mid_block.{block}", f"up_blocks.0.{block}")] == [
+        0, 1, 2]  # fmt: skip
+
+
+def test_block_ranks_give_each_block_its_rank_and_alpha(tiny_folders):
+    base = load_base(tiny_folders["sd1"], device="cpu")
+    settings = LoraConfig(rank=4, alpha=4.0, block_ranks=[2, 0, 6], block_alphas=[1.0, 1.0, 3.0])
+    injected = inject_lora(base, settings)
+    layers = dict(base.unet.named_modules())
+    by_block = {}
+    for name in injected["unet"]:
+        by_block.setdefault(name.split(".")[0], set()).add((layers[name].r["default"],
+                                                            layers[name].scaling["default"]))  # fmt: skip
+    assert by_block == {"down_blocks": {(2, 0.5)}, "up_blocks": {(6, 0.5)}}  # mid: rank 0, left out
+    te = base.text_encoders[0]
+    assert {m.r["default"] for n, m in te.named_modules() if n in injected["text_encoder"]} == {4}
+
+
+def test_include_and_exclude_patterns_pick_layers_by_their_kohya_names(tiny_folders):
+    from lora_studio.lora_file import kohya_name
+
+    base = load_base(tiny_folders["sd1"], device="cpu")
+    injected = inject_lora(base, LoraConfig(include_modules=r"attn2|text_model", exclude_modules=r"up_blocks_1"))
+    unet = [kohya_name("unet", n, "sd1") for n in injected["unet"]]
+    assert unet and all("attn2" in n and "up_blocks_1" not in n for n in unet)
+    assert len(injected["text_encoder"]) == 12  # the include pattern names the text encoder's layers too
+    with pytest.raises(LoraStudioError, match="No UNet layer is left"):
+        inject_lora(load_base(tiny_folders["sd1"], device="cpu"), LoraConfig(include_modules="nothing-has-this"))
+
+
+def test_targeting_settings_are_checked_with_clear_messages():
+    from lora_studio.config import validate_config
+    from lora_studio.errors import ConfigError
+
+    cases = [({"include_modules": "attn2("}, "is not a regular expression"),
+             ({"block_ranks": [4, 4]}, "give 3 (down, mid, up) or 25"),
+             ({"block_ranks": [4, 4, 4], "block_alphas": [1.0]}, "one alpha per block"),
+             ({"block_ranks": [4, -1, 4]}, "between 0")]  # fmt: skip
+    for lora, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate_config({"version": 1, "lora": lora})
+    with pytest.raises(ConfigError, match="25 SD 1.x/2.x blocks, but the family is SDXL"):
+        validate_config({"version": 1, "family": "sdxl", "lora": {"block_ranks": [4] * 25}})
+
+
+def test_a_file_trained_with_block_ranks_says_so_in_its_metadata_and_inspect_shows_them(tmp_path, tiny_folders):
+    from test_train import tiny_config
+    from tiny_models import caption_images
+
+    from lora_studio.lora_inspect import inspect_lora
+    from lora_studio.train import run_training
+
+    lora = {"rank": 4, "alpha": 4.0, "block_ranks": [2, 4, 8], "exclude_modules": "attn1"}
+    (tmp_path / "data").mkdir()
+    config = tiny_config(tmp_path, tiny_folders, caption_images(tmp_path / "data"), optimizer={"max_train_steps": 1},
+                         lora=lora)  # fmt: skip
+    done = run_training(config)
+    info = inspect_lora(done.lora_path)
+    assert info["ranks_by_block"] == {"down": {"2": info["ranks_by_block"]["down"]["2"]},
+                                      "mid": {"4": info["ranks_by_block"]["mid"]["4"]},
+                                      "up": {"8": info["ranks_by_block"]["up"]["8"]}}  # fmt: skip
+    args = json.loads(info["metadata"]["ss_network_args"])
+    assert args["block_dims"] == "2,4,8" and json.loads(args["exclude_patterns"]) == ["attn1"]
+    assert not any("attn1" in name for name in load_lora(done.lora_path).modules)
