@@ -706,7 +706,8 @@ def preset_path(name: str) -> Path:
 
 
 def save_user_preset(config: TrainConfig, name: str, based_on: str = "") -> Path:
-    """`config` as the person's preset `name` (a new one, or their own of that name replaced); never a bundled one."""
+    """`config` as the person's preset `name` (a new one, or their own of that name replaced); never a bundled one.
+    The config's own `name` (what its runs are called) stays as it is."""
     name = (name or "").strip()
     if not PRESET_NAME.fullmatch(name):
         raise ConfigError(f"preset name {name!r}", ["use 1-64 letters, digits, '-', '_' or '.', starting with a "
@@ -718,7 +719,7 @@ def save_user_preset(config: TrainConfig, name: str, based_on: str = "") -> Path
     header = f"Your preset, saved {time.strftime('%Y-%m-%d %H:%M')}{source}."
     path = user_presets_dir() / f"{name}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_config(config.model_copy(update={"name": name}), path, header=header)
+    save_config(config, path, header=header)  # the runs keep the name the form gave them
     return path
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -172,6 +173,7 @@ def logged_rates(runs) -> list[float]:
     return [json.loads(line)["lr"] for line in metrics.read_text().splitlines()]
 
 
+@pytest.mark.slow  # 20 s; the two-process trainer itself is run by the two tests above on every run
 def test_the_cli_under_a_two_process_launch(tmp_path, tiny_folders):
     """`accelerate launch -m lora_studio.cli train CONFIG` (torchrun here): one run folder, one report."""
     config = config_for(tmp_path, tiny_folders, four_images(tmp_path / "data"), 2, "cli")

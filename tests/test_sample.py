@@ -324,6 +324,7 @@ def test_previewing_the_adapters_of_a_run_in_progress(tmp_path, tiny_folders, im
     assert np.abs(pixels(ours) - np.asarray(live.image, dtype=np.float32) / 255.0).max() <= 2 / 255
 
 
+@pytest.mark.slow  # 14 s on the demo preset; test_sampling_leaves_training_bit_identical checks it on tiny models
 def test_demo_run_with_samples_trains_the_same_lora(tmp_path):
     """The demo preset, shortened: sampling every 10 steps leaves the final LoRA bit-identical."""
     from lora_studio.config import load_preset

@@ -29,7 +29,7 @@ def test_a_saved_preset_round_trips_and_is_listed_after_the_bundled_ones(home):
     path = save_user_preset(config, "my-style.v2", based_on="sd15-style")
     assert path == home / "user-presets" / "my-style.v2.toml" and path.parent == user_presets_dir()
     assert list_presets() == [*bundled_presets(), "my-style.v2"] and user_presets() == ["my-style.v2"]
-    assert load_preset("my-style.v2") == config.model_copy(update={"name": "my-style.v2"})
+    assert load_preset("my-style.v2") == config  # its runs keep their name (sd15-style)
     assert preset_description("my-style.v2").startswith("Your preset, saved ") and "sd15-style" in path.read_text()
     changed = config.model_copy(update={"seed": 7})
     save_user_preset(changed, "my-style.v2")  # one's own preset may be replaced
@@ -91,8 +91,8 @@ def test_the_train_tab_saves_the_form_as_a_preset_and_deletes_it(app_state):
     picker, message = train_tab.save_preset("mine", "demo-cpu", *form(lora__rank=6, seed=11))
     assert picker["value"] == "mine" and "mine" in picker["choices"] and "Saved your preset **mine**" in message
     saved = load_preset("mine")
-    assert saved.lora.rank == 6 and saved.seed == 11 and saved.name == "mine"
-    assert train_tab.preset_values("mine") == form(lora__rank=6, seed=11, name="mine")
+    assert saved.lora.rank == 6 and saved.seed == 11 and saved.name == "demo"  # the runs' name, not the preset's
+    assert train_tab.preset_values("mine") == form(lora__rank=6, seed=11)
     with pytest.raises(LoraStudioError, match="not one of your presets"):
         train_tab.delete_preset("demo-cpu")
     picker, message = train_tab.delete_preset("mine")

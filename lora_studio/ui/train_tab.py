@@ -196,8 +196,16 @@ def delete_preset(name: str | None) -> tuple:
 def start(app: AppState, *values) -> str:
     config = confined_config(app.roots, config_from_form(list(values)))
     job = app.jobs.submit(config)
-    waiting = len(app.jobs.queued())
-    return f"Job {job} ({config.name}) " + (f"queued behind {waiting - 1} other(s)." if waiting > 1 else "started.")
+    ahead = jobs_ahead(app, job)
+    return f"Job {job} ({config.name}) " + (f"queued behind {ahead} other(s)." if ahead else "started.")
+
+
+def jobs_ahead(app: AppState, job: int) -> int:
+    """How many jobs run or wait before `job` (which may already have started)."""
+    queued = [q.id for q in app.jobs.queued()]
+    current = app.jobs.current()
+    running = current is not None and current.state in ("running", "stopping") and current.id != job
+    return (queued.index(job) if job in queued else 0) + running
 
 
 def render_regularization(app: AppState, *values) -> str:
@@ -208,9 +216,9 @@ def render_regularization(app: AppState, *values) -> str:
         raise LoraStudioError("`regularization.path` is set, so training uses that folder's images; clear it to "
                               "generate class images with the base model instead.")  # fmt: skip
     job = app.jobs.submit_regularization_images(config)
-    waiting = len(app.jobs.queued())
+    ahead = jobs_ahead(app, job)
     return f"Job {job} renders the regularization images" + (
-        f", queued behind {waiting - 1} other(s)." if waiting > 1 else "; the bar below counts them.")
+        f", queued behind {ahead} other(s)." if ahead else "; the bar below counts them.")
 
 
 def stop(app: AppState) -> str:
