@@ -82,15 +82,20 @@ class ResizeReport:
         }
 
 
-def resize_lora(lora: LoraFile, rank: int | None = None, energy: float | None = None) -> tuple[LoraFile, ResizeReport]:
-    """Truncated SVD of each module's delta: to `rank`, or to the fewest singular values whose squared sum
-    keeps `energy` (0-1] of the total. Each module keeps its scale (alpha / rank), as kohya's resize does."""
+def check_svd_target(rank: int | None, energy: float | None) -> None:
+    """An SVD keeps either `rank` singular values or the fewest holding `energy` (0-1] of their squares."""
     if (rank is None) == (energy is None):
         raise LoraFileError("Give either a target rank or a kept-energy ratio, not both and not neither.")
     if rank is not None and rank < 1:
         raise LoraFileError(f"The target rank must be at least 1, not {rank}.")
     if energy is not None and not 0 < energy <= 1:
         raise LoraFileError(f"The kept-energy ratio must lie in (0, 1], not {energy}.")
+
+
+def resize_lora(lora: LoraFile, rank: int | None = None, energy: float | None = None) -> tuple[LoraFile, ResizeReport]:
+    """Truncated SVD of each module's delta: to `rank`, or to the fewest singular values whose squared sum
+    keeps `energy` (0-1] of the total. Each module keeps its scale (alpha / rank), as kohya's resize does."""
+    check_svd_target(rank, energy)
     modules, rows = {}, {}
     error_sq = norm_sq = 0.0
     for name, module in lora.modules.items():
@@ -248,12 +253,7 @@ def extract_lora(
     from .lora import TEXT_ENCODER_DEFAULT, text_encoder_target_names, unet_target_names
     from .lora_file import kohya_name
 
-    if (rank is None) == (energy is None):
-        raise LoraFileError("Give either a target rank or a kept-energy ratio, not both and not neither.")
-    if rank is not None and rank < 1:
-        raise LoraFileError(f"The target rank must be at least 1, not {rank}.")
-    if energy is not None and not 0 < energy <= 1:
-        raise LoraFileError(f"The kept-energy ratio must lie in (0, 1], not {energy}.")
+    check_svd_target(rank, energy)
     if base.family != tuned.family:
         raise LoraFileError(f"The fine-tuned model is {tuned.family} but the base is {base.family}; extract from a "
                             "fine-tune of that very base.")  # fmt: skip

@@ -118,6 +118,10 @@ def test_regularization_images_render_in_the_queue_to_be_looked_at_and_stop_betw
     folder = app_state.roots.runs / ".cache" / "regularization"
     assert done.state == "done" and f"2 regularization images in `{folder}`" in done.message
     assert done.preparing == ("rendering regularization images", 2, 2) and len(list(folder.glob("*.png"))) == 2
+    from lora_studio.ui import dataset_tab  # the folder the message names opens in the Dataset tab, to look at them
+
+    _state, _shown, gallery, *_rest = dataset_tab.open_dataset(app_state, str(folder))
+    assert sorted(label for _path, label in gallery) == sorted(p.read_text().strip() for p in folder.glob("*.txt"))
     tab.render_regularization(app_state, *form(regularization__images=400, **settings))
     while (status := manager.current()) is None or status.id != 2 or status.preparing is None:
         time.sleep(0.05)

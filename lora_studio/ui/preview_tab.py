@@ -108,15 +108,22 @@ def chosen_strengths(app: AppState, files: list[str] | None, strengths) -> list[
     return [(f, float(s)) for f, s in zip(checked_loras(app, files), strengths, strict=False)]
 
 
+def loaded_stack(app: AppState, base: str, pairs: list[tuple[Path, float]], *common):
+    """The previewer of `base` with the chosen files loaded (the others unloaded), and the settings that render
+    them at their strengths; `common` is prompt, negative, sampler, steps, CFG, seed, width, height. Call it
+    holding the preview lock."""
+    previewer = app.previewer(base)
+    names = use_loras(previewer, [f for f, _ in pairs])
+    return previewer, settings_from(*common, {n: s for n, (_f, s) in zip(names, pairs, strict=True)})
+
+
 def generate(app: AppState, base, files, prompt, negative, sampler, steps, cfg, seed, width, height, *strengths):
     """One image with each chosen LoRA at its own strength; returns the image and its parameters text."""
     pairs = chosen_strengths(app, files, strengths)
     base = confined_base(app.roots, base or "demo")
     with app.preview_lock:
-        previewer = app.previewer(base)
-        names = use_loras(previewer, [f for f, _ in pairs])
-        settings = settings_from(prompt, negative, sampler, steps, cfg, seed, width, height,
-                                 {n: s for n, (_f, s) in zip(names, pairs, strict=True)})  # fmt: skip
+        common = (prompt, negative, sampler, steps, cfg, seed, width, height)
+        previewer, settings = loaded_stack(app, base, pairs, *common)
         preview = previewer.generate(settings)[0]
     text = preview.parameters + "".join(f"\nnote: {n}" for n in preview.notices)
     return preview.image, text
@@ -191,10 +198,8 @@ def bake_stack_preview(app: AppState, base, files, prompt, negative, sampler, st
     baked, report, _ = bake_lora_files(pairs, None, rank or None)
     base = confined_base(app.roots, base or "demo")
     with app.preview_lock:
-        previewer = app.previewer(base)
-        names = use_loras(previewer, [f for f, _ in pairs])
-        settings = settings_from(prompt, negative, sampler, steps, cfg, seed, width, height,
-                                 {n: s for n, (_f, s) in zip(names, pairs, strict=True)})  # fmt: skip
+        common = (prompt, negative, sampler, steps, cfg, seed, width, height)
+        previewer, settings = loaded_stack(app, base, pairs, *common)
         image, difference = baked_comparison(previewer, settings, baked, report.rank)
     note = f"{report.sentence()} Rendered beside the stack: largest pixel difference {difference}."
     return image, note, baked
