@@ -124,6 +124,9 @@ def test_the_dataset_tab_previews_captions_all_and_stops(app_state, captioners):
 
     shutil.copytree(captioners["tagger"], captioners_dir() / "tiny-wd14")
     assert dataset_tab.captioner_choices().choices == [("tiny-wd14 (WD14 tagger)", "tiny-wd14")]
+    from lora_studio.ui.app import captioners_table  # the Models tab lists them as it lists base models
+
+    assert captioners_table() == [["tiny-wd14", "WD14 tagger (ONNX)", str(captioners_dir() / "tiny-wd14")]]
     folder, *_rest = dataset_tab.open_dataset(app_state, "demo", None)
     rows = dataset_tab.preview_captions(app_state, folder, "tiny-wd14", "overwrite", "zkz", 0.35)
     assert len(rows) == dataset_tab.PREVIEW_CAPTIONS and all(r[2].startswith("zkz, ") for r in rows)

@@ -21,7 +21,7 @@ from ..config import list_presets, preset_description
 from ..errors import LoraStudioError
 from ..logs import attach_app_log
 from ..models import FAMILY_NAMES
-from ..paths import Roots
+from ..paths import Roots, captioners_dir
 from . import dataset_tab, library_tab, preview_tab, train_tab
 from .errors import shown
 from .guard import LoginThrottle, RequestGuard
@@ -36,6 +36,14 @@ GRADIO_CACHE_CLEANUP = (3600, 3600)  # every hour, delete Gradio's temp copies (
 
 def bundled_models_table() -> list[list[str]]:
     return [[name, what, "ready" if ready else "not installed"] for name, what, ready in bundled_models()]
+
+
+def captioners_table() -> list[list[str]]:
+    """The captioning models in models/captioners/ (the Dataset tab's captioner picker lists the same)."""
+    from ..captioner import list_captioners
+
+    return [[info.name, "WD14 tagger (ONNX)" if info.kind == "tagger" else f"image-to-text ({info.model_type})",
+             str(info.path)] for info in list_captioners()]  # fmt: skip
 
 
 def presets_table() -> list[list[str]]:
@@ -93,6 +101,12 @@ def build_models_tab(app: AppState) -> None:
         value=bundled_models_table(), headers=["name", "what it is", "status"], interactive=False,
         elem_id="bundled-models",
     )  # fmt: skip
+    gr.Markdown(f"## Captioners\nCaptioning models in `{captioners_dir()}`, one folder each (a transformers "
+                "image-to-text model such as BLIP or Florence-2, or a WD14 tagger: model.onnx + selected_tags.csv); "
+                "the Dataset tab captions with them.")  # fmt: skip
+    captioners = gr.Dataframe(value=captioners_table, headers=["name", "kind", "folder"], interactive=False,
+                              elem_id="captioners")  # fmt: skip
+    gr.Button("Rescan captioners", size="sm").click(captioners_table, None, captioners)
     gr.Markdown("## Check a base model")
     source = gr.Textbox(label="Base model", placeholder="demo, /path/to/model.safetensors or a diffusers folder")
     allow_pickle = gr.Checkbox(label="Allow pickle (.ckpt) files from a source I trust", value=False)
