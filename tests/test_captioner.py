@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from tiny_captioners import save_tiny_blip, save_tiny_tagger
+from tiny_captioners import save_tiny_blip, save_tiny_blip2, save_tiny_florence2, save_tiny_tagger
 
 from lora_studio.captioner import (
     CaptionerError,
@@ -87,6 +87,30 @@ def test_a_blip_model_captions_from_its_folder_only(captioners, tmp_path):
                                                    for text in written.values())  # fmt: skip
     again = caption_dataset(folder, blip, "overwrite", "zkz", write=False)
     assert [r.after for r in again] == [written[k] for k in "abc"]  # greedy decoding: the same words again
+
+
+def test_a_blip2_model_captions_from_its_folder(tmp_path):
+    folder = save_tiny_blip2(tmp_path / "captioners" / "tiny-blip2")
+    assert describe_captioner(folder).model_type == "blip-2"
+    images = dataset(tmp_path / "d")
+    caption_dataset(images, load_captioner(folder, device="cpu"), "missing", "zkz", batch_size=3)
+    written = captions(images)
+    assert set(written) == {"a", "b", "c"} and all(text.startswith("zkz, ") and len(text) > 10
+                                                   for text in written.values())  # fmt: skip
+
+
+def test_a_florence2_model_answers_its_caption_task_from_its_folder(tmp_path):
+    folder = save_tiny_florence2(tmp_path / "captioners" / "tiny-florence2")
+    info = describe_captioner(folder)
+    assert (info.kind, info.model_type) == ("image-to-text", "florence2")
+    florence = load_captioner(folder, device="cpu")
+    assert florence.prompt == "<MORE_DETAILED_CAPTION>"  # the task Florence-2 answers with a caption
+    images = dataset(tmp_path / "d")
+    caption_dataset(images, florence, "overwrite", "zkz", batch_size=2)
+    written = captions(images)
+    assert set(written) == {"a", "b", "c"} and all(text.startswith("zkz, ") and len(text) > 10
+                                                   for text in written.values())  # fmt: skip
+    assert not any("<" in text or "Describe" in text for text in written.values())  # no task prompt in the caption
 
 
 def test_modes_and_bad_requests_are_explained(captioners, tmp_path):
