@@ -105,16 +105,13 @@ class JobManager:
 
     # --- jobs from before a restart -------------------------------------------------------------------------
 
-    def recover(self, start: bool = False) -> list[JobRecord]:
-        """The jobs recorded on disk by an app that is gone: each waits for `start_recovered` (a click), or all
-        are queued now, oldest first, with `start` (`--resume-queue`). A job that was running goes on from its
-        run's saved state when there is one, else starts over; nothing runs twice and nothing is dropped."""
+    def recover(self) -> list[JobRecord]:
+        """The jobs recorded on disk by an app that is gone, oldest first; each waits for `start_recovered` (a
+        click, or `--resume-queue`). A job that was running goes on from its run's saved state when there is one,
+        else starts over; nothing runs twice and nothing is dropped."""
         records = self._store.load() if self._store is not None else []
         with self._lock:
             self._recovered.update({r.key: r for r in records if r.key not in self._recovered})
-        if start:
-            for record in records:
-                self.start_recovered(record.key)
         return records
 
     def recovered(self) -> list[JobRecord]:

@@ -146,3 +146,27 @@ def test_after_a_restart_the_jobs_wait_and_a_running_one_resumes_bit_exactly(tmp
     with pytest.raises(LoraStudioError, match="no longer waiting"):
         manager.start_recovered(running.key)
     assert JobManager(JobStore(tmp_path / "runs" / ".queue")).recover() == []
+
+
+def test_resume_queue_starts_what_still_fits_the_app_folders_and_leaves_the_rest_offered(app_state, caplog):
+    """`--resume-queue`: a recorded job whose dataset now lies outside the app's folders is not started (the log
+    says why) and stays offered; the app starts either way."""
+    from lora_studio.config import load_preset
+    from lora_studio.job_store import JobStore
+    from lora_studio.runs import queue_folder
+    from lora_studio.ui.app import start_recovered_jobs
+    from lora_studio.ui.state import confined_config
+
+    store = JobStore(queue_folder(app_state.roots.runs))
+    good = confined_config(app_state.roots, load_preset("demo-cpu", ["optimizer.max_train_steps=2",
+                                                                     "sample.every_n_steps=0", "validation.path=''"]))
+    outside = good.model_copy(update={"dataset": good.dataset.model_copy(update={"path": "/etc"})})
+    for config, name in ((good, "good"), (outside, "moved")):
+        store.write(store.new_record(config, "train", name, None))
+        time.sleep(0.001)
+    app_state.jobs.recover()
+    with caplog.at_level("WARNING"):
+        start_recovered_jobs(app_state)
+    assert "not resuming the queued job moved" in caplog.text and "lies outside" in caplog.text
+    assert app_state.jobs.wait(1).state == "done"
+    assert [r.name for r in app_state.jobs.recovered()] == ["moved"]

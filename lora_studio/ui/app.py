@@ -173,7 +173,9 @@ def launch(
     attach_app_log()
     roots = Roots.default(tuple(allow_dirs))
     state = AppState(roots, max_upload_mb=max_upload_mb)
-    state.jobs.recover(start=resume_queue)  # what was queued or running when the app last stopped
+    state.jobs.recover()  # what was queued or running when the app last stopped: the Train tab offers it
+    if resume_queue:
+        start_recovered_jobs(state)
     blocks = build_app(state)
     port = port or free_port_from(7860)
     blocks.launch(
@@ -192,6 +194,16 @@ def launch(
         ssl_keyfile=ssl_keyfile,
     )
     return blocks
+
+
+def start_recovered_jobs(state: AppState) -> None:
+    """`--resume-queue`: queue every job from before the restart whose paths still lie inside the app's folders;
+    one that does not stays offered in the Train tab with the reason in the log (the app starts either way)."""
+    for record in state.jobs.recovered():
+        try:
+            train_tab.start_recovered(state, record.key)
+        except LoraStudioError as exc:
+            log.warning("not resuming the queued job %s: %s", record.name, exc)
 
 
 def free_port_from(first: int, tries: int = 100) -> int:
