@@ -78,23 +78,7 @@ def base_model_hashes(source: str) -> dict[str, str]:
 
 def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
     """kohya's `ss_*` keys and the ModelSpec keys; every value a string (the safetensors header rule)."""
-    from datetime import datetime, timezone
-
     lora, opt = config.lora, config.optimizer
-    network_args = {"conv_dim": lora.conv_rank, "conv_alpha": lora.conv_alpha} if lora.conv_rank else {}
-    if lora.use_dora:
-        network_args["use_dora"] = True
-    if lora.dropout:
-        network_args["dropout"] = lora.dropout
-    if lora.block_ranks:  # kohya's network_args spelling: comma-separated strings
-        network_args["block_dims"] = ",".join(str(r) for r in lora.block_ranks)
-        network_args["block_alphas"] = ",".join(f"{a:g}" for a in lora.block_alphas or [lora.alpha] * len(
-            lora.block_ranks))  # fmt: skip
-    if lora.include_modules:
-        network_args["include_patterns"] = json.dumps([lora.include_modules])
-    if lora.exclude_modules:
-        network_args["exclude_patterns"] = json.dumps([lora.exclude_modules])
-    sdxl = facts.family == "sdxl"
     metadata = {
         "ss_output_name": config.name,
         "ss_base_model_version": BASE_MODEL_VERSION.get(facts.family, "sd_v1"),
@@ -104,17 +88,13 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_network_dim": str(lora.rank),
         "ss_network_alpha": str(float(lora.alpha)),  # kohya writes str() of a float: "16.0"
         "ss_network_dropout": str(float(lora.dropout)) if lora.dropout else "None",
-        "ss_network_args": json.dumps({k: str(v) for k, v in network_args.items()}),
-        "ss_resolution": f"({facts.resolution}, {facts.resolution})",
+        "ss_network_args": json.dumps({k: str(v) for k, v in network_args(lora).items()}),
         "ss_clip_skip": str(config.clip_skip),
-        "ss_num_train_images": str(facts.num_images),
-        "ss_num_reg_images": str(facts.num_reg_images),
-        "ss_num_epochs": str(facts.epochs),
         "ss_epoch": str(facts.epochs),
+        "ss_num_epochs": str(facts.epochs),
         "ss_steps": str(facts.steps),
         "ss_max_train_steps": str(facts.max_train_steps),
         "ss_session_id": str(facts.session_id),
-        "ss_batch_size_per_device": str(config.dataset.batch_size),
         "ss_gradient_accumulation_steps": str(opt.gradient_accumulation_steps),
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
         "ss_learning_rate": str(float(opt.learning_rate)),
@@ -127,29 +107,67 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_min_snr_gamma": str(opt.min_snr_gamma),
         "ss_noise_offset": str(opt.noise_offset),
         "ss_zero_terminal_snr": str(opt.zero_terminal_snr),
+        "ss_max_grad_norm": str(float(opt.max_grad_norm)),
+        "ss_prior_loss_weight": str(float(config.regularization.prior_loss_weight)),
         "ss_seed": str(config.seed),
         "ss_mixed_precision": config.mixed_precision,
         "ss_training_started_at": f"{facts.started_at:.3f}",
         "ss_training_finished_at": f"{facts.finished_at:.3f}",
+        "ss_training_comment": "trained with LoRA Studio",
+    }
+    return metadata | dataset_keys(config.dataset, facts) | modelspec_keys(config, facts) | base_model_hashes(
+        facts.base_source)  # fmt: skip
+
+
+def network_args(lora) -> dict:
+    """kohya's `ss_network_args`, spelled as kohya's network modules take them (block lists comma-separated)."""
+    args = {"conv_dim": lora.conv_rank, "conv_alpha": lora.conv_alpha} if lora.conv_rank else {}
+    if lora.use_dora:
+        args["use_dora"] = True
+    if lora.dropout:
+        args["dropout"] = lora.dropout
+    if lora.block_ranks:
+        args["block_dims"] = ",".join(str(r) for r in lora.block_ranks)
+        alphas = lora.block_alphas or [lora.alpha] * len(lora.block_ranks)
+        args["block_alphas"] = ",".join(f"{a:g}" for a in alphas)
+    if lora.include_modules:
+        args["include_patterns"] = json.dumps([lora.include_modules])
+    if lora.exclude_modules:
+        args["exclude_patterns"] = json.dumps([lora.exclude_modules])
+    return args
+
+
+def dataset_keys(dataset, facts: TrainingFacts) -> dict[str, str]:
+    """kohya's per-dataset keys: images, folders (keyed by their names), tags, buckets and augmentations."""
+    return {
+        "ss_resolution": f"({facts.resolution}, {facts.resolution})",
+        "ss_num_train_images": str(facts.num_images),
+        "ss_num_reg_images": str(facts.num_reg_images),
+        "ss_batch_size_per_device": str(dataset.batch_size),
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
         "ss_dataset_dirs": json.dumps(facts.dataset_dirs),
         "ss_reg_dataset_dirs": json.dumps(facts.reg_dataset_dirs),
-        "ss_prior_loss_weight": str(float(config.regularization.prior_loss_weight)),
-        "ss_max_grad_norm": str(float(opt.max_grad_norm)),
         "ss_bucket_info": json.dumps({"buckets": facts.buckets}),
-        "ss_caption_dropout_rate": str(config.dataset.caption_dropout_rate),
-        "ss_shuffle_caption": str(config.dataset.shuffle_caption),
-        "ss_keep_tokens": str(config.dataset.keep_tokens),
-        "ss_flip_aug": str(config.dataset.flip_aug),
-        "ss_color_aug": str(any(config.dataset.color_jitter)),
-        "ss_enable_bucket": str(config.dataset.enable_bucket),
-        "ss_min_bucket_reso": str(config.dataset.min_bucket_reso),
-        "ss_max_bucket_reso": str(config.dataset.max_bucket_reso),
-        "ss_cache_latents": str(config.dataset.cache_latents),
-        "ss_training_comment": "trained with LoRA Studio",
+        "ss_caption_dropout_rate": str(dataset.caption_dropout_rate),
+        "ss_shuffle_caption": str(dataset.shuffle_caption),
+        "ss_keep_tokens": str(dataset.keep_tokens),
+        "ss_flip_aug": str(dataset.flip_aug),
+        "ss_color_aug": str(any(dataset.color_jitter)),
+        "ss_enable_bucket": str(dataset.enable_bucket),
+        "ss_min_bucket_reso": str(dataset.min_bucket_reso),
+        "ss_max_bucket_reso": str(dataset.max_bucket_reso),
+        "ss_cache_latents": str(dataset.cache_latents),
+    }
+
+
+def modelspec_keys(config, facts: TrainingFacts) -> dict[str, str]:
+    """The Stability AI ModelSpec keys A1111 and ComfyUI show."""
+    from datetime import datetime, timezone
+
+    return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(facts.family, MODELSPEC_ARCHITECTURE["sd1"]) + "/lora",
-        "modelspec.implementation": SGM_IMPLEMENTATION if sdxl else "diffusers",
+        "modelspec.implementation": SGM_IMPLEMENTATION if facts.family == "sdxl" else "diffusers",
         "modelspec.title": config.name,
         "modelspec.resolution": f"{facts.resolution}x{facts.resolution}",
         "modelspec.date": datetime.fromtimestamp(facts.finished_at, timezone.utc).isoformat(timespec="seconds"),
@@ -158,4 +176,3 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "modelspec.encoder_layer": str(config.clip_skip),
         "modelspec.description": f"LoRA for {facts.base_source}, {facts.steps} steps",
     }
-    return metadata | base_model_hashes(facts.base_source)

@@ -367,3 +367,14 @@ def test_the_captioner_is_taken_only_from_the_captioners_folder(server, client):
     for handler, extra in (("preview_captions", []), ("caption_all", [4, "demo-cpu"])):
         assert_refused(client.call(handler, [outside, outside, "overwrite", "", 0.35, *extra]))
         assert_refused(client.call(handler, [outside, "../../outside", "overwrite", "", 0.35, *extra]))
+
+
+def test_regularization_rendering_and_jobs_from_before_a_restart_take_no_path_or_key_from_outside(server, client):
+    """Rendering regularization images confines the form's paths like Start; a job from before a restart is named
+    by a key from the picker's choices, and a made-up one (a path, say) is refused without touching any file."""
+    outside = str(server["outside"])
+    assert_refused(client.call("render_regularization", form_values(client, output_dir=outside)), "`output_dir`")
+    assert_refused(client.call("render_regularization", form_values(client, dataset__cache_dir=outside)))
+    for handler in ("start_recovered", "discard_recovered"):
+        assert_refused(client.call(handler, ["../../outside/sentinel"]))
+        assert_refused(client.call(handler, [None]), "No job from before the restart is picked")

@@ -254,6 +254,28 @@ def run_names(app: AppState) -> gr.Dropdown:
     return gr.Dropdown(choices=[run.name for run in list_runs(app.roots.runs)])
 
 
+def caption_section(parts: dict) -> None:
+    """The captioner picker, its settings, Preview / Caption all / Stop and the preview table, into `parts`."""
+    with gr.Accordion("Caption with a model on this computer", open=False, elem_id="dataset-caption-section"):
+        with gr.Row():
+            parts["captioner"] = gr.Dropdown([], label="Captioner (a folder in models/captioners)", scale=3,
+                                             elem_id="dataset-captioner")  # fmt: skip
+            parts["captioner_refresh"] = gr.Button("Refresh", scale=1)
+            parts["caption_mode"] = gr.Radio(["missing", "prepend", "append", "overwrite"], value="missing",
+                                             label="Images that have a caption", scale=3,
+                                             info="missing: caption only those without one")  # fmt: skip
+        with gr.Row():
+            parts["caption_trigger"] = gr.Textbox(label="Trigger word (put first)", max_length=200)
+            parts["caption_threshold"] = gr.Number(0.35, label="Tag threshold (taggers)", minimum=0.01, maximum=0.99)
+            parts["caption_batch"] = gr.Number(4, label="Batch", precision=0, minimum=1, maximum=32)
+        with gr.Row():
+            parts["caption_preview"] = gr.Button(f"Preview the first {PREVIEW_CAPTIONS}", elem_id="caption-preview")
+            parts["caption_all"] = gr.Button("Caption all", variant="primary", elem_id="caption-all")
+            parts["caption_stop"] = gr.Button("Stop", variant="stop", elem_id="caption-stop")
+        parts["caption_rows"] = gr.Dataframe(headers=["image", "caption now", "would become"], interactive=False,
+                                             elem_id="caption-preview-table")  # fmt: skip
+
+
 def build() -> dict[str, gr.components.Component]:
     """The tab's components; `connect` wires their events once the Train tab exists."""
     parts = {}
@@ -296,24 +318,7 @@ def build() -> dict[str, gr.components.Component]:
                                ("find", "Find"), ("replace", "Replace with")):  # fmt: skip
                 parts[key] = gr.Textbox(label=label)
         parts["bulk"] = gr.Button("Apply to every caption", elem_id="bulk-apply")
-    with gr.Accordion("Caption with a model on this computer", open=False, elem_id="dataset-caption-section"):
-        with gr.Row():
-            parts["captioner"] = gr.Dropdown([], label="Captioner (a folder in models/captioners)", scale=3,
-                                             elem_id="dataset-captioner")  # fmt: skip
-            parts["captioner_refresh"] = gr.Button("Refresh", scale=1)
-            parts["caption_mode"] = gr.Radio(["missing", "prepend", "append", "overwrite"], value="missing",
-                                             label="Images that have a caption", scale=3,
-                                             info="missing: caption only those without one")  # fmt: skip
-        with gr.Row():
-            parts["caption_trigger"] = gr.Textbox(label="Trigger word (put first)", max_length=200)
-            parts["caption_threshold"] = gr.Number(0.35, label="Tag threshold (taggers)", minimum=0.01, maximum=0.99)
-            parts["caption_batch"] = gr.Number(4, label="Batch", precision=0, minimum=1, maximum=32)
-        with gr.Row():
-            parts["caption_preview"] = gr.Button(f"Preview the first {PREVIEW_CAPTIONS}", elem_id="caption-preview")
-            parts["caption_all"] = gr.Button("Caption all", variant="primary", elem_id="caption-all")
-            parts["caption_stop"] = gr.Button("Stop", variant="stop", elem_id="caption-stop")
-        parts["caption_rows"] = gr.Dataframe(headers=["image", "caption now", "would become"], interactive=False,
-                                             elem_id="caption-preview-table")  # fmt: skip
+    caption_section(parts)
     with gr.Accordion("Per-image loss of a run (highest first)", open=False, elem_id="dataset-losses-section"):
         with gr.Row():
             parts["loss_run"] = gr.Dropdown([], label="Run", scale=4, elem_id="dataset-loss-run")

@@ -267,6 +267,23 @@ def refresh_lists(app: AppState) -> tuple:
     return gr.Dropdown(choices=labelled_lora_choices(app)), gr.Dropdown(choices=base_choices())
 
 
+def bake_section() -> dict:
+    """Rank, Bake and compare, file name, Save, the note and the written file (wired in `build`)."""
+    parts = {}
+    with gr.Accordion("Bake the stack into one LoRA", open=False, elem_id="preview-bake"):
+        with gr.Row():
+            parts["rank"] = gr.Number(0, label="Rank (0: exact, the ranks added; else an SVD to this rank)",
+                                      precision=0, minimum=0, maximum=MAX_BAKE_RANK,
+                                      elem_id="preview-bake-rank")  # fmt: skip
+            parts["button"] = gr.Button("Bake and compare", elem_id="preview-bake-button")
+            parts["name"] = gr.Textbox(label="File name", placeholder="my-stack", max_lines=1, max_length=100,
+                                       elem_id="preview-bake-name")  # fmt: skip
+            parts["save"] = gr.Button("Save the baked LoRA", elem_id="preview-bake-save")
+        parts["note"] = gr.Markdown(elem_id="preview-bake-note")
+        parts["file"] = gr.File(label="Baked LoRA (kohya, fp16)", elem_id="preview-bake-file")
+    return parts
+
+
 def build(app: AppState) -> None:
     from .train_tab import base_choices
 
@@ -305,16 +322,7 @@ def build(app: AppState) -> None:
                            elem_id="preview-pick")  # fmt: skip
         export = gr.Button("Export this checkpoint", scale=1, elem_id="preview-export")
     download = gr.File(label="Exported checkpoint (kohya, fp16)", elem_id="preview-download")
-    with gr.Accordion("Bake the stack into one LoRA", open=False, elem_id="preview-bake"):
-        with gr.Row():
-            bake_rank = gr.Number(0, label="Rank (0: exact, the ranks added; else an SVD to this rank)", precision=0,
-                                  minimum=0, maximum=MAX_BAKE_RANK, elem_id="preview-bake-rank")  # fmt: skip
-            bake_button = gr.Button("Bake and compare", elem_id="preview-bake-button")
-            bake_name = gr.Textbox(label="File name", placeholder="my-stack", max_lines=1, max_length=100,
-                                   elem_id="preview-bake-name")  # fmt: skip
-            save_bake = gr.Button("Save the baked LoRA", elem_id="preview-bake-save")
-        bake_note = gr.Markdown(elem_id="preview-bake-note")
-        baked_file = gr.File(label="Baked LoRA (kohya, fp16)", elem_id="preview-bake-file")
+    bake = bake_section()
     baked = gr.State(None)  # the baked LoraFile, on the server
 
     refresh.click(shown(refresh_lists, app), None, [files, base])
@@ -325,6 +333,6 @@ def build(app: AppState) -> None:
     grid.click(shown(generate_grid, app), [base, files, kind, strengths, seeds, *common, width, height, *sliders],
                [image, parameters]).success(shown(grid_checkpoints, app), [files, kind], pick)  # fmt: skip
     export.click(shown(export_checkpoint, app), pick, download)
-    bake_button.click(shown(bake_stack_preview, app),
-                      [base, files, *common, seed, width, height, bake_rank, *sliders], [image, bake_note, baked])
-    save_bake.click(shown(save_baked, app), [baked, bake_name], [baked_file, bake_note, files])  # fmt: skip
+    bake["button"].click(shown(bake_stack_preview, app), [base, files, *common, seed, width, height, bake["rank"],
+                                                          *sliders], [image, bake["note"], baked])  # fmt: skip
+    bake["save"].click(shown(save_baked, app), [baked, bake["name"]], [bake["file"], bake["note"], files])

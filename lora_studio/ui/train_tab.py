@@ -436,31 +436,9 @@ def poll_every_second(app: AppState, outputs: list) -> None:
     gr.Timer(1.0).tick(shown(poll, app), page_has, [*outputs, page_has], show_progress="hidden")
 
 
-def build(app: AppState) -> dict[str, gr.components.Component]:
-    """The tab; returns the preset dropdown and the form's components by config key, for the other tabs."""
-    presets = list_presets()
-    first = "demo-cpu" if "demo-cpu" in presets else presets[0]
-    initial = dict(zip(KEYS, preset_values(first), strict=True))
-    components: dict[str, gr.components.Component] = {}
-    with gr.Row():
-        preset = gr.Dropdown(presets, value=first, label="Preset", elem_id="train-preset", scale=1)
-        components["base_model"] = gr.Dropdown(
-            base_choices(), value=initial["base_model"], label="Base model", allow_custom_value=True, scale=3,
-            elem_id="cfg-base_model", info="The demo, a model from the models folder, or a path you type",
-        )  # fmt: skip
-        refresh = gr.Button("Rescan models folder", scale=1, elem_id="train-rescan")
-    base_note = gr.Markdown(base_info(app, initial["base_model"]), elem_id="train-base-info")
-    with gr.Accordion("Your presets", open=False, elem_id="train-your-presets"):
-        with gr.Row():
-            preset_name = gr.Textbox(label="Name", placeholder="my-style-v2", max_lines=1, max_length=64,
-                                     elem_id="train-preset-name", scale=2)  # fmt: skip
-            save_preset_button = gr.Button("Save the form as a preset", elem_id="train-save-preset", scale=1)
-            delete_preset_button = gr.Button("Delete the selected preset", elem_id="train-delete-preset", scale=1)
-        preset_message = gr.Markdown(elem_id="train-preset-message")
-    with gr.Accordion("Models folder", open=False):
-        folder_note = gr.Markdown(f"Models folder: `{models_dir()}`")
-        folder_table = gr.Dataframe(models_folder_table(), headers=["name", "kind", "family", "prediction", "note"],
-                                    interactive=False, elem_id="train-models")  # fmt: skip
+def form_fields(components: dict, initial: dict) -> gr.Button:
+    """Every setting's field (the common ones on top, the rest in Advanced by section) into `components`; returns
+    the Regularization section's render button."""
     basic = [FIELD_BY_KEY[k] for k in BASIC_KEYS if k != "base_model"]
     for row in (basic[:5], basic[5:]):
         with gr.Row():
@@ -475,8 +453,60 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
                         for field in fields[start_at : start_at + 4]:
                             components[field.key] = field_component(field, initial[field.key])
                 if section == "regularization":
-                    render_button = gr.Button("Render regularization images now (to look at them first)",
-                                              elem_id="train-render-reg")  # fmt: skip
+                    render = gr.Button("Render regularization images now (to look at them first)",
+                                       elem_id="train-render-reg")  # fmt: skip
+    return render
+
+
+def your_presets_section() -> dict[str, gr.components.Component]:
+    """Save the form as a preset of one's own, or delete the selected one (wired in `build`, which has the form)."""
+    with gr.Accordion("Your presets", open=False, elem_id="train-your-presets"):
+        with gr.Row():
+            parts = {
+                "name": gr.Textbox(label="Name", placeholder="my-style-v2", max_lines=1, max_length=64,
+                                   elem_id="train-preset-name", scale=2),
+                "save": gr.Button("Save the form as a preset", elem_id="train-save-preset", scale=1),
+                "delete": gr.Button("Delete the selected preset", elem_id="train-delete-preset", scale=1),
+            }  # fmt: skip
+        parts["message"] = gr.Markdown(elem_id="train-preset-message")
+    return parts
+
+
+def recovered_section(app: AppState, message: gr.Markdown) -> gr.Dropdown:
+    """The jobs that were queued or running when the app last stopped, and what to do with each; the picker."""
+    with gr.Accordion("Jobs from before the restart", open=bool(app.jobs.recovered()), elem_id="train-recovered"):
+        with gr.Row():
+            recovered = gr.Dropdown([], label="Queued or running when the app last stopped", scale=3,
+                                    elem_id="train-recovered-jobs")  # fmt: skip
+            start_one = gr.Button("Start / resume it", elem_id="train-recovered-start", scale=1)
+            start_all = gr.Button("Start all", elem_id="train-recovered-all", scale=1)
+            discard = gr.Button("Discard it", elem_id="train-recovered-discard", scale=1)
+    start_one.click(shown(start_recovered, app), recovered, [message, recovered])
+    start_all.click(shown(start_all_recovered, app), None, [message, recovered])
+    discard.click(shown(discard_recovered, app), recovered, [message, recovered])
+    return recovered
+
+
+def build(app: AppState) -> dict[str, gr.components.Component]:
+    """The tab; returns the preset dropdown and the form's components by config key, for the other tabs."""
+    presets = list_presets()
+    first = "demo-cpu" if "demo-cpu" in presets else presets[0]
+    initial = dict(zip(KEYS, preset_values(first), strict=True))
+    components: dict[str, gr.components.Component] = {}
+    with gr.Row():
+        preset = gr.Dropdown(presets, value=first, label="Preset", elem_id="train-preset", scale=1)
+        components["base_model"] = gr.Dropdown(
+            base_choices(), value=initial["base_model"], label="Base model", allow_custom_value=True, scale=3,
+            elem_id="cfg-base_model", info="The demo, a model from the models folder, or a path you type",
+        )  # fmt: skip
+        refresh = gr.Button("Rescan models folder", scale=1, elem_id="train-rescan")
+    base_note = gr.Markdown(base_info(app, initial["base_model"]), elem_id="train-base-info")
+    your_presets = your_presets_section()
+    with gr.Accordion("Models folder", open=False):
+        folder_note = gr.Markdown(f"Models folder: `{models_dir()}`")
+        folder_table = gr.Dataframe(models_folder_table(), headers=["name", "kind", "family", "prediction", "note"],
+                                    interactive=False, elem_id="train-models")  # fmt: skip
+    render_button = form_fields(components, initial)
     # The first estimate comes with the page, so the demo's figures are there before anyone clicks.
     estimate_box = gr.Markdown(estimate(app, *initial.values()), elem_id="train-estimate")
     with gr.Row():
@@ -485,13 +515,7 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
         stop_button = gr.Button("Stop", variant="stop", elem_id="train-stop")
         resume_button = gr.Button("Resume", elem_id="train-resume")
     message = gr.Markdown(elem_id="train-message")
-    with gr.Accordion("Jobs from before the restart", open=bool(app.jobs.recovered()), elem_id="train-recovered"):
-        with gr.Row():
-            recovered = gr.Dropdown([], label="Queued or running when the app last stopped", scale=3,
-                                    elem_id="train-recovered-jobs")  # fmt: skip
-            start_one = gr.Button("Start / resume it", elem_id="train-recovered-start", scale=1)
-            start_all = gr.Button("Start all", elem_id="train-recovered-all", scale=1)
-            discard = gr.Button("Discard it", elem_id="train-recovered-discard", scale=1)
+    recovered = recovered_section(app, message)
     progress = gr.HTML(progress_html(0, 0, 0.0, 0.0, "idle"), elem_id="train-progress")
     status = gr.Markdown(elem_id="train-status")
     loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss: training (smoothed) and validation",
@@ -503,8 +527,9 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
     preset.change(shown(preset_values), [preset, components["dataset.path"]], form).then(
         shown(estimate, app), form, estimate_box
     )
-    save_preset_button.click(shown(save_preset), [preset_name, preset, *form], [preset, preset_message])
-    delete_preset_button.click(shown(delete_preset), preset, [preset, preset_message])
+    your_presets["save"].click(shown(save_preset), [your_presets["name"], preset, *form],
+                               [preset, your_presets["message"]])  # fmt: skip
+    your_presets["delete"].click(shown(delete_preset), preset, [preset, your_presets["message"]])
     components["base_model"].change(shown(base_info, app), components["base_model"], base_note)
     refresh.click(shown(refresh_models), components["base_model"], [components["base_model"], folder_table,
                                                                      folder_note])  # fmt: skip
@@ -514,9 +539,6 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
     stop_button.click(shown(stop, app), None, message)
     render_button.click(shown(render_regularization, app), form, message)
     resume_button.click(shown(resume, app), form, message)
-    start_one.click(shown(start_recovered, app), recovered, [message, recovered])
-    start_all.click(shown(start_all_recovered, app), None, [message, recovered])
-    discard.click(shown(discard_recovered, app), recovered, [message, recovered])
     components["_recovered"] = recovered  # app.py fills it as each page loads
     poll_every_second(app, [progress, status, loss, samples, log])
     return {"preset": preset, **components}  # and "_recovered", the picker of jobs from before a restart
