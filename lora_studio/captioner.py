@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .config import DatasetConfig
-from .data import find_concept_folders, open_image, read_caption
+from .data import find_concept_folders, image_files, open_image, read_caption
 from .errors import LoraStudioError, StoppedEarly
 from .fsutil import write_text_atomic
 from .paths import captioners_dir, is_within
@@ -219,9 +219,7 @@ def dataset_images(root: Path) -> list[Path]:
     sources, problems = find_concept_folders(root, DatasetConfig(path=str(root)))
     if not sources:
         raise CaptionerError(problems[0].message if problems else f"{root} has no images to caption.")
-    from .data import _image_files
-
-    return [image for folder, _concept, _repeats in sources for image in _image_files(folder)]
+    return [image for folder, _concept, _repeats in sources for image in image_files(folder)]
 
 
 def caption_dataset(

@@ -133,7 +133,8 @@ def mask_file(image_path: Path) -> Path:
     return image_path.with_name(image_path.stem + MASK_SUFFIX)
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """The training images directly in `folder` (masks left out), in name order."""
     return sorted(p for p in folder.iterdir() if p.is_file() and is_training_image(p))
 
 
@@ -154,7 +155,7 @@ def find_concept_folders(root: Path, config: DatasetConfig) -> tuple[list[tuple[
             for p in subfolders
             if not KOHYA_FOLDER.match(p.name)
         ]
-        if _image_files(root):
+        if image_files(root):
             problems.append(
                 Problem(
                     str(root),
@@ -163,7 +164,7 @@ def find_concept_folders(root: Path, config: DatasetConfig) -> tuple[list[tuple[
                 )
             )
         return [(p, m.group(2), int(m.group(1))) for p, m in kohya], problems
-    if own and _image_files(root):
+    if own and image_files(root):
         return [], [
             Problem(
                 str(root),
@@ -173,7 +174,7 @@ def find_concept_folders(root: Path, config: DatasetConfig) -> tuple[list[tuple[
             )
         ]
     nested = [p for p in subfolders if any(KOHYA_FOLDER.match(q.name) for q in p.iterdir() if q.is_dir())]
-    if not _image_files(root) and nested:
+    if not image_files(root) and nested:
         return [], [
             Problem(
                 str(root),
@@ -291,7 +292,7 @@ def scan(config: DatasetConfig, min_side: int | None = None) -> ScanReport:
     seen: dict[str, Path] = {}
     min_side = min_side if min_side is not None else smallest_unscaled_side(config)
     for folder, concept, repeats in sources:
-        for path in _image_files(folder):
+        for path in image_files(folder):
             item = _scan_one(path, concept, repeats, config, min_side, seen, report.problems)
             if item is not None:
                 report.items.append(item)

@@ -29,8 +29,7 @@ class JobRecord:
     work: str  # "train" or "regularization images"
     state: str  # "queued" or "running"
     config: dict  # TrainConfig as plain data
-    resume_from: str | None = None
-    run_dir: str | None = None
+    run_dir: str | None = None  # known from the start for a resume, else from the first step
     saved_step: int = 0  # the last step whose whole state lies in the run's state/ folder
     created: float = field(default_factory=time.time)
 
@@ -59,7 +58,7 @@ class JobStore:
     def new_record(self, config: TrainConfig, work: str, name: str, resume_from: Path | None) -> JobRecord:
         key = f"{time.time_ns()}-{os.getpid()}"
         run = str(resume_from) if resume_from else None
-        return JobRecord(key, name, work, "queued", config.model_dump(mode="json"), run, run)
+        return JobRecord(key, name, work, "queued", config.model_dump(mode="json"), run)
 
     def path(self, key: str) -> Path:
         return self.folder / f"{RECORD_PREFIX}{key}.json"

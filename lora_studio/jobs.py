@@ -129,7 +129,6 @@ class JobManager:
         if record.interrupted and not record.resumable:
             log.info("job %s had saved no state before the app stopped: it starts over", record.name)
             record.run_dir = None
-        record.resume_from = str(resume_from) if resume_from else None
         job = _Job(JobStatus(0, record.name, run_dir=resume_from), config, resume_from, work=record.work)
         return self._enqueue(job, record)
 

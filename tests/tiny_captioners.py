@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+BPE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<image>"]  # the byte-level BPE tokenizers' (BART, OPT)
 WORDS = ["a", "photo", "of", "the", "red", "blue", "thing", "star", "circle", "on", "with", "sky"]
 
 
@@ -93,9 +94,8 @@ def save_tiny_florence2(folder: Path) -> Path:
     )
 
     folder.mkdir(parents=True, exist_ok=True)
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<image>"]
     characters = sorted(set("".join(WORDS) + "Ġabcdefghijklmnopqrstuvwxyz?.,"))
-    vocab = {t: i for i, t in enumerate(specials + characters + [f"Ġ{w}" for w in WORDS] + WORDS)}
+    vocab = {t: i for i, t in enumerate(BPE_SPECIALS + characters + [f"Ġ{w}" for w in WORDS] + WORDS)}
     tokenizer = BartTokenizer(vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"})
     images = CLIPImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
                                 do_center_crop=False)  # fmt: skip
@@ -129,8 +129,7 @@ def save_tiny_blip2(folder: Path) -> Path:
     )
 
     folder.mkdir(parents=True, exist_ok=True)
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<image>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(set("".join(WORDS) + "Ġ")) + [f"Ġ{w}" for w in WORDS])}
+    vocab = {t: i for i, t in enumerate(BPE_SPECIALS + sorted(set("".join(WORDS) + "Ġ")) + [f"Ġ{w}" for w in WORDS])}
     tokenizer = GPT2Tokenizer(vocab=vocab, merges=[], bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                               unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})  # fmt: skip
     text = OPTConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, ffn_dim=37, num_attention_heads=2,
