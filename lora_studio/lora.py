@@ -24,6 +24,7 @@ from peft import inject_adapter_in_model
 from .conditioning import unread_layers
 from .config import LoraConfig
 from .errors import LoraStudioError
+from .models import TEXT_ENCODER_NAMES
 
 ADAPTER_NAME = "default"
 ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -170,7 +171,7 @@ def inject_lora(base, settings: LoraConfig, clip_skip: int = 1) -> dict[str, lis
         for index, encoder in enumerate(base.text_encoders):
             layers = encoder.config.num_hidden_layers
             unread = unread_layers(layers, clip_skip, sdxl, pooled=sdxl and index == count - 1)
-            part = f"text_encoder{'' if index == 0 else '_2'}"
+            part = TEXT_ENCODER_NAMES[index]
             names = text_encoder_target_names(encoder, settings.text_encoder_targets, unread)
             names = chosen_by_patterns(part, names, settings, base.family)
             if not names:  # every layer unread (a tiny encoder with a large clip skip): nothing there would learn

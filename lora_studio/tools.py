@@ -18,7 +18,7 @@ from . import layout
 from .export import load_into_pipeline
 from .lora_file import LoraFile, LoraFileError, LoraModule
 from .lora_read import check_compatible
-from .models import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE, BaseModel
+from .models import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE, TEXT_ENCODER_NAMES, BaseModel
 from .safetensors_io import save_tensors
 
 
@@ -259,8 +259,8 @@ def extract_lora(
                             "fine-tune of that very base.")  # fmt: skip
     parts = {"unet": (base.unet, tuned.unet, unet_target_names(base.unet, targets))}
     if text_encoders:
-        for part, (a, b) in zip(("text_encoder", "text_encoder_2"), zip(base.text_encoders, tuned.text_encoders,
-                                                                        strict=True), strict=False):  # fmt: skip
+        pairs = zip(base.text_encoders, tuned.text_encoders, strict=True)
+        for part, (a, b) in zip(TEXT_ENCODER_NAMES, pairs, strict=False):
             parts[part] = (a, b, text_encoder_target_names(a, TEXT_ENCODER_DEFAULT))
     modules, rows = {}, {}
     error_sq = norm_sq = 0.0

@@ -14,7 +14,7 @@ from lora_studio.config import LoraConfig
 from lora_studio.errors import LoraStudioError
 from lora_studio.lora import inject_lora, text_encoder_target_names, trainable_parameters, unet_target_names
 from lora_studio.lora_read import load_lora
-from lora_studio.models import load_base
+from lora_studio.models import TEXT_ENCODER_NAMES, load_base
 from lora_studio.paths import sd_config_dir
 
 # kohya's counts: 192 UNet + 72 text-encoder modules on SD1.5 and 722 + 264 on SDXL with its default set.
@@ -117,7 +117,7 @@ def test_every_text_encoder_adapter_gets_a_gradient_and_no_unread_layer_gets_one
     expected_first = layers - (clip_skip if family == "sdxl" else clip_skip - 1)
     assert {n.split(".layers.")[1].split(".")[0] for n in injected.get("text_encoder", [])} == {
         str(i) for i in range(expected_first)}  # fmt: skip
-    for part, encoder in zip(("text_encoder", "text_encoder_2"), base.text_encoders, strict=False):
+    for part, encoder in zip(TEXT_ENCODER_NAMES, base.text_encoders, strict=False):
         ups = [(n, p) for n, p in encoder.named_parameters() if "lora_B" in n]
         assert bool(ups) == (part in injected)
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in ups), [
