@@ -150,6 +150,14 @@ class LoraConfig(Section):
         default_factory=list, description="Alpha per UNet block, as many values as block_ranks. Empty: alpha.",
     )  # fmt: skip
     use_dora: bool = False
+    network: Literal["lora", "loha", "lokr"] = Field(
+        "lora", description="Adapter type. lora loads everywhere; LyCORIS' loha (Hadamard product of two low-rank "
+        "pairs) and lokr (Kronecker product) load in A1111/Forge and ComfyUI, and here, but not in diffusers.",
+    )  # fmt: skip
+    lokr_factor: int = Field(
+        -1, ge=-1, description="LoKr only: LyCORIS' factor, the size of the small Kronecker factor; -1 splits each "
+        "width near its square root.",
+    )  # fmt: skip
     init_lora_weights: Literal["default", "gaussian"] = (
         "default"  # peft default: B = 0, so the adapter starts as a no-op
     )
@@ -184,6 +192,20 @@ class LoraConfig(Section):
                              f"{len(self.block_ranks)}; give one alpha per block, or none")  # fmt: skip
         if any(a <= 0 for a in self.block_alphas):
             raise ValueError("block_alphas must be above 0")
+        return self
+
+    @model_validator(mode="after")
+    def _lycoris_options(self) -> LoraConfig:
+        if self.network == "lora":
+            return self
+        if self.use_dora:
+            raise ValueError(f"use_dora is LoRA's weight decomposition; network = '{self.network}' has none here, "
+                             "so turn use_dora off or set network = 'lora'")  # fmt: skip
+        if self.dropout:
+            raise ValueError(f"dropout is LoRA's input dropout; peft's {self.network} has none, so set dropout to 0")
+        if self.init_lora_weights != "default":
+            raise ValueError(f"init_lora_weights = 'gaussian' is for LoRA; {self.network} starts as a no-op on its "
+                             "own, so leave it at 'default'")  # fmt: skip
         return self
 
     @model_validator(mode="after")
@@ -410,6 +432,10 @@ class TrainConfig(Section):
         """Settings that are each valid but cannot train together. "Check settings", `lora-studio config`
         and the trainer all ask this one place, so what the form accepts is what training accepts."""
         problems = []
+        if self.lora.network != "lora" and self.save.format == "diffusers":
+            problems.append(f"`lora.network` = '{self.lora.network}' is written in LyCORIS' format, which "
+                            "diffusers' format cannot hold; set save.format = 'kohya' (A1111/Forge and ComfyUI load "
+                            "it)")  # fmt: skip
         if len(self.lora.block_ranks) == 25 and self.family == "sdxl":
             problems.append("`lora.block_ranks` has kohya's 25 SD 1.x/2.x blocks, but the family is SDXL, whose UNet "
                             "has other blocks; give 3 values (down, mid, up) instead")  # fmt: skip

@@ -25,13 +25,15 @@ from safetensors.torch import save as serialize
 from .fsutil import atomic_path, write_bytes_atomic
 from .lora import ADAPTER_NAME
 from .lora_file import (
+    ALPHA,
     DIFFUSERS_METADATA_KEY,
+    UP,
     LoraFile,
     LoraFileError,
     _cpu,
 )
 from .lora_metadata import model_hashes
-from .lora_read import check_compatible
+from .lora_read import fitted_to
 
 
 def save_kohya(lora: LoraFile, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
@@ -108,17 +110,34 @@ def load_into_pipeline(pipeline, lora: LoraFile, adapter_name: str) -> None:
     level = report.level
     report.setLevel(logging.ERROR)
     try:
-        pipeline.load_lora_weights(lora.state_dict(torch.float32), adapter_name=adapter_name)
+        pipeline.load_lora_weights(with_one_alpha(lora.state_dict(torch.float32)), adapter_name=adapter_name)
     finally:
         report.setLevel(level)
+
+
+def with_one_alpha(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kohya tensors with every module's alpha folded into its lora_up and written as 1, so one alpha serves all.
+
+    diffusers (0.42) gives a module whose alpha differs from the file's most common one its own alpha through an
+    `alpha_pattern` whose keys, for attention layers, name no module (`…attn1.processor.to_k_lora.down.weight`):
+    peft ignores them and those layers get the common alpha. Files whose alphas differ per module (block_alphas,
+    conv_alpha, a baked stack, a LoHa/LoKr's plain equivalent) would preview at wrong scales. The change
+    alpha / rank * up @ down is the same with up' = alpha * up and alpha' = 1."""
+    out = dict(tensors)
+    for key, alpha in tensors.items():
+        if key.endswith(ALPHA) and key.removesuffix(ALPHA) + UP in tensors:
+            up = key.removesuffix(ALPHA) + UP
+            out[up] = tensors[up] * alpha.float()
+            out[key] = torch.ones_like(alpha)
+    return out
 
 
 def convert_to_diffusers(lora: LoraFile, base, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
     """Rewrite any LoRA in diffusers' own format: diffusers loads it into `base` (which fixes the module
     paths and per-module alphas) and saves it back with its adapter configs and our metadata."""
-    check_compatible(lora, base)
+    fitted = fitted_to(lora, base)
     pipeline = base.pipeline
-    load_into_pipeline(pipeline, lora, "convert")
+    load_into_pipeline(pipeline, fitted, "convert")
     try:
         parts = {n: m for n, m in base.lora_parts().items() if "convert" in getattr(m, "peft_config", {})}
         metadata = {k: v for k, v in lora.metadata.items() if not k.startswith("sshs_")}

@@ -6,6 +6,7 @@ UNet presets (`LoraConfig.unet_targets`):
   `proj_in`, `proj_out`, `ff.net.0.proj` and `ff.net.2` (192 modules on SD1.5, 722 on SDXL);
 - `full`: adds LoCon on the 3x3 convs of the resnets and the down/upsamplers, at `conv_rank`.
 Text encoders: `q/k/v/out_proj` and `fc1`/`fc2` of every layer (72 modules on SD1.5, 264 on SDXL).
+`lora.network` = loha / lokr puts peft's LoHa / LoKr on the same layers (written in LyCORIS' format: lycoris.py).
 
 Scale is kohya's: alpha / rank. LoRA weights are kept in fp32 while the frozen model stays in its
 working dtype, so small updates are not rounded away in bf16/fp16.
@@ -27,6 +28,7 @@ from .errors import LoraStudioError
 from .models import TEXT_ENCODER_NAMES
 
 ADAPTER_NAME = "default"
+ADAPTER_MARKERS = ("lora_", "hada_", "lokr_")  # peft's parameter prefixes for LoRA/DoRA, LoHa and LoKr
 ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
              "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")  # fmt: skip
 FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
@@ -128,13 +130,15 @@ def chosen_by_patterns(part: str, names: list[str], settings: LoraConfig, family
 def peft_config(
     settings: LoraConfig, target_names: list[str], with_convs: bool = False, ranks: dict | None = None,
     alphas: dict | None = None,
-) -> PeftLoraConfig:  # fmt: skip
-    """peft's config for one model part; LoCon convs get their own rank and alpha through peft's patterns, and
-    per-block ranks (`block_settings`) theirs."""
+):  # fmt: skip
+    """peft's config for one model part (LoRA, LoHa or LoKr, as `lora.network` says); LoCon convs get their own
+    rank and alpha through peft's patterns, and per-block ranks (`block_settings`) theirs."""
     patterns = {LOCON.pattern: settings.conv_rank} if with_convs and settings.conv_rank else {}
     conv_alpha = {LOCON.pattern: settings.conv_alpha or settings.alpha} if patterns else {}
     alphas = {**conv_alpha, **(alphas or {})}
     patterns |= ranks or {}
+    if settings.network != "lora":
+        return lycoris_config(settings, target_names, patterns, alphas)
     return PeftLoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
@@ -145,6 +149,18 @@ def peft_config(
         use_dora=settings.use_dora,
         init_lora_weights=True if settings.init_lora_weights == "default" else "gaussian",
     )
+
+
+def lycoris_config(settings: LoraConfig, target_names: list[str], ranks: dict, alphas: dict):
+    """peft's LoHa or LoKr config. Convs keep LyCORIS' flat factors ([r, in·kh·kw]: use_effective_conv2d off, its
+    Tucker form being optional there too); LoKr decomposes only its larger factor, as LyCORIS does by default."""
+    from peft import LoHaConfig, LoKrConfig
+
+    common = dict(r=settings.rank, alpha=settings.alpha, target_modules=target_names, rank_pattern=ranks,
+                  alpha_pattern=alphas, use_effective_conv2d=False, init_weights=True)  # fmt: skip
+    if settings.network == "loha":
+        return LoHaConfig(**common)
+    return LoKrConfig(**common, decompose_both=False, decompose_factor=settings.lokr_factor)
 
 
 def inject_lora(base, settings: LoraConfig, clip_skip: int = 1) -> dict[str, list[str]]:
@@ -181,10 +197,10 @@ def inject_lora(base, settings: LoraConfig, clip_skip: int = 1) -> dict[str, lis
     return injected
 
 
-def _inject(model: torch.nn.Module, config: PeftLoraConfig) -> None:
+def _inject(model: torch.nn.Module, config) -> None:
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
+        param.requires_grad_(any(marker in name for marker in ADAPTER_MARKERS))
     cast_training_params(model, dtype=torch.float32)  # trainable (LoRA) weights only; the rest stays as loaded
 
 

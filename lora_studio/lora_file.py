@@ -5,6 +5,7 @@ kohya names of a trained model's modules (INTEROP.md).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from .lora_inspect import (  # noqa: F401  (the kohya key spelling, re-exported 
     part_of,
     summarise,
 )
+from .lycoris import LycorisModule, from_peft_layer, guessed_weight_shape
 
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers-native files only (INTEROP.md)
 PART_PREFIX = {  # part (as diffusers names pipeline components) -> kohya prefix, per family
@@ -61,7 +63,7 @@ class LoraModule:
 
 @dataclass
 class LoraFile:
-    modules: dict[str, LoraModule]  # kohya names, without the .lora_down/... suffix
+    modules: dict[str, LoraModule | LycorisModule]  # kohya names, without the .lora_down/... suffix
     metadata: dict[str, str] = field(default_factory=dict)
     format: str = "kohya"  # the format it was read from: kohya, onetrainer, diffusers or peft
     family: str | None = None  # sd1 / sd2 / sd2-v / sdxl, or None when nothing tells
@@ -72,12 +74,42 @@ class LoraFile:
         """The kohya tensors, ready for safetensors or for diffusers' `load_lora_weights`."""
         tensors: dict[str, torch.Tensor] = {}
         for name, module in self.modules.items():
+            if isinstance(module, LycorisModule):
+                tensors |= module.state_dict(name, dtype)
+                continue
             tensors[name + DOWN] = _cpu(module.down, dtype)
             tensors[name + UP] = _cpu(module.up, dtype)
             tensors[name + ALPHA] = torch.tensor(float(module.alpha), dtype=dtype or module.down.dtype)
             if module.dora_scale is not None:
                 tensors[name + DORA] = _cpu(module.dora_scale, dtype)
         return tensors
+
+    @property
+    def network(self) -> str:
+        """lora, loha or lokr: what its modules are (LoRA for a file that mixes kinds, as no trainer writes)."""
+        algos = {getattr(m, "algo", "lora") for m in self.modules.values()}
+        return algos.pop() if len(algos) == 1 else "lora"
+
+    def has_lycoris(self) -> bool:
+        return any(isinstance(m, LycorisModule) for m in self.modules.values())
+
+    def as_plain_lora(self, shapes: dict[str, tuple[int, ...]] | None = None) -> LoraFile:
+        """This LoRA with every LoHa/LoKr module replaced by its exact plain-LoRA equivalent (`LycorisModule.as_lora`),
+        shaped as `shapes` (kohya name -> layer weight shape, from a base model) says, else as the names suggest."""
+        if not self.has_lycoris():
+            return self
+        shapes = shapes or {}
+        modules = {}
+        for name, module in self.modules.items():
+            if isinstance(module, LycorisModule):
+                shape = shapes.get(name) or guessed_weight_shape(name, module, self.family)
+                module = module.as_lora(shape)
+            modules[name] = module
+        metadata = dict(self.metadata)
+        if "ss_network_module" in metadata:  # it is a plain LoRA now; the LyCORIS arguments no longer apply
+            metadata["ss_network_module"] = "networks.lora"
+            metadata["ss_network_args"] = json.dumps(plain_network_args(metadata.get("ss_network_args")))
+        return LoraFile(modules, metadata, self.format, self.family, self.path, list(self.notes))
 
     def parts(self) -> Counter:
         return Counter(part_of(name) for name in self.modules)
@@ -86,6 +118,15 @@ class LoraFile:
         """What `inspect` prints: family, format, module counts, rank and alpha (the most common ones)."""
         facts = {name: m.facts() for name, m in self.modules.items()}
         return summarise(facts, self.metadata, self.format, self.family, self.path, self.notes)
+
+
+def plain_network_args(raw: str | None) -> dict:
+    """A file's `ss_network_args` without LyCORIS' own (algo, factor, ...), for its plain-LoRA equivalent."""
+    try:
+        args = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return {k: v for k, v in args.items() if k not in ("algo", "factor", "preset")} if isinstance(args, dict) else {}
 
 
 def _cpu(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -124,12 +165,16 @@ def module_map(base) -> dict[str, tuple[str, str, torch.nn.Module]]:
 
 
 def lora_from_models(parts: dict[str, torch.nn.Module], family: str, unet_config=None) -> LoraFile:
-    """Collect the trained adapters of each part (peft layers) as kohya-named modules."""
+    """Collect the trained adapters of each part (peft LoRA, LoHa or LoKr layers) as kohya-named modules."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, LoraModule | LycorisModule] = {}
     for part, model in parts.items():
         for path, layer in model.named_modules():
+            if isinstance(layer, LycorisLayer) and ADAPTER_NAME in layer._available_adapters:
+                modules[kohya_name(part, path, family, unet_config)] = from_peft_layer(layer, ADAPTER_NAME)
+                continue
             if not isinstance(layer, LoraLayer) or ADAPTER_NAME not in layer.lora_A:
                 continue
             down = layer.lora_A[ADAPTER_NAME].weight

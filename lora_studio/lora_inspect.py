@@ -43,6 +43,7 @@ class ModuleFacts:
     up_shape: tuple[int, ...]  # [out, r] or [out, r, 1, 1]
     alpha: float
     dora: bool
+    algo: str = "lora"  # or LyCORIS' loha / lokr, whose shapes here are their plain-LoRA equivalent's
 
     @property
     def rank(self) -> int:
@@ -96,7 +97,7 @@ def vector_alpha(source, name: str, count: int) -> LoraFileError:
 def unknown_tensors(source, unknown: set[str]) -> LoraFileError:
     return LoraFileError(
         f"{source} has {len(unknown)} tensor(s) this app does not know, e.g. {sorted(unknown)[0]} "
-        "(LyCORIS LoHa/LoKr are not supported); export it as plain LoRA."
+        "(LoRA, DoRA, LoCon and LyCORIS LoHa/LoKr are read; not OFT, IA3 or GLoRA); export it as one of those."
     )
 
 
@@ -190,6 +191,7 @@ def summarise(modules: Mapping[str, ModuleFacts], metadata: Mapping[str, str], f
         "ranks_by_block": ranks_by_block(modules),
         "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
         "dora": any(m.dora for m in modules.values()),
+        "network": dict(Counter(m.algo for m in modules.values())),
         "sshs_model_hash": metadata.get("sshs_model_hash"),
         "sshs_legacy_hash": metadata.get("sshs_legacy_hash"),
         "metadata": dict(metadata),
@@ -204,7 +206,9 @@ def inspect_lora(path: str | os.PathLike) -> dict:
     header = read_lora_header(path)
     keys = list(header.tensors)
     names = kohya_module_names(keys)
-    if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys) and not is_onetrainer_sdxl(names):
+    # LyCORIS (LoHa, LoKr, a LoCon's Tucker core): their checks multiply factors, so they take torch's path
+    lycoris = any(".hada_" in k or ".lokr_" in k or ".lora_mid." in k for k in keys)
+    if keys and all(k.startswith(KOHYA_PREFIXES) for k in keys) and not is_onetrainer_sdxl(names) and not lycoris:
         modules = kohya_facts(header, names)
         family = family_of(header.metadata, {n: m.down_shape for n, m in modules.items()})
         summary = summarise(modules, header.metadata, "kohya", family, path, [])
@@ -215,7 +219,8 @@ def inspect_lora(path: str | os.PathLike) -> dict:
         modules = {name: m.facts() for name, m in lora.modules.items()}
         summary = summarise(modules, lora.metadata, lora.format, lora.family, path, lora.notes)
     summary["per_module"] = {
-        name: {"rank": m.rank, "alpha": m.alpha, "shape": m.delta_shape, "dora": m.dora} for name, m in modules.items()
+        name: {"rank": m.rank, "alpha": m.alpha, "shape": m.delta_shape, "dora": m.dora, "network": m.algo}
+        for name, m in modules.items()
     }
     summary["hashes_match"] = hashes_match(header)
     return summary

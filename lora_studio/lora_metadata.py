@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as serialize
 
+from . import lycoris
+from .lycoris import NETWORK_MODULE
 from .models import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE
 
 
@@ -84,7 +86,7 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_base_model_version": BASE_MODEL_VERSION.get(facts.family, "sd_v1"),
         "ss_v2": str(facts.family in ("sd2", "sd2-v")),
         "ss_sd_model_name": Path(facts.base_source).name or facts.base_source,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if lora.network == "lora" else NETWORK_MODULE,
         "ss_network_dim": str(lora.rank),
         "ss_network_alpha": str(float(lora.alpha)),  # kohya writes str() of a float: "16.0"
         "ss_network_dropout": str(float(lora.dropout)) if lora.dropout else "None",
@@ -121,7 +123,9 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
 
 def network_args(lora) -> dict:
     """kohya's `ss_network_args`, spelled as kohya's network modules take them (block lists comma-separated)."""
-    args = {"conv_dim": lora.conv_rank, "conv_alpha": lora.conv_alpha} if lora.conv_rank else {}
+    args = lycoris.network_args(lora.network, lora.lokr_factor) if lora.network != "lora" else {}
+    if lora.conv_rank:
+        args |= {"conv_dim": lora.conv_rank, "conv_alpha": lora.conv_alpha}
     if lora.use_dora:
         args["use_dora"] = True
     if lora.dropout:

@@ -43,6 +43,7 @@ from .lora_inspect import (
     unknown_tensors,
     vector_alpha,
 )
+from .lycoris import ALGOS, LycorisModule, algo_of, read_module
 from .models import FAMILY_NAMES, TEXT_ENCODER_NAMES
 from .paths import sd_config_dir
 
@@ -96,9 +97,19 @@ def parse_state_dict(
     return lora
 
 
-def _kohya_modules(tensors: dict[str, torch.Tensor], source) -> dict[str, LoraModule]:
-    modules = {}
-    for name in kohya_module_names(tensors):
+def _kohya_modules(tensors: dict[str, torch.Tensor], source) -> dict[str, LoraModule | LycorisModule]:
+    """kohya's LoRA/LoCon/DoRA modules and LyCORIS' LoHa/LoKr ones (same names, other suffixes: lycoris.py)."""
+    modules, known = {}, set()
+    grouped: dict[str, set[str]] = {}
+    for key in tensors:
+        name = kohya_module_names([key])[0]
+        grouped.setdefault(name, set()).add(key[len(name) + 1:])
+    for name, suffixes in sorted(grouped.items()):
+        algo = algo_of(suffixes)
+        if algo is not None:
+            modules[name] = _lycoris_module(name, algo, suffixes, tensors, source)
+            known |= {f"{name}.{s}" for s in suffixes}
+            continue
         down, up = tensors.get(name + DOWN), tensors.get(name + UP)
         if down is None or up is None:
             raise missing_half(source, name, DOWN if down is None else UP)
@@ -107,12 +118,43 @@ def _kohya_modules(tensors: dict[str, torch.Tensor], source) -> dict[str, LoraMo
             raise vector_alpha(source, name, alpha.numel())
         # kohya's rule: no alpha means scale 1, i.e. alpha = rank.
         alpha_value = float(alpha.float().item()) if alpha is not None else float(down.shape[0])
+        mid = tensors.get(name + MID)
+        if mid is not None:
+            down = _with_tucker_core(name, down, mid, source)
         dora = tensors.get(name + DORA)
         modules[name] = LoraModule(down, up, alpha_value, dora)
-    unknown = set(tensors) - {n + s for n in modules for s in (DOWN, UP, ALPHA, DORA)}
+        known |= {name + s for s in (DOWN, UP, ALPHA, DORA, MID)}
+    unknown = set(tensors) - known
     if unknown:
         raise unknown_tensors(source, unknown)
     return modules
+
+
+MID = ".lora_mid.weight"  # LyCORIS LoCon's Tucker core (use_tucker / use_cp): [r, r, kh, kw]
+
+
+def _with_tucker_core(name: str, down: torch.Tensor, mid: torch.Tensor, source) -> torch.Tensor:
+    """A LyCORIS LoCon conv with a Tucker core as a plain one: the core folded into lora_down (exactly, as ComfyUI
+    applies it: down'[a, i, :, :] = sum_b mid[a, b, :, :] * down[b, i])."""
+    if mid.dim() != 4 or down.dim() != 4 or mid.shape[0] != mid.shape[1] or mid.shape[1] != down.shape[0]:
+        raise LoraFileError(f"{source}: module {name} has lora_mid of shape {tuple(mid.shape)} that does not fit its "
+                            f"lora_down {tuple(down.shape)}; the file is damaged.")  # fmt: skip
+    return torch.einsum("abkl,bi->aikl", mid.float(), down.flatten(1).float()).to(down.dtype)
+
+
+def _lycoris_module(name: str, algo: str, suffixes: set[str], tensors, source) -> LycorisModule:
+    if "dora_scale" in suffixes:
+        raise LoraFileError(f"{source}: {algo} module {name} has a dora_scale (LyCORIS' weight decomposition), "
+                            "which this app does not apply; export it without dora_wd.")  # fmt: skip
+    keys = ALGOS[algo]
+    unknown = suffixes - set(keys) - {"alpha"}
+    if unknown:
+        raise unknown_tensors(source, {f"{name}.{s}" for s in unknown})
+    alpha = tensors.get(f"{name}.alpha")
+    if alpha is not None and alpha.numel() != 1:
+        raise vector_alpha(source, name, alpha.numel())
+    factors = {s: tensors[f"{name}.{s}"] for s in suffixes if s in keys}
+    return read_module(name, algo, factors, float(alpha.float().item()) if alpha is not None else None, source)
 
 
 PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
@@ -219,8 +261,10 @@ def _sdxl_unet_paths(config) -> list[str]:
     return [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
 
 
-def check_modules(modules: dict[str, LoraModule], source) -> None:
+def check_modules(modules: dict[str, LoraModule | LycorisModule], source) -> None:
     for name, m in modules.items():
+        if isinstance(m, LycorisModule):  # checked as it was read (`lycoris.read_module`)
+            continue
         check_module_shapes(name, tuple(m.down.shape), tuple(m.up.shape), source)
         for label, t in (("lora_down", m.down), ("lora_up", m.up)):
             if not torch.isfinite(t.float()).all():
@@ -229,7 +273,7 @@ def check_modules(modules: dict[str, LoraModule], source) -> None:
 
 def detect_family(lora: LoraFile) -> str | None:
     """From the metadata when it says, else from the key names and the layer widths."""
-    return family_of(lora.metadata, {name: tuple(m.down.shape) for name, m in lora.modules.items()})
+    return family_of(lora.metadata, {name: m.facts().down_shape for name, m in lora.modules.items()})
 
 
 def _family_from_shapes(downs: dict[tuple[str, str], torch.Tensor | None], metadata) -> str | None:
@@ -268,10 +312,22 @@ def check_compatible(lora: LoraFile, base) -> dict[str, tuple[str, str, torch.nn
     for name, m in lora.modules.items():
         weight = targets[name][2].weight
         expected = (weight.shape[0], weight.shape[1], *weight.shape[2:])
-        got = (m.up.shape[0], m.down.shape[1], *(m.down.shape[2:] if m.down.dim() == 4 else weight.shape[2:]))
+        if isinstance(m, LycorisModule):  # flat tensors: compare the output width and the input times the kernel
+            expected, got = (weight.shape[0], weight[0].numel()), (m.out_features, m.flat_in)
+            if m.kernel:
+                expected, got = expected + tuple(weight.shape[2:]), got + m.kernel
+        else:
+            got = (m.up.shape[0], m.down.shape[1], *(m.down.shape[2:] if m.down.dim() == 4 else weight.shape[2:]))
         if got != expected:
             raise LoraFileError(
                 f"{source}: module {name} changes a weight of shape {expected} by one of shape {got}; the LoRA was "
                 "trained for a different model of this family, so pick its base model."
             )
     return targets
+
+
+def fitted_to(lora: LoraFile, base) -> LoraFile:
+    """`lora` checked against `base` (`check_compatible`), with any LoHa/LoKr module as its exact plain-LoRA
+    equivalent at the base's layer shapes: what diffusers' `load_lora_weights` can load."""
+    targets = check_compatible(lora, base)
+    return lora.as_plain_lora({name: tuple(targets[name][2].weight.shape) for name in lora.modules})

@@ -291,15 +291,14 @@ class Previewer:
         """Load a LoRA file (or a `lora_file.LoraFile`) as adapter `name`; checks it fits the base first."""
         from .export import load_into_pipeline
         from .lora_file import LoraFile
-        from .lora_read import check_compatible, load_lora
+        from .lora_read import fitted_to, load_lora
 
         lora = source if isinstance(source, LoraFile) else load_lora(source)
         name = name or (Path(lora.path).stem if lora.path else f"lora{len(self.loras) + 1}")
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)  # adapter names end up in module dicts and infotext
         if name in self.loras:
             raise PreviewError(f"A LoRA named {name!r} is already loaded; remove it first or give another name.")
-        check_compatible(lora, self.base)
-        load_into_pipeline(self.pipeline, lora, name)
+        load_into_pipeline(self.pipeline, fitted_to(lora, self.base), name)
         self.loras[name] = lora
         return name
 

@@ -17,7 +17,7 @@ import torch
 from . import layout
 from .export import load_into_pipeline
 from .lora_file import LoraFile, LoraFileError, LoraModule
-from .lora_read import check_compatible
+from .lora_read import fitted_to
 from .models import BASE_MODEL_VERSION, MODELSPEC_ARCHITECTURE, TEXT_ENCODER_NAMES, BaseModel
 from .safetensors_io import save_tensors
 
@@ -96,6 +96,7 @@ def resize_lora(lora: LoraFile, rank: int | None = None, energy: float | None = 
     """Truncated SVD of each module's delta: to `rank`, or to the fewest singular values whose squared sum
     keeps `energy` (0-1] of the total. Each module keeps its scale (alpha / rank), as kohya's resize does."""
     check_svd_target(rank, energy)
+    lora = lora.as_plain_lora()  # LoHa/LoKr: their exact LoRA equivalent, which the SVD then truncates
     modules, rows = {}, {}
     error_sq = norm_sq = 0.0
     for name, module in lora.modules.items():
@@ -151,9 +152,8 @@ def merge_lora(
     The fusing is diffusers' own (`load_lora_weights` + `fuse_lora`), the same code that previews it, so
     the merged model renders what the preview showed.
     """
-    check_compatible(lora, base)
     pipeline = base.pipeline
-    load_into_pipeline(pipeline, lora, "merge")
+    load_into_pipeline(pipeline, fitted_to(lora, base), "merge")
     pipeline.fuse_lora(lora_scale=strength, adapter_names=["merge"])
     pipeline.unload_lora_weights()
     path = Path(path)
@@ -199,7 +199,7 @@ def bake_stack(
     grouped: dict[str, list[tuple[LoraModule, float, str]]] = {}
     for lora, strength in stack:
         label = lora.path.name if lora.path else "a LoRA"
-        for name, module in lora.modules.items():
+        for name, module in lora.as_plain_lora().modules.items():
             if module.dora_scale is not None:
                 raise LoraFileError(f"{label}: module {name} is DoRA, whose change is not a plain sum, so a stack "
                                     "with it cannot be baked exactly; bake plain LoRAs (or LoCon) only.")  # fmt: skip

@@ -637,3 +637,19 @@ def test_kohya_file_converts_to_diffusers_format_and_renders_the_same(tmp_path, 
     from_diffusers = load_base(tiny_folders["sd1"], device="cpu").pipeline
     from_diffusers.load_lora_weights(str(out))
     assert np.abs(generate(from_kohya, 0.8) - generate(from_diffusers, 0.8)).max() <= 2
+
+
+def test_a_lora_whose_alphas_differ_per_module_previews_as_trained(tmp_path, tiny_folders, images):
+    """diffusers gives attention layers whose alpha is not the file's most common one the common alpha (its
+    alpha_pattern keys name no module); `export.with_one_alpha` folds each alpha into lora_up so none is lost."""
+    from test_lora import unet_output
+
+    from lora_studio.export import load_into_pipeline
+    from lora_studio.lora_read import fitted_to
+
+    lora = {"rank": 4, "alpha": 4.0, "block_ranks": [2, 4, 8], "block_alphas": [1.0, 4.0, 16.0]}
+    session = trained_session(tmp_path, tiny_folders, images, lora=lora)
+    path = outputs.save_lora_file(session, tmp_path / "blocks.safetensors")
+    base = load_base(tiny_folders["sd1"], device="cpu")
+    load_into_pipeline(base.pipeline, fitted_to(load_lora(path), base), "blocks")
+    assert torch.allclose(unet_output(base), unet_output(session.base), atol=2e-3)
