@@ -33,7 +33,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 CONFIG_VERSION = 1
-BLOCK_COUNTS = (3, 25)  # block_ranks: down/mid/up, or kohya's block_dims (SD 1.x/2.x UNet)
+BLOCK_COUNTS = (3, 23, 25)  # block_ranks: down/mid/up, or kohya's block_dims (SDXL's 23, SD 1.x/2.x's 25)
 
 Family = Literal["auto", "sd1", "sd2", "sd2-v", "sdxl"]
 UnetTargets = Literal["attn", "attn-ff", "full"]
@@ -144,7 +144,8 @@ class LoraConfig(Section):
     )  # fmt: skip
     block_ranks: list[int] = Field(
         default_factory=list, description="Rank per UNet block: 3 values (down, mid, up; any model) or kohya's "
-        "block_dims, 25 values (IN00-IN11, MID, OUT00-OUT11; SD 1.x/2.x). 0 leaves a block out. Empty: rank.",
+        "block_dims: 25 values for SD 1.x/2.x (IN00-IN11, MID, OUT00-OUT11) or 23 for SDXL (embedding, IN00-IN08, "
+        "MID00-MID02, OUT00-OUT08, out). 0 leaves a block out. Empty: rank.",
     )  # fmt: skip
     block_alphas: list[float] = Field(
         default_factory=list, description="Alpha per UNet block, as many values as block_ranks. Empty: alpha.",
@@ -183,8 +184,8 @@ class LoraConfig(Section):
     @model_validator(mode="after")
     def _blocks_line_up(self) -> LoraConfig:
         if len(self.block_ranks) not in (0, *BLOCK_COUNTS):
-            raise ValueError(f"block_ranks has {len(self.block_ranks)} values; give 3 (down, mid, up) or 25 (kohya's "
-                             "block_dims for SD 1.x/2.x), or none")  # fmt: skip
+            raise ValueError(f"block_ranks has {len(self.block_ranks)} values; give 3 (down, mid, up), 23 or 25 "
+                             "(kohya's block_dims for SDXL or SD 1.x/2.x), or none")  # fmt: skip
         if any(r < 0 or r > 1024 for r in self.block_ranks):
             raise ValueError("block_ranks must lie between 0 (no adapter in that block) and 1024")
         if self.block_alphas and len(self.block_alphas) != len(self.block_ranks):
@@ -438,7 +439,11 @@ class TrainConfig(Section):
                             "it)")  # fmt: skip
         if len(self.lora.block_ranks) == 25 and self.family == "sdxl":
             problems.append("`lora.block_ranks` has kohya's 25 SD 1.x/2.x blocks, but the family is SDXL, whose UNet "
-                            "has other blocks; give 3 values (down, mid, up) instead")  # fmt: skip
+                            "has other blocks; give kohya's 23 SDXL blocks or 3 values (down, mid, up) "
+                            "instead")  # fmt: skip
+        if len(self.lora.block_ranks) == 23 and self.family not in ("sdxl", "auto"):
+            problems.append("`lora.block_ranks` has kohya's 23 SDXL blocks, but the family is not SDXL; give kohya's "
+                            "25 SD 1.x/2.x blocks or 3 values (down, mid, up) instead")  # fmt: skip
         if self.dataset.cache_latents and self.dataset.random_crop:
             problems.append(
                 "`dataset.random_crop` changes every step, so latents cannot be cached; "

@@ -22,6 +22,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 
+from . import layout
 from .conditioning import unread_layers
 from .config import LoraConfig
 from .errors import LoraStudioError
@@ -74,10 +75,22 @@ def text_encoder_target_names(
 BLOCK_PATH = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
 
 
-def block_index(path: str, blocks: int) -> int | None:
+SGM_BLOCK = re.compile(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.")
+SDXL_BLOCK_START = {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}
+
+
+def block_index(path: str, blocks: int, unet_config=None) -> int | None:
     """The UNet block a layer (diffusers path) lies in: of 3 (down, mid, up), or of kohya's 25 SD 1.x/2.x blocks
-    (`networks/lora.py` get_block_index: IN00 = conv_in, IN01-IN11, MID = 12, OUT00-OUT11 = 13-24). None: outside
-    the blocks (conv_in, the time embedding)."""
+    (`networks/lora.py` get_block_index: IN00 = conv_in, IN01-IN11, MID = 12, OUT00-OUT11 = 13-24), or of its 23
+    SDXL blocks, counted on the SGM UNet's names (0 = time/label embedding, input_blocks 0-8 = 1-9, middle_block
+    parts 0-2 = 10-12, output_blocks 0-8 = 13-21, 22 = out; `unet_config` gives those names). None: outside the
+    blocks (conv_in, the time embedding)."""
+    if blocks == 23:
+        try:
+            match = SGM_BLOCK.match(layout.unet_key_to_ldm(f"{path}.weight", unet_config))
+        except KeyError:  # no SGM name (conv_in and the like)
+            return None
+        return SDXL_BLOCK_START[match[1]] + int(match[2]) if match else None
     if path.startswith("mid_block."):
         return 1 if blocks == 3 else 12
     match = BLOCK_PATH.match(path)
@@ -90,14 +103,16 @@ def block_index(path: str, blocks: int) -> int | None:
     return 1 + index if match[1] == "down" else 13 + index
 
 
-def block_settings(settings: LoraConfig, names: list[str]) -> tuple[list[str], dict[str, int], dict[str, float]]:
+def block_settings(
+    settings: LoraConfig, names: list[str], unet_config=None
+) -> tuple[list[str], dict[str, int], dict[str, float]]:
     """The UNet layers left after `block_ranks` (a block of rank 0 is left out), and peft's per-layer rank and alpha
     patterns for the blocks whose values differ from the defaults (convs keep conv_rank, as kohya's block_dims do)."""
     if not settings.block_ranks:
         return names, {}, {}
     kept, ranks, alphas = [], {}, {}
     for name in names:
-        index = block_index(name, len(settings.block_ranks))
+        index = block_index(name, len(settings.block_ranks), unet_config)
         if index is None or LOCON.match(name):
             kept.append(name)
             continue
@@ -172,11 +187,14 @@ def inject_lora(base, settings: LoraConfig, clip_skip: int = 1) -> dict[str, lis
     injected: dict[str, list[str]] = {}
     unet_config = base.unet.config if base.family == "sdxl" else None
     if len(settings.block_ranks) == 25 and base.family == "sdxl":
-        raise LoraStudioError("lora.block_ranks has kohya's 25 SD 1.x/2.x blocks, but the base model is SDXL; give 3 "
-                              "values (down, mid, up) instead.")  # fmt: skip
+        raise LoraStudioError("lora.block_ranks has kohya's 25 SD 1.x/2.x blocks, but the base model is SDXL; give "
+                              "kohya's 23 SDXL blocks or 3 values (down, mid, up) instead.")  # fmt: skip
+    if len(settings.block_ranks) == 23 and base.family != "sdxl":
+        raise LoraStudioError("lora.block_ranks has kohya's 23 SDXL blocks, but the base model is not SDXL; give "
+                              "kohya's 25 SD 1.x/2.x blocks or 3 values (down, mid, up) instead.")  # fmt: skip
     unet_names = chosen_by_patterns("unet", unet_target_names(base.unet, settings.unet_targets), settings,
                                     base.family, unet_config)  # fmt: skip
-    unet_names, ranks, alphas = block_settings(settings, unet_names)
+    unet_names, ranks, alphas = block_settings(settings, unet_names, unet_config)
     if not unet_names:
         raise LoraStudioError("No UNet layer is left to adapt: lora.include_modules, exclude_modules or block_ranks "
                               "leave out every one; loosen them.")  # fmt: skip

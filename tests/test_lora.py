@@ -170,7 +170,7 @@ def test_targeting_settings_are_checked_with_clear_messages():
     from lora_studio.errors import ConfigError
 
     cases = [({"include_modules": "attn2("}, "is not a regular expression"),
-             ({"block_ranks": [4, 4]}, "give 3 (down, mid, up) or 25"),
+             ({"block_ranks": [4, 4]}, "give 3 (down, mid, up), 23 or 25"),
              ({"block_ranks": [4, 4, 4], "block_alphas": [1.0]}, "one alpha per block"),
              ({"block_ranks": [4, -1, 4]}, "between 0")]  # fmt: skip
     for lora, message in cases:
@@ -178,6 +178,33 @@ def test_targeting_settings_are_checked_with_clear_messages():
             validate_config({"version": 1, "lora": lora})
     with pytest.raises(ConfigError, match="25 SD 1.x/2.x blocks, but the family is SDXL"):
         validate_config({"version": 1, "family": "sdxl", "lora": {"block_ranks": [4] * 25}})
+    with pytest.raises(ConfigError, match="23 SDXL blocks, but the family is not SDXL"):
+        validate_config({"version": 1, "family": "sd1", "lora": {"block_ranks": [4] * 23}})
+
+
+def test_kohyas_23_sdxl_blocks_on_the_full_size_structure_and_in_training(tiny_folders):
+    """kohya's `get_block_index` for SDXL counts on the SGM names: input_blocks i = 1 + i, middle_block j = 10 + j,
+    output_blocks i = 13 + i."""
+    from lora_studio.lora import block_index
+
+    config = UNet2DConditionModel.load_config(sd_config_dir("sdxl") / "unet")
+    attn = "attentions.0.transformer_blocks.0.attn1.to_q"
+    cases = {f"down_blocks.1.{attn}": 5, "down_blocks.0.resnets.1.conv2": 3, "down_blocks.1.downsamplers.0.conv": 7,
+             f"mid_block.{attn}": 11, "mid_block.resnets.1.conv1": 12, f"up_blocks.0.{attn}": 13,
+             "up_blocks.1.attentions.2.proj_out": 18, "up_blocks.2.resnets.2.conv1": 21}  # fmt: skip
+    assert {path: block_index(path, 23, config) for path in cases} == cases
+    assert block_index("conv_in", 23, config) == 1  # SGM's input_blocks.0.0, as kohya counts it
+    assert block_index("time_embedding.linear_1", 23, config) is None  # kohya's block 0 holds no LoRA
+
+    base = load_base(tiny_folders["sdxl"], device="cpu")
+    ranks = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 0]
+    injected = inject_lora(base, LoraConfig(rank=4, alpha=4.0, block_ranks=ranks), 1)
+    layers = dict(base.unet.named_modules())
+    for name in injected["unet"]:
+        assert layers[name].r["default"] == block_index(name, 23, base.unet.config), name
+    assert {layers[n].r["default"] for n in injected["unet"]} == {5, 6, 11, 13, 14, 15}  # in, mid and out blocks
+    with pytest.raises(LoraStudioError, match="23 SDXL blocks, but the base model is not SDXL"):
+        inject_lora(load_base(tiny_folders["sd1"], device="cpu"), LoraConfig(block_ranks=[4] * 23))
 
 
 def test_a_file_trained_with_block_ranks_says_so_in_its_metadata_and_inspect_shows_them(tmp_path, tiny_folders):
