@@ -493,14 +493,15 @@ def run_inspect(args: argparse.Namespace) -> int:
     blocks = "   ".join(f"{block}: {ranks}" for block, ranks in info["ranks_by_block"].items())
     if blocks:
         print(f"  UNet ranks by block (rank: modules): {blocks}")
-    print(f"  DoRA: {info['dora']}   sshs_model_hash: {info['sshs_model_hash']} (matches: {info['hashes_match']})")
+    print(f"  network: {info['network']}   DoRA: {info['dora']}")
+    print(f"  sshs_model_hash: {info['sshs_model_hash']} (matches: {info['hashes_match']})")
     for note in info["notes"]:
         print(f"  note: {note}")
     for key, value in sorted(info["metadata"].items()):
         print(f"  {key} = {value if len(value) <= 100 else value[:97] + '...'}")
     if args.modules:
         for name, row in per_module.items():
-            print(f"  {name}: rank {row['rank']} alpha {row['alpha']:g}")
+            print(f"  {name}: {row['network']} rank {row['rank']} alpha {row['alpha']:g}")
     return EXIT_OK
 
 

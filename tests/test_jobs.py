@@ -32,6 +32,7 @@ def test_jobs_run_one_at_a_time_and_record_progress(tmp_path, tiny_folders, imag
     assert manager.current().id == second  # a reopened page sees the newest job
 
 
+@pytest.mark.slow  # 8 s; test_train_tab's test_start_poll_stop_resume stops and resumes a job through the manager
 def test_stop_then_resume(tmp_path, tiny_folders, images):
     manager = JobManager()
     config = tiny_config(tmp_path, tiny_folders, images, optimizer={"max_train_steps": 40})

@@ -16,6 +16,7 @@ from test_train import tiny_config
 from tiny_models import caption_images
 
 from lora_studio import outputs
+from lora_studio.cli import main
 from lora_studio.config import LoraConfig, TrainConfig
 from lora_studio.export import load_into_pipeline
 from lora_studio.lora import inject_lora
@@ -148,10 +149,13 @@ def test_a_lycoris_file_previews_as_the_trained_model_renders_and_strength_scale
     assert np.abs(half - unadapted).max() > 0.02 and np.abs(one - half).max() > 0.02
 
 
-def test_inspect_resize_and_bake_take_lycoris_files(trained):
+def test_inspect_resize_and_bake_take_lycoris_files(trained, capsys):
     network, _, path = trained
     info = inspect_lora(path)
     assert info["network"] == {network: info["modules"]} and info["modules_per_part"] == {"unet": 98, "te": 12}
+    assert main(["inspect", str(path), "--modules"]) == 0
+    printed = capsys.readouterr().out
+    assert f"network: {{'{network}': 110}}" in printed and f"attn1_to_q: {network} rank" in printed
     lora = load_lora(path)
     exact, report = resize_lora(lora, energy=1.0)  # an SVD that keeps everything: the plain equivalent
     assert report.relative_error < 1e-5 and exact.metadata["ss_network_module"] == "networks.lora"
@@ -276,10 +280,11 @@ def test_lycoris_settings_are_checked_where_every_setting_is(tiny_folders):
     assert any("set save.format = 'kohya'" in p for p in config.combination_problems())
 
 
-def test_a_lokr_run_stopped_and_resumed_equals_one_straight_run(tmp_path, tiny_folders, images):
+@pytest.mark.parametrize("network", ["loha", "lokr"])
+def test_a_lycoris_run_stopped_and_resumed_equals_one_straight_run(tmp_path, tiny_folders, images, network):
     from test_train import stopper
 
-    lora = {**LYCORIS, "network": "lokr", "lokr_factor": 4}
+    lora = {**LYCORIS, "network": network, **({"lokr_factor": 4} if network == "lokr" else {})}
     straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images, lora=lora))
     commands, stop_at_5 = stopper(5)
     config = tiny_config(tmp_path / "b", tiny_folders, images, lora=lora)
@@ -287,4 +292,5 @@ def test_a_lokr_run_stopped_and_resumed_equals_one_straight_run(tmp_path, tiny_f
     resumed = run_training(config, resume_from=stopped.run_dir)
     a, b = load_file(str(straight.lora_path)), load_file(str(resumed.lora_path))
     assert resumed.step == 8 and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads(load_lora(resumed.lora_path).metadata["ss_network_args"])["factor"] == "4"
+    args = json.loads(load_lora(resumed.lora_path).metadata["ss_network_args"])
+    assert args["algo"] == network and args.get("factor") == ("4" if network == "lokr" else None)
