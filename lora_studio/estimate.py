@@ -14,6 +14,11 @@ The memory formula (all sizes in GiB, 1 GiB = 2**30 bytes):
                       x (checkpointing factor if gradient checkpointing) x (weight bytes / 2)
     workspace       = 0.1 (cuBLAS/SDPA workspaces and allocator slack)
 
+LoHa / LoKr (`lora.network`): peft rebuilds each adapted layer's weight change in every forward and keeps it, in
+the compute dtype, for the backward, so their activations add the targeted layers' weight count x weight bytes
+(x the checkpointing factor with gradient checkpointing); LoHa has twice LoRA's parameters (two pairs), LoKr is
+counted as LoRA (more than its Kronecker factors hold). Derived from peft's code, not measured on a GPU.
+
 A[family], the checkpointing factors and the attn-ff factor are fitted to the H100 peaks measured by
 the reference step benchmark (`../shared/bench/h100-reference.json`, recorded in CALIBRATION below):
 A is the peak's growth per extra sample (batch 1 -> 4), the factors are the ratios of the
@@ -47,6 +52,13 @@ UNET_LORA_WIDTH = {
     "sdxl": {"attn": 1_451_520, "attn-ff": 2_659_840, "full": 2_659_840},
 }
 UNET_CONV_WIDTH = {"sd1": 544_000, "sd2": 544_000, "sdxl": 355_840}
+# sum(out * in * kh * kw) over the targeted layers: what LoHa/LoKr rebuild every step (counted on the meta device).
+UNET_TARGET_WEIGHTS = {
+    "sd1": {"attn": 93_511_680, "attn-ff": 266_977_280, "full": 807_956_480},
+    "sd2": {"attn": 99_901_440, "attn-ff": 273_367_040, "full": 814_346_240},
+    "sdxl": {"attn": 955_187_200, "attn-ff": 2_207_744_000, "full": 2_527_539_200},
+}
+TEXT_ENCODER_TARGET_WEIGHTS = {"sd1": 84_934_656, "sd2": 289_406_976, "sdxl": 714_080_256}
 TEXT_ENCODER_LORA_WIDTH = {"sd1": 165_888, "sd2": 423_936, "sdxl": 165_888 + 737_280}
 
 NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
@@ -94,7 +106,16 @@ def lora_parameter_count(family: str, config: TrainConfig) -> int:
         count += (lora.conv_rank or lora.rank) * UNET_CONV_WIDTH[family]
     if lora.train_text_encoder:
         count += lora.rank * TEXT_ENCODER_LORA_WIDTH[family]
-    return count
+    return 2 * count if lora.network == "loha" else count
+
+
+def rebuilt_weights(family: str, config: TrainConfig) -> int:
+    """How many weight elements LoHa/LoKr rebuild and keep per step (0 for LoRA, which multiplies its factors)."""
+    lora = config.lora
+    if lora.network == "lora":
+        return 0
+    count = UNET_TARGET_WEIGHTS[family][lora.unet_targets]
+    return count + (TEXT_ENCODER_TARGET_WEIGHTS[family] if lora.train_text_encoder else 0)
 
 
 def estimate_memory(
@@ -126,6 +147,7 @@ def estimate_memory(
     per_parameter = 8 + OPTIMIZER_STATE_BYTES[config.optimizer.optimizer]
     activations = (config.dataset.batch_size * ACTIVATIONS_GIB[family] * pixels / NATIVE_SIZE[family] ** 2
                    * TARGETS_FACTOR[config.lora.unet_targets] * weight_bytes / 2)  # fmt: skip
+    activations += rebuilt_weights(family, config) * weight_bytes / GIB
     if config.gradient_checkpointing:
         activations *= CHECKPOINTING_FACTOR[family]
     return MemoryEstimate(

@@ -36,11 +36,29 @@ def test_constants_are_the_real_structures_counts(family):
         linear, conv = widths(unet, unet_target_names(unet, targets))
         assert linear == estimate.UNET_LORA_WIDTH[family][targets]
         assert conv == (estimate.UNET_CONV_WIDTH[family] if targets == "full" else 0)
+        assert weights(unet, unet_target_names(unet, targets)) == estimate.UNET_TARGET_WEIGHTS[family][targets]
     te_names = LoraConfig().text_encoder_targets
     te_width = widths(te, text_encoder_target_names(te, te_names))[0]
     if te2 is not None:
         te_width += widths(te2, text_encoder_target_names(te2, te_names))[0]
     assert te_width == estimate.TEXT_ENCODER_LORA_WIDTH[family]
+    te_weights = sum(weights(e, text_encoder_target_names(e, te_names)) for e in (te, te2) if e is not None)
+    assert te_weights == estimate.TEXT_ENCODER_TARGET_WEIGHTS[family]
+
+
+def weights(model: torch.nn.Module, names: list[str]) -> int:
+    modules = dict(model.named_modules())
+    return sum(modules[name].weight.numel() for name in names)
+
+
+def test_loha_and_lokr_add_the_rebuilt_weights_and_loha_twice_the_parameters():
+    lora = TrainConfig(dataset={"resolution": 1024}, lora={"rank": 16, "unet_targets": "attn-ff"})
+    loha = TrainConfig(dataset={"resolution": 1024}, lora={"rank": 16, "unet_targets": "attn-ff", "network": "loha"})
+    plain, hada = estimate.estimate_memory("sdxl", lora), estimate.estimate_memory("sdxl", loha)
+    assert hada.lora_parameters == 2 * plain.lora_parameters
+    rebuilt = (estimate.UNET_TARGET_WEIGHTS["sdxl"]["attn-ff"] + estimate.TEXT_ENCODER_TARGET_WEIGHTS["sdxl"]) * 2
+    assert hada.activations_gib - plain.activations_gib == pytest.approx(rebuilt / estimate.GIB)  # bf16: 2 bytes
+    assert hada.total_gib - plain.total_gib > 5  # SDXL LoHa needs a bigger card, and the Train tab says so
 
 
 def reference_config(size, batch, targets, checkpointing) -> TrainConfig:
