@@ -9,6 +9,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -38,6 +39,8 @@ PART_PREFIX = {  # part (as diffusers names pipeline components) -> kohya prefix
 @dataclass
 class LoraModule:
     """One adapted layer: delta W = (alpha / rank) * up @ down, optionally DoRA-rescaled."""
+
+    algo: ClassVar[str] = "lora"  # beside LyCORIS' loha / lokr (`lycoris.LycorisModule`)
 
     down: torch.Tensor  # [r, in] or [r, in, kh, kw]
     up: torch.Tensor  # [out, r] or [out, r, 1, 1]
@@ -87,7 +90,7 @@ class LoraFile:
     @property
     def network(self) -> str:
         """lora, loha or lokr: what its modules are (LoRA for a file that mixes kinds, as no trainer writes)."""
-        algos = {getattr(m, "algo", "lora") for m in self.modules.values()}
+        algos = {m.algo for m in self.modules.values()}
         return algos.pop() if len(algos) == 1 else "lora"
 
     def has_lycoris(self) -> bool:

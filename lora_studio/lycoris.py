@@ -53,9 +53,6 @@ class LycorisModule:
     tensors: dict[str, torch.Tensor]
     alpha: float | None
 
-    def get(self, key: str) -> torch.Tensor | None:
-        return self.tensors.get(key)
-
     @property
     def dim(self) -> int | None:
         """The rank alpha divides by: LoHa's w1_b rows; LoKr's decomposed factor's (w2 first), None if neither."""
