@@ -108,8 +108,13 @@ def not_finite(source, name: str, label: str) -> LoraFileError:
     )
 
 
+def kohya_module_name(key: str) -> str:
+    """The module a kohya/LyCORIS key belongs to: `name.lora_down.weight`, `name.alpha`, `name.hada_w1_a` -> name."""
+    return key.rsplit(".lora_", 1)[0] if ".lora_" in key else key.rsplit(".", 1)[0]
+
+
 def kohya_module_names(keys) -> list[str]:
-    return sorted({k.rsplit(".lora_", 1)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in keys})
+    return sorted({kohya_module_name(k) for k in keys})
 
 
 def is_onetrainer_sdxl(names) -> bool:

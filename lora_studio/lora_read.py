@@ -36,7 +36,7 @@ from .lora_inspect import (
     family_from_metadata,
     family_of,
     is_onetrainer_sdxl,
-    kohya_module_names,
+    kohya_module_name,
     missing_half,
     not_finite,
     read_lora_header,
@@ -102,7 +102,7 @@ def _kohya_modules(tensors: dict[str, torch.Tensor], source) -> dict[str, LoraMo
     modules, known = {}, set()
     grouped: dict[str, set[str]] = {}
     for key in tensors:
-        name = kohya_module_names([key])[0]
+        name = kohya_module_name(key)
         grouped.setdefault(name, set()).add(key[len(name) + 1:])
     for name, suffixes in sorted(grouped.items()):
         algo = algo_of(suffixes)
