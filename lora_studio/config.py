@@ -391,6 +391,12 @@ class TrainConfig(Section):
         description="Compile the trained models with torch.compile (inductor): faster steps after a one-off "
         "compile of a minute or more; worth it for long runs, not for the demo.",
     )
+    compile_mode: Literal["default", "reduce-overhead"] = Field(
+        "default",
+        description="With torch_compile on a GPU: 'reduce-overhead' also records each bucket shape's forward and "
+        "backward as CUDA graphs, replayed with one launch instead of hundreds (for small batches, whose steps "
+        "wait on launches); it keeps some memory per shape. The same as 'default' on the CPU.",
+    )
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     optimizer: OptimConfig = Field(default_factory=OptimConfig)
@@ -433,6 +439,15 @@ class TrainConfig(Section):
         """Settings that are each valid but cannot train together. "Check settings", `lora-studio config`
         and the trainer all ask this one place, so what the form accepts is what training accepts."""
         problems = []
+        if self.compile_mode != "default" and not self.torch_compile:
+            problems.append(f"`compile_mode` = '{self.compile_mode}' acts only on a compiled model; set "
+                            "torch_compile = true, or compile_mode = 'default'")  # fmt: skip
+        if self.compile_mode == "reduce-overhead" and self.optimizer.gradient_accumulation_steps > 1:
+            # A CUDA graph writes each replay's outputs over the last one's; gradients summed over micro-batches
+            # would have to outlive a replay, which has not been checked on a GPU yet.
+            problems.append("`compile_mode` = 'reduce-overhead' (CUDA graphs) cannot accumulate gradients yet; set "
+                            "optimizer.gradient_accumulation_steps = 1 (a larger batch instead), or compile_mode = "
+                            "'default'")  # fmt: skip
         if self.lora.network != "lora" and self.save.format == "diffusers":
             problems.append(f"`lora.network` = '{self.lora.network}' is written in LyCORIS' format, which "
                             "diffusers' format cannot hold; set save.format = 'kohya' (A1111/Forge and ComfyUI load "

@@ -203,11 +203,16 @@ def batch_loss(session: Session, indices: list[int], draws: list[Draw]) -> torch
     return batch_losses(session, indices, draws).mean()
 
 
-def training_step(session: Session, indices: list[int], micro: int = 0) -> float:
-    """One micro-batch: forward, backward, and (when accumulation completes) an optimizer step."""
+def training_step(session: Session, indices: list[int], micro: int = 0) -> torch.Tensor:
+    """One micro-batch: forward, backward, and (when accumulation completes) an optimizer step.
+
+    Returns each sample's loss, detached and still on the device: reading it waits for the GPU, which the loop
+    does only now and then (`loss_reads`)."""
     seed = session.config.seed
     draws = sample_draws(seed, session.step, micro, indices)
     torch.manual_seed(seed * 1_000_003 + session.step * 101 + micro)  # LoRA dropout draws from the global RNG
+    if session.config.torch_compile and session.config.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs (read already) may be reused
     with session.accelerator.accumulate(*session.models.values()):
         losses = batch_losses(session, indices, draws)
         loss = losses.mean()
@@ -220,6 +225,4 @@ def training_step(session: Session, indices: list[int], micro: int = 0) -> float
             session.ema.step(lora_parameters(session.optimizer))
         session.lr_scheduler.step()
         session.optimizer.zero_grad(set_to_none=True)
-    per_sample = losses.detach().tolist()  # one device sync, as .item() was: the step's loss is their mean
-    session.image_losses.add(indices, per_sample)
-    return sum(per_sample) / len(per_sample)
+    return losses.detach()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from .errors import LoraStudioError
 from .events import Commands, DoneEvent, ErrorEvent, PreparingEvent, ProgressEvent
 from .fsutil import WriteError
 from .lora import inject_lora
+from .loss_reads import PendingLosses, QueuedStep, ReadStep, check_finite, reads_deferred
 from .models import BaseModel, dtype_of, load_base, pick_device
 from .optimizers import make_lr_scheduler, make_optimizer
 from .outputs import render_samples, save_checkpoint, save_lora_file, should_checkpoint
@@ -283,43 +283,33 @@ def prepare_trained_parts(config: TrainConfig, accelerator: Accelerator, base: B
         # Compiled here rather than through Accelerator(dynamo_backend=...): accelerate keeps that setting
         # in a per-process singleton, so a second run in the same app process would silently ignore it.
         # trained_models() strips the compile wrapper again for saving and loading.
-        models = {name: torch.compile(model) for name, model in models.items()}
+        models = {name: torch.compile(model, mode=config.compile_mode) for name, model in models.items()}
     for model in models.values():
         model.train()  # LoRA dropout is active only in training mode
     return models, prepared[-2], prepared[-1]
 
 
-def record_metrics(session: Session, loss: float, lr: float, started: float, first_step: int) -> None:
+def record_metrics(session: Session, read: ReadStep, started: float, first_step: int) -> None:
+    """One step's line in metrics.jsonl and TensorBoard, and its ProgressEvent."""
+    loss = read.loss
     session.smoothed_loss = loss if session.smoothed_loss is None else 0.9 * session.smoothed_loss + 0.1 * loss
     elapsed = time.perf_counter() - started
-    rate = (session.step - first_step) / elapsed if elapsed > 0 else 0.0
-    eta = (session.total_steps - session.step) / rate if rate else 0.0
+    rate = (read.step - first_step) / elapsed if elapsed > 0 else 0.0
+    eta = (session.total_steps - read.step) / rate if rate else 0.0
     line = {
-        "step": session.step,
-        "epoch": session.position.epoch,
+        "step": read.step,
+        "epoch": read.epoch,
         "loss": loss,
         "smoothed_loss": session.smoothed_loss,
-        "lr": lr,
+        "lr": read.lr,
         "time": round(time.time(), 3),
     }
     session.run.append_metrics(line)
     if session.tensorboard is not None:
         for name in ("loss", "smoothed_loss", "lr"):
-            session.tensorboard.add_scalar(f"train/{name}", line[name], session.step)
-    emit(
-        session,
-        ProgressEvent(
-            session.step,
-            session.total_steps,
-            session.position.epoch,
-            loss,
-            session.smoothed_loss,
-            lr,
-            rate,
-            eta,
-            session.run_dir,
-        ),
-    )
+            session.tensorboard.add_scalar(f"train/{name}", line[name], read.step)
+    emit(session, ProgressEvent(read.step, session.total_steps, read.epoch, loss, session.smoothed_loss, read.lr,
+                                rate, eta, session.run_dir))  # fmt: skip
 
 
 def open_tensorboard(run: RunFolder):
@@ -340,54 +330,71 @@ def next_micro_batch(session: Session, batches, upcoming):
 
 def agreed_commands(session: Session) -> tuple[bool, bool, bool]:
     """Stop/save/sample as the main process received them, so every process acts alike."""
-    flags = torch.tensor(
-        [session.commands.take_stop(), session.commands.take_save(), session.commands.take_sample()],
-        device=session.accelerator.device,
-    )
-    if session.accelerator.num_processes > 1:
-        flags = broadcast(flags)
+    taken = (session.commands.take_stop(), session.commands.take_save(), session.commands.take_sample())
+    if session.accelerator.num_processes == 1:
+        return taken  # no round trip through the device, which would wait for the step's kernels
+    flags = broadcast(torch.tensor(taken, device=session.accelerator.device))
     return tuple(bool(f) for f in flags.tolist())
 
 
-def step_loss(session: Session, losses: list[float]) -> float:
-    """The step's loss averaged over micro-batches and processes; stops the run on NaN or inf."""
-    loss = torch.tensor(sum(losses) / len(losses), device=session.accelerator.device)
-    loss = session.accelerator.reduce(loss, reduction="mean").item()
-    if not math.isfinite(loss):
-        message = (
-            f"the loss became {loss} at step {session.step + 1}; likely causes: a learning rate too high, "
-            "alpha much larger than rank, or fp16 overflow (try bf16 or fp32); the last checkpoint is kept"
-        )
-        raise TrainingError(message)
-    return loss
+def queued_step(session: Session, micro_losses: list[tuple[list[int], torch.Tensor]]) -> QueuedStep:
+    """The step just finished, its losses left on the device: their mean over micro-batches and processes."""
+    loss = torch.stack([losses.mean() for _, losses in micro_losses]).mean()
+    loss = session.accelerator.reduce(loss, reduction="mean")  # a collective on several GPUs; no host wait
+    lr = session.lr_scheduler.get_last_lr()[0]
+    return QueuedStep(session.step, session.position.epoch, lr, loss, micro_losses)
+
+
+def read_losses(session: Session, pending: PendingLosses, started: float, first_step: int) -> None:
+    """Read the pending steps' losses: metrics and per-image losses for each, up to a NaN or inf, which stops
+    the run."""
+    for read in pending.read():
+        check_finite(read)
+        for indices, losses in read.samples:
+            session.image_losses.add(indices, losses)
+        on_main(session, record_metrics, read, started, first_step)
 
 
 def run_steps(session: Session, batches, upcoming, started: float, first_step: int, threads: CpuThreads) -> bool:
-    """Steps until the total is reached (False) or a stop is requested (True), with checkpoints and samples."""
+    """Steps until the total is reached (False) or a stop is requested (True), with checkpoints and samples.
+
+    Losses are read in batches on a GPU (`loss_reads`), always before whatever must see them."""
     config = session.config
+    pending = PendingLosses(reads_deferred(session.device))
+
+    def read_pending() -> None:
+        read_losses(session, pending, started, first_step)
+
     while session.step < session.total_steps:
-        losses, epoch_before = [], session.position.epoch
+        micro_losses, epoch_before = [], session.position.epoch
         for micro in range(config.optimizer.gradient_accumulation_steps):
             indices, upcoming = next_micro_batch(session, batches, upcoming)
             threads.step_started()
-            losses.append(training_step(session, indices, micro))
+            micro_losses.append((indices, training_step(session, indices, micro)))
             threads.step_finished()
             session.position = upcoming[0]  # saved state resumes from the next batch
-        loss = step_loss(session, losses)
         session.step += 1
-        on_main(session, record_metrics, loss, session.lr_scheduler.get_last_lr()[0], started, first_step)
+        pending.add(queued_step(session, micro_losses))
+        if pending.due():
+            read_pending()  # before the commands: a Stop pressed on seeing this step's progress stops here
         stop, save, sample = agreed_commands(session)
-        if session.position.epoch != epoch_before:
+        epoch_ended = session.position.epoch != epoch_before
+        if stop or epoch_ended or session.step == session.total_steps:
+            read_pending()
+        if epoch_ended:
             on_main(session, record_training_image_losses)
         if stop:
             return True
         checkpoint = should_checkpoint(session, epoch_before) or save
         if validation_due(session, checkpoint):
+            read_pending()
             validate_now(session)
         if checkpoint:
+            read_pending()  # a NaN stops the run here, before its weights reach a file
             on_main(session, save_checkpoint)
         every = config.sample.every_n_steps
         if (every and session.step % every == 0) or sample:
+            read_pending()
             on_main(session, render_samples)
     return False
 
@@ -456,7 +463,7 @@ def run_training(
         # The sentence the caller shows, kept in the run's log.txt too; info, so a console that shows
         # warnings (the CLI's) does not print it twice.
         log.info("the run stopped: %s", error)
-        report_failure(on_event, session, str(error))
+        report_failure(on_event, session, str(error), getattr(error, "step", None))
         if error is exc:
             raise
         raise error from exc
@@ -506,11 +513,14 @@ def out_of_memory(config: TrainConfig, session: Session | None) -> TrainingError
     return TrainingError(f"the GPU{card} ran out of memory {where}; {helps}; {kept}")
 
 
-def report_failure(on_event, session: Session | None, message: str) -> None:
-    """Tell the caller's callback (the app's job, the CLI) why the run stopped; a failing callback is logged."""
+def report_failure(on_event, session: Session | None, message: str, step: int | None = None) -> None:
+    """Tell the caller's callback (the app's job, the CLI) why the run stopped, at `step` (by default the step
+    under way); a failing callback is logged."""
     if on_event is None:
         return
+    if step is None:
+        step = session.step + 1 if session is not None else 0
     try:
-        on_event(ErrorEvent(session.step + 1 if session is not None else 0, message))
+        on_event(ErrorEvent(step, message))
     except Exception:
         log.exception("the event callback failed on ErrorEvent")

@@ -362,7 +362,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, t
     def nan_at_6(session, indices, micro=0):
         calls["n"] += 1
         loss = real(session, indices, micro)
-        return float("nan") if calls["n"] == 6 else loss
+        return torch.full_like(loss, float("nan")) if calls["n"] == 6 else loss
 
     monkeypatch.setattr(train_module, "training_step", nan_at_6)
     events = []
@@ -737,11 +737,14 @@ def test_samples_render_during_bf16_training(tmp_path, tiny_folders, images, fam
 
 
 @pytest.mark.slow
-def test_torch_compile_trains_the_same_weights(tmp_path, tiny_folders, images):
-    """torch_compile (inductor, about a minute to compile here) changes speed, not the result."""
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_trains_the_same_weights(tmp_path, tiny_folders, images, mode):
+    """torch_compile (inductor, about a minute to compile here) changes speed, not the result. On the CPU
+    'reduce-overhead' records no CUDA graphs, but runs its own step marking; the GPU check is bench/device_check.sh."""
     config = tiny_config(tmp_path / "a", tiny_folders, images, optimizer={"max_train_steps": 3})
     plain = lora_tensors(run_training(config).lora_path)
-    compiled_config = config.model_copy(update={"torch_compile": True, "output_dir": str(tmp_path / "b")})
+    update = {"torch_compile": True, "compile_mode": mode, "output_dir": str(tmp_path / "b")}
+    compiled_config = config.model_copy(update=update)
     compiled = lora_tensors(run_training(compiled_config).lora_path)
     assert plain.keys() == compiled.keys()
     assert all(torch.allclose(plain[k], compiled[k], atol=1e-4) for k in plain)
@@ -751,11 +754,24 @@ def test_torch_compile_trains_the_same_weights(tmp_path, tiny_folders, images):
 def test_bench_timing_helper_times_real_training_steps(tmp_path, tiny_folders, images, monkeypatch):
     """bench/stepping.py, which bench/train_step.py and bench/gpu_step.py time our trainer with."""
     monkeypatch.syspath_prepend(str(os.path.join(os.path.dirname(__file__), "..", "bench")))
-    from stepping import time_training_steps
+    from stepping import time_run_steps, time_training_steps
 
-    session = prepare(tiny_config(tmp_path, tiny_folders, images))
+    session = prepare(tiny_config(tmp_path, tiny_folders, images, save={"every_n_steps": 0}))
     params = [p for group in session.optimizer.param_groups for p in group["params"]]
     before = [p.detach().clone() for p in params]
     warmup_s, times = time_training_steps(session, steps=3, warmup_steps=1)
     assert session.step == 3 and len(times) == 3 and min(times) > 0 and warmup_s > 0
     assert any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))  # the steps trained
+    assert time_run_steps(session, 2) > 0 and session.step == 5  # the trainer's own loop, as a run steps
+    assert [row["step"] for row in session.run.read_metrics()] == [4, 5]
+
+
+def test_compile_mode_needs_a_compiled_model_and_no_accumulation():
+    assert not TrainConfig(torch_compile=True, compile_mode="reduce-overhead").combination_problems()
+    problems = TrainConfig(compile_mode="reduce-overhead").combination_problems()
+    assert problems == ["`compile_mode` = 'reduce-overhead' acts only on a compiled model; set torch_compile = true, "
+                        "or compile_mode = 'default'"]  # fmt: skip
+    accumulating = {"torch_compile": True, "compile_mode": "reduce-overhead",
+                    "optimizer": {"gradient_accumulation_steps": 2}}  # fmt: skip
+    assert any("cannot accumulate gradients yet" in p for p in TrainConfig(**accumulating).combination_problems())
+    assert not TrainConfig(torch_compile=True, optimizer={"gradient_accumulation_steps": 2}).combination_problems()
