@@ -30,3 +30,26 @@ def test_train_step_bench_meets_the_cpu_bar(bench_script):
     report = bench_script("train_step").measure(runs=12)
     assert report["bar"]["met_by_ours_fastest"], report["ratio_vs_reference_median_of_rounds"]
     assert report["ratio_vs_reference_median_of_rounds"]["ours_frozen_te"] > 1.0
+
+
+def test_gpu_bench_runs_ours_and_the_low_vram_preset_on_tiny_models(tmp_path):
+    """bench/gpu_step.py, which the device call (bench/device_check.sh) runs on a lent GPU, on tiny models here:
+    the trainer's loop is timed, a step's FLOPs counted, the low-VRAM preset trains, a profile is written."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    report = tmp_path / "gpu.json"
+    command = [sys.executable, "bench/gpu_step.py", "--smoke", "--runs", "1", "--steps", "2", "--json", str(report),
+               "--only", "ours_tiny_bs2,ours_tiny_low_vram", "--families", "sd1", "--profile", str(tmp_path / "p.txt")]
+    env = {**os.environ, "LORA_STUDIO_HOME": str(tmp_path / "home")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads(report.read_text())["runs_detail"]
+    assert set(runs) == {"ours_tiny_bs2", "ours_tiny_low_vram"}, done.stdout[-2000:]
+    for (case,) in runs.values():
+        assert case["loop_ms_per_step"] > 0 and case["ms_per_step"] > 0 and case["tflop_per_step"] > 0
+        assert 0 < case["mfu"] < 1 and case["first_step_s"] >= case["prepare_s"]
+    assert runs["ours_tiny_low_vram"][0]["lora_params"] != runs["ours_tiny_bs2"][0]["lora_params"]  # the preset's rank
+    assert "aten::" in (tmp_path / "p.ours_tiny_bs2.txt").read_text()  # the profiler's table

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 17's GPU figures, one family per device call (the lease is 15 minutes, all tries together).
+#
+# Here, once per session (both folders are git-ignored through .git/info/exclude):
+#   bash ../shared/bench/device-wheels.sh            # diffusers, pydantic... into .whl/
+#   mkdir -p .ref && cp ../shared/bench/reference_step.py .ref/ && grep -qx /.ref/ .git/info/exclude \
+#     || echo /.ref/ >> .git/info/exclude
+#   bash bench/device_check.sh smoke                  # the same script on the CPU, tiny models: ~2 minutes
+# Then the device tool: command "bash bench/device_check.sh sd1", carry [".whl", ".ref"], timeout_s 560;
+# then the same with "sdxl". Everything lands in $OUT as it is measured, so a cut-off call still returns figures:
+#   train_step_gpu_<part>.json  bench/gpu_step.py: reference and ours (eager, CUDA graphs), images/s, MFU,
+#                               peak GiB (allocator and nvidia-smi), syncs per loop, the low-VRAM preset
+#   profile.ours_*_bs4.txt      torch-profiler tables of ours' eager batch-4 loop (where the step's time goes)
+#   second_start_<part>.json    the compiled case again in a fresh process: its first step reuses inductor's cache
+#   log_<part>.txt              everything printed
+set -u
+part=${1:-sd1}
+out=${OUT:-/tmp/device-check}
+mkdir -p "$out"
+log="$out/log_$part.txt"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false LORA_STUDIO_HOME=/tmp/lora-studio-home
+if [ "$part" = smoke ]; then
+    python=${PYTHON:-.venv/bin/python}
+    $python bench/gpu_step.py --reference ../shared/bench/reference_step.py --smoke --runs 1 --steps 2 \
+        --json "$out/train_step_gpu_smoke.json" --profile "$out/profile.txt" 2>&1 | tee "$log"
+    exit "${PIPESTATUS[0]}"
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    python3 -c "import torch, diffusers, peft, transformers; print(torch.__version__, diffusers.__version__, \
+peft.__version__, transformers.__version__)"
+} 2>&1 | tee "$log"
+case "$part" in
+    sd1) runs=(--families sd1 --runs 3); again=ours_sd15_ro_bs4; budget=400 ;;
+    sdxl) runs=(--families sdxl --sdxl-runs 2); again=ours_sdxl_ro_bs1; budget=420 ;;
+    *) echo "usage: bench/device_check.sh smoke|sd1|sdxl" >&2; exit 2 ;;
+esac
+timeout "$budget" python3 bench/gpu_step.py --reference .ref/reference_step.py "${runs[@]}" \
+    --json "$out/train_step_gpu_$part.json" --profile "$out/profile.txt" 2>&1 | grep -v "Warning" | tee -a "$log"
+# A second process, same compiled case: torch's caches on disk (inductor, autotuning) should cut its first step.
+timeout 120 python3 bench/gpu_step.py --reference .ref/reference_step.py "${runs[@]::2}" --runs 1 --sdxl-runs 1 \
+    --only "$again" --json "$out/second_start_$part.json" 2>&1 | grep -v "Warning" | tee -a "$log"
+date -u | tee -a "$log"
