@@ -146,12 +146,12 @@ def test_start_poll_stop_resume(app_state):
     assert tab.stop(app).startswith("Stopping")
     stopped = manager.wait(1)
     assert stopped.state == "stopped"
-    bar, line, losses, samples, log, shown_now = tab.poll(app)
+    bar, line, losses, samples, log, _timer, shown_now = tab.poll(app)
     assert f'aria-valuenow="{stopped.step}"' in bar and 'aria-valuemax="400"' in bar
     training = losses[losses["series"] == tab.TRAINING_SERIES]
     assert "**stopped**" in line and len(training) == stopped.step and samples and "prepared" in log
     # The same page polling again is sent nothing: its browser has nothing to redraw.
-    assert tab.poll(app, shown_now)[:5] == (gr.skip(),) * 5
+    assert tab.poll(app, shown_now)[:6] == (gr.skip(),) * 6
     assert stopped.run_dir.parent == app.roots.runs  # the runs root, whatever the working directory
     assert tab.resume(app, *values).startswith(f"Job 2 resumes {stopped.run_dir.name} from step {stopped.step}")
     while (status := manager.current()) is None or status.id != 2 or status.step < stopped.step + 2:
@@ -180,6 +180,26 @@ def test_a_poll_sends_only_what_changed_and_the_loss_curve_at_most_every_few_sec
     monkeypatch.setattr(manager, "current", lambda: status2)
     fresh = train_tab.poll(app_state, later[-1], now=200.0)
     assert fresh[3] == [] and len(fresh[2]) == 0  # another job: the old samples and curve are cleared
+
+
+def test_a_job_training_on_the_cpu_is_polled_every_few_seconds_and_an_idle_page_every_second(app_state, monkeypatch):
+    """Each poll costs the browser CPU that a CPU training on the same machine loses (bench/app_training.py)."""
+    manager = app_state.jobs
+    status = JobStatus(id=9, name="demo", state="running", step=3, total_steps=100)
+    monkeypatch.setattr(manager, "current", lambda: status)
+    monkeypatch.setattr(manager, "queued", lambda: [])
+    assert train_tab.training_on_cpu()  # no GPU here
+    running = train_tab.poll(app_state, None, now=1.0)
+    assert isinstance(running[5], gr.Timer) and running[5].value == train_tab.CPU_TRAINING_POLL_SECONDS
+    status.step = 4
+    again = train_tab.poll(app_state, running[-1], now=5.0)
+    assert again[5] == gr.skip() and again[-1].every == train_tab.CPU_TRAINING_POLL_SECONDS  # told once
+    status.state = "done"
+    done = train_tab.poll(app_state, again[-1], now=9.0)
+    assert done[5].value == train_tab.POLL_SECONDS
+    monkeypatch.setattr(train_tab, "training_on_cpu", lambda: False)  # a GPU does the work: every second
+    status.state = "running"
+    assert train_tab.poll(app_state, done[-1], now=10.0)[5] == gr.skip()
 
 
 def test_the_curve_draws_validation_passes_beside_the_training_loss(app_state, monkeypatch):

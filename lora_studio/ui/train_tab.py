@@ -313,6 +313,25 @@ def bar_html(element_id: str, value: int, maximum: int, colour: str, text: str) 
 
 LOSS_PLOT_SECONDS = 5.0  # the loss curve redraws at most this often while a job runs
 LOSS_PLOT_POINTS = 400  # and with at most this many points: the browser redraws all of them
+# How often the page polls. Each poll costs the browser tens of ms of CPU in Gradio's event handling, whatever it
+# updates; on 2 cores the demo trained from the page at 82% of the CLI's steps/s with a poll a second, 95% with
+# the page open and no polls, and 92% with a poll every 4 s (bench/app_training.py, session 12). So a job
+# training on the CPU is polled every 4 s; otherwise (idle, or a GPU doing the work) every second.
+POLL_SECONDS, CPU_TRAINING_POLL_SECONDS = 1.0, 4.0
+
+
+@functools.cache
+def training_on_cpu() -> bool:
+    """Whether jobs train on the CPU here (no CUDA or MPS device); asked once, when a job first runs."""
+    from ..models import pick_device
+
+    return pick_device().type == "cpu"
+
+
+def poll_seconds(status) -> float:
+    """The interval for the page's next polls, given the current job's status (None: no job)."""
+    busy = status is not None and status.state == "running"
+    return CPU_TRAINING_POLL_SECONDS if busy and training_on_cpu() else POLL_SECONDS
 
 
 @dataclass(frozen=True)
@@ -328,11 +347,12 @@ class Shown:
     loss_sent_at: float = 0.0
     samples: tuple[str, ...] | None = None  # None: whatever the page shows is not this job's
     log: str | None = None
+    every: float = POLL_SECONDS  # the timer's interval on the page
 
 
 def poll(app: AppState, before: Shown | None = None, now: float | None = None) -> tuple:
     """What the page shows now (progress bar, status line, loss curve, newest samples, log tail), each
-    `gr.skip()` when the page already has it, and the new `Shown`."""
+    `gr.skip()` when the page already has it, the poll timer's new interval (or skip), and the new `Shown`."""
     import pandas as pd
 
     before = before or Shown()
@@ -344,7 +364,7 @@ def poll(app: AppState, before: Shown | None = None, now: float | None = None) -
         empty = pd.DataFrame({"step": [], "loss": [], "series": pd.Series([], dtype=str)})
         idle = progress_html(0, 0, 0.0, 0.0, "idle"), "No training yet: pick a preset and press Start." + note
         return (*only_new(before, idle), empty if before.loss_points else gr.skip(), gr.skip(), gr.skip(),
-                Shown(bar=idle[0], line=idle[1], loss_points=0))  # fmt: skip
+                new_interval(before, POLL_SECONDS), Shown(bar=idle[0], line=idle[1], loss_points=0))  # fmt: skip
     line = f"**{status.state}** · {status.name}{note}"
     queued = app.jobs.queued()
     if queued:
@@ -356,7 +376,7 @@ def poll(app: AppState, before: Shown | None = None, now: float | None = None) -
     else:
         bar = progress_html(status.step, status.total_steps, status.it_per_s, status.eta_s, status.state)
     if status.id != before.job:
-        before = Shown(job=status.id)
+        before = Shown(job=status.id, every=before.every)  # the page keeps its timer
     points = len(status.losses) + len(status.validation)
     redraw = points != before.loss_points and (
         status.state != "running" or now - before.loss_sent_at >= LOSS_PLOT_SECONDS or before.loss_points <= 0
@@ -364,18 +384,25 @@ def poll(app: AppState, before: Shown | None = None, now: float | None = None) -
     losses = loss_frame(status) if redraw else gr.skip()
     samples = tuple(str(p) for p in status.samples)
     tail = log_tail(status.run_dir)
+    every = poll_seconds(status)
     shown_now = Shown(
         status.id, bar, line,
         points if redraw else before.loss_points, now if redraw else before.loss_sent_at,
-        samples, tail,
+        samples, tail, every,
     )  # fmt: skip
     return (
         *only_new(before, (bar, line)),
         losses,
         [(p, Path(p).stem) for p in samples] if samples != before.samples else gr.skip(),
         tail if tail != before.log else gr.skip(),
+        new_interval(before, every),
         shown_now,
     )
+
+
+def new_interval(before: Shown, every: float):
+    """The timer's update when its interval changes, else skip."""
+    return gr.Timer(value=every) if every != before.every else gr.skip()
 
 
 TRAINING_SERIES, VALIDATION_SERIES = "training (smoothed)", "validation"
@@ -431,9 +458,11 @@ def field_component(field: config_form.FormField, value):
 def poll_every_second(app: AppState, outputs: list) -> None:
     """The live view: a timer polls the job; what this page was sent (`Shown`) is kept on the server."""
     page_has = gr.State(None)
-    # show_progress="hidden": Gradio would otherwise draw its pending overlay on all five outputs every second,
-    # and that redrawing is CPU the training on the same machine does not get.
-    gr.Timer(1.0).tick(shown(poll, app), page_has, [*outputs, page_has], show_progress="hidden")
+    timer = gr.Timer(POLL_SECONDS)
+    # show_progress="hidden": Gradio would otherwise draw its pending overlay on all five outputs every poll, and
+    # queue=False: a plain request rather than the queue's event stream. Both are CPU the browser spends on the
+    # machine that trains (measured with Chromium's Performance metrics: about 20% less per poll without the queue).
+    timer.tick(shown(poll, app), page_has, [*outputs, timer, page_has], show_progress="hidden", queue=False)
 
 
 def form_fields(components: dict, initial: dict) -> gr.Button:
