@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import tiny_config
+from test_train import loss_nan_at, tiny_config
 
 from lora_studio import loss_reads
 from lora_studio import train as train_module
@@ -117,17 +117,9 @@ def test_deferred_reads_write_the_same_metrics_image_losses_and_weights(tmp_path
 
 def test_a_nan_among_deferred_steps_stops_before_the_next_checkpoint(tmp_path, tiny_folders, images, deferred,
                                                                      monkeypatch):  # fmt: skip
-    real = train_module.training_step
-    calls = {"n": 0}
-
-    def nan_at_5(session, indices, micro=0):
-        calls["n"] += 1
-        loss = real(session, indices, micro)
-        return torch.full_like(loss, float("nan")) if calls["n"] == 5 else loss
-
-    monkeypatch.setattr(train_module, "training_step", nan_at_5)
+    calls = loss_nan_at(monkeypatch, 5)
     events = []
-    # no epoch ends before step 9 (12 items a epoch): only the checkpoint at step 6 reads the losses
+    # no epoch ends before step 12 (12 items an epoch): only the checkpoint at step 6 reads the losses
     config = tiny_config(tmp_path, tiny_folders, images, dataset={"batch_size": 1, "repeats": 2},
                          save={"every_n_steps": 6}, optimizer={"max_train_steps": 12})  # fmt: skip
     with pytest.raises(TrainingError, match="loss became nan at step 5"):

@@ -355,16 +355,22 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_folders, images):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, tiny_folders, images, monkeypatch):
+def loss_nan_at(monkeypatch, call: int) -> dict:
+    """Make the losses of the `call`-th training step NaN; returns the count of steps taken."""
     real = train_module.training_step
     calls = {"n": 0}
 
-    def nan_at_6(session, indices, micro=0):
+    def nan_at(session, indices, micro=0):
         calls["n"] += 1
         loss = real(session, indices, micro)
-        return torch.full_like(loss, float("nan")) if calls["n"] == 6 else loss
+        return torch.full_like(loss, float("nan")) if calls["n"] == call else loss
 
-    monkeypatch.setattr(train_module, "training_step", nan_at_6)
+    monkeypatch.setattr(train_module, "training_step", nan_at)
+    return calls
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, tiny_folders, images, monkeypatch):
+    loss_nan_at(monkeypatch, 6)
     events = []
     with pytest.raises(TrainingError, match="loss became nan at step 6.*learning rate"):
         run_training(tiny_config(tmp_path, tiny_folders, images), on_event=events.append)
