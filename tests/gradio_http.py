@@ -53,6 +53,12 @@ class GradioHTTP:
                     return False, output.get("error") or str(output)
         return False, "the event stream ended without a result"
 
+    def call_direct(self, api_name: str, data: list, session: str = "attacker",
+                    headers: dict | None = None) -> httpx.Response:  # fmt: skip
+        """An event outside the queue (`queue=False`), as the page sends it: POST /gradio_api/run/<api_name>."""
+        payload = {"data": data, "session_hash": session, "event_data": None}
+        return self.http.post(f"{self.base}/gradio_api/run/{api_name}", json=payload, headers=headers or {})
+
     def upload(self, path: Path, headers: dict | None = None) -> httpx.Response:
         with open(path, "rb") as f:
             return self.http.post(f"{self.base}/gradio_api/upload", files={"files": (path.name, f)},

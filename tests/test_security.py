@@ -92,6 +92,24 @@ def test_foreign_host_headers_are_refused(server):
         assert httpx.get(server["url"] + "/config", headers={"Host": host}).status_code == 200, host
 
 
+def test_the_train_tabs_poll_outside_the_queue_hears_no_state_and_no_foreign_host(server, client):
+    """The live view's poll skips Gradio's queue (train_tab.poll_every_second); its only input is the page's
+    server-side `Shown`, so a value a request puts there is not heard, and the Host check covers its route."""
+    api_name = next(d["api_name"] for d in client.config()["dependencies"] if d.get("api_name") == "poll")
+    bait = [str(server["outside"] / "sentinel.txt"), {"job": 99, "every": 0.001, "log": "x"}, "../../outside"]
+    for number, forged in enumerate(bait):
+        response = client.call_direct(api_name, [forged], session=f"page-{number}")
+        assert response.status_code == 200, response.text
+        bar, line, *_rest = response.json()["data"]
+        assert 'aria-valuenow="0"' in bar and line.startswith("No training yet")  # the idle page, as if sent None
+    # The same page again: the server remembers what it sent (nothing new to send), whatever the request claims.
+    again = client.call_direct(api_name, [{"bar": "", "line": ""}], session="page-0").json()["data"]
+    # gr.skip() for the bar and the status line: an update with no value, so the page keeps what it shows
+    assert all(o["__type__"] == "update" and "value" not in o and "value" not in o.get("props", {}) for o in again[:2])
+    foreign = client.call_direct(api_name, [None], headers={"Host": f"evil.example:{server['port']}"})
+    assert foreign.status_code == 403 and "answers only to 127.0.0.1" in foreign.text
+
+
 def test_cross_origin_requests_that_change_something_are_refused(server, tmp_path):
     picture = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(picture)
