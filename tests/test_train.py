@@ -746,7 +746,8 @@ def test_samples_render_during_bf16_training(tmp_path, tiny_folders, images, fam
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_torch_compile_trains_the_same_weights(tmp_path, tiny_folders, images, mode):
     """torch_compile (inductor, about a minute to compile here) changes speed, not the result. On the CPU
-    'reduce-overhead' records no CUDA graphs, but runs its own step marking; the GPU check is bench/device_check.sh."""
+    'reduce-overhead' records no CUDA graphs, but runs its own step marking; the GPU check is
+    bench/compile_equality.py (bench/device_check.sh equal)."""
     config = tiny_config(tmp_path / "a", tiny_folders, images, optimizer={"max_train_steps": 3})
     plain = lora_tensors(run_training(config).lora_path)
     update = {"torch_compile": True, "compile_mode": mode, "output_dir": str(tmp_path / "b")}
