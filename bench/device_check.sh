@@ -17,6 +17,9 @@
 #   compile_equality_gpu.json   bench/compile_equality.py: compiled and CUDA-graph training against eager, fp32
 #                               and bf16, with gradient accumulation too (the check that would lift its guard)
 #   log_<part>.txt              everything printed
+# Afterwards, here: copy the JSON files into bench/results/ and remake the README's table with
+#   python bench/gpu_table.py bench/results/train_step_gpu_sd1.json bench/results/train_step_gpu_sdxl.json \
+#       --second-start bench/results/second_start_*.json --readme README.md
 set -u
 part=${1:-sd1}
 out=${OUT:-/tmp/device-check}
