@@ -444,7 +444,8 @@ class TrainConfig(Section):
                             "torch_compile = true, or compile_mode = 'default'")  # fmt: skip
         if self.compile_mode == "reduce-overhead" and self.optimizer.gradient_accumulation_steps > 1:
             # A CUDA graph writes each replay's outputs over the last one's; gradients summed over micro-batches
-            # would have to outlive a replay, which has not been checked on a GPU yet.
+            # would have to outlive a replay, which has not been checked on a GPU yet (bench/compile_equality.py's
+            # accumulating case, run by `bench/device_check.sh equal`, is that check; passed on the CPU, no graphs).
             problems.append("`compile_mode` = 'reduce-overhead' (CUDA graphs) cannot accumulate gradients yet; set "
                             "optimizer.gradient_accumulation_steps = 1 (a larger batch instead), or compile_mode = "
                             "'default'")  # fmt: skip
