@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +39,6 @@ from lora_studio import demo_data, validation  # noqa: E402
 from lora_studio.config import load_preset  # noqa: E402
 from lora_studio.models import load_base  # noqa: E402
 from lora_studio.runs import RunFolder  # noqa: E402
-from lora_studio.session import trained_models  # noqa: E402
-from lora_studio.step import predict  # noqa: E402
 from lora_studio.train import run_training  # noqa: E402
 
 VARIANTS = {
@@ -51,21 +51,27 @@ REGIONS = ("whole image", "shape filled", "shape interior", "shape stroke", "out
 Maps = dict[int, dict[str, np.ndarray]]  # step -> held-out image name -> (timesteps, C, h, w) squared error
 
 
-def recording_losses(maps: Maps):
-    """validation.timestep_losses as it is, keeping each latent pixel's squared error (frozen text encoder)."""
+@contextmanager
+def errors_recorded(maps: Maps) -> Iterator[None]:
+    """The validation pass as it is, keeping each held-out image's squared error per latent pixel: its
+    `timestep_losses` says which image and step are scored, its `masked_mse` sees the prediction and target."""
+    scoring, mse = validation.timestep_losses, validation.masked_mse
+    current: list[tuple[int, str]] = []
 
     def timestep_losses(session, image, timesteps):
-        count = len(timesteps)
-        hidden, added = image.encoded
-        pred, target = predict(trained_models(session)["unet"], session.noise_scheduler,
-                               image.latent.expand(count, *image.latent.shape), image.noise, timesteps,
-                               hidden.expand(count, *hidden.shape[1:]), added, session.weight_dtype,
-                               session.accelerator.autocast)  # fmt: skip
-        error = (pred.float() - target.float()) ** 2
-        maps.setdefault(session.step, {})[image.item.path.name] = error.cpu().numpy()
-        return error.mean(dim=(1, 2, 3))
+        current[:] = [(session.step, image.item.path.name)]
+        return scoring(session, image, timesteps)
 
-    return timestep_losses
+    def masked_mse(pred, target, weights=None):
+        step, name = current[0]
+        maps.setdefault(step, {})[name] = ((pred.float() - target.float()) ** 2).cpu().numpy()
+        return mse(pred, target, weights)
+
+    validation.timestep_losses, validation.masked_mse = timestep_losses, masked_mse
+    try:
+        yield
+    finally:
+        validation.timestep_losses, validation.masked_mse = scoring, mse
 
 
 def drawn(scene: demo_data.Scene, **style) -> np.ndarray:
@@ -109,10 +115,10 @@ def region_losses(maps: Maps) -> dict[int, dict[str, float]]:
 
 def one_variant(name: str, overrides: list[str], seed: int, pipeline, out: Path) -> dict:
     maps: Maps = {}
-    validation.timestep_losses = recording_losses(maps)
     config = load_preset("demo-cpu", [f"seed={seed}", f"output_dir='{out}'", "sample.every_n_steps=0",
                                       "validation.timesteps=10", "save.every_n_steps=25", *overrides])  # fmt: skip
-    run = RunFolder(run_training(config).run_dir)
+    with errors_recorded(maps):
+        run = RunFolder(run_training(config).run_dir)
     losses = region_losses(maps)
     lowest = {r: min(losses, key=lambda s, r=r: losses[s][r]) for r in REGIONS}
     concept = {}
@@ -135,14 +141,10 @@ def main() -> None:
     args = parser.parse_args()
     pipeline = load_base("demo", dtype=torch.float32, device="cpu").pipeline
     pipeline.set_progress_bar_config(disable=True)
-    measured = validation.timestep_losses
     runs = []
-    try:
-        for name in args.only or VARIANTS:
-            with tempfile.TemporaryDirectory() as out:
-                runs.append(one_variant(name, VARIANTS[name], args.seed, pipeline, Path(out)))
-    finally:
-        validation.timestep_losses = measured
+    for name in args.only or VARIANTS:
+        with tempfile.TemporaryDirectory() as out:
+            runs.append(one_variant(name, VARIANTS[name], args.seed, pipeline, Path(out)))
     publish({"seed": args.seed, "regions": list(REGIONS), "runs": runs}, args.json)
 
 

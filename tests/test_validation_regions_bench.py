@@ -1,6 +1,7 @@
 """bench/validation_regions.py's regions are the held-out images' own shapes (it indexes the demo world by name)."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from lora_studio import demo_data
@@ -33,3 +34,24 @@ def test_another_images_regions_do_not_match(bench_script):
     bench = bench_script("validation_regions")
     first, second = sorted(DEMO_VALIDATION_DIR.glob("*.png"))[:2]
     assert stroke_overlap(first, bench.region_masks(second.name, demo_data.SIZE)) < 0.3
+
+
+def test_the_recorded_errors_are_the_validation_pass_own(tmp_path, bench_script):
+    """Each held-out image's kept per-pixel errors average to the loss the run logged for that step."""
+    from lora_studio.config import load_preset
+    from lora_studio.runs import RunFolder
+    from lora_studio.train import run_training
+
+    bench = bench_script("validation_regions")
+    config = load_preset("demo-cpu", [f"output_dir='{tmp_path}'", "sample.every_n_steps=0", "save.every_n_steps=0",
+                                      "optimizer.max_train_steps=4", "validation.every_n_steps=2"])  # fmt: skip
+    maps = {}
+    with bench.errors_recorded(maps):
+        run = RunFolder(run_training(config).run_dir)
+    logged = {row["step"]: row["validation_loss"] for row in run.read_metrics() if "validation_loss" in row}
+    assert sorted(maps) == sorted(logged) == [2, 4]
+    for step, errors in maps.items():
+        assert len(errors) == demo_data.DEMO_VALIDATION_IMAGES
+        assert np.mean([e.mean() for e in errors.values()]) == pytest.approx(logged[step], rel=1e-5)
+    assert "errors_recorded" not in bench.validation.masked_mse.__qualname__  # restored, not left patched
+    assert "errors_recorded" not in bench.validation.timestep_losses.__qualname__
