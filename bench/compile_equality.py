@@ -27,7 +27,7 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,27 +124,38 @@ def cases(modes: list[str]) -> list[tuple[str, list[str], list[str]]]:
     return out
 
 
-def check(steps: int, precisions: list[str], modes: list[str], folder: Path) -> list[dict]:
-    rows = []
+def compared(name: str, precision: str, eager: Run, run: Run, floor: float) -> dict:
+    errors = gradient_errors(eager.gradients, run.gradients)
+    limit = max(GRADIENT_TOLERANCE[precision], 10 * floor)
+    return {"case": name, "precision": precision, "gradient_errors": [f"{e:.2e}" for e in errors],
+            "largest_gradient_error": max(errors), "limit": limit, "within": max(errors) <= limit,
+            "largest_weight_difference": largest_difference(eager.weights, run.weights),
+            "seconds": round(run.seconds, 1)}  # fmt: skip
+
+
+def check(steps: int, precisions: list[str], modes: list[str], folder: Path,
+          progress: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:  # fmt: skip
+    """Every case in every precision; `progress` sees the rows after each, so a cut-off device call keeps them. A
+    case that fails (a CUDA-graph error, say) is a row with its error, and the others still run."""
+    rows: list[dict] = []
     for precision in precisions:
         eager_runs: dict[tuple[str, ...], Run] = {}
         floor = 0.0
         for name, eager_overrides, overrides in cases(modes):
             key = tuple(eager_overrides)
-            if key not in eager_runs:
-                eager_runs[key] = trained(folder / f"{precision}-eager-{len(eager_runs)}", steps, precision,
-                                          eager_overrides)  # fmt: skip
-            with accumulation_guard_lifted():
-                run = trained(folder / f"{precision}-{len(rows)}", steps, precision, overrides)
-            errors = gradient_errors(eager_runs[key].gradients, run.gradients)
-            if name == "eager again":
-                floor = max(errors)
-            limit = max(GRADIENT_TOLERANCE[precision], 10 * floor)
-            rows.append({"case": name, "precision": precision, "gradient_errors": [f"{e:.2e}" for e in errors],
-                         "limit": limit, "within": max(errors) <= limit,
-                         "largest_weight_difference": largest_difference(eager_runs[key].weights, run.weights),
-                         "seconds": round(run.seconds, 1)})  # fmt: skip
+            try:
+                if key not in eager_runs:
+                    eager_runs[key] = trained(folder / f"{precision}-eager-{len(eager_runs)}", steps, precision,
+                                              eager_overrides)  # fmt: skip
+                with accumulation_guard_lifted():
+                    run = trained(folder / f"{precision}-{len(rows)}", steps, precision, overrides)
+                rows.append(compared(name, precision, eager_runs[key], run, floor))
+            except Exception as error:  # noqa: BLE001 - one failed case must not lose the others' figures
+                rows.append({"case": name, "precision": precision, "error": repr(error)[:500], "within": False})
+            if name == "eager again" and "error" not in rows[-1]:
+                floor = rows[-1]["largest_gradient_error"]
             print(rows[-1], flush=True)
+            progress(rows)
     return rows
 
 
@@ -157,11 +168,14 @@ def main() -> None:
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     precisions = args.precisions or (["no", "bf16"] if gpu else ["no"])
-    with tempfile.TemporaryDirectory() as folder:
-        rows = check(args.steps, precisions, args.modes, Path(folder))
     device = torch.cuda.get_device_name() if gpu else "cpu"
-    publish({"device": device, "torch": torch.__version__, "steps": args.steps, "cases": rows,
-             "all_within": all(r["within"] for r in rows)}, args.json)  # fmt: skip
+
+    def report(rows: list[dict], echo: bool = False) -> None:
+        publish({"device": device, "torch": torch.__version__, "steps": args.steps, "cases": rows,
+                 "all_within": all(r["within"] for r in rows)}, args.json, echo=echo)  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as folder:
+        report(check(args.steps, precisions, args.modes, Path(folder), report), echo=True)
 
 
 if __name__ == "__main__":

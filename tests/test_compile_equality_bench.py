@@ -42,3 +42,19 @@ def test_the_compared_cases_cover_both_modes_and_accumulation(bench_script):
     assert names == ["eager again", "compiled default", "compiled reduce-overhead", "accumulating, reduce-overhead"]
     with pytest.raises(ValueError, match="different tensors"):
         bench_script("compile_equality").largest_difference({"a": 1}, {"b": 1})
+
+
+def test_a_failing_case_is_a_row_and_the_figures_so_far_are_kept(tmp_path, bench_script, monkeypatch):
+    bench = bench_script("compile_equality")
+    real = bench.trained
+
+    def graphs_fail(out, steps, precision, overrides):
+        if "torch_compile=true" in overrides:
+            raise RuntimeError("CUDA graph capture failed")
+        return real(out, steps, precision, overrides)
+
+    monkeypatch.setattr(bench, "trained", graphs_fail)
+    seen = []
+    rows = bench.check(1, ["no"], ["default"], tmp_path, progress=lambda rows: seen.append(len(rows)))
+    assert [r["case"] for r in rows] == ["eager again", "compiled default"] and seen == [1, 2]
+    assert rows[0]["within"] and not rows[1]["within"] and "CUDA graph capture failed" in rows[1]["error"]
