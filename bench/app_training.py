@@ -5,8 +5,8 @@ the same training from the command line.
     python bench/app_training.py --rounds 3 --steps 200 --json bench/results/app_training_cpu.json
 
 The app case is what a person does: `python app.py`, the Train tab open in headless Chromium (Debian's,
-as in the browser tests), the demo preset, Start, and the page left open while it polls every second
-and redraws the progress bar, the loss curve, the samples and the log. The CLI case is `lora-studio
+as in the browser tests), the demo preset, Start, and the page left open while it polls (every 4 s while the
+CPU trains) and redraws the progress bar, the loss curve, the samples and the log. The CLI case is `lora-studio
 train demo-cpu` with the same settings. Both keep the preset's samples (every 175 steps) and use the
 shipped thread policy. Steps/s come from the `time` of each line of the run's metrics.jsonl, from step
 10 to the last, so model loading does not count. The two cases alternate; figures are medians.
