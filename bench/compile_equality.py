@@ -5,10 +5,11 @@
 
 Trains the bundled demo model on the demo dataset (the demo-cpu preset, batch 8 at 64 px, no warm-up, no samples,
 no validation) for --steps optimizer steps on the GPU when there is one, and compares each run with an eager run:
-the gradients the optimizer is handed at every step (relative error of their global norm), and the final LoRA
-weights. Gradients are the judge: AdamW's normalised update turns gradient rounding of the order of its eps into
-weight differences of up to the learning rate, so the weights only show that the runs stayed close, while a wrong
-graph (a replay that overwrote a gradient, a stale input) changes the gradients themselves.
+the gradients the optimizer is handed at every step (relative error of their global norm), the losses the run
+logged (kept on the device and read in batches on a GPU, where a CUDA-graph replay must not overwrite them), and
+the final LoRA weights. Gradients and losses are the judge: AdamW's normalised update turns gradient rounding of
+the order of its eps into weight differences of up to the learning rate, so the weights only show that the runs
+stayed close, while a wrong graph (a replay that overwrote a gradient, a stale input) changes the gradients.
 
 - `eager again`: a second eager run, the floor (cuDNN and atomics may make even eager runs differ on a GPU);
 - `compiled <mode>` for each of --modes: `torch_compile = true` with that `compile_mode`;
@@ -16,9 +17,9 @@ graph (a replay that overwrote a gradient, a stale input) changes the gradients 
   combination today ("cannot accumulate gradients yet"): this check is what would lift that guard, so here, and
   only here, the refusal is set aside.
 
-A case passes when every step's gradient error is at most GRADIENT_TOLERANCE for its precision, or 10x the eager
-floor. On the CPU (`--modes` may be left empty for a quick run) reduce-overhead records no graphs; the GPU is where
-it matters.
+A case passes when every step's gradient and logged-loss error is at most GRADIENT_TOLERANCE for its precision, or
+10x the eager floor. On the CPU (`--modes` may be left empty for a quick run) reduce-overhead records no graphs;
+the GPU is where it matters.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from report import publish  # noqa: E402
 
 from lora_studio.config import TrainConfig, load_preset  # noqa: E402
+from lora_studio.runs import RunFolder  # noqa: E402
 from lora_studio.train import run_training  # noqa: E402
 
 # Largest relative error of a step's gradient (global norm) against eager: fp32 rounding, or bf16's 8-bit mantissa.
@@ -68,6 +70,7 @@ def accumulation_guard_lifted() -> Iterator[None]:
 class Run:
     weights: dict[str, torch.Tensor]  # the LoRA file's tensors
     gradients: list[torch.Tensor]  # per optimizer step, every trained parameter's gradient, flattened, on the CPU
+    losses: list[float]  # per step, as metrics.jsonl logged them (read from the device in batches on a GPU)
     seconds: float  # a compiled run's include its compile
 
 
@@ -97,7 +100,9 @@ def trained(out: Path, steps: int, precision: str, overrides: list[str]) -> Run:
     start = time.perf_counter()
     with gradients_recorded(gradients):
         done = run_training(config)
-    return Run(load_file(str(done.lora_path)), gradients, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    losses = [row["loss"] for row in RunFolder(done.run_dir).read_metrics() if "loss" in row]
+    return Run(load_file(str(done.lora_path)), gradients, losses, seconds)
 
 
 def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -124,11 +129,21 @@ def cases(modes: list[str]) -> list[tuple[str, list[str], list[str]]]:
     return out
 
 
+def loss_errors(reference: list[float], other: list[float]) -> list[float]:
+    """Per step, the logged losses' relative difference: a compiled run whose losses, kept on the device until
+    read, were overwritten by a later CUDA-graph replay would log another step's numbers."""
+    if len(reference) != len(other):
+        raise ValueError(f"the runs logged {len(reference)} and {len(other)} steps")
+    return [abs(o - r) / abs(r) for r, o in zip(reference, other, strict=True)]
+
+
 def compared(name: str, precision: str, eager: Run, run: Run, floor: float) -> dict:
     errors = gradient_errors(eager.gradients, run.gradients)
+    logged = loss_errors(eager.losses, run.losses)
     limit = max(GRADIENT_TOLERANCE[precision], 10 * floor)
     return {"case": name, "precision": precision, "gradient_errors": [f"{e:.2e}" for e in errors],
-            "largest_gradient_error": max(errors), "limit": limit, "within": max(errors) <= limit,
+            "loss_errors": [f"{e:.2e}" for e in logged], "largest_gradient_error": max(errors), "limit": limit,
+            "within": max(errors) <= limit and max(logged) <= limit,
             "largest_weight_difference": largest_difference(eager.weights, run.weights),
             "seconds": round(run.seconds, 1)}  # fmt: skip
 

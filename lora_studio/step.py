@@ -212,7 +212,9 @@ def training_step(session: Session, indices: list[int], micro: int = 0) -> torch
     draws = sample_draws(seed, session.step, micro, indices)
     torch.manual_seed(seed * 1_000_003 + session.step * 101 + micro)  # LoRA dropout draws from the global RNG
     if session.config.torch_compile and session.config.compile_mode == "reduce-overhead":
-        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs (read already) may be reused
+        # The last step's graph outputs may now be overwritten: nothing keeps them (the losses left on the device
+        # for loss_reads are computed from them outside the graph, in tensors of their own).
+        torch.compiler.cudagraph_mark_step_begin()
     with session.accelerator.accumulate(*session.models.values()):
         losses = batch_losses(session, indices, draws)
         loss = losses.mean()

@@ -12,11 +12,14 @@ def test_two_eager_runs_agree_and_a_different_run_is_caught(tmp_path, bench_scri
     bench = bench_script("compile_equality")
     (row,) = bench.check(steps=2, precisions=["no"], modes=[], folder=tmp_path / "check")
     assert row["case"] == "eager again" and row["within"]
-    assert row["gradient_errors"] == ["0.00e+00", "0.00e+00"] and row["largest_weight_difference"] == 0.0
+    assert row["gradient_errors"] == row["loss_errors"] == ["0.00e+00", "0.00e+00"]
+    assert row["largest_weight_difference"] == 0.0
     eager = bench.trained(tmp_path / "a", 2, "no", [])
-    assert len(eager.gradients) == 2 and all(g.norm() > 0 for g in eager.gradients)  # one per optimizer step
+    assert len(eager.gradients) == len(eager.losses) == 2  # one per optimizer step
+    assert all(g.norm() > 0 for g in eager.gradients) and all(loss > 0 for loss in eager.losses)
     other_seed = bench.trained(tmp_path / "b", 2, "no", ["seed=1"])
     assert min(bench.gradient_errors(eager.gradients, other_seed.gradients)) > bench.GRADIENT_TOLERANCE["bf16"]
+    assert max(bench.loss_errors(eager.losses, other_seed.losses)) > bench.GRADIENT_TOLERANCE["no"]
     assert bench.largest_difference(eager.weights, other_seed.weights) > 0
 
 
