@@ -29,6 +29,13 @@ from lora_studio import demo_data  # noqa: E402
 from lora_studio.models import load_base  # noqa: E402
 
 
+def scoring_pipeline(model: str = "demo", device: str = "cpu"):
+    """The base model's pipeline in fp32, quiet: what every bench scores generations with."""
+    pipeline = load_base(model, dtype=torch.float32, device=device).pipeline
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def base_report(pipeline, cases, steps: int, guidance: float, triggers: tuple[bool, ...] = (False, True)) -> dict:
     """The base model's rates without (`base`) and with (`base_with_trigger`) the trigger word, as asked."""
     seeds = [c.seed for c in cases]
@@ -84,8 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.time()
-    pipeline = load_base(args.model, dtype=torch.float32, device="cpu").pipeline
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = scoring_pipeline(args.model)
     cases = demo_data.eval_cases(args.seeds)
     report = base_report(pipeline, cases, args.steps, args.guidance)
     if args.lora:

@@ -98,14 +98,11 @@ def variant_sets(variant: str, out_root: Path) -> list[str]:
 
 def score_lora(lora: Path, device: str) -> dict:
     """bench/demo_quality.py's report for one LoRA at strengths 1 and 0.5 (with per-shape concept rates)."""
-    import torch
-    from demo_quality import lora_report
+    from demo_quality import lora_report, scoring_pipeline
 
     from lora_studio import demo_data
-    from lora_studio.models import load_base
 
-    pipeline = load_base("demo", dtype=torch.float32, device=device).pipeline
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = scoring_pipeline(device=device)
     return lora_report(pipeline, lora, [1.0, 0.5], demo_data.eval_cases(), steps=20, guidance=5.0)
 
 

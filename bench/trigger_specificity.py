@@ -17,17 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from demo_quality import lora_report  # noqa: E402
+from demo_quality import lora_report, scoring_pipeline  # noqa: E402
 from report import publish  # noqa: E402
 
 from lora_studio import demo_data  # noqa: E402
 from lora_studio.config import load_preset  # noqa: E402
-from lora_studio.models import load_base  # noqa: E402
 from lora_studio.train import run_training  # noqa: E402
 
 
@@ -51,8 +48,7 @@ def main() -> None:
     parser.add_argument("--prior-loss-weight", type=float, default=1.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    pipeline = load_base("demo", dtype=torch.float32, device="cpu").pipeline
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = scoring_pipeline()
     cases, rows = demo_data.eval_cases(), []
     regularized = ["regularization.generate=true", f"optimizer.max_train_steps={args.steps}",
                    f"regularization.prior_loss_weight={args.prior_loss_weight}"]  # fmt: skip

@@ -28,12 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from demo_quality import lora_report  # noqa: E402
+from demo_quality import lora_report, scoring_pipeline  # noqa: E402
 from report import publish  # noqa: E402
 
 from lora_studio import demo_data  # noqa: E402
 from lora_studio.config import load_preset  # noqa: E402
-from lora_studio.models import load_base  # noqa: E402
 from lora_studio.runs import RunFolder  # noqa: E402
 from lora_studio.train import run_training  # noqa: E402
 
@@ -81,12 +80,12 @@ def judge(rows: list[dict], final_file: str, best_file: str) -> dict:
     """Issue 18's bar on one run: the lowest-loss file's concept rate against the final file's."""
     by_file = {row["file"]: row for row in rows}
     best, final = by_file[best_file], by_file[final_file]
+    rho = rank_correlation([r["validation_loss"] for r in rows], [r["concept"] for r in rows])
     return {
         "best": {key: best[key] for key in ("step", "validation_loss", "concept", "color", "shape")},
         "final": {key: final[key] for key in ("step", "validation_loss", "concept", "color", "shape")},
         "best_at_least_final": best["concept"] >= final["concept"],
-        "loss_vs_concept_rank_correlation": round(rank_correlation([r["validation_loss"] for r in rows],
-                                                                   [r["concept"] for r in rows]), 3),  # fmt: skip
+        "loss_vs_concept_rank_correlation": round(rho, 3),
     }
 
 
@@ -111,8 +110,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=150, help="validation and a checkpoint every this many steps")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    pipeline = load_base("demo", dtype=torch.float32, device="cpu").pipeline
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = scoring_pipeline()
     cases = demo_data.eval_cases()
     with tempfile.TemporaryDirectory() as out:
         runs = [one_seed(seed, args, pipeline, cases, Path(out) / str(seed)) for seed in args.seeds]

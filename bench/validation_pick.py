@@ -25,12 +25,11 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from demo_quality import lora_report  # noqa: E402
+from demo_quality import lora_report, scoring_pipeline  # noqa: E402
 from report import publish  # noqa: E402
 
 from lora_studio import demo_data  # noqa: E402
 from lora_studio.config import load_preset  # noqa: E402
-from lora_studio.models import load_base  # noqa: E402
 from lora_studio.runs import RunFolder  # noqa: E402
 from lora_studio.train import run_training  # noqa: E402
 
@@ -80,8 +79,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    pipeline = load_base("demo", dtype=torch.float32, device="cpu").pipeline
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = scoring_pipeline()
     cases = demo_data.eval_cases()
     with tempfile.TemporaryDirectory() as out:
         rows = [one_seed(seed, pipeline, cases, Path(out)) for seed in args.seeds]

@@ -32,12 +32,11 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from demo_quality import lora_report  # noqa: E402
+from demo_quality import lora_report, scoring_pipeline  # noqa: E402
 from report import publish  # noqa: E402
 
 from lora_studio import demo_data, validation  # noqa: E402
 from lora_studio.config import load_preset  # noqa: E402
-from lora_studio.models import load_base  # noqa: E402
 from lora_studio.runs import RunFolder  # noqa: E402
 from lora_studio.train import run_training  # noqa: E402
 
@@ -139,8 +138,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run these variants (default: all)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    pipeline = load_base("demo", dtype=torch.float32, device="cpu").pipeline
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = scoring_pipeline()
     runs = []
     for name in args.only or VARIANTS:
         with tempfile.TemporaryDirectory() as out:

@@ -19,12 +19,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from demo_quality import lora_report  # noqa: E402
+from demo_quality import lora_report, scoring_pipeline  # noqa: E402
 from report import publish  # noqa: E402
 
 from lora_studio import demo_data, validation  # noqa: E402
 from lora_studio.config import load_preset  # noqa: E402
-from lora_studio.models import load_base  # noqa: E402
 from lora_studio.runs import RunFolder  # noqa: E402
 from lora_studio.train import run_training  # noqa: E402
 
@@ -49,8 +48,7 @@ def main() -> None:
         config = load_preset("demo-cpu", [f"seed={args.seed}", f"output_dir='{out}'", "sample.every_n_steps=0",
                                           "validation.timesteps=10", "save.every_n_steps=25", *held_out])  # fmt: skip
         run = RunFolder(run_training(config).run_dir)
-        pipeline = load_base("demo", dtype=torch.float32, device="cpu").pipeline
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline = scoring_pipeline()
         cases, rows = demo_data.eval_cases(), []
         for path in run.checkpoint_files():
             step = int(path.stem[-6:])

@@ -23,11 +23,7 @@ def test_the_held_out_scenes_follow_the_training_ones_and_differ_from_them(tmp_p
 def test_a_short_run_validates_and_scores_every_file(tmp_path, bench_script):
     bench = bench_script("validation_larger_set")
     run = bench.train(42, tmp_path, train_scenes=8, held_out=4, steps=4, every=2)
-    from lora_studio.models import load_base
-
-    pipeline = load_base("demo", dtype=bench.torch.float32, device="cpu").pipeline
-    pipeline.set_progress_bar_config(disable=True)
-    rows = bench.score_files(run, pipeline, demo_data.eval_cases()[:2], sampling_steps=2)
+    rows = bench.score_files(run, bench.scoring_pipeline(), demo_data.eval_cases()[:2], sampling_steps=2)
     assert [r["step"] for r in rows] == [2, 4, 4]  # two checkpoints and the final file
     assert {r["file"] for r in rows} == {"demo-step000002.safetensors", "demo-step000004.safetensors",
                                          "demo.safetensors"}  # fmt: skip
