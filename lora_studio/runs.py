@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -239,11 +240,14 @@ class RunFolder:
         self.write_record(self.validation_record, {"files": files, "best": lowest_loss(existing)})
 
     def validation_losses(self) -> dict[Path, dict]:
-        """{LoRA file: {"step", "validation_loss"}} for the run's files that still exist and were validated."""
+        """{LoRA file: {"step", "validation_loss"}} for the run's files that still exist and were validated (entries
+        of a hand-edited record without a finite loss are left out)."""
         files = self.read_json(self.validation_record).get("files", {})
         if not isinstance(files, dict):
             return {}
-        found = {self.path / name: entry for name, entry in files.items() if isinstance(entry, dict)}
+        found = {self.path / name: {"step": step_of(entry), "validation_loss": entry["validation_loss"]}
+                 for name, entry in files.items()
+                 if isinstance(entry, dict) and is_finite_number(entry.get("validation_loss"))}  # fmt: skip
         return {path: entry for path, entry in found.items() if path.is_file() and is_within(path, self.path)}
 
     def best_lora(self) -> Path | None:
@@ -349,9 +353,19 @@ else:
 
 def lowest_loss(entries: dict) -> Any | None:
     """The key whose entry has the lowest "validation_loss" (the earliest "step" on a tie), None if none has one."""
-    scored = [(entry["validation_loss"], entry.get("step", 0), str(key), key) for key, entry in entries.items()
-              if isinstance(entry, dict) and isinstance(entry.get("validation_loss"), (int, float))]  # fmt: skip
+    scored = [(entry["validation_loss"], step_of(entry), str(key), key) for key, entry in entries.items()
+              if isinstance(entry, dict) and is_finite_number(entry.get("validation_loss"))]  # fmt: skip
     return min(scored)[3] if scored else None
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real loss: NaN would win or lose every comparison at random, and a hand-edited record may hold anything."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def step_of(entry: dict) -> int:
+    step = entry.get("step", 0)
+    return step if isinstance(step, int) and not isinstance(step, bool) else 0
 
 
 def list_runs(root: Path | None = None) -> list[RunFolder]:

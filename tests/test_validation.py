@@ -180,6 +180,16 @@ def test_a_damaged_record_never_stops_anything(tmp_path):
     run.validation_record.write_text(json.dumps({"files": {"../../etc/passwd": {"step": 1, "validation_loss": 0.0},
                                                            "x.safetensors": {"step": 2, "validation_loss": 0.3}}}))
     assert run.best_lora() == run.path / "x.safetensors"  # a name leading out of the run is not a file of it
+    (run.path / "y.safetensors").write_bytes(b"lora")
+    for foreign in (float("nan"), "0.1", True, None):  # never picked over a real loss, whatever its step says
+        entries = {"x.safetensors": {"step": 2, "validation_loss": 0.3},
+                   "y.safetensors": {"step": "3", "validation_loss": foreign}}
+        run.validation_record.write_text(json.dumps({"files": entries}))
+        assert run.best_lora() == run.path / "x.safetensors", foreign
+        assert list(run.validation_losses()) == [run.path / "x.safetensors"]  # what lists and labels read
+    run.validation_record.write_text(json.dumps({"files": {"x.safetensors": {"step": "a", "validation_loss": 0.3},
+                                                           "y.safetensors": {"step": 1, "validation_loss": 0.3}}}))
+    assert run.best_lora() == run.path / "x.safetensors"  # a tie with a foreign step: no TypeError, step 0 first
 
 
 def test_validation_runs_with_a_trained_text_encoder_and_sdxl(tmp_path, tiny_folders, images, monkeypatch):
