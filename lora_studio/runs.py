@@ -273,7 +273,12 @@ class RunFolder:
     def read_image_losses(self) -> dict[str, dict]:
         """{kind: {"step", "images": {path: loss}}} as record_image_losses wrote it ({} when none)."""
         record = self.read_json(self.image_losses)
-        return {k: v for k, v in record.items() if isinstance(v, dict) and isinstance(v.get("images"), dict)}
+        kept = {}
+        for kind, part in record.items():
+            if isinstance(part, dict) and isinstance(part.get("images"), dict):
+                images = {path: loss for path, loss in part["images"].items() if is_finite_number(loss)}
+                kept[kind] = {**part, "images": images}  # a hand-edited entry without a real loss is left out
+        return kept
 
     # --- the lock ----------------------------------------------------------------------------------
 

@@ -190,6 +190,9 @@ def test_a_damaged_record_never_stops_anything(tmp_path):
     run.validation_record.write_text(json.dumps({"files": {"x.safetensors": {"step": "a", "validation_loss": 0.3},
                                                            "y.safetensors": {"step": 1, "validation_loss": 0.3}}}))
     assert run.best_lora() == run.path / "x.safetensors"  # a tie with a foreign step: no TypeError, step 0 first
+    run.image_losses.write_text(json.dumps({"training": {"step": 4, "images": {"a.png": 0.2, "b.png": "high",
+                                                                               "c.png": float("nan")}}}))  # fmt: skip
+    assert run.read_image_losses()["training"]["images"] == {"a.png": 0.2}
 
 
 def test_validation_runs_with_a_trained_text_encoder_and_sdxl(tmp_path, tiny_folders, images, monkeypatch):
