@@ -142,7 +142,7 @@ def validation_note(path: Path) -> str:
     """'val 0.0812' for a LoRA file its run validated, plus ' (best)' for the run's best; '' otherwise."""
     losses = run_of_lora_file(path).validation_losses()  # one read of the run's record per file
     entry = {p.resolve(): e for p, e in losses.items()}.get(path.resolve())
-    if not entry or not isinstance(entry.get("validation_loss"), (int, float)):
+    if not entry:
         return ""
     best = lowest_loss(losses)
     return f"val {entry['validation_loss']:.4f}" + (" (best)" if best and best.resolve() == path.resolve() else "")
