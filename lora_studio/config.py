@@ -91,6 +91,16 @@ class DatasetConfig(Section):
     cache_text_embeddings: bool = False  # only possible with a frozen text encoder and static captions
     cache_dir: str = Field("", description="Where latent/text caches live; empty: .cache in the runs folder.")
 
+    @field_validator("caption_extension")
+    @classmethod
+    def _an_extension(cls, value: str) -> str:
+        """An extension (".txt", "caption"): the caption of `a.png` is `a` plus it, never a path somewhere else."""
+        extension = value.strip()
+        extension = extension if extension.startswith(".") else "." + extension
+        if len(extension) > 32 or not re.fullmatch(r"(\.[A-Za-z0-9_-]+)+", extension):
+            raise ValueError(f"{value!r} is not a file extension; use one such as .txt or .caption")
+        return extension
+
     @field_validator("color_jitter")
     @classmethod
     def _jitter_in_range(cls, value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:

@@ -222,3 +222,13 @@ def test_min_snr_can_be_turned_off_from_toml():
     assert load_preset("demo-cpu", ["optimizer.min_snr_gamma=0"]).optimizer.min_snr_gamma == 0
     with pytest.raises(ConfigError, match="min_snr_gamma"):
         load_preset("demo-cpu", ["optimizer.min_snr_gamma=-1"])
+
+
+def test_the_caption_extension_is_an_extension_and_never_a_path():
+    """The caption of `a.png` is `a` plus the extension: one that names another folder, or none, is refused as a
+    setting with the field's name (it used to fail later, inside the dataset scan, with pathlib's 'Invalid suffix')."""
+    assert load_preset("demo-cpu", ["dataset.caption_extension=caption"]).dataset.caption_extension == ".caption"
+    assert load_preset("demo-cpu", ["dataset.caption_extension=.tags.txt"]).dataset.caption_extension == ".tags.txt"
+    for bad in ("", ".", "/../../etc/passwd", ".txt/../x", "..", ".txt\\..\\x"):
+        with pytest.raises(ConfigError, match="`dataset.caption_extension`.*is not a file extension"):
+            load_preset("demo-cpu", [f"dataset.caption_extension={bad!r}".replace("'", '"')])

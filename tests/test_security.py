@@ -192,6 +192,8 @@ def test_training_paths_outside_the_runs_folder_are_refused(server, client):
         ({"dataset__cache_dir": outside}, "`dataset.cache_dir`"),
         ({"dataset__path": outside}, "dataset folder"),
         ({"base_model": str(server["outside"] / "lora.safetensors")}, "base model"),
+        ({"regularization__path": outside}, "`regularization.path`"),
+        ({"regularization__path": "../outside"}, "`regularization.path`"),
     ):
         assert_refused(client.call("start", form_values(client, **changes)), phrase, "lies outside")
     assert_refused(client.call("preset_values", ["../../outside/x", ""]))  # Gradio's own check of the choices

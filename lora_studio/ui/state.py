@@ -67,9 +67,9 @@ def confined_base(roots: Roots, source: str) -> str:
 
 
 def confined_config(roots: Roots, config):
-    """The form's config with every path resolved inside the roots: the dataset, the validation folder and the
-    base model where the app may read, `output_dir` and `dataset.cache_dir` inside the runs folder (where the app
-    writes)."""
+    """The form's config with every path resolved inside the roots: the dataset, the validation and regularization
+    folders and the base model where the app may read, `output_dir` and `dataset.cache_dir` inside the runs folder
+    (where the app writes)."""
     from ..data import resolve_dataset_path
 
     dataset = resolve_dataset_path(config.dataset.path) if config.dataset.path.strip() == "demo" else None
@@ -81,12 +81,16 @@ def confined_config(roots: Roots, config):
     held_out = config.validation.path.strip()
     if held_out and held_out != "demo-validation":  # the bundled demo's held-out images are readable as they are
         held_out = str(roots.resolve(held_out, "validation folder (`validation.path`)"))
+    regularization = config.regularization.path.strip()
+    if regularization:
+        regularization = str(roots.resolve(regularization, "regularization folder (`regularization.path`)"))
     return config.model_copy(
         update={
             "base_model": confined_base(roots, config.base_model),
             "output_dir": str(output),
             "dataset": config.dataset.model_copy(update={"path": str(dataset), "cache_dir": cache}),
             "validation": config.validation.model_copy(update={"path": held_out}),
+            "regularization": config.regularization.model_copy(update={"path": regularization}),
         }
     )
 
