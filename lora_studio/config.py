@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .fsutil import write_text_atomic
 from .paths import PRESETS_DIR, is_within, user_presets_dir
-from .sample_prompts import SamplePrompt, parse_sample_prompt
+from .sample_prompts import MAX_SIDE, MAX_STEPS, SamplePrompt, parse_sample_prompt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,6 +33,10 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 CONFIG_VERSION = 1
+# Training sides (resolution, bucket sides): 8x SD1.5's and 4x SDXL's, and bounded so that listing the buckets
+# stays instant (an unbounded max_bucket_reso from a request kept a server thread busy for hours).
+MAX_TRAINING_SIDE = 8192
+MAX_SAMPLES_PER_EVENT = 64  # images one sampling renders (prompts x seeds x strengths), as a preview grid's cells
 BLOCK_COUNTS = (3, 23, 25)  # block_ranks: down/mid/up, or kohya's block_dims (SDXL's 23, SD 1.x/2.x's 25)
 
 Family = Literal["auto", "sd1", "sd2", "sd2-v", "sdxl"]
@@ -53,13 +57,15 @@ class DatasetConfig(Section):
     trigger_word: str = Field("", description="Prepended to every caption unless already present.")
     caption_prefix: str = ""
     caption_suffix: str = ""
-    resolution: int = Field(0, ge=0, description="Training side in pixels; 0 uses the base model's native one.")
+    resolution: int = Field(
+        0, ge=0, le=MAX_TRAINING_SIDE, description="Training side in pixels; 0 uses the base model's native one."
+    )
     repeats: int = Field(1, ge=1, description="Times each image is seen per epoch (kohya folder prefixes override).")
     batch_size: int = Field(1, ge=1, le=256)  # kohya_ss GUI default
     enable_bucket: bool = True  # kohya default for non-square datasets
-    min_bucket_reso: int = Field(256, ge=32)  # kohya default; 32 allows the 64 px demo model
-    max_bucket_reso: int = Field(1024, ge=32)  # kohya default for SD1.5 (2048 for SDXL presets)
-    bucket_reso_steps: int = Field(64, ge=8)  # kohya default: 64 keeps SD-family VAE/UNet strides aligned
+    min_bucket_reso: int = Field(256, ge=32, le=MAX_TRAINING_SIDE)  # kohya default; 32 allows the 64 px demo model
+    max_bucket_reso: int = Field(1024, ge=32, le=MAX_TRAINING_SIDE)  # kohya default for SD1.5 (2048 for SDXL presets)
+    bucket_reso_steps: int = Field(64, ge=8, le=512)  # kohya default: 64 keeps SD-family VAE/UNet strides aligned
     bucket_no_upscale: bool = False
     random_crop: bool = False
     flip_aug: bool = False
@@ -272,14 +278,14 @@ class SampleConfig(Section):
     negative_prompt: str = ""
     strengths: list[float] = Field(default_factory=lambda: [0.5, 1.0], description="Adapter strengths to render.")
     seeds: list[int] = Field(default_factory=lambda: [42])
-    num_inference_steps: int = Field(20, ge=1, le=200)
+    num_inference_steps: int = Field(20, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(7.0, ge=0.0)  # A1111 default CFG
     sampler: Literal["euler_a", "euler", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "pndm"] = (
         "euler_a"  # A1111's default sampler
     )
     at_start: bool = Field(False, description="Also render samples before the first step (the base model's look).")
-    width: int | None = Field(None, ge=32)
-    height: int | None = Field(None, ge=32)
+    width: int | None = Field(None, ge=32, le=MAX_SIDE)
+    height: int | None = Field(None, ge=32, le=MAX_SIDE)
 
     @field_validator("prompts")
     @classmethod
@@ -307,6 +313,23 @@ class SampleConfig(Section):
         if bad:
             raise ValueError(f"strengths must lie in [-2, 2], got {bad}")
         return value
+
+    def images_per_sampling(self) -> int:
+        """Images one sampling renders: each prompt (or the default one) at every strength, for each seed (a
+        prompt's own `--d` seed: once)."""
+        lines = self.prompt_lines() or [SamplePrompt("")]
+        return sum(1 if line.seed is not None else len(self.seeds) for line in lines) * len(self.strengths)
+
+    @model_validator(mode="after")
+    def _bounded_sampling(self) -> SampleConfig:
+        images = self.images_per_sampling()
+        if images > MAX_SAMPLES_PER_EVENT:
+            raise ValueError(
+                f"{images} images at each sampling (prompts x seeds x strengths; a prompt with its own --d seed "
+                f"renders once per strength), over the {MAX_SAMPLES_PER_EVENT} one sampling may render; "
+                "use fewer prompts, seeds or strengths"
+            )
+        return self
 
 
 class ValidationConfig(Section):

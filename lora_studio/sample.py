@@ -30,6 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .errors import LoraStudioError
 from .fsutil import atomic_path
+from .sample_prompts import MAX_SIDE, MAX_STEPS
 
 # name -> (scheduler class, extra config, A1111's sampler label, A1111's schedule type or None)
 SAMPLER_SPECS = {
@@ -44,7 +45,6 @@ SAMPLER_SPECS = {
 SAMPLERS = tuple(SAMPLER_SPECS)
 STRENGTH_RANGE = (-2.0, 2.0)
 SIZE_MULTIPLE = 8  # the SD VAEs downsample 8x; diffusers' pipelines refuse other sizes
-MAX_SIDE = 2048  # SDXL's largest trained bucket; beyond it a preview only burns memory
 MAX_GRID_CELLS = 64
 MAX_BATCH_COUNT = 16
 
@@ -153,8 +153,8 @@ class PreviewSettings:
         for name, strength in self.strengths.items():
             if not (STRENGTH_RANGE[0] <= strength <= STRENGTH_RANGE[1]) or math.isnan(strength):
                 problems.append(f"strength {strength:g} of LoRA {name!r} is outside [-2, 2]; use a value inside")
-        if not 1 <= self.steps <= 200:
-            problems.append(f"steps = {self.steps}; use 1 to 200")
+        if not 1 <= self.steps <= MAX_STEPS:
+            problems.append(f"steps = {self.steps}; use 1 to {MAX_STEPS}")
         if not 1 <= self.batch_count <= MAX_BATCH_COUNT:
             problems.append(f"batch count = {self.batch_count}; use 1 to {MAX_BATCH_COUNT}")
         if not (SIZE_MULTIPLE <= self.width <= MAX_SIDE and SIZE_MULTIPLE <= self.height <= MAX_SIDE):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+MAX_SIDE = 2048  # SDXL's largest trained bucket; beyond it a sample or preview only burns memory
+MAX_STEPS = 200  # sampling steps of one image
 FLAG = re.compile(r"(?:^|\s)--([a-z]+)(?=\s|$)")
 FLAGS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "guidance_scale",
          "s": "num_inference_steps", "ss": "sampler"}  # fmt: skip
@@ -58,6 +60,6 @@ def _value(field: str, flag: str, text: str, samplers: tuple[str, ...]) -> objec
         raise ValueError(f"--{flag} needs a number, got {text!r}") from None
     if number < (0 if field in ("seed", "guidance_scale") else 1) or (field in ("width", "height") and number < 32):
         raise ValueError(f"--{flag} {text} is too small")
-    if field in ("width", "height") and number > 2048 or field == "num_inference_steps" and number > 200:
-        raise ValueError(f"--{flag} {text} is too large (sizes up to 2048, steps up to 200)")
+    if field in ("width", "height") and number > MAX_SIDE or field == "num_inference_steps" and number > MAX_STEPS:
+        raise ValueError(f"--{flag} {text} is too large (sizes up to {MAX_SIDE}, steps up to {MAX_STEPS})")
     return number

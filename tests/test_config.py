@@ -232,3 +232,15 @@ def test_the_caption_extension_is_an_extension_and_never_a_path():
     for bad in ("", ".", "/../../etc/passwd", ".txt/../x", "..", ".txt\\..\\x"):
         with pytest.raises(ConfigError, match="`dataset.caption_extension`.*is not a file extension"):
             load_preset("demo-cpu", [f"dataset.caption_extension={bad!r}".replace("'", '"')])
+
+
+def test_sampling_is_bounded_by_the_images_it_renders():
+    """prompts x seeds x strengths, where a prompt's own `--d` seed renders it once: 64 images pass, 72 do not."""
+    eight_strengths = "sample.strengths=[0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75]"
+    eight_seeds = "sample.seeds=[1, 2, 3, 4, 5, 6, 7, 8]"
+    at_cap = load_preset("demo-cpu", [eight_strengths, eight_seeds])
+    assert at_cap.sample.images_per_sampling() == 64
+    own_seeds = load_preset("demo-cpu", [eight_strengths, 'sample.prompts=["a --d 5", "b --d 6"]', eight_seeds])
+    assert own_seeds.sample.images_per_sampling() == 16
+    with pytest.raises(ConfigError, match=r"`sample`: 72 images at each sampling .* over the 64"):
+        load_preset("demo-cpu", [eight_strengths, 'sample.prompts=["a", "b --d 5"]', eight_seeds])

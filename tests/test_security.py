@@ -199,6 +199,23 @@ def test_training_paths_outside_the_runs_folder_are_refused(server, client):
     assert_refused(client.call("preset_values", ["../../outside/x", ""]))  # Gradio's own check of the choices
 
 
+def test_training_sizes_and_sampling_are_capped(server, client):
+    """A bucket side of 10^12 once kept "Check settings" listing buckets for hours; now every size is a bounded
+    setting, refused at once with its field's name, and so is a sampling that would render hundreds of images."""
+    for changes, phrase in (
+        ({"dataset__max_bucket_reso": 10**12, "dataset__enable_bucket": True}, "`dataset.max_bucket_reso`"),
+        ({"dataset__resolution": 10**9}, "`dataset.resolution`"),
+        ({"sample__width": 10**6}, "`sample.width`"),
+        ({"sample__seeds": "[" + ", ".join(map(str, range(100))) + "]", "sample__strengths": "[0.5, 1.0]"},
+         "200 images at each sampling"),
+    ):  # fmt: skip
+        start = time.monotonic()
+        ok, shown = client.call("estimate", form_values(client, **changes))
+        assert ok and phrase in shown[0], shown
+        assert time.monotonic() - start < 10
+        assert_refused(client.call("start", form_values(client, **changes)), phrase)
+
+
 def test_a_preset_name_cannot_leave_the_presets_folder(server):
     from lora_studio.config import load_preset
     from lora_studio.errors import ConfigError

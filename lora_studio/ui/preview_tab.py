@@ -15,6 +15,7 @@ import gradio as gr
 from ..errors import LoraStudioError
 from ..fsutil import atomic_path
 from ..runs import list_runs, run_of_lora_file
+from ..sample_prompts import MAX_SIDE, MAX_STEPS
 from ..workflows import (
     bake_lora_files,
     baked_comparison,
@@ -304,11 +305,11 @@ def build(app: AppState) -> None:
     negative = gr.Textbox(label="Negative prompt")
     with gr.Row():
         sampler = gr.Dropdown(list(SAMPLERS), value="euler_a", label="Sampler")  # the config's names: no torch import
-        steps = gr.Number(20, label="Steps", precision=0, minimum=1, maximum=200, elem_id="preview-steps")
+        steps = gr.Number(20, label="Steps", precision=0, minimum=1, maximum=MAX_STEPS, elem_id="preview-steps")
         cfg = gr.Number(5.0, label="CFG")
         seed = gr.Number(1, label="Seed", precision=0)
-        width = gr.Number(64, label="Width", precision=0, minimum=8, maximum=2048)
-        height = gr.Number(64, label="Height", precision=0, minimum=8, maximum=2048)
+        width = gr.Number(64, label="Width", precision=0, minimum=8, maximum=MAX_SIDE)
+        height = gr.Number(64, label="Height", precision=0, minimum=8, maximum=MAX_SIDE)
     with gr.Row():
         go = gr.Button("Generate", variant="primary", elem_id="preview-generate")
         kind = gr.Dropdown(list(GRID_KINDS), value=GRID_KINDS[0], label="Grid", elem_id="preview-grid-kind")
