@@ -36,6 +36,7 @@ CONFIG_VERSION = 1
 # Training sides (resolution, bucket sides): 8x SD1.5's and 4x SDXL's, and bounded so that listing the buckets
 # stays instant (an unbounded max_bucket_reso from a request kept a server thread busy for hours).
 MAX_TRAINING_SIDE = 8192
+MAX_REPEATS = 10_000  # an epoch lists every image that many times
 MAX_SAMPLES_PER_EVENT = 64  # images one sampling renders (prompts x seeds x strengths), as a preview grid's cells
 BLOCK_COUNTS = (3, 23, 25)  # block_ranks: down/mid/up, or kohya's block_dims (SDXL's 23, SD 1.x/2.x's 25)
 
@@ -60,7 +61,9 @@ class DatasetConfig(Section):
     resolution: int = Field(
         0, ge=0, le=MAX_TRAINING_SIDE, description="Training side in pixels; 0 uses the base model's native one."
     )
-    repeats: int = Field(1, ge=1, description="Times each image is seen per epoch (kohya folder prefixes override).")
+    repeats: int = Field(
+        1, ge=1, le=MAX_REPEATS, description="Times each image is seen per epoch (kohya folder prefixes override)."
+    )
     batch_size: int = Field(1, ge=1, le=256)  # kohya_ss GUI default
     enable_bucket: bool = True  # kohya default for non-square datasets
     min_bucket_reso: int = Field(256, ge=32, le=MAX_TRAINING_SIDE)  # kohya default; 32 allows the 64 px demo model

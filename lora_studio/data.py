@@ -35,7 +35,7 @@ from .buckets import (
     resize_and_crop,
     updates_per_epoch,
 )
-from .config import DatasetConfig, TrainConfig
+from .config import MAX_REPEATS, DatasetConfig, TrainConfig
 from .errors import LoraStudioError
 from .paths import DEMO_DATASET_DIR, DEMO_VALIDATION_DIR, is_within
 
@@ -163,7 +163,14 @@ def find_concept_folders(root: Path, config: DatasetConfig) -> tuple[list[tuple[
                     "images directly in a kohya parent folder are ignored; move them into an N_name folder",
                 )
             )
-        return [(p, m.group(2), int(m.group(1))) for p, m in kohya], problems
+        sources = [(p, m.group(2), int(m.group(1))) for p, m in kohya]
+        problems += [
+            Problem(str(p), "error", f"{repeats} repeats: a kohya folder's count must be 1 to {MAX_REPEATS}; rename "
+                    "the folder")  # fmt: skip
+            for p, _, repeats in sources
+            if not 1 <= repeats <= MAX_REPEATS
+        ]
+        return [s for s in sources if 1 <= s[2] <= MAX_REPEATS], problems
     if own and image_files(root):
         return [], [
             Problem(

@@ -177,6 +177,20 @@ def test_kohya_layout_counts_repeats(tmp_path):
     assert set(report.tag_frequency()) == {"10_zkz dog", "2_style"}
 
 
+def test_a_kohya_count_out_of_range_is_an_error_naming_the_folder(tmp_path):
+    """A folder `0_x` trains nothing and `99999999999_x` would list 10^11 entries an epoch (memory runs out at the
+    start): both are errors naming the folder, and only the folders in range are read."""
+    save(tmp_path / "3_zkz" / "a.png", color=(1, 0, 0))
+    save(tmp_path / "0_empty" / "b.png", color=(2, 0, 0))
+    save(tmp_path / "99999999999_huge" / "c.png", color=(3, 0, 0))
+    report = scan_folder(tmp_path)
+    assert [(i.concept, i.repeats) for i in report.items] == [("zkz", 3)] and report.images_per_epoch == 3
+    errors = {p.path.rpartition("/")[2]: p.message for p in report.errors}
+    assert errors == {"0_empty": "0 repeats: a kohya folder's count must be 1 to 10000; rename the folder",
+                      "99999999999_huge": "99999999999 repeats: a kohya folder's count must be 1 to 10000; rename "
+                      "the folder"}  # fmt: skip
+
+
 def test_pointing_at_the_kohya_concept_folder_explains_the_fix(tmp_path):
     save(tmp_path / "10_zkz" / "a.png")
     report = scan_folder(tmp_path / "10_zkz")
