@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .fsutil import write_text_atomic
 from .paths import PRESETS_DIR, is_within, user_presets_dir
-from .sample_prompts import MAX_SIDE, MAX_STEPS, SamplePrompt, parse_sample_prompt
+from .sample_prompts import MAX_SEED, MAX_SIDE, MAX_STEPS, SamplePrompt, parse_sample_prompt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -309,6 +309,14 @@ class SampleConfig(Section):
         """The prompts with their per-prompt settings (kohya's flags) parsed."""
         return [parse_sample_prompt(line) for line in self.prompts]
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, value: list[int]) -> list[int]:
+        bad = [s for s in value if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise ValueError(f"seeds must lie in [0, {MAX_SEED}], got {bad}")
+        return value
+
     @field_validator("strengths")
     @classmethod
     def _strengths_in_range(cls, value: list[float]) -> list[float]:
@@ -413,7 +421,7 @@ class TrainConfig(Section):
     family: Family = "auto"
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
     output_dir: str = Field("", description="Folder the run folders go in; empty: runs/ in the app's home.")
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"  # kohya/OneTrainer default on modern GPUs
     clip_skip: int = Field(1, ge=1, le=4)  # 1 = last layer; anime-style SD1 models use 2
     gradient_checkpointing: bool = False

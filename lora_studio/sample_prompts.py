@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 MAX_SIDE = 2048  # SDXL's largest trained bucket; beyond it a sample or preview only burns memory
 MAX_STEPS = 200  # sampling steps of one image
+MAX_SEED = 2**32 - 1  # A1111's seed range; training seeds too (a step's noise seed multiplies it: still in 64 bits)
 FLAG = re.compile(r"(?:^|\s)--([a-z]+)(?=\s|$)")
 FLAGS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "guidance_scale",
          "s": "num_inference_steps", "ss": "sampler"}  # fmt: skip
@@ -60,6 +61,8 @@ def _value(field: str, flag: str, text: str, samplers: tuple[str, ...]) -> objec
         raise ValueError(f"--{flag} needs a number, got {text!r}") from None
     if number < (0 if field in ("seed", "guidance_scale") else 1) or (field in ("width", "height") and number < 32):
         raise ValueError(f"--{flag} {text} is too small")
-    if field in ("width", "height") and number > MAX_SIDE or field == "num_inference_steps" and number > MAX_STEPS:
-        raise ValueError(f"--{flag} {text} is too large (sizes up to {MAX_SIDE}, steps up to {MAX_STEPS})")
+    limits = {"width": MAX_SIDE, "height": MAX_SIDE, "num_inference_steps": MAX_STEPS, "seed": MAX_SEED}
+    if number > limits.get(field, number):
+        raise ValueError(f"--{flag} {text} is too large (sizes up to {MAX_SIDE}, steps up to {MAX_STEPS}, seeds up to "
+                         f"{MAX_SEED})")  # fmt: skip
     return number

@@ -244,3 +244,13 @@ def test_sampling_is_bounded_by_the_images_it_renders():
     assert own_seeds.sample.images_per_sampling() == 16
     with pytest.raises(ConfigError, match=r"`sample`: 72 images at each sampling .* over the 64"):
         load_preset("demo-cpu", [eight_strengths, 'sample.prompts=["a", "b --d 5"]', eight_seeds])
+
+
+def test_seeds_stay_in_the_range_torch_and_a1111_take():
+    """A seed past 2^64 made torch raise "Overflow when unpacking long" at the first step (past 2^44, once the step's
+    noise seed multiplied it): every seed is a setting in A1111's range, refused with its field's name."""
+    assert load_preset("demo-cpu", ["seed=4294967295", "sample.seeds=[0, 4294967295]"]).seed == 2**32 - 1
+    for override, field in (("seed=4294967296", "`seed`"), ("sample.seeds=[-1]", "`sample.seeds`"),
+                            ("sample.seeds=[1, 18446744073709551616]", "`sample.seeds`")):  # fmt: skip
+        with pytest.raises(ConfigError, match=field):
+            load_preset("demo-cpu", [override])

@@ -114,6 +114,9 @@ def test_settings_errors_and_notices(tiny_folders):
         previewer.add_lora("/nowhere/missing.safetensors")
     with pytest.raises(PreviewError, match="sampler 'k_lms' is unknown"):
         settings(sampler="k_lms").checked()
+    for seed in (-1, 2**64):  # torch's generator raised "Overflow when unpacking long" mid-render on the second
+        with pytest.raises(PreviewError, match=f"seed = {seed}; use 0 to 4294967295"):
+            settings(seed=seed).checked()
 
 
 def test_family_mismatch_is_refused(tiny_folders, two_loras):

@@ -19,7 +19,8 @@ def test_kohya_flags_are_parsed():
     assert parse_sample_prompt("plain prompt") == SamplePrompt("plain prompt")
     assert parse_sample_prompt("a--b c --d 3").prompt == "a--b c"  # a flag is a word of its own
     for bad, said in (("x --q 3", "--q is not a sample prompt flag"), ("x --w wide", "--w needs a number"),
-                      ("x --w 8", "--w 8 is too small"), ("x --s 999", "--s 999 is too large")):  # fmt: skip
+                      ("x --w 8", "--w 8 is too small"), ("x --s 999", "--s 999 is too large"),
+                      ("x --d 4294967296", "--d 4294967296 is too large")):  # fmt: skip
         with pytest.raises(ValueError, match=said):
             parse_sample_prompt(bad)
 
