@@ -49,7 +49,8 @@ SAVE_PRECISIONS = typing.get_args(SavePrecision)  # what files are written in: t
 class Section(BaseModel):
     """Shared settings: unknown keys are errors (a typo must not silently fall back to a default)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf or NaN in any number: an infinite learning rate or alpha only turns the loss into NaN a step later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DatasetConfig(Section):

@@ -254,3 +254,13 @@ def test_seeds_stay_in_the_range_torch_and_a1111_take():
                             ("sample.seeds=[1, 18446744073709551616]", "`sample.seeds`")):  # fmt: skip
         with pytest.raises(ConfigError, match=field):
             load_preset("demo-cpu", [override])
+
+
+def test_no_number_is_infinite_or_nan():
+    """An infinite learning rate or alpha (TOML takes `inf` and `nan`) only turns the loss into NaN a step later."""
+    for override, field in (("optimizer.learning_rate=inf", "`optimizer.learning_rate`"),
+                            ("lora.alpha=nan", "`lora.alpha`"),
+                            ("optimizer.max_grad_norm=inf", "`optimizer.max_grad_norm`"),
+                            ("sample.strengths=[1.0, nan]", "`sample.strengths.1`")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"{field}.*finite number"):
+            load_preset("demo-cpu", [override])
