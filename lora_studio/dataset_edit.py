@@ -97,13 +97,26 @@ def _copy_atomic(source: Path, target: Path) -> None:
         shutil.copyfile(source, tmp)
 
 
+def caption_file_text(text: str, path: Path) -> str:
+    """The file text of a caption: one line, refused (naming the file) if it is over what the dataset scan reads,
+    so the app never writes a caption that training would then refuse."""
+    line = " ".join(text.split()) + "\n"
+    size = len(line.encode())
+    if size > MAX_CAPTION_BYTES:
+        raise DatasetEditError(
+            f"The caption for {path.name} would be {size / 1024:,.0f} KB, over the {MAX_CAPTION_BYTES // 1024} KB a "
+            "caption may have; shorten it. Nothing was saved."
+        )
+    return line
+
+
 def write_caption(folder: Path, image_name: str, text: str, extension: str = ".txt") -> Path:
     """Save one image's caption (UTF-8, one line), atomically."""
     image = inside(folder, image_name)
     if image.suffix.lower() not in IMAGE_SUFFIXES or not image.is_file():
         raise DatasetEditError(f"{image_name!r} is not an image in {folder}; reload the dataset.")
     path = image.with_suffix(extension)
-    write_text_atomic(path, " ".join(text.split()) + "\n")
+    write_text_atomic(path, caption_file_text(text, path))
     return path
 
 
@@ -132,15 +145,18 @@ class BulkEdit:
 
 def bulk_edit(folder: Path, edit: BulkEdit, extension: str = ".txt") -> list[str]:
     """Apply `edit` to the caption of every image in `folder` (missing captions start empty); returns the
-    names of the captions that changed. Each file is replaced atomically."""
-    changed = []
+    names of the captions that changed. Every new caption is checked before the first is written (an edit that
+    makes one too long changes none); each file is replaced atomically."""
+    edits = {}
     for image in sorted(p for p in folder.iterdir() if is_training_image(p)):
         caption, _notes = read_caption(image, extension)
         new = edit.apply(caption or "")
         if new != (caption or ""):
-            write_text_atomic(image.with_suffix(extension), new + "\n")
-            changed.append(image.with_suffix(extension).name)
-    return changed
+            path = image.with_suffix(extension)
+            edits[path] = caption_file_text(new, path)
+    for path, text in edits.items():
+        write_text_atomic(path, text)
+    return [path.name for path in edits]
 
 
 # --- masks (masked loss) --------------------------------------------------------------------------------------

@@ -73,3 +73,20 @@ def test_bulk_edit_find_replace_prefix_suffix_trigger(tmp_path):
     assert (tmp_path / "b.txt").read_text() == "zkz, a blue circle, flat\n"  # the trigger is not doubled
     assert (tmp_path / "c.txt").read_text() == "zkz, flat\n"  # no empty tags from an empty caption
     assert bulk_edit(tmp_path, BulkEdit(trigger_word="zkz")) == []  # already there: nothing rewritten
+
+
+def test_a_caption_over_the_cap_is_refused_before_anything_is_written(tmp_path):
+    """The scan refuses captions over 64 KB, so the editor must not write one: a long caption from the page, or a
+    bulk edit that makes one caption too long, is one sentence naming the file, and every caption stays as it was."""
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("short\n")
+    (tmp_path / "b.txt").write_text("tag, " * 13000 + "\n")  # 65,001 bytes: under the cap until the edit below
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(DatasetEditError, match=r"for a.txt would be 98 KB, over the 64 KB .* Nothing was saved"):
+        write_caption(tmp_path, "a.png", "x" * 100_000)
+    with pytest.raises(DatasetEditError, match="caption for b.txt would be"):
+        bulk_edit(tmp_path, BulkEdit(find="tag", replace="a longer tag", prefix="new, "))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # a.txt too: all are checked first
+    write_caption(tmp_path, "a.png", "x" * 60_000)  # under the cap: saved
+    assert (tmp_path / "a.txt").stat().st_size == 60_001
