@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .fsutil import write_text_atomic
 from .paths import PRESETS_DIR, is_within, user_presets_dir
-from .sample_prompts import MAX_SEED, MAX_SIDE, MAX_STEPS, SamplePrompt, parse_sample_prompt
+from .sample_prompts import MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, SamplePrompt, parse_sample_prompt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,7 +50,10 @@ class Section(BaseModel):
     """Shared settings: unknown keys are errors (a typo must not silently fall back to a default)."""
 
     # No inf or NaN in any number: an infinite learning rate or alpha only turns the loss into NaN a step later.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # No text (a path, a prompt line, a trigger word) longer than a prompt may be.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, allow_inf_nan=False, str_max_length=MAX_PROMPT_CHARS
+    )
 
 
 class DatasetConfig(Section):
@@ -559,6 +562,11 @@ def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def shortened(text: str, limit: int = 80) -> str:
+    """`text` cut to `limit` characters with its length said, so a 64 KB value does not fill the message."""
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text):,} characters)"
+
+
 def describe_errors(exc: ValidationError) -> list[str]:
     """Turn pydantic's errors into sentences: `field` = value: what is wrong; what to do."""
     problems = []
@@ -573,7 +581,7 @@ def describe_errors(exc: ValidationError) -> list[str]:
             continue
         message = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        shown = "" if isinstance(value, dict) else f" = {shortened(repr(value))}"
         problems.append(f"`{where}`{shown}: {message[0].lower() + message[1:]}")
     return problems
 

@@ -30,7 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .errors import LoraStudioError
 from .fsutil import atomic_path
-from .sample_prompts import MAX_SEED, MAX_SIDE, MAX_STEPS
+from .sample_prompts import MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS
 
 # name -> (scheduler class, extra config, A1111's sampler label, A1111's schedule type or None)
 SAMPLER_SPECS = {
@@ -159,6 +159,9 @@ class PreviewSettings:
             problems.append(f"batch count = {self.batch_count}; use 1 to {MAX_BATCH_COUNT}")
         if not (SIZE_MULTIPLE <= self.width <= MAX_SIDE and SIZE_MULTIPLE <= self.height <= MAX_SIDE):
             problems.append(f"size {self.width}x{self.height} is outside {SIZE_MULTIPLE}-{MAX_SIDE} pixels a side")
+        for name, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
+            if len(text) > MAX_PROMPT_CHARS:
+                problems.append(f"the {name} has {len(text):,} characters; use at most {MAX_PROMPT_CHARS:,}")
         if not 0 <= self.seed <= MAX_SEED:
             problems.append(f"seed = {self.seed}; use 0 to {MAX_SEED}")
         if not 1 <= self.clip_skip <= 12:

@@ -264,3 +264,15 @@ def test_no_number_is_infinite_or_nan():
                             ("sample.strengths=[1.0, nan]", "`sample.strengths.1`")):  # fmt: skip
         with pytest.raises(ConfigError, match=f"{field}.*finite number"):
             load_preset("demo-cpu", [override])
+
+
+def test_texts_are_capped_and_a_long_value_is_shortened_in_the_message():
+    """Every text setting (paths, prompt lines, trigger words) is at most 64 K characters, and the problem quotes the
+    start of a long value with its length instead of all of it."""
+    with pytest.raises(ConfigError) as info:
+        load_preset("demo-cpu", [f'dataset.trigger_word="{"x" * 70_000}"', f'sample.prompts=["{"y" * 70_000}"]'])
+    text = str(info.value)
+    assert "`dataset.trigger_word` = 'xxxx" in text and "`sample.prompts.0` = 'yyyy" in text
+    assert text.count("... (70,002 characters): string should have at most 65536 characters") == 2
+    assert len(text) < 600
+    assert len(load_preset("demo-cpu", [f'dataset.trigger_word="{"x" * 65_536}"']).dataset.trigger_word) == 65_536

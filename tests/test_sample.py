@@ -114,6 +114,8 @@ def test_settings_errors_and_notices(tiny_folders):
         previewer.add_lora("/nowhere/missing.safetensors")
     with pytest.raises(PreviewError, match="sampler 'k_lms' is unknown"):
         settings(sampler="k_lms").checked()
+    with pytest.raises(PreviewError, match="the negative prompt has 70,000 characters; use at most 65,536"):
+        settings(negative_prompt="n" * 70_000).checked()
     for seed in (-1, 2**64):  # torch's generator raised "Overflow when unpacking long" mid-render on the second
         with pytest.raises(PreviewError, match=f"seed = {seed}; use 0 to 4294967295"):
             settings(seed=seed).checked()
