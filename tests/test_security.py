@@ -301,12 +301,12 @@ def test_failed_logins_are_answered_ever_more_slowly(tmp_path, monkeypatch):
     url = f"http://127.0.0.1:{port}/login"
     try:
         times = []
-        for _ in range(5):
+        for _ in range(4):
             started = time.monotonic()
             response = httpx.post(url, data={"username": "me", "password": "guess"})
             times.append(time.monotonic() - started)
             assert response.status_code == 400
-        assert times[-1] >= 1.9 and times[-1] - times[0] >= 1.5, times  # 0, 0.25, 0.5, 1, 2 s of backoff
+        assert times[-1] >= 0.95 and times[-1] - times[0] >= 0.7, times  # 0, 0.25, 0.5, 1 s of backoff (then 2)
         ok = httpx.post(url, data={"username": "me", "password": "s3cret"}, timeout=30)
         assert ok.status_code == 200 and ok.json() == {"success": True}
         quick = time.monotonic()
