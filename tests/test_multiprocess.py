@@ -24,38 +24,39 @@ from lora_studio.train import prepare, run_training, train
 
 SCRIPT = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from safetensors.torch import save_file
     from lora_studio.config import TrainConfig
     from lora_studio.events import Commands, ProgressEvent
     from lora_studio.resume import lora_state_dicts
     from lora_studio.train import prepare, train
 
-    config = TrainConfig.model_validate_json(open(sys.argv[1]).read())
-    stop_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
-    commands = Commands()
+    for job in json.loads(open(sys.argv[1]).read()):  # one training after another in the same two processes
+        config = TrainConfig.model_validate(job["config"])
+        commands = Commands()
 
-    def on_event(event):  # events reach the main process; the stop is then agreed by all
-        if isinstance(event, ProgressEvent) and event.step == stop_at:
-            commands.request_stop()
+        def on_event(event, stop_at=job["stop_at"], commands=commands):  # events reach the main process; the stop
+            if isinstance(event, ProgressEvent) and event.step == stop_at:  # is then agreed by all
+                commands.request_stop()
 
-    session = prepare(config, on_event, commands)
-    train(session)
-    flat = {f"{part}/{k}": v.contiguous() for part, sd in lora_state_dicts(session).items() for k, v in sd.items()}
-    save_file(flat, sys.argv[2].format(rank=session.accelerator.process_index))
+        session = prepare(config, on_event, commands)
+        train(session)
+        flat = {f"{part}/{k}": v.contiguous() for part, sd in lora_state_dicts(session).items() for k, v in sd.items()}
+        save_file(flat, job["out"].format(rank=session.accelerator.process_index))
     """
 )
 
 
-def run_two_processes(tmp_path, config: TrainConfig, stop_at: int | None = None) -> tuple[dict, dict]:
-    """Train `config` in two CPU processes as `accelerate launch` would; the LoRA tensors of each rank."""
-    config_file = tmp_path / "two.json"
-    config_file.write_text(config.model_dump_json())
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    out = str(tmp_path / "rank{rank}.safetensors")
-    torchrun(str(script), str(config_file), out, *([str(stop_at)] if stop_at else []))
-    return load_file(out.format(rank=0)), load_file(out.format(rank=1))
+def run_two_processes(folder, jobs: list[tuple[TrainConfig, int | None]]) -> list[tuple[dict, dict]]:
+    """Train each (config, step to stop after or None) in turn in two CPU processes, as `accelerate launch` would,
+    in one launch (starting two processes costs ~9 s here); the LoRA tensors of each rank, per job."""
+    outs = [str(folder / f"job{n}-rank{{rank}}.safetensors") for n in range(len(jobs))]
+    plan = [{"config": config.model_dump(mode="json"), "stop_at": stop_at, "out": out}
+            for (config, stop_at), out in zip(jobs, outs, strict=True)]  # fmt: skip
+    (folder / "jobs.json").write_text(json.dumps(plan))
+    (folder / "run.py").write_text(SCRIPT)
+    torchrun(str(folder / "run.py"), str(folder / "jobs.json"))
+    return [(load_file(out.format(rank=0)), load_file(out.format(rank=1))) for out in outs]
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -133,39 +134,47 @@ def config_for(tmp_path, tiny_folders, data, batch_size, name):
     )
 
 
-def test_two_processes_equal_one_process_with_the_combined_batch(tmp_path, tiny_folders):
-    data = four_images(tmp_path / "data")
-    single = prepare(config_for(tmp_path / "one", tiny_folders, data, 4, "one"))
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, tiny_folders) -> dict:
+    """The two-process trainings the tests below check, in one launch: a whole run (batch 2 on each process) and
+    one stopped after step 1 of 3 with its state saved."""
+    root = tmp_path_factory.mktemp("two-processes")
+    data = four_images(root / "data")
+    whole = config_for(root / "whole", tiny_folders, data, 2, "two")
+    stopped = config_for(root / "stopped", tiny_folders, data, 2, "two").model_copy(deep=True)
+    stopped.save.save_state = True
+    (whole_ranks, _) = run_two_processes(root, [(whole, None), (stopped, 1)])
+    return {"data": data, "whole": root / "whole" / "runs", "ranks": whole_ranks, "stopped": root / "stopped" / "runs"}
+
+
+def test_two_processes_equal_one_process_with_the_combined_batch(tmp_path, tiny_folders, two_process_runs):
+    single = prepare(config_for(tmp_path, tiny_folders, two_process_runs["data"], 4, "one"))
     train(single)
 
-    rank0, rank1 = run_two_processes(tmp_path, config_for(tmp_path / "two", tiny_folders, data, 2, "two"))
-
+    rank0, rank1 = two_process_runs["ranks"]
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "both ranks hold identical weights"
     assert_close_loras(rank0, lora_of(single))
-    rates = {name: logged_rates(tmp_path / name / "runs") for name in ("one", "two")}
+    rates = {"one": logged_rates(tmp_path / "runs"), "two": logged_rates(two_process_runs["whole"])}
     assert rates["two"] == rates["one"] and rates["one"][0] > rates["one"][-1]
     assert len(rates["one"]) == 3  # 3 epochs of one batch of 4 (one process) or two of 2 (two processes)
 
 
-def test_a_two_process_run_resumes_on_one_process(tmp_path, tiny_folders):
+def test_a_two_process_run_resumes_on_one_process(tmp_path, tiny_folders, two_process_runs):
     """Stopped after 1 of 3 steps on two processes (batch 2 each), finished on one (batch 4): the same
     weights and rate at every step as one process throughout, though the saved schedule counted 2 a step.
     (A step uses the rate the schedule set after the step before, so the stop leaves two steps to see it.)"""
-    data = four_images(tmp_path / "data")
-    one = config_for(tmp_path / "one", tiny_folders, data, 4, "one").model_copy(deep=True)
+    one = config_for(tmp_path, tiny_folders, two_process_runs["data"], 4, "one").model_copy(deep=True)
     one.save.save_state = True
     single = prepare(one)
     train(single)
 
-    two = config_for(tmp_path / "two", tiny_folders, data, 2, "two").model_copy(deep=True)
-    two.save.save_state = True
-    run_two_processes(tmp_path, two, stop_at=1)
-    (run_dir,) = (tmp_path / "two" / "runs").iterdir()
+    (run_dir,) = two_process_runs["stopped"].iterdir()
+    assert len(logged_rates(two_process_runs["stopped"])) == 1  # stopped after step 1
     resumed = run_training(one, resume_from=run_dir)
 
     assert resumed.step == 3
     assert_close_loras(load_state(run_dir / "state" / "trainer.safetensors")["lora"], lora_of(single))
-    assert logged_rates(tmp_path / "two" / "runs") == logged_rates(tmp_path / "one" / "runs")
+    assert logged_rates(two_process_runs["stopped"]) == logged_rates(tmp_path / "runs")
 
 
 def logged_rates(runs) -> list[float]:
