@@ -52,6 +52,11 @@ def runs_root() -> Path:
     return home() / "runs"
 
 
+def compile_cache_folder() -> Path:
+    """Where torch.compile keeps what it compiled (inductor's kernels and graphs) between runs and restarts."""
+    return runs_root() / ".cache" / "torch-compile"
+
+
 def queue_folder(root: Path) -> Path:
     """Where the app records its queued and running jobs, one small file each, so a restart finds them."""
     return root / ".queue"

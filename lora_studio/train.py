@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from .optimizers import make_lr_scheduler, make_optimizer
 from .outputs import render_samples, save_checkpoint, save_lora_file, should_checkpoint
 from .reg_images import RENDERING, generate_regularization
 from .resume import check_resumable, record_config, resume, write_failure
-from .runs import RunFolder, RunLock, output_root
+from .runs import RunFolder, RunLock, compile_cache_folder, output_root
 from .session import Session, TrainingError, emit, modules_on, offload_frozen_parts, on_main, trained_parts
 from .step import encode_text, training_step
 from .validation import build_validation_set, record_file, validate, validation_due
@@ -283,10 +284,29 @@ def prepare_trained_parts(config: TrainConfig, accelerator: Accelerator, base: B
         # Compiled here rather than through Accelerator(dynamo_backend=...): accelerate keeps that setting
         # in a per-process singleton, so a second run in the same app process would silently ignore it.
         # trained_models() strips the compile wrapper again for saving and loading.
+        log.info("compiled kernels are kept in %s", keep_compiled_kernels())
         models = {name: torch.compile(model, mode=config.compile_mode) for name, model in models.items()}
     for model in models.values():
         model.train()  # LoRA dropout is active only in training mode
     return models, prepared[-2], prepared[-1]
+
+
+_compile_cache_we_set: str | None = None  # the TORCHINDUCTOR_CACHE_DIR this process chose (None: not chosen yet)
+
+
+def keep_compiled_kernels() -> Path:
+    """Inductor's cache (kernels, FX and AOT graphs) in the runs folder, unless the person set TORCHINDUCTOR_CACHE_DIR:
+    its default, /tmp/torchinductor_USER, is emptied at each boot on most desktops, and a compile that finds its
+    cache takes seconds where a first one takes minutes. Inductor reads the variable at each lookup, and writes its
+    default there at its first; a value this function set earlier follows the home (tests and `--home` change it)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    global _compile_cache_we_set
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current in (None, _compile_cache_we_set, os.path.abspath(default_cache_dir())):
+        current = _compile_cache_we_set = str(compile_cache_folder())
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = current
+    return Path(current)
 
 
 def record_metrics(session: Session, read: ReadStep, started: float, first_step: int) -> None:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +19,9 @@ from lora_studio import step as step_module
 from lora_studio import train as train_module
 from lora_studio.config import TrainConfig
 from lora_studio.events import CheckpointEvent, Commands, DoneEvent, ErrorEvent, ProgressEvent
+from lora_studio.runs import compile_cache_folder
 from lora_studio.state import load_state, save_state
-from lora_studio.train import TrainingError, prepare, run_training
+from lora_studio.train import TrainingError, keep_compiled_kernels, prepare, run_training
 
 
 @pytest.fixture(scope="module")
@@ -756,6 +758,25 @@ def test_torch_compile_trains_the_same_weights(tmp_path, tiny_folders, images, m
     assert plain.keys() == compiled.keys()
     assert all(torch.allclose(plain[k], compiled[k], atol=1e-4) for k in plain)
     assert any(v.abs().sum() > 0 for k, v in compiled.items() if "lora_up" in k)
+    kept = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])  # what inductor compiled is kept in the runs folder
+    assert kept == compile_cache_folder() and any(kept.rglob("*.py"))
+
+
+def test_compiled_kernels_are_kept_in_the_runs_folder_unless_the_person_chose_a_place(tmp_path, tiny_folders, images,
+                                                                                      monkeypatch):  # fmt: skip
+    """Inductor's default cache, /tmp/torchinductor_USER, is emptied at each boot on most desktops, so a compiled
+    run would compile from scratch (minutes) after every restart of the machine. A run with torch_compile points
+    inductor at runs/.cache/torch-compile in the home; a TORCHINDUCTOR_CACHE_DIR the person set is left alone."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # inductor writes its default there once used
+    prepare(tiny_config(tmp_path, tiny_folders, images, torch_compile=True))  # compiles lazily: at its first step
+    assert Path(cache_dir()) == tmp_path / "home" / "runs" / ".cache" / "torch-compile"
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(tmp_path / "other"))  # the app's --home, or the next test's
+    assert keep_compiled_kernels() == tmp_path / "other" / "runs" / ".cache" / "torch-compile" == Path(cache_dir())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert keep_compiled_kernels() == tmp_path / "mine" == Path(cache_dir())
 
 
 def test_bench_timing_helper_times_real_training_steps(tmp_path, tiny_folders, images, monkeypatch):
