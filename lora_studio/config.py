@@ -25,7 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .fsutil import write_text_atomic
 from .paths import PRESETS_DIR, is_within, user_presets_dir
-from .sample_prompts import MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, SamplePrompt, parse_sample_prompt
+from .sample_prompts import (
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    STRENGTH_RANGE,
+    SamplePrompt,
+    parse_sample_prompt,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -324,9 +332,10 @@ class SampleConfig(Section):
     @field_validator("strengths")
     @classmethod
     def _strengths_in_range(cls, value: list[float]) -> list[float]:
-        bad = [s for s in value if not -2.0 <= s <= 2.0]
+        low, high = STRENGTH_RANGE
+        bad = [s for s in value if not low <= s <= high]
         if bad:
-            raise ValueError(f"strengths must lie in [-2, 2], got {bad}")
+            raise ValueError(f"strengths must lie in [{low:g}, {high:g}], got {bad}")
         return value
 
     def images_per_sampling(self) -> int:

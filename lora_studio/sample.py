@@ -30,7 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .errors import LoraStudioError
 from .fsutil import atomic_path
-from .sample_prompts import MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS
+from .sample_prompts import MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, STRENGTH_RANGE
 
 # name -> (scheduler class, extra config, A1111's sampler label, A1111's schedule type or None)
 SAMPLER_SPECS = {
@@ -43,7 +43,6 @@ SAMPLER_SPECS = {
     "pndm": (PNDMScheduler, {}, "PLMS", None),
 }
 SAMPLERS = tuple(SAMPLER_SPECS)
-STRENGTH_RANGE = (-2.0, 2.0)
 SIZE_MULTIPLE = 8  # the SD VAEs downsample 8x; diffusers' pipelines refuse other sizes
 MAX_GRID_CELLS = 64
 MAX_BATCH_COUNT = 16
@@ -150,9 +149,11 @@ class PreviewSettings:
         problems = []
         if self.sampler not in SAMPLER_SPECS:
             problems.append(f"sampler {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        low, high = STRENGTH_RANGE
         for name, strength in self.strengths.items():
-            if not (STRENGTH_RANGE[0] <= strength <= STRENGTH_RANGE[1]) or math.isnan(strength):
-                problems.append(f"strength {strength:g} of LoRA {name!r} is outside [-2, 2]; use a value inside")
+            if not low <= strength <= high or math.isnan(strength):
+                outside = f"strength {strength:g} of LoRA {name!r} is outside [{low:g}, {high:g}]"
+                problems.append(f"{outside}; use a value inside")
         if not 1 <= self.steps <= MAX_STEPS:
             problems.append(f"steps = {self.steps}; use 1 to {MAX_STEPS}")
         if not 1 <= self.batch_count <= MAX_BATCH_COUNT:

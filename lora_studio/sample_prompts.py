@@ -15,6 +15,7 @@ from dataclasses import dataclass
 MAX_SIDE = 2048  # SDXL's largest trained bucket; beyond it a sample or preview only burns memory
 MAX_STEPS = 200  # sampling steps of one image
 MAX_PROMPT_CHARS = 64 * 1024  # as a caption's 64 KB: the text encoders read 77 tokens a chunk, a few chunks at most
+STRENGTH_RANGE = (-2.0, 2.0)  # adapter strengths a sample or preview may render at
 MAX_SEED = 2**32 - 1  # A1111's seed range; training seeds too (a step's noise seed multiplies it: still in 64 bits)
 FLAG = re.compile(r"(?:^|\s)--([a-z]+)(?=\s|$)")
 FLAGS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "guidance_scale",
