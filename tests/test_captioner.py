@@ -158,7 +158,7 @@ def test_the_dataset_tab_previews_captions_all_and_stops(app_state, captioners):
     assert {p.name: p.read_text() for p in Path(folder).glob("*.txt")} == before  # the preview wrote nothing
     seen = []
     gallery, _report, _tags, message = dataset_tab.caption_all(
-        app_state, folder, "tiny-wd14", "append", "zkz", 0.35, 8, None, lambda *a, **k: seen.append(a[0]))
+        app_state, folder, "tiny-wd14", "append", "zkz", 0.35, 8, None, progress=lambda *a, **k: seen.append(a[0]))
     images = len(list(Path(folder).glob("*.png")))
     assert message == f"Wrote {images} captions ({images} images, mode append)." and seen[-1] == (images, images)
     assert all(label.startswith("zkz, ") and "^_^" in label for _path, label in gallery)
@@ -166,7 +166,7 @@ def test_the_dataset_tab_previews_captions_all_and_stops(app_state, captioners):
     app_state.caption_stop.clear()
     stop_after_first = lambda *a, **k: app_state.caption_stop.set()  # noqa: E731 - Stop pressed during batch one
     *_view, message = dataset_tab.caption_all(app_state, folder, "tiny-wd14", "overwrite", "", 0.35, 4, None,
-                                              stop_after_first)  # fmt: skip
+                                              progress=stop_after_first)  # fmt: skip
     assert message.startswith(f"Stopped after 4 of {images} images")
     with pytest.raises(LoraStudioError, match="No captioner named '../tiny-wd14'"):
         dataset_tab.preview_captions(app_state, folder, "../tiny-wd14", "overwrite", "", 0.35)

@@ -49,6 +49,31 @@ def test_upload_caption_edit_and_bulk_edit(app_state, tmp_path):
     assert ["zkz", 2] in tags
 
 
+def test_the_tab_shows_and_edits_the_caption_files_the_train_form_names(app_state):
+    """A kohya dataset with `.caption` files (sd-scripts' default extension): with the Train form's
+    `dataset.caption_extension` set to it, the gallery, the report, a caption edit and a bulk edit all use those
+    files, which training reads; `.txt` files beside them are left alone. A path in its place is refused."""
+    folder = app_state.roots.datasets / "kohya"
+    folder.mkdir(parents=True)
+    for name, caption, colour in (("a", "a red square", "red"), ("b", "a red circle", "blue")):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{name}.png")
+        (folder / f"{name}.caption").write_text(caption)
+    (folder / "a.txt").write_text("not what trains")
+    state, _shown, gallery, report, tags, _ = dataset_tab.open_dataset(app_state, str(folder), "demo-cpu", "caption")
+    assert [label for _p, label in gallery] == ["a red square", "a red circle"]
+    assert "0 warnings" in report and ["a red square", 1] in tags  # no "no caption" warning: .caption is read
+    gallery, message = dataset_tab.save_caption(app_state, state, "b.png", "a blue circle", ".caption")
+    assert message == "Saved b.caption." and (folder / "b.caption").read_text() == "a blue circle\n"
+    *_view, message = dataset_tab.apply_bulk_edit(app_state, state, "zkz", "", "", "", "", "demo-cpu", ".caption")
+    assert message == "Changed 2 captions." and (folder / "a.caption").read_text() == "zkz, a red square\n"
+    assert (folder / "a.txt").read_text() == "not what trains" and not (folder / "b.txt").exists()
+    _state, _shown, txt_gallery, *_ = dataset_tab.open_dataset(app_state, str(folder), None, ".txt")  # as before
+    assert [label for _p, label in txt_gallery] == ["not what trains", ""]
+    for bad in ("/../../x", "", "."):
+        with pytest.raises(LoraStudioError, match="`dataset.caption_extension`"):
+            dataset_tab.save_caption(app_state, state, "a.png", "x", bad or " ")
+
+
 def test_errors_are_sentences(app_state, tmp_path):
     missing = app_state.roots.datasets / "missing"
     with pytest.raises(LoraStudioError, match="is not a folder"):

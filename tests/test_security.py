@@ -129,11 +129,12 @@ def test_dataset_folders_outside_the_roots_are_refused(server, client):
         link.symlink_to(outside)
     for source in (str(outside), "../outside", "%2e%2e/outside", "datasets/../../outside", str(link), "/etc",
                    str(home / "datasets" / ".." / ".." / "outside")):  # fmt: skip
-        assert_refused(client.call("open_dataset", [source, None]), "outside the app's folders")
+        assert_refused(client.call("open_dataset", [source, None, ".txt"]), "outside the app's folders")
     # The open folder is server-side state: a request that puts a folder in the state's place is not heard.
     bait = str(outside)
-    assert_refused(client.call("apply_bulk_edit", [bait, "zkz", "", "", "secret", "x", None]), "No dataset is open")
-    caption = client.call("save_caption", [bait, str(outside / "image.png"), "a new caption"])
+    assert_refused(client.call("apply_bulk_edit", [bait, "zkz", "", "", "secret", "x", None, ".txt"]),
+                   "No dataset is open")  # fmt: skip
+    caption = client.call("save_caption", [bait, str(outside / "image.png"), "a new caption", ".txt"])
     assert_refused(caption, "No dataset is open")
 
 
@@ -142,12 +143,13 @@ def test_uploads_stay_inside_the_datasets_folder(server, client, tmp_path):
     Image.new("RGB", (8, 8), "blue").save(picture)
     (stored,) = client.upload(picture).json()
     ok, data = client.call("upload", [str(server["outside"]), "../../outside",
-                                      [GradioHTTP.file_data(stored, picture.name)], None])  # fmt: skip
+                                      [GradioHTTP.file_data(stored, picture.name)], None, ".txt"])  # fmt: skip
     assert ok, data
     landed = server["home"] / "datasets" / "outside"
     assert landed.is_dir() and len(list(landed.glob("*.png"))) == 1
     # A file path of the server's choosing is not an upload, whatever the request claims.
-    result = client.call("upload", [None, "x", [GradioHTTP.file_data(str(server["outside"] / "sentinel.txt"))], None])
+    result = client.call("upload", [None, "x", [GradioHTTP.file_data(str(server["outside"] / "sentinel.txt"))], None,
+                                    ".txt"])  # fmt: skip
     assert_refused(result)
 
 
@@ -160,17 +162,31 @@ def test_over_cap_uploads_and_captions_are_refused(server, client, tmp_path):
     image = tmp_path / "huge.png"
     Image.new("RGB", (8, 8)).save(image)
     stored = [client.upload(p).json()[0] for p in (image, caption)]
-    ok, data = client.call("upload", [None, "capped", [GradioHTTP.file_data(s) for s in stored], None])
+    ok, data = client.call("upload", [None, "capped", [GradioHTTP.file_data(s) for s in stored], None, ".txt"])
     assert ok and "huge.txt: over the 64 KB a caption may have" in data[-2]
 
 
+def test_the_caption_extension_from_the_form_cannot_name_another_file(server, client):
+    """The Dataset tab reads and writes the caption files the Train form's `dataset.caption_extension` names: a path
+    sent in its place is refused as that setting, before any file is read or written."""
+    ok, data = client.call("open_dataset", ["demo", None, ".txt"])
+    assert ok
+    image = Path(data[2][0]["image"]["path"]).name  # the first picture of the demo dataset's gallery
+    for bad in ("/../../../outside/sentinel", ".txt/../../../outside/caption", "."):
+        for handler, values in (("open_dataset", ["demo", None, bad]),
+                                ("save_caption", [None, image, "overwritten", bad]),
+                                ("apply_bulk_edit", [None, "zkz", "", "", "", "", None, bad]),
+                                ("preview_captions", [None, None, "overwrite", "", 0.35, bad])):  # fmt: skip
+            assert_refused(client.call(handler, values), "`dataset.caption_extension`", "is not a file extension")
+
+
 def test_a_caption_linked_out_of_the_folder_is_never_shown(server, client):
-    assert client.call("open_dataset", ["demo", None])[0]
+    assert client.call("open_dataset", ["demo", None, ".txt"])[0]
     folder = server["home"] / "datasets" / "demo"
     image = sorted(folder.glob("*.png"))[0]
     image.with_suffix(".txt").unlink()
     image.with_suffix(".txt").symlink_to(server["outside"] / "caption.txt")
-    ok, data = client.call("open_dataset", ["demo", None])
+    ok, data = client.call("open_dataset", ["demo", None, ".txt"])
     assert ok
     gallery, report = data[2], data[3]
     assert "a secret caption" not in str(gallery) and "is a link to a file outside the dataset folder" in report
@@ -401,7 +417,7 @@ def test_the_captioner_is_taken_only_from_the_captioners_folder(server, client):
     """The captioner is a name from the picker (a folder of models/captioners), the dataset the page's open folder:
     a path in either place is not heard, and nothing outside is read or written."""
     outside = str(server["outside"])
-    for handler, extra in (("preview_captions", []), ("caption_all", [4, "demo-cpu"])):
+    for handler, extra in (("preview_captions", [".txt"]), ("caption_all", [4, "demo-cpu", ".txt"])):
         assert_refused(client.call(handler, [outside, outside, "overwrite", "", 0.35, *extra]))
         assert_refused(client.call(handler, [outside, "../../outside", "overwrite", "", 0.35, *extra]))
 

@@ -79,7 +79,8 @@ def build_app(app: AppState | None = None) -> gr.Blocks:
             dataset = dataset_tab.build()
         with gr.Tab("Train"):
             train = train_tab.build(app)
-        dataset_tab.connect(app, blocks, dataset, train["preset"], train["dataset.path"])
+        dataset_tab.connect(app, blocks, dataset, train["preset"], train["dataset.path"],
+                            train["dataset.caption_extension"])
         blocks.load(shown(train_tab.recovered_choices, app), None, train["_recovered"])
         with gr.Tab("Preview"):
             preview_tab.build(app)

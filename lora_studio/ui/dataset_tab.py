@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..config import DatasetConfig, load_preset
+from ..config import CONFIG_VERSION, DatasetConfig, load_preset, validate_config
 from ..data import CaptionError, is_training_image, read_caption, scan
 from ..dataset_edit import (
     BulkEdit,
@@ -63,29 +63,36 @@ def new_dataset_folder(app: AppState, name: str) -> Path:
     return folder
 
 
-def gallery_items(folder: Path) -> list[tuple[str, str]]:
+def caption_extension(extension: str | None) -> str:
+    """The Train form's `dataset.caption_extension` (".txt" when none came), checked as the config checks it: the
+    Dataset tab shows and edits the caption files that training reads. A request may send anything here."""
+    data = {"version": CONFIG_VERSION, "dataset": {"caption_extension": extension or ".txt"}}
+    return validate_config(data, source="the Train form").dataset.caption_extension
+
+
+def gallery_items(folder: Path, extension: str = ".txt") -> list[tuple[str, str]]:
     """The folder's images (links out of the folder left out) with their captions as labels."""
     items = []
     images = sorted(p for p in folder.iterdir() if is_training_image(p) and is_within(p, folder))
     for image in images[:MAX_GALLERY]:
         try:
-            caption, _notes = read_caption(image, ".txt")
+            caption, _notes = read_caption(image, extension)
         except CaptionError as exc:
             caption = f"(caption refused: {exc})"
         items.append((str(image), caption or ""))
     return items
 
 
-def dataset_settings(preset: str | None, folder: Path) -> DatasetConfig:
-    """The Train tab's preset's dataset settings (bucket sizes, caption extension...) for `folder`,
+def dataset_settings(preset: str | None, folder: Path, extension: str = ".txt") -> DatasetConfig:
+    """The Train tab's preset's dataset settings (bucket sizes...) with the form's caption extension for `folder`,
     so the report warns about what that training would actually do."""
     settings = load_preset(preset).dataset if preset else DatasetConfig()
-    return settings.model_copy(update={"path": str(folder)})
+    return settings.model_copy(update={"path": str(folder), "caption_extension": extension})
 
 
-def folder_view(folder: Path, preset: str | None = None) -> tuple[list, str, list[list]]:
+def folder_view(folder: Path, preset: str | None = None, extension: str = ".txt") -> tuple[list, str, list[list]]:
     """Gallery items, the validation report and the tag table, from one scan of the folder."""
-    report = scan(dataset_settings(preset, folder))
+    report = scan(dataset_settings(preset, folder, extension))
     lines = [f"**{len(report.items)} images** usable in `{folder}`, {len(report.errors)} errors, "
              f"{len(report.warnings)} warnings" + (f" (checked with the `{preset}` preset's settings)." if preset
                                                     else ".")]  # fmt: skip
@@ -96,22 +103,27 @@ def folder_view(folder: Path, preset: str | None = None) -> tuple[list, str, lis
         for tag, n in tags.items():
             counts[tag] = counts.get(tag, 0) + n
     tags = [[tag, n] for tag, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
-    return gallery_items(folder), "\n".join(lines), tags
+    return gallery_items(folder, extension), "\n".join(lines), tags
 
 
-def open_dataset(app: AppState, source: str, preset: str | None = None) -> tuple[str, str, list, str, list, str]:
+def open_dataset(app: AppState, source: str, preset: str | None = None,
+                 extension: str | None = None) -> tuple[str, str, list, str, list, str]:  # fmt: skip
     """The folder (for the page's state), its view; it also becomes the Train tab's dataset (so edits are what
     trains)."""
+    extension = caption_extension(extension)
     folder = working_folder(app, source)
-    return str(folder), str(folder), *folder_view(folder, preset), str(folder)
+    return str(folder), str(folder), *folder_view(folder, preset, extension), str(folder)
 
 
 def upload(
-    app: AppState, folder: str | None, new_name: str, files: list[str] | None, preset: str | None = None
-) -> tuple[str, str, list, str, list, str, str]:
-    """Copy uploads (images and same-name .txt captions) into the open folder, or into datasets/<new name>."""
+    app: AppState, folder: str | None, new_name: str, files: list[str] | None, preset: str | None = None,
+    extension: str | None = None,
+) -> tuple[str, str, list, str, list, str, str]:  # fmt: skip
+    """Copy uploads (images and same-name .txt or .caption captions) into the open folder, or into datasets/<new
+    name>."""
     if not files:
         raise LoraStudioError("No files were uploaded; pick images (and their .txt captions) to add.")
+    extension = caption_extension(extension)
     target = new_dataset_folder(app, new_name) if new_name.strip() or not folder else open_folder(app, folder)
     paths = uploaded_files(app, files)
     # Gradio keeps the browser's file name as the temp file's name; it is sanitized again on import.
@@ -119,24 +131,28 @@ def upload(
     message = f"Added {len(result.images)} images and {len(result.captions)} captions to {target}."
     if result.skipped:
         message += " Skipped: " + "; ".join(result.skipped)
-    return str(target), str(target), *folder_view(target, preset), message, str(target)
+    return str(target), str(target), *folder_view(target, preset, extension), message, str(target)
 
 
-def save_caption(app: AppState, folder: str | None, image_path: str, caption: str) -> tuple[list, str]:
+def save_caption(
+    app: AppState, folder: str | None, image_path: str, caption: str, extension: str | None = None
+) -> tuple[list, str]:
     target = open_folder(app, folder)
-    path = write_caption(target, Path(image_path or "").name, caption)
-    return gallery_items(target), f"Saved {path.name}."
+    extension = caption_extension(extension)
+    path = write_caption(target, Path(image_path or "").name, caption, extension)
+    return gallery_items(target, extension), f"Saved {path.name}."
 
 
 def apply_bulk_edit(
     app: AppState, folder: str | None, trigger: str, prefix: str, suffix: str, find: str, replace: str,
-    preset: str | None = None,
+    preset: str | None = None, extension: str | None = None,
 ) -> tuple[list, str, list, str]:  # fmt: skip
     target = open_folder(app, folder)
+    extension = caption_extension(extension)
     changed = bulk_edit(target, BulkEdit(find=find, replace=replace, prefix=prefix, suffix=suffix,
-                                         trigger_word=trigger))  # fmt: skip
+                                         trigger_word=trigger), extension)  # fmt: skip
     message = f"Changed {len(changed)} captions." if changed else "No caption needed a change."
-    return *folder_view(target, preset), message
+    return *folder_view(target, preset, extension), message
 
 
 def editor_value(picture) -> dict:
@@ -214,22 +230,26 @@ def chosen_captioner(app: AppState, name: str | None, threshold: float):
 
 
 def preview_captions(app: AppState, folder: str | None, name: str | None, mode: str, trigger: str,
-                     threshold: float) -> list[list]:  # fmt: skip
+                     threshold: float, extension: str | None = None) -> list[list]:  # fmt: skip
     """What captioning would write for the first few images, written nowhere."""
     from ..captioner import caption_dataset
 
     target = open_folder(app, folder)
+    extension = caption_extension(extension)
     captioner = chosen_captioner(app, name, threshold)
-    results = caption_dataset(target, captioner, mode, trigger[:200], limit=PREVIEW_CAPTIONS, write=False)
+    results = caption_dataset(target, captioner, mode, trigger[:200], limit=PREVIEW_CAPTIONS, write=False,
+                              extension=extension)  # fmt: skip
     return [[r.image.name, r.before or "", r.after if r.after is not None else "(kept as it is)"] for r in results]
 
 
 def caption_all(app: AppState, folder: str | None, name: str | None, mode: str, trigger: str, threshold: float,
-                batch: int, preset: str | None = None, progress=gr.Progress()) -> tuple:  # fmt: skip
+                batch: int, preset: str | None = None, extension: str | None = None,
+                progress=gr.Progress()) -> tuple:  # fmt: skip
     """Caption every image of the open folder, batch by batch, each write atomic; Stop ends it after a batch."""
     from ..captioner import caption_dataset
 
     target = open_folder(app, folder)
+    extension = caption_extension(extension)
     captioner = chosen_captioner(app, name, threshold)
     app.caption_stop.clear()
 
@@ -237,12 +257,12 @@ def caption_all(app: AppState, folder: str | None, name: str | None, mode: str, 
         progress((done, total), desc="captioning", unit="images")
 
     try:
-        results = caption_dataset(target, captioner, mode, trigger[:200], int(batch), progress=report,
-                                  should_stop=app.caption_stop.is_set)  # fmt: skip
+        results = caption_dataset(target, captioner, mode, trigger[:200], int(batch), extension=extension,
+                                  progress=report, should_stop=app.caption_stop.is_set)  # fmt: skip
         message = f"Wrote {sum(r.written for r in results)} captions ({len(results)} images, mode {mode})."
     except StoppedEarly as exc:
         message = str(exc)
-    return *folder_view(target, preset), message
+    return *folder_view(target, preset, extension), message
 
 
 def stop_captioning(app: AppState) -> str:
@@ -285,7 +305,8 @@ def build() -> dict[str, gr.components.Component]:
             value="demo",
             scale=4,
             elem_id="dataset-source",
-            info="A folder of images with same-name .txt captions, a kohya 10_name/ parent, or demo",
+            info="A folder of images with same-name captions (the Train form's caption extension, .txt by default), "
+            "a kohya 10_name/ parent, or demo",
         )
         parts["open"] = gr.Button("Open", elem_id="dataset-open", scale=1)
     parts["folder"] = gr.Textbox(label="Editing", interactive=False, elem_id="dataset-folder")
@@ -331,16 +352,18 @@ def build() -> dict[str, gr.components.Component]:
 
 
 def connect(
-    app: AppState, blocks: gr.Blocks, parts: dict, preset: gr.Dropdown, train_dataset: gr.components.Component
+    app: AppState, blocks: gr.Blocks, parts: dict, preset: gr.Dropdown, train_dataset: gr.components.Component,
+    extension: gr.components.Component,
 ) -> None:
-    """Events: the Train tab's preset sets the report's checks, and the open folder becomes its dataset."""
+    """Events: the Train tab's preset sets the report's checks, its caption extension which caption files are shown
+    and edited, and the open folder becomes its dataset."""
     p = parts
     state = p["open_folder"]
     view = [state, p["folder"], p["gallery"], p["report"], p["tags"]]
-    p["open"].click(shown(open_dataset, app), [p["source"], preset], [*view, train_dataset])
-    blocks.load(shown(open_dataset, app), [p["source"], preset], [*view, train_dataset])  # first start: the demo
+    p["open"].click(shown(open_dataset, app), [p["source"], preset, extension], [*view, train_dataset])
+    blocks.load(shown(open_dataset, app), [p["source"], preset, extension], [*view, train_dataset])  # the demo
     blocks.load(shown(run_names, app), None, p["loss_run"])
-    uploaded = p["files"].upload(shown(upload, app), [state, p["new_name"], p["files"], preset],
+    uploaded = p["files"].upload(shown(upload, app), [state, p["new_name"], p["files"], preset, extension],
                                  [*view, p["status"], train_dataset])  # fmt: skip
     uploaded.success(lambda: None, None, p["files"])  # the files are in the gallery now; empty the drop zone
 
@@ -358,11 +381,12 @@ def connect(
     blocks.load(shown(captioner_choices), None, p["captioner"])
     p["captioner_refresh"].click(shown(captioner_choices), None, p["captioner"])
     settings = [state, p["captioner"], p["caption_mode"], p["caption_trigger"], p["caption_threshold"]]
-    p["caption_preview"].click(shown(preview_captions, app), settings, p["caption_rows"])
-    p["caption_all"].click(shown(caption_all, app), [*settings, p["caption_batch"], preset],
+    p["caption_preview"].click(shown(preview_captions, app), [*settings, extension], p["caption_rows"])
+    p["caption_all"].click(shown(caption_all, app), [*settings, p["caption_batch"], preset, extension],
                            [p["gallery"], p["report"], p["tags"], p["status"]])  # fmt: skip
     p["caption_stop"].click(shown(stop_captioning, app), None, p["status"])
     p["loss_show"].click(shown(image_losses, app), p["loss_run"], p["losses"])
-    p["save"].click(shown(save_caption, app), [state, p["selected"], p["caption"]], [p["gallery"], p["status"]])
-    bulk_inputs = [state, p["trigger"], p["prefix"], p["suffix"], p["find"], p["replace"], preset]
+    p["save"].click(shown(save_caption, app), [state, p["selected"], p["caption"], extension],
+                    [p["gallery"], p["status"]])  # fmt: skip
+    bulk_inputs = [state, p["trigger"], p["prefix"], p["suffix"], p["find"], p["replace"], preset, extension]
     p["bulk"].click(shown(apply_bulk_edit, app), bulk_inputs, [p["gallery"], p["report"], p["tags"], p["status"]])
