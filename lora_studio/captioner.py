@@ -23,6 +23,7 @@ from PIL import Image
 
 from .config import DatasetConfig
 from .data import find_concept_folders, image_files, open_image, read_caption
+from .dataset_edit import caption_file_text
 from .errors import LoraStudioError, StoppedEarly
 from .fsutil import write_text_atomic
 from .paths import captioners_dir, is_within
@@ -248,7 +249,8 @@ def caption_dataset(
             before, _notes = read_caption(path, extension)
             after = combined(before, generated, mode, trigger)
             if write and after is not None and after != (before or "").strip():
-                write_text_atomic(path.with_suffix(extension), after + "\n")
+                caption_file = path.with_suffix(extension)
+                write_text_atomic(caption_file, caption_file_text(after, caption_file))
                 results.append(CaptionResult(path, before, after, True))
             else:
                 results.append(CaptionResult(path, before, after, False))

@@ -63,6 +63,10 @@ def test_a_tagger_captions_by_its_tags_in_every_mode(captioners, tmp_path):
     (folder / "a.txt").write_text("mine\n")
     caption_dataset(folder, tagger, "append", "zkz", limit=1)
     assert captions(folder)["a"] == "zkz, mine, red hair, ^_^"
+    (folder / "a.txt").write_text("tag, " * 13_105 + "\n")  # 10 bytes under the 64 KB a caption may have
+    with pytest.raises(LoraStudioError, match="The caption for a.txt would be 64 KB, over the 64 KB"):
+        caption_dataset(folder, tagger, "append", "", limit=1)  # the tags would take it over
+    assert (folder / "a.txt").read_text() == "tag, " * 13_105 + "\n"  # as it was
 
 
 def test_a_preview_writes_nothing_and_a_stop_keeps_what_was_written(captioners, tmp_path):
