@@ -16,6 +16,7 @@ import gradio as gr
 from ..config import SAVE_PRECISIONS
 from ..errors import LoraStudioError
 from ..runs import RunFolder, list_runs
+from ..sample_prompts import STRENGTH_RANGE
 from ..workflows import (
     checkpoint_label,
     export_lora_file,
@@ -102,8 +103,9 @@ def resize_file(app: AppState, name: str, file: str, rank: float) -> tuple[str, 
 
 def merge_file(app: AppState, name: str, file: str, strength: float) -> str:
     run, source = checked_file(app, name, file)
-    if not -2 <= float(strength) <= 2:
-        raise LoraStudioError("Merge at a strength from -2 to 2.")
+    low, high = STRENGTH_RANGE
+    if not low <= float(strength) <= high:
+        raise LoraStudioError(f"Merge at a strength from {low:g} to {high:g}.")
     out = exports_path(source, f"merged-{float(strength):g}")
     return str(merge_into_base(base_model_of(run), source, float(strength), out))
 
