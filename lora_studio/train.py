@@ -180,6 +180,7 @@ def prepare(
     config: TrainConfig, on_event=None, commands: Commands | None = None, run_dir: Path | None = None
 ) -> Session:
     """Everything before the first step: run folder (locked), dataset, model, caches, LoRA, optimizer."""
+    began = time.perf_counter()
     config.check_trainable()
     accelerator = make_accelerator(config)
     report, held_out = check_dataset(config)  # before any model loads or folder is made: fails in a second
@@ -195,8 +196,8 @@ def prepare(
             lock.release()
         raise
     session.lock, session.on_event, session.commands = lock, on_event, commands or Commands()
-    log.info("prepared %s: %d images, %d steps, %s on %s", run.path, len(session.items), session.total_steps,
-             session.base.family, accelerator.device)  # fmt: skip
+    log.info("prepared %s in %.1f s: %d images, %d steps, %s on %s", run.path, time.perf_counter() - began,
+             len(session.items), session.total_steps, session.base.family, accelerator.device)  # fmt: skip
     return session
 
 
@@ -325,6 +326,9 @@ def record_metrics(session: Session, read: ReadStep, started: float, first_step:
         "time": round(time.time(), 3),
     }
     session.run.append_metrics(line)
+    if read.step == first_step + 1:  # the cold start's second part, beside the "prepared in" line
+        compiled = " (torch.compile compiles during it)" if session.config.torch_compile else ""
+        log.info("first step done %.1f s after training began%s", elapsed, compiled)
     if session.tensorboard is not None:
         for name in ("loss", "smoothed_loss", "lr"):
             session.tensorboard.add_scalar(f"train/{name}", line[name], read.step)

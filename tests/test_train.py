@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,6 +143,9 @@ def test_run_folder_events_and_lora_file(tmp_path, tiny_folders, images):
     assert [e.step for e in progress] == list(range(1, 9)) and progress[-1].total_steps == 8
     assert isinstance(events[-1], DoneEvent) and not events[-1].stopped_early
     assert sum(isinstance(e, CheckpointEvent) for e in events) >= 2
+    log = (run / "log.txt").read_text()  # the cold start, in two parts: preparing, then the first step
+    assert re.search(r"prepared .* in \d+\.\d s: 4 images, 8 steps", log), log
+    assert re.search(r"first step done \d+\.\d s after training began\n", log), log
 
     lora = lora_tensors(done.lora_path)
     assert lora and all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in lora)  # kohya
