@@ -55,7 +55,7 @@ def test_lora_studio_demo_meets_the_issue_bar(tmp_path, monkeypatch, bench_scrip
     base model's (<= 10%) at 0, and in between at 0.5."""
     from lora_studio.cli import main
 
-    monkeypatch.chdir(tmp_path)  # the demo writes runs/ under the working folder
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(tmp_path))  # the demo writes runs/ in the home, not the working folder
     start = time.monotonic()
     assert main(["demo"]) == 0
     seconds = time.monotonic() - start
