@@ -166,18 +166,25 @@ def test_over_cap_uploads_and_captions_are_refused(server, client, tmp_path):
     assert ok and "huge.txt: over the 64 KB a caption may have" in data[-2]
 
 
-def test_the_caption_extension_from_the_form_cannot_name_another_file(server, client):
+def test_the_caption_extension_from_the_form_cannot_name_another_file(server, client, tmp_path):
     """The Dataset tab reads and writes the caption files the Train form's `dataset.caption_extension` names: a path
-    sent in its place is refused as that setting, before any file is read or written."""
+    sent in its place is refused as that setting by every handler that takes it, before any file is read or
+    written (an upload makes no folder)."""
     ok, data = client.call("open_dataset", ["demo", None, ".txt"])
     assert ok
     image = Path(data[2][0]["image"]["path"]).name  # the first picture of the demo dataset's gallery
+    picture = tmp_path / "new.png"
+    Image.new("RGB", (8, 8), "green").save(picture)
+    (stored,) = client.upload(picture).json()
     for bad in ("/../../../outside/sentinel", ".txt/../../../outside/caption", "."):
         for handler, values in (("open_dataset", ["demo", None, bad]),
+                                ("upload", [None, "by-extension", [GradioHTTP.file_data(stored)], None, bad]),
                                 ("save_caption", [None, image, "overwritten", bad]),
                                 ("apply_bulk_edit", [None, "zkz", "", "", "", "", None, bad]),
-                                ("preview_captions", [None, None, "overwrite", "", 0.35, bad])):  # fmt: skip
+                                ("preview_captions", [None, None, "overwrite", "", 0.35, bad]),
+                                ("caption_all", [None, None, "overwrite", "", 0.35, 4, None, bad])):  # fmt: skip
             assert_refused(client.call(handler, values), "`dataset.caption_extension`", "is not a file extension")
+    assert not (server["home"] / "datasets" / "by-extension").exists()
 
 
 def test_a_caption_linked_out_of_the_folder_is_never_shown(server, client):
