@@ -164,13 +164,13 @@ def find_concept_folders(root: Path, config: DatasetConfig) -> tuple[list[tuple[
                 )
             )
         sources = [(p, m.group(2), int(m.group(1))) for p, m in kohya]
+        counted = [source for source in sources if 1 <= source[2] <= MAX_REPEATS]
         problems += [
-            Problem(str(p), "error", f"{repeats} repeats: a kohya folder's count must be 1 to {MAX_REPEATS}; rename "
-                    "the folder")  # fmt: skip
-            for p, _, repeats in sources
-            if not 1 <= repeats <= MAX_REPEATS
+            Problem(str(folder), "error", f"{repeats} repeats: a kohya folder's count must be 1 to {MAX_REPEATS}; "
+                    "rename the folder")  # fmt: skip
+            for folder, _concept, repeats in (source for source in sources if source not in counted)
         ]
-        return [s for s in sources if 1 <= s[2] <= MAX_REPEATS], problems
+        return counted, problems
     if own and image_files(root):
         return [], [
             Problem(
