@@ -274,7 +274,6 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
 
         # 6. Preview: the same seed at strength 0 and 1 gives different images.
         page.get_by_role("tab", name="Preview").click()
-        page.get_by_role("button", name="Refresh lists").click()
         page.locator("#preview-loras input").click()
         page.get_by_role("option", name=f"{runs[0].name}/demo.safetensors").click()
         page.wait_for_function("document.querySelector('#preview-prompt textarea').value.startsWith('zkz')")
@@ -293,7 +292,6 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
 
         # 7. Library: export the run's LoRA, download it, and read it back.
         page.get_by_role("tab", name="Library").click()
-        page.locator("#library-refresh").click()
         wait_for_text(page, "#library-runs", runs[0].name)
         page.locator("#library-runs [data-testid^='cell-'][data-col='0']", has_text=runs[0].name).first.click()
         wait_for_text(page, "#library-run", runs[0].name)
@@ -363,11 +361,9 @@ def test_the_validation_curve_and_the_best_checkpoint_in_the_browser(browser_pag
         assert best is not None
 
         page.get_by_role("tab", name="Library").click()
-        page.locator("#library-refresh").click()
         wait_for_text(page, "#library-runs", "(val ")
 
         page.get_by_role("tab", name="Preview").click()
-        page.get_by_role("button", name="Refresh lists").click()
         page.locator("#preview-loras input").click()
         page.get_by_role("option", name=f"{run.name}/{best.name} · val").click()  # the picker shows the losses
         page.locator("#preview-grid-kind input").click()
@@ -381,6 +377,55 @@ def test_the_validation_curve_and_the_best_checkpoint_in_the_browser(browser_pag
         saved = download_from(page, "#preview-download", tmp_path / "best.safetensors")
         assert set(load_lora(saved).modules) == set(load_lora(best).modules)
         assert (run.exports / f"{best.stem}-kohya-fp16.safetensors").is_file()
+
+
+def dropdown_options(page, selector: str) -> list[str]:
+    """The labels a dropdown offers (opened, read, closed again)."""
+    page.locator(f"{selector} input").click()
+    options = page.get_by_role("option")
+    options.first.wait_for(timeout=30_000)
+    labels = options.all_inner_texts()
+    page.keyboard.press("Escape")
+    return labels
+
+
+@pytest.mark.browser
+def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_file, app_state):
+    """A run, a preset and a base model that appear while the app runs (a training finished, a preset saved in
+    another window, a checkpoint copied in): going to a tab shows them, and so does a reloaded page, with no
+    Refresh button clicked."""
+    from lora_studio.config import load_preset, save_user_preset
+
+    home = app_state.roots.runs.parent
+    with app_page(browser_page) as page:
+        wait_for_text(page, "#dataset-report", "24 images")  # the page has loaded
+        run = home / "runs" / "later-20260101-000000"
+        run.mkdir(parents=True)
+        (run / "config.toml").write_text('name = "later"\n')
+        shutil.copy(lora_file, run / "later.safetensors")
+        save_user_preset(load_preset("demo-cpu"), "my-later-preset")
+        (home / "models").mkdir()
+        shutil.copy(lora_file, home / "models" / "later-model.safetensors")
+
+        page.get_by_role("tab", name="Preview").click()
+        page.wait_for_timeout(1000)
+        assert f"{run.name}/later.safetensors" in dropdown_options(page, "#preview-loras")
+        page.get_by_role("tab", name="Library").click()
+        wait_for_text(page, "#library-runs", run.name)
+        page.get_by_role("tab", name="Presets").click()
+        wait_for_text(page, "#presets-table", "my-later-preset")
+        page.get_by_role("tab", name="Dataset").click()
+        page.locator("#dataset-losses-section > button").first.click()
+        assert run.name in dropdown_options(page, "#dataset-loss-run")
+
+        page.reload(wait_until="load")
+        wait_for_text(page, "#dataset-report", "24 images")
+        page.get_by_role("tab", name="Train").click()
+        page.wait_for_timeout(1000)
+        assert "my-later-preset" in dropdown_options(page, "#train-preset")
+        assert any(label.startswith("later-model.safetensors") for label in dropdown_options(page, "#cfg-base_model"))
+        page.locator("#train-models-folder > button").first.click()
+        wait_for_text(page, "#train-models", "later-model.safetensors")
 
 
 def test_the_app_starts_with_leftover_and_foreign_files_in_place(app_state, tiny_folders):

@@ -75,23 +75,26 @@ def build_app(app: AppState | None = None) -> gr.Blocks:
     app = app or AppState(Roots.default())
     with gr.Blocks(title="LoRA Studio", delete_cache=GRADIO_CACHE_CLEANUP) as blocks:
         gr.Markdown("# LoRA Studio\nTrain Stable Diffusion LoRAs on your own GPU, offline.")
+        # Each tab reads the server's lists (runs, LoRA files, presets, models) again when the page loads and when
+        # the tab is selected: they change while the app runs (a training ends, a file is copied in).
         with gr.Tab("Dataset"):
             dataset = dataset_tab.build()
-        with gr.Tab("Train"):
-            train = train_tab.build(app)
+        with gr.Tab("Train") as page:
+            train = train_tab.build(app, refreshed_on=[blocks.load, page.select])
         dataset_tab.connect(app, blocks, dataset, train["preset"], train["dataset.path"],
                             train["dataset.caption_extension"])
         blocks.load(shown(train_tab.recovered_choices, app), None, train["_recovered"])
-        with gr.Tab("Preview"):
-            preview_tab.build(app)
-        with gr.Tab("Library"):
-            library_tab.build(app)
+        with gr.Tab("Preview") as page:
+            preview_tab.build(app, refreshed_on=[blocks.load, page.select])
+        with gr.Tab("Library") as page:
+            library_tab.build(app, refreshed_on=[blocks.load, page.select])
         with gr.Tab("Models"):
             build_models_tab(app)
-        with gr.Tab("Presets"):
-            gr.Dataframe(
+        with gr.Tab("Presets") as page:
+            presets = gr.Dataframe(
                 value=presets_table(), headers=["preset", "when to use it"], interactive=False, elem_id="presets-table"
             )
+            gr.on([blocks.load, page.select], shown(presets_table), None, presets, show_progress="hidden")
     blocks.lora_studio = app  # for tests and scripts that drive a launched app
     return blocks
 

@@ -9,6 +9,7 @@ functions (tests call them directly); the work itself is `workflows`' (the CLI c
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import gradio as gr
@@ -122,7 +123,8 @@ def delete_run(app: AppState, name: str, confirmed: bool) -> tuple[list[list], s
     return runs_table(app), f"Deleted {run.name}.", None
 
 
-def build(app: AppState) -> None:
+def build(app: AppState, refreshed_on: Sequence = ()) -> None:
+    """The tab; its runs table is read again on each of `refreshed_on` (page load, tab select) and on Refresh runs."""
     refresh = gr.Button("Refresh runs", elem_id="library-refresh")
     table = gr.Dataframe(runs_table(app), headers=["run", "step", "loss", "final LoRA", "best (validation)"],
                          interactive=False, elem_id="library-runs")  # fmt: skip
@@ -157,7 +159,7 @@ def build(app: AppState) -> None:
         return (name, f"**{name}**", config_text, metrics_text, images,
                 gr.Dropdown(choices=files, value=files[0][1] if files else None))  # fmt: skip
 
-    refresh.click(shown(runs_table, app), None, table)
+    gr.on([refresh.click, *refreshed_on], shown(runs_table, app), None, table, show_progress="hidden")
     table.select(shown(select_run), table, [chosen, shown_run, config, metrics, samples, file])
     export.click(shown(export_file, app), [chosen, file, fmt, precision], download)
     inspect.click(shown(inspect_file, app), [chosen, file], details)

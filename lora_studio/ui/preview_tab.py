@@ -8,6 +8,7 @@ app's roots before anything reads it. Handlers are plain functions (tests call t
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import gradio as gr
@@ -285,7 +286,9 @@ def bake_section() -> dict:
     return parts
 
 
-def build(app: AppState) -> None:
+def build(app: AppState, refreshed_on: Sequence = ()) -> None:
+    """The tab; its LoRA and base-model lists are read again on each of `refreshed_on` (page load, tab select), so a
+    run that finished since shows up without a click on Refresh lists."""
     from .train_tab import base_choices
 
     with gr.Row():
@@ -326,7 +329,7 @@ def build(app: AppState) -> None:
     bake = bake_section()
     baked = gr.State(None)  # the baked LoraFile, on the server
 
-    refresh.click(shown(refresh_lists, app), None, [files, base])
+    gr.on([refresh.click, *refreshed_on], shown(refresh_lists, app), None, [files, base], show_progress="hidden")
     upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status])
     files.change(shown(suggest_prompt, app), files, prompt).then(strength_sliders, files, sliders)
     common = [prompt, negative, sampler, steps, cfg]

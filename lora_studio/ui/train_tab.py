@@ -12,6 +12,7 @@ import functools
 import html
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,11 @@ def base_info(app: AppState, source: str) -> str:
     except LoraStudioError as exc:
         return f"cannot use: {exc}"
     return f"**{Path(source).name}**: {describe_base(source)}"
+
+
+def preset_choices():
+    """The preset picker's list (bundled, then the person's own); the chosen preset stays."""
+    return gr.update(choices=list_presets())
 
 
 def refresh_models(current: str):
@@ -516,8 +522,10 @@ def recovered_section(app: AppState, message: gr.Markdown) -> gr.Dropdown:
     return recovered
 
 
-def build(app: AppState) -> dict[str, gr.components.Component]:
-    """The tab; returns the preset dropdown and the form's components by config key, for the other tabs."""
+def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components.Component]:
+    """The tab; returns the preset dropdown and the form's components by config key, for the other tabs. The preset
+    and base-model lists are read again on each of `refreshed_on` (page load, tab select): a preset saved in another
+    window or a checkpoint copied into the models folder shows up."""
     presets = list_presets()
     first = "demo-cpu" if "demo-cpu" in presets else presets[0]
     initial = dict(zip(KEYS, preset_values(first), strict=True))
@@ -531,7 +539,7 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
         refresh = gr.Button("Rescan models folder", scale=1, elem_id="train-rescan")
     base_note = gr.Markdown(base_info(app, initial["base_model"]), elem_id="train-base-info")
     your_presets = your_presets_section()
-    with gr.Accordion("Models folder", open=False):
+    with gr.Accordion("Models folder", open=False, elem_id="train-models-folder"):
         folder_note = gr.Markdown(f"Models folder: `{models_dir()}`")
         folder_table = gr.Dataframe(models_folder_table(), headers=["name", "kind", "family", "prediction", "note"],
                                     interactive=False, elem_id="train-models")  # fmt: skip
@@ -560,8 +568,9 @@ def build(app: AppState) -> dict[str, gr.components.Component]:
                                [preset, your_presets["message"]])  # fmt: skip
     your_presets["delete"].click(shown(delete_preset), preset, [preset, your_presets["message"]])
     components["base_model"].change(shown(base_info, app), components["base_model"], base_note)
-    refresh.click(shown(refresh_models), components["base_model"], [components["base_model"], folder_table,
-                                                                     folder_note])  # fmt: skip
+    gr.on([refresh.click, *refreshed_on], shown(refresh_models), components["base_model"],
+          [components["base_model"], folder_table, folder_note], show_progress="hidden")  # fmt: skip
+    gr.on(refreshed_on, shown(preset_choices), None, preset, show_progress="hidden")
     gr.on([c.input for c in form] + [check.click], shown(estimate, app), form, estimate_box,
           trigger_mode="always_last")  # fmt: skip
     start_button.click(shown(start, app), form, message)
