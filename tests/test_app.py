@@ -428,6 +428,61 @@ def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_fil
         wait_for_text(page, "#train-models", "later-model.safetensors")
 
 
+def covered(page, selector: str) -> bool:
+    """Whether Gradio's "Error" badge covers the component (it stays until dismissed)."""
+    badges = page.locator(f"{selector} [data-testid='status-tracker']").filter(has_text="Error")
+    return any(badges.nth(i).is_visible() for i in range(badges.count()))
+
+
+def refusal(page) -> str:
+    """The newest error toast's sentence, once it is shown; the toast is closed again."""
+    toast = page.locator("[data-testid='toast-body']").last
+    toast.wait_for(timeout=30_000)
+    text = toast.inner_text()
+    page.locator("[data-testid='toast-close']").last.click()
+    return text
+
+
+@pytest.mark.browser
+def test_a_refused_request_leaves_the_work_in_view(browser_page, lora_file, app_state):
+    """Gradio covers each output of a failed event with an "Error" badge until dismissed. A refusal (a folder that
+    does not exist, a run deleted without the tick, a broken preset file) says why in a toast and leaves the
+    gallery, the runs table and the form in view."""
+    from lora_studio.paths import user_presets_dir
+
+    home = app_state.roots.runs.parent
+    run = home / "runs" / "kept-20260101-000000"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text('name = "kept"\n')
+    shutil.copy(lora_file, run / "kept.safetensors")
+    user_presets_dir().mkdir(parents=True)
+    (user_presets_dir() / "broken.toml").write_text("name = [\n")
+    with app_page(browser_page) as page:
+        wait_for_text(page, "#dataset-report", "24 images")
+        page.locator("#dataset-source textarea").fill("no/such/folder")
+        page.locator("#dataset-open").click()
+        assert "no/such/folder" in refusal(page)
+        assert not covered(page, "#dataset-gallery") and page.locator("#dataset-gallery .thumbnail-item").count() == 24
+        assert not covered(page, "#dataset-report") or "24 images" in page.locator("#dataset-report").inner_text()
+
+        page.get_by_role("tab", name="Library").click()
+        wait_for_text(page, "#library-runs", run.name)
+        page.locator("#library-runs [data-testid^='cell-'][data-col='0']", has_text=run.name).first.click()
+        wait_for_text(page, "#library-run", run.name)
+        page.get_by_role("button", name="Delete run").click()
+        assert "Tick 'Yes, delete it' first" in refusal(page)
+        assert not covered(page, "#library-runs")
+        assert run.name in page.locator("#library-runs").inner_text()
+        assert run.is_dir()
+
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-preset input").click()
+        page.get_by_role("option", name="broken").click()
+        assert "broken" in refusal(page)
+        assert not any(covered(page, f"#cfg-{key}") for key in ("name", "dataset-path", "base_model"))
+        assert page.locator("#cfg-dataset-path textarea").input_value().endswith("demo")
+
+
 def test_the_app_starts_with_leftover_and_foreign_files_in_place(app_state, tiny_folders):
     """A run killed mid-write (cut-off metrics line), a malformed .safetensors and a diffusers folder with a
     damaged model_index.json: the app starts, lists the run, and lists both models as unusable with why."""

@@ -360,11 +360,13 @@ def connect(
     p = parts
     state = p["open_folder"]
     view = [state, p["folder"], p["gallery"], p["report"], p["tags"]]
-    p["open"].click(shown(open_dataset, app), [p["source"], preset, extension], [*view, train_dataset])
-    blocks.load(shown(open_dataset, app), [p["source"], preset, extension], [*view, train_dataset])  # the demo
+    # A refused request marks only the message it concerns (show_progress_on): Gradio's "Error" badge on an output
+    # covers it until dismissed, and the gallery, report or tags the person was working on must stay in view.
+    gr.on([p["open"].click, blocks.load], shown(open_dataset, app), [p["source"], preset, extension],
+          [*view, train_dataset], show_progress_on=p["report"])  # blocks.load: the demo  # fmt: skip
     blocks.load(shown(run_names, app), None, p["loss_run"])
     uploaded = p["files"].upload(shown(upload, app), [state, p["new_name"], p["files"], preset, extension],
-                                 [*view, p["status"], train_dataset])  # fmt: skip
+                                 [*view, p["status"], train_dataset], show_progress_on=p["status"])  # fmt: skip
     uploaded.success(lambda: None, None, p["files"])  # the files are in the gallery now; empty the drop zone
 
     def pick(items, evt: gr.SelectData):
@@ -375,18 +377,21 @@ def connect(
         shown(show_mask, app), [state, p["selected"]], [p["mask_view"], p["mask_editor"]]
     )
     mask_outputs = [p["mask_view"], p["mask_editor"], p["status"]]
-    p["mask_save"].click(shown(save_mask, app), [state, p["selected"], p["mask_editor"]], mask_outputs)
-    p["mask_clear"].click(shown(remove_mask, app), [state, p["selected"]], mask_outputs)
+    p["mask_save"].click(shown(save_mask, app), [state, p["selected"], p["mask_editor"]], mask_outputs,
+                         show_progress_on=p["status"])  # fmt: skip
+    p["mask_clear"].click(shown(remove_mask, app), [state, p["selected"]], mask_outputs, show_progress_on=p["status"])
     p["loss_run"].focus(shown(run_names, app), None, p["loss_run"])
     blocks.load(shown(captioner_choices), None, p["captioner"])
     p["captioner_refresh"].click(shown(captioner_choices), None, p["captioner"])
     settings = [state, p["captioner"], p["caption_mode"], p["caption_trigger"], p["caption_threshold"]]
     p["caption_preview"].click(shown(preview_captions, app), [*settings, extension], p["caption_rows"])
     p["caption_all"].click(shown(caption_all, app), [*settings, p["caption_batch"], preset, extension],
-                           [p["gallery"], p["report"], p["tags"], p["status"]])  # fmt: skip
+                           [p["gallery"], p["report"], p["tags"], p["status"]],
+                           show_progress_on=p["status"])  # fmt: skip
     p["caption_stop"].click(shown(stop_captioning, app), None, p["status"])
     p["loss_show"].click(shown(image_losses, app), p["loss_run"], p["losses"])
     p["save"].click(shown(save_caption, app), [state, p["selected"], p["caption"], extension],
-                    [p["gallery"], p["status"]])  # fmt: skip
+                    [p["gallery"], p["status"]], show_progress_on=p["status"])  # fmt: skip
     bulk_inputs = [state, p["trigger"], p["prefix"], p["suffix"], p["find"], p["replace"], preset, extension]
-    p["bulk"].click(shown(apply_bulk_edit, app), bulk_inputs, [p["gallery"], p["report"], p["tags"], p["status"]])
+    p["bulk"].click(shown(apply_bulk_edit, app), bulk_inputs, [p["gallery"], p["report"], p["tags"], p["status"]],
+                    show_progress_on=p["status"])  # fmt: skip

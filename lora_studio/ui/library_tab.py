@@ -160,9 +160,12 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
                 gr.Dropdown(choices=files, value=files[0][1] if files else None))  # fmt: skip
 
     gr.on([refresh.click, *refreshed_on], shown(runs_table, app), None, table, show_progress="hidden")
-    table.select(shown(select_run), table, [chosen, shown_run, config, metrics, samples, file])
+    # A refused request marks only its message (show_progress_on): Gradio's "Error" badge covers each output it
+    # lands on until dismissed, and the runs table must stay in view.
+    table.select(shown(select_run), table, [chosen, shown_run, config, metrics, samples, file],
+                 show_progress_on=shown_run)  # fmt: skip
     export.click(shown(export_file, app), [chosen, file, fmt, precision], download)
     inspect.click(shown(inspect_file, app), [chosen, file], details)
-    resize.click(shown(resize_file, app), [chosen, file, rank], [download, status])
+    resize.click(shown(resize_file, app), [chosen, file, rank], [download, status], show_progress_on=status)
     merge.click(shown(merge_file, app), [chosen, file, strength], download)
-    delete.click(shown(delete_run, app), [chosen, confirm], [table, status, chosen])
+    delete.click(shown(delete_run, app), [chosen, confirm], [table, status, chosen], show_progress_on=status)

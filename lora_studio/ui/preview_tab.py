@@ -330,8 +330,11 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     baked = gr.State(None)  # the baked LoraFile, on the server
 
     gr.on([refresh.click, *refreshed_on], shown(refresh_lists, app), None, [files, base], show_progress="hidden")
-    upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status])
-    files.change(shown(suggest_prompt, app), files, prompt).then(strength_sliders, files, sliders)
+    # A refused request marks only its message (show_progress_on): Gradio's "Error" badge covers each output it
+    # lands on until dismissed, and the chosen LoRAs and the prompt must stay in view.
+    upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status], show_progress_on=upload_status)
+    files.change(shown(suggest_prompt, app), files, prompt, show_progress="hidden").then(strength_sliders, files,
+                                                                                         sliders)  # fmt: skip
     common = [prompt, negative, sampler, steps, cfg]
     go.click(shown(generate, app), [base, files, *common, seed, width, height, *sliders], [image, parameters])
     grid.click(shown(generate_grid, app), [base, files, kind, strengths, seeds, *common, width, height, *sliders],
@@ -339,4 +342,5 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     export.click(shown(export_checkpoint, app), pick, download)
     bake["button"].click(shown(bake_stack_preview, app), [base, files, *common, seed, width, height, bake["rank"],
                                                           *sliders], [image, bake["note"], baked])  # fmt: skip
-    bake["save"].click(shown(save_baked, app), [baked, bake["name"]], [bake["file"], bake["note"], files])
+    bake["save"].click(shown(save_baked, app), [baked, bake["name"]], [bake["file"], bake["note"], files],
+                       show_progress_on=bake["note"])  # fmt: skip

@@ -516,9 +516,9 @@ def recovered_section(app: AppState, message: gr.Markdown) -> gr.Dropdown:
             start_one = gr.Button("Start / resume it", elem_id="train-recovered-start", scale=1)
             start_all = gr.Button("Start all", elem_id="train-recovered-all", scale=1)
             discard = gr.Button("Discard it", elem_id="train-recovered-discard", scale=1)
-    start_one.click(shown(start_recovered, app), recovered, [message, recovered])
-    start_all.click(shown(start_all_recovered, app), None, [message, recovered])
-    discard.click(shown(discard_recovered, app), recovered, [message, recovered])
+    start_one.click(shown(start_recovered, app), recovered, [message, recovered], show_progress_on=message)
+    start_all.click(shown(start_all_recovered, app), None, [message, recovered], show_progress_on=message)
+    discard.click(shown(discard_recovered, app), recovered, [message, recovered], show_progress_on=message)
     return recovered
 
 
@@ -561,15 +561,17 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components
     log = gr.Textbox(label="Log", lines=8, elem_id="train-log")
 
     form = [components[k] for k in KEYS]
-    preset.change(shown(preset_values), [preset, components["dataset.path"]], form).then(
-        shown(estimate, app), form, estimate_box
-    )
-    your_presets["save"].click(shown(save_preset), [your_presets["name"], preset, *form],
-                               [preset, your_presets["message"]])  # fmt: skip
-    your_presets["delete"].click(shown(delete_preset), preset, [preset, your_presets["message"]])
+    # A refused request marks only its message (show_progress_on): Gradio's "Error" badge covers each output it
+    # lands on until dismissed, and a broken preset would hide every field of the form.
+    preset.change(shown(preset_values), [preset, components["dataset.path"]], form,
+                  show_progress_on=estimate_box).then(shown(estimate, app), form, estimate_box)  # fmt: skip
+    said = your_presets["message"]
+    your_presets["save"].click(shown(save_preset), [your_presets["name"], preset, *form], [preset, said],
+                               show_progress_on=said)  # fmt: skip
+    your_presets["delete"].click(shown(delete_preset), preset, [preset, said], show_progress_on=said)
     components["base_model"].change(shown(base_info, app), components["base_model"], base_note)
     gr.on([refresh.click, *refreshed_on], shown(refresh_models), components["base_model"],
-          [components["base_model"], folder_table, folder_note], show_progress="hidden")  # fmt: skip
+          [components["base_model"], folder_table, folder_note], show_progress_on=folder_note)  # fmt: skip
     gr.on(refreshed_on, shown(preset_choices), None, preset, show_progress="hidden")
     gr.on([c.input for c in form] + [check.click], shown(estimate, app), form, estimate_box,
           trigger_mode="always_last")  # fmt: skip
