@@ -121,6 +121,31 @@ def test_cross_origin_requests_that_change_something_are_refused(server, tmp_pat
     assert ours.status_code == 200
 
 
+def test_request_bodies_are_capped_before_the_app_reads_them(server, client, tmp_path):
+    """Gradio reads a JSON body whole into memory: a body over the cap, or one streamed without a declared length,
+    is refused before the app reads it; uploads keep their own route and per-file cap."""
+    from lora_studio.ui.guard import MAX_REQUEST_BYTES
+
+    join = server["url"] + "/gradio_api/queue/join"
+    over = b'{"data": ["' + b"x" * MAX_REQUEST_BYTES + b'"]}'
+    response = httpx.post(join, content=over, headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 413 and f"at most {MAX_REQUEST_BYTES // 2**20} MB" in response.text
+
+    def streamed():
+        yield b'{"data": ["'
+        yield b"x" * 1024
+        yield b'"]}'
+
+    response = httpx.post(join, content=streamed(), headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 411 and "must declare its length" in response.text
+    # A page's requests (a gallery of 24 demo images with captions) and uploads still pass.
+    ok, data = client.call("open_dataset", ["demo", None, ".txt"], session="a-page-of-its-own")  # state kept apart
+    assert ok and "24 images" in data[3]
+    picture = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    assert client.upload(picture).status_code == 200
+
+
 def test_dataset_folders_outside_the_roots_are_refused(server, client):
     home, outside = server["home"], server["outside"]
     link = home / "datasets" / "innocent"
