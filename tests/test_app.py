@@ -392,8 +392,8 @@ def dropdown_options(page, selector: str) -> list[str]:
 @pytest.mark.browser
 def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_file, app_state):
     """A run, a preset and a base model that appear while the app runs (a training finished, a preset saved in
-    another window, a checkpoint copied in): going to a tab shows them, and so does a reloaded page, with no
-    Refresh button clicked."""
+    another window, a checkpoint copied in), and an image copied into the open dataset: going to a tab shows them,
+    and so does a reloaded page, with no Refresh button clicked."""
     from lora_studio.config import load_preset, save_user_preset
 
     home = app_state.roots.runs.parent
@@ -414,12 +414,22 @@ def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_fil
         wait_for_text(page, "#library-runs", run.name)
         page.get_by_role("tab", name="Presets").click()
         wait_for_text(page, "#presets-table", "my-later-preset")
+        # The open dataset as it is on disk now, with the captions the Train form's extension names.
+        demo = home / "datasets" / "demo"
+        shutil.copy(demo / "zkz_00_red_circle.png", demo / "zkz_99_copied_in.png")
+        (demo / "zkz_99_copied_in.caption").write_text("zkz, a caption from a .caption file")
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-advanced > button").first.click()
+        page.locator("#train-section-dataset > button").first.click()
+        page.locator("#cfg-dataset-caption_extension textarea").fill(".caption")
         page.get_by_role("tab", name="Dataset").click()
+        wait_for_text(page, "#dataset-report", "25 images")
+        wait_for_text(page, "#dataset-gallery", "zkz, a caption from a .caption file")
         page.locator("#dataset-losses-section > button").first.click()
         assert run.name in dropdown_options(page, "#dataset-loss-run")
 
         page.reload(wait_until="load")
-        wait_for_text(page, "#dataset-report", "24 images")
+        wait_for_text(page, "#dataset-report", "25 images")  # the demo's copy, with the image copied in
         page.get_by_role("tab", name="Train").click()
         page.wait_for_timeout(1000)
         assert "my-later-preset" in dropdown_options(page, "#train-preset")

@@ -77,12 +77,12 @@ def build_app(app: AppState | None = None) -> gr.Blocks:
         gr.Markdown("# LoRA Studio\nTrain Stable Diffusion LoRAs on your own GPU, offline.")
         # Each tab reads the server's lists (runs, LoRA files, presets, models) again when the page loads and when
         # the tab is selected: they change while the app runs (a training ends, a file is copied in).
-        with gr.Tab("Dataset"):
+        with gr.Tab("Dataset") as dataset_page:
             dataset = dataset_tab.build()
         with gr.Tab("Train") as page:
             train = train_tab.build(app, refreshed_on=[blocks.load, page.select])
         dataset_tab.connect(app, blocks, dataset, train["preset"], train["dataset.path"],
-                            train["dataset.caption_extension"])
+                            train["dataset.caption_extension"], dataset_page)
         blocks.load(shown(train_tab.recovered_choices, app), None, train["_recovered"])
         with gr.Tab("Preview") as page:
             preview_tab.build(app, refreshed_on=[blocks.load, page.select])

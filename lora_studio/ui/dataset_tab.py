@@ -115,6 +115,14 @@ def open_dataset(app: AppState, source: str, preset: str | None = None,
     return str(folder), str(folder), *folder_view(folder, preset, extension), str(folder)
 
 
+def current_view(app: AppState, folder: str | None, preset: str | None = None, extension: str | None = None) -> tuple:
+    """The open folder's gallery, report and tags again, as they are now: files added or captions changed on disk
+    since, or a Train form whose preset (the report's checks) or caption extension (the captions shown) changed."""
+    if not folder:
+        return gr.skip(), gr.skip(), gr.skip()
+    return folder_view(open_folder(app, folder), preset, caption_extension(extension))
+
+
 def upload(
     app: AppState, folder: str | None, new_name: str, files: list[str] | None, preset: str | None = None,
     extension: str | None = None,
@@ -353,10 +361,10 @@ def build() -> dict[str, gr.components.Component]:
 
 def connect(
     app: AppState, blocks: gr.Blocks, parts: dict, preset: gr.Dropdown, train_dataset: gr.components.Component,
-    extension: gr.components.Component,
+    extension: gr.components.Component, page: gr.Tab,
 ) -> None:
     """Events: the Train tab's preset sets the report's checks, its caption extension which caption files are shown
-    and edited, and the open folder becomes its dataset."""
+    and edited, and the open folder becomes its dataset. Selecting the tab (`page`) shows the folder as it is now."""
     p = parts
     state = p["open_folder"]
     view = [state, p["folder"], p["gallery"], p["report"], p["tags"]]
@@ -364,6 +372,8 @@ def connect(
     # covers it until dismissed, and the gallery, report or tags the person was working on must stay in view.
     gr.on([p["open"].click, blocks.load], shown(open_dataset, app), [p["source"], preset, extension],
           [*view, train_dataset], show_progress_on=p["report"])  # blocks.load: the demo  # fmt: skip
+    page.select(shown(current_view, app), [state, preset, extension], [p["gallery"], p["report"], p["tags"]],
+                show_progress_on=p["report"])  # fmt: skip
     blocks.load(shown(run_names, app), None, p["loss_run"])
     uploaded = p["files"].upload(shown(upload, app), [state, p["new_name"], p["files"], preset, extension],
                                  [*view, p["status"], train_dataset], show_progress_on=p["status"])  # fmt: skip
