@@ -433,6 +433,7 @@ def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_fil
         page.get_by_role("tab", name="Train").click()
         page.wait_for_timeout(1000)
         assert "my-later-preset" in dropdown_options(page, "#train-preset")
+        assert not page.locator("#train-recovered").is_visible()  # no job from before a restart: no section
         assert any(label.startswith("later-model.safetensors") for label in dropdown_options(page, "#cfg-base_model"))
         page.locator("#train-models-folder > button").first.click()
         wait_for_text(page, "#train-models", "later-model.safetensors")

@@ -115,6 +115,7 @@ def test_caption_save_a_preset_queue_two_kill_the_app_restart_and_resume(browser
         page.keyboard.press("Escape")
         page.locator("#train-recovered-all").click()
         wait_for_text(page, "#train-message", "Queued 2 job(s) from before the restart.")
+        page.locator("#train-recovered").wait_for(state="hidden", timeout=10_000)  # none waits now
         deadline = time.monotonic() + 120
         while records(home) or len(list((home / "runs").glob("second-*/second.safetensors"))) != 1:
             assert time.monotonic() < deadline and app.poll() is None, "the queue did not finish within 120 s"

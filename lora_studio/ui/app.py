@@ -83,7 +83,6 @@ def build_app(app: AppState | None = None) -> gr.Blocks:
             train = train_tab.build(app, refreshed_on=[blocks.load, page.select])
         dataset_tab.connect(app, blocks, dataset, train["preset"], train["dataset.path"],
                             train["dataset.caption_extension"], dataset_page)
-        blocks.load(shown(train_tab.recovered_choices, app), None, train["_recovered"])
         with gr.Tab("Preview") as page:
             preview_tab.build(app, refreshed_on=[blocks.load, page.select])
         with gr.Tab("Library") as page:

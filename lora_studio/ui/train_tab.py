@@ -253,11 +253,13 @@ def recovered_label(record) -> str:
     return f"{record.name} · was running, had saved nothing: starts over"
 
 
-def recovered_choices(app: AppState):
-    """The jobs that were queued or running when the app last stopped, for the picker."""
+def recovered_view(app: AppState) -> tuple:
+    """The section of jobs that were queued or running when the app last stopped (shown only while one waits),
+    and its picker."""
     records = app.jobs.recovered()
     choices = [(recovered_label(r), r.key) for r in records]
-    return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
+    return (gr.Accordion(visible=bool(choices), open=bool(choices)),
+            gr.Dropdown(choices=choices, value=choices[0][1] if choices else None))  # fmt: skip
 
 
 def start_recovered(app: AppState, key: str | None) -> tuple:
@@ -269,7 +271,7 @@ def start_recovered(app: AppState, key: str | None) -> tuple:
         raise LoraStudioError("That job from before the restart is no longer waiting; refresh the list.")
     confined_config(app.roots, chosen.train_config())  # its paths still inside the app's folders
     job = app.jobs.start_recovered(key)
-    return f"Job {job}: {recovered_label(chosen)}.", recovered_choices(app)
+    return f"Job {job}: {recovered_label(chosen)}.", *recovered_view(app)
 
 
 def start_all_recovered(app: AppState) -> tuple:
@@ -279,7 +281,7 @@ def start_all_recovered(app: AppState) -> tuple:
     for record in records:
         confined_config(app.roots, record.train_config())
     jobs = [app.jobs.start_recovered(r.key) for r in records]
-    return f"Queued {len(jobs)} job(s) from before the restart.", recovered_choices(app)
+    return f"Queued {len(jobs)} job(s) from before the restart.", *recovered_view(app)
 
 
 def discard_recovered(app: AppState, key: str | None) -> tuple:
@@ -287,7 +289,7 @@ def discard_recovered(app: AppState, key: str | None) -> tuple:
         raise LoraStudioError("No job from before the restart is picked; there may be none.")
     record = app.jobs.discard_recovered(key)
     where = f" (its run folder {Path(record.run_dir).name} stays in the Library)" if record.run_dir else ""
-    return f"Discarded {record.name}{where}.", recovered_choices(app)
+    return f"Discarded {record.name}{where}.", *recovered_view(app)
 
 
 def progress_html(step: int, total: int, it_per_s: float, eta_s: float, state: str) -> str:
@@ -507,19 +509,21 @@ def your_presets_section() -> dict[str, gr.components.Component]:
     return parts
 
 
-def recovered_section(app: AppState, message: gr.Markdown) -> gr.Dropdown:
-    """The jobs that were queued or running when the app last stopped, and what to do with each; the picker."""
-    with gr.Accordion("Jobs from before the restart", open=bool(app.jobs.recovered()), elem_id="train-recovered"):
+def recovered_section(app: AppState, message: gr.Markdown, refreshed_on: Sequence) -> None:
+    """The jobs that were queued or running when the app last stopped, and what to do with each; hidden while none
+    waits. Each of `refreshed_on` (page load, tab select) lists them again."""
+    waiting = bool(app.jobs.recovered())
+    with gr.Accordion("Jobs from before the restart", open=waiting, visible=waiting, elem_id="train-recovered") as box:
         with gr.Row():
             recovered = gr.Dropdown([], label="Queued or running when the app last stopped", scale=3,
                                     elem_id="train-recovered-jobs")  # fmt: skip
             start_one = gr.Button("Start / resume it", elem_id="train-recovered-start", scale=1)
             start_all = gr.Button("Start all", elem_id="train-recovered-all", scale=1)
             discard = gr.Button("Discard it", elem_id="train-recovered-discard", scale=1)
-    start_one.click(shown(start_recovered, app), recovered, [message, recovered], show_progress_on=message)
-    start_all.click(shown(start_all_recovered, app), None, [message, recovered], show_progress_on=message)
-    discard.click(shown(discard_recovered, app), recovered, [message, recovered], show_progress_on=message)
-    return recovered
+    gr.on(refreshed_on, shown(recovered_view, app), None, [box, recovered], show_progress="hidden")
+    start_one.click(shown(start_recovered, app), recovered, [message, box, recovered], show_progress_on=message)
+    start_all.click(shown(start_all_recovered, app), None, [message, box, recovered], show_progress_on=message)
+    discard.click(shown(discard_recovered, app), recovered, [message, box, recovered], show_progress_on=message)
 
 
 def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components.Component]:
@@ -552,7 +556,7 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components
         stop_button = gr.Button("Stop", variant="stop", elem_id="train-stop")
         resume_button = gr.Button("Resume", elem_id="train-resume")
     message = gr.Markdown(elem_id="train-message")
-    recovered = recovered_section(app, message)
+    recovered_section(app, message, refreshed_on)
     progress = gr.HTML(progress_html(0, 0, 0.0, 0.0, "idle"), elem_id="train-progress")
     status = gr.Markdown(elem_id="train-status")
     loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss: training (smoothed) and validation",
@@ -579,6 +583,5 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components
     stop_button.click(shown(stop, app), None, message)
     render_button.click(shown(render_regularization, app), form, message)
     resume_button.click(shown(resume, app), form, message)
-    components["_recovered"] = recovered  # app.py fills it as each page loads
     poll_every_second(app, [progress, status, loss, samples, log])
-    return {"preset": preset, **components}  # and "_recovered", the picker of jobs from before a restart
+    return {"preset": preset, **components}
