@@ -174,3 +174,15 @@ def test_the_dataset_tab_previews_captions_all_and_stops(app_state, captioners):
     assert message.startswith(f"Stopped after 4 of {images} images")
     with pytest.raises(LoraStudioError, match="No captioner named '../tiny-wd14'"):
         dataset_tab.preview_captions(app_state, folder, "../tiny-wd14", "overwrite", "", 0.35)
+    with pytest.raises(LoraStudioError, match="Pick a captioner first: .*tiny-wd14"):  # listed, none picked
+        dataset_tab.preview_captions(app_state, folder, None, "overwrite", "", 0.35)
+
+
+def test_captioning_with_no_captioner_on_disk_says_where_one_goes(app_state):
+    from lora_studio.paths import captioners_dir
+    from lora_studio.ui import dataset_tab
+
+    folder = dataset_tab.open_dataset(app_state, "demo")[0]
+    with pytest.raises(LoraStudioError) as refused:
+        dataset_tab.preview_captions(app_state, folder, None, "missing", "", 0.35)
+    assert str(refused.value).startswith(f"No captioner is in {captioners_dir()}; put a captioning model's folder")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..config import CONFIG_VERSION, DatasetConfig, load_preset, validate_config
+from ..config import CONFIG_VERSION, DatasetConfig, load_preset, shortened, validate_config
 from ..data import CaptionError, is_training_image, read_caption, scan
 from ..dataset_edit import (
     BulkEdit,
@@ -225,9 +225,12 @@ def chosen_captioner(app: AppState, name: str | None, threshold: float):
     from ..paths import captioners_dir
 
     found = {info.name: info for info in list_captioners()}
+    if not name and found:
+        raise LoraStudioError(f"Pick a captioner first: {', '.join(found)}.")
     if name not in found:
-        raise LoraStudioError(f"No captioner named {name!r} is in {captioners_dir()}; put a captioning model's "
-                              "folder there (BLIP, Florence-2 or a WD14 tagger), then press Refresh.")  # fmt: skip
+        what = f"No captioner named {shortened(str(name))!r} is" if name else "No captioner is"
+        raise LoraStudioError(f"{what} in {captioners_dir()}; put a captioning model's folder there (BLIP, Florence-2 "
+                              "or a WD14 tagger), then press Refresh.")  # fmt: skip
     if not 0.0 < float(threshold) < 1.0:
         raise LoraStudioError(f"The tag threshold must lie between 0 and 1, not {threshold}.")
     key = (str(found[name].path), float(threshold))
