@@ -70,6 +70,8 @@ def test_paths_outside_the_runs_folder_and_deletion(library, tmp_path):
     app, done = library
     with pytest.raises(LoraStudioError, match="No run named"):
         library_tab.run_details(app, "../" + done.run_dir.name + "/..")
+    with pytest.raises(LoraStudioError, match="No run is selected; select one in the table first"):
+        library_tab.export_file(app, None, str(done.run_dir / "demo.safetensors"), "kohya", "fp16")
     outside = tmp_path / "x.safetensors"
     outside.write_bytes(b"x")
     with pytest.raises(LoraStudioError, match="Pick one of this run's LoRA files"):

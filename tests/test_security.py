@@ -146,6 +146,20 @@ def test_request_bodies_are_capped_before_the_app_reads_them(server, client, tmp
     assert client.upload(picture).status_code == 200
 
 
+def test_every_handler_answers_empty_values_with_a_sentence(server, client):
+    """Every event of the page, sent nothing (None) for each of its inputs, as a request may: each answers, or refuses
+    with a sentence; none fails as "an unexpected error" (a crash of ours, its traceback in the log)."""
+    names = sorted({d["api_name"] for d in client.config()["dependencies"] if d.get("api_name")} - {"poll"})
+    assert len(names) > 40
+    crashed = {}
+    for name in names:
+        _index, dependency = client.dependency(name)
+        ok, said = client.call(name, [None] * len(dependency["inputs"]), session=f"empty-{name}")
+        if not ok and ("unexpected error" in str(said) or "Traceback" in str(said)):
+            crashed[name] = said
+    assert not crashed, crashed
+
+
 def test_dataset_folders_outside_the_roots_are_refused(server, client):
     home, outside = server["home"], server["outside"]
     link = home / "datasets" / "innocent"
@@ -287,7 +301,7 @@ def test_preview_library_and_model_checks_read_nothing_outside(server, client):
     run_name = "../outside"  # in the chosen run's (server-side) place: not heard
     lora = str(outside / "lora.safetensors")
     assert_refused(client.call("export_file", [run_name, lora, "kohya", "fp16"]))  # and checked_file below it
-    assert_refused(client.call("delete_run", [run_name, True]), "No run named None")
+    assert_refused(client.call("delete_run", [run_name, True]), "No run is selected")  # the page's state: none
 
 
 def test_preview_size_and_grid_cells_are_capped(server, client):

@@ -53,7 +53,7 @@ def presets_table() -> list[list[str]]:
 def check_base_model(app: AppState, source: str, allow_pickle: bool) -> str:
     """Markdown describing a base-model source (inside the app's roots), or the one-sentence reason it cannot be
     used."""
-    if not source.strip():
+    if not (source or "").strip():
         return "Enter `demo`, the path to a `.safetensors` checkpoint, or a diffusers folder."
     try:
         summary = describe_source(confined_base(app.roots, source), allow_pickle=allow_pickle)

@@ -37,7 +37,7 @@ MAX_GALLERY = 500  # images shown at once; a dataset is 10-200 images, a folder 
 def working_folder(app: AppState, source: str) -> Path:
     """The folder edits go to: a folder inside the roots as given (resolved, symlinks included), or for `demo`
     (which ships read-only with the app) a copy of the bundled demo dataset under datasets/demo, made once."""
-    source = source.strip() or "demo"
+    source = (source or "").strip() or "demo"
     if source == "demo":
         copy = app.roots.datasets / "demo"
         if not copy.exists():

@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import shortened
 from ..errors import LoraStudioError
 from ..paths import Roots, home, is_within
 from ..runs import RunFolder
@@ -97,10 +98,12 @@ def confined_config(roots: Roots, config):
 
 def checked_run(app: AppState, name: str | None) -> RunFolder:
     """The run `name` (from a request), refused unless it is a run directly inside the runs folder."""
+    if not name:
+        raise LoraStudioError("No run is selected; select one in the table first.")
     root = app.roots.runs.resolve()
-    run = RunFolder((root / Path(name or "").name).resolve())
-    if not name or run.path.parent != root or not run.config.is_file():
-        raise LoraStudioError(f"No run named {name!r} in {root}; refresh the list and select a run.")
+    run = RunFolder((root / Path(name).name).resolve())
+    if run.path.parent != root or not run.config.is_file():
+        raise LoraStudioError(f"No run named {shortened(name)!r} in {root}; refresh the list and select a run.")
     return run
 
 

@@ -19,7 +19,15 @@ from pathlib import Path
 import gradio as gr
 
 from ..catalogue import describe_source, find_local_models
-from ..config import TrainConfig, delete_user_preset, list_presets, load_preset, save_user_preset, user_presets
+from ..config import (
+    TrainConfig,
+    delete_user_preset,
+    list_presets,
+    load_preset,
+    save_user_preset,
+    shortened,
+    user_presets,
+)
 from ..data import dataset_report
 from ..errors import ConfigError, LoraStudioError
 from ..estimate import batch_guidance, estimate_memory
@@ -114,8 +122,8 @@ def refresh_models(current: str):
 
 def preset_values(preset: str, dataset_path: str = "") -> list:
     """The preset's settings for the form; the dataset already chosen (e.g. opened in the Dataset tab) stays."""
-    config = load_preset(preset)
-    if dataset_path.strip():
+    config = load_preset(preset or "")  # a request may send no preset: "choose one of ..." names them
+    if (dataset_path or "").strip():
         config.dataset.path = dataset_path.strip()
     return form_values(config)
 
@@ -189,9 +197,11 @@ def save_preset(name: str, based_on: str | None, *values) -> tuple:
 
 def delete_preset(name: str | None) -> tuple:
     """Delete the selected preset if it is one of the person's; the picker goes back to the demo's."""
+    if not name:
+        raise LoraStudioError("No preset is selected; select one you saved, then press Delete.")
     if name not in user_presets():
-        raise LoraStudioError(f"{name!r} is not one of your presets (bundled presets cannot be deleted); select one "
-                              "you saved, then press Delete.")  # fmt: skip
+        raise LoraStudioError(f"{shortened(name)!r} is not one of your presets (bundled presets cannot be deleted); "
+                              "select one you saved, then press Delete.")  # fmt: skip
     path = delete_user_preset(name)
     return gr.update(choices=list_presets(), value="demo-cpu"), f"Deleted your preset {name} (`{path}`)."
 
