@@ -146,17 +146,18 @@ def test_request_bodies_are_capped_before_the_app_reads_them(server, client, tmp
     assert client.upload(picture).status_code == 200
 
 
-def test_every_handler_answers_empty_values_with_a_sentence(server, client):
-    """Every event of the page, sent nothing (None) for each of its inputs, as a request may: each answers, or refuses
-    with a sentence; none fails as "an unexpected error" (a crash of ours, its traceback in the log)."""
+def test_every_handler_answers_empty_or_mistyped_values_with_a_sentence(server, client):
+    """Every event of the page, sent nothing (None) or a number for each of its inputs, as a request may: each
+    answers, or refuses with a sentence; none fails as "an unexpected error" (our crash, its traceback in the log)."""
     names = sorted({d["api_name"] for d in client.config()["dependencies"] if d.get("api_name")} - {"poll"})
     assert len(names) > 40
     crashed = {}
-    for name in names:
-        _index, dependency = client.dependency(name)
-        ok, said = client.call(name, [None] * len(dependency["inputs"]), session=f"empty-{name}")
-        if not ok and ("unexpected error" in str(said) or "Traceback" in str(said)):
-            crashed[name] = said
+    for value in (None, 12345):
+        for name in names:
+            _index, dependency = client.dependency(name)
+            ok, said = client.call(name, [value] * len(dependency["inputs"]), session=f"odd-{name}")
+            if not ok and ("unexpected error" in str(said) or "Traceback" in str(said)):
+                crashed[f"{name}({value})"] = said
     assert not crashed, crashed
 
 

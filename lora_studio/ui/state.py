@@ -59,6 +59,8 @@ def confined_base(roots: Roots, source: str) -> str:
     roots (returned resolved, so it does not depend on the working directory)."""
     from ..models import HUB_ID, resolve_cached_hub_id
 
+    if not isinstance(source, str | None):
+        raise LoraStudioError(f"The base model must be `demo`, a path or a hub id, not {shortened(repr(source))}.")
     text = (source or "").strip()
     if text == "demo":
         return text

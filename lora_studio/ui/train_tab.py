@@ -96,7 +96,7 @@ def models_folder_table() -> list[list[str]]:
 
 
 def base_info(app: AppState, source: str) -> str:
-    if not (source or "").strip():
+    if isinstance(source, str | None) and not (source or "").strip():
         return "Pick the demo or a model from the folder, or type the path of a checkpoint or diffusers folder."
     try:
         source = confined_base(app.roots, source)
