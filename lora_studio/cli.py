@@ -431,28 +431,35 @@ def parse_lora_argument(text: str) -> tuple[Path, float]:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from .lora_inspect import check_lora_path
     from .sample import Axis, Previewer, PreviewSettings, save_png
     from .workflows import load_preview_base, parse_grid_axis
 
+    loras = [parse_lora_argument(text) for text in args.lora]
+
+    def settings_with(strengths: dict[str, float], native: int) -> PreviewSettings:
+        return PreviewSettings(
+            prompt=args.prompt,
+            negative_prompt=args.negative,
+            strengths=strengths,
+            sampler=args.sampler,
+            steps=args.steps,
+            cfg=args.cfg,
+            seed=args.seed,
+            width=args.width or native,
+            height=args.height or native,
+            clip_skip=args.clip_skip,
+            batch_count=args.batch_count,
+        )
+
+    # What can be refused is refused before the base model loads (an SDXL checkpoint takes half a minute).
+    for path, _strength in loras:
+        check_lora_path(path)
+    settings_with({path.stem: strength for path, strength in loras}, native=512).checked()
     base = load_preview_base(args.base)
     previewer = Previewer(base)
-    strengths = {}
-    for text in args.lora:
-        path, strength = parse_lora_argument(text)
-        strengths[previewer.add_lora(path)] = strength
-    settings = PreviewSettings(
-        prompt=args.prompt,
-        negative_prompt=args.negative,
-        strengths=strengths,
-        sampler=args.sampler,
-        steps=args.steps,
-        cfg=args.cfg,
-        seed=args.seed,
-        width=args.width or base.native_resolution,
-        height=args.height or base.native_resolution,
-        clip_skip=args.clip_skip,
-        batch_count=args.batch_count,
-    )
+    settings = settings_with({previewer.add_lora(path): strength for path, strength in loras}, base.native_resolution)
+    strengths = settings.strengths
     if args.grid:
         # A checkpoint grid turns its own checkpoints on one at a time, so the --lora stack stays off.
         with_checkpoints = any(spec.startswith("checkpoint") for spec in args.grid[:2])

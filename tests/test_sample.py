@@ -313,6 +313,19 @@ def test_sample_command_single_and_grid(tmp_path, tiny_folders, two_loras, capsy
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_sample_command_refuses_bad_settings_before_loading_the_base(tmp_path, capsys):
+    """A wrong step count or a missing LoRA is said at once, not after the base loads (half a minute for SDXL):
+    here the base does not even exist, and the message is about the setting."""
+    common = ["sample", "--base", str(tmp_path / "no-such-base"), "--out", str(tmp_path / "x.png")]
+    assert main([*common, "--steps", "0"]) == 1
+    assert "steps = 0; use 1 to" in capsys.readouterr().err
+    assert main([*common, "--lora", f"{tmp_path / 'missing.safetensors'}:0.5"]) == 1
+    assert "missing.safetensors does not exist" in capsys.readouterr().err
+    assert main([*common, "--width", "4096", "--height", "64"]) == 1
+    assert "size 4096x64 is outside" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_previewing_the_adapters_of_a_run_in_progress(tmp_path, tiny_folders, images):
     """A snapshot of the live adapters previews exactly like the training model itself."""
     from lora_studio.lora_file import lora_from_models
