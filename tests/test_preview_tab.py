@@ -135,6 +135,13 @@ def test_preview_size_and_grid_cells_are_capped(run_folder, tiny_folders):
     with pytest.raises(LoraStudioError, match="65 x 1 = 65 images is over the 64"):
         preview_tab.generate_grid(app, base, lora, "strength x seed", strengths, "1", "zkz", "", "ddim", 2, 5.0,
                                   32, 32, 1.0)  # fmt: skip
+    # Said before any base loads (an SDXL checkpoint takes half a minute): here the base does not even exist.
+    missing = str(app.roots.models / "no-such-checkpoint.safetensors")
+    with pytest.raises(LoraStudioError, match="steps = 0; use 1 to"):
+        preview_tab.generate(app, missing, lora, "zkz", "", "ddim", 0, 5.0, 1, 64, 64, 1.0)
+    with pytest.raises(LoraStudioError, match="seed = -1; use 0 to"):
+        preview_tab.generate_grid(app, missing, lora, "strength x seed", "0, 1", "-1", "zkz", "", "ddim", 2, 5.0,
+                                  32, 32, 1.0)  # fmt: skip
 
 
 def test_the_pick_the_best_checkpoint_view_labels_frames_and_exports_the_best(run_folder, tiny_folders, tmp_path):

@@ -114,6 +114,7 @@ def loaded_stack(app: AppState, base: str, pairs: list[tuple[Path, float]], *com
     """The previewer of `base` with the chosen files loaded (the others unloaded), and the settings that render
     them at their strengths; `common` is prompt, negative, sampler, steps, CFG, seed, width, height. Call it
     holding the preview lock."""
+    settings_from(*common, {f.stem: s for f, s in pairs}).checked()  # refused before a base loads (SDXL: ~30 s)
     previewer = app.previewer(base)
     names = use_loras(previewer, [f for f, _ in pairs])
     return previewer, settings_from(*common, {n: s for n, (_f, s) in zip(names, pairs, strict=True)})
@@ -150,6 +151,7 @@ def generate_grid(app: AppState, base, files, kind, strengths_text, seeds_text, 
 
     check_grid_size(len(checkpoints) or len(grid_strengths), len(grid_strengths) if checkpoints else len(seeds))
     base = confined_base(app.roots, base or "demo")
+    settings_from(prompt, negative, sampler, steps, cfg, seeds[0], width, height, {}).checked()  # before it loads
     with app.preview_lock:
         previewer = app.previewer(base)
         subjects = checkpoints or [pairs[0][0]]
