@@ -422,6 +422,8 @@ def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_fil
         page.locator("#train-advanced > button").first.click()
         page.locator("#train-section-dataset > button").first.click()
         page.locator("#cfg-dataset-caption_extension textarea").fill(".caption")
+        page.locator("#cfg-dataset-caption_extension textarea").press("Tab")  # the page holds the new value
+        page.wait_for_timeout(500)
         page.get_by_role("tab", name="Dataset").click()
         wait_for_text(page, "#dataset-report", "25 images")
         wait_for_text(page, "#dataset-gallery", "zkz, a caption from a .caption file")
@@ -492,6 +494,15 @@ def test_a_refused_request_leaves_the_work_in_view(browser_page, lora_file, app_
         assert "broken" in refusal(page)
         assert not any(covered(page, f"#cfg-{key}") for key in ("name", "dataset-path", "base_model"))
         assert page.locator("#cfg-dataset-path textarea").input_value().endswith("demo")
+        # A refused Start lists each bad setting on a line of its own, the setting's name as code (the notice
+        # is HTML, not Markdown: it had shown one run-on line with the backticks).
+        page.locator("#cfg-dataset-batch_size input").fill("0")
+        page.locator("#cfg-lora-rank input").fill("0")
+        page.locator("#train-start").click()
+        toast = page.locator("[data-testid='toast-body']").last
+        toast.wait_for(timeout=30_000)
+        assert toast.locator("code").all_inner_texts() == ["dataset.batch_size", "lora.rank"]
+        assert "problem(s):\n" in toast.inner_text() and "`" not in toast.inner_text()
 
 
 def test_the_app_starts_with_leftover_and_foreign_files_in_place(app_state, tiny_folders):

@@ -71,10 +71,13 @@ def client(server):
 
 
 def assert_refused(result, *phrases: str) -> str:
+    """The sentence of a refusal, as the page's notice gets it (HTML: `code` as <code>), holding each phrase."""
+    from lora_studio.ui.errors import notice_html
+
     ok, message = result
     assert not ok, f"expected a refusal, got {message!r}"
     for phrase in phrases:
-        assert phrase in message, message
+        assert notice_html(phrase) in message, message
     assert "Traceback" not in message
     return message
 

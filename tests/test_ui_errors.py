@@ -44,3 +44,11 @@ def test_bad_form_fields_are_listed_together():
     with pytest.raises(gr.Error) as caught:
         errors.shown(start_training)()
     assert "lora.rank" in caught.value.message and "seed" in caught.value.message
+
+
+def test_the_error_notice_keeps_lines_and_code_and_shows_markup_as_text():
+    from lora_studio.ui.errors import notice_html
+
+    shown = notice_html("the Train form has 2 problem(s):\n  - `lora.rank` = 0: bad\n  - <b>x</b>.png & more")
+    assert shown == ("the Train form has 2 problem(s):<br>  - <code>lora.rank</code> = 0: bad<br>"
+                     "  - &lt;b&gt;x&lt;/b&gt;.png &amp; more")  # fmt: skip

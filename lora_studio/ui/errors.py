@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import inspect
 import logging
+import re
 
 import gradio as gr
 
@@ -12,6 +14,14 @@ from ..jobs import run_on_fresh_thread
 from ..logs import app_log_location
 
 log = logging.getLogger(__name__)
+
+
+def notice_html(message: str) -> str:
+    """A message as the page's error notice shows it. Gradio renders the notice as (sanitized) HTML, not Markdown,
+    and runs its lines together, so a list of config problems read as one line with its backticks: the text is
+    escaped (a file named `<b>x</b>.png` stays text), `code` spans become <code>, and each line stays a line."""
+    text = html.escape(message, quote=False)
+    return re.sub(r"`([^`\n]+)`", r"<code>\1</code>", text).replace("\n", "<br>")
 
 
 def shown(handler, *bound):
@@ -26,11 +36,11 @@ def shown(handler, *bound):
         try:
             return run_on_fresh_thread(handler, *bound, *args, name=f"lora-studio-{handler.__name__}")
         except LoraStudioError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(notice_html(str(exc))) from None
         except Exception:
             log.exception("%s failed", handler.__name__)
             message = f"An unexpected error occurred in {handler.__name__}; the details are in {app_log_location()}."
-            raise gr.Error(message) from None
+            raise gr.Error(notice_html(message)) from None
 
     wrapped.__name__ = handler.__name__
     # Gradio reads the signature to inject event data (gr.SelectData): show it the handler's own, less `bound`.
