@@ -171,3 +171,25 @@ def test_resume_queue_starts_what_still_fits_the_app_folders_and_leaves_the_rest
     assert "not resuming the queued job moved" in caplog.text and "lies outside" in caplog.text
     assert app_state.jobs.wait(1).state == "done"
     assert [r.name for r in app_state.jobs.recovered()] == ["moved"]
+
+
+def test_the_train_tabs_restart_section_keeps_the_picked_job_and_hides_when_none_waits(app_state):
+    from lora_studio.config import load_preset
+    from lora_studio.job_store import JobStore
+    from lora_studio.runs import queue_folder
+    from lora_studio.ui import train_tab
+
+    store = JobStore(queue_folder(app_state.roots.runs))
+    config = load_preset("demo-cpu", ["optimizer.max_train_steps=2"])
+    for name in ("first", "second"):
+        store.write(store.new_record(config, "train", name, None))
+        time.sleep(0.001)
+    app_state.jobs.recover()
+    first, second = (r.key for r in app_state.jobs.recovered())
+    section, picker = train_tab.recovered_view(app_state, second)  # a tab select with the second job picked
+    assert section.visible and picker.value == second and len(picker.choices) == 2
+    assert train_tab.recovered_view(app_state, "a key of nothing")[1].value == first
+    for key in (first, second):
+        app_state.jobs.discard_recovered(key)
+    section, picker = train_tab.recovered_view(app_state, second)
+    assert not section.visible and picker.choices == [] and picker.value is None

@@ -371,8 +371,7 @@ def connect(
     p = parts
     state = p["open_folder"]
     view = [state, p["folder"], p["gallery"], p["report"], p["tags"]]
-    # A refused request marks only the message it concerns (show_progress_on): Gradio's "Error" badge on an output
-    # covers it until dismissed, and the gallery, report or tags the person was working on must stay in view.
+    # show_progress_on: a refusal's badge goes on the message, not over the gallery (ui/errors.py says why)
     gr.on([p["open"].click, blocks.load], shown(open_dataset, app), [p["source"], preset, extension],
           [*view, train_dataset], show_progress_on=p["report"])  # blocks.load: the demo  # fmt: skip
     page.select(shown(current_view, app), [state, preset, extension], [p["gallery"], p["report"], p["tags"]],

@@ -1,4 +1,9 @@
-"""How handler errors reach the page: one sentence, never a traceback (which goes to the app's log.txt)."""
+"""How handler errors reach the page: one sentence, never a traceback (which goes to the app's log.txt).
+
+The sentence is a notice (`notice_html`). Gradio also puts an "Error" badge over every output of the failed event,
+and it stays until dismissed: an event whose outputs hold the person's work (a gallery, the runs table, the form)
+names its message component in `show_progress_on`, so the badge and the spinner go there and the work stays in view.
+"""
 
 from __future__ import annotations
 

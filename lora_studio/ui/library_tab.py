@@ -160,8 +160,7 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
                 gr.Dropdown(choices=files, value=files[0][1] if files else None))  # fmt: skip
 
     gr.on([refresh.click, *refreshed_on], shown(runs_table, app), None, table, show_progress="hidden")
-    # A refused request marks only its message (show_progress_on): Gradio's "Error" badge covers each output it
-    # lands on until dismissed, and the runs table must stay in view.
+    # show_progress_on: a refusal's badge goes on the message, not over the runs table (ui/errors.py says why)
     table.select(shown(select_run), table, [chosen, shown_run, config, metrics, samples, file],
                  show_progress_on=shown_run)  # fmt: skip
     export.click(shown(export_file, app), [chosen, file, fmt, precision], download)

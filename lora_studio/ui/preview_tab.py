@@ -332,8 +332,7 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     baked = gr.State(None)  # the baked LoraFile, on the server
 
     gr.on([refresh.click, *refreshed_on], shown(refresh_lists, app), None, [files, base], show_progress="hidden")
-    # A refused request marks only its message (show_progress_on): Gradio's "Error" badge covers each output it
-    # lands on until dismissed, and the chosen LoRAs and the prompt must stay in view.
+    # show_progress_on: a refusal's badge goes on the message, not over the chosen LoRAs (ui/errors.py says why)
     upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status], show_progress_on=upload_status)
     files.change(shown(suggest_prompt, app), files, prompt, show_progress="hidden").then(strength_sliders, files,
                                                                                          sliders)  # fmt: skip

@@ -263,13 +263,12 @@ def recovered_label(record) -> str:
     return f"{record.name} · was running, had saved nothing: starts over"
 
 
-def recovered_view(app: AppState) -> tuple:
+def recovered_view(app: AppState, picked: str | None = None) -> tuple:
     """The section of jobs that were queued or running when the app last stopped (shown only while one waits),
-    and its picker."""
-    records = app.jobs.recovered()
-    choices = [(recovered_label(r), r.key) for r in records]
-    return (gr.Accordion(visible=bool(choices), open=bool(choices)),
-            gr.Dropdown(choices=choices, value=choices[0][1] if choices else None))  # fmt: skip
+    and its picker (the `picked` job stays picked while it waits)."""
+    keys = [(recovered_label(r), r.key) for r in app.jobs.recovered()]
+    value = picked if picked in {key for _label, key in keys} else (keys[0][1] if keys else None)
+    return gr.Accordion(visible=bool(keys)), gr.Dropdown(choices=keys, value=value)
 
 
 def start_recovered(app: AppState, key: str | None) -> tuple:
@@ -530,7 +529,7 @@ def recovered_section(app: AppState, message: gr.Markdown, refreshed_on: Sequenc
             start_one = gr.Button("Start / resume it", elem_id="train-recovered-start", scale=1)
             start_all = gr.Button("Start all", elem_id="train-recovered-all", scale=1)
             discard = gr.Button("Discard it", elem_id="train-recovered-discard", scale=1)
-    gr.on(refreshed_on, shown(recovered_view, app), None, [box, recovered], show_progress="hidden")
+    gr.on(refreshed_on, shown(recovered_view, app), recovered, [box, recovered], show_progress="hidden")
     start_one.click(shown(start_recovered, app), recovered, [message, box, recovered], show_progress_on=message)
     start_all.click(shown(start_all_recovered, app), None, [message, box, recovered], show_progress_on=message)
     discard.click(shown(discard_recovered, app), recovered, [message, box, recovered], show_progress_on=message)
@@ -575,8 +574,7 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components
     log = gr.Textbox(label="Log", lines=8, elem_id="train-log")
 
     form = [components[k] for k in KEYS]
-    # A refused request marks only its message (show_progress_on): Gradio's "Error" badge covers each output it
-    # lands on until dismissed, and a broken preset would hide every field of the form.
+    # show_progress_on: a refusal's badge goes on a message, not over every field of the form (ui/errors.py)
     preset.change(shown(preset_values), [preset, components["dataset.path"]], form,
                   show_progress_on=estimate_box).then(shown(estimate, app), form, estimate_box)  # fmt: skip
     said = your_presets["message"]
