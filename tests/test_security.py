@@ -225,9 +225,13 @@ def test_the_caption_extension_from_the_form_cannot_name_another_file(server, cl
                                 ("save_caption", [None, image, "overwritten", bad]),
                                 ("apply_bulk_edit", [None, "zkz", "", "", "", "", None, bad]),
                                 ("preview_captions", [None, None, "overwrite", "", 0.35, bad]),
-                                ("caption_all", [None, None, "overwrite", "", 0.35, 4, None, bad])):  # fmt: skip
+                                ("caption_all", [None, None, "overwrite", "", 0.35, 4, None, bad]),
+                                ("current_view", [str(server["outside"]), None, bad])):  # fmt: skip
             assert_refused(client.call(handler, values), "`dataset.caption_extension`", "is not a file extension")
     assert not (server["home"] / "datasets" / "by-extension").exists()
+    # The Dataset tab's re-read on select takes the open folder from the page's server-side state, never the request.
+    ok, data = client.call("current_view", [str(server["outside"]), None, ".txt"], session="never-opened")
+    assert ok and all(update == {"__type__": "update"} for update in data)  # nothing open: nothing read or sent
 
 
 def test_a_caption_linked_out_of_the_folder_is_never_shown(server, client):
