@@ -15,6 +15,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
+# The suite runs in worker processes side by side (pytest-xdist, `-n 2` in pyproject's addopts). Each gets its share
+# of the cores, set before torch is imported (OMP_NUM_THREADS reaches the apps and CLIs the tests start too): two
+# workers each splitting every op over all the cores run 4-10x slower than one worker alone. Only in a worker: the
+# controller loads this file too, and the workers inherit its environment.
+TEST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+TEST_THREADS = max(1, (os.cpu_count() or 1) // TEST_WORKERS)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
+
 import pytest  # noqa: E402
 
 NETWORK_ATTEMPTS: list[str] = []
@@ -76,11 +85,11 @@ def no_network_attempts():
 
 @pytest.fixture(autouse=True)
 def fixed_cpu_threads(monkeypatch):
-    """Trainings in tests run at a fixed thread count. The default policy (cpu_threads.ThreadTuner) picks the
-    count from step times, and 1 and 2 threads give results that differ by ~1e-7, so tests that compare
-    weights bit for bit (resume, several processes) would depend on the machine's load. The tuner has tests
-    of its own (test_cpu_threads.py) that set this back."""
-    monkeypatch.setenv("LORA_STUDIO_CPU_THREADS", str(os.cpu_count() or 1))
+    """Trainings in tests run at a fixed thread count, this worker's share of the cores. The default policy
+    (cpu_threads.ThreadTuner) picks the count from step times, and 1 and 2 threads give results that differ by
+    ~1e-7, so tests that compare weights bit for bit (resume, several processes) would depend on the machine's
+    load. The tuner has tests of its own (test_cpu_threads.py) that set this back."""
+    monkeypatch.setenv("LORA_STUDIO_CPU_THREADS", str(TEST_THREADS))
 
 
 @pytest.fixture(scope="session")
