@@ -15,7 +15,15 @@ from .checkpoints import (
     with_prediction,
 )
 from .errors import ModelLoadError
-from .models import FAMILIES, FAMILY_NAMES, missing_pipeline_files, read_config_json, resolve_source
+from .models import (
+    FAMILIES,
+    FAMILY_NAMES,
+    NATIVE_SIDE,
+    missing_pipeline_files,
+    native_side_of_configs,
+    read_config_json,
+    resolve_source,
+)
 from .paths import DEMO_MODEL_DIR, sd_config_dir
 
 
@@ -28,6 +36,7 @@ class SourceSummary:
     family: str
     prediction_type: str
     notes: list[str]
+    native_side: int  # the image side it was trained at (pixels)
 
 
 def describe_source(source: str | Path, allow_pickle: bool = False) -> SourceSummary:
@@ -49,9 +58,15 @@ def describe_source(source: str | Path, allow_pickle: bool = False) -> SourceSum
         prediction = normalise_prediction(
             read_config_json(path / "scheduler" / "scheduler_config.json").get("prediction_type", "epsilon")
         )
-        return SourceSummary(label, kind, with_prediction(family, prediction), prediction, [])
+        family = with_prediction(family, prediction)
+        try:
+            side = native_side_of_configs(unet, read_config_json(path / "vae" / "config.json"))
+        except (KeyError, TypeError, ValueError):  # an odd config: the family's usual side, and loading says more
+            side = NATIVE_SIDE[family]
+        return SourceSummary(label, kind, family, prediction, [], side)
     detected = detect_family(read_checkpoint_index(path, allow_pickle))
-    return SourceSummary(label, kind, detected.family, detected.prediction_type, detected.notes)
+    family = detected.family
+    return SourceSummary(label, kind, family, detected.prediction_type, detected.notes, NATIVE_SIDE[family])
 
 
 def find_local_models(folder: Path) -> list[Path]:

@@ -81,7 +81,8 @@ def add_sample_parser(sub) -> None:
         description="Example: lora-studio sample --base demo --lora run.safetensors:0.8 --prompt 'zkz, a red star' "
         "--grid strength=0,0.5,1 seed=1,2 --out grid.png",
     )
-    sample.add_argument("--base", default="demo", help="anything load_base takes (default: the demo model)")
+    sample.add_argument("--base", help="anything load_base takes (default: the base model the first --lora's run "
+                        "trained on, else the demo model)")
     sample.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="repeat to stack")
     sample.add_argument("--prompt", default="")
     sample.add_argument("--negative", default="", help="negative prompt")
@@ -89,7 +90,8 @@ def add_sample_parser(sub) -> None:
     sample.add_argument("--steps", type=int, default=20)
     sample.add_argument("--cfg", type=float, default=7.0)
     sample.add_argument("--sampler", default="euler_a", help="euler_a, euler, dpmpp_2m, dpmpp_2m_karras, ddim, unipc")
-    sample.add_argument("--width", type=int, help="default: the base model's native size")
+    sample.add_argument("--width", type=int, help="default: the size the first --lora trained at (its metadata), "
+                        "else the base model's native size")
     sample.add_argument("--height", type=int)
     sample.add_argument("--clip-skip", type=int, default=1)
     sample.add_argument("--batch-count", type=int, default=1, help="images with seeds seed, seed+1, ...")
@@ -433,9 +435,13 @@ def parse_lora_argument(text: str) -> tuple[Path, float]:
 def run_sample(args: argparse.Namespace) -> int:
     from .lora_inspect import check_lora_path
     from .sample import Axis, Previewer, PreviewSettings, save_png
-    from .workflows import load_preview_base, parse_grid_axis
+    from .workflows import PreviewDefaults, load_preview_base, parse_grid_axis, preview_defaults
 
     loras = [parse_lora_argument(text) for text in args.lora]
+    for path, _strength in loras:
+        check_lora_path(path)
+    # Like the Preview tab: the first LoRA's run names the base, its metadata the size (unless given).
+    defaults = preview_defaults(loras[0][0]) if loras else PreviewDefaults(None, None, None)
 
     def settings_with(strengths: dict[str, float], native: int) -> PreviewSettings:
         return PreviewSettings(
@@ -446,17 +452,17 @@ def run_sample(args: argparse.Namespace) -> int:
             steps=args.steps,
             cfg=args.cfg,
             seed=args.seed,
-            width=args.width or native,
-            height=args.height or native,
+            width=args.width or defaults.width or native,
+            height=args.height or defaults.height or native,
             clip_skip=args.clip_skip,
             batch_count=args.batch_count,
         )
 
     # What can be refused is refused before the base model loads (an SDXL checkpoint takes half a minute).
-    for path, _strength in loras:
-        check_lora_path(path)
     settings_with({path.stem: strength for path, strength in loras}, native=512).checked()
-    base = load_preview_base(args.base)
+    if not args.base and defaults.base_model:
+        print(f"note: base model {defaults.base_model} (the one {loras[0][0].name} was trained on; --base to change)")
+    base = load_preview_base(args.base or defaults.base_model or "demo")
     previewer = Previewer(base)
     settings = settings_with({previewer.add_lora(path): strength for path, strength in loras}, base.native_resolution)
     strengths = settings.strengths

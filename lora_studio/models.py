@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x (512, epsilon)", "sd2-v": "SD 2.x (768, v)", "sdxl": "SDXL"}
+# The image side each family was trained at: what a preview renders when nothing else says (a diffusers folder says
+# it in its configs, `native_side_of_configs`).
+NATIVE_SIDE = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 # kohya/A1111 name of each family, written into metadata so other tools recognise our files.
 MODELSPEC_ARCHITECTURE = {  # modelspec.architecture of a base model; a LoRA of it appends "/lora"
     "sd1": "stable-diffusion-v1",
@@ -326,5 +329,9 @@ def _finish(pipeline: DiffusionPipeline, family: str, prediction: str, label: st
 
 def native_resolution(pipeline: DiffusionPipeline) -> int:
     """The image side the model was trained at: UNet sample size times the VAE's downsampling."""
-    vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    return int(pipeline.unet.config.sample_size) * vae_scale
+    return native_side_of_configs(pipeline.unet.config, pipeline.vae.config)
+
+
+def native_side_of_configs(unet: dict, vae: dict) -> int:
+    """native_resolution from the UNet's and the VAE's configs (a folder's config.json files, or loaded models')."""
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import LoraStudioError
 from .models import dtype_of, load_base
-from .runs import lowest_loss, run_of_lora_file
+from .runs import RunFolder, lowest_loss, run_of_lora_file
+from .sample_prompts import MAX_SIDE
 
 if TYPE_CHECKING:  # torch loads on first use: the app's page comes up before it (README: start-up time)
     import torch
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # torch loads on first use: the app's page comes up before it
 
 MAX_GRID_CHECKPOINTS = 8  # a grid wider than this is unreadable; the newest are kept
 STEP_IN_NAME = re.compile(r"-step(\d+)$")
+# "1024x1024" (modelspec.resolution) or "(512, 512)" (kohya's ss_resolution): width first
+RESOLUTION_TEXT = re.compile(r"^\(?\s*(\d{1,5})\s*(?:x|,)\s*(\d{1,5})\s*\)?$")
 
 
 def base_dtype(source: str) -> torch.dtype | None:
@@ -35,6 +38,41 @@ def base_dtype(source: str) -> torch.dtype | None:
 
 def load_preview_base(source: str) -> BaseModel:
     return load_base(source, dtype=base_dtype(source))
+
+
+def base_model_of(run: RunFolder) -> str:
+    """The base model a run trained on, as its config names it."""
+    from .config import load_config
+
+    return load_config(run.config).base_model
+
+
+@dataclass(frozen=True)
+class PreviewDefaults:
+    """What a LoRA file says about rendering it: its run's base model (None for a file of no run, or a run whose
+    config cannot be read) and the side it trained at (None when its metadata does not say)."""
+
+    base_model: str | None
+    width: int | None
+    height: int | None
+
+
+def preview_defaults(lora_file: Path) -> PreviewDefaults:
+    """The base and size a preview of `lora_file` starts from, so an SDXL LoRA is not rendered on the demo model at
+    64 pixels: the run's config for the base, the file's metadata for the size (its trainer's, kohya's or ours)."""
+    from .safetensors_io import read_header
+
+    run = run_of_lora_file(lora_file)
+    try:
+        base = base_model_of(run) if run.config.is_file() else None
+    except LoraStudioError:  # a config of an older, damaged or foreign run: the person picks the base
+        base = None
+    metadata = read_header(lora_file).metadata
+    for key in ("modelspec.resolution", "ss_resolution"):
+        found = RESOLUTION_TEXT.match(str(metadata.get(key, "")).strip())
+        if found and all(8 <= int(side) <= MAX_SIDE for side in found.groups()):
+            return PreviewDefaults(base, int(found.group(1)), int(found.group(2)))
+    return PreviewDefaults(base, None, None)
 
 
 # --- LoRA files -----------------------------------------------------------------------------------------------

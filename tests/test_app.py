@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from safetensors.torch import save_file
 
 from lora_studio.errors import LoraStudioError
@@ -394,6 +395,8 @@ def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_fil
     """A run, a preset and a base model that appear while the app runs (a training finished, a preset saved in
     another window, a checkpoint copied in), and an image copied into the open dataset: going to a tab shows them,
     and so does a reloaded page, with no Refresh button clicked."""
+    from safetensors.torch import load_file
+
     from lora_studio.config import load_preset, save_user_preset
 
     home = app_state.roots.runs.parent
@@ -401,15 +404,27 @@ def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_fil
         wait_for_text(page, "#dataset-report", "24 images")  # the page has loaded
         run = home / "runs" / "later-20260101-000000"
         run.mkdir(parents=True)
-        (run / "config.toml").write_text('name = "later"\n')
-        shutil.copy(lora_file, run / "later.safetensors")
-        save_user_preset(load_preset("demo-cpu"), "my-later-preset")
         (home / "models").mkdir()
-        shutil.copy(lora_file, home / "models" / "later-model.safetensors")
+        base = home / "models" / "later-model.safetensors"
+        shutil.copy(lora_file, base)
+        (run / "config.toml").write_text(f'name = "later"\nbase_model = "{base}"\n')
+        save_file(load_file(lora_file), str(run / "later.safetensors"), metadata={"modelspec.resolution": "768x512"})
+        save_user_preset(load_preset("demo-cpu"), "my-later-preset")
 
         page.get_by_role("tab", name="Preview").click()
         page.wait_for_timeout(1000)
-        assert f"{run.name}/later.safetensors" in dropdown_options(page, "#preview-loras")
+        # The new run's LoRA is listed; picked, it brings its run's base model and the size it trained at. A base
+        # picked by hand then brings its own size.
+        page.locator("#preview-loras input").click()
+        page.get_by_role("option", name=f"{run.name}/later.safetensors").click()
+        page.wait_for_function("document.querySelector('#preview-width input').value === '768'")
+        assert page.locator("#preview-height input").input_value() == "512"
+        wait_for_text(page, "#preview-base input", "later-model.safetensors")
+        page.keyboard.press("Escape")
+        page.locator("#preview-base input").click()
+        page.get_by_role("option", name="demo · SD 1.x, epsilon").click()
+        page.wait_for_function("document.querySelector('#preview-height input').value === '64'")
+        assert page.locator("#preview-width input").input_value() == "64"
         page.get_by_role("tab", name="Library").click()
         wait_for_text(page, "#library-runs", run.name)
         page.get_by_role("tab", name="Presets").click()
@@ -424,9 +439,16 @@ def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_fil
         page.locator("#cfg-dataset-caption_extension textarea").fill(".caption")
         page.locator("#cfg-dataset-caption_extension textarea").press("Tab")  # the page holds the new value
         page.wait_for_timeout(500)
-        page.get_by_role("tab", name="Dataset").click()
-        wait_for_text(page, "#dataset-report", "25 images")
-        wait_for_text(page, "#dataset-gallery", "zkz, a caption from a .caption file")
+        for attempt in range(3):  # on a loaded machine the section just opened may take the typed value late
+            page.get_by_role("tab", name="Dataset").click()
+            wait_for_text(page, "#dataset-report", "25 images")
+            try:
+                wait_for_text(page, "#dataset-gallery", "zkz, a caption from a .caption file", timeout=10_000)
+                break
+            except PlaywrightTimeout:
+                assert attempt < 2, "the Dataset tab never read the captions the Train form's extension names"
+                page.get_by_role("tab", name="Train").click()
+                page.wait_for_timeout(1000)
         page.locator("#dataset-losses-section > button").first.click()
         assert run.name in dropdown_options(page, "#dataset-loss-run")
 

@@ -197,3 +197,67 @@ def test_bake_the_stack_compare_it_and_save_it(run_folder, tiny_folders):
     with pytest.raises(LoraStudioError, match="rank must be 0"):
         preview_tab.bake_stack_preview(app, base, files, *common, 5000, 1.0, 1.0)
     saved.unlink()
+
+
+def lora_with_size(source: Path, target: Path, resolution: dict[str, str]) -> Path:
+    """A copy of `source` whose metadata says it trained at another size (ours write modelspec.resolution, kohya's
+    ss_resolution)."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_studio.safetensors_io import read_header
+
+    metadata = {k: v for k, v in read_header(source).metadata.items() if "resolution" not in k}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(load_file(str(source)), str(target), metadata={**metadata, **resolution})
+    return target
+
+
+def test_picking_a_lora_sets_the_base_and_size_its_run_trained_with(run_folder, tiny_folders, tmp_path):
+    """The Preview form follows the first chosen LoRA: the base its run's config names and the size its metadata
+    gives, once per first LoRA (stacking a second keeps what the person set since); a base picked by hand brings
+    its own native size."""
+    import json
+
+    from lora_studio.config import load_preset, save_config
+    from lora_studio.workflows import load_preview_base
+
+    trained, run = run_folder
+    app = AppState(Roots(tmp_path / "runs", tmp_path / "datasets", tmp_path / "models", extra=trained.roots.extra))
+    run = Path(shutil.copytree(run, app.roots.runs / run.name))  # runs of this test's own, beside a copy of it
+    sd1 = str(tiny_folders["sd1"])
+    other = app.roots.runs / "other-20260102-000000"
+    save_config(load_preset("demo-cpu", [f"base_model={json.dumps(sd1)}"]), other / "config.toml")
+    picked = str(lora_with_size(run / "tiny.safetensors", other / "other.safetensors",
+                                {"modelspec.resolution": "48x40"}))  # fmt: skip
+    final = str(run / "tiny.safetensors")
+    unchanged = {"__type__": "update"}
+
+    base, width, height, followed = preview_tab.follow_lora(app, [picked], None)
+    assert (base["value"], width["value"], height["value"], followed) == (sd1, 48, 40, picked)
+    # A second LoRA stacked under the first: nothing changes (the person may have set the size by now).
+    assert preview_tab.follow_lora(app, [picked, final], followed) == (unchanged, unchanged, unchanged, picked)
+    # Another first LoRA: the tiny run's config leaves the base at its default (the demo), its file says the size.
+    trained_at = int(load_lora(final).metadata["modelspec.resolution"].split("x")[0])
+    base, width, height, followed = preview_tab.follow_lora(app, [final, picked], picked)
+    assert (base["value"], width["value"], height["value"], followed) == ("demo", trained_at, trained_at, final)
+    assert preview_tab.follow_lora(app, [], final) == (unchanged, unchanged, unchanged, None)
+
+    # kohya's way of saying the size; a run whose base lies outside the app's folders, or whose config is damaged,
+    # leaves the base as it is.
+    outside = app.roots.runs / "outside-20260103-000000"
+    save_config(load_preset("demo-cpu", [f"base_model={json.dumps(str(tmp_path.parent))}"]), outside / "config.toml")
+    kohya = str(lora_with_size(run / "tiny.safetensors", outside / "outside.safetensors",
+                               {"ss_resolution": "(768, 512)"}))  # fmt: skip
+    base, width, height, _ = preview_tab.follow_lora(app, [kohya], None)
+    assert (base, width["value"], height["value"]) == (unchanged, 768, 512)
+    (outside / "config.toml").write_text("base_model = [")
+    assert preview_tab.follow_lora(app, [kohya], None)[0] == unchanged
+    no_size = str(lora_with_size(run / "tiny.safetensors", outside / "plain.safetensors", {}))
+    assert preview_tab.follow_lora(app, [no_size], None)[1:3] == (unchanged, unchanged)
+
+    # A base picked by hand: its own side, read from its configs without loading it.
+    assert preview_tab.base_size(app, "demo") == (64, 64)
+    native = load_preview_base(str(tiny_folders["sdxl"])).native_resolution
+    assert preview_tab.base_size(app, str(tiny_folders["sdxl"])) == (native, native)
+    with pytest.raises(LoraStudioError, match="outside"):
+        preview_tab.base_size(app, str(tmp_path))

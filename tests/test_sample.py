@@ -313,6 +313,31 @@ def test_sample_command_single_and_grid(tmp_path, tiny_folders, two_loras, capsy
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_sample_command_takes_the_base_and_size_from_the_loras_run(tmp_path, tiny_folders, two_loras, capsys):
+    """Without --base and --width, `lora-studio sample` renders a run's LoRA on the base that run trained on, at the
+    size its file says (the Preview tab does the same when the LoRA is picked)."""
+    import json
+
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from lora_studio.config import load_preset, save_config
+    from lora_studio.safetensors_io import read_header
+
+    run = tmp_path / "runs" / "mine-20260101-000000"
+    save_config(load_preset("demo-cpu", [f"base_model={json.dumps(str(tiny_folders['sd1']))}"]), run / "config.toml")
+    metadata = {**read_header(two_loras[0]).metadata, "modelspec.resolution": "40x32"}
+    save_file(load_file(str(two_loras[0])), str(run / "mine.safetensors"), metadata=metadata)
+    out = tmp_path / "out.png"
+    common = ["sample", "--lora", str(run / "mine.safetensors"), "--prompt", "zkz", "--steps", "2"]
+    assert main([*common, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: base model {tiny_folders['sd1']} (the one mine.safetensors was trained on" in printed
+    assert Image.open(out).size == (40, 32)
+    assert main([*common, "--width", "24", "--out", str(out)]) == 0  # what is given wins
+    assert Image.open(out).size == (24, 32)
+
+
 def test_sample_command_refuses_bad_settings_before_loading_the_base(tmp_path, capsys):
     """A wrong step count or a missing LoRA is said at once, not after the base loads (half a minute for SDXL):
     here the base does not even exist, and the message is about the setting."""

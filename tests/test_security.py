@@ -302,6 +302,8 @@ def test_preview_library_and_model_checks_read_nothing_outside(server, client):
     assert_refused(client.call("generate", ["demo", [str(outside / "lora.safetensors")], *common]))
     assert_refused(client.call("generate", [str(outside), [], *common]), "lies outside")
     assert_refused(client.call("suggest_prompt", [[str(outside / "lora.safetensors")]]))
+    assert_refused(client.call("follow_lora", [[str(outside / "lora.safetensors")], None]))
+    assert_refused(client.call("base_size", [str(outside)]), "lies outside")  # reads no config.json there
     assert "lies outside" in client.call("check_base_model", [str(outside / "lora.safetensors"), False])[1][0]
     row = {"index": [0, 0], "value": "../outside", "row_value": ["../outside", 0, None, "no"], "selected": True}
     selected = client.call("select_run", [{"headers": ["run"], "data": [["../outside"]]}], event_data=row)

@@ -19,6 +19,7 @@ from ..errors import LoraStudioError
 from ..runs import RunFolder, list_runs
 from ..sample_prompts import STRENGTH_RANGE
 from ..workflows import (
+    base_model_of,
     checkpoint_label,
     export_lora_file,
     exports_path,
@@ -66,12 +67,6 @@ def checked_file(app: AppState, name: str | None, file: str | None) -> tuple[Run
     if not file or path not in [p.resolve() for p in run.lora_files()]:
         raise LoraStudioError("Pick one of this run's LoRA files first.")
     return run, path
-
-
-def base_model_of(run: RunFolder) -> str:
-    from ..config import load_config
-
-    return load_config(run.config).base_model
 
 
 def export_file(app: AppState, name: str, file: str, fmt: str, precision: str) -> str:

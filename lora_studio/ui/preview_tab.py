@@ -24,12 +24,14 @@ from ..workflows import (
     export_lora_file,
     exports_path,
     lora_file_label,
+    preview_defaults,
     run_lora_files,
     strength_seed_grid,
 )
 from .config_form import FIELD_BY_KEY
 from .errors import shown
 from .state import AppState, confined_base, uploaded_files
+from .train_tab import summarize
 
 SAMPLERS = FIELD_BY_KEY["sample.sampler"].choices
 MAX_STACK = 4  # strength sliders on the page; more stacked LoRAs are rare and go through the CLI
@@ -87,6 +89,35 @@ def suggest_prompt(app: AppState, files: list[str]) -> str:
         if trigger:
             return f"{trigger}, "
     return ""
+
+
+def follow_lora(app: AppState, files: list[str] | None, followed: str | None):
+    """Base model, width and height from the first chosen LoRA (its run's base, the size it trained at), when that
+    first LoRA changed since the last call: stacking another LoRA, or a base picked by hand, is left alone.
+    Returns the three updates and the file now followed (the page's state)."""
+    chosen = checked_loras(app, files)
+    first = str(chosen[0]) if chosen else None
+    if first is None or first == followed:
+        return gr.update(), gr.update(), gr.update(), first
+    defaults = preview_defaults(chosen[0])
+    base = gr.update()
+    if defaults.base_model:
+        try:
+            confined_base(app.roots, defaults.base_model)
+            base = gr.update(value=defaults.base_model)
+        except LoraStudioError:  # outside the app's folders now, or gone: the person picks the base
+            pass
+    width, height = (gr.update(value=side) if side else gr.update() for side in (defaults.width, defaults.height))
+    return base, width, height, first
+
+
+def base_size(app: AppState, base: str):
+    """Width and height of the base model picked by hand: the side it was trained at (64 for the demo, 1024 for
+    SDXL). A base that cannot be read leaves them alone; Generate then says why."""
+    summary = summarize(confined_base(app.roots, base))
+    if isinstance(summary, LoraStudioError):
+        return gr.update(), gr.update()
+    return summary.native_side, summary.native_side
 
 
 def settings_from(prompt, negative, sampler, steps, cfg, seed, width, height, strengths):
@@ -295,7 +326,7 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
 
     with gr.Row():
         base = gr.Dropdown(base_choices(), value="demo", label="Base model", allow_custom_value=True, scale=3,
-                           elem_id="preview-base")  # fmt: skip
+                           elem_id="preview-base", info="Follows the first LoRA's run; the size follows the base")
         files = gr.Dropdown(labelled_lora_choices(app), multiselect=True, scale=5, elem_id="preview-loras",
                             label=f"LoRA files (stack up to {MAX_STACK})")  # fmt: skip
         refresh = gr.Button("Refresh lists", scale=1)
@@ -313,8 +344,8 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
         steps = gr.Number(20, label="Steps", precision=0, minimum=1, maximum=MAX_STEPS, elem_id="preview-steps")
         cfg = gr.Number(5.0, label="CFG")
         seed = gr.Number(1, label="Seed", precision=0)
-        width = gr.Number(64, label="Width", precision=0, minimum=8, maximum=MAX_SIDE)
-        height = gr.Number(64, label="Height", precision=0, minimum=8, maximum=MAX_SIDE)
+        width = gr.Number(64, label="Width", precision=0, minimum=8, maximum=MAX_SIDE, elem_id="preview-width")
+        height = gr.Number(64, label="Height", precision=0, minimum=8, maximum=MAX_SIDE, elem_id="preview-height")
     with gr.Row():
         go = gr.Button("Generate", variant="primary", elem_id="preview-generate")
         kind = gr.Dropdown(list(GRID_KINDS), value=GRID_KINDS[0], label="Grid", elem_id="preview-grid-kind")
@@ -334,8 +365,11 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     gr.on([refresh.click, *refreshed_on], shown(refresh_lists, app), None, [files, base], show_progress="hidden")
     # show_progress_on: a refusal's badge goes on the message, not over the chosen LoRAs (ui/errors.py says why)
     upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status], show_progress_on=upload_status)
-    files.change(shown(suggest_prompt, app), files, prompt, show_progress="hidden").then(strength_sliders, files,
-                                                                                         sliders)  # fmt: skip
+    picked = files.change(shown(suggest_prompt, app), files, prompt, show_progress="hidden")
+    picked.then(strength_sliders, files, sliders)
+    followed = gr.State(None)  # the LoRA file whose base and size the form took, so stacking more keeps them
+    picked.success(shown(follow_lora, app), [files, followed], [base, width, height, followed], show_progress="hidden")
+    base.input(shown(base_size, app), base, [width, height], show_progress="hidden")  # .input: a pick by hand only
     common = [prompt, negative, sampler, steps, cfg]
     go.click(shown(generate, app), [base, files, *common, seed, width, height, *sliders], [image, parameters])
     grid.click(shown(generate_grid, app), [base, files, kind, strengths, seeds, *common, width, height, *sliders],
