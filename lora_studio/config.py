@@ -274,6 +274,32 @@ class OptimConfig(Section):
         False, description="Rescale the noise schedule to zero SNR at the last timestep (Lin et al. 2023), so the "
         "model learns pure black and white; needs a v-prediction model or prediction_type = 'v_prediction'.",
     )  # fmt: skip
+    # kohya sd-scripts' loss and noise options, with its names, defaults and formulas (step.py).
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field(
+        "l2", description="The per-pixel loss: l2 (squared error, the usual), l1, or kohya's pseudo-Huber 'huber' and "
+        "'smooth_l1', quadratic for small errors and linear for large ones (outlier images pull less).",
+    )  # fmt: skip
+    huber_schedule: Literal["snr", "exponential", "constant"] = Field(
+        "snr", description="How the Huber threshold follows the timestep: 'snr' (kohya's default; about 1 at low "
+        "noise, huber_c at high noise), 'exponential' (huber_scale down to huber_c x huber_scale), 'constant'.",
+    )  # fmt: skip
+    huber_c: float = Field(0.1, gt=0.0, le=1.0, description="The Huber threshold's floor (kohya: 0.1).")
+    huber_scale: float = Field(1.0, gt=0.0, description="Scales the 'exponential' and 'constant' thresholds.")
+    multires_noise_iterations: int = Field(
+        0, ge=0, le=10, description="Multi-resolution (pyramid) noise levels added to the noise; 0 off, kohya's "
+        "guides use 6-10. Not with noise_offset.",
+    )  # fmt: skip
+    multires_noise_discount: float = Field(0.3, gt=0.0, le=1.0, description="Each coarser level's weight (kohya 0.3).")
+    ip_noise_gamma: float = Field(
+        0.0, ge=0.0, le=1.0, description="Input perturbation (Ning et al. 2023): the noised image gets this much "
+        "extra noise the target does not have; 0 off, the paper uses 0.1.",
+    )  # fmt: skip
+    min_timestep: int = Field(0, ge=0, le=999, description="Train on timesteps from this one (kohya: 0) ...")
+    max_timestep: int = Field(1000, ge=1, le=1000, description="... up to, not including, this one (kohya: 1000).")
+    debiased_estimation: bool = Field(
+        False, description="Weight each sample's loss by 1/sqrt(SNR) (Yu et al. 2024; kohya's "
+        "debiased_estimation_loss), so low-noise steps do not dominate.",
+    )  # fmt: skip
 
     @field_validator("betas")
     @classmethod
@@ -532,6 +558,16 @@ class TrainConfig(Section):
                 "`optimizer.zero_terminal_snr` needs v-prediction (at zero SNR there is no noise left to predict); "
                 "set prediction_type = 'v_prediction' (or 'auto' with a v-prediction model), or turn it off"
             )
+        if self.optimizer.noise_offset and self.optimizer.multires_noise_iterations:
+            problems.append(  # as kohya's sd-scripts: the two reshape the same noise, each assuming plain noise
+                "`optimizer.noise_offset` and `optimizer.multires_noise_iterations` cannot both be on; set one to 0"
+            )
+        if self.optimizer.min_timestep >= self.optimizer.max_timestep:
+            problems.append(
+                f"`optimizer.min_timestep` = {self.optimizer.min_timestep} is not below max_timestep = "
+                f"{self.optimizer.max_timestep}: no timestep is left to train on; lower min_timestep or raise "
+                "max_timestep"
+            )
         if not self.dataset.masked_loss and (self.dataset.alpha_mask or self.dataset.unmasked_weight):
             problems.append(
                 "`dataset.alpha_mask` and `dataset.unmasked_weight` act only with masked loss; "
@@ -659,6 +695,16 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "noise_offset": "optimizer.noise_offset",
     "zero_terminal_snr": "optimizer.zero_terminal_snr",
     "min_snr_gamma": "optimizer.min_snr_gamma",
+    "loss_type": "optimizer.loss_type",
+    "huber_schedule": "optimizer.huber_schedule",
+    "huber_c": "optimizer.huber_c",
+    "huber_scale": "optimizer.huber_scale",
+    "multires_noise_iterations": "optimizer.multires_noise_iterations",
+    "multires_noise_discount": "optimizer.multires_noise_discount",
+    "ip_noise_gamma": "optimizer.ip_noise_gamma",
+    "min_timestep": "optimizer.min_timestep",
+    "max_timestep": "optimizer.max_timestep",
+    "debiased_estimation_loss": "optimizer.debiased_estimation",
     "sample_every_n_steps": "sample.every_n_steps",
     "reg_data_dir": "regularization.path",
     "prior_loss_weight": "regularization.prior_loss_weight",

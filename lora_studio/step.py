@@ -8,6 +8,7 @@ would have done: on the CPU the final LoRA weights are bit-identical.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -133,11 +134,12 @@ def conditioning(
 def predict(
     unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
     timesteps: torch.Tensor, hidden: torch.Tensor, added: dict | None, weight_dtype: torch.dtype = torch.float32,
-    autocast=nullcontext,
+    autocast=nullcontext, input_noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(prediction, target) of `unet` on `latents` noised with `noise` at `timesteps`: the noise, or the velocity
-    for a v-prediction model. `autocast` is the run's mixed precision context (accelerate's)."""
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    for a v-prediction model. `autocast` is the run's mixed precision context (accelerate's). `input_noise`, when
+    given, noises the input in place of `noise` (input perturbation: the target keeps `noise`)."""
+    noisy = scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
     with autocast():
@@ -152,33 +154,99 @@ def diffusion_loss(
     draws: list[Draw], optim: OptimConfig, weight_dtype: torch.dtype = torch.float32, autocast=nullcontext,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Each sample's noise-prediction (or v-prediction) MSE, with its noise and timestep from its own draws;
-    offset noise and min-SNR weighting as `optim` says; `weights` (B, 1, h, w) scale each latent pixel's error
-    (masked loss: a pixel of weight 0 adds nothing and gets no gradient)."""
+    """Each sample's noise-prediction (or v-prediction) loss, with its noise and timestep from its own draws; the
+    noise shaping (offset, multi-resolution, input perturbation), the timestep range, the loss type and the
+    min-SNR / debiased weighting as `optim` says; `weights` (B, 1, h, w) scale each latent pixel's error
+    (masked loss: a pixel of weight 0 adds nothing and gets no gradient).
+
+    Each sample draws from its own generator in a fixed order: noise, offset, timestep, then the draws of the
+    newer options, so a run with none of those draws exactly what it drew before they existed."""
     shape = latents.shape[1:]
     noise = torch.stack([torch.randn(shape, generator=d.gen) for d in draws]).to(latents.device)
     if optim.noise_offset:
         # Offset noise (Guttenberg 2023): lets the model learn overall brightness, i.e. very dark/bright images.
         offset = torch.stack([torch.randn((shape[0], 1, 1), generator=d.gen) for d in draws]).to(latents.device)
         noise = noise + optim.noise_offset * offset
-    steps = scheduler.config.num_train_timesteps
-    timesteps = torch.cat([torch.randint(0, steps, (1,), generator=d.gen) for d in draws]).to(latents.device)
-    pred, target = predict(unet, scheduler, latents, noise, timesteps, hidden, added, weight_dtype, autocast)
-    per_sample = masked_mse(pred, target, weights)
+    low, high = optim.min_timestep, min(optim.max_timestep, scheduler.config.num_train_timesteps)
+    timesteps = torch.cat([torch.randint(low, high, (1,), generator=d.gen) for d in draws]).to(latents.device)
+    if optim.multires_noise_iterations:
+        noise = torch.stack([pyramid_noise(n, d, optim.multires_noise_iterations, optim.multires_noise_discount)
+                             for n, d in zip(noise, draws, strict=True)])  # fmt: skip
+    input_noise = None
+    if optim.ip_noise_gamma:
+        extra = torch.stack([torch.randn(shape, generator=d.gen) for d in draws]).to(latents.device)
+        input_noise = noise + optim.ip_noise_gamma * extra
+    pred, target = predict(unet, scheduler, latents, noise, timesteps, hidden, added, weight_dtype, autocast,
+                           input_noise)  # fmt: skip
+    per_sample = sample_losses(pixel_losses(pred, target, optim, huber_thresholds(optim, scheduler, timesteps)),
+                               weights)  # fmt: skip
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
     if optim.min_snr_gamma:
         # Min-SNR-gamma weighting (Hang et al. 2023); the v-prediction form divides by SNR + 1.
         snr = compute_snr(scheduler, timesteps)
         clipped = torch.clamp(snr, max=optim.min_snr_gamma)
-        v_prediction = scheduler.config.prediction_type == "v_prediction"
         per_sample = per_sample * (clipped / (snr + 1 if v_prediction else snr))
+    if optim.debiased_estimation:
+        # Debiased estimation (Yu et al. 2024, kohya's form): 1/sqrt(SNR), SNR capped at 1000; 1/(SNR+1) for v.
+        snr = torch.clamp(compute_snr(scheduler, timesteps), max=1000.0)
+        per_sample = per_sample * (1.0 / (snr + 1) if v_prediction else 1.0 / torch.sqrt(snr))
     return per_sample
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Each sample's mean squared error, each latent pixel weighted (as kohya's masked loss: the mean over every
-    pixel, so a half-masked image contributes about half)."""
-    error = F.mse_loss(pred, target, reduction="none")
+def pyramid_noise(noise: torch.Tensor, draw: Draw, iterations: int, discount: float) -> torch.Tensor:
+    """kohya's multi-resolution noise for one sample (C, H, W): levels of noise drawn at ever coarser sizes (each a
+    random 2-4x smaller than the last), upsampled and added with weight discount**level, then scaled back to unit
+    standard deviation. As kohya's, level 0 is a second full-size noise. Scaled per sample, not per batch, so a
+    sample's noise does not depend on the batch it is in."""
+    channels, height, width = noise.shape
+    total = noise
+    for level in range(iterations):
+        ratio = draw.rng.random() * 2 + 2
+        size = (max(1, int(height / ratio**level)), max(1, int(width / ratio**level)))
+        coarse = torch.randn((1, channels, *size), generator=draw.gen).to(noise.device)
+        total = total + F.interpolate(coarse, size=(height, width), mode="bilinear")[0] * discount**level
+        if 1 in size:
+            break  # the coarsest level is one pixel wide
+    return total / total.std()
+
+
+def huber_thresholds(optim: OptimConfig, scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor | None:
+    """Each sample's pseudo-Huber threshold for its timestep, by kohya's schedules; None for the l2 and l1 losses."""
+    if optim.loss_type not in ("huber", "smooth_l1"):
+        return None
+    if optim.huber_schedule == "exponential":
+        decay = -math.log(optim.huber_c) / scheduler.config.num_train_timesteps
+        return torch.exp(-decay * timesteps.float()) * optim.huber_scale
+    if optim.huber_schedule == "snr":
+        alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        sigmas = ((1.0 - alphas) / alphas) ** 0.5
+        return (1 - optim.huber_c) / (1 + sigmas) ** 2 + optim.huber_c
+    return torch.full(timesteps.shape, optim.huber_c * optim.huber_scale, device=timesteps.device)
+
+
+def pixel_losses(pred: torch.Tensor, target: torch.Tensor, optim: OptimConfig,
+                 thresholds: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The loss of each latent pixel: squared error, absolute error, or kohya's pseudo-Huber forms with each
+    sample's threshold c: huber = 2c(sqrt(e^2 + c^2) - c), smooth_l1 = 2(sqrt(e^2 + c^2) - c)."""
+    if optim.loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if optim.loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    c = thresholds.view(-1, *([1] * (pred.ndim - 1)))
+    root = torch.sqrt((pred - target) ** 2 + c**2) - c
+    return 2 * c * root if optim.loss_type == "huber" else 2 * root
+
+
+def sample_losses(error: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's mean of its per-pixel losses, each latent pixel weighted (as kohya's masked loss: the mean
+    over every pixel, so a half-masked image contributes about half)."""
     return (error if weights is None else error * weights).mean(dim=(1, 2, 3))
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's mean squared error (sample_losses of the squared error): the validation loss, whatever loss
+    the run trains with, so passes compare across runs."""
+    return sample_losses(F.mse_loss(pred, target, reduction="none"), weights)
 
 
 def batch_losses(session: Session, indices: list[int], draws: list[Draw]) -> torch.Tensor:

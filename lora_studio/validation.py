@@ -5,7 +5,8 @@ Each held-out image is encoded once (the latent distribution's mean, centre crop
 shuffle or dropout, and given its own noise for each of `validation.timesteps` timesteps spread over the
 schedule. The noise comes from a generator keyed by (seed, image content), never from the training RNG, and the
 pass runs in eval mode under no_grad: a run with validation trains bit-for-bit the weights a run without it does,
-and a resume stays exact. The loss is the plain MSE of the prediction (no min-SNR weighting), averaged over
+and a resume stays exact. The loss is the plain MSE of the prediction (no min-SNR weighting, whatever
+`optimizer.loss_type` the run trains with, so passes compare across runs), averaged over
 timesteps per image and over images for the pass.
 """
 
