@@ -85,15 +85,16 @@ def add_sample_parser(sub) -> None:
                         "trained on, else the demo model)")
     sample.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="repeat to stack")
     sample.add_argument("--prompt", default="")
-    sample.add_argument("--negative", default="", help="negative prompt")
+    # Each unset setting below comes from the first --lora's run (its samples' settings), else the default shown.
+    sample.add_argument("--negative", dest="negative_prompt", help="negative prompt (default: none)")
     sample.add_argument("--seed", type=int, default=42)
-    sample.add_argument("--steps", type=int, default=20)
-    sample.add_argument("--cfg", type=float, default=7.0)
-    sample.add_argument("--sampler", default="euler_a", help="euler_a, euler, dpmpp_2m, dpmpp_2m_karras, ddim, unipc")
+    sample.add_argument("--steps", type=int, help="default: 20")
+    sample.add_argument("--cfg", type=float, help="default: 7.0")
+    sample.add_argument("--sampler", help="euler_a (default), euler, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, pndm")
     sample.add_argument("--width", type=int, help="default: the size the first --lora trained at (its metadata), "
                         "else the base model's native size")
     sample.add_argument("--height", type=int)
-    sample.add_argument("--clip-skip", type=int, default=1)
+    sample.add_argument("--clip-skip", type=int, help="default: 1 (the last layer)")
     sample.add_argument("--batch-count", type=int, default=1, help="images with seeds seed, seed+1, ...")
     sample.add_argument(
         "--grid", nargs="+", metavar="AXIS=V1,V2", help="one or two axes (x then y): strength=..., seed=..., "
@@ -440,21 +441,25 @@ def run_sample(args: argparse.Namespace) -> int:
     loras = [parse_lora_argument(text) for text in args.lora]
     for path, _strength in loras:
         check_lora_path(path)
-    # Like the Preview tab: the first LoRA's run names the base, its metadata the size (unless given).
-    defaults = preview_defaults(loras[0][0]) if loras else PreviewDefaults(None, None, None)
+    # As the Preview tab: what is not given comes from the first LoRA's run and metadata (preview_defaults).
+    defaults = preview_defaults(loras[0][0]) if loras else PreviewDefaults()
+
+    def given(name: str, fallback):
+        """The command line's value of `name`, else the run's, else the fallback (0 is a value: CFG 0 is allowed)."""
+        return next((v for v in (getattr(args, name), getattr(defaults, name)) if v is not None), fallback)
 
     def settings_with(strengths: dict[str, float], native: int) -> PreviewSettings:
         return PreviewSettings(
             prompt=args.prompt,
-            negative_prompt=args.negative,
+            negative_prompt=given("negative_prompt", ""),
             strengths=strengths,
-            sampler=args.sampler,
-            steps=args.steps,
-            cfg=args.cfg,
+            sampler=given("sampler", "euler_a"),
+            steps=given("steps", 20),
+            cfg=given("cfg", 7.0),
             seed=args.seed,
             width=args.width or defaults.width or native,
             height=args.height or defaults.height or native,
-            clip_skip=args.clip_skip,
+            clip_skip=given("clip_skip", 1),
             batch_count=args.batch_count,
         )
 

@@ -49,30 +49,45 @@ def base_model_of(run: RunFolder) -> str:
 
 @dataclass(frozen=True)
 class PreviewDefaults:
-    """What a LoRA file says about rendering it: its run's base model (None for a file of no run, or a run whose
-    config cannot be read) and the side it trained at (None when its metadata does not say)."""
+    """What a LoRA file says about rendering it. From its run's config (None for a file of no run, or a run whose
+    config cannot be read): the base model, the clip skip it trained with, and the sampler, steps, CFG and negative
+    prompt of its samples. From the file's metadata: the size it trained at (None when the metadata does not say)."""
 
-    base_model: str | None
-    width: int | None
-    height: int | None
+    base_model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    clip_skip: int | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    negative_prompt: str | None = None
 
 
 def preview_defaults(lora_file: Path) -> PreviewDefaults:
-    """The base and size a preview of `lora_file` starts from, so an SDXL LoRA is not rendered on the demo model at
-    64 pixels: the run's config for the base, the file's metadata for the size (its trainer's, kohya's or ours)."""
+    """The settings a preview of `lora_file` starts from, so that it renders as the run's own samples did (an SDXL
+    LoRA not on the demo model at 64 pixels, a clip-skip-2 LoRA at clip skip 2): the run's config, and the file's
+    metadata for the size (its trainer's, kohya's or ours)."""
+    from .config import load_config
     from .safetensors_io import read_header
 
     run = run_of_lora_file(lora_file)
+    found: dict = {}
     try:
-        base = base_model_of(run) if run.config.is_file() else None
-    except LoraStudioError:  # a config of an older, damaged or foreign run: the person picks the base
-        base = None
+        if run.config.is_file():
+            config = load_config(run.config)
+            sample = config.sample
+            found = dict(base_model=config.base_model, clip_skip=config.clip_skip, sampler=sample.sampler,
+                         steps=sample.num_inference_steps, cfg=sample.guidance_scale,
+                         negative_prompt=sample.negative_prompt)  # fmt: skip
+    except LoraStudioError:  # a config of an older, damaged or foreign run: the person's own settings stay
+        pass
     metadata = read_header(lora_file).metadata
     for key in ("modelspec.resolution", "ss_resolution"):
-        found = RESOLUTION_TEXT.match(str(metadata.get(key, "")).strip())
-        if found and all(8 <= int(side) <= MAX_SIDE for side in found.groups()):
-            return PreviewDefaults(base, int(found.group(1)), int(found.group(2)))
-    return PreviewDefaults(base, None, None)
+        size = RESOLUTION_TEXT.match(str(metadata.get(key, "")).strip())
+        if size and all(8 <= int(side) <= MAX_SIDE for side in size.groups()):
+            found.update(width=int(size.group(1)), height=int(size.group(2)))
+            break
+    return PreviewDefaults(**found)
 
 
 # --- LoRA files -----------------------------------------------------------------------------------------------

@@ -367,6 +367,8 @@ def test_the_validation_curve_and_the_best_checkpoint_in_the_browser(browser_pag
         page.get_by_role("tab", name="Preview").click()
         page.locator("#preview-loras input").click()
         page.get_by_role("option", name=f"{run.name}/{best.name} · val").click()  # the picker shows the losses
+        # The run's settings land with the trigger word (one event): only then set the grid's own.
+        page.wait_for_function("document.querySelector('#preview-prompt textarea').value.startsWith('zkz')")
         page.locator("#preview-grid-kind input").click()
         page.get_by_role("option", name="checkpoint x strength").click()
         page.locator("#preview-steps input").fill("4")  # a quick grid: 3 files x 3 strengths

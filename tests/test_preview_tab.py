@@ -46,7 +46,7 @@ def test_generate_at_strengths_and_a_grid(run_folder, tiny_folders):
     app, run = run_folder
     base, lora = str(tiny_folders["sd1"]), [str(run / "tiny.safetensors")]
     assert preview_tab.suggest_prompt(app, lora) == "zkz, "
-    common = ("zkz, a thing", "", "ddim", 3, 5.0)
+    common = ("zkz, a thing", "", "ddim", 3, 5.0, 1)
 
     def image(files, *strengths):
         picture, text = preview_tab.generate(app, base, files, *common, 3, 32, 32, *strengths)
@@ -68,7 +68,7 @@ def test_generate_at_strengths_and_a_grid(run_folder, tiny_folders):
 def test_each_stacked_lora_has_its_own_strength(run_folder, tiny_folders):
     app, run = run_folder
     final, checkpoint = str(run / "tiny.safetensors"), str(run / "checkpoints" / "tiny-step000002.safetensors")
-    common = ("zkz, a thing", "", "ddim", 3, 5.0, 3, 32, 32)
+    common = ("zkz, a thing", "", "ddim", 3, 5.0, 1, 3, 32, 32)
     _image, text = preview_tab.generate(app, str(tiny_folders["sd1"]), [final, checkpoint], *common, 0.25, 0.75, 1, 1)
     assert ":0.25>" in text and ":0.75>" in text
     with pytest.raises(LoraStudioError, match="stacks at most 4"):
@@ -83,7 +83,7 @@ def test_checkpoint_grid_turns_on_one_checkpoint_per_column(run_folder, tiny_fol
     final = str(run / "tiny.safetensors")
     checkpoint = run / "checkpoints" / "tiny-step000002.safetensors"
     assert run_lora_files(Path(final)) == [checkpoint, run / "tiny.safetensors"]
-    common = ("zkz, a thing", "", "ddim", 3, 5.0, 32, 32)
+    common = ("zkz, a thing", "", "ddim", 3, 5.0, 1, 32, 32)
     picture, text = preview_tab.generate_grid(app, str(tiny_folders["sd1"]), [final], "checkpoint x strength",
                                               "0, 1", "4", *common, 1.0)  # fmt: skip
     assert picture.size[0] > 2 * 32 and picture.size[1] > 2 * 32
@@ -115,7 +115,7 @@ def test_lora_files_and_base_models_outside_the_roots_are_refused(run_folder, tm
     outside.write_bytes((run / "tiny.safetensors").read_bytes())
     link = run / "link.safetensors"
     link.symlink_to(outside)
-    common = ("zkz", "", "ddim", 2, 5.0, 1, 32, 32)
+    common = ("zkz", "", "ddim", 2, 5.0, 1, 1, 32, 32)
     try:
         for files in ([str(outside)], [str(link)], [str(run / ".." / ".." / ".." / outside.name)]):
             with pytest.raises(LoraStudioError, match="lies outside"):
@@ -130,17 +130,17 @@ def test_preview_size_and_grid_cells_are_capped(run_folder, tiny_folders):
     app, run = run_folder
     base, lora = str(tiny_folders["sd1"]), [str(run / "tiny.safetensors")]
     with pytest.raises(LoraStudioError, match="size 100000x64 is outside 8-2048 pixels a side"):
-        preview_tab.generate(app, base, lora, "zkz", "", "ddim", 2, 5.0, 1, 100000, 64, 1.0)
+        preview_tab.generate(app, base, lora, "zkz", "", "ddim", 2, 5.0, 1, 1, 100000, 64, 1.0)
     strengths = ", ".join(str(i / 100) for i in range(65))
     with pytest.raises(LoraStudioError, match="65 x 1 = 65 images is over the 64"):
-        preview_tab.generate_grid(app, base, lora, "strength x seed", strengths, "1", "zkz", "", "ddim", 2, 5.0,
+        preview_tab.generate_grid(app, base, lora, "strength x seed", strengths, "1", "zkz", "", "ddim", 2, 5.0, 1,
                                   32, 32, 1.0)  # fmt: skip
     # Said before any base loads (an SDXL checkpoint takes half a minute): here the base does not even exist.
     missing = str(app.roots.models / "no-such-checkpoint.safetensors")
     with pytest.raises(LoraStudioError, match="steps = 0; use 1 to"):
-        preview_tab.generate(app, missing, lora, "zkz", "", "ddim", 0, 5.0, 1, 64, 64, 1.0)
+        preview_tab.generate(app, missing, lora, "zkz", "", "ddim", 0, 5.0, 1, 1, 64, 64, 1.0)
     with pytest.raises(LoraStudioError, match="seed = -1; use 0 to"):
-        preview_tab.generate_grid(app, missing, lora, "strength x seed", "0, 1", "-1", "zkz", "", "ddim", 2, 5.0,
+        preview_tab.generate_grid(app, missing, lora, "strength x seed", "0, 1", "-1", "zkz", "", "ddim", 2, 5.0, 1,
                                   32, 32, 1.0)  # fmt: skip
 
 
@@ -157,7 +157,7 @@ def test_the_pick_the_best_checkpoint_view_labels_frames_and_exports_the_best(ru
     assert labels[str(checkpoint)] == f"{run.name}/tiny-step000002.safetensors · val 0.1250 (best)"
     assert labels[str(final)] == f"{run.name}/tiny.safetensors · val 0.2500"
 
-    common = ("zkz, a thing", "", "ddim", 3, 5.0, 32, 32)
+    common = ("zkz, a thing", "", "ddim", 3, 5.0, 1, 32, 32)
     picture, _ = preview_tab.generate_grid(app, str(tiny_folders["sd1"]), [str(final)], "checkpoint x strength",
                                            "0, 1", "4", *common, 1.0)  # fmt: skip
     pixels = np.asarray(picture)
@@ -177,7 +177,7 @@ def test_bake_the_stack_compare_it_and_save_it(run_folder, tiny_folders):
     app, run = run_folder
     base = str(tiny_folders["sd1"])
     files = [str(run / "tiny.safetensors"), str(run / "checkpoints" / "tiny-step000002.safetensors")]
-    common = ("zkz, a thing", "", "ddim", 3, 5.0, 3, 32, 32)
+    common = ("zkz, a thing", "", "ddim", 3, 5.0, 1, 3, 32, 32)
     with pytest.raises(LoraStudioError, match="Bake the stack first"):
         preview_tab.save_baked(app, None, "x")
     picture, note, baked = preview_tab.bake_stack_preview(app, base, files, *common, 0, 0.7, -0.4)
@@ -212,10 +212,10 @@ def lora_with_size(source: Path, target: Path, resolution: dict[str, str]) -> Pa
     return target
 
 
-def test_picking_a_lora_sets_the_base_and_size_its_run_trained_with(run_folder, tiny_folders, tmp_path):
-    """The Preview form follows the first chosen LoRA: the base its run's config names and the size its metadata
-    gives, once per first LoRA (stacking a second keeps what the person set since); a base picked by hand brings
-    its own native size."""
+def test_picking_a_lora_sets_what_its_run_trained_and_sampled_with(run_folder, tiny_folders, tmp_path):
+    """The Preview form follows the first chosen LoRA: the base and clip skip its run trained with, its samples'
+    sampler, steps, CFG and negative prompt, the size its metadata gives; once per first LoRA (stacking a second
+    keeps what the person set since); a base picked by hand brings its own native size."""
     import json
 
     from lora_studio.config import load_preset, save_config
@@ -226,34 +226,49 @@ def test_picking_a_lora_sets_the_base_and_size_its_run_trained_with(run_folder, 
     run = Path(shutil.copytree(run, app.roots.runs / run.name))  # runs of this test's own, beside a copy of it
     sd1 = str(tiny_folders["sd1"])
     other = app.roots.runs / "other-20260102-000000"
-    save_config(load_preset("demo-cpu", [f"base_model={json.dumps(sd1)}"]), other / "config.toml")
+    sampled = [f"base_model={json.dumps(sd1)}", "clip_skip=2", "sample.sampler='ddim'", "sample.num_inference_steps=9",
+               "sample.guidance_scale=0", "sample.negative_prompt='blurry'"]  # fmt: skip
+    save_config(load_preset("demo-cpu", sampled), other / "config.toml")
     picked = str(lora_with_size(run / "tiny.safetensors", other / "other.safetensors",
                                 {"modelspec.resolution": "48x40"}))  # fmt: skip
     final = str(run / "tiny.safetensors")
-    unchanged = {"__type__": "update"}
+    same = {"__type__": "update"}
+    assert preview_tab.FOLLOWED == ("base_model", "width", "height", "negative_prompt", "sampler", "steps", "cfg",
+                                    "clip_skip")  # fmt: skip
 
-    base, width, height, followed = preview_tab.follow_lora(app, [picked], None)
-    assert (base["value"], width["value"], height["value"], followed) == (sd1, 48, 40, picked)
+    def values(updates) -> tuple:
+        return tuple(u.get("value", "-") for u in updates)
+
+    *updates, followed = preview_tab.follow_lora(app, [picked], None)
+    assert values(updates) == (sd1, 48, 40, "blurry", "ddim", 9, 0.0, 2) and followed == picked  # CFG 0 is a value
     # A second LoRA stacked under the first: nothing changes (the person may have set the size by now).
-    assert preview_tab.follow_lora(app, [picked, final], followed) == (unchanged, unchanged, unchanged, picked)
-    # Another first LoRA: the tiny run's config leaves the base at its default (the demo), its file says the size.
+    assert preview_tab.follow_lora(app, [picked, final], followed) == (*[same] * 8, picked)
+    # Another first LoRA: the tiny run's config leaves everything at the config's defaults, its file says the size.
     trained_at = int(load_lora(final).metadata["modelspec.resolution"].split("x")[0])
-    base, width, height, followed = preview_tab.follow_lora(app, [final, picked], picked)
-    assert (base["value"], width["value"], height["value"], followed) == ("demo", trained_at, trained_at, final)
-    assert preview_tab.follow_lora(app, [], final) == (unchanged, unchanged, unchanged, None)
+    *updates, followed = preview_tab.follow_lora(app, [final, picked], picked)
+    assert values(updates) == ("demo", trained_at, trained_at, "", "euler_a", 20, 7.0, 1) and followed == final
+    assert preview_tab.follow_lora(app, [], final) == (*[same] * 8, None)
 
-    # kohya's way of saying the size; a run whose base lies outside the app's folders, or whose config is damaged,
-    # leaves the base as it is.
+    # kohya's way of saying the size; a run whose base lies outside the app's folders leaves the base as it is, and
+    # one whose config is damaged leaves all of the run's settings.
     outside = app.roots.runs / "outside-20260103-000000"
     save_config(load_preset("demo-cpu", [f"base_model={json.dumps(str(tmp_path.parent))}"]), outside / "config.toml")
     kohya = str(lora_with_size(run / "tiny.safetensors", outside / "outside.safetensors",
                                {"ss_resolution": "(768, 512)"}))  # fmt: skip
-    base, width, height, _ = preview_tab.follow_lora(app, [kohya], None)
-    assert (base, width["value"], height["value"]) == (unchanged, 768, 512)
+    *updates, _ = preview_tab.follow_lora(app, [kohya], None)
+    assert values(updates)[:3] == ("-", 768, 512)
     (outside / "config.toml").write_text("base_model = [")
-    assert preview_tab.follow_lora(app, [kohya], None)[0] == unchanged
+    *updates, _ = preview_tab.follow_lora(app, [kohya], None)
+    assert values(updates) == ("-", 768, 512, "-", "-", "-", "-", "-")
     no_size = str(lora_with_size(run / "tiny.safetensors", outside / "plain.safetensors", {}))
-    assert preview_tab.follow_lora(app, [no_size], None)[1:3] == (unchanged, unchanged)
+    assert values(preview_tab.follow_lora(app, [no_size], None)[:3]) == ("-", "-", "-")
+
+    # The clip skip reaches the render: another image, and the infotext says it as A1111 does.
+    common = ("zkz, a thing", "", "ddim", 2, 5.0)
+    at_one, text_one = preview_tab.generate(app, sd1, [], *common, 1, 3, 32, 32, 1.0)
+    at_two, text_two = preview_tab.generate(app, sd1, [], *common, 2, 3, 32, 32, 1.0)
+    assert np.asarray(at_one).tobytes() != np.asarray(at_two).tobytes()
+    assert "Clip skip: 2" in text_two and "Clip skip" not in text_one
 
     # A base picked by hand: its own side, read from its configs without loading it.
     assert preview_tab.base_size(app, "demo") == (64, 64)

@@ -313,9 +313,10 @@ def test_sample_command_single_and_grid(tmp_path, tiny_folders, two_loras, capsy
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_sample_command_takes_the_base_and_size_from_the_loras_run(tmp_path, tiny_folders, two_loras, capsys):
-    """Without --base and --width, `lora-studio sample` renders a run's LoRA on the base that run trained on, at the
-    size its file says (the Preview tab does the same when the LoRA is picked)."""
+def test_sample_command_takes_what_the_loras_run_used(tmp_path, tiny_folders, two_loras, capsys):
+    """Without --base, --width, --clip-skip and the sampling options, `lora-studio sample` renders a run's LoRA as
+    the run's own samples were: its base, its clip skip, its sampler, steps, CFG and negative prompt, at the size
+    its file says (the Preview tab does the same when the LoRA is picked). What is given wins."""
     import json
 
     from PIL import Image
@@ -325,17 +326,26 @@ def test_sample_command_takes_the_base_and_size_from_the_loras_run(tmp_path, tin
     from lora_studio.safetensors_io import read_header
 
     run = tmp_path / "runs" / "mine-20260101-000000"
-    save_config(load_preset("demo-cpu", [f"base_model={json.dumps(str(tiny_folders['sd1']))}"]), run / "config.toml")
+    used = [f"base_model={json.dumps(str(tiny_folders['sd1']))}", "clip_skip=2", "sample.sampler='ddim'",
+            "sample.num_inference_steps=3", "sample.guidance_scale=4.5",
+            "sample.negative_prompt='blurry'"]  # fmt: skip
+    save_config(load_preset("demo-cpu", used), run / "config.toml")
     metadata = {**read_header(two_loras[0]).metadata, "modelspec.resolution": "40x32"}
     save_file(load_file(str(two_loras[0])), str(run / "mine.safetensors"), metadata=metadata)
     out = tmp_path / "out.png"
-    common = ["sample", "--lora", str(run / "mine.safetensors"), "--prompt", "zkz", "--steps", "2"]
+    common = ["sample", "--lora", str(run / "mine.safetensors"), "--prompt", "zkz"]
     assert main([*common, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"note: base model {tiny_folders['sd1']} (the one mine.safetensors was trained on" in printed
     assert Image.open(out).size == (40, 32)
-    assert main([*common, "--width", "24", "--out", str(out)]) == 0  # what is given wins
-    assert Image.open(out).size == (24, 32)
+    shown = read_parameters(out)
+    assert (shown["Clip skip"], shown["Sampler"], shown["Steps"], shown["CFG scale"]) == ("2", "DDIM", "3", "4.5")
+    assert shown["Negative prompt"] == "blurry"
+    given = ["--width", "24", "--steps", "2", "--clip-skip", "1", "--negative", ""]
+    assert main([*common, *given, "--out", str(out)]) == 0
+    shown = read_parameters(out)
+    assert Image.open(out).size == (24, 32) and shown["Steps"] == "2" and "Clip skip" not in shown
+    assert shown["Negative prompt"] == ""
 
 
 def test_sample_command_refuses_bad_settings_before_loading_the_base(tmp_path, capsys):

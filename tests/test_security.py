@@ -297,12 +297,11 @@ def test_a_preset_name_cannot_leave_the_presets_folder(server):
 
 def test_preview_library_and_model_checks_read_nothing_outside(server, client):
     outside = server["outside"]
-    common = ["zkz", "", "euler_a", 2, 5.0, 1, 64, 64, 1.0, 1.0, 1.0, 1.0]
+    common = ["zkz", "", "euler_a", 2, 5.0, 1, 1, 64, 64, 1.0, 1.0, 1.0, 1.0]
     # The LoRA list takes only its own choices (Gradio refuses others); the base model box takes any text.
     assert_refused(client.call("generate", ["demo", [str(outside / "lora.safetensors")], *common]))
     assert_refused(client.call("generate", [str(outside), [], *common]), "lies outside")
-    assert_refused(client.call("suggest_prompt", [[str(outside / "lora.safetensors")]]))
-    assert_refused(client.call("follow_lora", [[str(outside / "lora.safetensors")], None]))
+    assert_refused(client.call("lora_picked", [[str(outside / "lora.safetensors")], None]))
     assert_refused(client.call("base_size", [str(outside)]), "lies outside")  # reads no config.json there
     assert "lies outside" in client.call("check_base_model", [str(outside / "lora.safetensors"), False])[1][0]
     row = {"index": [0, 0], "value": "../outside", "row_value": ["../outside", 0, None, "no"], "selected": True}
@@ -315,7 +314,7 @@ def test_preview_library_and_model_checks_read_nothing_outside(server, client):
 
 
 def test_preview_size_and_grid_cells_are_capped(server, client):
-    common = ["zkz", "", "euler_a", 2, 5.0]
+    common = ["zkz", "", "euler_a", 2, 5.0, 1]
     too_big = ["demo", [], *common, 1, 100000, 100000, 1, 1, 1, 1]
     assert_refused(client.call("generate", too_big), "greater than maximum value 2048")  # and sample.MAX_SIDE below it
     run = server["home"] / "runs" / "grid-20260101-000000"
@@ -462,7 +461,7 @@ def test_a_saved_preset_stays_in_the_user_presets_folder_and_leaves_the_bundled_
 def test_baking_a_stack_reads_only_run_files_and_saves_only_into_uploads(server, client):
     """Bake takes its LoRAs from the picker's choices; Save takes the baked LoRA from the page's server-side state
     (a value sent in its place is not heard) and a name that cannot climb out of runs/uploads."""
-    common = ["zkz", "", "euler_a", 2, 5.0, 1, 64, 64, 0, 1.0, 1.0, 1.0, 1.0]
+    common = ["zkz", "", "euler_a", 2, 5.0, 1, 1, 64, 64, 0, 1.0, 1.0, 1.0, 1.0]
     assert_refused(client.call("bake_stack_preview", ["demo", [str(server["outside"] / "lora.safetensors")], *common]))
     bait = {"modules": {}, "path": str(server["outside"] / "sentinel.txt")}
     assert_refused(client.call("save_baked", [bait, "../../outside/sentinel"]), "Bake the stack first")

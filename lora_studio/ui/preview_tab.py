@@ -91,24 +91,32 @@ def suggest_prompt(app: AppState, files: list[str]) -> str:
     return ""
 
 
-def follow_lora(app: AppState, files: list[str] | None, followed: str | None):
-    """Base model, width and height from the first chosen LoRA (its run's base, the size it trained at), when that
-    first LoRA changed since the last call: stacking another LoRA, or a base picked by hand, is left alone.
-    Returns the three updates and the file now followed (the page's state)."""
+FOLLOWED = ("base_model", "width", "height", "negative_prompt", "sampler", "steps", "cfg", "clip_skip")
+
+
+def follow_lora(app: AppState, files: list[str] | None, followed: str | None) -> tuple:
+    """The form's settings from the first chosen LoRA (workflows.preview_defaults: its run's base model, clip skip
+    and sample settings, the size it trained at), when that first LoRA changed since the last call: stacking
+    another LoRA, or a setting changed by hand, is left alone. Returns an update for each of FOLLOWED, then the
+    file now followed (the page's state)."""
     chosen = checked_loras(app, files)
     first = str(chosen[0]) if chosen else None
     if first is None or first == followed:
-        return gr.update(), gr.update(), gr.update(), first
+        return (*(gr.update() for _ in FOLLOWED), first)
     defaults = preview_defaults(chosen[0])
-    base = gr.update()
-    if defaults.base_model:
+    values = {key: getattr(defaults, key) for key in FOLLOWED}
+    if values["base_model"]:
         try:
-            confined_base(app.roots, defaults.base_model)
-            base = gr.update(value=defaults.base_model)
+            confined_base(app.roots, values["base_model"])
         except LoraStudioError:  # outside the app's folders now, or gone: the person picks the base
-            pass
-    width, height = (gr.update(value=side) if side else gr.update() for side in (defaults.width, defaults.height))
-    return base, width, height, first
+            values["base_model"] = None
+    return (*(gr.update() if value is None else gr.update(value=value) for value in values.values()), first)
+
+
+def lora_picked(app: AppState, files: list[str] | None, followed: str | None) -> tuple:
+    """The prompt (suggest_prompt) and the settings (follow_lora) for the LoRAs just chosen, in one event, so the
+    page's prompt and settings change together."""
+    return (suggest_prompt(app, files), *follow_lora(app, files, followed))
 
 
 def base_size(app: AppState, base: str):
@@ -120,10 +128,11 @@ def base_size(app: AppState, base: str):
     return summary.native_side, summary.native_side
 
 
-def settings_from(prompt, negative, sampler, steps, cfg, seed, width, height, strengths):
+def settings_from(prompt, negative, sampler, steps, cfg, clip_skip, seed, width, height, strengths):
     from ..sample import PreviewSettings
 
     return PreviewSettings(
+        clip_skip=int(clip_skip or 1),
         prompt=str(prompt or "")[:2000],
         negative_prompt=str(negative or "")[:2000],
         strengths=strengths,
@@ -143,7 +152,7 @@ def chosen_strengths(app: AppState, files: list[str] | None, strengths) -> list[
 
 def loaded_stack(app: AppState, base: str, pairs: list[tuple[Path, float]], *common):
     """The previewer of `base` with the chosen files loaded (the others unloaded), and the settings that render
-    them at their strengths; `common` is prompt, negative, sampler, steps, CFG, seed, width, height. Call it
+    them at their strengths; `common` is prompt, negative, sampler, steps, CFG, clip skip, seed, width, height. Call it
     holding the preview lock."""
     settings_from(*common, {f.stem: s for f, s in pairs}).checked()  # refused before a base loads (SDXL: ~30 s)
     previewer = app.previewer(base)
@@ -151,12 +160,13 @@ def loaded_stack(app: AppState, base: str, pairs: list[tuple[Path, float]], *com
     return previewer, settings_from(*common, {n: s for n, (_f, s) in zip(names, pairs, strict=True)})
 
 
-def generate(app: AppState, base, files, prompt, negative, sampler, steps, cfg, seed, width, height, *strengths):
+def generate(app: AppState, base, files, prompt, negative, sampler, steps, cfg, clip_skip, seed, width, height,
+             *strengths):  # fmt: skip
     """One image with each chosen LoRA at its own strength; returns the image and its parameters text."""
     pairs = chosen_strengths(app, files, strengths)
     base = confined_base(app.roots, base or "demo")
     with app.preview_lock:
-        common = (prompt, negative, sampler, steps, cfg, seed, width, height)
+        common = (prompt, negative, sampler, steps, cfg, clip_skip, seed, width, height)
         previewer, settings = loaded_stack(app, base, pairs, *common)
         preview = previewer.generate(settings)[0]
     text = preview.parameters + "".join(f"\nnote: {n}" for n in preview.notices)
@@ -167,7 +177,7 @@ GRID_KINDS = ("strength x seed", "checkpoint x strength")
 
 
 def generate_grid(app: AppState, base, files, kind, strengths_text, seeds_text, prompt, negative, sampler, steps,
-                  cfg, width, height, *strengths):  # fmt: skip
+                  cfg, clip_skip, width, height, *strengths):  # fmt: skip
     """A grid of the first chosen LoRA: strength x seed, or its run's checkpoints x strength (seed: the first
     grid seed). Other chosen LoRAs stay at their sliders' strengths."""
     grid_strengths = parse_numbers(strengths_text, float, "strengths")
@@ -182,14 +192,15 @@ def generate_grid(app: AppState, base, files, kind, strengths_text, seeds_text, 
 
     check_grid_size(len(checkpoints) or len(grid_strengths), len(grid_strengths) if checkpoints else len(seeds))
     base = confined_base(app.roots, base or "demo")
-    settings_from(prompt, negative, sampler, steps, cfg, seeds[0], width, height, {}).checked()  # before it loads
+    common = (prompt, negative, sampler, steps, cfg, clip_skip, seeds[0], width, height)
+    settings_from(*common, {}).checked()  # before it loads
     with app.preview_lock:
         previewer = app.previewer(base)
         subjects = checkpoints or [pairs[0][0]]
         others = [(f, strength) for f, strength in pairs[1:] if f not in subjects]  # a chosen checkpoint is a column
         names = use_loras(previewer, [f for f, _ in others] + subjects)
         fixed = {name: strength for name, (_f, strength) in zip(names, others, strict=False)}
-        settings = settings_from(prompt, negative, sampler, steps, cfg, seeds[0], width, height, fixed)
+        settings = settings_from(*common, fixed)
         columns = names[len(others) :]
         if checkpoints:
             grid = checkpoint_strength_grid(previewer, settings, columns, checkpoints, grid_strengths)
@@ -220,8 +231,8 @@ def export_checkpoint(app: AppState, file: str | None) -> str:
 MAX_BAKE_RANK = 1024
 
 
-def bake_stack_preview(app: AppState, base, files, prompt, negative, sampler, steps, cfg, seed, width, height, rank,
-                       *strengths):  # fmt: skip
+def bake_stack_preview(app: AppState, base, files, prompt, negative, sampler, steps, cfg, clip_skip, seed, width,
+                       height, rank, *strengths):  # fmt: skip
     """The chosen LoRAs at their sliders' strengths baked into one (exact, or SVD to `rank`), rendered beside the
     stack before anything is saved; the baked LoRA stays in this page's server-side state for "Save"."""
     pairs = chosen_strengths(app, files, strengths)
@@ -233,7 +244,7 @@ def bake_stack_preview(app: AppState, base, files, prompt, negative, sampler, st
     baked, report, _ = bake_lora_files(pairs, None, rank or None)
     base = confined_base(app.roots, base or "demo")
     with app.preview_lock:
-        common = (prompt, negative, sampler, steps, cfg, seed, width, height)
+        common = (prompt, negative, sampler, steps, cfg, clip_skip, seed, width, height)
         previewer, settings = loaded_stack(app, base, pairs, *common)
         image, difference = baked_comparison(previewer, settings, baked, report.rank)
     note = f"{report.sentence()} Rendered beside the stack: largest pixel difference {difference}."
@@ -342,7 +353,9 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     with gr.Row():
         sampler = gr.Dropdown(list(SAMPLERS), value="euler_a", label="Sampler")  # the config's names: no torch import
         steps = gr.Number(20, label="Steps", precision=0, minimum=1, maximum=MAX_STEPS, elem_id="preview-steps")
-        cfg = gr.Number(5.0, label="CFG")
+        cfg = gr.Number(5.0, label="CFG", elem_id="preview-cfg")
+        clip_skip = gr.Number(1, label="Clip skip", precision=0, minimum=1, maximum=12, elem_id="preview-clip-skip",
+                              info="2 for LoRAs trained with it (anime models)")  # fmt: skip
         seed = gr.Number(1, label="Seed", precision=0)
         width = gr.Number(64, label="Width", precision=0, minimum=8, maximum=MAX_SIDE, elem_id="preview-width")
         height = gr.Number(64, label="Height", precision=0, minimum=8, maximum=MAX_SIDE, elem_id="preview-height")
@@ -365,12 +378,12 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     gr.on([refresh.click, *refreshed_on], shown(refresh_lists, app), None, [files, base], show_progress="hidden")
     # show_progress_on: a refusal's badge goes on the message, not over the chosen LoRAs (ui/errors.py says why)
     upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status], show_progress_on=upload_status)
-    picked = files.change(shown(suggest_prompt, app), files, prompt, show_progress="hidden")
-    picked.then(strength_sliders, files, sliders)
-    followed = gr.State(None)  # the LoRA file whose base and size the form took, so stacking more keeps them
-    picked.success(shown(follow_lora, app), [files, followed], [base, width, height, followed], show_progress="hidden")
+    followed = gr.State(None)  # the LoRA file whose settings the form took, so stacking more keeps them
+    followers = [base, width, height, negative, sampler, steps, cfg, clip_skip]  # in preview_tab.FOLLOWED's order
+    files.change(shown(lora_picked, app), [files, followed], [prompt, *followers, followed],
+                 show_progress="hidden").then(strength_sliders, files, sliders)  # fmt: skip
     base.input(shown(base_size, app), base, [width, height], show_progress="hidden")  # .input: a pick by hand only
-    common = [prompt, negative, sampler, steps, cfg]
+    common = [prompt, negative, sampler, steps, cfg, clip_skip]
     go.click(shown(generate, app), [base, files, *common, seed, width, height, *sliders], [image, parameters])
     grid.click(shown(generate_grid, app), [base, files, kind, strengths, seeds, *common, width, height, *sliders],
                [image, parameters]).success(shown(grid_checkpoints, app), [files, kind], pick)  # fmt: skip
