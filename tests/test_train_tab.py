@@ -48,9 +48,23 @@ def test_form_values_become_the_config_and_every_bad_field_is_reported():
     assert (config.optimizer.max_train_steps, config.optimizer.learning_rate, config.lora.rank) == (12, 2e-3, 4)
     assert config.sample.strengths == [0, 0.25, 1] and config.lora.text_encoder_targets == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError) as caught:
-        config_from_form(form(optimizer__max_train_steps=0, lora__rank=0, sample__strengths="[0, oops"))
+        config_from_form(form(optimizer__max_train_steps=-1, lora__rank=0, sample__strengths="[0, oops"))
     problems = "\n".join(caught.value.problems)
     assert "max_train_steps" in problems and "lora.rank" in problems and "sample.strengths" in problems
+
+
+def test_an_empty_number_box_drawn_as_0_is_read_as_empty():
+    """Gradio draws an unset number box (unet_lr: "empty uses learning_rate") as 0 once its section is opened, and
+    sends that 0 back: the form reads it as empty where the setting refuses 0, and keeps a 0 that means something
+    (min_snr_gamma = 0 turns the weighting off; an unset one would come back from the TOML as 5)."""
+    drawn = {"optimizer__unet_lr": 0, "optimizer__max_train_epochs": 0, "lora__conv_rank": 0, "sample__width": 0,
+             "optimizer__min_snr_gamma": 0}  # fmt: skip
+    config = config_from_form(form(**drawn))
+    assert (config.optimizer.unet_lr, config.optimizer.max_train_epochs, config.lora.conv_rank) == (None, None, None)
+    assert config.sample.width is None and config.optimizer.min_snr_gamma == 0
+    assert config_from_form(form(optimizer__unet_lr=2e-4)).optimizer.unet_lr == 2e-4
+    with pytest.raises(ConfigError, match="learning_rate"):
+        config_from_form(form(optimizer__learning_rate=0))  # not optional: 0 is a value, and a wrong one
 
 
 def test_estimate_shows_steps_and_memory_or_the_bad_fields(app_state):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from ..config import TrainConfig, parse_override_value, validate_config
 
@@ -52,6 +53,10 @@ class FormField:
     choices: tuple[str, ...] = ()
     optional: bool = False  # None is allowed (an empty number box)
     help: str = ""
+    # Gradio's number box has no empty state: once drawn (an accordion opened) it shows None as 0 and sends 0 back.
+    # For an optional number that refuses 0 (unet_lr, max_train_steps, ...) that 0 means "empty"; where 0 is a value
+    # of its own (min_snr_gamma = 0 is "off", and an unset one would come back as 5) it stays 0.
+    zero_means_empty: bool = False
 
     @property
     def section(self) -> str:
@@ -85,18 +90,27 @@ def _kind_of(annotation: Any) -> tuple[Kind, tuple[str, ...], bool]:
     return "text", (), False
 
 
+def _refuses_zero(info: FieldInfo) -> bool:
+    """Whether the field's bounds (pydantic's gt/ge metadata) leave 0 out."""
+    return any((getattr(m, "gt", None) is not None and not 0 > m.gt) or (getattr(m, "ge", None) is not None
+               and not 0 >= m.ge) for m in info.metadata)  # fmt: skip
+
+
+def form_field(key: str, info: FieldInfo) -> FormField:
+    kind, choices, optional = _kind_of(info.annotation)
+    zero_means_empty = optional and kind in ("int", "float") and _refuses_zero(info)
+    return FormField(key, kind, choices, optional, info.description or "", zero_means_empty)
+
+
 def config_fields() -> list[FormField]:
     """Every setting of TrainConfig as a form field, sections flattened to dotted keys."""
     fields = []
     for name, info in TrainConfig.model_fields.items():
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            for sub, sub_info in annotation.model_fields.items():
-                kind, choices, optional = _kind_of(sub_info.annotation)
-                fields.append(FormField(f"{name}.{sub}", kind, choices, optional, sub_info.description or ""))
+            fields += [form_field(f"{name}.{sub}", sub_info) for sub, sub_info in annotation.model_fields.items()]
         elif name not in SKIPPED_KEYS:
-            kind, choices, optional = _kind_of(annotation)
-            fields.append(FormField(name, kind, choices, optional, info.description or ""))
+            fields.append(form_field(name, info))
     return fields
 
 
@@ -129,6 +143,8 @@ def form_values(config: TrainConfig) -> list[Any]:
 
 def _from_form_value(field: FormField, value: Any) -> Any:
     if value is None or (isinstance(value, str) and not value.strip() and field.kind in ("int", "float")):
+        return None
+    if field.zero_means_empty and value == 0:
         return None
     if field.kind == "int" and isinstance(value, float) and value.is_integer():
         return int(value)
