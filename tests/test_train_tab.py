@@ -84,6 +84,11 @@ def test_estimate_shows_steps_and_memory_or_the_bad_fields(app_state):
     assert "random_crop" in train_tab.estimate(app_state, *form(dataset__random_crop=True))
     refused = train_tab.estimate(app_state, *form(output_dir="/tmp", base_model=""))
     assert "`output_dir` '/tmp' lies outside" in refused and "`base_model` is empty" in refused
+    assert refused.count("empty") == 1  # said once, in the config's words (not again as a path outside the folders)
+    # Start says the same before it queues anything (a preset ships without a base model).
+    with pytest.raises(ConfigError, match="`base_model` is empty: choose a checkpoint"):
+        train_tab.start(app_state, *form("sd15-character", dataset__path="demo"))
+    assert app_state.jobs.current() is None and not app_state.jobs.queued()
 
 
 def test_base_picker_lists_the_models_folder_with_family_and_prediction(app_state, tiny_folders):

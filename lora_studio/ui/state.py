@@ -89,7 +89,8 @@ def confined_config(roots: Roots, config):
         regularization = str(roots.resolve(regularization, "regularization folder (`regularization.path`)"))
     return config.model_copy(
         update={
-            "base_model": confined_base(roots, config.base_model),
+            # An empty one stays empty: training_problems says what to fill in, in the config's own words.
+            "base_model": confined_base(roots, config.base_model) if config.base_model.strip() else "",
             "output_dir": str(output),
             "dataset": config.dataset.model_copy(update={"path": str(dataset), "cache_dir": cache}),
             "validation": config.validation.model_copy(update={"path": held_out}),

@@ -209,8 +209,14 @@ def delete_preset(name: str | None) -> tuple:
 # --- jobs ----------------------------------------------------------------------------------------
 
 
+def trainable_form(app: AppState, values) -> TrainConfig:
+    """The form's config as training takes it: every field valid, nothing left to fill in (a preset's empty base
+    model), then its paths inside the app's folders. Check settings shows the same problems (`estimate`)."""
+    return confined_config(app.roots, config_from_form(list(values)).check_trainable("the Train form"))
+
+
 def start(app: AppState, *values) -> str:
-    config = confined_config(app.roots, config_from_form(list(values)))
+    config = trainable_form(app, values)
     job = app.jobs.submit(config)
     ahead = jobs_ahead(app, job)
     return f"Job {job} ({config.name}) " + (f"queued behind {ahead} other(s)." if ahead else "started.")
@@ -227,7 +233,7 @@ def jobs_ahead(app: AppState, job: int) -> int:
 def render_regularization(app: AppState, *values) -> str:
     """Queue the rendering of the form's generated regularization images, to look at in the Dataset tab before
     training (training with the same settings finds them cached)."""
-    config = confined_config(app.roots, config_from_form(list(values)))
+    config = trainable_form(app, values)
     if config.regularization.path.strip():
         raise LoraStudioError("`regularization.path` is set, so training uses that folder's images; clear it to "
                               "generate class images with the base model instead.")  # fmt: skip
@@ -246,7 +252,7 @@ def resume(app: AppState, *values) -> str:
     status = app.jobs.current()
     if status is None or status.state != "stopped" or status.run_dir is None:
         raise LoraStudioError("There is no stopped run to resume; start a new one instead.")
-    config = confined_config(app.roots, config_from_form(list(values)))
+    config = trainable_form(app, values)
     job = app.jobs.submit(config, resume_from=status.run_dir)
     return f"Job {job} resumes {status.run_dir.name} from step {status.step}."
 
