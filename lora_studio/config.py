@@ -182,6 +182,11 @@ class LoraConfig(Section):
         default_factory=list, description="Alpha per UNet block, as many values as block_ranks. Empty: alpha.",
     )  # fmt: skip
     use_dora: bool = False
+    scale_weight_norms: float = Field(
+        0.0, ge=0.0, description="kohya's max-norm regularization: after each optimizer step, a layer whose LoRA "
+        "update (B x A x alpha/rank) has a norm above this is scaled down to it; 0 off, kohya's guides use 1. "
+        "Keeps layers from running away (and the LoRA easier to mix with others).",
+    )  # fmt: skip
     network: Literal["lora", "loha", "lokr"] = Field(
         "lora", description="Adapter type. lora loads everywhere; LyCORIS' loha (Hadamard product of two low-rank "
         "pairs) and lokr (Kronecker product) load in A1111/Forge and ComfyUI, and here, but not in diffusers.",
@@ -228,6 +233,10 @@ class LoraConfig(Section):
 
     @model_validator(mode="after")
     def _lycoris_options(self) -> LoraConfig:
+        if self.scale_weight_norms and (self.network != "lora" or self.use_dora):
+            kind = "use_dora" if self.network == "lora" else f"network = '{self.network}'"
+            raise ValueError(f"scale_weight_norms caps a LoRA's B x A, as kohya's does; {kind} has other weights, so "
+                             "set scale_weight_norms to 0 or train a plain LoRA")  # fmt: skip
         if self.network == "lora":
             return self
         if self.use_dora:
@@ -679,6 +688,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "network_dim": "lora.rank",
     "network_alpha": "lora.alpha",
     "network_dropout": "lora.dropout",
+    "scale_weight_norms": "lora.scale_weight_norms",
     "conv_dim": "lora.conv_rank",
     "conv_alpha": "lora.conv_alpha",
     "optimizer_type": "optimizer.optimizer",

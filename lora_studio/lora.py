@@ -224,3 +224,35 @@ def _inject(model: torch.nn.Module, config) -> None:
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def lora_update(layer, adapter: str = ADAPTER_NAME) -> torch.Tensor:
+    """A peft LoRA layer's weight update B x A x scaling, shaped as the layer's weight (a conv's B is 1x1)."""
+    down, up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if down.dim() == 4:
+        updown = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+    else:
+        updown = up @ down
+    return updown * layer.scaling[adapter]
+
+
+@torch.no_grad()
+def cap_update_norms(models: Iterable[torch.nn.Module], max_norm: float) -> torch.Tensor:
+    """kohya's max-norm regularization (`scale_weight_norms`): each LoRA layer whose update B x A x scaling has a
+    Frobenius norm above `max_norm` gets A and B each multiplied by sqrt(max_norm / norm), so its update has norm
+    `max_norm` (and A and B keep their balance). Returns how many layers were scaled, as a tensor: nothing here
+    reads a value back (a layer under the cap is multiplied by exactly 1), so a GPU is never waited for."""
+    from peft.tuners.lora import LoraLayer
+
+    scaled = torch.zeros((), dtype=torch.int64)
+    for model in models:
+        for layer in model.modules():
+            if not isinstance(layer, LoraLayer) or ADAPTER_NAME not in layer.lora_A:
+                continue
+            norm = lora_update(layer).norm()
+            ratio = torch.clamp(max_norm / norm.clamp(min=max_norm / 2), max=1.0)  # kohya's guard against 0
+            factor = ratio.sqrt()
+            layer.lora_A[ADAPTER_NAME].weight.mul_(factor)
+            layer.lora_B[ADAPTER_NAME].weight.mul_(factor)
+            scaled = scaled.to(ratio.device) + (ratio < 1)
+    return scaled

@@ -109,6 +109,7 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_min_snr_gamma": str(opt.min_snr_gamma),
         "ss_noise_offset": str(opt.noise_offset),
         "ss_zero_terminal_snr": str(opt.zero_terminal_snr),
+        "ss_scale_weight_norms": str(lora.scale_weight_norms or None),  # kohya writes None when off
         "ss_multires_noise_iterations": str(opt.multires_noise_iterations),
         "ss_multires_noise_discount": str(opt.multires_noise_discount),
         "ss_ip_noise_gamma": str(opt.ip_noise_gamma),

@@ -24,6 +24,7 @@ from .conditioning import encode_captions
 from .config import DatasetConfig, OptimConfig
 from .data import Item, bucket_mask, build_caption, make_step_sample
 from .ema import lora_parameters
+from .lora import cap_update_norms
 from .models import TEXT_ENCODER_NAMES, BaseModel
 from .session import Session, TrainingError
 
@@ -291,6 +292,9 @@ def training_step(session: Session, indices: list[int], micro: int = 0) -> torch
             clip_to = session.config.optimizer.max_grad_norm
             session.accelerator.clip_grad_norm_(lora_parameters(session.optimizer), clip_to)
         session.optimizer.step()
+        if session.config.lora.scale_weight_norms and session.accelerator.sync_gradients:
+            # After the step, before the average: the EMA follows the capped weights (kohya caps after each step).
+            cap_update_norms(session.models.values(), session.config.lora.scale_weight_norms)
         if session.ema is not None and session.accelerator.sync_gradients:
             session.ema.step(lora_parameters(session.optimizer))
         session.lr_scheduler.step()

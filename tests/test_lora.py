@@ -226,3 +226,52 @@ def test_a_file_trained_with_block_ranks_says_so_in_its_metadata_and_inspect_sho
     args = json.loads(info["metadata"]["ss_network_args"])
     assert args["block_dims"] == "2,4,8" and json.loads(args["exclude_patterns"]) == ["attn1"]
     assert not any("attn1" in name for name in load_lora(done.lora_path).modules)
+
+
+def test_max_norm_caps_each_layers_update_and_keeps_its_direction(tiny_folders, tmp_path):
+    """kohya's scale_weight_norms: a layer whose B x A x scale is above the cap comes down to it, A and B scaled
+    alike (so the update keeps its direction), a layer under the cap is left bit for bit; LoCon convs too."""
+    from lora_studio.lora import cap_update_norms, lora_update
+
+    base = load_base(tiny_folders["sd1"], device="cpu")
+    inject_lora(base, LoraConfig(rank=4, alpha=2.0, unet_targets="full", conv_rank=4, init_lora_weights="gaussian"))
+    layers = [m for m in base.unet.modules() if isinstance(m, LoraLayer)]
+    assert any(m.lora_A["default"].weight.dim() == 4 for m in layers)  # 3x3 LoCon convs are among them
+    generator = torch.Generator().manual_seed(0)
+    for layer in layers:  # B off zero, each layer's update a different size
+        layer.lora_B["default"].weight.data = torch.randn(layer.lora_B["default"].weight.shape, generator=generator)
+    before = {id(m): lora_update(m).clone() for m in layers}
+    ordered = sorted(u.norm().item() for u in before.values())
+    cap = (ordered[len(layers) // 2 - 1] + ordered[len(layers) // 2]) / 2  # half the layers are above it, none at it
+    kept = {id(m): m.lora_A["default"].weight.clone() for m in layers if before[id(m)].norm() <= cap}
+    assert int(cap_update_norms([base.unet], cap)) == len(layers) - len(kept)
+    for layer in layers:
+        after, old = lora_update(layer), before[id(layer)]
+        assert after.norm().item() <= cap * (1 + 1e-5)
+        assert torch.allclose(after / after.norm(), old / old.norm(), atol=1e-5)  # the same direction
+        if id(layer) in kept:
+            assert torch.equal(layer.lora_A["default"].weight, kept[id(layer)])
+    with pytest.raises(ValueError, match="scale_weight_norms caps a LoRA"):
+        LoraConfig(network="loha", scale_weight_norms=1.0)
+    with pytest.raises(ValueError, match="use_dora has other weights"):
+        LoraConfig(use_dora=True, scale_weight_norms=1.0)
+
+
+def test_a_training_with_max_norm_keeps_every_update_under_it(tmp_path, tiny_folders):
+    from test_export import trained_session
+    from tiny_models import caption_images
+
+    from lora_studio.lora import lora_update
+
+    images = tmp_path / "data"
+    images.mkdir()
+    caption_images(images)
+    capped = trained_session(tmp_path / "a", tiny_folders, images, lora={"rank": 4, "alpha": 2.0,
+                                                                         "scale_weight_norms": 0.02})  # fmt: skip
+    plain = trained_session(tmp_path / "b", tiny_folders, images)
+
+    def norms(session) -> list[float]:
+        return [lora_update(m).norm().item() for model in session.models.values() for m in model.modules()
+                if isinstance(m, LoraLayer)]  # fmt: skip
+
+    assert max(norms(capped)) <= 0.02 * (1 + 1e-5) and max(norms(plain)) > 0.02  # the cap acted, and had to

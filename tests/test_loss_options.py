@@ -116,10 +116,10 @@ def test_the_options_cross_field_rules_and_kohyas_keys():
     kohya = validate_config({"train_data_dir": "x", "loss_type": "huber", "huber_schedule": "exponential",
                              "huber_c": 0.2, "multires_noise_iterations": 6, "multires_noise_discount": 0.4,
                              "ip_noise_gamma": 0.1, "min_timestep": 100, "max_timestep": 900,
-                             "debiased_estimation_loss": True})  # fmt: skip
+                             "debiased_estimation_loss": True, "scale_weight_norms": 1.0})  # fmt: skip
     opt = kohya.optimizer
     assert (opt.loss_type, opt.huber_schedule, opt.huber_c, opt.multires_noise_iterations) == ("huber", "exponential",
                                                                                                0.2, 6)  # fmt: skip
     assert (opt.multires_noise_discount, opt.ip_noise_gamma) == (0.4, 0.1)
     assert (opt.min_timestep, opt.max_timestep) == (100, 900)
-    assert opt.debiased_estimation and not kohya.combination_problems()
+    assert opt.debiased_estimation and kohya.lora.scale_weight_norms == 1.0 and not kohya.combination_problems()
