@@ -330,6 +330,25 @@ def bake_section() -> dict:
     return parts
 
 
+SAMPLING_ROW = ("sampler", "steps", "cfg", "clip_skip", "seed", "width", "height")  # PreviewDefaults' names
+
+
+def sampling_row() -> dict[str, gr.components.Component]:
+    """The row of sampling settings, keyed as SAMPLING_ROW (follow_lora fills most of them from a run)."""
+    with gr.Row():
+        return {
+            "sampler": gr.Dropdown(list(SAMPLERS), value="euler_a", label="Sampler"),  # the config's names: no torch
+            "steps": gr.Number(20, label="Steps", precision=0, minimum=1, maximum=MAX_STEPS, elem_id="preview-steps"),
+            "cfg": gr.Number(5.0, label="CFG", elem_id="preview-cfg"),
+            "clip_skip": gr.Number(1, label="Clip skip", precision=0, minimum=1, maximum=12,
+                                   elem_id="preview-clip-skip", info="2 for LoRAs trained with it (anime models)"),
+            "seed": gr.Number(1, label="Seed", precision=0),
+            "width": gr.Number(64, label="Width", precision=0, minimum=8, maximum=MAX_SIDE, elem_id="preview-width"),
+            "height": gr.Number(64, label="Height", precision=0, minimum=8, maximum=MAX_SIDE,
+                                elem_id="preview-height"),
+        }  # fmt: skip
+
+
 def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     """The tab; its LoRA and base-model lists are read again on each of `refreshed_on` (page load, tab select), so a
     run that finished since shows up without a click on Refresh lists."""
@@ -350,15 +369,8 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
                              elem_id=f"preview-strength-{i}") for i in range(MAX_STACK)]  # fmt: skip
     prompt = gr.Textbox(label="Prompt", elem_id="preview-prompt", info="The LoRA's trigger word is filled in")
     negative = gr.Textbox(label="Negative prompt")
-    with gr.Row():
-        sampler = gr.Dropdown(list(SAMPLERS), value="euler_a", label="Sampler")  # the config's names: no torch import
-        steps = gr.Number(20, label="Steps", precision=0, minimum=1, maximum=MAX_STEPS, elem_id="preview-steps")
-        cfg = gr.Number(5.0, label="CFG", elem_id="preview-cfg")
-        clip_skip = gr.Number(1, label="Clip skip", precision=0, minimum=1, maximum=12, elem_id="preview-clip-skip",
-                              info="2 for LoRAs trained with it (anime models)")  # fmt: skip
-        seed = gr.Number(1, label="Seed", precision=0)
-        width = gr.Number(64, label="Width", precision=0, minimum=8, maximum=MAX_SIDE, elem_id="preview-width")
-        height = gr.Number(64, label="Height", precision=0, minimum=8, maximum=MAX_SIDE, elem_id="preview-height")
+    row = sampling_row()
+    sampler, steps, cfg, clip_skip, seed, width, height = (row[k] for k in SAMPLING_ROW)
     with gr.Row():
         go = gr.Button("Generate", variant="primary", elem_id="preview-generate")
         kind = gr.Dropdown(list(GRID_KINDS), value=GRID_KINDS[0], label="Grid", elem_id="preview-grid-kind")
@@ -379,7 +391,7 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     # show_progress_on: a refusal's badge goes on the message, not over the chosen LoRAs (ui/errors.py says why)
     upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status], show_progress_on=upload_status)
     followed = gr.State(None)  # the LoRA file whose settings the form took, so stacking more keeps them
-    followers = [base, width, height, negative, sampler, steps, cfg, clip_skip]  # in preview_tab.FOLLOWED's order
+    followers = [{"base_model": base, "negative_prompt": negative, **row}[key] for key in FOLLOWED]
     files.change(shown(lora_picked, app), [files, followed], [prompt, *followers, followed],
                  show_progress="hidden").then(strength_sliders, files, sliders)  # fmt: skip
     base.input(shown(base_size, app), base, [width, height], show_progress="hidden")  # .input: a pick by hand only
