@@ -227,13 +227,10 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def lora_update(layer, adapter: str = ADAPTER_NAME) -> torch.Tensor:
-    """A peft LoRA layer's weight update B x A x scaling, shaped as the layer's weight (a conv's B is 1x1)."""
-    down, up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    if down.dim() == 4:
-        updown = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-    else:
-        updown = up @ down
-    return updown * layer.scaling[adapter]
+    """A peft LoRA layer's weight update B x A x scaling, shaped as the layer's weight."""
+    from .lora_file import low_rank_update  # lora_file imports this module (ADAPTER_NAME)
+
+    return low_rank_update(layer.lora_B[adapter].weight, layer.lora_A[adapter].weight, layer.scaling[adapter])
 
 
 @torch.no_grad()

@@ -36,6 +36,13 @@ PART_PREFIX = {  # part (as diffusers names pipeline components) -> kohya prefix
 }
 
 
+def low_rank_update(up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale x up @ down in fp32, shaped like the adapted layer's weight (a conv's down carries the kernel, its up is
+    1x1): a file's module (LoraModule.delta) and a training layer (lora.lora_update) alike."""
+    product = up.flatten(1).float() @ down.flatten(1).float()
+    return (scale * product).reshape(up.shape[0], *down.shape[1:])
+
+
 @dataclass
 class LoraModule:
     """One adapted layer: delta W = (alpha / rank) * up @ down, optionally DoRA-rescaled."""
@@ -60,8 +67,7 @@ class LoraModule:
 
     def delta(self) -> torch.Tensor:
         """The weight update at strength 1, shaped like the adapted layer's weight."""
-        product = self.up.flatten(1).float() @ self.down.flatten(1).float()
-        return (self.scale * product).reshape(self.up.shape[0], *self.down.shape[1:])
+        return low_rank_update(self.up, self.down, self.scale)
 
 
 @dataclass
