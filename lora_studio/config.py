@@ -259,7 +259,13 @@ class LoraConfig(Section):
 
 
 class OptimConfig(Section):
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "lion8bit", "adamw_schedulefree"] = Field(
+        "adamw", description="adamw (the default); adamw8bit and lion8bit (bitsandbytes, CUDA only); prodigy (finds "
+        "its own rate: learning_rate 1); adafactor; lion (lion-pytorch: a 3-10x lower rate and a higher weight "
+        "decay than AdamW); adamw_schedulefree (schedulefree: no rate schedule, lr_scheduler 'constant', warm-up "
+        "from lr_warmup_steps; samples and files use its averaged weights). Extra optimizers: `pip install "
+        "lora-studio[optimizers]`.",
+    )  # fmt: skip
     learning_rate: float = Field(1e-4, gt=0)  # kohya's default LoRA learning rate
     unet_lr: float | None = Field(None, gt=0, description="UNet learning rate; empty uses learning_rate.")
     text_encoder_lr: float | None = Field(5e-5, gt=0)  # kohya guides: about half the UNet rate
@@ -269,7 +275,10 @@ class OptimConfig(Section):
     lr_warmup_steps: int = Field(0, ge=0)
     lr_scheduler_num_cycles: int = Field(1, ge=1)
     weight_decay: float = Field(0.01, ge=0)  # torch AdamW default
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] | None = Field(
+        None, description="The optimizer's two betas; empty: its own (AdamW, Prodigy and schedule-free AdamW "
+        "0.9, 0.999; Lion 0.9, 0.99). Adafactor has none.",
+    )  # fmt: skip
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)  # kohya default; 0 turns clipping off
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -312,8 +321,8 @@ class OptimConfig(Section):
 
     @field_validator("betas")
     @classmethod
-    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in value):
+    def _betas_in_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not all(0.0 <= b < 1.0 for b in value):
             raise ValueError(f"both betas must lie in [0, 1), got {list(value)}")
         return value
 
@@ -571,6 +580,7 @@ class TrainConfig(Section):
             problems.append(  # as kohya's sd-scripts: the two reshape the same noise, each assuming plain noise
                 "`optimizer.noise_offset` and `optimizer.multires_noise_iterations` cannot both be on; set one to 0"
             )
+        problems += self.schedule_free_problems()
         if self.optimizer.min_timestep >= self.optimizer.max_timestep:
             problems.append(
                 f"`optimizer.min_timestep` = {self.optimizer.min_timestep} is not below max_timestep = "
@@ -585,6 +595,26 @@ class TrainConfig(Section):
         reason = self.text_cache_refusal() if self.dataset.cache_text_embeddings else None
         if reason:
             problems.append(f"`dataset.cache_text_embeddings` cannot be used: {reason}")
+        return problems
+
+    def schedule_free_problems(self) -> list[str]:
+        """Schedule-free AdamW replaces the rate schedule and keeps its own average of the weights (the ones
+        samples, validation and files use), so it takes no schedule, no second average and no cap on the live
+        weights (the cap would not hold on the average that is saved)."""
+        if self.optimizer.optimizer != "adamw_schedulefree":
+            return []
+        problems = []
+        if self.optimizer.lr_scheduler not in ("constant", "constant_with_warmup"):
+            problems.append(f"`optimizer.lr_scheduler` = '{self.optimizer.lr_scheduler}' cannot be used with "
+                            "adamw_schedulefree, which needs no rate schedule; set lr_scheduler = 'constant' "
+                            "(lr_warmup_steps still warms up)")  # fmt: skip
+        if self.lora.ema_decay:
+            problems.append("`lora.ema_decay` cannot be used with adamw_schedulefree, which already averages the "
+                            "weights it saves; set ema_decay = 0, or choose another optimizer")  # fmt: skip
+        if self.lora.scale_weight_norms:
+            problems.append("`lora.scale_weight_norms` cannot be used with adamw_schedulefree: it caps the weights "
+                            "being trained, not the averaged ones that are saved; set it to 0, or choose another "
+                            "optimizer")  # fmt: skip
         return problems
 
     def training_problems(self) -> list[str]:
@@ -726,7 +756,12 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "save_last_n_epochs": "save.keep_last",
     "save_state": "save.save_state",
 }
-KOHYA_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor"}
+# kohya's optimizer_type names (lowercased) -> ours; kohya also takes a module path for schedule-free AdamW.
+KOHYA_OPTIMIZERS = {
+    "adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor", "lion": "lion",
+    "lion8bit": "lion8bit", "adamwschedulefree": "adamw_schedulefree",
+    "schedulefree.adamwschedulefree": "adamw_schedulefree",
+}  # fmt: skip
 
 
 def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
@@ -746,6 +781,9 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
         if key == "alpha_mask" and value is True:  # kohya's alpha_mask turns masked loss on by itself
             _set_path(out, "dataset.masked_loss", True)
         _set_path(out, target, value)
+    if out.get("optimizer", {}).get("optimizer") == "adamw_schedulefree":
+        # kohya gives schedule-free optimizers a do-nothing schedule: its lr_scheduler and warm-up do not act
+        out["optimizer"].update(lr_scheduler="constant", lr_warmup_steps=0)
     return out
 
 

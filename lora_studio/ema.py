@@ -1,5 +1,5 @@
 """An exponential moving average of the LoRA weights (diffusers' `EMAModel`), and lending it to samples, the
-validation loss and the saved files.
+validation loss and the saved files; likewise a schedule-free optimizer's own average (`schedule_free_average`).
 
 The average lives beside the live weights: training always steps the live ones, and `ema_weights` swaps the
 average in for the length of a block (a sample, a validation pass, a file write), then puts the live weights
@@ -51,3 +51,31 @@ def ema_weights(ema: EMAModel | None, optimizer: torch.optim.Optimizer, use: boo
         yield
     finally:
         ema.restore(params)
+
+
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer trains at one point and saves another (schedule-free: `train()`/`eval()` switch)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one
+    return type(inner).__module__.startswith("schedulefree.")
+
+
+@contextmanager
+def schedule_free_average(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """A schedule-free optimizer's averaged weights (its `eval()` point, the ones to sample, judge and save) in
+    the model while the block runs, and the weights being trained put back after, bit for bit.
+
+    `train()` after `eval()` returns to the training point only within rounding; restoring a copy keeps an
+    interrupted and resumed run equal to one that never stopped. Other optimizers: nothing changes."""
+    if not is_schedule_free(optimizer):
+        yield
+        return
+    params = lora_parameters(optimizer)
+    training_point = [p.detach().clone() for p in params]
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
+        with torch.no_grad():
+            for param, saved in zip(params, training_point, strict=True):
+                param.copy_(saved)

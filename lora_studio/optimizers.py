@@ -10,6 +10,9 @@ from .lora import trainable_parameters
 from .models import BaseModel
 from .session import TrainingError
 
+ADAM_BETAS = (0.9, 0.999)  # torch's AdamW, Prodigy and schedule-free AdamW default to these
+LION_BETAS = (0.9, 0.99)  # lion-pytorch's default, the paper's choice for most tasks
+
 
 def make_optimizer(config: TrainConfig, base: BaseModel, device: torch.device) -> torch.optim.Optimizer:
     opt = config.optimizer
@@ -17,18 +20,32 @@ def make_optimizer(config: TrainConfig, base: BaseModel, device: torch.device) -
     if config.lora.train_text_encoder:
         te_params = [p for e in base.text_encoders for p in trainable_parameters(e)]
         groups.append({"params": te_params, "lr": opt.text_encoder_lr or opt.learning_rate})
+    adam_betas, lion_betas = opt.betas or ADAM_BETAS, opt.betas or LION_BETAS
     if opt.optimizer == "adamw":
         # One fused kernel per step instead of a dozen per tensor: LoRA has hundreds of small tensors.
         fused = device.type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay, fused=fused)
-    if opt.optimizer == "adamw8bit":
+        return torch.optim.AdamW(groups, betas=adam_betas, eps=opt.eps, weight_decay=opt.weight_decay, fused=fused)
+    if opt.optimizer in ("adamw8bit", "lion8bit"):
         if device.type != "cuda":
-            raise TrainingError("AdamW8bit (bitsandbytes) needs a CUDA GPU; on this device use optimizer = 'adamw'")
+            raise TrainingError(f"{opt.optimizer} (bitsandbytes) needs a CUDA GPU; on this device use optimizer = "
+                                f"'{opt.optimizer.removesuffix('8bit')}'")  # fmt: skip
         bnb = _optional_import("bitsandbytes", "bitsandbytes")
-        return bnb.optim.AdamW8bit(groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+        if opt.optimizer == "lion8bit":
+            return bnb.optim.Lion8bit(groups, betas=lion_betas, weight_decay=opt.weight_decay)
+        return bnb.optim.AdamW8bit(groups, betas=adam_betas, eps=opt.eps, weight_decay=opt.weight_decay)
     if opt.optimizer == "prodigy":
         prodigyopt = _optional_import("prodigyopt", "prodigyopt")
-        return prodigyopt.Prodigy(groups, betas=opt.betas, weight_decay=opt.weight_decay)
+        return prodigyopt.Prodigy(groups, betas=adam_betas, weight_decay=opt.weight_decay)
+    if opt.optimizer == "lion":
+        lion_pytorch = _optional_import("lion_pytorch", "lion-pytorch")
+        return lion_pytorch.Lion(groups, betas=lion_betas, weight_decay=opt.weight_decay)
+    if opt.optimizer == "adamw_schedulefree":
+        schedulefree = _optional_import("schedulefree", "schedulefree")
+        optimizer = schedulefree.AdamWScheduleFree(
+            groups, betas=adam_betas, eps=opt.eps, weight_decay=opt.weight_decay, warmup_steps=opt.lr_warmup_steps
+        )
+        optimizer.train()  # it starts in eval mode and refuses to step there
+        return optimizer
     from transformers.optimization import Adafactor
 
     # External learning rate, no relative steps: the settings kohya documents for LoRA with Adafactor.
@@ -37,12 +54,19 @@ def make_optimizer(config: TrainConfig, base: BaseModel, device: torch.device) -
     )
 
 
+def current_rate(optimizer: torch.optim.Optimizer, lr_scheduler) -> float:
+    """The first group's learning rate as the last step used it (schedule-free warms up inside the optimizer,
+    where the constant schedule cannot see it)."""
+    scheduled = getattr(optimizer, "optimizer", optimizer).param_groups[0].get("scheduled_lr")
+    return float(scheduled) if scheduled else lr_scheduler.get_last_lr()[0]
+
+
 def _optional_import(module: str, package: str):
     try:
         return __import__(module)
     except ImportError:
         raise TrainingError(
-            f"the {module} optimizer is not installed; run `pip install {package}` "
+            f"the {package} optimizer is not installed; run `pip install {package}` "
             "(or `pip install lora-studio[optimizers]`), or choose optimizer = 'adamw'"
         ) from None
 
@@ -56,6 +80,8 @@ def make_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, tot
     warm-up and total steps, so the rate at each optimizer step equals a single process's exactly.
     """
     opt = config.optimizer
+    if opt.optimizer == "adamw_schedulefree":  # the optimizer warms up by itself and needs no schedule
+        return get_scheduler("constant", optimizer)
     return get_scheduler(
         opt.lr_scheduler,
         optimizer,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -21,7 +21,7 @@ from . import buckets as bucketing
 from .cache import LatentCache, TextCache
 from .config import TrainConfig
 from .data import Item, ScanReport
-from .ema import ema_weights
+from .ema import ema_weights, schedule_free_average
 from .errors import LoraStudioError
 from .events import Commands, ValidationEvent
 from .models import TEXT_ENCODER_NAMES, BaseModel, dtype_of
@@ -89,9 +89,13 @@ class Session:
     image_losses: ImageLosses = field(default_factory=ImageLosses)
     ema: EMAModel | None = None  # the average of the LoRA weights, with lora.ema_decay
 
-    def averaged(self, use: bool = True):
-        """The EMA weights in the trained parts while the block runs, when there is an average and `use`."""
-        return ema_weights(self.ema, self.optimizer, use)
+    @contextmanager
+    def averaged(self, use_ema: bool = True) -> Iterator[None]:
+        """The weights samples, validation and files see, in the trained parts while the block runs: a
+        schedule-free optimizer's average (always), or the EMA when there is one and `use_ema`; the weights being
+        trained are back after, exactly. (The config refuses the two averages together.)"""
+        with schedule_free_average(self.optimizer), ema_weights(self.ema, self.optimizer, use_ema):
+            yield
 
     @property
     def items(self) -> list[Item]:

@@ -42,7 +42,7 @@ from .fsutil import WriteError
 from .lora import inject_lora
 from .loss_reads import PendingLosses, QueuedStep, ReadStep, check_finite, reads_deferred
 from .models import BaseModel, dtype_of, load_base, pick_device
-from .optimizers import make_lr_scheduler, make_optimizer
+from .optimizers import current_rate, make_lr_scheduler, make_optimizer
 from .outputs import render_samples, save_checkpoint, save_lora_file, should_checkpoint
 from .reg_images import RENDERING, generate_regularization
 from .resume import check_resumable, record_config, resume, write_failure
@@ -365,7 +365,7 @@ def queued_step(session: Session, micro_losses: list[tuple[list[int], torch.Tens
     """The step just finished, its losses left on the device: their mean over micro-batches and processes."""
     loss = torch.stack([losses.mean() for _, losses in micro_losses]).mean()
     loss = session.accelerator.reduce(loss, reduction="mean")  # a collective on several GPUs; no host wait
-    lr = session.lr_scheduler.get_last_lr()[0]
+    lr = current_rate(session.optimizer, session.lr_scheduler)
     return QueuedStep(session.step, session.position.epoch, lr, loss, micro_losses)
 
 

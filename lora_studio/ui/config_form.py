@@ -130,6 +130,8 @@ def to_form_value(field: FormField, value: Any) -> Any:
     """A config value as its form component shows it (lists as TOML arrays, e.g. [0.5, 1.0])."""
     if field.kind == "lines":
         return "\n".join(value)
+    if field.kind == "list" and value is None:
+        return ""  # an optional list left empty (optimizer.betas: the optimizer's own)
     if field.kind == "list":
         # JSON numbers and strings are valid TOML, and fit one line: [0.5, 1.0]
         return "[" + ", ".join(json.dumps(item) for item in value) + "]"
@@ -142,7 +144,8 @@ def form_values(config: TrainConfig) -> list[Any]:
 
 
 def _from_form_value(field: FormField, value: Any) -> Any:
-    if value is None or (isinstance(value, str) and not value.strip() and field.kind in ("int", "float")):
+    blank = isinstance(value, str) and not value.strip()
+    if value is None or (blank and (field.kind in ("int", "float") or (field.kind == "list" and field.optional))):
         return None
     if field.zero_means_empty and value == 0:
         return None
