@@ -55,10 +55,15 @@ def make_optimizer(config: TrainConfig, base: BaseModel, device: torch.device) -
 
 
 def current_rate(optimizer: torch.optim.Optimizer, lr_scheduler) -> float:
-    """The first group's learning rate as the last step used it (schedule-free warms up inside the optimizer,
-    where the constant schedule cannot see it)."""
-    scheduled = getattr(optimizer, "optimizer", optimizer).param_groups[0].get("scheduled_lr")
-    return float(scheduled) if scheduled else lr_scheduler.get_last_lr()[0]
+    """The first group's learning rate as the last step used it: schedule-free warms up inside the optimizer,
+    where the constant schedule cannot see it, and Prodigy steps by its estimate d times the scheduled rate
+    (what kohya logs as d*lr; the rate itself stays at its 1.0)."""
+    group = getattr(optimizer, "optimizer", optimizer).param_groups[0]
+    if group.get("scheduled_lr"):
+        return float(group["scheduled_lr"])
+    if "d0" in group and "d" in group:  # Prodigy
+        return float(group["d"]) * lr_scheduler.get_last_lr()[0]
+    return lr_scheduler.get_last_lr()[0]
 
 
 def _optional_import(module: str, package: str):

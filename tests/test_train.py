@@ -561,6 +561,10 @@ def test_prodigy_trains_and_resumes_bit_identically(tmp_path, tiny_folders, imag
     a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_up" in k)
+    # The logged rate is the step Prodigy takes, d x lr (kohya's d*lr): it starts at d0 = 1e-6 and grows.
+    lines = [json.loads(line) for line in (straight.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [line["lr"] for line in lines if "lr" in line]
+    assert len(rates) == 8 and rates[0] < 1e-3 and rates[-1] > rates[0]
 
 
 def test_tensorboard_gets_every_step_when_installed(tmp_path, tiny_folders, images):
