@@ -198,6 +198,11 @@ class LoraConfig(Section):
     init_lora_weights: Literal["default", "gaussian"] = (
         "default"  # peft default: B = 0, so the adapter starts as a no-op
     )
+    loraplus_lr_ratio: float = Field(
+        0.0, ge=0.0, le=1024.0, description="LoRA+ (Hayou et al. 2024; kohya's loraplus_lr_ratio): the up (B) "
+        "matrices learn this many times faster than the down (A) ones, in the UNet and the text encoders; 0 off, "
+        "the paper and kohya's guides use 16. LoRA and DoRA only.",
+    )  # fmt: skip
     ema_decay: float = Field(
         0.0, ge=0.0, lt=1.0, description="Exponential moving average of the LoRA weights, e.g. 0.999; 0 turns it off."
     )
@@ -239,6 +244,9 @@ class LoraConfig(Section):
                              "set scale_weight_norms to 0 or train a plain LoRA")  # fmt: skip
         if self.network == "lora":
             return self
+        if self.loraplus_lr_ratio:
+            raise ValueError(f"loraplus_lr_ratio speeds up a LoRA's up matrices; network = '{self.network}' has "
+                             "none, so set loraplus_lr_ratio to 0 or network = 'lora'")  # fmt: skip
         if self.use_dora:
             raise ValueError(f"use_dora is LoRA's weight decomposition; network = '{self.network}' has none here, "
                              "so turn use_dora off or set network = 'lora'")  # fmt: skip
@@ -719,6 +727,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "network_alpha": "lora.alpha",
     "network_dropout": "lora.dropout",
     "scale_weight_norms": "lora.scale_weight_norms",
+    "loraplus_lr_ratio": "lora.loraplus_lr_ratio",  # kohya_ss's field (sd-scripts takes it in network_args)
     "conv_dim": "lora.conv_rank",
     "conv_alpha": "lora.conv_alpha",
     "optimizer_type": "optimizer.optimizer",

@@ -147,6 +147,8 @@ def network_args(lora) -> dict:
         args["include_patterns"] = json.dumps([lora.include_modules])
     if lora.exclude_modules:
         args["exclude_patterns"] = json.dumps([lora.exclude_modules])
+    if lora.loraplus_lr_ratio:
+        args["loraplus_lr_ratio"] = f"{lora.loraplus_lr_ratio:g}"
     return args
 
 

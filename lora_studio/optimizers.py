@@ -14,12 +14,33 @@ ADAM_BETAS = (0.9, 0.999)  # torch's AdamW, Prodigy and schedule-free AdamW defa
 LION_BETAS = (0.9, 0.99)  # lion-pytorch's default, the paper's choice for most tasks
 
 
+def is_up_weight(name: str) -> bool:
+    """Whether a trained parameter is a LoRA up (B) matrix, by peft's name for it."""
+    return ".lora_B." in name
+
+
+def parameter_groups(config: TrainConfig, base: BaseModel) -> list[dict]:
+    """The trained parameters by learning rate: the UNet's, then the text encoders' when they train. With LoRA+
+    each part is two groups, as kohya's: the rest (down matrices, DoRA magnitudes) at the part's rate, then the up
+    matrices at `loraplus_lr_ratio` times it."""
+    opt, ratio = config.optimizer, config.lora.loraplus_lr_ratio
+    parts = [([base.unet], opt.unet_lr or opt.learning_rate)]
+    if config.lora.train_text_encoder:
+        parts.append((base.text_encoders, opt.text_encoder_lr or opt.learning_rate))
+    groups = []
+    for models, lr in parts:
+        if not ratio:
+            groups.append({"params": [p for m in models for p in trainable_parameters(m)], "lr": lr})
+            continue
+        named = [(n, p) for m in models for n, p in m.named_parameters() if p.requires_grad]
+        groups.append({"params": [p for n, p in named if not is_up_weight(n)], "lr": lr})
+        groups.append({"params": [p for n, p in named if is_up_weight(n)], "lr": lr * ratio})
+    return groups
+
+
 def make_optimizer(config: TrainConfig, base: BaseModel, device: torch.device) -> torch.optim.Optimizer:
     opt = config.optimizer
-    groups = [{"params": trainable_parameters(base.unet), "lr": opt.unet_lr or opt.learning_rate}]
-    if config.lora.train_text_encoder:
-        te_params = [p for e in base.text_encoders for p in trainable_parameters(e)]
-        groups.append({"params": te_params, "lr": opt.text_encoder_lr or opt.learning_rate})
+    groups = parameter_groups(config, base)
     adam_betas, lion_betas = opt.betas or ADAM_BETAS, opt.betas or LION_BETAS
     if opt.optimizer == "adamw":
         # One fused kernel per step instead of a dozen per tensor: LoRA has hundreds of small tensors.

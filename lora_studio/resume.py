@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 # Settings that give the saved state its shape: a resume with other values cannot load it.
 RESUME_FIXED = ("lora.rank", "lora.conv_rank", "lora.unet_targets", "lora.train_text_encoder",
                 "lora.text_encoder_targets", "lora.use_dora", "lora.network", "lora.lokr_factor",
-                "lora.include_modules", "lora.exclude_modules", "lora.block_ranks", "optimizer.optimizer",
-                "clip_skip")  # fmt: skip
+                "lora.include_modules", "lora.exclude_modules", "lora.block_ranks", "lora.loraplus_lr_ratio",
+                "optimizer.optimizer", "clip_skip")  # fmt: skip
 
 
 def check_resumable(config: TrainConfig, run: RunFolder) -> None:

@@ -1,6 +1,8 @@
 """Masked loss: masks found beside images or in the alpha channel, transformed like their image, cached with the
 latents, weighting the loss (a masked pixel adds nothing and gets no gradient), painted in the Dataset tab."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -116,15 +118,15 @@ def test_an_all_ignored_dataset_trains_nothing(tmp_path, tiny_folders, cached):
 
 def test_every_feature_on_resumes_bit_exactly(tmp_path, tiny_folders):
     """Masked loss with unmasked weight, validation on held-out images, the EMA, flips, generated regularization
-    images at half weight, kohya's max-norm cap, and kohya's loss and noise options (pseudo-Huber, multi-resolution
-    noise, input perturbation, a timestep range, debiased estimation): stop at 5, resume to 8."""
+    images at half weight, kohya's max-norm cap, LoRA+, and kohya's loss and noise options (pseudo-Huber,
+    multi-resolution noise, input perturbation, a timestep range, debiased estimation): stop at 5, resume to 8."""
     from lora_studio.safetensors_io import read_header
 
     folder = masked_images(tmp_path / "d", count=6)
     settings = {
         "dataset": {"masked_loss": True, "unmasked_weight": 0.1, "flip_aug": True},
         "validation": {"fraction": 0.34, "every_n_steps": 3},
-        "lora": {"ema_decay": 0.9, "scale_weight_norms": 0.05},
+        "lora": {"ema_decay": 0.9, "scale_weight_norms": 0.05, "loraplus_lr_ratio": 4},
         "regularization": {"generate": True, "steps": 2, "prior_loss_weight": 0.5},
         "optimizer": {"loss_type": "huber", "multires_noise_iterations": 4, "ip_noise_gamma": 0.1,
                       "min_timestep": 100, "max_timestep": 900, "debiased_estimation": True},  # fmt: skip
@@ -135,6 +137,7 @@ def test_every_feature_on_resumes_bit_exactly(tmp_path, tiny_folders):
     assert (metadata["ss_loss_type"], metadata["ss_huber_schedule"], metadata["ss_huber_c"]) == ("huber", "snr", "0.1")
     assert (metadata["ss_multires_noise_iterations"], metadata["ss_debiased_estimation"]) == ("4", "True")
     assert metadata["ss_scale_weight_norms"] == "0.05"
+    assert json.loads(metadata["ss_network_args"])["loraplus_lr_ratio"] == "4"
 
 
 def test_masked_settings_without_masked_loss_are_refused():

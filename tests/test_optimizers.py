@@ -1,6 +1,7 @@
 """Lion and schedule-free AdamW on a tiny seeded model: each follows its own update rule, lowers the loss, and
 resumes bit-exactly; schedule-free's averaged weights are what files and validation see, and the weights being
-trained come back exactly after each use. Also the config's rules and the form's optional betas."""
+trained come back exactly after each use. LoRA+'s faster up matrices. Also the config's rules and the form's
+optional betas."""
 
 import json
 import sys
@@ -18,6 +19,7 @@ from lora_studio import step as step_module
 from lora_studio.config import ConfigError, TrainConfig, validate_config
 from lora_studio.ema import lora_parameters
 from lora_studio.estimate import estimate_memory
+from lora_studio.lora_metadata import network_args
 from lora_studio.outputs import save_lora_file
 from lora_studio.train import TrainingError, prepare, run_training
 from lora_studio.ui.config_form import FIELD_BY_KEY, KEYS, config_from_form, form_values
@@ -195,3 +197,36 @@ def test_the_memory_estimate_counts_each_optimizers_state():
         return estimate_memory("sd1", config).lora_state_gib
 
     assert lora_state("lion8bit") < lora_state("lion") < lora_state("adamw") < lora_state("adamw_schedulefree")
+
+
+def largest_up_weight(session) -> float:
+    ups = [p for model in session.models.values() for n, p in model.named_parameters() if ".lora_B." in n]
+    return max(float(p.detach().abs().max()) for p in ups)
+
+
+def test_loraplus_gives_the_up_matrices_their_own_faster_group(tmp_path, tiny_folders, images):
+    """kohya's split: per part (UNet, text encoder) the down matrices at the part's rate, the up ones at ratio x it.
+    AdamW's first step moves each weight by about its rate, and the up matrices start at 0: after one step the
+    largest up weight is 16 times what it is without LoRA+."""
+    rates = {"learning_rate": 1e-3, "text_encoder_lr": 5e-4, "weight_decay": 0.0}
+    plus = prepare(tiny_config(tmp_path / "p", tiny_folders, images, lora={"loraplus_lr_ratio": 16},
+                               optimizer=rates))  # fmt: skip
+    groups = plus.optimizer.optimizer.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 16e-3, 5e-4, 8e-3])
+    unet = dict(plus.base.unet.named_parameters())
+    up_ids = {id(p) for n, p in unet.items() if ".lora_B." in n and p.requires_grad}
+    assert up_ids and {id(p) for p in groups[1]["params"]} == up_ids
+    assert not {id(p) for p in groups[0]["params"]} & up_ids
+    plain = prepare(tiny_config(tmp_path / "a", tiny_folders, images, optimizer=rates))
+    assert len(plain.optimizer.optimizer.param_groups) == 2
+    steps(plus, 1)
+    steps(plain, 1)
+    assert largest_up_weight(plus) / largest_up_weight(plain) == pytest.approx(16, rel=0.01)
+
+
+def test_loraplus_is_recorded_as_kohya_does_and_refused_where_it_has_no_meaning():
+    config = validate_config({"loraplus_lr_ratio": 16, "network_dim": 8})  # kohya_ss's flat key migrates
+    assert config.lora.loraplus_lr_ratio == 16 and network_args(config.lora)["loraplus_lr_ratio"] == "16"
+    assert "loraplus_lr_ratio" not in network_args(TrainConfig().lora)
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio speeds up a LoRA's up matrices; network = 'loha'"):
+        validate_config({"version": 1, "lora": {"network": "loha", "loraplus_lr_ratio": 16}})

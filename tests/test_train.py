@@ -314,8 +314,10 @@ def test_a_resume_that_changes_the_state_shape_is_refused_and_the_run_stays_resu
     stopped = run_training(config, on_event=stop_at_3, commands=commands)
     recorded = (stopped.run_dir / "config.toml").read_text()
 
-    bigger = tiny_config(tmp_path, tiny_folders, images, lora={"rank": 8}, optimizer={"optimizer": "adafactor"})
-    refusal = r"cannot resume with `lora.rank` from 4 to 8, `optimizer.optimizer` from 'adamw' to 'adafactor'"
+    bigger = tiny_config(tmp_path, tiny_folders, images, lora={"rank": 8, "loraplus_lr_ratio": 16},
+                         optimizer={"optimizer": "adafactor"})  # fmt: skip
+    refusal = (r"cannot resume with `lora.rank` from 4 to 8, `lora.loraplus_lr_ratio` from 0.0 to 16.0, "
+               r"`optimizer.optimizer` from 'adamw' to 'adafactor'")  # fmt: skip
     with pytest.raises(TrainingError, match=refusal + ".*resume without changing them, or start a new run"):
         run_training(bigger, resume_from=stopped.run_dir)
     other_family = tiny_config(tmp_path, tiny_folders, images, base_model=str(tiny_folders["sd2"]), family="sd2")
