@@ -790,7 +790,7 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
         if key == "alpha_mask" and value is True:  # kohya's alpha_mask turns masked loss on by itself
             _set_path(out, "dataset.masked_loss", True)
         _set_path(out, target, value)
-    if out.get("optimizer", {}).get("optimizer") == "adamw_schedulefree":
+    if "optimizer_type" in data and out["optimizer"]["optimizer"] == "adamw_schedulefree":
         # kohya gives schedule-free optimizers a do-nothing schedule: its lr_scheduler and warm-up do not act
         out["optimizer"].update(lr_scheduler="constant", lr_warmup_steps=0)
     return out

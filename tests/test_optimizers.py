@@ -157,6 +157,15 @@ def test_schedule_free_refuses_a_schedule_a_second_average_and_max_norm(settings
                             }).combination_problems() == []  # fmt: skip
 
 
+def test_the_form_refuses_schedule_free_with_a_schedule():
+    """The form's values carry no version, like a kohya file: kohya's do-nothing schedule must not be put in
+    here (it once was, and the form's cosine schedule vanished without a word)."""
+    values = form_values(TrainConfig())  # lr_scheduler 'cosine' by default
+    values[KEYS.index("optimizer.optimizer")] = "adamw_schedulefree"
+    with pytest.raises(ConfigError, match="`optimizer.lr_scheduler` = 'cosine' cannot be used with adamw_sched"):
+        config_from_form(values)
+
+
 def test_kohya_optimizer_names_migrate():
     for kohya, ours in [("Lion", "lion"), ("Lion8bit", "lion8bit"), ("AdamWScheduleFree", "adamw_schedulefree")]:
         assert validate_config({"optimizer_type": kohya, "learning_rate": 1e-4}).optimizer.optimizer == ours
