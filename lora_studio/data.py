@@ -138,11 +138,13 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_training_image(p))
 
 
-def find_concept_folders(root: Path, config: DatasetConfig) -> tuple[list[tuple[Path, str, int]], list[Problem]]:
-    """(folder, concept, repeats) for each source of images, or an explanatory error."""
+def find_concept_folders(root: Path, config: DatasetConfig, setting: str = "dataset.path",
+                         ) -> tuple[list[tuple[Path, str, int]], list[Problem]]:  # fmt: skip
+    """(folder, concept, repeats) for each source of images, or an explanatory error naming the folder and the
+    `setting` that gave it."""
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is a file, not a folder"
-        return [], [Problem(str(root), "error", f"the dataset folder {what}; set dataset.path to your images' folder")]
+        return [], [Problem(str(root), "error", f"the folder {root} {what}; set {setting} to your images' folder")]
     subfolders = sorted(p for p in root.iterdir() if p.is_dir())
     kohya = [(p, KOHYA_FOLDER.match(p.name)) for p in subfolders]
     kohya = [(p, m) for p, m in kohya if m]
@@ -289,11 +291,12 @@ def smallest_unscaled_side(config: DatasetConfig) -> int:
     return config.min_bucket_reso
 
 
-def scan(config: DatasetConfig, min_side: int | None = None) -> ScanReport:
-    """Find, open and check every image; report every problem; keep the usable ones."""
+def scan(config: DatasetConfig, min_side: int | None = None, setting: str = "dataset.path") -> ScanReport:
+    """Find, open and check every image; report every problem; keep the usable ones. `setting` names the
+    config field the folder came from, for the message when it is missing."""
     root = resolve_dataset_path(config.path)
     report = ScanReport(root=root)
-    sources, problems = find_concept_folders(root, config)
+    sources, problems = find_concept_folders(root, config, setting)
     report.problems += problems
     report.layout = "kohya" if sources and sources[0][0] != root else "plain"
     seen: dict[str, Path] = {}
@@ -430,7 +433,7 @@ def validation_items(config: TrainConfig, report: ScanReport) -> tuple[ScanRepor
     dataset's own settings (its kohya repeat counts do not matter: every image is scored once)."""
     settings = config.validation
     if settings.path.strip():
-        scanned = scan(config.dataset.model_copy(update={"path": settings.path}))
+        scanned = scan(config.dataset.model_copy(update={"path": settings.path}), setting="validation.path")
         problems = [Problem(p.path, p.severity, f"validation image: {p.message}") for p in scanned.problems]
         return report, scanned.items, problems
     training, held = split_validation(report.items, settings.fraction, config.seed)
@@ -450,7 +453,8 @@ def regularization_items(config: TrainConfig) -> tuple[list[Item], list[Problem]
     if not config.regularization.path.strip():
         return [], []
     scanned = scan(config.dataset.model_copy(update={"path": config.regularization.path, "masked_loss": False,
-                                                     "alpha_mask": False, "unmasked_weight": 0.0}))  # fmt: skip
+                                                     "alpha_mask": False, "unmasked_weight": 0.0}),
+                   setting="regularization.path")  # fmt: skip
     problems = [Problem(p.path, p.severity, f"regularization image: {p.message}") for p in scanned.problems]
     return [dataclasses.replace(i, regularization=True) for i in scanned.items], problems
 

@@ -114,7 +114,12 @@ def test_empty_folder_is_an_error(tmp_path):
 
 def test_missing_folder_is_an_error(tmp_path):
     report = scan_folder(tmp_path / "nowhere")
-    assert "does not exist" in report.errors[0].message and "dataset.path" in report.errors[0].message
+    assert report.errors[0].message == f"the folder {tmp_path / 'nowhere'} does not exist; set dataset.path to your " \
+        "images' folder"
+    (tmp_path / "file").write_text("x")
+    report = scan(DatasetConfig(path=str(tmp_path / "file")), setting="regularization.path")
+    assert report.errors[0].message == f"the folder {tmp_path / 'file'} is a file, not a folder; set " \
+        "regularization.path to your images' folder"
 
 
 def test_warnings_do_not_stop_the_run(tmp_path):

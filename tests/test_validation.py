@@ -2,6 +2,7 @@
 loss that changes with the weights alone, training untouched by it, exact resume, the best file kept and marked."""
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -77,7 +78,9 @@ def test_bad_validation_settings_are_refused_before_anything_loads(tmp_path, tin
     with pytest.raises(TrainingError, match="holds out no image"):
         prepare(config)
     config = tiny_config(tmp_path, tiny_folders, images, validation={"path": str(tmp_path / "missing")})
-    with pytest.raises(TrainingError, match="validation image: the dataset folder does not exist"):
+    missing = re.escape(str(tmp_path / "missing"))
+    with pytest.raises(TrainingError, match=f"validation image: the folder {missing} does not exist; set "
+                                            "validation.path to your images' folder"):  # fmt: skip
         prepare(config)
     assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
