@@ -198,6 +198,11 @@ class LoraConfig(Section):
     init_lora_weights: Literal["default", "gaussian"] = (
         "default"  # peft default: B = 0, so the adapter starts as a no-op
     )
+    network_weights: str = Field(
+        "", description="Start from this LoRA file (kohya's network_weights), e.g. to train a LoRA further on new "
+        "images: its layers and ranks must match these settings; steps, optimizer and schedule start afresh. Empty: "
+        "start from zero. A resume ignores it (the saved state holds the weights).",
+    )  # fmt: skip
     loraplus_lr_ratio: float = Field(
         0.0, ge=0.0, le=1024.0, description="LoRA+ (Hayou et al. 2024; kohya's loraplus_lr_ratio): the up (B) "
         "matrices learn this many times faster than the down (A) ones, in the UNet and the text encoders; 0 off, "
@@ -242,6 +247,10 @@ class LoraConfig(Section):
             kind = "use_dora" if self.network == "lora" else f"network = '{self.network}'"
             raise ValueError(f"scale_weight_norms caps a LoRA's B x A, as kohya's does; {kind} has other weights, so "
                              "set scale_weight_norms to 0 or train a plain LoRA")  # fmt: skip
+        if self.network_weights.strip() and (self.network != "lora" or self.use_dora):
+            kind = "use_dora" if self.network == "lora" else f"network = '{self.network}'"
+            raise ValueError(f"network_weights starts a plain LoRA from a file; {kind} has other weights, so clear "
+                             "network_weights or train a plain LoRA")  # fmt: skip
         if self.network == "lora":
             return self
         if self.loraplus_lr_ratio:
@@ -727,7 +736,8 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "network_alpha": "lora.alpha",
     "network_dropout": "lora.dropout",
     "scale_weight_norms": "lora.scale_weight_norms",
-    "loraplus_lr_ratio": "lora.loraplus_lr_ratio",  # kohya_ss's field (sd-scripts takes it in network_args)
+    "loraplus_lr_ratio": "lora.loraplus_lr_ratio",
+    "network_weights": "lora.network_weights",  # kohya_ss's field (sd-scripts takes it in network_args)
     "conv_dim": "lora.conv_rank",
     "conv_alpha": "lora.conv_alpha",
     "optimizer_type": "optimizer.optimizer",

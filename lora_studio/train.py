@@ -40,6 +40,7 @@ from .errors import LoraStudioError
 from .events import Commands, DoneEvent, ErrorEvent, PreparingEvent, ProgressEvent
 from .fsutil import WriteError
 from .lora import inject_lora
+from .lora_file import LoraFile
 from .loss_reads import PendingLosses, QueuedStep, ReadStep, check_finite, reads_deferred
 from .models import BaseModel, dtype_of, load_base, pick_device
 from .optimizers import current_rate, make_lr_scheduler, make_optimizer
@@ -48,6 +49,7 @@ from .reg_images import RENDERING, generate_regularization
 from .resume import check_resumable, record_config, resume, write_failure
 from .runs import RunFolder, RunLock, compile_cache_folder, output_root
 from .session import Session, TrainingError, emit, modules_on, offload_frozen_parts, on_main, trained_parts
+from .start_weights import apply_start_file, read_start_file
 from .step import encode_text, training_step
 from .validation import build_validation_set, record_file, validate, validation_due
 
@@ -184,13 +186,16 @@ def prepare(
     config.check_trainable()
     accelerator = make_accelerator(config)
     report, held_out = check_dataset(config)  # before any model loads or folder is made: fails in a second
+    # A new run's starting LoRA is read now, so a wrong file fails before the model loads; a resume's state
+    # holds the weights already.
+    start = read_start_file(config.lora.network_weights) if config.lora.network_weights and run_dir is None else None
     run, lock = claim_run(config, accelerator, run_dir)
     try:
         if accelerator.is_main_process:
             attach_log_file(run)
             if run_dir is None:  # a resumed run records its settings once its state has loaded (resume())
                 record_config(config, run)
-        session = build_session(config, accelerator, report, run, held_out, on_event, commands)
+        session = build_session(config, accelerator, report, run, held_out, on_event, commands, start)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -231,9 +236,10 @@ def held_out_set(config: TrainConfig, base: BaseModel, items: list, resolution: 
 
 def build_session(
     config: TrainConfig, accelerator: Accelerator, report: ScanReport, run: RunFolder, validation: list | None = None,
-    on_event=None, commands: Commands | None = None,
+    on_event=None, commands: Commands | None = None, start: LoraFile | None = None,
 ) -> Session:
-    """Load the model, fill the caches, add the LoRA, and make the optimizer and rate schedule."""
+    """Load the model, fill the caches, add the LoRA (with `start`'s weights when given), and make the optimizer
+    and rate schedule."""
     base = load_model(config, accelerator)
     resolution = config.dataset.resolution or base.native_resolution
     if config.regularization.generate:
@@ -248,6 +254,8 @@ def build_session(
         held_out = held_out_set(config, base, validation, resolution, accelerator)
     torch.manual_seed(config.seed)  # LoRA init (gaussian) is drawn here
     inject_lora(base, config.lora, config.clip_skip)
+    if start is not None:  # before the optimizer and any average see the weights
+        apply_start_file(start, base, trained_parts(config, base))
     per_epoch = bucketing.batches_per_epoch(buckets, [i.repeats for i in report.items], config.dataset.batch_size)
     total = bucketing.count_total_steps(config.optimizer, per_epoch, accelerator.num_processes)
     models, optimizer, lr_scheduler = prepare_trained_parts(config, accelerator, base, total)

@@ -264,6 +264,7 @@ def test_training_paths_outside_the_runs_folder_are_refused(server, client):
         ({"base_model": str(server["outside"] / "lora.safetensors")}, "base model"),
         ({"regularization__path": outside}, "`regularization.path`"),
         ({"regularization__path": "../outside"}, "`regularization.path`"),
+        ({"lora__network_weights": str(server["outside"] / "lora.safetensors")}, "`lora.network_weights`"),
     ):
         assert_refused(client.call("start", form_values(client, **changes)), phrase, "lies outside")
     assert_refused(client.call("preset_values", ["../../outside/x", ""]))  # Gradio's own check of the choices

@@ -71,8 +71,8 @@ def confined_base(roots: Roots, source: str) -> str:
 
 def confined_config(roots: Roots, config):
     """The form's config with every path resolved inside the roots: the dataset, the validation and regularization
-    folders and the base model where the app may read, `output_dir` and `dataset.cache_dir` inside the runs folder
-    (where the app writes)."""
+    folders, the starting LoRA and the base model where the app may read, `output_dir` and `dataset.cache_dir`
+    inside the runs folder (where the app writes)."""
     from ..data import resolve_dataset_path
 
     dataset = resolve_dataset_path(config.dataset.path) if config.dataset.path.strip() == "demo" else None
@@ -87,6 +87,9 @@ def confined_config(roots: Roots, config):
     regularization = config.regularization.path.strip()
     if regularization:
         regularization = str(roots.resolve(regularization, "regularization folder (`regularization.path`)"))
+    start = config.lora.network_weights.strip()
+    if start:
+        start = str(roots.resolve(start, "starting LoRA (`lora.network_weights`)"))
     return config.model_copy(
         update={
             # An empty one stays empty: training_problems says what to fill in, in the config's own words.
@@ -95,6 +98,7 @@ def confined_config(roots: Roots, config):
             "dataset": config.dataset.model_copy(update={"path": str(dataset), "cache_dir": cache}),
             "validation": config.validation.model_copy(update={"path": held_out}),
             "regularization": config.regularization.model_copy(update={"path": regularization}),
+            "lora": config.lora.model_copy(update={"network_weights": start}),
         }
     )
 
