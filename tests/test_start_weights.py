@@ -55,15 +55,11 @@ def test_a_run_starts_exactly_where_the_file_is_and_trains_on(tmp_path, tiny_fol
 def test_a_resume_needs_the_file_no_more(tmp_path, tiny_folders, images, unet_only_file):
     copy = tmp_path / "start.safetensors"
     copy.write_bytes(unet_only_file.read_bytes())
-    started = {"network_weights": str(copy)}
-    straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images, lora=started))
     commands, stop_at_5 = stopper(5)
-    config = tiny_config(tmp_path / "b", tiny_folders, images, lora=started)
+    config = tiny_config(tmp_path, tiny_folders, images, lora={"network_weights": str(copy)})
     stopped = run_training(config, on_event=stop_at_5, commands=commands)
     copy.unlink()  # moved away after the run began: the saved state holds the weights
-    resumed = run_training(config, resume_from=stopped.run_dir)
-    a, b = load_lora(straight.lora_path), load_lora(resumed.lora_path)
-    assert resumed.step == 8 and all(torch.equal(a.modules[n].up, b.modules[n].up) for n in a.modules)
+    assert run_training(config, resume_from=stopped.run_dir).step == 8
 
 
 def test_files_that_cannot_start_the_run_are_refused_before_a_model_loads(tmp_path, tiny_folders, images,
