@@ -10,6 +10,7 @@ Defaults follow common practice; the comment beside a default says where it come
 
 from __future__ import annotations
 
+import ast
 import difflib
 import re
 import sys
@@ -693,6 +694,8 @@ def validate_config(data: Mapping[str, Any], source: str = "config") -> TrainCon
         config = TrainConfig.model_validate(migrate(dict(data)))
     except ValidationError as exc:
         raise ConfigError(source, describe_errors(exc)) from None
+    except ConfigError as exc:  # kohya entries the migration cannot take
+        raise ConfigError(source, exc.problems) from None
     problems = config.combination_problems()
     if problems:
         raise ConfigError(source, problems)
@@ -783,10 +786,68 @@ KOHYA_OPTIMIZERS = {
 }  # fmt: skip
 
 
+def _numbers(kind: type) -> Callable[[str], list]:
+    """kohya's comma-separated list ("2,4,4" or "(0.9, 0.99)") read as numbers of `kind`."""
+    return lambda text: [kind(part) for part in text.strip("()[] ").split(",") if part.strip()]
+
+
+def _one_pattern(text: str) -> str:
+    """kohya's include/exclude patterns (a Python list of regular expressions, which kohya reads with
+    `ast.literal_eval`) as the one expression we take."""
+    patterns = ast.literal_eval(text) if text.strip().startswith("[") else [text]
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError("expected a list of regular expressions")
+    return patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
+
+
+LYCORIS_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}  # others stay, and are refused
+LYCORIS_PRESETS = {"attn-only": "attn", "attn-mlp": "attn-ff", "full": "full"}
+# sd-scripts' `network_args` and `optimizer_args` ("key=value" strings) -> (our setting, how to read the value).
+KOHYA_NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "conv_dim": ("lora.conv_rank", int), "conv_alpha": ("lora.conv_alpha", float),
+    "algo": ("lora.network", lambda v: LYCORIS_ALGOS.get(v.lower(), v)),
+    "preset": ("lora.unet_targets", lambda v: LYCORIS_PRESETS.get(v.lower(), v)),
+    "factor": ("lora.lokr_factor", int), "dropout": ("lora.dropout", float),
+    "use_dora": ("lora.use_dora", lambda v: v.lower() == "true"),
+    "loraplus_lr_ratio": ("lora.loraplus_lr_ratio", float),
+    "block_dims": ("lora.block_ranks", _numbers(int)), "block_alphas": ("lora.block_alphas", _numbers(float)),
+    "include_patterns": ("lora.include_modules", _one_pattern),
+    "exclude_patterns": ("lora.exclude_modules", _one_pattern),
+}  # fmt: skip
+KOHYA_OPTIMIZER_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "weight_decay": ("optimizer.weight_decay", float), "betas": ("optimizer.betas", _numbers(float)),
+    "eps": ("optimizer.eps", float), "warmup_steps": ("optimizer.lr_warmup_steps", int),  # schedule-free's
+}  # fmt: skip
+
+
+def _kohya_args(key: str, value: Any, known: dict[str, tuple[str, Callable[[str], Any]]], out: dict) -> list[str]:
+    """Put sd-scripts' "key=value" list (or one space-separated string) into `out`; the entries it cannot take."""
+    entries = value.split() if isinstance(value, str) else value if isinstance(value, list) else [value]
+    problems = []
+    for entry in entries:
+        name, sep, text = str(entry).partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or name not in known:
+            problems.append(f"`{key}` entry {str(entry)!r} is not a setting this app has; remove it (it takes "
+                            f"{', '.join(known)})")  # fmt: skip
+            continue
+        target, read = known[name]
+        try:
+            _set_path(out, target, read(text.strip("\"'")))
+        except (ValueError, SyntaxError) as exc:
+            problems.append(f"`{key}` entry {str(entry)!r}: {exc}; give a value like kohya's")
+    return problems
+
+
 def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"version": 1}
+    args = {k: data[k] for k in ("network_args", "optimizer_args") if k in data}
     for key, value in data.items():
-        if key == "version":
+        if key == "version" or key in args:
+            continue
+        if key == "network_module":  # kohya's plain LoRA and LyCORIS' loader; others are named by validation
+            if value not in ("networks.lora", "lycoris.kohya"):
+                _set_path(out, "lora.network", value)
             continue
         target = KOHYA_V0_KEYS.get(key, key)  # unknown keys stay, so validation names them
         if key == "resolution" and isinstance(value, str) and value.split(",")[0].strip().isdigit():
@@ -802,7 +863,20 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
         _set_path(out, target, value)
     if "optimizer_type" in data and out["optimizer"]["optimizer"] == "adamw_schedulefree":
         # kohya gives schedule-free optimizers a do-nothing schedule: its lr_scheduler and warm-up do not act
+        # (their warm-up comes from optimizer_args' warmup_steps, read below)
         out["optimizer"].update(lr_scheduler="constant", lr_warmup_steps=0)
+    problems = []
+    if "network_args" in args:
+        problems += _kohya_args("network_args", args["network_args"], KOHYA_NETWORK_ARGS, out)
+    if "optimizer_args" in args:
+        problems += _kohya_args("optimizer_args", args["optimizer_args"], KOHYA_OPTIMIZER_ARGS, out)
+    if problems:
+        raise ConfigError("config", problems)
+    lora = out.get("lora", {})
+    if lora.get("conv_rank") == 0:  # kohya's "no conv adapters"
+        del lora["conv_rank"]
+    if lora.get("conv_rank") and "unet_targets" not in lora:  # kohya's conv_dim adds the convs to its own set
+        lora["unet_targets"] = "full"
     return out
 
 

@@ -195,6 +195,39 @@ def test_migration_from_version_0_kohya_style_dict():
     assert config.optimizer.max_train_epochs == 4 and config.save.precision == "bf16"
 
 
+def test_sd_scripts_network_and_optimizer_args_migrate():
+    """sd-scripts' TOML keeps LoRA and optimizer options as "key=value" lists; each one we have moves into place
+    (conv_dim brings kohya's conv adapters, i.e. unet_targets 'full'), and every other is refused by name."""
+    config = validate_config({
+        "network_module": "networks.lora", "network_dim": 16, "train_data_dir": "d",
+        "network_args": ["conv_dim=4", "conv_alpha=1", "loraplus_lr_ratio=16",
+                         "include_patterns=['lora_unet_.*attn', 'lora_te_.*']"],
+        "optimizer_type": "AdamWScheduleFree", "lr_scheduler": "cosine",
+        "optimizer_args": ["weight_decay=0.1", "betas=0.9,0.99", "warmup_steps=50"],
+    })  # fmt: skip
+    lora, optimizer = config.lora, config.optimizer
+    assert (lora.conv_rank, lora.conv_alpha, lora.unet_targets, lora.loraplus_lr_ratio) == (4, 1.0, "full", 16.0)
+    assert lora.include_modules == "(?:lora_unet_.*attn)|(?:lora_te_.*)"
+    assert (optimizer.optimizer, optimizer.lr_scheduler, optimizer.lr_warmup_steps) == ("adamw_schedulefree",
+                                                                                          "constant", 50)
+    assert (optimizer.betas, optimizer.weight_decay) == ((0.9, 0.99), 0.1)
+    lycoris = validate_config({"network_module": "lycoris.kohya",
+                               "network_args": "algo=lokr factor=8 preset=attn-mlp"})  # fmt: skip
+    assert (lycoris.lora.network, lycoris.lora.lokr_factor, lycoris.lora.unet_targets) == ("lokr", 8, "attn-ff")
+    assert validate_config({"network_args": ["block_dims=2,4,4"]}).lora.block_ranks == [2, 4, 4]
+    assert validate_config({"conv_dim": 0, "network_dim": 8}).lora.conv_rank is None  # kohya_ss's "no convs"
+
+    with pytest.raises(ConfigError) as refused:
+        validate_config({"network_args": ["rank_dropout=0.1", "conv_dim=x"], "optimizer_args": ["d_coef=2"]},
+                        source="old.toml")  # fmt: skip
+    assert refused.value.source == "old.toml" and len(refused.value.problems) == 3
+    assert "`network_args` entry 'rank_dropout=0.1' is not a setting this app has; remove it" in str(refused.value)
+    assert "`network_args` entry 'conv_dim=x': invalid literal" in str(refused.value)
+    assert "`optimizer_args` entry 'd_coef=2' is not a setting" in str(refused.value)
+    with pytest.raises(ConfigError, match="`lora.network` = 'networks.dylora': input should be 'lora', 'loha' or"):
+        validate_config({"network_module": "networks.dylora"})
+
+
 def test_unknown_version_0_keys_are_reported_not_dropped():
     with pytest.raises(ConfigError, match="`xformers` is not a setting"):
         validate_config({"network_dim": 8, "xformers": True})
