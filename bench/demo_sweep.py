@@ -69,6 +69,9 @@ VARIANTS: dict[str, list[str]] = {
     "cached-400-rank32-snr2": TEXT_CACHED + RANK_32 + ["optimizer.max_train_steps=400", "optimizer.min_snr_gamma=2"],
     "cached-350-snr2": TEXT_CACHED + ["optimizer.max_train_steps=350", "optimizer.min_snr_gamma=2"],
     "cached-350-snr1": TEXT_CACHED + ["optimizer.max_train_steps=350", "optimizer.min_snr_gamma=1"],
+    # Session 18: the optimizers added then, on the preset otherwise unchanged (350 steps, rank 32, gamma 2).
+    "schedulefree": ["optimizer.optimizer=adamw_schedulefree", "optimizer.lr_scheduler=constant"],
+    "lion-1e-3": ["optimizer.optimizer=lion", "optimizer.learning_rate=1e-3"],
 }
 _dataset_lock = threading.Lock()
 

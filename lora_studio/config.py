@@ -739,8 +739,8 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "network_alpha": "lora.alpha",
     "network_dropout": "lora.dropout",
     "scale_weight_norms": "lora.scale_weight_norms",
-    "loraplus_lr_ratio": "lora.loraplus_lr_ratio",
-    "network_weights": "lora.network_weights",  # kohya_ss's field (sd-scripts takes it in network_args)
+    "loraplus_lr_ratio": "lora.loraplus_lr_ratio",  # kohya_ss's field (sd-scripts takes it in network_args)
+    "network_weights": "lora.network_weights",
     "conv_dim": "lora.conv_rank",
     "conv_alpha": "lora.conv_alpha",
     "optimizer_type": "optimizer.optimizer",

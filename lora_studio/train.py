@@ -188,7 +188,8 @@ def prepare(
     report, held_out = check_dataset(config)  # before any model loads or folder is made: fails in a second
     # A new run's starting LoRA is read now, so a wrong file fails before the model loads; a resume's state
     # holds the weights already.
-    start = read_start_file(config.lora.network_weights) if config.lora.network_weights and run_dir is None else None
+    starting = config.lora.network_weights.strip()
+    start = read_start_file(starting) if starting and run_dir is None else None
     run, lock = claim_run(config, accelerator, run_dir)
     try:
         if accelerator.is_main_process:
