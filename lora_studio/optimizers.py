@@ -6,7 +6,6 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from .config import TrainConfig
-from .lora import trainable_parameters
 from .models import BaseModel
 from .session import TrainingError
 
@@ -29,10 +28,10 @@ def parameter_groups(config: TrainConfig, base: BaseModel) -> list[dict]:
         parts.append((base.text_encoders, opt.text_encoder_lr or opt.learning_rate))
     groups = []
     for models, lr in parts:
-        if not ratio:
-            groups.append({"params": [p for m in models for p in trainable_parameters(m)], "lr": lr})
-            continue
         named = [(n, p) for m in models for n, p in m.named_parameters() if p.requires_grad]
+        if not ratio:
+            groups.append({"params": [p for _, p in named], "lr": lr})
+            continue
         groups.append({"params": [p for n, p in named if not is_up_weight(n)], "lr": lr})
         groups.append({"params": [p for n, p in named if is_up_weight(n)], "lr": lr * ratio})
     return groups
