@@ -220,7 +220,7 @@ def dataset_images(root: Path) -> list[Path]:
     sources, problems = find_concept_folders(root, DatasetConfig(path=str(root)))
     if not sources:
         raise CaptionerError(problems[0].message if problems else f"{root} has no images to caption.")
-    return [image for folder, _concept, _repeats in sources for image in image_files(folder)]
+    return [image for source in sources for image in image_files(source.folder)]
 
 
 def caption_dataset(

@@ -269,8 +269,8 @@ def print_dataset_report(report: dict) -> None:
         f"Dataset {report['path']} ({report['layout']} layout): {report['items']} images, "
         f"{report['images_per_epoch']} per epoch with repeats"
     )
-    for concept, repeats in report["repeats"].items():
-        print(f"  {concept}: {repeats} repeats")
+    for folder in report["folders"]:
+        print(f"  {folder['path']}: {folder['images']} images x {folder['repeats']} repeats ('{folder['concept']}')")
     print(f"Buckets at {report['resolution']} px, batch {report['batch_size']}:")
     for bucket in report["buckets"]:
         print(f"  {bucket['width']}x{bucket['height']}: {bucket['count']} images")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import json
 import re
 import sys
 import time
@@ -46,6 +47,7 @@ CONFIG_VERSION = 1
 # stays instant (an unbounded max_bucket_reso from a request kept a server thread busy for hours).
 MAX_TRAINING_SIDE = 8192
 MAX_REPEATS = 10_000  # an epoch lists every image that many times
+MAX_SUBSETS = 64  # dataset.subsets: more folders than any concept list people keep (each is scanned at every check)
 MAX_SAMPLES_PER_EVENT = 64  # images one sampling renders (prompts x seeds x strengths), as a preview grid's cells
 BLOCK_COUNTS = (3, 23, 25)  # block_ranks: down/mid/up, or kohya's block_dims (SDXL's 23, SD 1.x/2.x's 25)
 
@@ -65,8 +67,39 @@ class Section(BaseModel):
     )
 
 
+class DatasetSubset(Section):
+    """One more folder of training images with its own repeat count and class tokens: kohya's
+    `[[datasets.subsets]]`, OneTrainer's concepts."""
+
+    path: str = Field(description="A folder of images with captions: plain, a kohya `N_name` folder or their parent.")
+    repeats: int | None = Field(
+        None, ge=1, le=MAX_REPEATS, description="Times each image is seen per epoch; empty: the folder's kohya N_ "
+        "prefix, else dataset.repeats.",
+    )  # fmt: skip
+    class_tokens: str = Field(
+        "", description="The caption of an image without a caption file (kohya's class_tokens); empty: the folder's "
+        "name.",
+    )  # fmt: skip
+    regularization: bool = Field(
+        False, description="Regularization (class) images, as in regularization.path: no trigger word, their loss "
+        "weighted by regularization.prior_loss_weight (kohya's is_reg).",
+    )  # fmt: skip
+
+    @field_validator("path")
+    @classmethod
+    def _a_folder(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; name the subset's folder of images")
+        return value.strip()
+
+
 class DatasetConfig(Section):
     path: str = Field("", description="Folder of images with same-name caption files, or a kohya `10_name/` parent.")
+    subsets: list[DatasetSubset] = Field(
+        default_factory=list, max_length=MAX_SUBSETS,
+        description="More folders, one a line, each with its own repeats and class tokens (kohya's subsets, "
+        'OneTrainer\'s concepts): { path = "/data/alice", repeats = 10, class_tokens = "alice woman" }.',
+    )  # fmt: skip
     caption_extension: str = Field(".txt", description="Extension of caption files, e.g. .txt or .caption.")
     trigger_word: str = Field("", description="Prepended to every caption unless already present.")
     caption_prefix: str = ""
@@ -141,6 +174,30 @@ class DatasetConfig(Section):
     def captions_are_static(self) -> bool:
         """Whether every step sees the same caption for an image (needed to cache text embeddings)."""
         return not (self.shuffle_caption or self.caption_dropout_rate or self.caption_tag_dropout_rate)
+
+    def has_images(self) -> bool:
+        """Whether a folder of training images is named: `path`, or at least one training subset."""
+        return bool(self.path.strip()) or any(not subset.regularization for subset in self.subsets)
+
+    def has_regularization_subsets(self) -> bool:
+        return any(subset.regularization for subset in self.subsets)
+
+    @field_validator("subsets")
+    @classmethod
+    def _each_folder_once(cls, value: list[DatasetSubset]) -> list[DatasetSubset]:
+        paths = [subset.path for subset in value]
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} listed more than once; list each folder once and give "
+                             "it the repeats it should have")  # fmt: skip
+        return value
+
+    @model_validator(mode="after")
+    def _path_not_a_subset(self) -> DatasetConfig:
+        if self.path.strip() and self.path.strip() in {subset.path for subset in self.subsets}:
+            raise ValueError(f"{self.path.strip()!r} is both dataset.path and a subset; keep it in one place (a "
+                             "subset, to give it its own repeats)")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _bucket_range(self) -> DatasetConfig:
@@ -558,6 +615,9 @@ class TrainConfig(Section):
         """Settings that are each valid but cannot train together. "Check settings", `lora-studio config`
         and the trainer all ask this one place, so what the form accepts is what training accepts."""
         problems = []
+        if self.regularization.generate and self.dataset.has_regularization_subsets():
+            problems.append("regularization.generate is on and dataset.subsets has regularization folders; use your "
+                            "own folders or generated images, not both")  # fmt: skip
         if self.compile_mode != "default" and not self.torch_compile:
             problems.append(f"`compile_mode` = '{self.compile_mode}' acts only on a compiled model; set "
                             "torch_compile = true, or compile_mode = 'default'")  # fmt: skip
@@ -640,6 +700,8 @@ class TrainConfig(Section):
         leaves for the person to fill in (presets ship without a base model)."""
         missing = [] if self.base_model.strip() else ["`base_model` is empty: choose a checkpoint, a diffusers "
                                                        "folder or 'demo'"]  # fmt: skip
+        if not self.dataset.has_images():
+            missing.append("`dataset.path` is empty: choose your images' folder (or list folders in dataset.subsets)")
         return missing + self.combination_problems()
 
     def check_trainable(self, source: str = "config") -> TrainConfig:
@@ -731,6 +793,9 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "keep_tokens": "dataset.keep_tokens",
     "caption_dropout_rate": "dataset.caption_dropout_rate",
     "caption_tag_dropout_rate": "dataset.caption_tag_dropout_rate",
+    "caption_prefix": "dataset.caption_prefix",
+    "caption_suffix": "dataset.caption_suffix",
+    "dataset_repeats": "dataset.repeats",
     "cache_latents": "dataset.cache_latents",
     "cache_latents_to_disk": "dataset.cache_latents_to_disk",
     "masked_loss": "dataset.masked_loss",
@@ -839,8 +904,65 @@ def _kohya_args(key: str, value: Any, known: dict[str, tuple[str, Callable[[str]
     return problems
 
 
+# kohya's dataset config (sd-scripts' `--dataset_config`, docs/config_README): [general], [[datasets]] and their
+# [[datasets.subsets]]. A subset's own options become one of dataset.subsets; the options of a whole dataset and
+# those every subset shares take the command line's names (batch_size is its train_batch_size).
+KOHYA_SUBSET_OWN = {"image_dir": "path", "num_repeats": "repeats", "class_tokens": "class_tokens",
+                    "is_reg": "regularization"}  # fmt: skip
+KOHYA_DATASET_LEVEL = {"resolution": "resolution", "batch_size": "train_batch_size", "enable_bucket": "enable_bucket",
+                       "min_bucket_reso": "min_bucket_reso", "max_bucket_reso": "max_bucket_reso",
+                       "bucket_reso_steps": "bucket_reso_steps", "bucket_no_upscale": "bucket_no_upscale",
+                       "validation_split": "validation_split"}  # fmt: skip
+KOHYA_SUBSET_SHARED = ("caption_extension", "shuffle_caption", "keep_tokens", "flip_aug", "color_aug", "random_crop",
+                       "caption_prefix", "caption_suffix", "caption_dropout_rate", "caption_tag_dropout_rate",
+                       "alpha_mask")  # fmt: skip
+KOHYA_NO_EFFECT = ("cache_info",)  # kohya's cache of image sizes: it changes no training, so it is let go
+
+
+def _flatten_kohya_datasets(data: dict[str, Any]) -> tuple[dict[str, Any], list[dict], list[str]]:
+    """A config holding kohya's [general] and [[datasets]] as flat v0 keys, the subsets as dataset.subsets
+    entries, and what cannot be taken (named, never dropped). As in kohya, the dataset config's values win over
+    the flat ones, and train_data_dir/reg_data_dir give way to its subsets."""
+    general, datasets = data.get("general", {}), data.get("datasets", [])
+    flat = {k: v for k, v in data.items() if k not in ("general", "datasets", "train_data_dir", "reg_data_dir")}
+    if not isinstance(general, dict) or not isinstance(datasets, list) or not all(isinstance(d, dict)
+                                                                                  for d in datasets):  # fmt: skip
+        return flat, [], ["kohya's dataset config needs a [general] table and [[datasets]] tables; check its layout"]
+    if len(datasets) != 1:
+        return flat, [], [f"kohya's dataset config has {len(datasets)} [[datasets]]; this app trains one (one "
+                          "resolution and batch size): keep one, with all its [[datasets.subsets]]"]  # fmt: skip
+    dataset = {**general, **datasets[0]}
+    subsets = dataset.pop("subsets", [])
+    if not isinstance(subsets, list) or not subsets or not all(isinstance(s, dict) for s in subsets):
+        return flat, [], ["kohya's [[datasets]] has no [[datasets.subsets]]; add one per folder of images"]
+    known = {*KOHYA_SUBSET_OWN, *KOHYA_DATASET_LEVEL, *KOHYA_SUBSET_SHARED, *KOHYA_NO_EFFECT}
+    unknown = sorted({key for table in (dataset, *subsets) for key in table if key not in known})
+    problems = [f"kohya's dataset option `{key}` is not a setting this app has; remove it (it takes "
+                f"{', '.join(sorted(known))})" for key in unknown]  # fmt: skip
+    flat.update({KOHYA_DATASET_LEVEL[k]: v for k, v in dataset.items() if k in KOHYA_DATASET_LEVEL})
+    for key in KOHYA_SUBSET_SHARED:
+        values = [subset.get(key, dataset.get(key)) for subset in subsets]
+        if len({repr(v) for v in values}) > 1:
+            problems.append(f"kohya's `{key}` differs between subsets ({', '.join(repr(v) for v in values)}); this "
+                            "app has one value for all folders: set one in [general]")  # fmt: skip
+        elif values[0] is not None:
+            flat[key] = values[0]
+    entries = []
+    for number, subset in enumerate(subsets, 1):
+        if "image_dir" not in subset:
+            problems.append(f"kohya's subset {number} has no image_dir; name its folder of images")
+            continue
+        entry = {ours: subset[theirs] for theirs, ours in KOHYA_SUBSET_OWN.items() if theirs in subset}
+        entry["repeats"] = subset.get("num_repeats", dataset.get("num_repeats", 1))  # kohya ignores N_ prefixes here
+        entries.append(entry)
+    return flat, entries, problems
+
+
 def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"version": 1}
+    subsets, problems = [], []
+    if "general" in data or "datasets" in data:
+        data, subsets, problems = _flatten_kohya_datasets(data)
     args = {k: data[k] for k in ("network_args", "optimizer_args") if k in data}
     for key, value in data.items():
         if key == "version" or key in args:
@@ -852,6 +974,8 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
         target = KOHYA_V0_KEYS.get(key, key)  # unknown keys stay, so validation names them
         if key == "resolution" and isinstance(value, str) and value.split(",")[0].strip().isdigit():
             value = int(value.split(",")[0])  # kohya writes "512,512"
+        if key == "resolution" and isinstance(value, list) and len(set(value)) == 1:
+            value = value[0]  # kohya's dataset config writes [512, 512]
         if key == "optimizer_type" and isinstance(value, str):
             value = KOHYA_OPTIMIZERS.get(value.lower(), value)
         if key == "network_train_unet_only":
@@ -865,7 +989,8 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
         # kohya gives schedule-free optimizers a do-nothing schedule: its lr_scheduler and warm-up do not act
         # (their warm-up comes from optimizer_args' warmup_steps, read below)
         out["optimizer"].update(lr_scheduler="constant", lr_warmup_steps=0)
-    problems = []
+    if subsets:
+        _set_path(out, "dataset.subsets", subsets)
     if "network_args" in args:
         problems += _kohya_args("network_args", args["network_args"], KOHYA_NETWORK_ARGS, out)
     if "optimizer_args" in args:
@@ -946,8 +1071,36 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
-    """Read a TOML config or preset, apply `--set` overrides, migrate and validate it."""
-    return validate_config(apply_overrides(read_toml(path), overrides), source=str(path))
+    """Read a TOML config or preset (with the kohya dataset config it names), apply `--set` overrides, migrate and
+    validate it."""
+    data = with_kohya_dataset_config(read_toml(path), Path(path).parent)
+    return validate_config(apply_overrides(data, overrides), source=str(path))
+
+
+def with_kohya_dataset_config(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A kohya config's `dataset_config` file (TOML, or JSON as kohya also takes; relative to the config's folder)
+    read into it as the [general] and [[datasets]] tables the migration takes."""
+    if "dataset_config" not in data or data.get("version", 0) != 0:
+        return data  # a current config has no such key: validation names it
+    named = str(data["dataset_config"]).strip()
+    rest = {k: v for k, v in data.items() if k != "dataset_config"}
+    if not named:
+        return rest  # kohya_ss writes an empty one when the folders are given as train_data_dir
+    path = folder / Path(named).expanduser()
+    if path.suffix.lower() == ".json":
+        try:
+            included = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(str(path), ["the dataset_config file does not exist; check the path"]) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(str(path), [f"not valid JSON ({exc}); fix the syntax there"]) from None
+    else:
+        included = read_toml(path)
+    extra = sorted(k for k in included if k not in ("general", "datasets")) if isinstance(included, dict) else ["?"]
+    if extra:
+        raise ConfigError(str(path), [f"a kohya dataset config holds [general] and [[datasets]], not {extra}; check "
+                                      "that dataset_config names the right file"])  # fmt: skip
+    return {**rest, **included}
 
 
 def config_to_toml(config: TrainConfig) -> str:

@@ -4,6 +4,8 @@ Two layouts are accepted:
 - a plain folder of images with same-name caption files (`cat.png` + `cat.txt`);
 - kohya's layout: a parent folder holding `N_name/` concept folders, where N is the repeat count
   and `name` the class or trigger (`10_sks dog/`).
+`dataset.subsets` adds more folders of either layout (or one `N_name` folder itself), each with its own
+repeat count and class tokens (kohya's `[[datasets.subsets]]`, OneTrainer's concepts).
 
 `scan` opens every image once, reports every problem per file with a severity, and keeps only
 small per-item records, so memory does not grow with image sizes.
@@ -20,7 +22,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
@@ -35,7 +37,7 @@ from .buckets import (
     resize_and_crop,
     updates_per_epoch,
 )
-from .config import MAX_REPEATS, DatasetConfig, TrainConfig
+from .config import MAX_REPEATS, DatasetConfig, DatasetSubset, TrainConfig
 from .errors import LoraStudioError
 from .paths import DEMO_DATASET_DIR, DEMO_VALIDATION_DIR, is_within
 
@@ -72,6 +74,7 @@ class Item:
     content_hash: str  # sha256 of the file bytes: the cache key and the duplicate check
     mask_hash: str = ""  # sha256 of its mask file with masked loss on, "alpha" for its alpha channel, else ""
     regularization: bool = False  # a prior-preservation image: no trigger word, its loss weighted by prior_loss_weight
+    named_concept: bool = False  # its concept was named (kohya folder, class_tokens), not just a plain folder's name
 
 
 @dataclass
@@ -93,13 +96,12 @@ class ScanReport:
     def images_per_epoch(self) -> int:
         return sum(item.repeats for item in self.items)
 
-    def folder_name(self, item: Item) -> str:
+    @staticmethod
+    def folder_name(item: Item) -> str:
         """The name of the folder an item came from, as kohya keys its metadata: `10_zkz` in kohya's layout, the
-        dataset folder's own name in a plain one, the class folder's for a regularization image."""
-        if item.regularization or not is_within(item.path, self.root):
-            return item.path.parent.name
-        parts = item.path.resolve().relative_to(self.root.resolve()).parts
-        return parts[0] if self.layout == "kohya" and len(parts) > 1 else self.root.resolve().name
+        dataset folder's own name in a plain one, the class folder's for a regularization image. Images are only
+        ever read directly inside such a folder, so it is the image's own folder."""
+        return item.path.parent.resolve().name
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """{folder name: {tag: count}} over the raw captions, tags lower-cased: kohya's `ss_tag_frequency`."""
@@ -138,8 +140,59 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_training_image(p))
 
 
+class Source(NamedTuple):
+    """A folder whose images are read directly, with what its images share."""
+
+    folder: Path
+    concept: str  # the class tokens: a kohya N_name folder's name part, a subset's class_tokens, else the folder name
+    repeats: int
+    named: bool = True  # False: only a plain folder's name, which no caption takes while a trigger word is set
+
+
+def chosen_subsets(config: DatasetConfig, regularization: bool) -> list[tuple[int, DatasetSubset]]:
+    """(line number, subset) of the training subsets, or of the regularization ones."""
+    return [(n, s) for n, s in enumerate(config.subsets, 1) if s.regularization == regularization]
+
+
+def dataset_sources(config: DatasetConfig, setting: str = "dataset.path", regularization: bool = False,
+                    ) -> tuple[list[Source], list[Problem]]:  # fmt: skip
+    """Every folder the images come from: `path`'s (plain or kohya layout), then each subset's (the training
+    subsets, or with `regularization` the regularization ones)."""
+    subsets = chosen_subsets(config, regularization)
+    if not config.path.strip() and not subsets:
+        return [], [Problem(setting, "error", f"no folder of images is set; set {setting} to your images' folder")]
+    sources, problems = [], []
+    if config.path.strip():
+        sources, problems = find_concept_folders(resolve_dataset_path(config.path), config, setting)
+    for number, subset in subsets:
+        found, found_problems = subset_folders(subset, config, f"line {number} of dataset.subsets")
+        sources += found
+        problems += found_problems
+    return sources, problems
+
+
+def subset_folders(subset: DatasetSubset, config: DatasetConfig, setting: str) -> tuple[list[Source], list[Problem]]:
+    """A subset's folders as `find_concept_folders` finds them, or its path itself when that is one kohya `N_name`
+    folder of images (kohya's dataset configs point at those); its repeats and class tokens, where set, replace
+    the folders' own."""
+    root = resolve_dataset_path(subset.path)
+    own = KOHYA_FOLDER.match(root.name)
+    if own and root.is_dir() and image_files(root):
+        found, problems = [Source(root, own.group(2), int(own.group(1)))], []
+    else:
+        found, problems = find_concept_folders(root, config, setting)
+    tokens = subset.class_tokens.strip()
+    sources = [Source(source.folder, tokens or source.concept, subset.repeats or source.repeats,
+                      bool(tokens) or source.named) for source in found]  # fmt: skip
+    bad = [source.folder for source in sources if not 1 <= source.repeats <= MAX_REPEATS]
+    problems += [Problem(str(folder), "error", f"a kohya folder's count must be 1 to {MAX_REPEATS}; rename the "
+                         f"folder or give {setting} its own repeats")  # fmt: skip
+                 for folder in bad]
+    return [source for source in sources if source.folder not in bad], problems
+
+
 def find_concept_folders(root: Path, config: DatasetConfig, setting: str = "dataset.path",
-                         ) -> tuple[list[tuple[Path, str, int]], list[Problem]]:  # fmt: skip
+                         ) -> tuple[list[Source], list[Problem]]:  # fmt: skip
     """(folder, concept, repeats) for each source of images, or an explanatory error naming the folder and the
     `setting` that gave it."""
     if not root.is_dir():
@@ -165,12 +218,12 @@ def find_concept_folders(root: Path, config: DatasetConfig, setting: str = "data
                     "images directly in a kohya parent folder are ignored; move them into an N_name folder",
                 )
             )
-        sources = [(p, m.group(2), int(m.group(1))) for p, m in kohya]
-        counted = [source for source in sources if 1 <= source[2] <= MAX_REPEATS]
+        sources = [Source(p, m.group(2), int(m.group(1))) for p, m in kohya]
+        counted = [source for source in sources if 1 <= source.repeats <= MAX_REPEATS]
         problems += [
             Problem(str(folder), "error", f"{repeats} repeats: a kohya folder's count must be 1 to {MAX_REPEATS}; "
                     "rename the folder")  # fmt: skip
-            for folder, _concept, repeats in (source for source in sources if source not in counted)
+            for folder, _concept, repeats, _named in (source for source in sources if source not in counted)
         ]
         return counted, problems
     if own and image_files(root):
@@ -179,7 +232,7 @@ def find_concept_folders(root: Path, config: DatasetConfig, setting: str = "data
                 str(root),
                 "error",
                 f"this is a kohya concept folder ({own.group(1)} repeats of '{own.group(2)}'); "
-                f"set dataset.path to its parent folder {root.parent} so the repeat count is read",
+                f"set {setting} to its parent folder {root.parent} so the repeat count is read",
             )
         ]
     nested = [p for p in subfolders if any(KOHYA_FOLDER.match(q.name) for q in p.iterdir() if q.is_dir())]
@@ -188,10 +241,10 @@ def find_concept_folders(root: Path, config: DatasetConfig, setting: str = "data
             Problem(
                 str(root),
                 "error",
-                f"no images here, but {nested[0]} holds kohya N_name folders; set dataset.path to {nested[0]}",
+                f"no images here, but {nested[0]} holds kohya N_name folders; set {setting} to {nested[0]}",
             )
         ]
-    return [(root, root.name, config.repeats)], []
+    return [Source(root, root.name, config.repeats, named=False)], []
 
 
 # --- reading one image and its caption ----------------------------------------------------------------
@@ -291,19 +344,22 @@ def smallest_unscaled_side(config: DatasetConfig) -> int:
     return config.min_bucket_reso
 
 
-def scan(config: DatasetConfig, min_side: int | None = None, setting: str = "dataset.path") -> ScanReport:
+def scan(config: DatasetConfig, min_side: int | None = None, setting: str = "dataset.path",
+         regularization: bool = False) -> ScanReport:  # fmt: skip
     """Find, open and check every image; report every problem; keep the usable ones. `setting` names the
-    config field the folder came from, for the message when it is missing."""
-    root = resolve_dataset_path(config.path)
+    config field the folder came from, for the message when it is missing; `regularization` takes the
+    regularization subsets instead of the training ones."""
+    subsets = chosen_subsets(config, regularization)
+    root = resolve_dataset_path(config.path if config.path.strip() or not subsets else subsets[0][1].path)
     report = ScanReport(root=root)
-    sources, problems = find_concept_folders(root, config, setting)
+    sources, problems = dataset_sources(config, setting, regularization)
     report.problems += problems
-    report.layout = "kohya" if sources and sources[0][0] != root else "plain"
+    report.layout = "kohya" if config.path.strip() and sources and sources[0].folder != root else "plain"
     seen: dict[str, Path] = {}
     min_side = min_side if min_side is not None else smallest_unscaled_side(config)
-    for folder, concept, repeats in sources:
-        for path in image_files(folder):
-            item = _scan_one(path, concept, repeats, config, min_side, seen, report.problems)
+    for source in sources:
+        for path in image_files(source.folder):
+            item = _scan_one(path, source, config, min_side, seen, report.problems)
             if item is not None:
                 report.items.append(item)
     if not report.items and not report.errors:
@@ -318,7 +374,7 @@ def scan(config: DatasetConfig, min_side: int | None = None, setting: str = "dat
 
 
 def _scan_one(
-    path: Path, concept: str, repeats: int, config: DatasetConfig, min_side: int, seen: dict[str, Path], problems: list
+    path: Path, source: Source, config: DatasetConfig, min_side: int, seen: dict[str, Path], problems: list
 ) -> Item | None:
     if not is_within(path, path.parent):
         problems.append(Problem(str(path), "error", "a link to a file outside the dataset folder; copy the file in"))
@@ -359,9 +415,8 @@ def _scan_one(
         problems.append(Problem(str(path), "error", str(exc)))
         return None
     problems += [Problem(str(path), "warning", note) for note in notes]
-    if caption is None:
-        fallback = config.trigger_word or concept
-        problems.append(Problem(str(path), "warning", f"no {config.caption_extension} caption; '{fallback}' is used"))
+    uncaptioned = caption is None
+    if uncaptioned:
         caption = ""
     elif not caption:
         problems.append(
@@ -370,7 +425,12 @@ def _scan_one(
     mask_hash = _check_mask(path, image_size=(width, height), config=config, problems=problems)
     if mask_hash is None:
         return None
-    return Item(path, caption, concept, repeats, width, height, digest, mask_hash)
+    item = Item(path, caption, source.concept, source.repeats, width, height, digest, mask_hash,
+                named_concept=source.named)  # fmt: skip
+    if uncaptioned:
+        problems.append(Problem(str(path), "warning", f"no {config.caption_extension} caption; "
+                                f"'{validation_caption(item, config)}' is used"))  # fmt: skip
+    return item
 
 
 def _check_mask(path: Path, image_size: tuple[int, int], config: DatasetConfig, problems: list) -> str | None:
@@ -433,7 +493,8 @@ def validation_items(config: TrainConfig, report: ScanReport) -> tuple[ScanRepor
     dataset's own settings (its kohya repeat counts do not matter: every image is scored once)."""
     settings = config.validation
     if settings.path.strip():
-        scanned = scan(config.dataset.model_copy(update={"path": settings.path}), setting="validation.path")
+        scanned = scan(config.dataset.model_copy(update={"path": settings.path, "subsets": []}),
+                       setting="validation.path")
         problems = [Problem(p.path, p.severity, f"validation image: {p.message}") for p in scanned.problems]
         return report, scanned.items, problems
     training, held = split_validation(report.items, settings.fraction, config.seed)
@@ -449,12 +510,13 @@ def validation_items(config: TrainConfig, report: ScanReport) -> tuple[ScanRepor
 
 
 def regularization_items(config: TrainConfig) -> tuple[list[Item], list[Problem]]:
-    """The images of `regularization.path` (plain or kohya N_class/ layout), marked as regularization images."""
-    if not config.regularization.path.strip():
+    """The images of `regularization.path` (plain or kohya N_class/ layout) and of the regularization subsets,
+    marked as regularization images."""
+    if not config.regularization.path.strip() and not config.dataset.has_regularization_subsets():
         return [], []
     scanned = scan(config.dataset.model_copy(update={"path": config.regularization.path, "masked_loss": False,
                                                      "alpha_mask": False, "unmasked_weight": 0.0}),
-                   setting="regularization.path")  # fmt: skip
+                   setting="regularization.path", regularization=True)  # fmt: skip
     problems = [Problem(p.path, p.severity, f"regularization image: {p.message}") for p in scanned.problems]
     return [dataclasses.replace(i, regularization=True) for i in scanned.items], problems
 
@@ -509,8 +571,10 @@ def build_caption(item: Item, config: DatasetConfig, rng: random.Random) -> str:
     if config.caption_dropout_rate and rng.random() < config.caption_dropout_rate:
         return ""
     text = item.caption
-    if not text and (item.regularization or not config.trigger_word):
-        text = item.concept  # kohya's fallback: the concept folder's class name
+    if not text and (item.regularization or item.named_concept or not config.trigger_word):
+        # kohya's fallback: the class tokens (a kohya folder's name, a subset's class_tokens); a plain folder's name
+        # only without a trigger word, which says more than "images" or "dataset" would
+        text = item.concept
     text = ", ".join(p for p in (config.caption_prefix.strip(" ,"), text, config.caption_suffix.strip(" ,")) if p)
     tags = [t.strip() for t in text.split(",") if t.strip()]
     trigger = "" if item.regularization else config.trigger_word.strip()  # the class, not the concept
@@ -550,6 +614,7 @@ def dataset_report(config: TrainConfig, resolution: int | None = None) -> dict:
         "validation_images": [str(i.path) for i in held],
         "regularization_images_per_epoch": sum(i.repeats for i in regularization),
         "repeats": {c: r for c, r in sorted({(i.concept, i.repeats) for i in report.items})},
+        "folders": folder_counts(report.items),
         "resolution": resolution,
         "batch_size": dataset.batch_size,
         "buckets": [{"width": b.width, "height": b.height, "count": n} for b, n in sorted(counts.items())],
@@ -559,6 +624,16 @@ def dataset_report(config: TrainConfig, resolution: int | None = None) -> dict:
         "errors": [p.as_dict() for p in report.errors],
         "warnings": [p.as_dict() for p in report.warnings],
     }
+
+
+def folder_counts(items: list[Item]) -> list[dict]:
+    """Per source folder, in scan order: its path, concept (class tokens), repeats and usable images."""
+    folders: dict[Path, dict] = {}
+    for item in items:
+        entry = folders.setdefault(item.path.parent, {"path": str(item.path.parent), "concept": item.concept,
+                                                      "repeats": item.repeats, "images": 0})  # fmt: skip
+        entry["images"] += 1
+    return list(folders.values())
 
 
 # --- transforms: an item as one training step sees it ------------------------------------------------------

@@ -307,6 +307,9 @@ def test_the_whole_loop_in_one_browser_session(browser_page, tmp_path, monkeypat
             page.screenshot(path=str(ARTIFACTS / f"{tab.lower()}-tab.png"), full_page=True)
 
 
+# 50-90 s; faster, every run: test_dataset_tab's mask painting, test_validation's passes and best file,
+# test_preview_tab's best-checkpoint grid and export, test_library_tab's per-image losses
+@pytest.mark.slow
 @pytest.mark.browser
 def test_the_validation_curve_and_the_best_checkpoint_in_the_browser(browser_page, tmp_path, app_state):
     """Issue 18 in the page: train with 3 images held out; the curve has a validation series; the Library and the

@@ -150,7 +150,12 @@ def test_no_upscale_skips_small_images(tmp_path):
 def test_missing_caption_falls_back(tmp_path):
     save(tmp_path / "a.png")
     report = scan_folder(tmp_path, trigger_word="zkz")
-    assert "no .txt caption; 'zkz' is used" in report.warnings[0].message
+    assert "no .txt caption; 'zkz' is used" in report.warnings[0].message  # not the plain folder's name
+    assert "'" + tmp_path.name + "' is used" in scan_folder(tmp_path).warnings[0].message  # without a trigger: it is
+    # a kohya folder's class tokens are the caption, with the trigger word before them unless they hold it
+    save(tmp_path / "kohya" / "3_sks dog" / "b.png")
+    assert "'zkz, sks dog' is used" in scan_folder(tmp_path / "kohya", trigger_word="zkz").warnings[0].message
+    assert "'sks dog' is used" in scan_folder(tmp_path / "kohya", trigger_word="sks").warnings[0].message
 
 
 def test_without_buckets_only_images_below_the_training_resolution_are_said_to_be_upscaled(tmp_path):

@@ -50,6 +50,9 @@ def fill(page, key: str, value) -> None:
     field.press("Tab")  # Gradio takes the value on blur
 
 
+# 50-80 s; faster, every run: test_jobs' restart tests (a killed run resumes bit-exactly, the queue waits),
+# test_captioner's Dataset-tab captioning, test_user_presets' form-to-preset round trip
+@pytest.mark.slow
 @pytest.mark.browser
 def test_caption_save_a_preset_queue_two_kill_the_app_restart_and_resume(browser_page, tmp_path, monkeypatch):  # noqa: F811
     home = tmp_path / "home"

@@ -265,6 +265,8 @@ def test_training_paths_outside_the_runs_folder_are_refused(server, client):
         ({"regularization__path": outside}, "`regularization.path`"),
         ({"regularization__path": "../outside"}, "`regularization.path`"),
         ({"lora__network_weights": str(server["outside"] / "lora.safetensors")}, "`lora.network_weights`"),
+        ({"dataset__subsets": f'{{ path = "{outside}", repeats = 2 }}'}, "line 1 of `dataset.subsets`"),
+        ({"dataset__subsets": '{ path = "../outside", regularization = true }'}, "line 1 of `dataset.subsets`"),
     ):
         assert_refused(client.call("start", form_values(client, **changes)), phrase, "lies outside")
     assert_refused(client.call("preset_values", ["../../outside/x", ""]))  # Gradio's own check of the choices

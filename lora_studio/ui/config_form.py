@@ -16,9 +16,11 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from ..config import TrainConfig, parse_override_value, validate_config
+from ..config import TrainConfig, parse_override_value, shortened, validate_config
+from ..errors import ConfigError
 
-Kind = Literal["choice", "bool", "int", "float", "text", "list", "lines"]  # lines: a list of strings, one a line
+# lines: a list of strings, one a line; tables: a list of settings groups, one TOML inline table a line
+Kind = Literal["choice", "bool", "int", "float", "text", "list", "lines", "tables"]
 # Shown above the Advanced accordion, in this order; everything else goes inside it.
 BASIC_KEYS = [
     "name",
@@ -80,7 +82,10 @@ def _kind_of(annotation: Any) -> tuple[Kind, tuple[str, ...], bool]:
     if origin is Literal:
         return "choice", tuple(str(a) for a in typing.get_args(annotation)), False
     if origin in (list, tuple):
-        return ("lines" if typing.get_args(annotation) == (str,) else "list"), (), False
+        args = typing.get_args(annotation)
+        if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            return "tables", (), False
+        return ("lines" if args == (str,) else "list"), (), False
     if annotation is bool:
         return "bool", (), False
     if annotation is int:
@@ -130,12 +135,34 @@ def to_form_value(field: FormField, value: Any) -> Any:
     """A config value as its form component shows it (lists as TOML arrays, e.g. [0.5, 1.0])."""
     if field.kind == "lines":
         return "\n".join(value)
+    if field.kind == "tables":
+        return "\n".join(inline_table(item.model_dump(mode="json", exclude_defaults=True)) for item in value)
     if field.kind == "list" and value is None:
         return ""  # an optional list left empty (optimizer.betas: the optimizer's own)
     if field.kind == "list":
         # JSON numbers and strings are valid TOML, and fit one line: [0.5, 1.0]
         return "[" + ", ".join(json.dumps(item) for item in value) + "]"
     return value
+
+
+def inline_table(values: dict[str, Any]) -> str:
+    """A TOML inline table on one line, e.g. { path = "/data/alice", repeats = 10 } (JSON strings and numbers are
+    valid TOML)."""
+    return "{ " + ", ".join(f"{key} = {json.dumps(value)}" for key, value in values.items()) + " }"
+
+
+def parse_tables(text: str) -> list[dict[str, Any]]:
+    """One TOML inline table a line, blank lines skipped; a line that is not one is named with an example."""
+    tables = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        value = parse_override_value(line.strip())
+        if not isinstance(value, dict):
+            raise ValueError(f"line {number} ({shortened(line.strip())!r}) is not a TOML inline table; write one such "
+                             'as { path = "/data/alice", repeats = 10 }')  # fmt: skip
+        tables.append(value)
+    return tables
 
 
 def form_values(config: TrainConfig) -> list[Any]:
@@ -153,6 +180,8 @@ def _from_form_value(field: FormField, value: Any) -> Any:
         return int(value)
     if field.kind == "lines" and isinstance(value, str):
         return [line.strip() for line in value.splitlines() if line.strip()]
+    if field.kind == "tables" and isinstance(value, str):
+        return parse_tables(value)
     if field.kind == "list" and isinstance(value, str):
         try:
             return parse_override_value(value)
@@ -166,8 +195,18 @@ def config_from_form(values: list[Any]) -> TrainConfig:
     if len(values) != len(KEYS):
         raise ValueError(f"expected {len(KEYS)} form values, got {len(values)}")
     data: dict[str, Any] = {}
+    unreadable = []  # a field the form cannot even read is reported beside every other bad field
     for key, value in zip(KEYS, values, strict=True):
         section, _, name = key.rpartition(".")
         target = data.setdefault(section, {}) if section else data
-        target[name] = _from_form_value(FIELD_BY_KEY[key], value)
-    return validate_config(data, source="the Train form")
+        try:
+            target[name] = _from_form_value(FIELD_BY_KEY[key], value)
+        except ValueError as exc:
+            unreadable.append(f"`{key}`: {exc}")
+    try:
+        config = validate_config(data, source="the Train form")
+    except ConfigError as exc:
+        raise ConfigError("the Train form", unreadable + exc.problems) from None
+    if unreadable:
+        raise ConfigError("the Train form", unreadable)
+    return config

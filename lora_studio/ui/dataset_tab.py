@@ -87,7 +87,7 @@ def dataset_settings(preset: str | None, folder: Path, extension: str = ".txt") 
     """The Train tab's preset's dataset settings (bucket sizes...) with the form's caption extension for `folder`,
     so the report warns about what that training would actually do."""
     settings = load_preset(preset).dataset if preset else DatasetConfig()
-    return settings.model_copy(update={"path": str(folder), "caption_extension": extension})
+    return settings.model_copy(update={"path": str(folder), "subsets": [], "caption_extension": extension})
 
 
 def folder_view(folder: Path, preset: str | None = None, extension: str = ".txt") -> tuple[list, str, list[list]]:

@@ -69,14 +69,26 @@ def confined_base(roots: Roots, source: str) -> str:
     return str(roots.resolve(text, "base model"))
 
 
+def confined_dataset_folder(roots: Roots, path: str, what: str) -> str:
+    """A dataset folder from a request, resolved inside the roots: 'demo' (the bundled dataset) as it is, empty
+    stays empty (a config with only subsets)."""
+    from ..data import resolve_dataset_path
+
+    if not path.strip():
+        return ""
+    if path.strip() == "demo":
+        return str(resolve_dataset_path(path))
+    return str(roots.resolve(path, what))
+
+
 def confined_config(roots: Roots, config):
     """The form's config with every path resolved inside the roots: the dataset, the validation and regularization
     folders, the starting LoRA and the base model where the app may read, `output_dir` and `dataset.cache_dir`
     inside the runs folder (where the app writes)."""
-    from ..data import resolve_dataset_path
-
-    dataset = resolve_dataset_path(config.dataset.path) if config.dataset.path.strip() == "demo" else None
-    dataset = dataset or roots.resolve(config.dataset.path, "dataset folder (`dataset.path`)")
+    dataset = confined_dataset_folder(roots, config.dataset.path, "dataset folder (`dataset.path`)")
+    subsets = [subset.model_copy(update={"path": confined_dataset_folder(
+        roots, subset.path, f"folder of line {number} of `dataset.subsets`")})
+        for number, subset in enumerate(config.dataset.subsets, 1)]  # fmt: skip
     output = roots.resolve(config.output_dir or roots.runs, "`output_dir`", write=True, within=roots.runs)
     cache = config.dataset.cache_dir.strip()
     if cache:
@@ -95,7 +107,7 @@ def confined_config(roots: Roots, config):
             # An empty one stays empty: training_problems says what to fill in, in the config's own words.
             "base_model": confined_base(roots, config.base_model) if config.base_model.strip() else "",
             "output_dir": str(output),
-            "dataset": config.dataset.model_copy(update={"path": str(dataset), "cache_dir": cache}),
+            "dataset": config.dataset.model_copy(update={"path": dataset, "subsets": subsets, "cache_dir": cache}),
             "validation": config.validation.model_copy(update={"path": held_out}),
             "regularization": config.regularization.model_copy(update={"path": regularization}),
             "lora": config.lora.model_copy(update={"network_weights": start}),

@@ -136,7 +136,7 @@ def estimate(app: AppState, *values) -> str:
     except ConfigError as exc:
         return fix_first(exc.problems)
     problems = config.training_problems()
-    if config.dataset.path.strip():
+    if config.dataset.has_images():
         try:
             config = confined_config(app.roots, config)
         except LoraStudioError as exc:
@@ -152,7 +152,7 @@ def fix_first(problems: list[str]) -> str:
 
 
 def steps_line(config: TrainConfig) -> str:
-    if not config.dataset.path.strip():
+    if not config.dataset.has_images():
         return "**Steps:** choose a dataset folder (field `path`) to count them."
     try:
         report = dataset_report(config)
@@ -475,7 +475,7 @@ def field_component(field: config_form.FormField, value):
         return gr.Checkbox(value=value, **common)
     if field.kind in ("int", "float"):
         return gr.Number(value=value, precision=0 if field.kind == "int" else None, **common)
-    return gr.Textbox(value=value, lines=3 if field.kind == "lines" else 1, **common)
+    return gr.Textbox(value=value, lines=3 if field.kind in ("lines", "tables") else 1, **common)
 
 
 def poll_every_second(app: AppState, outputs: list) -> None:

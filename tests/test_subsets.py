@@ -1,0 +1,226 @@
+"""More folders than one (`dataset.subsets`: kohya's [[datasets.subsets]], OneTrainer's concepts), each with its own
+repeats and class tokens, training or regularization images; and kohya's dataset config read into them."""
+
+import json
+import random
+
+import pytest
+from test_train import tiny_config
+from test_validation import make_images
+
+from lora_studio.buckets import epoch_batches
+from lora_studio.config import DatasetConfig, TrainConfig, load_config, validate_config
+from lora_studio.data import build_caption, dataset_report, scan
+from lora_studio.errors import ConfigError
+from lora_studio.outputs import training_facts
+from lora_studio.train import prepare
+from lora_studio.ui.config_form import FIELD_BY_KEY, KEYS, config_from_form, form_values
+
+
+def uncaptioned(folder, count):
+    make_images(folder, count)
+    for caption in folder.glob("*.txt"):
+        caption.unlink()
+    return folder
+
+
+def test_each_subset_brings_its_folders_with_its_own_repeats_and_class_tokens(tmp_path):
+    main = make_images(tmp_path / "main", 2)
+    alice = uncaptioned(tmp_path / "alice", 3)
+    kohya = make_images(tmp_path / "bob" / "5_bob man", 2)  # a kohya N_name folder named directly
+    parent = tmp_path / "styles"
+    make_images(parent / "3_ink", 2)  # a kohya parent: each N_name folder with its count
+    config = DatasetConfig(path=str(main), repeats=2, min_bucket_reso=32, trigger_word="zkz", subsets=[
+        {"path": str(alice), "repeats": 10, "class_tokens": "alice woman"},
+        {"path": str(kohya)},
+        {"path": str(parent), "class_tokens": "ink drawing"},
+    ])  # fmt: skip
+    report = scan(config)
+    assert report.errors == []
+    folders = {(item.path.parent.name, item.concept, item.repeats) for item in report.items}
+    assert folders == {("main", "main", 2), ("alice", "alice woman", 10), ("5_bob man", "bob man", 5),
+                       ("3_ink", "ink drawing", 3)}  # fmt: skip
+    assert report.images_per_epoch == 2 * 2 + 3 * 10 + 2 * 5 + 2 * 3
+    assert report.layout == "plain" and report.root == main
+    # an image without a caption file is captioned by its subset's class tokens (kohya's class_tokens)
+    alice_item = next(i for i in report.items if i.path.parent == alice)
+    assert build_caption(alice_item, config, random.Random(0)) == "zkz, alice woman"
+    no_trigger = config.model_copy(update={"trigger_word": ""})
+    assert build_caption(alice_item, no_trigger, random.Random(0)) == "alice woman"
+    counted = dataset_report(TrainConfig(dataset=config))
+    assert [(f["concept"], f["repeats"], f["images"]) for f in counted["folders"]] == [
+        ("main", 2, 2), ("alice woman", 10, 3), ("bob man", 5, 2), ("ink drawing", 3, 2)]
+    assert counted["images_per_epoch"] == report.images_per_epoch
+
+
+def test_a_config_of_subsets_alone_trains_and_a_missing_folder_is_named(tmp_path):
+    alice = make_images(tmp_path / "alice", 2)
+    only = DatasetConfig(min_bucket_reso=32, subsets=[{"path": str(alice), "repeats": 4}])
+    report = scan(only)
+    assert report.errors == [] and report.images_per_epoch == 8 and report.root == alice
+    missing = DatasetConfig(min_bucket_reso=32, subsets=[{"path": str(alice)}, {"path": str(tmp_path / "gone")}])
+    errors = scan(missing).errors
+    assert len(errors) == 1 and "line 2 of dataset.subsets" in errors[0].message
+    assert str(tmp_path / "gone") in errors[0].message
+    nothing = scan(DatasetConfig())
+    assert [p.message for p in nothing.errors] == ["no folder of images is set; set dataset.path to your images' "
+                                                   "folder"]  # fmt: skip
+
+
+def test_the_config_refuses_what_the_folders_cannot_mean():
+    with pytest.raises(ConfigError, match="listed more than once"):
+        validate_config({"dataset": {"path": "a", "subsets": [{"path": "b"}, {"path": "b"}]}})
+    with pytest.raises(ConfigError, match="both dataset.path and a subset"):
+        validate_config({"dataset": {"path": "a", "subsets": [{"path": "a"}]}})
+    with pytest.raises(ConfigError, match=r"`dataset.subsets.0.path`.*is empty"):
+        validate_config({"dataset": {"subsets": [{"path": "  "}]}})
+    with pytest.raises(ConfigError, match="`dataset.subsets.0.repeats`"):
+        validate_config({"dataset": {"subsets": [{"path": "a", "repeats": 0}]}})
+    with pytest.raises(ConfigError, match="`dataset.subsets.0.folder` is not a setting"):
+        validate_config({"dataset": {"subsets": [{"path": "a", "folder": "b"}]}})
+    generated = {"dataset": {"path": "a", "subsets": [{"path": "r", "regularization": True}]},
+                 "regularization": {"generate": True}}  # fmt: skip
+    with pytest.raises(ConfigError, match="not both"):
+        validate_config(generated)
+    empty = validate_config({"base_model": "demo"})
+    assert any("`dataset.path` is empty" in p for p in empty.training_problems())
+    only_reg = validate_config({"base_model": "demo", "dataset": {"subsets": [{"path": "r", "regularization": True}]}})
+    assert any("`dataset.path` is empty" in p for p in only_reg.training_problems())
+    assert not validate_config({"base_model": "demo", "dataset": {"subsets": [{"path": "a"}]}}).training_problems()
+
+
+def test_subsets_train_with_their_repeats_and_class_folders_as_regularization(tmp_path, tiny_folders):
+    main = make_images(tmp_path / "main", 2)
+    extra = uncaptioned(tmp_path / "extra", 2)
+    reg = uncaptioned(tmp_path / "people", 2)
+    config = tiny_config(tmp_path, tiny_folders, main, dataset={"subsets": [
+        {"path": str(extra), "repeats": 3, "class_tokens": "zkz thing"},
+        {"path": str(reg), "regularization": True, "class_tokens": "a person", "repeats": 2},
+    ]}, validation={"fraction": 0.5})  # fmt: skip
+    session = prepare(config)
+    by_folder = {(i.path.parent.name, i.repeats, i.regularization) for i in session.items}
+    # one image of each training folder held out for validation; the class images balanced to the 4 training
+    # images an epoch (1 x 1 + 1 x 3), starting from their own 2 repeats each
+    assert by_folder == {("main", 1, False), ("extra", 3, False), ("people", 2, True)}
+    assert {image.item.path.parent.name for image in session.validation.images} == {"main", "extra"}
+    reg_item = next(i for i in session.items if i.regularization)
+    assert build_caption(reg_item, config.dataset, random.Random(0)) == "a person"  # no trigger word
+    repeats = [i.repeats for i in session.items]
+    epoch = [index for batch in epoch_batches(session.buckets, repeats, 2, 7, 0) for index in batch]
+    assert sorted(session.items[i].path.parent.name for i in epoch) == ["extra"] * 3 + ["main"] + ["people"] * 4
+    facts = training_facts(session)  # kohya's metadata: one entry per folder with its repeats
+    assert facts.dataset_dirs == {"main": {"n_repeats": 1, "img_count": 1}, "extra": {"n_repeats": 3, "img_count": 1}}
+    assert facts.reg_dataset_dirs == {"people": {"n_repeats": 2, "img_count": 2}}
+
+
+def write_kohya(tmp_path, dataset_toml: str, extra: str = "") -> object:
+    (tmp_path / "sets").mkdir(exist_ok=True)
+    (tmp_path / "sets" / "dataset.toml").write_text(dataset_toml)
+    config = tmp_path / "kohya.toml"
+    config.write_text(f'pretrained_model_name_or_path = "demo"\ntrain_data_dir = "/ignored"\nnetwork_dim = 8\n'
+                      f'dataset_config = "sets/dataset.toml"\n{extra}')  # fmt: skip
+    return config
+
+
+KOHYA_DATASET = """
+[general]
+shuffle_caption = true
+caption_extension = '.txt'
+keep_tokens = 1
+cache_info = true
+
+[[datasets]]
+resolution = [768, 768]
+batch_size = 4
+num_repeats = 2
+
+  [[datasets.subsets]]
+  image_dir = '/data/5_hoge'
+  class_tokens = 'hoge girl'
+  num_repeats = 10
+
+  [[datasets.subsets]]
+  image_dir = '/data/fuga'
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = '/data/reg'
+  class_tokens = 'girl'
+  num_repeats = 1
+"""
+
+
+def test_kohyas_dataset_config_becomes_subsets(tmp_path):
+    config = load_config(write_kohya(tmp_path, KOHYA_DATASET))
+    dataset = config.dataset
+    assert dataset.path == ""  # kohya: a dataset config replaces train_data_dir
+    assert [s.model_dump() for s in dataset.subsets] == [
+        {"path": "/data/5_hoge", "repeats": 10, "class_tokens": "hoge girl", "regularization": False},
+        {"path": "/data/fuga", "repeats": 2, "class_tokens": "", "regularization": False},  # the dataset's repeats
+        {"path": "/data/reg", "repeats": 1, "class_tokens": "girl", "regularization": True},
+    ]
+    assert (dataset.resolution, dataset.batch_size, dataset.shuffle_caption, dataset.keep_tokens) == (768, 4, True, 1)
+    assert config.lora.rank == 8 and config.base_model == "demo"
+    # kohya's JSON form of the same file, named by an absolute path
+    as_json = tmp_path / "dataset.json"
+    import tomllib
+
+    as_json.write_text(json.dumps(tomllib.loads(KOHYA_DATASET)))
+    (tmp_path / "k2.toml").write_text(f'pretrained_model_name_or_path = "demo"\ndataset_config = "{as_json}"\n')
+    assert load_config(tmp_path / "k2.toml").dataset == dataset
+    # kohya_ss writes an empty dataset_config when train_data_dir holds the folders
+    (tmp_path / "k3.toml").write_text('train_data_dir = "/data/img"\ndataset_config = ""\n')
+    assert load_config(tmp_path / "k3.toml").dataset.path == "/data/img"
+
+
+def test_kohyas_dataset_config_what_cannot_be_taken_is_named(tmp_path):
+    two = KOHYA_DATASET + "[[datasets]]\nresolution = 512\n  [[datasets.subsets]]\n  image_dir = '/x'\n"
+    with pytest.raises(ConfigError, match=r"has 2 \[\[datasets\]\]; this app trains one"):
+        load_config(write_kohya(tmp_path, two))
+    # kohya's per-subset keep_tokens: one value here, so a difference is refused by name, never averaged or dropped
+    differing = KOHYA_DATASET.replace("  class_tokens = 'girl'\n", "  class_tokens = 'girl'\n  keep_tokens = 3\n")
+    with pytest.raises(ConfigError, match=r"`keep_tokens` differs between subsets \(1, 1, 3\)"):
+        load_config(write_kohya(tmp_path, differing))
+    face_crop = KOHYA_DATASET.replace("[general]", "[general]\nface_crop_aug_range = [2.0, 4.0]")
+    with pytest.raises(ConfigError, match="`face_crop_aug_range` is not a setting"):
+        load_config(write_kohya(tmp_path, face_crop))
+    missing = tmp_path / "missing.toml"
+    missing.write_text('dataset_config = "no/such.toml"\n')
+    with pytest.raises(ConfigError, match="does not exist") as caught:
+        load_config(missing)
+    assert str(tmp_path / "no" / "such.toml") in str(caught.value)
+
+
+def test_the_form_shows_subsets_one_a_line_and_reads_them_back(tmp_path):
+    alice = {"path": "/data/alice", "repeats": 10, "class_tokens": 'alice "ally" woman'}
+    config = validate_config({"dataset": {"path": "a", "subsets": [alice, {"path": "/data/reg",
+                                                                           "regularization": True}]}})  # fmt: skip
+    values = form_values(config)
+    shown = values[KEYS.index("dataset.subsets")]
+    assert FIELD_BY_KEY["dataset.subsets"].kind == "tables"
+    assert shown.splitlines() == ['{ path = "/data/alice", repeats = 10, class_tokens = "alice \\"ally\\" woman" }',
+                                  '{ path = "/data/reg", regularization = true }']  # fmt: skip
+    assert config_from_form(values).dataset.subsets == config.dataset.subsets
+    values[KEYS.index("dataset.subsets")] = shown + "\n\n/data/bob\n"
+    values[KEYS.index("dataset.batch_size")] = 0
+    with pytest.raises(ConfigError) as caught:
+        config_from_form(values)
+    problems = caught.value.problems  # the unreadable line and every other bad field, at once
+    assert any("line 4 ('/data/bob') is not a TOML inline table" in p for p in problems)
+    assert any("`dataset.batch_size`" in p for p in problems)
+
+
+def test_the_command_line_counts_each_folder_and_a_saved_config_keeps_the_subsets(tmp_path, capsys):
+    from lora_studio.cli import main
+    from lora_studio.config import save_config
+
+    main_folder, alice = make_images(tmp_path / "main", 2), make_images(tmp_path / "alice", 3)
+    config = validate_config({"dataset": {"path": str(main_folder), "min_bucket_reso": 32, "subsets": [
+        {"path": str(alice), "repeats": 4, "class_tokens": "alice"}]}})  # fmt: skip
+    save_config(config, tmp_path / "cfg.toml")
+    assert "[[dataset.subsets]]" in (tmp_path / "cfg.toml").read_text()
+    assert load_config(tmp_path / "cfg.toml") == config
+    assert main(["dataset", str(main_folder), "--config", str(tmp_path / "cfg.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "5 images, 14 per epoch with repeats" in out
+    assert f"{alice}: 3 images x 4 repeats ('alice')" in out and f"{main_folder}: 2 images x 1 repeats" in out
