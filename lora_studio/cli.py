@@ -241,7 +241,7 @@ def _load_config_or_preset(name: str, overrides: list[str]):
     from .config import load_config, preset_path
 
     path = Path(name)
-    if not path.exists() and path.suffix != ".toml":
+    if not path.exists() and path.suffix not in (".toml", ".json"):
         path = preset_path(name)
     return load_config(path, overrides)
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .fsutil import write_text_atomic
+from .kohya_gui import from_kohya_ss
 from .paths import PRESETS_DIR, is_within, user_presets_dir
 from .sample_prompts import (
     MAX_PROMPT_CHARS,
@@ -963,6 +964,8 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
     subsets, problems = [], []
     if "general" in data or "datasets" in data:
         data, subsets, problems = _flatten_kohya_datasets(data)
+    data, gui_problems = from_kohya_ss(data, keep_empty={*TrainConfig.model_fields, "pretrained_model_name_or_path"})
+    problems += gui_problems
     args = {k: data[k] for k in ("network_args", "optimizer_args") if k in data}
     for key, value in data.items():
         if key == "version" or key in args:
@@ -1061,13 +1064,22 @@ def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file's tables, or a JSON file's object (kohya_ss saves its settings as JSON; sd-scripts reads both)."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(str(path), ["the file does not exist; check the path"]) from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), ["this is a folder; name a .toml or .json file"]) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), [f"not valid TOML ({exc}); fix the syntax at that line"]) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid JSON ({exc}); fix the syntax there"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), ["the file holds no settings table; a config is a TOML table or a JSON object"])
+    return data
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
@@ -1087,16 +1099,8 @@ def with_kohya_dataset_config(data: dict[str, Any], folder: Path) -> dict[str, A
     if not named:
         return rest  # kohya_ss writes an empty one when the folders are given as train_data_dir
     path = folder / Path(named).expanduser()
-    if path.suffix.lower() == ".json":
-        try:
-            included = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(str(path), ["the dataset_config file does not exist; check the path"]) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(str(path), [f"not valid JSON ({exc}); fix the syntax there"]) from None
-    else:
-        included = read_toml(path)
-    extra = sorted(k for k in included if k not in ("general", "datasets")) if isinstance(included, dict) else ["?"]
+    included = read_toml(path)
+    extra = sorted(k for k in included if k not in ("general", "datasets"))
     if extra:
         raise ConfigError(str(path), [f"a kohya dataset config holds [general] and [[datasets]], not {extra}; check "
                                       "that dataset_config names the right file"])  # fmt: skip
