@@ -356,6 +356,19 @@ class OptimConfig(Section):
         "0.9, 0.999; Lion 0.9, 0.99). Adafactor has none.",
     )  # fmt: skip
     eps: float = Field(1e-8, gt=0)
+    # Prodigy's own options, as kohya's optimizer_args and the LoRA guides set them (d_coef=2 use_bias_correction=True
+    # safeguard_warmup=True); its defaults are the package's.
+    prodigy_d_coef: float = Field(
+        1.0, gt=0, le=100, description="Prodigy only: multiplies its estimate of the rate (d); guides use 1-2.",
+    )  # fmt: skip
+    prodigy_bias_correction: bool = Field(
+        False, description="Prodigy only: Adam's bias correction in its estimate (guides turn it on); the rate rises "
+        "more gently over the first steps.",
+    )  # fmt: skip
+    prodigy_safeguard_warmup: bool = Field(
+        False, description="Prodigy only: leave the warm-up's low rates out of its estimate, so a warm-up does not "
+        "hold d back (guides turn it on with lr_warmup_steps).",
+    )  # fmt: skip
     max_grad_norm: float = Field(1.0, ge=0)  # kohya default; 0 turns clipping off
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_train_epochs: int | None = Field(10, ge=1)  # kohya GUI default epoch count
@@ -615,7 +628,7 @@ class TrainConfig(Section):
     def combination_problems(self) -> list[str]:
         """Settings that are each valid but cannot train together. "Check settings", `lora-studio config`
         and the trainer all ask this one place, so what the form accepts is what training accepts."""
-        problems = []
+        problems = self.prodigy_option_problems()
         if self.regularization.generate and self.dataset.has_regularization_subsets():
             problems.append("regularization.generate is on and dataset.subsets has regularization folders; use your "
                             "own folders or generated images, not both")  # fmt: skip
@@ -675,6 +688,17 @@ class TrainConfig(Section):
         if reason:
             problems.append(f"`dataset.cache_text_embeddings` cannot be used: {reason}")
         return problems
+
+    def prodigy_option_problems(self) -> list[str]:
+        """Prodigy's options set for another optimizer, which would ignore them."""
+        opt = self.optimizer
+        if opt.optimizer == "prodigy":
+            return []
+        set_ = [f"{name} = {getattr(opt, name)!r}" for name, off in (
+            ("prodigy_d_coef", 1.0), ("prodigy_bias_correction", False), ("prodigy_safeguard_warmup", False))
+            if getattr(opt, name) != off]  # fmt: skip
+        return [f"`optimizer.{s}` acts only with optimizer = 'prodigy' (this is '{opt.optimizer}'); put it back to "
+                "its default or choose prodigy" for s in set_]  # fmt: skip
 
     def schedule_free_problems(self) -> list[str]:
         """Schedule-free AdamW replaces the rate schedule and keeps its own average of the weights (the ones
@@ -852,6 +876,18 @@ KOHYA_OPTIMIZERS = {
 }  # fmt: skip
 
 
+def _true(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(f"{text!r} is not True or False")
+    return text.lower() == "true"
+
+
+def _decoupled(text: str) -> None:
+    """Prodigy's decouple: True (AdamW-style weight decay) is its default and the only kind this app runs."""
+    if not _true(text):
+        raise ValueError("decouple=False (Adam-style weight decay) is not offered; Prodigy runs with decouple=True")
+
+
 def _numbers(kind: type) -> Callable[[str], list]:
     """kohya's comma-separated list ("2,4,4" or "(0.9, 0.99)") read as numbers of `kind`."""
     return lambda text: [kind(part) for part in text.strip("()[] ").split(",") if part.strip()]
@@ -883,6 +919,9 @@ KOHYA_NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
 KOHYA_OPTIMIZER_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "weight_decay": ("optimizer.weight_decay", float), "betas": ("optimizer.betas", _numbers(float)),
     "eps": ("optimizer.eps", float), "warmup_steps": ("optimizer.lr_warmup_steps", int),  # schedule-free's
+    # Prodigy's
+    "d_coef": ("optimizer.prodigy_d_coef", float), "use_bias_correction": ("optimizer.prodigy_bias_correction", _true),
+    "safeguard_warmup": ("optimizer.prodigy_safeguard_warmup", _true), "decouple": ("", _decoupled),
 }  # fmt: skip
 
 
@@ -899,7 +938,9 @@ def _kohya_args(key: str, value: Any, known: dict[str, tuple[str, Callable[[str]
             continue
         target, read = known[name]
         try:
-            _set_path(out, target, read(text.strip("\"'")))
+            value = read(text.strip("\"'"))
+            if target:  # "": an entry that only has to be its default
+                _set_path(out, target, value)
         except (ValueError, SyntaxError) as exc:
             problems.append(f"`{key}` entry {str(entry)!r}: {exc}; give a value like kohya's")
     return problems

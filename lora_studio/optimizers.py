@@ -55,7 +55,9 @@ def make_optimizer(config: TrainConfig, base: BaseModel, device: torch.device) -
         return bnb.optim.AdamW8bit(groups, betas=adam_betas, eps=opt.eps, weight_decay=opt.weight_decay)
     if opt.optimizer == "prodigy":
         prodigyopt = _optional_import("prodigyopt", "prodigyopt")
-        return prodigyopt.Prodigy(groups, betas=adam_betas, weight_decay=opt.weight_decay)
+        return prodigyopt.Prodigy(groups, betas=adam_betas, eps=opt.eps, weight_decay=opt.weight_decay,
+                                  d_coef=opt.prodigy_d_coef, use_bias_correction=opt.prodigy_bias_correction,
+                                  safeguard_warmup=opt.prodigy_safeguard_warmup)  # fmt: skip
     if opt.optimizer == "lion":
         lion_pytorch = _optional_import("lion_pytorch", "lion-pytorch")
         return lion_pytorch.Lion(groups, betas=lion_betas, weight_decay=opt.weight_decay)

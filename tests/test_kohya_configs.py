@@ -148,7 +148,7 @@ network_args = ["conv_dim=8", "conv_alpha=4"]
 network_dim = 16
 network_alpha = 8
 optimizer_type = "Prodigy"
-optimizer_args = ["decouple=True"]
+optimizer_args = ["decouple=True", "growth_rate=1.02"]
 learning_rate = 1.0
 lr_scheduler = "cosine"
 lr_warmup_steps = 0
@@ -174,11 +174,12 @@ max_timestep = 1000
 max_token_length = 75
 min_snr_gamma = 5
 """)
-    with pytest.raises(ConfigError, match="`optimizer_args` entry 'decouple=True' is not a setting"):
-        load_config(path)  # Prodigy's decouple: refused by name, as before
-    path.write_text(path.read_text().replace('optimizer_args = ["decouple=True"]\n', ""))
+    with pytest.raises(ConfigError, match="`optimizer_args` entry 'growth_rate=1.02' is not a setting"):
+        load_config(path)  # Prodigy's growth_rate has no setting here: refused by name
+    path.write_text(path.read_text().replace('"growth_rate=1.02"', '"d_coef=2"'))
     config = load_config(path)
     assert (config.lora.rank, config.lora.conv_rank, config.lora.unet_targets) == (16, 8, "full")
     assert (config.optimizer.optimizer, config.optimizer.max_train_steps, config.optimizer.max_train_epochs) == (
         "prodigy", 1000, 10)
     assert config.dataset.resolution == 512 and config.mixed_precision == "fp16"
+    assert config.optimizer.prodigy_d_coef == 2

@@ -239,3 +239,34 @@ def test_loraplus_is_recorded_as_kohya_does_and_refused_where_it_has_no_meaning(
     assert "loraplus_lr_ratio" not in network_args(TrainConfig().lora)
     with pytest.raises(ConfigError, match="loraplus_lr_ratio speeds up a LoRA's up matrices; network = 'loha'"):
         validate_config({"version": 1, "lora": {"network": "loha", "loraplus_lr_ratio": 16}})
+
+
+PRODIGY = {"optimizer": "prodigy", "learning_rate": 1.0, "text_encoder_lr": 1.0, "min_snr_gamma": None}
+
+
+def test_prodigys_options_reach_it_and_change_its_estimate(tmp_path, tiny_folders, images):
+    """kohya guides' d_coef=2 use_bias_correction=True safeguard_warmup=True: each reaches Prodigy's groups; d_coef
+    scales the estimate d it grows (d = max(d, d_coef x its estimate))."""
+    plain = prepare(tiny_config(tmp_path / "a", tiny_folders, images, optimizer=PRODIGY))
+    tuned = prepare(tiny_config(tmp_path / "b", tiny_folders, images, optimizer={
+        **PRODIGY, "prodigy_d_coef": 2.0, "prodigy_bias_correction": True, "prodigy_safeguard_warmup": True}))
+    options = {(g["d_coef"], g["use_bias_correction"], g["safeguard_warmup"]) for g in tuned.optimizer.param_groups}
+    assert options == {(2.0, True, True)}
+    assert {g["d_coef"] for g in plain.optimizer.param_groups} == {1.0}
+    doubled = prepare(tiny_config(tmp_path / "c", tiny_folders, images,
+                                  optimizer={**PRODIGY, "prodigy_d_coef": 2.0}))  # fmt: skip
+    steps(plain, 6)
+    steps(doubled, 6)
+    d_plain, d_doubled = plain.optimizer.param_groups[0]["d"], doubled.optimizer.param_groups[0]["d"]
+    assert d_plain > 1e-6 and d_doubled > 1.5 * d_plain  # it grew from d0 = 1e-6, about twice as far with d_coef 2
+
+
+def test_prodigys_options_migrate_from_kohya_and_are_refused_for_another_optimizer():
+    config = validate_config({"optimizer_type": "Prodigy", "optimizer_args": "decouple=True d_coef=2 "
+                              "use_bias_correction=True safeguard_warmup=True weight_decay=0.01"})  # fmt: skip
+    opt = config.optimizer
+    assert (opt.prodigy_d_coef, opt.prodigy_bias_correction, opt.prodigy_safeguard_warmup) == (2.0, True, True)
+    with pytest.raises(ConfigError, match="decouple=False"):
+        validate_config({"optimizer_type": "Prodigy", "optimizer_args": ["decouple=False"]})
+    with pytest.raises(ConfigError, match=r"`optimizer.prodigy_d_coef = 2.0` acts only with optimizer = 'prodigy'"):
+        validate_config({"optimizer": {"optimizer": "adamw", "prodigy_d_coef": 2.0}})
