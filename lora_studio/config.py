@@ -1130,6 +1130,19 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
     return validate_config(apply_overrides(data, overrides), source=str(path))
 
 
+def import_config(path: str | Path, name: str) -> TrainConfig:
+    """A config file handed over on its own (the Train tab's import of a kohya_ss save, an sd-scripts TOML or a
+    config of this app), validated; `name` is what to call it in messages. Any kohya dataset_config it names is
+    not read: the file came without it, and a path from an upload is not the app's to open."""
+    data = read_toml(path)
+    named = str(data.get("dataset_config", "")).strip() if data.get("version", 0) == 0 else ""
+    if named:
+        raise ConfigError(name, [f"it names the kohya dataset config {shortened(named)!r}, which an import cannot "
+                                 "bring along; put its folders in dataset.subsets after importing without it, or "
+                                 "train it from the command line: `lora-studio train FILE`"])  # fmt: skip
+    return validate_config(data, source=name)
+
+
 def with_kohya_dataset_config(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     """A kohya config's `dataset_config` file (TOML, or JSON as kohya also takes; relative to the config's folder)
     read into it as the [general] and [[datasets]] tables the migration takes."""

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lora_studio.config import load_config, validate_config
-from lora_studio.errors import ConfigError
+from lora_studio.errors import ConfigError, LoraStudioError
 from lora_studio.ui.config_form import KEYS, config_from_form, form_values
 
 # A kohya_ss "Save" of a plain SDXL LoRA: the GUI's own key names and types (written for this test).
@@ -183,3 +183,34 @@ min_snr_gamma = 5
         "prodigy", 1000, 10)
     assert config.dataset.resolution == 512 and config.mixed_precision == "fp16"
     assert config.optimizer.prodigy_d_coef == 2
+
+
+def test_the_train_tab_imports_a_kohya_ss_save_into_the_form(app_state, tmp_path):
+    """The Train tab's import: an upload fills the form (paths as written: Start confines them); a save that names a
+    dataset config, a file that is not an upload, or another kind of file is refused with a sentence."""
+    from lora_studio.ui import train_tab
+
+    uploads = tmp_path / "gradio-uploads"
+    upload = uploads / "abc123" / "kohya_ss.json"
+    upload.parent.mkdir()
+    upload.write_text(json.dumps(GUI_SAVE))
+    *values, note, box = train_tab.import_settings(app_state, str(upload))
+    assert values == form_values(load_config(saved(tmp_path)))
+    assert "Imported **kohya_ss.json**" in note and box is None  # the box is emptied for the next import
+    # settings that cannot train here: every reason listed, the form left as it is (each field skipped)
+    named = uploads / "abc123" / "with-dataset.json"
+    named.write_text(json.dumps({**GUI_SAVE, "dataset_config": "/etc/sets.toml"}))
+    *values, note, box = train_tab.import_settings(app_state, str(named))
+    assert all(isinstance(v, dict) and v.get("__type__") == "update" and len(v) == 1 for v in values), values[:2]
+    assert "**with-dataset.json was not imported**" in note and box is None
+    assert "names the kohya dataset config '/etc/sets.toml', which an import cannot bring along" in note
+    refused = uploads / "abc123" / "glora.json"
+    refused.write_text(json.dumps({**GUI_SAVE, "LoRA_type": "LyCORIS/GLoRA", "rank_dropout": 0.2}))
+    note = train_tab.import_settings(app_state, str(refused))[-2]
+    assert "LoRA_type 'LyCORIS/GLoRA' has no equivalent" in note and "`rank_dropout` = 0.2" in note
+    with pytest.raises(LoraStudioError, match="is not an upload"):
+        train_tab.import_settings(app_state, str(saved(tmp_path)))
+    other = uploads / "abc123" / "notes.txt"
+    other.write_text("lr = 1")
+    with pytest.raises(LoraStudioError, match="is not a .json or .toml config"):
+        train_tab.import_settings(app_state, str(other))

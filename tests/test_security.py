@@ -8,6 +8,7 @@ with payloads, Host and Origin headers and event data of the test's choosing.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -194,6 +195,27 @@ def test_uploads_stay_inside_the_datasets_folder(server, client, tmp_path):
     result = client.call("upload", [None, "x", [GradioHTTP.file_data(str(server["outside"] / "sentinel.txt"))], None,
                                     ".txt"])  # fmt: skip
     assert_refused(result)
+
+
+def test_an_imported_config_comes_only_from_an_upload_and_reads_nothing_it_names(server, client, tmp_path):
+    """The Train tab's import over HTTP: an uploaded kohya_ss save fills the form; a server path claimed as the
+    upload, and a save naming a dataset config outside the roots, are refused (nothing read, nothing written)."""
+    save = tmp_path / "kohya_ss.json"
+    save.write_text(json.dumps({"LoRA_type": "Standard", "network_dim": "12", "optimizer": "AdamW",
+                                "train_data_dir": str(server["outside"]), "xformers": "xformers"}))  # fmt: skip
+    (stored,) = client.upload(save).json()
+    ok, data = client.call("import_settings", [GradioHTTP.file_data(stored, save.name)])
+    assert ok, data
+    values = dict(zip(KEYS, data[:-2], strict=True))
+    assert values["lora.rank"] == 12 and values["dataset.path"] == str(server["outside"])  # Start refuses it
+    assert_refused(client.call("start", data[:-2]), "dataset folder", "lies outside")
+    # (Gradio itself refuses a file it did not receive; the handler would too: test_kohya_configs)
+    assert_refused(client.call("import_settings", [GradioHTTP.file_data(str(server["outside"] / "sentinel.txt"))]))
+    (tmp_path / "sets.toml").write_text("[general]\n")  # outside the roots
+    save.write_text(json.dumps({"network_dim": 4, "dataset_config": str(tmp_path / "sets.toml")}))
+    (stored,) = client.upload(save).json()
+    ok, data = client.call("import_settings", [GradioHTTP.file_data(stored, save.name)])
+    assert ok and "which an import cannot bring along" in data[-2]
 
 
 def test_over_cap_uploads_and_captions_are_refused(server, client, tmp_path):

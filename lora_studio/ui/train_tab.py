@@ -22,6 +22,7 @@ from ..catalogue import describe_source, find_local_models
 from ..config import (
     TrainConfig,
     delete_user_preset,
+    import_config,
     list_presets,
     load_preset,
     save_user_preset,
@@ -37,7 +38,7 @@ from ..runs import RunFolder
 from . import config_form
 from .config_form import BASIC_KEYS, FIELD_BY_KEY, FIELDS, KEYS, SECTION_TITLES, config_from_form, form_values
 from .errors import shown
-from .state import AppState, confined_base, confined_config
+from .state import AppState, confined_base, confined_config, uploaded_files
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,25 @@ def save_preset(name: str, based_on: str | None, *values) -> tuple:
     config = config_from_form(list(values))
     path = save_user_preset(config, name, based_on if based_on in list_presets() else "")
     return gr.update(choices=list_presets(), value=path.stem), f"Saved your preset **{path.stem}** (`{path}`)."
+
+
+def import_settings(app: AppState, upload: str | None) -> list:
+    """An uploaded kohya_ss save (.json), sd-scripts TOML or config of this app, into the form, and the upload box
+    emptied for the next one. A file whose settings cannot train here lists why and leaves the form as it is. Its
+    paths are kept as written (Start confines them)."""
+    if not upload:
+        raise LoraStudioError("No file was uploaded; pick a kohya_ss .json or a .toml config.")
+    (path,) = uploaded_files(app, [upload])
+    if path.suffix.lower() not in (".json", ".toml"):
+        raise LoraStudioError(f"{path.name} is not a .json or .toml config; pick a kohya_ss save or a TOML config.")
+    try:
+        config = import_config(path, path.name)
+    except ConfigError as exc:
+        problems = "\n".join(f"- {p}" for p in exc.problems)
+        return [*(gr.skip() for _ in KEYS), f"**{path.name} was not imported** (the form is unchanged):\n{problems}",
+                None]  # fmt: skip
+    note = f"Imported **{path.name}**; check the base model and folders, then press Check settings."
+    return [*form_values(config), note, None]
 
 
 def delete_preset(name: str | None) -> tuple:
@@ -512,7 +532,7 @@ def form_fields(components: dict, initial: dict) -> gr.Button:
 
 def your_presets_section() -> dict[str, gr.components.Component]:
     """Save the form as a preset of one's own, or delete the selected one (wired in `build`, which has the form)."""
-    with gr.Accordion("Your presets", open=False, elem_id="train-your-presets"):
+    with gr.Accordion("Your presets and imported settings", open=False, elem_id="train-your-presets"):
         with gr.Row():
             parts = {
                 "name": gr.Textbox(label="Name", placeholder="my-style-v2", max_lines=1, max_length=64,
@@ -520,6 +540,9 @@ def your_presets_section() -> dict[str, gr.components.Component]:
                 "save": gr.Button("Save the form as a preset", elem_id="train-save-preset", scale=1),
                 "delete": gr.Button("Delete the selected preset", elem_id="train-delete-preset", scale=1),
             }  # fmt: skip
+        parts["import"] = gr.File(label="Import settings: a kohya_ss save (.json), an sd-scripts .toml or a config "
+                                  "of this app", file_types=[".json", ".toml"], file_count="single", height=140,
+                                  elem_id="train-import")  # fmt: skip
         parts["message"] = gr.Markdown(elem_id="train-preset-message")
     return parts
 
@@ -587,6 +610,9 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components
     your_presets["save"].click(shown(save_preset), [your_presets["name"], preset, *form], [preset, said],
                                show_progress_on=said)  # fmt: skip
     your_presets["delete"].click(shown(delete_preset), preset, [preset, said], show_progress_on=said)
+    your_presets["import"].upload(shown(import_settings, app), your_presets["import"],
+                                  [*form, said, your_presets["import"]],
+                                  show_progress_on=said).then(shown(estimate, app), form, estimate_box)  # fmt: skip
     components["base_model"].change(shown(base_info, app), components["base_model"], base_note)
     gr.on([refresh.click, *refreshed_on], shown(refresh_models), components["base_model"],
           [components["base_model"], folder_table, folder_note], show_progress_on=folder_note)  # fmt: skip
