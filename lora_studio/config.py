@@ -267,6 +267,14 @@ class LoraConfig(Section):
         "matrices learn this many times faster than the down (A) ones, in the UNet and the text encoders; 0 off, "
         "the paper and kohya's guides use 16. LoRA and DoRA only.",
     )  # fmt: skip
+    loraplus_unet_lr_ratio: float = Field(
+        0.0, ge=0.0, le=1024.0, description="LoRA+ for the UNet alone (kohya's loraplus_unet_lr_ratio); 0: "
+        "loraplus_lr_ratio.",
+    )  # fmt: skip
+    loraplus_text_encoder_lr_ratio: float = Field(
+        0.0, ge=0.0, le=1024.0, description="LoRA+ for the text encoders alone (kohya's "
+        "loraplus_text_encoder_lr_ratio); 0: loraplus_lr_ratio.",
+    )  # fmt: skip
     ema_decay: float = Field(
         0.0, ge=0.0, lt=1.0, description="Exponential moving average of the LoRA weights, e.g. 0.999; 0 turns it off."
     )
@@ -276,6 +284,11 @@ class LoraConfig(Section):
     )  # fmt: skip
     ema_for_samples: bool = Field(True, description="Samples and the validation loss use the EMA weights.")
     ema_for_files: bool = Field(True, description="The final LoRA file and the checkpoints hold the EMA weights.")
+
+    def loraplus_ratios(self) -> tuple[float, float]:
+        """LoRA+'s (UNet, text encoder) ratios, as kohya resolves them: a part's own ratio, else the common one."""
+        return (self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio,
+                self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio)  # fmt: skip
 
     @field_validator("include_modules", "exclude_modules")
     @classmethod
@@ -312,9 +325,9 @@ class LoraConfig(Section):
                              "network_weights or train a plain LoRA")  # fmt: skip
         if self.network == "lora":
             return self
-        if self.loraplus_lr_ratio:
+        if any(self.loraplus_ratios()):
             raise ValueError(f"loraplus_lr_ratio speeds up a LoRA's up matrices; network = '{self.network}' has "
-                             "none, so set loraplus_lr_ratio to 0 or network = 'lora'")  # fmt: skip
+                             "none, so set the loraplus ratios to 0 or network = 'lora'")  # fmt: skip
         if self.use_dora:
             raise ValueError(f"use_dora is LoRA's weight decomposition; network = '{self.network}' has none here, "
                              "so turn use_dora off or set network = 'lora'")  # fmt: skip
@@ -829,7 +842,9 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "network_alpha": "lora.alpha",
     "network_dropout": "lora.dropout",
     "scale_weight_norms": "lora.scale_weight_norms",
-    "loraplus_lr_ratio": "lora.loraplus_lr_ratio",  # kohya_ss's field (sd-scripts takes it in network_args)
+    "loraplus_lr_ratio": "lora.loraplus_lr_ratio",  # kohya_ss's fields (sd-scripts takes them in network_args)
+    "loraplus_unet_lr_ratio": "lora.loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio": "lora.loraplus_text_encoder_lr_ratio",
     "network_weights": "lora.network_weights",
     "conv_dim": "lora.conv_rank",
     "conv_alpha": "lora.conv_alpha",
@@ -912,6 +927,8 @@ KOHYA_NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "factor": ("lora.lokr_factor", int), "dropout": ("lora.dropout", float),
     "use_dora": ("lora.use_dora", lambda v: v.lower() == "true"),
     "loraplus_lr_ratio": ("lora.loraplus_lr_ratio", float),
+    "loraplus_unet_lr_ratio": ("lora.loraplus_unet_lr_ratio", float),
+    "loraplus_text_encoder_lr_ratio": ("lora.loraplus_text_encoder_lr_ratio", float),
     "block_dims": ("lora.block_ranks", _numbers(int)), "block_alphas": ("lora.block_alphas", _numbers(float)),
     "include_patterns": ("lora.include_modules", _one_pattern),
     "exclude_patterns": ("lora.exclude_modules", _one_pattern),

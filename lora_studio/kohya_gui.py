@@ -44,8 +44,8 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "ip_noise_gamma_random_strength": (False,), "keep_tokens_separator": (), "secondary_separator": (),
     "caption_separator": (",",), "enable_wildcard": (False,), "face_crop_aug_range": (), "vae": (),
     "sample_every_n_epochs": (0,), "save_last_n_steps": (0,), "save_last_n_steps_state": (0,),
-    "save_last_n_epochs_state": (0,), "save_every_n_steps_state": (0,), "loraplus_unet_lr_ratio": (0,),
-    "loraplus_text_encoder_lr_ratio": (0,), "flux1_checkbox": (False,), "sd3_checkbox": (False,), "resume": (),
+    "save_last_n_epochs_state": (0,), "save_every_n_steps_state": (0,), "flux1_checkbox": (False,),
+    "sd3_checkbox": (False,), "resume": (),
     "save_model_as": ("safetensors",), "validation_seed": (), "validate_every_n_epochs": (),
     "max_validation_steps": (), "masked_loss_prob": (), "train_on_input": (True, False),
 }  # fmt: skip
@@ -184,8 +184,9 @@ def _steps_and_rates(out: dict[str, Any]) -> list[str]:
         del out["learning_rate"]  # kohya_ss leaves it 0 when the per-part rates are set
     elif "learning_rate" in out and "text_encoder_lr" not in out:
         out["text_encoder_lr"] = None  # sd-scripts trains the text encoder at learning_rate unless told otherwise
-    if _number(out.get("loraplus_lr_ratio")) == 0:
-        out.pop("loraplus_lr_ratio")
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if key in out and _number(out[key]) == 0:
+            del out[key]
     return problems
 
 
@@ -211,7 +212,9 @@ def _samples(out: dict[str, Any]) -> list[str]:
 
 def _noise(out: dict[str, Any]) -> None:
     """kohya_ss passes either the noise offset or the multi-resolution noise, as noise_offset_type says."""
-    kind = out.pop("noise_offset_type", "Original")
+    kind = out.pop("noise_offset_type", None)
+    if kind is None:  # sd-scripts itself: both act as given
+        return
     dropped = ("multires_noise_iterations", "multires_noise_discount") if kind == "Original" else ("noise_offset",)
     for key in dropped:
         out.pop(key, None)

@@ -147,8 +147,9 @@ def network_args(lora) -> dict:
         args["include_patterns"] = json.dumps([lora.include_modules])
     if lora.exclude_modules:
         args["exclude_patterns"] = json.dumps([lora.exclude_modules])
-    if lora.loraplus_lr_ratio:
-        args["loraplus_lr_ratio"] = f"{lora.loraplus_lr_ratio:g}"
+    for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if getattr(lora, name):
+            args[name] = f"{getattr(lora, name):g}"
     return args
 
 

@@ -20,14 +20,15 @@ def is_up_weight(name: str) -> bool:
 
 def parameter_groups(config: TrainConfig, base: BaseModel) -> list[dict]:
     """The trained parameters by learning rate: the UNet's, then the text encoders' when they train. With LoRA+
-    each part is two groups, as kohya's: the rest (down matrices, DoRA magnitudes) at the part's rate, then the up
-    matrices at `loraplus_lr_ratio` times it."""
-    opt, ratio = config.optimizer, config.lora.loraplus_lr_ratio
-    parts = [([base.unet], opt.unet_lr or opt.learning_rate)]
+    a part is two groups, as kohya's: the rest (down matrices, DoRA magnitudes) at the part's rate, then the up
+    matrices at the part's LoRA+ ratio times it."""
+    opt = config.optimizer
+    unet_ratio, text_ratio = config.lora.loraplus_ratios()
+    parts = [([base.unet], opt.unet_lr or opt.learning_rate, unet_ratio)]
     if config.lora.train_text_encoder:
-        parts.append((base.text_encoders, opt.text_encoder_lr or opt.learning_rate))
+        parts.append((base.text_encoders, opt.text_encoder_lr or opt.learning_rate, text_ratio))
     groups = []
-    for models, lr in parts:
+    for models, lr, ratio in parts:
         named = [(n, p) for m in models for n, p in m.named_parameters() if p.requires_grad]
         if not ratio:
             groups.append({"params": [p for _, p in named], "lr": lr})

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 RESUME_FIXED = ("lora.rank", "lora.conv_rank", "lora.unet_targets", "lora.train_text_encoder",
                 "lora.text_encoder_targets", "lora.use_dora", "lora.network", "lora.lokr_factor",
                 "lora.include_modules", "lora.exclude_modules", "lora.block_ranks", "lora.loraplus_lr_ratio",
+                "lora.loraplus_unet_lr_ratio", "lora.loraplus_text_encoder_lr_ratio",
                 "optimizer.optimizer", "clip_skip")  # fmt: skip
 
 

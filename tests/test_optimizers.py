@@ -20,6 +20,7 @@ from lora_studio.config import ConfigError, TrainConfig, validate_config
 from lora_studio.ema import lora_parameters
 from lora_studio.estimate import estimate_memory
 from lora_studio.lora_metadata import network_args
+from lora_studio.optimizers import parameter_groups
 from lora_studio.outputs import save_lora_file
 from lora_studio.train import TrainingError, prepare, run_training
 from lora_studio.ui.config_form import FIELD_BY_KEY, KEYS, config_from_form, form_values
@@ -231,12 +232,21 @@ def test_loraplus_gives_the_up_matrices_their_own_faster_group(tmp_path, tiny_fo
     steps(plus, 1)
     steps(plain, 1)
     assert largest_up_weight(plus) / largest_up_weight(plain) == pytest.approx(16, rel=0.01)
+    # kohya's per-part ratios: a part's own ratio, else the common one; a part with neither is one group
+    both = {"loraplus_lr_ratio": 16, "loraplus_text_encoder_lr_ratio": 4}
+    for lora, expected in (({"loraplus_unet_lr_ratio": 8}, [1e-3, 8e-3, 5e-4]), (both, [1e-3, 16e-3, 5e-4, 2e-3])):
+        config = tiny_config(tmp_path / "p", tiny_folders, images, lora=lora, optimizer=rates)
+        assert [g["lr"] for g in parameter_groups(config, plus.base)] == pytest.approx(expected)
 
 
 def test_loraplus_is_recorded_as_kohya_does_and_refused_where_it_has_no_meaning():
     config = validate_config({"loraplus_lr_ratio": 16, "network_dim": 8})  # kohya_ss's flat key migrates
     assert config.lora.loraplus_lr_ratio == 16 and network_args(config.lora)["loraplus_lr_ratio"] == "16"
     assert "loraplus_lr_ratio" not in network_args(TrainConfig().lora)
+    parts = validate_config({"network_args": ["loraplus_unet_lr_ratio=8", "loraplus_text_encoder_lr_ratio=4"]})
+    assert parts.lora.loraplus_ratios() == (8, 4)
+    assert {k: v for k, v in network_args(parts.lora).items() if "loraplus" in k} == {
+        "loraplus_unet_lr_ratio": "8", "loraplus_text_encoder_lr_ratio": "4"}
     with pytest.raises(ConfigError, match="loraplus_lr_ratio speeds up a LoRA's up matrices; network = 'loha'"):
         validate_config({"version": 1, "lora": {"network": "loha", "loraplus_lr_ratio": 16}})
 
