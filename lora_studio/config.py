@@ -85,6 +85,14 @@ class DatasetSubset(Section):
         False, description="Regularization (class) images, as in regularization.path: no trigger word, their loss "
         "weighted by regularization.prior_loss_weight (kohya's is_reg).",
     )  # fmt: skip
+    # The folder's own caption settings, as kohya's subsets have them; empty (None): the dataset's.
+    caption_extension: str | None = None
+    keep_tokens: int | None = Field(None, ge=0)
+    shuffle_caption: bool | None = None
+    caption_dropout_rate: float | None = Field(None, ge=0.0, le=1.0)
+    caption_tag_dropout_rate: float | None = Field(None, ge=0.0, le=1.0)
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
 
     @field_validator("path")
     @classmethod
@@ -92,6 +100,28 @@ class DatasetSubset(Section):
         if not value.strip():
             raise ValueError("is empty; name the subset's folder of images")
         return value.strip()
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _an_extension(cls, value: str | None) -> str | None:
+        return None if value is None else caption_extension(value)
+
+    def caption_settings(self) -> dict[str, Any]:
+        """The caption settings this folder sets for itself (the rest are the dataset's)."""
+        return {key: getattr(self, key) for key in SUBSET_CAPTION_KEYS if getattr(self, key) is not None}
+
+
+SUBSET_CAPTION_KEYS = ("caption_extension", "keep_tokens", "shuffle_caption", "caption_dropout_rate",
+                       "caption_tag_dropout_rate", "caption_prefix", "caption_suffix")  # fmt: skip
+
+
+def caption_extension(value: str) -> str:
+    """An extension (".txt", "caption"): the caption of `a.png` is `a` plus it, never a path somewhere else."""
+    extension = value.strip()
+    extension = extension if extension.startswith(".") else "." + extension
+    if len(extension) > 32 or not re.fullmatch(r"(\.[A-Za-z0-9_-]+)+", extension):
+        raise ValueError(f"{value!r} is not a file extension; use one such as .txt or .caption")
+    return extension
 
 
 class DatasetConfig(Section):
@@ -150,12 +180,7 @@ class DatasetConfig(Section):
     @field_validator("caption_extension")
     @classmethod
     def _an_extension(cls, value: str) -> str:
-        """An extension (".txt", "caption"): the caption of `a.png` is `a` plus it, never a path somewhere else."""
-        extension = value.strip()
-        extension = extension if extension.startswith(".") else "." + extension
-        if len(extension) > 32 or not re.fullmatch(r"(\.[A-Za-z0-9_-]+)+", extension):
-            raise ValueError(f"{value!r} is not a file extension; use one such as .txt or .caption")
-        return extension
+        return caption_extension(value)
 
     @field_validator("color_jitter")
     @classmethod
@@ -173,8 +198,15 @@ class DatasetConfig(Section):
 
     @property
     def captions_are_static(self) -> bool:
-        """Whether every step sees the same caption for an image (needed to cache text embeddings)."""
-        return not (self.shuffle_caption or self.caption_dropout_rate or self.caption_tag_dropout_rate)
+        """Whether every step sees the same caption for an image (needed to cache text embeddings), in every
+        folder."""
+        return all(not (settings.shuffle_caption or settings.caption_dropout_rate or settings.caption_tag_dropout_rate)
+                   for settings in (self, *(self.for_subset(n) for n in range(1, len(self.subsets) + 1))))  # fmt: skip
+
+    def for_subset(self, line: int) -> DatasetConfig:
+        """The settings the images of subset `line` (1-based; 0: `path`'s) are captioned with."""
+        own = self.subsets[line - 1].caption_settings() if line else {}
+        return self.model_copy(update=own) if own else self
 
     def has_images(self) -> bool:
         """Whether a folder of training images is named: `path`, or at least one training subset."""
@@ -999,9 +1031,12 @@ def _flatten_kohya_datasets(data: dict[str, Any]) -> tuple[dict[str, Any], list[
     problems = [f"kohya's dataset option `{key}` is not a setting this app has; remove it (it takes "
                 f"{', '.join(sorted(known))})" for key in unknown]  # fmt: skip
     flat.update({KOHYA_DATASET_LEVEL[k]: v for k, v in dataset.items() if k in KOHYA_DATASET_LEVEL})
+    own: dict[str, list] = {}  # caption settings that differ between subsets: each subset keeps its own
     for key in KOHYA_SUBSET_SHARED:
         values = [subset.get(key, dataset.get(key)) for subset in subsets]
-        if len({repr(v) for v in values}) > 1:
+        if len({repr(v) for v in values}) > 1 and key in SUBSET_CAPTION_KEYS:
+            own[key] = values
+        elif len({repr(v) for v in values}) > 1:
             problems.append(f"kohya's `{key}` differs between subsets ({', '.join(repr(v) for v in values)}); this "
                             "app has one value for all folders: set one in [general]")  # fmt: skip
         elif values[0] is not None:
@@ -1013,6 +1048,7 @@ def _flatten_kohya_datasets(data: dict[str, Any]) -> tuple[dict[str, Any], list[
             continue
         entry = {ours: subset[theirs] for theirs, ours in KOHYA_SUBSET_OWN.items() if theirs in subset}
         entry["repeats"] = subset.get("num_repeats", dataset.get("num_repeats", 1))  # kohya ignores N_ prefixes here
+        entry.update({key: values[number - 1] for key, values in own.items() if values[number - 1] is not None})
         entries.append(entry)
     return flat, entries, problems
 

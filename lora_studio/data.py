@@ -75,6 +75,7 @@ class Item:
     mask_hash: str = ""  # sha256 of its mask file with masked loss on, "alpha" for its alpha channel, else ""
     regularization: bool = False  # a prior-preservation image: no trigger word, its loss weighted by prior_loss_weight
     named_concept: bool = False  # its concept was named (kohya folder, class_tokens), not just a plain folder's name
+    subset: int = 0  # the line of dataset.subsets it came from (whose caption settings it takes); 0: dataset.path
 
 
 @dataclass
@@ -147,6 +148,7 @@ class Source(NamedTuple):
     concept: str  # the class tokens: a kohya N_name folder's name part, a subset's class_tokens, else the folder name
     repeats: int
     named: bool = True  # False: only a plain folder's name, which no caption takes while a trigger word is set
+    subset: int = 0  # the line of dataset.subsets it comes from (its caption settings); 0: dataset.path
 
 
 def chosen_subsets(config: DatasetConfig, regularization: bool) -> list[tuple[int, DatasetSubset]]:
@@ -165,16 +167,17 @@ def dataset_sources(config: DatasetConfig, setting: str = "dataset.path", regula
     if config.path.strip():
         sources, problems = find_concept_folders(resolve_dataset_path(config.path), config, setting)
     for number, subset in subsets:
-        found, found_problems = subset_folders(subset, config, f"line {number} of dataset.subsets")
+        found, found_problems = subset_folders(subset, config, number)
         sources += found
         problems += found_problems
     return sources, problems
 
 
-def subset_folders(subset: DatasetSubset, config: DatasetConfig, setting: str) -> tuple[list[Source], list[Problem]]:
+def subset_folders(subset: DatasetSubset, config: DatasetConfig, line: int) -> tuple[list[Source], list[Problem]]:
     """A subset's folders as `find_concept_folders` finds them, or its path itself when that is one kohya `N_name`
     folder of images (kohya's dataset configs point at those); its repeats and class tokens, where set, replace
     the folders' own."""
+    setting = f"line {line} of dataset.subsets"
     root = resolve_dataset_path(subset.path)
     own = KOHYA_FOLDER.match(root.name)
     if own and root.is_dir() and image_files(root):
@@ -183,7 +186,7 @@ def subset_folders(subset: DatasetSubset, config: DatasetConfig, setting: str) -
         found, problems = find_concept_folders(root, config, setting)
     tokens = subset.class_tokens.strip()
     sources = [Source(source.folder, tokens or source.concept, subset.repeats or source.repeats,
-                      bool(tokens) or source.named) for source in found]  # fmt: skip
+                      bool(tokens) or source.named, line) for source in found]  # fmt: skip
     bad = [source.folder for source in sources if not 1 <= source.repeats <= MAX_REPEATS]
     problems += [Problem(str(folder), "error", f"a kohya folder's count must be 1 to {MAX_REPEATS}; rename the "
                          f"folder or give {setting} its own repeats")  # fmt: skip
@@ -223,7 +226,7 @@ def find_concept_folders(root: Path, config: DatasetConfig, setting: str = "data
         problems += [
             Problem(str(folder), "error", f"{repeats} repeats: a kohya folder's count must be 1 to {MAX_REPEATS}; "
                     "rename the folder")  # fmt: skip
-            for folder, _concept, repeats, _named in (source for source in sources if source not in counted)
+            for folder, repeats in ((source.folder, source.repeats) for source in sources if source not in counted)
         ]
         return counted, problems
     if own and image_files(root):
@@ -410,7 +413,7 @@ def _scan_one(
         if config.bucket_no_upscale:
             return None
     try:
-        caption, notes = read_caption(path, config.caption_extension)
+        caption, notes = read_caption(path, config.for_subset(source.subset).caption_extension)
     except CaptionError as exc:
         problems.append(Problem(str(path), "error", str(exc)))
         return None
@@ -426,10 +429,11 @@ def _scan_one(
     if mask_hash is None:
         return None
     item = Item(path, caption, source.concept, source.repeats, width, height, digest, mask_hash,
-                named_concept=source.named)  # fmt: skip
+                named_concept=source.named, subset=source.subset)  # fmt: skip
     if uncaptioned:
-        problems.append(Problem(str(path), "warning", f"no {config.caption_extension} caption; "
-                                f"'{validation_caption(item, config)}' is used"))  # fmt: skip
+        extension = config.for_subset(source.subset).caption_extension
+        problems.append(Problem(str(path), "warning", f"no {extension} caption; '{validation_caption(item, config)}' "
+                                "is used"))  # fmt: skip
     return item
 
 
@@ -557,17 +561,22 @@ def planned_regularization(config: TrainConfig, training: list[Item], resolution
 def validation_caption(item: Item, config: DatasetConfig) -> str:
     """An image's caption as the validation pass sees it every time: trigger and prefix/suffix, no shuffle, no
     dropout (a validation loss that drew its captions would not compare weights alone)."""
-    fixed = config.model_copy(update={"shuffle_caption": False, "caption_dropout_rate": 0.0,
-                                      "caption_tag_dropout_rate": 0.0})  # fmt: skip
-    return build_caption(item, fixed, random.Random(0))
+    fixed = config.for_subset(item.subset).model_copy(update={"shuffle_caption": False, "caption_dropout_rate": 0.0,
+                                                              "caption_tag_dropout_rate": 0.0})  # fmt: skip
+    return _caption(item, fixed, random.Random(0))
 
 
 def build_caption(item: Item, config: DatasetConfig, rng: random.Random) -> str:
-    """The caption one training step sees: prefix/suffix, trigger, tag shuffle and dropout applied.
+    """The caption one training step sees: prefix/suffix, trigger, tag shuffle and dropout applied, with the
+    settings of the folder the image came from.
 
     The trigger word goes first (unless already present) and always survives shuffling and tag
     dropout, as kohya does with `keep_tokens` covering it.
     """
+    return _caption(item, config.for_subset(item.subset), rng)
+
+
+def _caption(item: Item, config: DatasetConfig, rng: random.Random) -> str:
     if config.caption_dropout_rate and rng.random() < config.caption_dropout_rate:
         return ""
     text = item.caption

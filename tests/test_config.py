@@ -246,7 +246,7 @@ def test_newer_version_is_refused():
 
 def test_toml_leaves_out_unset_optionals():
     text = config_to_toml(TrainConfig())
-    assert "unet_lr" not in text and "[lora]" in text
+    assert "\nunet_lr" not in text and "[lora]" in text
 
 
 def test_min_snr_can_be_turned_off_from_toml():

@@ -10,7 +10,7 @@ from test_validation import make_images
 
 from lora_studio.buckets import epoch_batches
 from lora_studio.config import DatasetConfig, TrainConfig, load_config, validate_config
-from lora_studio.data import build_caption, dataset_report, scan
+from lora_studio.data import build_caption, dataset_report, scan, validation_caption
 from lora_studio.errors import ConfigError
 from lora_studio.outputs import training_facts
 from lora_studio.train import prepare
@@ -154,7 +154,7 @@ def test_kohyas_dataset_config_becomes_subsets(tmp_path):
     config = load_config(write_kohya(tmp_path, KOHYA_DATASET))
     dataset = config.dataset
     assert dataset.path == ""  # kohya: a dataset config replaces train_data_dir
-    assert [s.model_dump() for s in dataset.subsets] == [
+    assert [s.model_dump(exclude_none=True) for s in dataset.subsets] == [
         {"path": "/data/5_hoge", "repeats": 10, "class_tokens": "hoge girl", "regularization": False},
         {"path": "/data/fuga", "repeats": 2, "class_tokens": "", "regularization": False},  # the dataset's repeats
         {"path": "/data/reg", "repeats": 1, "class_tokens": "girl", "regularization": True},
@@ -177,10 +177,15 @@ def test_kohyas_dataset_config_what_cannot_be_taken_is_named(tmp_path):
     two = KOHYA_DATASET + "[[datasets]]\nresolution = 512\n  [[datasets.subsets]]\n  image_dir = '/x'\n"
     with pytest.raises(ConfigError, match=r"has 2 \[\[datasets\]\]; this app trains one"):
         load_config(write_kohya(tmp_path, two))
-    # kohya's per-subset keep_tokens: one value here, so a difference is refused by name, never averaged or dropped
+    # a caption setting of kohya's that differs between subsets: each subset keeps its own (kohya's own example)
     differing = KOHYA_DATASET.replace("  class_tokens = 'girl'\n", "  class_tokens = 'girl'\n  keep_tokens = 3\n")
-    with pytest.raises(ConfigError, match=r"`keep_tokens` differs between subsets \(1, 1, 3\)"):
-        load_config(write_kohya(tmp_path, differing))
+    subsets = load_config(write_kohya(tmp_path, differing)).dataset.subsets
+    assert [s.keep_tokens for s in subsets] == [1, 1, 3]
+    # an augmentation is one setting for all folders here (it decides how latents are cached): refused by name,
+    # never averaged or dropped
+    flipped = KOHYA_DATASET.replace("  class_tokens = 'girl'\n", "  class_tokens = 'girl'\n  flip_aug = true\n")
+    with pytest.raises(ConfigError, match=r"`flip_aug` differs between subsets \(None, None, True\)"):
+        load_config(write_kohya(tmp_path, flipped))
     face_crop = KOHYA_DATASET.replace("[general]", "[general]\nface_crop_aug_range = [2.0, 4.0]")
     with pytest.raises(ConfigError, match="`face_crop_aug_range` is not a setting"):
         load_config(write_kohya(tmp_path, face_crop))
@@ -224,3 +229,27 @@ def test_the_command_line_counts_each_folder_and_a_saved_config_keeps_the_subset
     out = capsys.readouterr().out
     assert "5 images, 14 per epoch with repeats" in out
     assert f"{alice}: 3 images x 4 repeats ('alice')" in out and f"{main_folder}: 2 images x 1 repeats" in out
+
+
+def test_each_folder_captions_with_its_own_settings(tmp_path):
+    """kohya's per-subset caption options: extension, keep_tokens, shuffle, dropout, prefix; unset ones are the
+    dataset's. The validation caption never draws, whatever the folder says."""
+    main, tagged = make_images(tmp_path / "main", 2), make_images(tmp_path / "tagged", 2, shade=60)
+    for caption in tagged.glob("*.txt"):
+        caption.rename(caption.with_suffix(".tags"))
+        caption.with_suffix(".tags").write_text("a, b, c, d, e, f")
+    config = DatasetConfig(path=str(main), min_bucket_reso=32, trigger_word="zkz", subsets=[
+        {"path": str(tagged), "caption_extension": "tags", "keep_tokens": 1, "shuffle_caption": True,
+         "caption_prefix": "photo"}])  # fmt: skip
+    report = scan(config)
+    assert report.errors == [] and report.warnings == []  # the .tags files are the second folder's captions
+    main_item, tagged_item = report.items[0], report.items[-1]
+    assert (main_item.subset, tagged_item.subset, tagged_item.caption) == (0, 1, "a, b, c, d, e, f")
+    assert build_caption(main_item, config, random.Random(0)) == "zkz, a thing number 0"  # not shuffled
+    drawn = {build_caption(tagged_item, config, random.Random(seed)) for seed in range(20)}
+    assert len(drawn) > 5 and all(c.startswith("zkz, photo, ") for c in drawn)  # trigger and kept tag stay first
+    assert validation_caption(tagged_item, config) == "zkz, photo, a, b, c, d, e, f"
+    assert config.captions_are_static is False and DatasetConfig(path="x").captions_are_static
+    with pytest.raises(ConfigError, match="text embeddings"):
+        validate_config({"dataset": {**config.model_dump(), "cache_text_embeddings": True}, "lora": {
+            "train_text_encoder": False}})  # fmt: skip
