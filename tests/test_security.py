@@ -143,7 +143,8 @@ def test_request_bodies_are_capped_before_the_app_reads_them(server, client, tmp
     response = httpx.post(join, content=streamed(), headers={"content-type": "application/json"}, timeout=60)
     assert response.status_code == 411 and "must declare its length" in response.text
     # A page's requests (a gallery of 24 demo images with captions) and uploads still pass.
-    ok, data = client.call("open_dataset", ["demo", None, ".txt"], session="a-page-of-its-own")  # state kept apart
+    # (its own session: state kept apart)
+    ok, data = client.call("open_dataset", ["demo", None, ".txt", None], session="a-page-of-its-own")
     assert ok and "24 images" in data[3]
     picture = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(picture)
@@ -173,7 +174,7 @@ def test_dataset_folders_outside_the_roots_are_refused(server, client):
         link.symlink_to(outside)
     for source in (str(outside), "../outside", "%2e%2e/outside", "datasets/../../outside", str(link), "/etc",
                    str(home / "datasets" / ".." / ".." / "outside")):  # fmt: skip
-        assert_refused(client.call("open_dataset", [source, None, ".txt"]), "outside the app's folders")
+        assert_refused(client.call("open_dataset", [source, None, ".txt", None]), "outside the app's folders")
     # The open folder is server-side state: a request that puts a folder in the state's place is not heard.
     bait = str(outside)
     assert_refused(client.call("apply_bulk_edit", [bait, "zkz", "", "", "secret", "x", None, ".txt"]),
@@ -187,13 +188,13 @@ def test_uploads_stay_inside_the_datasets_folder(server, client, tmp_path):
     Image.new("RGB", (8, 8), "blue").save(picture)
     (stored,) = client.upload(picture).json()
     ok, data = client.call("upload", [str(server["outside"]), "../../outside",
-                                      [GradioHTTP.file_data(stored, picture.name)], None, ".txt"])  # fmt: skip
+                                      [GradioHTTP.file_data(stored, picture.name)], None, ".txt", None])  # fmt: skip
     assert ok, data
     landed = server["home"] / "datasets" / "outside"
     assert landed.is_dir() and len(list(landed.glob("*.png"))) == 1
     # A file path of the server's choosing is not an upload, whatever the request claims.
     result = client.call("upload", [None, "x", [GradioHTTP.file_data(str(server["outside"] / "sentinel.txt"))], None,
-                                    ".txt"])  # fmt: skip
+                                    ".txt", None])  # fmt: skip
     assert_refused(result)
 
 
@@ -227,7 +228,7 @@ def test_over_cap_uploads_and_captions_are_refused(server, client, tmp_path):
     image = tmp_path / "huge.png"
     Image.new("RGB", (8, 8)).save(image)
     stored = [client.upload(p).json()[0] for p in (image, caption)]
-    ok, data = client.call("upload", [None, "capped", [GradioHTTP.file_data(s) for s in stored], None, ".txt"])
+    ok, data = client.call("upload", [None, "capped", [GradioHTTP.file_data(s) for s in stored], None, ".txt", None])
     assert ok and "huge.txt: over the 64 KB a caption may have" in data[-2]
 
 
@@ -235,15 +236,15 @@ def test_the_caption_extension_from_the_form_cannot_name_another_file(server, cl
     """The Dataset tab reads and writes the caption files the Train form's `dataset.caption_extension` names: a path
     sent in its place is refused as that setting by every handler that takes it, before any file is read or
     written (an upload makes no folder)."""
-    ok, data = client.call("open_dataset", ["demo", None, ".txt"])
+    ok, data = client.call("open_dataset", ["demo", None, ".txt", None])
     assert ok
     image = Path(data[2][0]["image"]["path"]).name  # the first picture of the demo dataset's gallery
     picture = tmp_path / "new.png"
     Image.new("RGB", (8, 8), "green").save(picture)
     (stored,) = client.upload(picture).json()
     for bad in ("/../../../outside/sentinel", ".txt/../../../outside/caption", "."):
-        for handler, values in (("open_dataset", ["demo", None, bad]),
-                                ("upload", [None, "by-extension", [GradioHTTP.file_data(stored)], None, bad]),
+        for handler, values in (("open_dataset", ["demo", None, bad, None]),
+                                ("upload", [None, "by-extension", [GradioHTTP.file_data(stored)], None, bad, None]),
                                 ("save_caption", [None, image, "overwritten", bad]),
                                 ("apply_bulk_edit", [None, "zkz", "", "", "", "", None, bad]),
                                 ("preview_captions", [None, None, "overwrite", "", 0.35, bad]),
@@ -257,12 +258,12 @@ def test_the_caption_extension_from_the_form_cannot_name_another_file(server, cl
 
 
 def test_a_caption_linked_out_of_the_folder_is_never_shown(server, client):
-    assert client.call("open_dataset", ["demo", None, ".txt"])[0]
+    assert client.call("open_dataset", ["demo", None, ".txt", None])[0]
     folder = server["home"] / "datasets" / "demo"
     image = sorted(folder.glob("*.png"))[0]
     image.with_suffix(".txt").unlink()
     image.with_suffix(".txt").symlink_to(server["outside"] / "caption.txt")
-    ok, data = client.call("open_dataset", ["demo", None, ".txt"])
+    ok, data = client.call("open_dataset", ["demo", None, ".txt", None])
     assert ok
     gallery, report = data[2], data[3]
     assert "a secret caption" not in str(gallery) and "is a link to a file outside the dataset folder" in report

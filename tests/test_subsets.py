@@ -253,3 +253,19 @@ def test_each_folder_captions_with_its_own_settings(tmp_path):
     with pytest.raises(ConfigError, match="text embeddings"):
         validate_config({"dataset": {**config.model_dump(), "cache_text_embeddings": True}, "lora": {
             "train_text_encoder": False}})  # fmt: skip
+
+
+def test_opening_a_subsets_folder_in_the_dataset_tab_leaves_dataset_path_alone(app_state):
+    """The Dataset tab makes the folder it opens the Train form's dataset.path, except a folder the form already
+    lists as a subset (which would then be both, and refused): its captions are edited in place, the path stays."""
+    from lora_studio.ui import dataset_tab
+
+    alice = make_images(app_state.roots.datasets / "alice", 2)
+    other = make_images(app_state.roots.datasets / "other", 2, shade=60)
+    subsets = '{ path = "datasets/alice", repeats = 4 }'
+    *_, became = dataset_tab.open_dataset(app_state, str(alice), None, ".txt", subsets)
+    assert became == {"__type__": "update"}  # skipped: dataset.path keeps what it was
+    *_, became = dataset_tab.open_dataset(app_state, str(other), None, ".txt", subsets)
+    assert became == str(other)
+    *_, became = dataset_tab.open_dataset(app_state, str(alice), None, ".txt", "not a table")  # unreadable: none
+    assert became == str(alice)

@@ -82,7 +82,7 @@ def build_app(app: AppState | None = None) -> gr.Blocks:
         with gr.Tab("Train") as page:
             train = train_tab.build(app, refreshed_on=[blocks.load, page.select])
         dataset_tab.connect(app, blocks, dataset, train["preset"], train["dataset.path"],
-                            train["dataset.caption_extension"], dataset_page)
+                            train["dataset.caption_extension"], dataset_page, train["dataset.subsets"])
         with gr.Tab("Preview") as page:
             preview_tab.build(app, refreshed_on=[blocks.load, page.select])
         with gr.Tab("Library") as page:

@@ -28,6 +28,7 @@ from ..dataset_edit import (
 from ..errors import LoraStudioError, StoppedEarly
 from ..paths import DEMO_DATASET_DIR, is_within
 from ..runs import list_runs
+from .config_form import parse_tables
 from .errors import shown
 from .state import AppState, checked_run, uploaded_files
 
@@ -106,13 +107,29 @@ def folder_view(folder: Path, preset: str | None = None, extension: str = ".txt"
     return gallery_items(folder, extension), "\n".join(lines), tags
 
 
-def open_dataset(app: AppState, source: str, preset: str | None = None,
-                 extension: str | None = None) -> tuple[str, str, list, str, list, str]:  # fmt: skip
+def open_dataset(app: AppState, source: str, preset: str | None = None, extension: str | None = None,
+                 subsets: str | None = None) -> tuple[str, str, list, str, list, str]:  # fmt: skip
     """The folder (for the page's state), its view; it also becomes the Train tab's dataset (so edits are what
-    trains)."""
+    trains), unless it is one of the form's `subsets` already."""
     extension = caption_extension(extension)
     folder = working_folder(app, source)
-    return str(folder), str(folder), *folder_view(folder, preset, extension), str(folder)
+    return str(folder), str(folder), *folder_view(folder, preset, extension), train_dataset(app, folder, subsets)
+
+
+def train_dataset(app: AppState, folder: Path, subsets: str | None):
+    """What the Train form's dataset.path becomes once `folder` is open: the folder, or (a skip) what it was when the
+    folder is one of the form's subsets, which train already with their own settings."""
+    try:
+        listed = parse_tables(subsets or "")
+    except ValueError:
+        listed = []  # the Train form reports its own unreadable line
+    for subset in listed:
+        try:
+            if app.roots.resolve(str(subset.get("path", "")), "subset folder") == folder.resolve():
+                return gr.skip()
+        except LoraStudioError:
+            continue  # a subset outside the roots cannot be this folder; Start refuses it
+    return str(folder)
 
 
 def current_view(app: AppState, folder: str | None, preset: str | None = None, extension: str | None = None) -> tuple:
@@ -125,7 +142,7 @@ def current_view(app: AppState, folder: str | None, preset: str | None = None, e
 
 def upload(
     app: AppState, folder: str | None, new_name: str, files: list[str] | None, preset: str | None = None,
-    extension: str | None = None,
+    extension: str | None = None, subsets: str | None = None,
 ) -> tuple[str, str, list, str, list, str, str]:  # fmt: skip
     """Copy uploads (images and same-name .txt or .caption captions) into the open folder, or into datasets/<new
     name>."""
@@ -139,7 +156,8 @@ def upload(
     message = f"Added {len(result.images)} images and {len(result.captions)} captions to {target}."
     if result.skipped:
         message += " Skipped: " + "; ".join(result.skipped)
-    return str(target), str(target), *folder_view(target, preset, extension), message, str(target)
+    return str(target), str(target), *folder_view(target, preset, extension), message, train_dataset(app, target,
+                                                                                                       subsets)
 
 
 def save_caption(
@@ -364,20 +382,21 @@ def build() -> dict[str, gr.components.Component]:
 
 def connect(
     app: AppState, blocks: gr.Blocks, parts: dict, preset: gr.Dropdown, train_dataset: gr.components.Component,
-    extension: gr.components.Component, page: gr.Tab,
+    extension: gr.components.Component, page: gr.Tab, subsets: gr.components.Component,
 ) -> None:
     """Events: the Train tab's preset sets the report's checks, its caption extension which caption files are shown
-    and edited, and the open folder becomes its dataset. Selecting the tab (`page`) shows the folder as it is now."""
+    and edited, and the open folder becomes its dataset (unless it is one of its `subsets`). Selecting the tab
+    (`page`) shows the folder as it is now."""
     p = parts
     state = p["open_folder"]
     view = [state, p["folder"], p["gallery"], p["report"], p["tags"]]
     # show_progress_on: a refusal's badge goes on the message, not over the gallery (ui/errors.py says why)
-    gr.on([p["open"].click, blocks.load], shown(open_dataset, app), [p["source"], preset, extension],
+    gr.on([p["open"].click, blocks.load], shown(open_dataset, app), [p["source"], preset, extension, subsets],
           [*view, train_dataset], show_progress_on=p["report"])  # blocks.load: the demo  # fmt: skip
     page.select(shown(current_view, app), [state, preset, extension], [p["gallery"], p["report"], p["tags"]],
                 show_progress_on=p["report"])  # fmt: skip
     blocks.load(shown(run_names, app), None, p["loss_run"])
-    uploaded = p["files"].upload(shown(upload, app), [state, p["new_name"], p["files"], preset, extension],
+    uploaded = p["files"].upload(shown(upload, app), [state, p["new_name"], p["files"], preset, extension, subsets],
                                  [*view, p["status"], train_dataset], show_progress_on=p["status"])  # fmt: skip
     uploaded.success(lambda: None, None, p["files"])  # the files are in the gallery now; empty the drop zone
 
