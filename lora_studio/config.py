@@ -1197,15 +1197,18 @@ def import_config(path: str | Path, name: str) -> TrainConfig:
 
 
 def with_kohya_dataset_config(data: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """A kohya config's `dataset_config` file (TOML, or JSON as kohya also takes; relative to the config's folder)
-    read into it as the [general] and [[datasets]] tables the migration takes."""
+    """A kohya config's `dataset_config` file (TOML, or JSON as kohya also takes; a relative path is looked for
+    beside the config, then in the working folder) read into it as the [general] and [[datasets]] tables the
+    migration takes."""
     if "dataset_config" not in data or data.get("version", 0) != 0:
         return data  # a current config has no such key: validation names it
     named = str(data["dataset_config"]).strip()
     rest = {k: v for k, v in data.items() if k != "dataset_config"}
     if not named:
         return rest  # kohya_ss writes an empty one when the folders are given as train_data_dir
-    path = folder / Path(named).expanduser()
+    # kohya opens it from the working folder; a path relative to the config's own folder is looked for first
+    candidates = [folder / Path(named).expanduser(), Path(named).expanduser()]
+    path = next((p for p in candidates if p.is_file()), candidates[0])
     included = read_toml(path)
     extra = sorted(k for k in included if k not in ("general", "datasets"))
     if extra:

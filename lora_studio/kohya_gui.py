@@ -127,6 +127,8 @@ def _network(out: dict[str, Any]) -> list[str]:
     if kind not in LORA_TYPES:
         return [f"kohya_ss's LoRA_type '{kind}' has no equivalent here; this app trains {', '.join(LORA_TYPES)}"]
     network, conv_acts, preset_acts = LORA_TYPES[kind]
+    if preset_acts and str(preset) in ("attn-only", "attn-mlp"):
+        conv_acts = False  # LyCORIS' presets without convs: its conv_dim has nothing to act on
     if not conv_acts:  # the GUI saves conv_dim for a plain LoRA too, which does not pass it to sd-scripts
         out.pop("conv_dim", None)
         out.pop("conv_alpha", None)

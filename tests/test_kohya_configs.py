@@ -83,7 +83,8 @@ def test_kohya_ss_network_types_and_what_belongs_to_them(tmp_path):
     assert (lokr.lora.unet_targets, lokr.lora.conv_rank) == ("full", 4)
     locon = load_config(saved(tmp_path, LoRA_type="Kohya LoCon"))
     assert (locon.lora.network, locon.lora.unet_targets, locon.lora.conv_rank) == ("lora", "full", 16)
-    loha = load_config(saved(tmp_path, LoRA_type="LyCORIS/LoHa", LyCORIS_preset="attn-mlp", conv_dim=0))
+    # LyCORIS' attn-mlp preset has no convs: the conv_dim saved beside it has nothing to act on
+    loha = load_config(saved(tmp_path, LoRA_type="LyCORIS/LoHa", LyCORIS_preset="attn-mlp", conv_dim=8))
     assert (loha.lora.network, loha.lora.unet_targets, loha.lora.conv_rank) == ("loha", "attn-ff", None)
     with pytest.raises(ConfigError, match="LoRA_type 'LyCORIS/iA3' has no equivalent here"):
         load_config(saved(tmp_path, LoRA_type="LyCORIS/iA3"))

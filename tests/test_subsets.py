@@ -150,7 +150,7 @@ num_repeats = 2
 """
 
 
-def test_kohyas_dataset_config_becomes_subsets(tmp_path):
+def test_kohyas_dataset_config_becomes_subsets(tmp_path, monkeypatch):
     config = load_config(write_kohya(tmp_path, KOHYA_DATASET))
     dataset = config.dataset
     assert dataset.path == ""  # kohya: a dataset config replaces train_data_dir
@@ -168,6 +168,12 @@ def test_kohyas_dataset_config_becomes_subsets(tmp_path):
     as_json.write_text(json.dumps(tomllib.loads(KOHYA_DATASET)))
     (tmp_path / "k2.toml").write_text(f'pretrained_model_name_or_path = "demo"\ndataset_config = "{as_json}"\n')
     assert load_config(tmp_path / "k2.toml").dataset == dataset
+    # kohya opens a relative dataset_config from the working folder: found there when not beside the config
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "k4.toml").write_text('pretrained_model_name_or_path = "demo"\n'
+                                                     'dataset_config = "sets/dataset.toml"\n')  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert load_config(tmp_path / "elsewhere" / "k4.toml").dataset == dataset
     # kohya_ss writes an empty dataset_config when train_data_dir holds the folders
     (tmp_path / "k3.toml").write_text('train_data_dir = "/data/img"\ndataset_config = ""\n')
     assert load_config(tmp_path / "k3.toml").dataset.path == "/data/img"
