@@ -213,6 +213,7 @@ class DatasetConfig(Section):
         return bool(self.path.strip()) or any(not subset.regularization for subset in self.subsets)
 
     def has_regularization_subsets(self) -> bool:
+        """Whether a subset holds regularization (class) images."""
         return any(subset.regularization for subset in self.subsets)
 
     @field_validator("subsets")
@@ -739,11 +740,11 @@ class TrainConfig(Section):
         opt = self.optimizer
         if opt.optimizer == "prodigy":
             return []
-        set_ = [f"{name} = {getattr(opt, name)!r}" for name, off in (
+        given = [f"{name} = {getattr(opt, name)!r}" for name, off in (
             ("prodigy_d_coef", 1.0), ("prodigy_bias_correction", False), ("prodigy_safeguard_warmup", False))
             if getattr(opt, name) != off]  # fmt: skip
         return [f"`optimizer.{s}` acts only with optimizer = 'prodigy' (this is '{opt.optimizer}'); put it back to "
-                "its default or choose prodigy" for s in set_]  # fmt: skip
+                "its default or choose prodigy" for s in given]  # fmt: skip
 
     def schedule_free_problems(self) -> list[str]:
         """Schedule-free AdamW replaces the rate schedule and keeps its own average of the weights (the ones
