@@ -72,6 +72,11 @@ VARIANTS: dict[str, list[str]] = {
     # Session 18: the optimizers added then, on the preset otherwise unchanged (350 steps, rank 32, gamma 2).
     "schedulefree": ["optimizer.optimizer=adamw_schedulefree", "optimizer.lr_scheduler=constant"],
     "lion-1e-3": ["optimizer.optimizer=lion", "optimizer.learning_rate=1e-3"],
+    # Session 19: Lion lower (1e-3 overshot), and Prodigy as the LoRA guides set it (rate 1, its estimate decides).
+    "lion-3e-4": ["optimizer.optimizer=lion", "optimizer.learning_rate=3e-4"],
+    "prodigy-guides": ["optimizer.optimizer=prodigy", "optimizer.learning_rate=1", "optimizer.text_encoder_lr=1",
+                       "optimizer.prodigy_d_coef=2", "optimizer.prodigy_bias_correction=true",
+                       "optimizer.prodigy_safeguard_warmup=true"],
 }
 _dataset_lock = threading.Lock()
 

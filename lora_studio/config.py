@@ -674,10 +674,7 @@ class TrainConfig(Section):
     def combination_problems(self) -> list[str]:
         """Settings that are each valid but cannot train together. "Check settings", `lora-studio config`
         and the trainer all ask this one place, so what the form accepts is what training accepts."""
-        problems = self.prodigy_option_problems()
-        if self.regularization.generate and self.dataset.has_regularization_subsets():
-            problems.append("regularization.generate is on and dataset.subsets has regularization folders; use your "
-                            "own folders or generated images, not both")  # fmt: skip
+        problems = self.prodigy_option_problems() + self.regularization_problems()
         if self.compile_mode != "default" and not self.torch_compile:
             problems.append(f"`compile_mode` = '{self.compile_mode}' acts only on a compiled model; set "
                             "torch_compile = true, or compile_mode = 'default'")  # fmt: skip
@@ -734,6 +731,13 @@ class TrainConfig(Section):
         if reason:
             problems.append(f"`dataset.cache_text_embeddings` cannot be used: {reason}")
         return problems
+
+    def regularization_problems(self) -> list[str]:
+        """Class images from one source: the base model renders them, or folders hold them."""
+        if self.regularization.generate and self.dataset.has_regularization_subsets():
+            return ["regularization.generate is on and dataset.subsets has regularization folders; use your own "
+                    "folders or generated images, not both"]  # fmt: skip
+        return []
 
     def prodigy_option_problems(self) -> list[str]:
         """Prodigy's options set for another optimizer, which would ignore them."""

@@ -547,6 +547,15 @@ def your_presets_section() -> dict[str, gr.components.Component]:
     return parts
 
 
+def connect_your_presets(app: AppState, parts: dict, preset: gr.Dropdown, form: list, estimate_box) -> None:
+    """Save and delete one's presets; an imported file fills the form, and the estimate follows."""
+    said = parts["message"]
+    parts["save"].click(shown(save_preset), [parts["name"], preset, *form], [preset, said], show_progress_on=said)
+    parts["delete"].click(shown(delete_preset), preset, [preset, said], show_progress_on=said)
+    parts["import"].upload(shown(import_settings, app), parts["import"], [*form, said, parts["import"]],
+                           show_progress_on=said).then(shown(estimate, app), form, estimate_box)  # fmt: skip
+
+
 def recovered_section(app: AppState, message: gr.Markdown, refreshed_on: Sequence) -> None:
     """The jobs that were queued or running when the app last stopped, and what to do with each; hidden while none
     waits. Each of `refreshed_on` (page load, tab select) lists them again."""
@@ -606,13 +615,7 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components
     # show_progress_on: a refusal's badge goes on a message, not over every field of the form (ui/errors.py)
     preset.change(shown(preset_values), [preset, components["dataset.path"]], form,
                   show_progress_on=estimate_box).then(shown(estimate, app), form, estimate_box)  # fmt: skip
-    said = your_presets["message"]
-    your_presets["save"].click(shown(save_preset), [your_presets["name"], preset, *form], [preset, said],
-                               show_progress_on=said)  # fmt: skip
-    your_presets["delete"].click(shown(delete_preset), preset, [preset, said], show_progress_on=said)
-    your_presets["import"].upload(shown(import_settings, app), your_presets["import"],
-                                  [*form, said, your_presets["import"]],
-                                  show_progress_on=said).then(shown(estimate, app), form, estimate_box)  # fmt: skip
+    connect_your_presets(app, your_presets, preset, form, estimate_box)
     components["base_model"].change(shown(base_info, app), components["base_model"], base_note)
     gr.on([refresh.click, *refreshed_on], shown(refresh_models), components["base_model"],
           [components["base_model"], folder_table, folder_note], show_progress_on=folder_note)  # fmt: skip
