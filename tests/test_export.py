@@ -307,6 +307,13 @@ def test_named_and_stacked_loads_change_nothing_and_log_no_false_report(sd1_full
     base_weights = {k: v.clone() for k, v in pipeline.text_encoder.state_dict().items()}
     recorder = Recorder()  # transformers' loggers do not propagate, so caplog cannot see them
     logging.getLogger("transformers.integrations.peft").addHandler(recorder)
+    # Another test in the same worker may have left transformers' loggers quieter (the report below then went
+    # unlogged once in a full run, order-dependent): they log warnings for this test, as in a fresh process.
+    quieter = [(lg, lg.level, lg.disabled) for lg in map(logging.getLogger, ("transformers",
+                                                                              "transformers.integrations.peft"))]
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+    for lg, _level, _disabled in quieter:
+        lg.disabled = False
     try:
         export.load_into_pipeline(pipeline, load_lora(path), "d")  # "d" is inside "encoder"
         first = {k: v.clone() for k, v in pipeline.text_encoder.state_dict().items() if ".d." in k}
@@ -317,7 +324,11 @@ def test_named_and_stacked_loads_change_nothing_and_log_no_false_report(sd1_full
         assert any("LOAD REPORT" in m and "MISSING" in m for m in recorder.messages)
     finally:
         logging.getLogger("transformers.integrations.peft").removeHandler(recorder)
-    assert logging.getLogger("transformers.integrations.peft").level == logging.NOTSET  # restored
+        peft_level = logging.getLogger("transformers.integrations.peft").level
+        for lg, level, disabled in quieter:
+            lg.setLevel(level)
+            lg.disabled = disabled
+    assert peft_level == logging.NOTSET  # load_into_pipeline put its quieted logger back
     after = pipeline.text_encoder.state_dict()
     assert first and all(torch.equal(v, after[k]) for k, v in first.items())  # the first adapter is intact
     for name, tensor in base_weights.items():  # and so is the base: wrapped weights moved to .base_layer
