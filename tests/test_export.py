@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import transformers
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.lora_conversion_utils import (
@@ -16,6 +17,7 @@ from diffusers.loaders.lora_conversion_utils import (
     _maybe_map_sgm_blocks_to_diffusers,
 )
 from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from packaging.version import Version
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -316,8 +318,8 @@ def test_named_and_stacked_loads_change_nothing_and_log_no_false_report(sd1_full
         assert recorder.messages == []
     finally:
         logging.getLogger("transformers.integrations.peft").removeHandler(recorder)
-    # What the quieting hides: a plain named load after another adapter reports weights as MISSING. Shown in a fresh
-    # process: within a full run the report went unlogged twice on one worker, order-dependent (cause not found).
+    # What the quieting hides: up to transformers 5.24 a plain named load after another adapter reports weights as
+    # MISSING (5.25 no longer does, and the quieting is then harmless), shown in a fresh process.
     script = (
         "import logging, sys, torch\n"
         "from lora_studio.export import with_one_alpha\n"
@@ -335,7 +337,10 @@ def test_named_and_stacked_loads_change_nothing_and_log_no_false_report(sd1_full
     )  # fmt: skip
     shown = subprocess.run([sys.executable, "-c", script, str(tiny_folders["sd1"]), str(path)], capture_output=True,
                            text=True, timeout=300)  # fmt: skip
-    assert shown.stdout.strip().splitlines()[-1:] == ["True"], shown.stderr[-2000:]
+    reported = shown.stdout.strip().splitlines()[-1:]
+    assert reported in (["True"], ["False"]), shown.stderr[-2000:]
+    if Version(transformers.__version__) < Version("5.25"):
+        assert reported == ["True"]
     assert logging.getLogger("transformers.integrations.peft").level == logging.NOTSET  # restored
     after = pipeline.text_encoder.state_dict()
     assert first and all(torch.equal(v, after[k]) for k, v in first.items())  # the first adapter is intact
