@@ -170,7 +170,27 @@ def dataset_sources(config: DatasetConfig, setting: str = "dataset.path", regula
         found, found_problems = subset_folders(subset, config, number)
         sources += found
         problems += found_problems
-    return sources, problems
+    sources, twice = read_once(sources, setting)
+    return sources, problems + twice
+
+
+def read_once(sources: list[Source], setting: str = "dataset.path") -> tuple[list[Source], list[Problem]]:
+    """Each folder once, and an error for a folder that two settings name (two spellings of one path, a link, or a
+    kohya `N_name` folder named both directly and through its parent): its images would silently count twice."""
+    def named_by(source: Source) -> str:
+        return f"line {source.subset} of dataset.subsets" if source.subset else setting
+
+    first: dict[Path, Source] = {}
+    problems = []
+    for source in sources:
+        folder = source.folder.resolve()
+        if folder in first:
+            both = f"{named_by(first[folder])} and {named_by(source)}"
+            problems.append(Problem(str(source.folder), "error", f"this folder is read by both {both}; name it once, "
+                                    "with the repeats it should have"))  # fmt: skip
+        else:
+            first[folder] = source
+    return list(first.values()), problems
 
 
 def subset_folders(subset: DatasetSubset, config: DatasetConfig, line: int) -> tuple[list[Source], list[Problem]]:

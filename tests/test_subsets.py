@@ -67,6 +67,30 @@ def test_a_config_of_subsets_alone_trains_and_a_missing_folder_is_named(tmp_path
                                                    "folder"]  # fmt: skip
 
 
+def test_a_folder_named_twice_in_other_spellings_is_refused_and_read_once(tmp_path, monkeypatch):
+    parent = tmp_path / "people"
+    make_images(parent / "5_alice woman", 2)
+    make_images(parent / "3_bob man", 3, shade=50)
+    monkeypatch.chdir(tmp_path)
+    link = tmp_path / "bob-link"
+    link.symlink_to(parent / "3_bob man")
+    config = DatasetConfig(path=str(parent), min_bucket_reso=32, subsets=[
+        {"path": "people/5_alice woman", "repeats": 10},  # inside dataset.path's parent, relative spelling
+        {"path": str(link)},  # the same folder through a link
+    ])  # fmt: skip
+    report = scan(config)
+    messages = [p.message for p in report.errors]
+    assert len(messages) == 2
+    assert "read by both dataset.path and line 1 of dataset.subsets" in messages[0]
+    assert "read by both dataset.path and line 2 of dataset.subsets" in messages[1]
+    assert all("name it once" in m for m in messages)
+    # each image read once: no "exact duplicate" warnings, the first naming's repeats
+    assert len(report.items) == 5 and not [p for p in report.warnings if "duplicate" in p.message]
+    assert sorted(item.repeats for item in report.items) == [3, 3, 3, 5, 5]
+    alone = config.model_copy(update={"subsets": config.subsets[:1], "path": ""})
+    assert scan(alone).errors == []
+
+
 def test_the_config_refuses_what_the_folders_cannot_mean():
     with pytest.raises(ConfigError, match="listed more than once"):
         validate_config({"dataset": {"path": "a", "subsets": [{"path": "b"}, {"path": "b"}]}})
