@@ -119,11 +119,12 @@ class LatentEntry:
 
 
 def plan_latent_entries(items: Sequence[Item], buckets: Sequence[Bucket], config: DatasetConfig) -> list[LatentEntry]:
-    """Center crops (random crops change per step and cannot be cached), plus mirrored copies with flip_aug."""
+    """Center crops (random crops change per step and cannot be cached), plus mirrored copies of the images whose
+    folder has flip_aug."""
     entries = []
     for index, (item, bucket) in enumerate(zip(items, buckets, strict=True)):
         resized, crop = plan_crop(item.width, item.height, bucket, random_crop=False, rng=random.Random(0))
-        for flip in (False, True) if config.flip_aug else (False,):
+        for flip in (False, True) if config.for_subset(item.subset).flip_aug else (False,):
             entries.append(LatentEntry(index, bucket, resized, crop, flip))
     return entries
 

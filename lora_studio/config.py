@@ -93,6 +93,10 @@ class DatasetSubset(Section):
     caption_tag_dropout_rate: float | None = Field(None, ge=0.0, le=1.0)
     caption_prefix: str | None = None
     caption_suffix: str | None = None
+    # ... and its own augmentations (kohya's flip_aug, random_crop, color_aug per subset)
+    flip_aug: bool | None = None
+    random_crop: bool | None = None
+    color_jitter: tuple[float, float, float, float] | None = None
 
     @field_validator("path")
     @classmethod
@@ -106,13 +110,30 @@ class DatasetSubset(Section):
     def _an_extension(cls, value: str | None) -> str | None:
         return None if value is None else caption_extension(value)
 
-    def caption_settings(self) -> dict[str, Any]:
-        """The caption settings this folder sets for itself (the rest are the dataset's)."""
-        return {key: getattr(self, key) for key in SUBSET_CAPTION_KEYS if getattr(self, key) is not None}
+    @field_validator("color_jitter")
+    @classmethod
+    def _jitter_in_range(cls, value: tuple[float, float, float, float] | None) -> tuple | None:
+        return None if value is None else color_jitter_in_range(value)
+
+    def own_settings(self) -> dict[str, Any]:
+        """The caption and augmentation settings this folder sets for itself (the rest are the dataset's)."""
+        return {key: getattr(self, key) for key in SUBSET_OWN_KEYS if getattr(self, key) is not None}
 
 
 SUBSET_CAPTION_KEYS = ("caption_extension", "keep_tokens", "shuffle_caption", "caption_dropout_rate",
                        "caption_tag_dropout_rate", "caption_prefix", "caption_suffix")  # fmt: skip
+SUBSET_AUGMENTATION_KEYS = ("flip_aug", "random_crop", "color_jitter")
+AUGMENTATION_OFF = {"random_crop": "turn random_crop off", "color_jitter": "set color_jitter to [0, 0, 0, 0]"}
+SUBSET_OWN_KEYS = SUBSET_CAPTION_KEYS + SUBSET_AUGMENTATION_KEYS
+
+
+def color_jitter_in_range(value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    limits = (1.0, 1.0, 1.0, 0.5)
+    bad = [f"{name} {v}" for name, v, top in zip(("brightness", "contrast", "saturation", "hue"), value, limits,
+                                                  strict=True) if not 0.0 <= v <= top]  # fmt: skip
+    if bad:
+        raise ValueError(f"{', '.join(bad)} out of range: brightness, contrast and saturation take 0-1, hue 0-0.5")
+    return value
 
 
 def caption_extension(value: str) -> str:
@@ -185,16 +206,25 @@ class DatasetConfig(Section):
     @field_validator("color_jitter")
     @classmethod
     def _jitter_in_range(cls, value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-        limits = (1.0, 1.0, 1.0, 0.5)
-        bad = [f"{name} {v}" for name, v, top in zip(("brightness", "contrast", "saturation", "hue"), value, limits,
-                                                      strict=True) if not 0.0 <= v <= top]  # fmt: skip
-        if bad:
-            raise ValueError(f"{', '.join(bad)} out of range: brightness, contrast and saturation take 0-1, hue 0-0.5")
-        return value
+        return color_jitter_in_range(value)
 
     @property
     def color_augmented(self) -> bool:
         return any(self.color_jitter)
+
+    def per_step_augmentations(self) -> list[tuple[str, str]]:
+        """(the setting that turns it on, its key) for each augmentation that changes an image every step (so its
+        latents cannot be cached): "`dataset.random_crop`", "`color_jitter` on line 2 of dataset.subsets"..."""
+        folders = [(0, self)] if self.path.strip() or not self.subsets else []  # path unset: subsets alone
+        folders += [(n, self.for_subset(n)) for n in range(1, len(self.subsets) + 1)]
+        found = []
+        for line, settings in folders:
+            for key, on in (("random_crop", settings.random_crop), ("color_jitter", settings.color_augmented)):
+                own = line and getattr(self.subsets[line - 1], key) is not None
+                named = f"`{key}` on line {line} of dataset.subsets" if own else f"`dataset.{key}`"
+                if on and (named, key) not in found:
+                    found.append((named, key))
+        return found
 
     @property
     def captions_are_static(self) -> bool:
@@ -204,8 +234,8 @@ class DatasetConfig(Section):
                    for settings in (self, *(self.for_subset(n) for n in range(1, len(self.subsets) + 1))))  # fmt: skip
 
     def for_subset(self, line: int) -> DatasetConfig:
-        """The settings the images of subset `line` (1-based; 0: `path`'s) are captioned with."""
-        own = self.subsets[line - 1].caption_settings() if line else {}
+        """The settings the images of subset `line` (1-based; 0: `path`'s) are captioned and augmented with."""
+        own = self.subsets[line - 1].own_settings() if line else {}
         return self.model_copy(update=own) if own else self
 
     def has_images(self) -> bool:
@@ -696,16 +726,9 @@ class TrainConfig(Section):
         if len(self.lora.block_ranks) == 23 and self.family not in ("sdxl", "auto"):
             problems.append("`lora.block_ranks` has kohya's 23 SDXL blocks, but the family is not SDXL; give kohya's "
                             "25 SD 1.x/2.x blocks or 3 values (down, mid, up) instead")  # fmt: skip
-        if self.dataset.cache_latents and self.dataset.random_crop:
-            problems.append(
-                "`dataset.random_crop` changes every step, so latents cannot be cached; "
-                "turn cache_latents or random_crop off"
-            )
-        if self.dataset.cache_latents and self.dataset.color_augmented:
-            problems.append(
-                "`dataset.color_jitter` changes every step, so latents cannot be cached; "
-                "turn cache_latents off or set color_jitter to [0, 0, 0, 0]"
-            )
+        if self.dataset.cache_latents:
+            problems += [f"{named} changes every step, so latents cannot be cached; turn dataset.cache_latents off "
+                         f"or {AUGMENTATION_OFF[key]}" for named, key in self.dataset.per_step_augmentations()]
         if self.optimizer.zero_terminal_snr and self.prediction_type == "epsilon":
             problems.append(
                 "`optimizer.zero_terminal_snr` needs v-prediction (at zero SNR there is no noise left to predict); "
@@ -1012,6 +1035,9 @@ KOHYA_DATASET_LEVEL = {"resolution": "resolution", "batch_size": "train_batch_si
 KOHYA_SUBSET_SHARED = ("caption_extension", "shuffle_caption", "keep_tokens", "flip_aug", "color_aug", "random_crop",
                        "caption_prefix", "caption_suffix", "caption_dropout_rate", "caption_tag_dropout_rate",
                        "alpha_mask")  # fmt: skip
+KOHYA_SUBSET_CAN_DIFFER = {**{key: key for key in SUBSET_CAPTION_KEYS}, "flip_aug": "flip_aug",
+                           "random_crop": "random_crop", "color_aug": "color_jitter"}  # fmt: skip
+KOHYA_COLOR_AUG = {True: [0.1, 0.1, 0.1, 0.02], False: [0.0, 0.0, 0.0, 0.0]}  # on/off: a mild jitter of each kind
 KOHYA_NO_EFFECT = ("cache_info",)  # kohya's cache of image sizes: it changes no training, so it is let go
 
 
@@ -1036,11 +1062,12 @@ def _flatten_kohya_datasets(data: dict[str, Any]) -> tuple[dict[str, Any], list[
     problems = [f"kohya's dataset option `{key}` is not a setting this app has; remove it (it takes "
                 f"{', '.join(sorted(known))})" for key in unknown]  # fmt: skip
     flat.update({KOHYA_DATASET_LEVEL[k]: v for k, v in dataset.items() if k in KOHYA_DATASET_LEVEL})
-    own: dict[str, list] = {}  # caption settings that differ between subsets: each subset keeps its own
+    own: dict[str, list] = {}  # caption and augmentation settings that differ between subsets: each keeps its own
     for key in KOHYA_SUBSET_SHARED:
         values = [subset.get(key, dataset.get(key)) for subset in subsets]
-        if len({repr(v) for v in values}) > 1 and key in SUBSET_CAPTION_KEYS:
-            own[key] = values
+        if len({repr(v) for v in values}) > 1 and key in KOHYA_SUBSET_CAN_DIFFER:
+            own[KOHYA_SUBSET_CAN_DIFFER[key]] = [KOHYA_COLOR_AUG[bool(v)] if key == "color_aug" and v is not None
+                                                 else v for v in values]  # fmt: skip
         elif len({repr(v) for v in values}) > 1:
             problems.append(f"kohya's `{key}` differs between subsets ({', '.join(repr(v) for v in values)}); this "
                             "app has one value for all folders: set one in [general]")  # fmt: skip
@@ -1082,8 +1109,8 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
             value = KOHYA_OPTIMIZERS.get(value.lower(), value)
         if key == "network_train_unet_only":
             target, value = "lora.train_text_encoder", not value
-        if key == "color_aug":  # kohya's on/off: a mild jitter of each kind
-            value = [0.1, 0.1, 0.1, 0.02] if value else [0.0, 0.0, 0.0, 0.0]
+        if key == "color_aug":
+            value = KOHYA_COLOR_AUG[bool(value)]
         if key == "alpha_mask" and value is True:  # kohya's alpha_mask turns masked loss on by itself
             _set_path(out, "dataset.masked_loss", True)
         _set_path(out, target, value)

@@ -725,11 +725,12 @@ class StepSample:
 
 
 def make_step_sample(item: Item, bucket: Bucket, config: DatasetConfig, rng: random.Random) -> StepSample:
-    """Random crop, flip and colour jitter (when enabled) and the step's caption, all drawn from `rng` for exact
-    resume."""
-    resized, crop = plan_crop(item.width, item.height, bucket, config.random_crop, rng)
-    flip = config.flip_aug and rng.random() < 0.5
-    jitter = draw_color_jitter(config.color_jitter, rng) if config.color_augmented else None
+    """Random crop, flip and colour jitter (where the item's folder enables them) and the step's caption, all
+    drawn from `rng` for exact resume."""
+    own = config.for_subset(item.subset)
+    resized, crop = plan_crop(item.width, item.height, bucket, own.random_crop, rng)
+    flip = own.flip_aug and rng.random() < 0.5
+    jitter = draw_color_jitter(own.color_jitter, rng) if own.color_augmented else None
     pixels = bucket_pixels(item, bucket, resized, crop, flip, config.alpha_background, jitter)
     return StepSample(pixels, build_caption(item, config, rng), crop, flip, resized)
 

@@ -67,10 +67,11 @@ def sample_draws(seed: int, step: int, micro: int, indices: list[int]) -> list[D
 
 
 def cached_latent(
-    latent_cache: LatentCache, item: Item, bucket: bucketing.Bucket, index: int, flip_aug: bool, rng: random.Random
+    latent_cache: LatentCache, item: Item, bucket: bucketing.Bucket, index: int, dataset: DatasetConfig,
+    rng: random.Random,
 ) -> dict[str, torch.Tensor]:
     resized, crop = bucketing.plan_crop(item.width, item.height, bucket, False, random.Random(0))
-    flip = flip_aug and rng.random() < 0.5
+    flip = dataset.for_subset(item.subset).flip_aug and rng.random() < 0.5
     cached = latent_cache.get(item, LatentEntry(index, bucket, resized, crop, flip))
     if cached is None:
         raise TrainingError(f"the latent cache lost the entry of {item.path}; delete the cache folder and rerun")
@@ -85,7 +86,7 @@ def batch_latents(
     conditioning), and the loss weights of masked loss (None without). `items`, `buckets` are the whole dataset's;
     `indices` pick the batch."""
     if latent_cache is not None:
-        entries = [cached_latent(latent_cache, items[i], buckets[i], i, dataset.flip_aug, d.rng)
+        entries = [cached_latent(latent_cache, items[i], buckets[i], i, dataset, d.rng)
                    for i, d in zip(indices, draws, strict=True)]  # fmt: skip
         mean, std = torch.stack([e["mean"] for e in entries]), torch.stack([e["std"] for e in entries])
         crops = [e["crop"] for e in entries]

@@ -5,15 +5,18 @@ import json
 import random
 
 import pytest
+import torch
 from test_train import tiny_config
 from test_validation import make_images
 
 from lora_studio.buckets import epoch_batches
+from lora_studio.cache import plan_latent_entries
 from lora_studio.config import DatasetConfig, TrainConfig, load_config, validate_config
-from lora_studio.data import build_caption, dataset_report, scan, validation_caption
+from lora_studio.data import build_caption, dataset_report, make_step_sample, scan, validation_caption
 from lora_studio.errors import ConfigError
 from lora_studio.outputs import training_facts
-from lora_studio.train import prepare
+from lora_studio.step import cached_latent
+from lora_studio.train import prepare, run_training
 from lora_studio.ui.config_form import FIELD_BY_KEY, KEYS, config_from_form, form_values
 
 
@@ -137,6 +140,37 @@ def test_subsets_train_with_their_repeats_and_class_folders_as_regularization(tm
     assert facts.reg_dataset_dirs == {"people": {"n_repeats": 2, "img_count": 2}}
 
 
+def test_each_folder_augments_with_its_own_settings(tmp_path, tiny_folders):
+    main = make_images(tmp_path / "main", 2)
+    faces = make_images(tmp_path / "faces", 2, shade=60)
+    flipped = tiny_config(tmp_path / "a", tiny_folders, main, dataset={"subsets": [
+        {"path": str(faces), "flip_aug": True}]})  # fmt: skip
+    session = prepare(flipped)
+    entries = plan_latent_entries(session.items, session.buckets, flipped.dataset)
+    # mirrored copies are cached for the subset's images only
+    assert sorted((session.items[e.item_index].subset, e.flip) for e in entries) == [
+        (0, False), (0, False), (1, False), (1, False), (1, True), (1, True)]
+    for index, (item, bucket) in enumerate(zip(session.items, session.buckets, strict=True)):  # a step's draw
+        means = [cached_latent(session.latent_cache, item, bucket, index, flipped.dataset, random.Random(k))["mean"]
+                 for k in range(6)]  # fmt: skip
+        assert any(not torch.equal(means[0], other) for other in means[1:]) == (item.subset == 1), item.path
+    assert run_training(flipped).lora_path.exists()
+    # without a cache, crops and colour jitter act on the folder that sets them, and nothing else changes
+    jittered = tiny_config(tmp_path / "b", tiny_folders, main, dataset={"cache_latents": False, "subsets": [
+        {"path": str(faces), "random_crop": True, "color_jitter": [0.3, 0.3, 0.3, 0.1]}]})  # fmt: skip
+    session = prepare(jittered)
+    for item, bucket in zip(session.items, session.buckets, strict=True):
+        pixels = [make_step_sample(item, bucket, jittered.dataset, random.Random(k)).pixels for k in range(4)]
+        changes = any(not torch.equal(pixels[0], other) for other in pixels[1:])
+        assert changes == (item.subset == 1), item.path
+    # the dataset's own augmentation reaches a subset that does not set its own, and a subset can turn it off
+    both = jittered.dataset.model_copy(update={"flip_aug": True, "subsets": [
+        jittered.dataset.subsets[0].model_copy(update={"flip_aug": False})]})  # fmt: skip
+    assert (both.for_subset(0).flip_aug, both.for_subset(1).flip_aug) == (True, False)
+    assert [named for named, _ in both.per_step_augmentations()] == [
+        "`random_crop` on line 1 of dataset.subsets", "`color_jitter` on line 1 of dataset.subsets"]
+
+
 def write_kohya(tmp_path, dataset_toml: str, extra: str = "") -> object:
     (tmp_path / "sets").mkdir(exist_ok=True)
     (tmp_path / "sets" / "dataset.toml").write_text(dataset_toml)
@@ -211,11 +245,24 @@ def test_kohyas_dataset_config_what_cannot_be_taken_is_named(tmp_path):
     differing = KOHYA_DATASET.replace("  class_tokens = 'girl'\n", "  class_tokens = 'girl'\n  keep_tokens = 3\n")
     subsets = load_config(write_kohya(tmp_path, differing)).dataset.subsets
     assert [s.keep_tokens for s in subsets] == [1, 1, 3]
-    # an augmentation is one setting for all folders here (it decides how latents are cached): refused by name,
+    # so does an augmentation (kohya's color_aug becomes a mild colour jitter)
+    augmented = KOHYA_DATASET.replace("  class_tokens = 'girl'\n", "  class_tokens = 'girl'\n  flip_aug = true\n"
+                                      "  color_aug = true\n  random_crop = true\n")  # fmt: skip
+    subsets = load_config(write_kohya(tmp_path, augmented, "cache_latents = false\n")).dataset.subsets
+    assert [(s.flip_aug, s.random_crop, s.color_jitter) for s in subsets] == [
+        (None, None, None), (None, None, None), (True, True, (0.1, 0.1, 0.1, 0.02))]
+    with pytest.raises(ConfigError) as cached:  # one folder's per-step augmentation: no latent cache for any
+        load_config(write_kohya(tmp_path, augmented))
+    assert [line.strip() for line in str(cached.value).splitlines()[1:]] == [
+        "- `random_crop` on line 3 of dataset.subsets changes every step, so latents cannot be cached; turn "
+        "dataset.cache_latents off or turn random_crop off",
+        "- `color_jitter` on line 3 of dataset.subsets changes every step, so latents cannot be cached; turn "
+        "dataset.cache_latents off or set color_jitter to [0, 0, 0, 0]"]
+    # a setting that is one for all folders here (alpha_mask decides how masks are read) is refused by name,
     # never averaged or dropped
-    flipped = KOHYA_DATASET.replace("  class_tokens = 'girl'\n", "  class_tokens = 'girl'\n  flip_aug = true\n")
-    with pytest.raises(ConfigError, match=r"`flip_aug` differs between subsets \(None, None, True\)"):
-        load_config(write_kohya(tmp_path, flipped))
+    masked = KOHYA_DATASET.replace("  class_tokens = 'girl'\n", "  class_tokens = 'girl'\n  alpha_mask = true\n")
+    with pytest.raises(ConfigError, match=r"`alpha_mask` differs between subsets \(None, None, True\)"):
+        load_config(write_kohya(tmp_path, masked))
     face_crop = KOHYA_DATASET.replace("[general]", "[general]\nface_crop_aug_range = [2.0, 4.0]")
     with pytest.raises(ConfigError, match="`face_crop_aug_range` is not a setting"):
         load_config(write_kohya(tmp_path, face_crop))
