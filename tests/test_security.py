@@ -177,9 +177,9 @@ def test_dataset_folders_outside_the_roots_are_refused(server, client):
         assert_refused(client.call("open_dataset", [source, None, ".txt", None]), "outside the app's folders")
     # The open folder is server-side state: a request that puts a folder in the state's place is not heard.
     bait = str(outside)
-    assert_refused(client.call("apply_bulk_edit", [bait, "zkz", "", "", "secret", "x", None, ".txt"]),
+    assert_refused(client.call("apply_bulk_edit", [bait, "zkz", "", "", "secret", "x", None, ".txt", None]),
                    "No dataset is open")  # fmt: skip
-    caption = client.call("save_caption", [bait, str(outside / "image.png"), "a new caption", ".txt"])
+    caption = client.call("save_caption", [bait, str(outside / "image.png"), "a new caption", ".txt", None])
     assert_refused(caption, "No dataset is open")
 
 
@@ -245,15 +245,15 @@ def test_the_caption_extension_from_the_form_cannot_name_another_file(server, cl
     for bad in ("/../../../outside/sentinel", ".txt/../../../outside/caption", "."):
         for handler, values in (("open_dataset", ["demo", None, bad, None]),
                                 ("upload", [None, "by-extension", [GradioHTTP.file_data(stored)], None, bad, None]),
-                                ("save_caption", [None, image, "overwritten", bad]),
-                                ("apply_bulk_edit", [None, "zkz", "", "", "", "", None, bad]),
-                                ("preview_captions", [None, None, "overwrite", "", 0.35, bad]),
-                                ("caption_all", [None, None, "overwrite", "", 0.35, 4, None, bad]),
-                                ("current_view", [str(server["outside"]), None, bad])):  # fmt: skip
+                                ("save_caption", [None, image, "overwritten", bad, None]),
+                                ("apply_bulk_edit", [None, "zkz", "", "", "", "", None, bad, None]),
+                                ("preview_captions", [None, None, "overwrite", "", 0.35, bad, None]),
+                                ("caption_all", [None, None, "overwrite", "", 0.35, 4, None, bad, None]),
+                                ("current_view", [str(server["outside"]), None, bad, None])):  # fmt: skip
             assert_refused(client.call(handler, values), "`dataset.caption_extension`", "is not a file extension")
     assert not (server["home"] / "datasets" / "by-extension").exists()
     # The Dataset tab's re-read on select takes the open folder from the page's server-side state, never the request.
-    ok, data = client.call("current_view", [str(server["outside"]), None, ".txt"], session="never-opened")
+    ok, data = client.call("current_view", [str(server["outside"]), None, ".txt", None], session="never-opened")
     assert ok and all(update == {"__type__": "update"} for update in data)  # nothing open: nothing read or sent
 
 

@@ -346,3 +346,37 @@ def test_opening_a_subsets_folder_in_the_dataset_tab_leaves_dataset_path_alone(a
     assert became == str(other)
     *_, became = dataset_tab.open_dataset(app_state, str(alice), None, ".txt", "not a table")  # unreadable: none
     assert became == str(alice)
+
+
+def test_the_dataset_tab_shows_and_edits_a_subsets_folder_as_that_subset_trains(app_state):
+    """A subset's own caption extension is the one the tab reads and writes for its folder (and for the kohya
+    `N_name` folders of a subset that is their parent); its class tokens and repeats are what the report checks."""
+    from lora_studio.ui import dataset_tab
+
+    faces = uncaptioned(app_state.roots.datasets / "faces", 2)
+    (faces / "0.caption").write_text("a face, smiling")
+    parent = app_state.roots.datasets / "styles"
+    ink = make_images(parent / "3_ink", 2, shade=60)
+    for caption in ink.glob("*.txt"):
+        caption.rename(caption.with_suffix(".caption"))
+    subsets = ('{ path = "datasets/faces", caption_extension = ".caption", class_tokens = "zkz face", repeats = 5 }\n'
+               '{ path = "datasets/styles", caption_extension = "caption" }')  # fmt: skip
+    state, _shown, gallery, report, _tags, became = dataset_tab.open_dataset(app_state, "datasets/faces", None,
+                                                                             ".txt", subsets)  # fmt: skip
+    assert became == {"__type__": "update"}
+    assert sorted(label for _path, label in gallery) == ["", "a face, smiling"]
+    assert "**2 images**" in report and "zkz face" in report  # the uncaptioned one: the subset's class tokens
+    gallery, message = dataset_tab.save_caption(app_state, state, "1.png", "a face, frowning", ".txt", subsets)
+    assert message == "Saved 1.caption." and not (faces / "1.txt").exists()
+    assert (faces / "1.caption").read_text().strip() == "a face, frowning"
+    dataset_tab.apply_bulk_edit(app_state, state, "", "", "", "face", "head", None, ".txt", subsets)
+    assert (faces / "1.caption").read_text().strip() == "a head, frowning"
+    gallery, *_ = dataset_tab.current_view(app_state, state, None, ".txt", "")  # no longer a subset: the form's .txt
+    assert [label for _path, label in gallery] == ["", ""]
+    # an N_name folder of a subset that is a kohya parent reads that subset's extension
+    _state, _shown, gallery, *_ = dataset_tab.open_dataset(app_state, str(ink), None, ".txt", subsets)
+    assert sorted(label for _path, label in gallery) == ["a thing number 0", "a thing number 1"]
+    # a subset line that cannot train (a bad extension) is no subset here: the form names the problem
+    bad = '{ path = "datasets/faces", caption_extension = "../x" }'
+    *_, became = dataset_tab.open_dataset(app_state, "datasets/faces", None, ".txt", bad)
+    assert became == str(faces)

@@ -12,9 +12,10 @@ import shutil
 from pathlib import Path
 
 import gradio as gr
+from pydantic import ValidationError
 
-from ..config import CONFIG_VERSION, DatasetConfig, load_preset, shortened, validate_config
-from ..data import CaptionError, is_training_image, read_caption, scan
+from ..config import CONFIG_VERSION, DatasetConfig, DatasetSubset, load_preset, shortened, validate_config
+from ..data import KOHYA_FOLDER, CaptionError, is_training_image, read_caption, scan
 from ..dataset_edit import (
     BulkEdit,
     bulk_edit,
@@ -84,16 +85,47 @@ def gallery_items(folder: Path, extension: str = ".txt") -> list[tuple[str, str]
     return items
 
 
-def dataset_settings(preset: str | None, folder: Path, extension: str = ".txt") -> DatasetConfig:
+def dataset_settings(preset: str | None, folder: Path, extension: str = ".txt",
+                     subset: DatasetSubset | None = None) -> DatasetConfig:  # fmt: skip
     """The Train tab's preset's dataset settings (bucket sizes...) with the form's caption extension for `folder`,
-    so the report warns about what that training would actually do."""
+    or as the form's `subset` reads it (its own repeats, class tokens and caption settings), so the report warns
+    about what that training would actually do."""
     settings = load_preset(preset).dataset if preset else DatasetConfig()
+    if subset is not None:
+        own = subset.model_copy(update={"path": str(folder), "regularization": False})  # scanned as it is
+        return settings.model_copy(update={"path": "", "subsets": [own], "caption_extension": extension})
     return settings.model_copy(update={"path": str(folder), "subsets": [], "caption_extension": extension})
 
 
-def folder_view(folder: Path, preset: str | None = None, extension: str = ".txt") -> tuple[list, str, list[list]]:
+def listed_subset(app: AppState, folder: Path, subsets: str | None) -> DatasetSubset | None:
+    """The Train form's subset that `folder` is, or is a kohya `N_name` folder of (resolved inside the roots; a line
+    the form cannot read is no subset here, the form reports it)."""
+    try:
+        listed = parse_tables(subsets or "")
+    except ValueError:
+        return None
+    within = folder.resolve().parent if KOHYA_FOLDER.match(folder.name) else None
+    for table in listed:
+        try:
+            subset = DatasetSubset.model_validate(table)
+            path = app.roots.resolve(subset.path, "subset folder")
+        except (ValidationError, LoraStudioError):
+            continue  # not a subset training can take (Start refuses it), so not this folder's
+        if path == folder.resolve() or path == within:
+            return subset
+    return None
+
+
+def folder_extension(subset: DatasetSubset | None, extension: str | None) -> str:
+    """The caption extension the open folder's captions have for training: its subset's own, else the form's."""
+    form = caption_extension(extension)  # checked even where a subset's own replaces it: a bad request is refused
+    return subset.caption_extension if subset and subset.caption_extension else form
+
+
+def folder_view(folder: Path, preset: str | None = None, extension: str = ".txt",
+                subset: DatasetSubset | None = None) -> tuple[list, str, list[list]]:  # fmt: skip
     """Gallery items, the validation report and the tag table, from one scan of the folder."""
-    report = scan(dataset_settings(preset, folder, extension))
+    report = scan(dataset_settings(preset, folder, extension, subset))
     lines = [f"**{len(report.items)} images** usable in `{folder}`, {len(report.errors)} errors, "
              f"{len(report.warnings)} warnings" + (f" (checked with the `{preset}` preset's settings)." if preset
                                                     else ".")]  # fmt: skip
@@ -104,40 +136,34 @@ def folder_view(folder: Path, preset: str | None = None, extension: str = ".txt"
         for tag, n in tags.items():
             counts[tag] = counts.get(tag, 0) + n
     tags = [[tag, n] for tag, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
-    return gallery_items(folder, extension), "\n".join(lines), tags
+    return gallery_items(folder, folder_extension(subset, extension)), "\n".join(lines), tags
 
 
 def open_dataset(app: AppState, source: str, preset: str | None = None, extension: str | None = None,
                  subsets: str | None = None) -> tuple[str, str, list, str, list, str]:  # fmt: skip
     """The folder (for the page's state), its view; it also becomes the Train tab's dataset (so edits are what
-    trains), unless it is one of the form's `subsets` already."""
+    trains), unless it is one of the form's `subsets` already (then it is shown as that subset trains)."""
     extension = caption_extension(extension)
     folder = working_folder(app, source)
-    return str(folder), str(folder), *folder_view(folder, preset, extension), train_dataset(app, folder, subsets)
+    subset = listed_subset(app, folder, subsets)
+    return str(folder), str(folder), *folder_view(folder, preset, extension, subset), train_dataset(folder, subset)
 
 
-def train_dataset(app: AppState, folder: Path, subsets: str | None):
+def train_dataset(folder: Path, subset: DatasetSubset | None):
     """What the Train form's dataset.path becomes once `folder` is open: the folder, or (a skip) what it was when the
     folder is one of the form's subsets, which train already with their own settings."""
-    try:
-        listed = parse_tables(subsets or "")
-    except ValueError:
-        listed = []  # the Train form reports its own unreadable line
-    for subset in listed:
-        try:
-            if app.roots.resolve(str(subset.get("path", "")), "subset folder") == folder.resolve():
-                return gr.skip()
-        except LoraStudioError:
-            continue  # a subset outside the roots cannot be this folder; Start refuses it
-    return str(folder)
+    return gr.skip() if subset is not None else str(folder)
 
 
-def current_view(app: AppState, folder: str | None, preset: str | None = None, extension: str | None = None) -> tuple:
+def current_view(app: AppState, folder: str | None, preset: str | None = None, extension: str | None = None,
+                 subsets: str | None = None) -> tuple:  # fmt: skip
     """The open folder's gallery, report and tags again, as they are now: files added or captions changed on disk
-    since, or a Train form whose preset (the report's checks) or caption extension (the captions shown) changed."""
+    since, or a Train form whose preset (the report's checks), caption extension (the captions shown) or subsets
+    changed."""
     if not folder:
         return gr.skip(), gr.skip(), gr.skip()
-    return folder_view(open_folder(app, folder), preset, caption_extension(extension))
+    target = open_folder(app, folder)
+    return folder_view(target, preset, caption_extension(extension), listed_subset(app, target, subsets))
 
 
 def upload(
@@ -156,29 +182,31 @@ def upload(
     message = f"Added {len(result.images)} images and {len(result.captions)} captions to {target}."
     if result.skipped:
         message += " Skipped: " + "; ".join(result.skipped)
-    return str(target), str(target), *folder_view(target, preset, extension), message, train_dataset(app, target,
-                                                                                                       subsets)
+    subset = listed_subset(app, target, subsets)
+    return (str(target), str(target), *folder_view(target, preset, extension, subset), message,
+            train_dataset(target, subset))
 
 
 def save_caption(
-    app: AppState, folder: str | None, image_path: str, caption: str, extension: str | None = None
-) -> tuple[list, str]:
+    app: AppState, folder: str | None, image_path: str, caption: str, extension: str | None = None,
+    subsets: str | None = None,
+) -> tuple[list, str]:  # fmt: skip
     target = open_folder(app, folder)
-    extension = caption_extension(extension)
+    extension = folder_extension(listed_subset(app, target, subsets), extension)
     path = write_caption(target, Path(image_path or "").name, caption, extension)
     return gallery_items(target, extension), f"Saved {path.name}."
 
 
 def apply_bulk_edit(
     app: AppState, folder: str | None, trigger: str, prefix: str, suffix: str, find: str, replace: str,
-    preset: str | None = None, extension: str | None = None,
+    preset: str | None = None, extension: str | None = None, subsets: str | None = None,
 ) -> tuple[list, str, list, str]:  # fmt: skip
     target = open_folder(app, folder)
-    extension = caption_extension(extension)
+    subset = listed_subset(app, target, subsets)
     changed = bulk_edit(target, BulkEdit(find=find, replace=replace, prefix=prefix, suffix=suffix,
-                                         trigger_word=trigger), extension)  # fmt: skip
+                                         trigger_word=trigger), folder_extension(subset, extension))  # fmt: skip
     message = f"Changed {len(changed)} captions." if changed else "No caption needed a change."
-    return *folder_view(target, preset, extension), message
+    return *folder_view(target, preset, caption_extension(extension), subset), message
 
 
 def editor_value(picture) -> dict:
@@ -258,13 +286,13 @@ def chosen_captioner(app: AppState, name: str | None, threshold: float):
     return app.loaded_captioner[1]
 
 
-def preview_captions(app: AppState, folder: str | None, name: str | None, mode: str, trigger: str,
-                     threshold: float, extension: str | None = None) -> list[list]:  # fmt: skip
+def preview_captions(app: AppState, folder: str | None, name: str | None, mode: str, trigger: str, threshold: float,
+                     extension: str | None = None, subsets: str | None = None) -> list[list]:  # fmt: skip
     """What captioning would write for the first few images, written nowhere."""
     from ..captioner import caption_dataset
 
     target = open_folder(app, folder)
-    extension = caption_extension(extension)
+    extension = folder_extension(listed_subset(app, target, subsets), extension)
     captioner = chosen_captioner(app, name, threshold)
     results = caption_dataset(target, captioner, mode, trigger[:200], limit=PREVIEW_CAPTIONS, write=False,
                               extension=extension)  # fmt: skip
@@ -272,13 +300,14 @@ def preview_captions(app: AppState, folder: str | None, name: str | None, mode: 
 
 
 def caption_all(app: AppState, folder: str | None, name: str | None, mode: str, trigger: str, threshold: float,
-                batch: int, preset: str | None = None, extension: str | None = None,
+                batch: int, preset: str | None = None, extension: str | None = None, subsets: str | None = None,
                 progress=gr.Progress()) -> tuple:  # fmt: skip
     """Caption every image of the open folder, batch by batch, each write atomic; Stop ends it after a batch."""
     from ..captioner import caption_dataset
 
     target = open_folder(app, folder)
-    extension = caption_extension(extension)
+    subset = listed_subset(app, target, subsets)
+    form_extension, extension = caption_extension(extension), folder_extension(subset, extension)
     captioner = chosen_captioner(app, name, threshold)
     app.caption_stop.clear()
 
@@ -291,7 +320,7 @@ def caption_all(app: AppState, folder: str | None, name: str | None, mode: str, 
         message = f"Wrote {sum(r.written for r in results)} captions ({len(results)} images, mode {mode})."
     except StoppedEarly as exc:
         message = str(exc)
-    return *folder_view(target, preset, extension), message
+    return *folder_view(target, preset, form_extension, subset), message
 
 
 def stop_captioning(app: AppState) -> str:
@@ -393,8 +422,8 @@ def connect(
     # show_progress_on: a refusal's badge goes on the message, not over the gallery (ui/errors.py says why)
     gr.on([p["open"].click, blocks.load], shown(open_dataset, app), [p["source"], preset, extension, subsets],
           [*view, train_dataset], show_progress_on=p["report"])  # blocks.load: the demo  # fmt: skip
-    page.select(shown(current_view, app), [state, preset, extension], [p["gallery"], p["report"], p["tags"]],
-                show_progress_on=p["report"])  # fmt: skip
+    page.select(shown(current_view, app), [state, preset, extension, subsets],
+                [p["gallery"], p["report"], p["tags"]], show_progress_on=p["report"])  # fmt: skip
     blocks.load(shown(run_names, app), None, p["loss_run"])
     uploaded = p["files"].upload(shown(upload, app), [state, p["new_name"], p["files"], preset, extension, subsets],
                                  [*view, p["status"], train_dataset], show_progress_on=p["status"])  # fmt: skip
@@ -415,14 +444,15 @@ def connect(
     blocks.load(shown(captioner_choices), None, p["captioner"])
     p["captioner_refresh"].click(shown(captioner_choices), None, p["captioner"])
     settings = [state, p["captioner"], p["caption_mode"], p["caption_trigger"], p["caption_threshold"]]
-    p["caption_preview"].click(shown(preview_captions, app), [*settings, extension], p["caption_rows"])
-    p["caption_all"].click(shown(caption_all, app), [*settings, p["caption_batch"], preset, extension],
+    p["caption_preview"].click(shown(preview_captions, app), [*settings, extension, subsets], p["caption_rows"])
+    p["caption_all"].click(shown(caption_all, app), [*settings, p["caption_batch"], preset, extension, subsets],
                            [p["gallery"], p["report"], p["tags"], p["status"]],
                            show_progress_on=p["status"])  # fmt: skip
     p["caption_stop"].click(shown(stop_captioning, app), None, p["status"])
     p["loss_show"].click(shown(image_losses, app), p["loss_run"], p["losses"])
-    p["save"].click(shown(save_caption, app), [state, p["selected"], p["caption"], extension],
+    p["save"].click(shown(save_caption, app), [state, p["selected"], p["caption"], extension, subsets],
                     [p["gallery"], p["status"]], show_progress_on=p["status"])  # fmt: skip
-    bulk_inputs = [state, p["trigger"], p["prefix"], p["suffix"], p["find"], p["replace"], preset, extension]
+    bulk_inputs = [state, p["trigger"], p["prefix"], p["suffix"], p["find"], p["replace"], preset, extension,
+                   subsets]
     p["bulk"].click(shown(apply_bulk_edit, app), bulk_inputs, [p["gallery"], p["report"], p["tags"], p["status"]],
                     show_progress_on=p["status"])  # fmt: skip
