@@ -208,10 +208,12 @@ class TextCache:
     """Text-encoder outputs per caption. `encode(captions) -> {name: tensor [batch, ...]}` does the work,
     so the training code decides what to keep (hidden states after clip skip, SDXL's pooled output)."""
 
-    def __init__(self, folder: Path, text_encoders: Sequence[torch.nn.Module], clip_skip: int):
+    def __init__(self, folder: Path, text_encoders: Sequence[torch.nn.Module], clip_skip: int, max_tokens: int = 75):
         self.folder = Path(folder) / "text"
         identity = "|".join(module_fingerprint(m) for m in text_encoders)
         self.identity = f"{identity}|clip_skip={clip_skip}"
+        if max_tokens != 75:  # the caches of one window (all before kohya's longer captions) keep their keys
+            self.identity += f"|max_tokens={max_tokens}"
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
 
     def key(self, caption: str) -> str:

@@ -19,27 +19,69 @@ def unread_layers(num_layers: int, clip_skip: int, sdxl: bool, pooled: bool) -> 
     return range(num_layers - skip, num_layers)
 
 
+WINDOW = 75  # caption tokens one pass of a CLIP text encoder reads (77 with its start and end tokens)
+
+
+def window_ids(tokenizer, captions: list[str], max_tokens: int = WINDOW) -> torch.Tensor:
+    """Token ids [batch, windows, 77]: up to `max_tokens` caption tokens (75, or kohya's 150 / 225) cut into windows
+    of 75, each with the start token before it and an end token after it, as kohya's sd-scripts feed long
+    captions. With a tokenizer whose padding is not its end token (SD 2.x's and SDXL's second), a window the
+    text runs past ends in the end token, and a window the text never reaches starts with it."""
+    ids = tokenizer(captions, padding="max_length", max_length=max_tokens + 2, truncation=True,
+                    return_tensors="pt").input_ids  # fmt: skip
+    start, last = ids[:, :1], ids[:, -1:]
+    windows = []
+    for first in range(1, max_tokens + 1, WINDOW):
+        window = torch.cat([start, ids[:, first : first + WINDOW], last], dim=1)
+        end, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        if pad != end:
+            window[(window[:, -2] != end) & (window[:, -2] != pad), -1] = end
+            window[window[:, 1] == pad, 1] = end
+        windows.append(window)
+    return torch.stack(windows, dim=1)
+
+
+def joined_windows(hidden: torch.Tensor, windows: int) -> torch.Tensor:
+    """[batch x windows, 77, width] -> [batch, 2 + 75 x windows, width]: the first start token, every window's 75
+    caption tokens, the last window's end token (kohya's layout; one window comes back as it is)."""
+    if windows == 1:
+        return hidden
+    per_caption = hidden.reshape(-1, windows * hidden.shape[1], hidden.shape[-1])
+    step = WINDOW + 2
+    parts = [per_caption[:, :1]] + [per_caption[:, k * step + 1 : k * step + 1 + WINDOW] for k in range(windows)]
+    return torch.cat([*parts, per_caption[:, -1:]], dim=1)
+
+
 def encode_captions(
     tokenizers: list, encoders: list[torch.nn.Module], captions: list[str], clip_skip: int, sdxl: bool,
-    device: torch.device,
+    device: torch.device, max_tokens: int = WINDOW,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """{"hidden": [batch, tokens, width]} (and "pooled" for SDXL) for a batch of captions."""
+    """{"hidden": [batch, tokens, width]} (and "pooled" for SDXL) for a batch of captions. Captions longer than
+    one window are read in windows of 75 tokens up to `max_tokens`; SDXL's pooled embedding is the first
+    window's (kohya's)."""
     hidden, pooled = [], None
+    windows = max_tokens // WINDOW
     for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
-        ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
+        ids = window_ids(tokenizer, captions, max_tokens).reshape(-1, WINDOW + 2).to(device)
         out = encoder(ids, output_hidden_states=True)
         if sdxl:
-            hidden.append(out.hidden_states[-(clip_skip + 1)])
-            pooled = out[0]  # text_embeds of the second encoder (the last one in the loop)
+            states = out.hidden_states[-(clip_skip + 1)]
+            pooled = out[0][::windows]  # text_embeds of the second encoder (the last one in the loop)
         elif clip_skip == 1:
-            hidden.append(out.last_hidden_state)
+            states = out.last_hidden_state
         else:
             inner = getattr(encoder, "module", encoder)  # past a DistributedDataParallel wrapper
             final_norm = getattr(inner, "text_model", inner).final_layer_norm
-            hidden.append(final_norm(out.hidden_states[-clip_skip]))
+            states = final_norm(out.hidden_states[-clip_skip])
+        hidden.append(joined_windows(states, windows))
     result = {"hidden": torch.cat(hidden, dim=-1)}
     if pooled is not None:
         result["pooled"] = pooled
     return result
+
+
+def overlong_captions(tokenizer, captions: list[str], max_tokens: int = WINDOW) -> list[tuple[str, int]]:
+    """(caption, its token count) of each caption longer than the `max_tokens` the text encoder reads: its end
+    is cut off."""
+    counts = [len(ids) - 2 for ids in tokenizer(captions, truncation=False).input_ids]
+    return [(caption, count) for caption, count in zip(captions, counts, strict=True) if count > max_tokens]

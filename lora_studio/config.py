@@ -646,6 +646,10 @@ class TrainConfig(Section):
     seed: int = Field(42, ge=0, le=MAX_SEED)
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"  # kohya/OneTrainer default on modern GPUs
     clip_skip: int = Field(1, ge=1, le=4)  # 1 = last layer; anime-style SD1 models use 2
+    max_token_length: Literal[75, 150, 225] = Field(
+        75, description="Caption tokens the text encoder reads: 75 (one CLIP window; a longer caption's end is cut "
+        "off), or kohya's 150 / 225 for long tag captions (read in windows of 75).",
+    )  # fmt: skip
     gradient_checkpointing: bool = False
     low_vram: bool = Field(
         False,
@@ -670,6 +674,12 @@ class TrainConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     save: SaveConfig = Field(default_factory=SaveConfig)
+
+    @field_validator("max_token_length", mode="before")
+    @classmethod
+    def _a_token_count(cls, value: Any) -> Any:
+        """The form's dropdown and kohya_ss's saves give the count as text ("150")."""
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
     @field_validator("version")
     @classmethod
@@ -873,6 +883,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "seed": "seed",
     "mixed_precision": "mixed_precision",
     "clip_skip": "clip_skip",
+    "max_token_length": "max_token_length",
     "gradient_checkpointing": "gradient_checkpointing",
     "torch_compile": "torch_compile",
     "train_data_dir": "dataset.path",

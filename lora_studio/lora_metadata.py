@@ -92,6 +92,7 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_network_dropout": str(float(lora.dropout)) if lora.dropout else "None",
         "ss_network_args": json.dumps({k: str(v) for k, v in network_args(lora).items()}),
         "ss_clip_skip": str(config.clip_skip),
+        "ss_max_token_length": str(config.max_token_length) if config.max_token_length != 75 else "None",
         "ss_epoch": str(facts.epochs),
         "ss_num_epochs": str(facts.epochs),
         "ss_steps": str(facts.steps),

@@ -20,7 +20,7 @@ from diffusers.training_utils import compute_snr
 
 from . import buckets as bucketing
 from .cache import LatentCache, LatentEntry, TextCache, encode_pixels
-from .conditioning import encode_captions
+from .conditioning import WINDOW, encode_captions
 from .config import DatasetConfig, OptimConfig
 from .data import Item, bucket_mask, build_caption, make_step_sample
 from .ema import lora_parameters
@@ -35,12 +35,13 @@ def encode_text(
     clip_skip: int,
     encoders: list[torch.nn.Module] | None = None,
     device: torch.device | None = None,
+    max_tokens: int = WINDOW,
 ) -> dict[str, torch.Tensor]:
     """Conditioning for a batch of captions (conditioning.encode_captions) through the base's tokenizers and
     `encoders` (default: its own; training passes the prepared, possibly DDP-wrapped ones)."""
     encoders = encoders or base.text_encoders
     device = device or next(encoders[0].parameters()).device  # the UNet may be parked elsewhere (low_vram)
-    return encode_captions(base.tokenizers, encoders, captions, clip_skip, base.family == "sdxl", device)
+    return encode_captions(base.tokenizers, encoders, captions, clip_skip, base.family == "sdxl", device, max_tokens)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def loss_weights(masks: list[torch.Tensor | None], unmasked_weight: float, shape
 
 def conditioning(
     base: BaseModel, encoders: list[torch.nn.Module], text_cache: TextCache | None, captions: list[str],
-    crops: list, clip_skip: int, device: torch.device,
+    crops: list, clip_skip: int, device: torch.device, max_tokens: int = WINDOW,
 ) -> tuple[torch.Tensor, dict | None]:  # fmt: skip
     """The UNet's text conditioning of a batch: cached embeddings where every caption has one, else through
     `encoders` (the trained, possibly DDP-wrapped ones, so their gradients are synchronised); SDXL adds its
@@ -124,7 +125,7 @@ def conditioning(
     if all(e is not None for e in entries):
         encoded = {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
     else:
-        encoded = encode_text(base, captions, clip_skip, encoders if text_cache is None else None, device)
+        encoded = encode_text(base, captions, clip_skip, encoders if text_cache is None else None, device, max_tokens)
     added = None
     if base.family == "sdxl":
         time_ids = torch.tensor([[*c.original_size, *c.crop_top_left, *c.target_size] for c in crops], device=device,
@@ -258,7 +259,8 @@ def batch_losses(session: Session, indices: list[int], draws: list[Draw]) -> tor
     latents, captions, crops, weights = batch_latents(base.vae, session.latent_cache, config.dataset, session.items,
                                                       session.buckets, indices, draws, device)  # fmt: skip
     encoders = [session.models.get(name, e) for name, e in zip(TEXT_ENCODER_NAMES, base.text_encoders, strict=False)]
-    hidden, added = conditioning(base, encoders, session.text_cache, captions, crops, config.clip_skip, device)
+    hidden, added = conditioning(base, encoders, session.text_cache, captions, crops, config.clip_skip, device,
+                                 config.max_token_length)  # fmt: skip
     losses = diffusion_loss(session.models["unet"], session.noise_scheduler, latents, hidden, added, draws,
                             config.optimizer, session.weight_dtype, session.accelerator.autocast, weights)  # fmt: skip
     prior = config.regularization.prior_loss_weight

@@ -24,7 +24,8 @@ from diffusers import DDPMScheduler
 
 from . import buckets as bucketing
 from .cache import LatentCache, TextCache, cache_folder, plan_latent_entries
-from .config import TrainConfig
+from .conditioning import overlong_captions
+from .config import TrainConfig, shortened
 from .cpu_threads import CpuThreads
 from .data import (
     Item,
@@ -33,6 +34,7 @@ from .data import (
     build_caption,
     regularization_items,
     scan,
+    validation_caption,
     validation_items,
 )
 from .ema import make_ema
@@ -144,9 +146,10 @@ def prepare_caches(config: TrainConfig, base: BaseModel, report: ScanReport, buc
         stats = latent_cache.fill(report.items, entries)
         log.info("latent cache: %d hits, %d built", stats["hits"], stats["built"])
     if config.dataset.cache_text_embeddings:
-        text_cache = TextCache(cache_folder(config), base.text_encoders, config.clip_skip)
+        text_cache = TextCache(cache_folder(config), base.text_encoders, config.clip_skip, config.max_token_length)
         captions = [build_caption(i, config.dataset, random.Random(0)) for i in report.items]
-        stats = text_cache.fill(captions, lambda c: encode_text(base, c, config.clip_skip))
+        stats = text_cache.fill(captions, lambda c: encode_text(base, c, config.clip_skip,
+                                                                max_tokens=config.max_token_length))
         log.info("text cache: %d hits, %d built", stats["hits"], stats["built"])
     return latent_cache, text_cache
 
@@ -228,6 +231,21 @@ def rendering_progress(on_event, accelerator: Accelerator) -> Callable[[int, int
     return report
 
 
+def warn_of_cut_captions(config: TrainConfig, base: BaseModel, items: list) -> None:
+    """A warning in the run's log when captions (as training builds them, before shuffle and dropout) run past
+    the tokens the text encoder reads: their last tags never reach the model."""
+    captions = [validation_caption(item, config.dataset) for item in items]
+    cut = overlong_captions(base.tokenizers[0], captions, config.max_token_length)
+    if not cut:
+        return
+    longest, count = max(cut, key=lambda pair: pair[1])
+    longer = [n for n in (150, 225) if n > config.max_token_length]
+    fix = f"set max_token_length = {longer[-1] if count > 150 else longer[0]}" if longer else "shorten them"
+    log.warning("%d of %d captions are longer than the %d tokens the text encoder reads, so their ends are cut off "
+                "(the longest, %d tokens: %r); %s", len(cut), len(captions), config.max_token_length, count,
+                shortened(longest, 120), fix)  # fmt: skip
+
+
 def held_out_set(config: TrainConfig, base: BaseModel, items: list, resolution: int, accelerator: Accelerator):
     """The validation set, encoded on the main process (the only one that validates); None without validation."""
     if not items or not accelerator.is_main_process:
@@ -250,6 +268,8 @@ def build_session(
                                                 commands.take_stop if commands is not None else None)  # fmt: skip
         report = with_regularization(report, generated)
     buckets = bucketing.assign_buckets([(i.width, i.height) for i in report.items], config.dataset, resolution)
+    if accelerator.is_main_process:
+        warn_of_cut_captions(config, base, report.items)
     with accelerator.main_process_first(), unet_parked(base) if config.low_vram else nullcontext():
         latent_cache, text_cache = prepare_caches(config, base, report, buckets)  # main first, the others hit
         held_out = held_out_set(config, base, validation, resolution, accelerator)

@@ -104,6 +104,7 @@ def test_kohya_ss_rates_steps_and_noise_as_the_gui_means_them(tmp_path):
         load_config(saved(tmp_path, max_train_steps=""))
     multires = load_config(saved(tmp_path, noise_offset_type="Multires"))
     assert (multires.optimizer.noise_offset, multires.optimizer.multires_noise_iterations) == (0.0, 6)
+    assert load_config(saved(tmp_path, max_token_length="225")).max_token_length == 225  # long tag captions
     # sd-scripts (no GUI): the text encoder trains at learning_rate unless text_encoder_lr is given
     assert validate_config({"learning_rate": 2e-4, "network_dim": 4}).optimizer.text_encoder_lr is None
 
@@ -113,7 +114,6 @@ def test_kohya_ss_rates_steps_and_noise_as_the_gui_means_them(tmp_path):
     ({"full_bf16": True}, "`full_bf16` = True has no setting"),
     ({"vae": "/models/vae.safetensors"}, "`vae` = '/models/vae.safetensors' has no setting in this app; set it to "
                                          "empty"),
-    ({"max_token_length": "225"}, "`max_token_length` = '225'"),
     ({"save_model_as": "ckpt"}, "`save_model_as` = 'ckpt' has no setting in this app; set it to 'safetensors'"),
     ({"sample_sampler": "dpm_2_a"}, "sample_sampler 'dpm_2_a' is not one here"),
     ({"sample_prompts": "/home/me/prompts.txt"}, "sample_prompts names the file"),

@@ -142,6 +142,8 @@ def to_form_value(field: FormField, value: Any) -> Any:
     if field.kind == "list":
         # JSON numbers and strings are valid TOML, and fit one line: [0.5, 1.0]
         return "[" + ", ".join(json.dumps(item) for item in value) + "]"
+    if field.kind == "choice":
+        return str(value)  # a dropdown's choices are text, also those of a number (max_token_length: "150")
     return value
 
 
