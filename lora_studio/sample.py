@@ -28,6 +28,7 @@ from diffusers import (
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from .conditioning import TOKENS_COUNTED, WINDOW
 from .errors import LoraStudioError
 from .fsutil import atomic_path
 from .sample_prompts import MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, STRENGTH_RANGE
@@ -74,13 +75,19 @@ def call_pipeline(
     height: int | None, clip_skip: int = 1, **extra,
 ) -> list[Image.Image]:  # fmt: skip
     """One image per seed: the one pipeline call of previews and training samples, so both honour the same
-    settings. Clip skip (A1111's meaning) is applied as training applies it (conditioning.py): for SD1/SD2 the
-    prompt embeddings are made here; SDXL's pipeline counts the layers skipped itself."""
-    texts: dict = {"prompt": [prompt] * len(seeds)}
-    texts["negative_prompt"] = [negative_prompt] * len(seeds) if negative_prompt else None
-    if clip_skip > 1 and not hasattr(pipeline, "text_encoder_2"):
-        texts = {f"{key}_embeds": clip_skipped(pipeline, value or [""] * len(seeds), clip_skip)
-                 for key, value in texts.items()}  # fmt: skip
+    settings. Clip skip (A1111's meaning) is applied as training applies it (conditioning.py), and a prompt longer
+    than one CLIP window is read in windows as training reads long captions (up to 225 tokens; diffusers' own
+    encoding would cut it at 75): the prompt embeddings are then made here. Otherwise (SDXL's clip skip
+    included) the pipeline encodes the prompts itself."""
+    sdxl = hasattr(pipeline, "text_encoder_2")
+    longest = max(prompt_tokens(pipeline, text) for text in (prompt, negative_prompt))
+    if longest > WINDOW or (clip_skip > 1 and not sdxl):
+        strength = (extra.get("cross_attention_kwargs") or {}).get("scale")
+        texts = prompt_embeddings(pipeline, prompt, negative_prompt, len(seeds), clip_skip, longest, strength)
+    else:
+        texts = {"prompt": [prompt] * len(seeds), "negative_prompt": [negative_prompt] * len(seeds) if
+                 negative_prompt else None}  # fmt: skip
+        extra["clip_skip"] = clip_skip - 1 if clip_skip > 1 else None  # only SDXL gets here with clip skip
     return pipeline(
         **texts,
         num_inference_steps=steps,
@@ -88,17 +95,49 @@ def call_pipeline(
         width=width,
         height=height,
         generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-        clip_skip=clip_skip - 1 if clip_skip > 1 and hasattr(pipeline, "text_encoder_2") else None,
         **extra,
     ).images
 
 
-def clip_skipped(pipeline, prompts: list[str], clip_skip: int) -> torch.Tensor:
+def prompt_tokens(pipeline, text: str) -> int:
+    """The CLIP tokens of `text`, start and end tokens left out."""
+    return len(pipeline.tokenizer(text, truncation=True, max_length=TOKENS_COUNTED).input_ids) - 2 if text else 0
+
+
+def prompt_embeddings(pipeline, prompt: str, negative_prompt: str, count: int, clip_skip: int, tokens: int,
+                      strength: float | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The pipeline's prompt and negative embeddings (`count` of each), encoded as training encodes captions,
+    in as many windows as `tokens` needs (the longest kohya reads: 225). The text encoders' adapters act at
+    `strength`, as diffusers' own encoding applies a LoRA scale; SDXL's empty negative prompt is zeros where the
+    model asks for it (`force_zeros_for_empty_prompt`), as its pipeline does."""
+    from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
     from .conditioning import encode_captions
 
-    encoder = pipeline.text_encoder
-    device = next(encoder.parameters()).device
-    return encode_captions([pipeline.tokenizer], [encoder], prompts, clip_skip, False, device)["hidden"]
+    sdxl = hasattr(pipeline, "text_encoder_2")
+    tokenizers = [pipeline.tokenizer, pipeline.tokenizer_2] if sdxl else [pipeline.tokenizer]
+    encoders = [pipeline.text_encoder, pipeline.text_encoder_2] if sdxl else [pipeline.text_encoder]
+    max_tokens = next((n for n in (WINDOW, 2 * WINDOW) if tokens <= n), 3 * WINDOW)
+    device = next(encoders[0].parameters()).device
+    for encoder in encoders if strength is not None else ():
+        scale_lora_layers(encoder, strength)
+    try:
+        encoded = encode_captions(tokenizers, encoders, [prompt, negative_prompt], clip_skip, sdxl, device,
+                                  max_tokens)  # fmt: skip
+    finally:
+        for encoder in encoders if strength is not None else ():
+            unscale_lora_layers(encoder, strength)
+    hidden = encoded["hidden"]
+    texts = {"prompt_embeds": hidden[:1].expand(count, -1, -1),
+             "negative_prompt_embeds": hidden[1:].expand(count, -1, -1)}  # fmt: skip
+    if sdxl:
+        pooled = encoded["pooled"]
+        if not negative_prompt and pipeline.config.force_zeros_for_empty_prompt:
+            texts["negative_prompt_embeds"] = torch.zeros_like(texts["negative_prompt_embeds"])
+            pooled = torch.stack([pooled[0], torch.zeros_like(pooled[1])])
+        texts["pooled_prompt_embeds"] = pooled[:1].expand(count, -1)
+        texts["negative_pooled_prompt_embeds"] = pooled[1:].expand(count, -1)
+    return texts
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ kohya's layout, so tags past the 75th reach the model; and a warning when captio
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -122,3 +123,47 @@ def test_kohyas_max_token_length_and_the_form_take_the_count():
     values = form_values(validate_config({"version": 1, "max_token_length": 150}))
     assert values[KEYS.index("max_token_length")] == "150"
     assert config_from_form(values).max_token_length == 150
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_samples_and_previews_read_a_long_prompt_to_its_end(tiny_folders, family):
+    from lora_studio.models import load_base
+    from lora_studio.sample import Previewer, PreviewSettings
+
+    previewer = Previewer(load_base(tiny_folders[family], device="cpu"))
+    common = dict(sampler="ddim", steps=3, cfg=5.0, seed=3, width=32, height=32)
+
+    def image(prompt, negative=""):
+        preview = previewer.generate(PreviewSettings(prompt=prompt, negative_prompt=negative, **common))[0]
+        return np.asarray(preview.image)
+
+    red, blue = image(TAGS + ", red hair"), image(TAGS + ", blue eyes")
+    assert not np.array_equal(red, blue)  # diffusers' own encoding cut both at 75 tokens: one image
+    assert np.array_equal(image(TAGS + ", red hair"), red)  # still deterministic
+    # a short prompt with a long negative prompt: both read in the same windows
+    assert image("a cat", TAGS + ", red hair").shape == red.shape
+
+
+def test_a_training_sample_at_strength_0_is_the_base_also_where_the_prompt_is_encoded_here(tiny_folders):
+    """Where call_pipeline encodes the prompt itself (clip skip 2, a long prompt), the text encoder's adapters act
+    at the sample's strength as diffusers' own encoding makes them: strength 0 is the base model exactly."""
+    from lora_studio.config import LoraConfig
+    from lora_studio.lora import inject_lora
+    from lora_studio.models import load_base
+    from lora_studio.sample import render, use_sampler
+
+    base = load_base(tiny_folders["sd1"], device="cpu")
+    pipeline = base.pipeline
+    pipeline.set_progress_bar_config(disable=True)
+    use_sampler(pipeline, "ddim")
+    args = ([TAGS + ", red hair"], [0.0, 1.0], [3], 3, 5.0, (32, 32))
+    plain = [np.asarray(r.image) for r in render(pipeline, *args, clip_skip=2)]
+    inject_lora(base, LoraConfig(rank=4, unet_targets="attn"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, weight in base.text_encoders[0].named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.5)  # a text-encoder adapter that changes the conditioning
+    at_zero, at_one = [np.asarray(r.image) for r in render(pipeline, *args, clip_skip=2)]
+    assert np.array_equal(at_zero, plain[0])
+    assert not np.array_equal(at_one, plain[1])
