@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .tokens import WINDOW, token_count
+
 
 def unread_layers(num_layers: int, clip_skip: int, sdxl: bool, pooled: bool) -> range:
     """The encoder layers whose output `encode_captions` never reads, so an adapter there gets no gradient and
@@ -19,9 +21,7 @@ def unread_layers(num_layers: int, clip_skip: int, sdxl: bool, pooled: bool) -> 
     return range(num_layers - skip, num_layers)
 
 
-WINDOW = 75  # caption tokens one pass of a CLIP text encoder reads (77 with its start and end tokens)
-# Counting a text's tokens names a length, so the tokenizer does not warn of "indexing errors" (nothing is encoded)
-TOKENS_COUNTED = 100_000
+
 
 
 def window_ids(tokenizer, captions: list[str], max_tokens: int = WINDOW) -> torch.Tensor:
@@ -85,5 +85,5 @@ def encode_captions(
 def overlong_captions(tokenizer, captions: list[str], max_tokens: int = WINDOW) -> list[tuple[str, int]]:
     """(caption, its token count) of each caption longer than the `max_tokens` the text encoder reads: its end
     is cut off."""
-    counts = [len(ids) - 2 for ids in tokenizer(captions, truncation=True, max_length=TOKENS_COUNTED).input_ids]
-    return [(caption, count) for caption, count in zip(captions, counts, strict=True) if count > max_tokens]
+    counted = [(caption, token_count(tokenizer, caption)) for caption in captions]
+    return [(caption, count) for caption, count in counted if count > max_tokens]

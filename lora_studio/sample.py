@@ -28,10 +28,10 @@ from diffusers import (
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from .conditioning import TOKENS_COUNTED, WINDOW
 from .errors import LoraStudioError
 from .fsutil import atomic_path
 from .sample_prompts import MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, STRENGTH_RANGE
+from .tokens import WINDOW, token_count
 
 # name -> (scheduler class, extra config, A1111's sampler label, A1111's schedule type or None)
 SAMPLER_SPECS = {
@@ -80,7 +80,7 @@ def call_pipeline(
     encoding would cut it at 75): the prompt embeddings are then made here. Otherwise (SDXL's clip skip
     included) the pipeline encodes the prompts itself."""
     sdxl = hasattr(pipeline, "text_encoder_2")
-    longest = max(prompt_tokens(pipeline, text) for text in (prompt, negative_prompt))
+    longest = max(token_count(pipeline.tokenizer, text) for text in (prompt, negative_prompt))
     if longest > WINDOW or (clip_skip > 1 and not sdxl):
         strength = (extra.get("cross_attention_kwargs") or {}).get("scale")
         texts = prompt_embeddings(pipeline, prompt, negative_prompt, len(seeds), clip_skip, longest, strength)
@@ -97,11 +97,6 @@ def call_pipeline(
         generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         **extra,
     ).images
-
-
-def prompt_tokens(pipeline, text: str) -> int:
-    """The CLIP tokens of `text`, start and end tokens left out."""
-    return len(pipeline.tokenizer(text, truncation=True, max_length=TOKENS_COUNTED).input_ids) - 2 if text else 0
 
 
 def prompt_embeddings(pipeline, prompt: str, negative_prompt: str, count: int, clip_skip: int, tokens: int,

@@ -167,3 +167,15 @@ def test_a_training_sample_at_strength_0_is_the_base_also_where_the_prompt_is_en
     at_zero, at_one = [np.asarray(r.image) for r in render(pipeline, *args, clip_skip=2)]
     assert np.array_equal(at_zero, plain[0])
     assert not np.array_equal(at_one, plain[1])
+
+
+def test_the_dataset_tab_notes_captions_longer_than_one_window(app_state):
+    from lora_studio.ui import dataset_tab
+
+    folder = long_captioned(app_state.roots.datasets / "tags", 3)
+    (folder / "0.txt").write_text("a short one")
+    *_, report, _tags, _ = dataset_tab.open_dataset(app_state, str(folder), None, ".txt")
+    assert "- note: 2 captions are longer than 75 tokens (the longest: 114)" in report
+    assert "`max_token_length` is 150 or 225" in report
+    *_, demo_report, _tags, _ = dataset_tab.open_dataset(app_state, "demo", None, ".txt")
+    assert "longer than 75 tokens" not in demo_report

@@ -15,7 +15,7 @@ import gradio as gr
 from pydantic import ValidationError
 
 from ..config import CONFIG_VERSION, DatasetConfig, DatasetSubset, load_preset, shortened, validate_config
-from ..data import KOHYA_FOLDER, CaptionError, is_training_image, read_caption, scan
+from ..data import KOHYA_FOLDER, CaptionError, is_training_image, read_caption, scan, validation_caption
 from ..dataset_edit import (
     BulkEdit,
     bulk_edit,
@@ -29,6 +29,7 @@ from ..dataset_edit import (
 from ..errors import LoraStudioError, StoppedEarly
 from ..paths import DEMO_DATASET_DIR, is_within
 from ..runs import list_runs
+from ..tokens import WINDOW, longer_than_a_window
 from .config_form import parse_tables
 from .errors import shown
 from .state import AppState, checked_run, uploaded_files
@@ -125,12 +126,18 @@ def folder_extension(subset: DatasetSubset | None, extension: str | None) -> str
 def folder_view(folder: Path, preset: str | None = None, extension: str = ".txt",
                 subset: DatasetSubset | None = None) -> tuple[list, str, list[list]]:  # fmt: skip
     """Gallery items, the validation report and the tag table, from one scan of the folder."""
-    report = scan(dataset_settings(preset, folder, extension, subset))
+    settings = dataset_settings(preset, folder, extension, subset)
+    report = scan(settings)
     lines = [f"**{len(report.items)} images** usable in `{folder}`, {len(report.errors)} errors, "
              f"{len(report.warnings)} warnings" + (f" (checked with the `{preset}` preset's settings)." if preset
                                                     else ".")]  # fmt: skip
     lines += [f"- error: `{Path(p.path).name}`: {p.message}" for p in report.errors]
     lines += [f"- warning: `{Path(p.path).name}`: {p.message}" for p in report.warnings]
+    long = longer_than_a_window([validation_caption(item, settings) for item in report.items])
+    if long:
+        lines.append(f"- note: {len(long)} captions are longer than {WINDOW} tokens (the longest: "
+                     f"{max(count for _, count in long)}); training reads only their first {WINDOW} unless the Train "
+                     "form's `max_token_length` is 150 or 225")  # fmt: skip
     counts: dict[str, int] = {}
     for tags in report.tag_frequency().values():
         for tag, n in tags.items():
