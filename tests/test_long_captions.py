@@ -175,7 +175,7 @@ def test_the_dataset_tab_notes_captions_longer_than_one_window(app_state):
     folder = long_captioned(app_state.roots.datasets / "tags", 3)
     (folder / "0.txt").write_text("a short one")
     *_, report, _tags, _ = dataset_tab.open_dataset(app_state, str(folder), None, ".txt")
-    assert "- note: 2 captions are longer than 75 tokens (the longest: 114)" in report
+    assert "- note: 2 captions are longer than 75 tokens (the longest: 114); training reads only the first" in report
     assert "`max_token_length` is 150 or 225" in report
     *_, demo_report, _tags, _ = dataset_tab.open_dataset(app_state, "demo", None, ".txt")
     assert "longer than 75 tokens" not in demo_report

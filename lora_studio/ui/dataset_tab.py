@@ -135,9 +135,10 @@ def folder_view(folder: Path, preset: str | None = None, extension: str = ".txt"
     lines += [f"- warning: `{Path(p.path).name}`: {p.message}" for p in report.warnings]
     long = longer_than_a_window([validation_caption(item, settings) for item in report.items])
     if long:
-        lines.append(f"- note: {len(long)} captions are longer than {WINDOW} tokens (the longest: "
-                     f"{max(count for _, count in long)}); training reads only their first {WINDOW} unless the Train "
-                     "form's `max_token_length` is 150 or 225")  # fmt: skip
+        some = "1 caption is" if len(long) == 1 else f"{len(long)} captions are"
+        lines.append(f"- note: {some} longer than {WINDOW} tokens (the longest: {max(count for _, count in long)}); "
+                     f"training reads only the first {WINDOW} unless the Train form's `max_token_length` is 150 or "
+                     "225")  # fmt: skip
     counts: dict[str, int] = {}
     for tags in report.tag_frequency().values():
         for tag, n in tags.items():
