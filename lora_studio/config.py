@@ -493,7 +493,11 @@ class OptimConfig(Section):
 
 
 class SampleConfig(Section):
-    every_n_steps: int = Field(100, ge=0, description="Render samples every N steps; 0 turns sampling off.")
+    every_n_steps: int = Field(100, ge=0, description="Render samples every N steps; 0: not by steps.")
+    every_n_epochs: int = Field(
+        0, ge=0, description="Also render samples as every Nth epoch ends (kohya's sample_every_n_epochs); 0: not "
+        "by epochs. Both 0 turns sampling off.",
+    )  # fmt: skip
     prompts: list[str] = Field(
         default_factory=list,
         description="One per line, kohya's flags allowed: `a red star --n blurry --w 512 --h 768 --d 42 --l 7 --s 28 "
@@ -525,6 +529,11 @@ class SampleConfig(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return value
+
+    @property
+    def on(self) -> bool:
+        """Whether the run renders samples at all (by steps or by epochs)."""
+        return bool(self.every_n_steps or self.every_n_epochs)
 
     def prompt_lines(self) -> list[SamplePrompt]:
         """The prompts with their per-prompt settings (kohya's flags) parsed."""
@@ -944,6 +953,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "max_timestep": "optimizer.max_timestep",
     "debiased_estimation_loss": "optimizer.debiased_estimation",
     "sample_every_n_steps": "sample.every_n_steps",
+    "sample_every_n_epochs": "sample.every_n_epochs",
     "reg_data_dir": "regularization.path",
     "prior_loss_weight": "regularization.prior_loss_weight",
     "validation_split": "validation.fraction",  # kohya sd-scripts' validation PRs (#1858/#1900)

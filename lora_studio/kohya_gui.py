@@ -43,7 +43,7 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "train_norm": (False,), "bypass_mode": (False,), "unit": (1,), "noise_offset_random_strength": (False,),
     "ip_noise_gamma_random_strength": (False,), "keep_tokens_separator": (), "secondary_separator": (),
     "caption_separator": (",",), "enable_wildcard": (False,), "face_crop_aug_range": (), "vae": (),
-    "sample_every_n_epochs": (0,), "save_last_n_steps": (0,), "save_last_n_steps_state": (0,),
+"save_last_n_steps": (0,), "save_last_n_steps_state": (0,),
     "save_last_n_epochs_state": (0,), "save_every_n_steps_state": (0,), "flux1_checkbox": (False,),
     "sd3_checkbox": (False,), "resume": (),
     "save_model_as": ("safetensors",), "validation_seed": (), "validate_every_n_epochs": (),

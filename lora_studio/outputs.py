@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import export
+from .config import SampleConfig
 from .events import CheckpointEvent, SampleEvent
 from .lora_file import lora_from_models
 from .lora_metadata import TrainingFacts, training_metadata
@@ -106,6 +107,14 @@ def should_checkpoint(session: Session, epoch_before: int) -> bool:
     if save.every_n_steps and session.step % save.every_n_steps == 0:
         return True
     return epoch_checkpoint_due(save.every_n_epochs, epoch_before, session.position.epoch)
+
+
+def samples_due(sample: SampleConfig, step: int, epoch_before: int, epoch_after: int) -> bool:
+    """After a step: every `sample.every_n_steps` steps, or when the step finished an epoch that is a multiple of
+    `sample.every_n_epochs` (counted as checkpoints count them)."""
+    if sample.every_n_steps and step % sample.every_n_steps == 0:
+        return True
+    return epoch_checkpoint_due(sample.every_n_epochs, epoch_before, epoch_after)
 
 
 def epoch_checkpoint_due(every_n_epochs: int, epoch_before: int, epoch_after: int) -> bool:

@@ -46,7 +46,7 @@ from .lora_file import LoraFile
 from .loss_reads import PendingLosses, QueuedStep, ReadStep, check_finite, reads_deferred
 from .models import BaseModel, dtype_of, load_base, pick_device
 from .optimizers import current_rate, make_lr_scheduler, make_optimizer
-from .outputs import render_samples, save_checkpoint, save_lora_file, should_checkpoint
+from .outputs import render_samples, samples_due, save_checkpoint, save_lora_file, should_checkpoint
 from .reg_images import RENDERING, generate_regularization
 from .resume import check_resumable, record_config, resume, write_failure
 from .runs import RunFolder, RunLock, compile_cache_folder, output_root
@@ -445,8 +445,7 @@ def run_steps(session: Session, batches, upcoming, started: float, first_step: i
         if checkpoint:
             read_pending()  # a NaN stops the run here, before its weights reach a file
             on_main(session, save_checkpoint)
-        every = config.sample.every_n_steps
-        if (every and session.step % every == 0) or sample:
+        if samples_due(config.sample, session.step, epoch_before, session.position.epoch) or sample:
             read_pending()
             on_main(session, render_samples)
     return False
@@ -462,7 +461,7 @@ def train(session: Session) -> DoneEvent:
         session.buckets, repeats, config.dataset.batch_size, config.seed, session.position
     )
     started, first_step = time.perf_counter(), session.step
-    if config.sample.at_start and session.step == 0 and config.sample.every_n_steps:
+    if config.sample.at_start and session.step == 0 and config.sample.on:
         on_main(session, render_samples)
     upcoming = next(batches)
     threads = CpuThreads(session.accelerator.device.type, session.accelerator.num_processes)

@@ -18,7 +18,7 @@ from lora_studio import outputs
 from lora_studio import resume as resume_module
 from lora_studio import step as step_module
 from lora_studio import train as train_module
-from lora_studio.config import TrainConfig
+from lora_studio.config import TrainConfig, validate_config
 from lora_studio.events import CheckpointEvent, Commands, DoneEvent, ErrorEvent, ProgressEvent
 from lora_studio.runs import compile_cache_folder
 from lora_studio.state import load_state, save_state
@@ -610,6 +610,18 @@ def test_adafactor_and_schedulers_run(tmp_path, tiny_folders, images):
 def test_family_mismatch_is_refused(tmp_path, tiny_folders, images):
     with pytest.raises(TrainingError, match="the preset is for sdxl"):
         run_training(tiny_config(tmp_path, tiny_folders, images, family="sdxl"))
+
+
+def test_samples_as_every_nth_epoch_ends(tmp_path, tiny_folders, images):
+    """kohya's sample_every_n_epochs: 4 images in two buckets at batch 2 make 2 steps an epoch, so epoch 3 ends at
+    step 6; with every_n_steps 0 and at_start, the base model's samples come first."""
+    sample = {"every_n_steps": 0, "every_n_epochs": 3, "at_start": True, "strengths": [1.0], "seeds": [3],
+              "num_inference_steps": 2, "sampler": "ddim", "width": 32, "height": 32}  # fmt: skip
+    events = []
+    run_training(tiny_config(tmp_path, tiny_folders, images, sample=sample), on_event=events.append)
+    assert [e.step for e in events if type(e).__name__ == "SampleEvent"] == [0, 6]
+    kohya = validate_config({"train_data_dir": "x", "sample_every_n_epochs": 2, "sample_every_n_steps": 0})
+    assert (kohya.sample.every_n_epochs, kohya.sample.every_n_steps, kohya.sample.on) == (2, 0, True)
 
 
 def test_samples_at_several_strengths_and_strength_zero_is_the_base_model(tmp_path, tiny_folders, images):
