@@ -88,6 +88,8 @@ class DatasetSubset(Section):
     # The folder's own caption settings, as kohya's subsets have them; empty (None): the dataset's.
     caption_extension: str | None = None
     keep_tokens: int | None = Field(None, ge=0)
+    keep_tokens_separator: str | None = None
+    secondary_separator: str | None = None
     shuffle_caption: bool | None = None
     caption_dropout_rate: float | None = Field(None, ge=0.0, le=1.0)
     caption_tag_dropout_rate: float | None = Field(None, ge=0.0, le=1.0)
@@ -115,16 +117,30 @@ class DatasetSubset(Section):
     def _jitter_in_range(cls, value: tuple[float, float, float, float] | None) -> tuple | None:
         return None if value is None else color_jitter_in_range(value)
 
+    @field_validator("keep_tokens_separator", "secondary_separator")
+    @classmethod
+    def _a_separator(cls, value: str | None) -> str | None:
+        return None if value is None else tag_separator(value)
+
     def own_settings(self) -> dict[str, Any]:
         """The caption and augmentation settings this folder sets for itself (the rest are the dataset's)."""
         return {key: getattr(self, key) for key in SUBSET_OWN_KEYS if getattr(self, key) is not None}
 
 
-SUBSET_CAPTION_KEYS = ("caption_extension", "keep_tokens", "shuffle_caption", "caption_dropout_rate",
-                       "caption_tag_dropout_rate", "caption_prefix", "caption_suffix")  # fmt: skip
+SUBSET_CAPTION_KEYS = ("caption_extension", "keep_tokens", "keep_tokens_separator", "secondary_separator",
+                       "shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "caption_prefix",
+                       "caption_suffix")  # fmt: skip
 SUBSET_AUGMENTATION_KEYS = ("flip_aug", "random_crop", "color_jitter")
 AUGMENTATION_OFF = {"random_crop": "turn random_crop off", "color_jitter": "set color_jitter to [0, 0, 0, 0]"}
 SUBSET_OWN_KEYS = SUBSET_CAPTION_KEYS + SUBSET_AUGMENTATION_KEYS
+
+
+def tag_separator(value: str) -> str:
+    """A caption separator of kohya's (|||, ;;;): a few characters that are no tag separator (comma) or space."""
+    if value and (len(value) > 16 or "," in value or any(c.isspace() for c in value)):
+        raise ValueError(f"{value!r} cannot separate tags: use a few characters without commas or spaces, such as "
+                         "||| or ;;;")  # fmt: skip
+    return value
 
 
 def color_jitter_in_range(value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
@@ -176,6 +192,15 @@ class DatasetConfig(Section):
     )  # fmt: skip
     shuffle_caption: bool = False
     keep_tokens: int = Field(0, ge=0, description="Leading comma-separated tags that shuffle keeps in place.")
+    keep_tokens_separator: str = Field(
+        "", description="kohya's keep_tokens_separator, e.g. |||: in a caption holding it, the tags before it stay "
+        "in place and are never dropped (so do those after a second one, at the end); only the tags between "
+        "shuffle and drop. It never reaches the text encoder. Empty: keep_tokens decides.",
+    )  # fmt: skip
+    secondary_separator: str = Field(
+        "", description="kohya's secondary_separator, e.g. ;;;: tags joined by it (long hair;;;blue hair) shuffle "
+        "and drop as one, then read as separate tags.",
+    )  # fmt: skip
     caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
     caption_tag_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
     alpha_background: str = Field(
@@ -202,6 +227,11 @@ class DatasetConfig(Section):
     @classmethod
     def _an_extension(cls, value: str) -> str:
         return caption_extension(value)
+
+    @field_validator("keep_tokens_separator", "secondary_separator")
+    @classmethod
+    def _a_separator(cls, value: str) -> str:
+        return tag_separator(value)
 
     @field_validator("color_jitter")
     @classmethod
@@ -909,6 +939,8 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "color_aug": "dataset.color_jitter",  # kohya's flag: hue/saturation/value jitter
     "shuffle_caption": "dataset.shuffle_caption",
     "keep_tokens": "dataset.keep_tokens",
+    "keep_tokens_separator": "dataset.keep_tokens_separator",
+    "secondary_separator": "dataset.secondary_separator",
     "caption_dropout_rate": "dataset.caption_dropout_rate",
     "caption_tag_dropout_rate": "dataset.caption_tag_dropout_rate",
     "caption_prefix": "dataset.caption_prefix",
@@ -1053,7 +1085,8 @@ KOHYA_DATASET_LEVEL = {"resolution": "resolution", "batch_size": "train_batch_si
                        "min_bucket_reso": "min_bucket_reso", "max_bucket_reso": "max_bucket_reso",
                        "bucket_reso_steps": "bucket_reso_steps", "bucket_no_upscale": "bucket_no_upscale",
                        "validation_split": "validation_split"}  # fmt: skip
-KOHYA_SUBSET_SHARED = ("caption_extension", "shuffle_caption", "keep_tokens", "flip_aug", "color_aug", "random_crop",
+KOHYA_SUBSET_SHARED = ("caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
+                       "secondary_separator", "flip_aug", "color_aug", "random_crop",
                        "caption_prefix", "caption_suffix", "caption_dropout_rate", "caption_tag_dropout_rate",
                        "alpha_mask")  # fmt: skip
 KOHYA_SUBSET_CAN_DIFFER = {**{key: key for key in SUBSET_CAPTION_KEYS}, "flip_aug": "flip_aug",

@@ -605,18 +605,32 @@ def _caption(item: Item, config: DatasetConfig, rng: random.Random) -> str:
         # only without a trigger word, which says more than "images" or "dataset" would
         text = item.concept
     text = ", ".join(p for p in (config.caption_prefix.strip(" ,"), text, config.caption_suffix.strip(" ,")) if p)
-    tags = [t.strip() for t in text.split(",") if t.strip()]
+    fixed, rest, end = caption_parts(text, config)
     trigger = "" if item.regularization else config.trigger_word.strip()  # the class, not the concept
-    keep = config.keep_tokens
-    if trigger and trigger not in {t.strip() for t in tags} and trigger not in text.split():
-        tags.insert(0, trigger)
-        keep += 1
-    fixed, rest = tags[:keep], tags[keep:]
+    if trigger and trigger not in {*fixed, *rest, *end} and trigger not in text.split():
+        fixed.insert(0, trigger)
     if config.caption_tag_dropout_rate:
         rest = [t for t in rest if rng.random() >= config.caption_tag_dropout_rate]
     if config.shuffle_caption:
         rng.shuffle(rest)
-    return ", ".join(fixed + rest)
+    caption = ", ".join(fixed + rest + end)
+    return caption.replace(config.secondary_separator, ", ") if config.secondary_separator else caption
+
+
+def caption_parts(text: str, config: DatasetConfig) -> tuple[list[str], list[str], list[str]]:
+    """A caption's tags as (kept at the start, shuffled and dropped, kept at the end): with kohya's
+    keep_tokens_separator in the caption, what comes before it, between it and a second one, and after that;
+    else the first keep_tokens tags and the rest."""
+    def tags(part: str) -> list[str]:
+        return [t.strip() for t in part.split(",") if t.strip()]
+
+    separator = config.keep_tokens_separator
+    if separator and separator in text:
+        head, _, tail = text.partition(separator)
+        middle, _, last = tail.partition(separator)
+        return tags(head), tags(middle.replace(separator, ",")), tags(last.replace(separator, ","))
+    every = tags(text)
+    return every[: config.keep_tokens], every[config.keep_tokens :], []
 
 
 # --- the report behind `lora-studio dataset` -------------------------------------------------------------

@@ -3,10 +3,12 @@
 import random
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
-from lora_studio.config import DatasetConfig, TrainConfig
+from lora_studio.config import DatasetConfig, TrainConfig, validate_config
 from lora_studio.data import Item, build_caption, dataset_report, load_image, scan
 
 
@@ -230,6 +232,37 @@ def test_shuffle_keeps_the_first_tokens_and_the_trigger():
     assert len(captions) > 5
     assert all(c.startswith("zkz, red, ") for c in captions)
     assert all(sorted(c.split(", ")) == sorted("zkz, red, star, on, white, background".split(", ")) for c in captions)
+
+
+def test_keep_tokens_separator_keeps_a_head_and_a_tail_and_never_reaches_the_text_encoder():
+    """kohya's keep_tokens_separator: tags before it stay first, tags after a second one stay last, only those
+    between shuffle and drop; the separator itself is never in the caption (kohya leaves it in when nothing
+    shuffles, which the text encoder would read as three tokens)."""
+    text = "sks girl, solo ||| red hair, smile, outdoors, tree, sky ||| masterpiece"
+    config = DatasetConfig(trigger_word="zkz", keep_tokens_separator="|||", shuffle_caption=True, keep_tokens=3)
+    captions = {build_caption(item(text), config, random.Random(s)) for s in range(30)}
+    assert len(captions) > 5
+    assert all(c.startswith("zkz, sks girl, solo, ") and c.endswith(", masterpiece") for c in captions)
+    assert all("|" not in c for c in captions)
+    plain = config.model_copy(update={"shuffle_caption": False})
+    assert build_caption(item(text), plain, random.Random(0)) == ("zkz, sks girl, solo, red hair, smile, outdoors, "
+                                                                  "tree, sky, masterpiece")  # fmt: skip
+    dropped = config.model_copy(update={"caption_tag_dropout_rate": 1.0})
+    assert build_caption(item(text), dropped, random.Random(0)) == "zkz, sks girl, solo, masterpiece"
+    # a caption without the separator: keep_tokens decides (here 3 tags stay first)
+    kept = build_caption(item("a, b, c, d, e"), config.model_copy(update={"trigger_word": ""}), random.Random(1))
+    assert kept.startswith("a, b, c, ")
+    # secondary_separator: tags joined by it move and drop as one, then read as separate tags
+    joined = DatasetConfig(secondary_separator=";;;", shuffle_caption=True)
+    for seed in range(20):
+        caption = build_caption(item("long hair;;;blue hair, smile, sky, tree"), joined, random.Random(seed))
+        assert "long hair, blue hair" in caption and ";" not in caption
+    assert DatasetConfig(keep_tokens_separator="|||").captions_are_static  # it adds no randomness by itself
+    for bad in (",", " ", "a b", "x" * 17):
+        with pytest.raises(ValidationError, match="cannot separate tags"):
+            DatasetConfig(keep_tokens_separator=bad)
+    kohya = validate_config({"train_data_dir": "x", "keep_tokens_separator": "|||", "secondary_separator": ";;;"})
+    assert (kohya.dataset.keep_tokens_separator, kohya.dataset.secondary_separator) == ("|||", ";;;")
 
 
 def test_dropouts():
