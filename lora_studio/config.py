@@ -480,6 +480,10 @@ class OptimConfig(Section):
     max_train_epochs: int | None = Field(10, ge=1)  # kohya GUI default epoch count
     max_train_steps: int | None = Field(None, ge=1, description="Stops at this step count; overrides epochs when set.")
     noise_offset: float = Field(0.0, ge=0.0, le=1.0)  # kohya: 0.0357-0.1 for dark/bright images
+    noise_offset_random_strength: bool = Field(
+        False, description="Each sample's offset at a random strength between 0 and noise_offset (kohya's "
+        "noise_offset_random_strength).",
+    )  # fmt: skip
     min_snr_gamma: float | None = Field(
         5.0, ge=0, description="Min-SNR-gamma loss weighting; 0 turns it off (TOML has no null)."
     )  # Hang et al. 2023 recommend 5; kohya guides use 5
@@ -506,6 +510,10 @@ class OptimConfig(Section):
     ip_noise_gamma: float = Field(
         0.0, ge=0.0, le=1.0, description="Input perturbation (Ning et al. 2023): the noised image gets this much "
         "extra noise the target does not have; 0 off, the paper uses 0.1.",
+    )  # fmt: skip
+    ip_noise_gamma_random_strength: bool = Field(
+        False, description="Each sample's perturbation at a random strength between 0 and ip_noise_gamma (kohya's "
+        "ip_noise_gamma_random_strength).",
     )  # fmt: skip
     min_timestep: int = Field(0, ge=0, le=999, description="Train on timesteps from this one (kohya: 0) ...")
     max_timestep: int = Field(1000, ge=1, le=1000, description="... up to, not including, this one (kohya: 1000).")
@@ -981,6 +989,8 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "multires_noise_iterations": "optimizer.multires_noise_iterations",
     "multires_noise_discount": "optimizer.multires_noise_discount",
     "ip_noise_gamma": "optimizer.ip_noise_gamma",
+    "ip_noise_gamma_random_strength": "optimizer.ip_noise_gamma_random_strength",
+    "noise_offset_random_strength": "optimizer.noise_offset_random_strength",
     "min_timestep": "optimizer.min_timestep",
     "max_timestep": "optimizer.max_timestep",
     "debiased_estimation_loss": "optimizer.debiased_estimation",

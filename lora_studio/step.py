@@ -164,21 +164,7 @@ def diffusion_loss(
 
     Each sample draws from its own generator in a fixed order: noise, offset, timestep, then the draws of the
     newer options, so a run with none of those draws exactly what it drew before they existed."""
-    shape = latents.shape[1:]
-    noise = torch.stack([torch.randn(shape, generator=d.gen) for d in draws]).to(latents.device)
-    if optim.noise_offset:
-        # Offset noise (Guttenberg 2023): lets the model learn overall brightness, i.e. very dark/bright images.
-        offset = torch.stack([torch.randn((shape[0], 1, 1), generator=d.gen) for d in draws]).to(latents.device)
-        noise = noise + optim.noise_offset * offset
-    low, high = optim.min_timestep, min(optim.max_timestep, scheduler.config.num_train_timesteps)
-    timesteps = torch.cat([torch.randint(low, high, (1,), generator=d.gen) for d in draws]).to(latents.device)
-    if optim.multires_noise_iterations:
-        noise = torch.stack([pyramid_noise(n, d, optim.multires_noise_iterations, optim.multires_noise_discount)
-                             for n, d in zip(noise, draws, strict=True)])  # fmt: skip
-    input_noise = None
-    if optim.ip_noise_gamma:
-        extra = torch.stack([torch.randn(shape, generator=d.gen) for d in draws]).to(latents.device)
-        input_noise = noise + optim.ip_noise_gamma * extra
+    noise, timesteps, input_noise = shaped_noise(latents, scheduler, draws, optim)
     pred, target = predict(unet, scheduler, latents, noise, timesteps, hidden, added, weight_dtype, autocast,
                            input_noise)  # fmt: skip
     per_sample = sample_losses(pixel_losses(pred, target, optim, huber_thresholds(optim, scheduler, timesteps)),
@@ -194,6 +180,40 @@ def diffusion_loss(
         snr = torch.clamp(compute_snr(scheduler, timesteps), max=1000.0)
         per_sample = per_sample * (1.0 / (snr + 1) if v_prediction else 1.0 / torch.sqrt(snr))
     return per_sample
+
+
+def shaped_noise(latents: torch.Tensor, scheduler: DDPMScheduler, draws: list[Draw], optim: OptimConfig,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Each sample's noise (offset or multi-resolution as `optim` says), timestep and, with input perturbation,
+    the noise its input gets; drawn from its own generator in a fixed order (a random strength right after the
+    draw it scales, so a run without it draws as before)."""
+    shape, device = latents.shape[1:], latents.device
+    noise = torch.stack([torch.randn(shape, generator=d.gen) for d in draws]).to(device)
+    if optim.noise_offset:
+        # Offset noise (Guttenberg 2023): lets the model learn overall brightness, i.e. very dark/bright images.
+        offset = torch.stack([torch.randn((shape[0], 1, 1), generator=d.gen) for d in draws]).to(device)
+        strength = random_strengths(optim.noise_offset, optim.noise_offset_random_strength, draws, device)
+        noise = noise + strength * offset
+    low, high = optim.min_timestep, min(optim.max_timestep, scheduler.config.num_train_timesteps)
+    timesteps = torch.cat([torch.randint(low, high, (1,), generator=d.gen) for d in draws]).to(device)
+    if optim.multires_noise_iterations:
+        noise = torch.stack([pyramid_noise(n, d, optim.multires_noise_iterations, optim.multires_noise_discount)
+                             for n, d in zip(noise, draws, strict=True)])  # fmt: skip
+    input_noise = None
+    if optim.ip_noise_gamma:
+        extra = torch.stack([torch.randn(shape, generator=d.gen) for d in draws]).to(device)
+        gamma = random_strengths(optim.ip_noise_gamma, optim.ip_noise_gamma_random_strength, draws, device)
+        input_noise = noise + gamma * extra
+    return noise, timesteps, input_noise
+
+
+def random_strengths(strength: float, random: bool, draws: list[Draw], device: torch.device) -> torch.Tensor | float:
+    """`strength`, or with `random` each sample's own uniform draw in [0, strength) (kohya's *_random_strength;
+    kohya draws one per batch, one per sample here, so a sample's draw does not depend on its batch), shaped
+    (B, 1, 1, 1)."""
+    if not random:
+        return strength
+    return strength * torch.stack([torch.rand((1, 1, 1), generator=d.gen) for d in draws]).to(device)
 
 
 def pyramid_noise(noise: torch.Tensor, draw: Draw, iterations: int, discount: float) -> torch.Tensor:

@@ -123,3 +123,31 @@ def test_the_options_cross_field_rules_and_kohyas_keys():
     assert (opt.multires_noise_discount, opt.ip_noise_gamma) == (0.4, 0.1)
     assert (opt.min_timestep, opt.max_timestep) == (100, 900)
     assert opt.debiased_estimation and kohya.lora.scale_weight_norms == 1.0 and not kohya.combination_problems()
+
+
+def test_random_strengths_scale_each_samples_offset_and_perturbation_between_0_and_the_setting():
+    """kohya's noise_offset_random_strength / ip_noise_gamma_random_strength: from the same draws, the offset a
+    sample gets is its plain offset times its own strength in [0, 1); samples get different strengths."""
+    from lora_studio.step import shaped_noise
+
+    latents, scheduler = torch.zeros((4, 4, 8, 8)), sd_scheduler()
+
+    def shaped(**options):
+        return shaped_noise(latents, scheduler, sample_draws(7, 3, 0, [0, 1, 2, 3]), OptimConfig(**options))
+
+    base, _, _ = shaped()
+    plain, plain_t, _ = shaped(noise_offset=0.1)
+    scaled, _, _ = shaped(noise_offset=0.1, noise_offset_random_strength=True)
+    strengths = ((scaled - base) / (plain - base)).flatten(1)  # one strength per sample, the same at every pixel
+    assert torch.allclose(strengths, strengths[:, :1].expand_as(strengths), atol=1e-4)
+    per_sample = strengths[:, 0]
+    assert ((per_sample >= 0) & (per_sample < 1)).all() and per_sample.unique().numel() == 4
+    assert torch.equal(shaped(noise_offset=0.1)[1], plain_t)  # a run without it draws as before
+    noise, _, perturbed = shaped(ip_noise_gamma=0.2)
+    _, _, random_perturbed = shaped(ip_noise_gamma=0.2, ip_noise_gamma_random_strength=True)
+    gammas = ((random_perturbed - noise) / (perturbed - noise)).flatten(1)
+    assert torch.allclose(gammas, gammas[:, :1].expand_as(gammas), atol=1e-4) and gammas[:, 0].unique().numel() == 4
+    assert ((gammas[:, 0] >= 0) & (gammas[:, 0] < 1)).all()
+    kohya = validate_config({"train_data_dir": "x", "noise_offset": 0.05, "noise_offset_random_strength": True,
+                             "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True})  # fmt: skip
+    assert kohya.optimizer.noise_offset_random_strength and kohya.optimizer.ip_noise_gamma_random_strength
