@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from test_app import app_page, browser_page, wait_for_text  # noqa: F401 - browser_page: a fixture
 from test_train import tiny_config
 from test_validation import make_images
 
@@ -380,3 +381,33 @@ def test_the_dataset_tab_shows_and_edits_a_subsets_folder_as_that_subset_trains(
     bad = '{ path = "datasets/faces", caption_extension = "../x" }'
     *_, became = dataset_tab.open_dataset(app_state, "datasets/faces", None, ".txt", bad)
     assert became == str(faces)
+
+
+def test_the_dataset_tab_lists_the_train_forms_folders():
+    from lora_studio.ui.dataset_tab import form_folders
+
+    listed = form_folders("/home/me/datasets/main", '{ path = "datasets/alice", repeats = 4 }\n\n'
+                                                    '{ path = "/data/reg", regularization = true }')  # fmt: skip
+    assert listed.choices == [("dataset.path: /home/me/datasets/main", "/home/me/datasets/main"),
+                              ("subset 1: datasets/alice", "datasets/alice"), ("subset 2: /data/reg", "/data/reg")]
+    assert form_folders("", "not a table").choices == []  # the form reports its unreadable line itself
+
+
+@pytest.mark.browser
+def test_picking_a_subset_in_the_dataset_tab_opens_it_and_leaves_dataset_path(browser_page, app_state):  # noqa: F811
+    make_images(app_state.roots.datasets / "alice", 2, shade=90)
+    with app_page(browser_page) as page:
+        wait_for_text(page, "#dataset-report", "24 images")  # the demo opened, and became dataset.path
+        page.get_by_role("tab", name="Train").click()
+        demo = page.locator("#cfg-dataset-path textarea").input_value()
+        page.locator("#train-advanced > button").first.click()
+        page.locator("#train-section-dataset > button").first.click()
+        page.locator("#cfg-dataset-subsets textarea").fill('{ path = "datasets/alice", repeats = 4 }')
+        page.get_by_role("tab", name="Dataset").click()
+        page.locator("#dataset-form-folder input").click()
+        page.get_by_role("option", name="subset 1: datasets/alice").click()
+        wait_for_text(page, "#dataset-report", "2 images")
+        assert page.locator("#dataset-gallery .thumbnail-item").count() == 2
+        assert page.locator("#dataset-folder textarea").input_value().endswith("/datasets/alice")
+        page.get_by_role("tab", name="Train").click()
+        assert page.locator("#cfg-dataset-path textarea").input_value() == demo

@@ -14,7 +14,15 @@ from pathlib import Path
 import gradio as gr
 from pydantic import ValidationError
 
-from ..config import CONFIG_VERSION, DatasetConfig, DatasetSubset, load_preset, shortened, validate_config
+from ..config import (
+    CONFIG_VERSION,
+    MAX_SUBSETS,
+    DatasetConfig,
+    DatasetSubset,
+    load_preset,
+    shortened,
+    validate_config,
+)
 from ..data import KOHYA_FOLDER, CaptionError, is_training_image, read_caption, scan, validation_caption
 from ..dataset_edit import (
     BulkEdit,
@@ -161,6 +169,19 @@ def train_dataset(folder: Path, subset: DatasetSubset | None):
     """What the Train form's dataset.path becomes once `folder` is open: the folder, or (a skip) what it was when the
     folder is one of the form's subsets, which train already with their own settings."""
     return gr.skip() if subset is not None else str(folder)
+
+
+def form_folders(path: str | None, subsets: str | None) -> gr.Dropdown:
+    """The folders the Train form trains on (`dataset.path`, each subset's), to open one here. Only text from the
+    form: opening one resolves it inside the roots as any typed folder is."""
+    folders = [("dataset.path: " + path.strip(), path.strip())] if path and path.strip() else []
+    try:
+        listed = parse_tables(subsets or "")
+    except ValueError:
+        listed = []  # the Train form reports its own unreadable line
+    folders += [(f"subset {number}: {table['path']}", str(table["path"])) for number, table in enumerate(listed, 1)
+                if isinstance(table.get("path"), str) and table["path"].strip()]  # fmt: skip
+    return gr.Dropdown(choices=folders[: MAX_SUBSETS + 1], value=None)
 
 
 def current_view(app: AppState, folder: str | None, preset: str | None = None, extension: str | None = None,
@@ -375,6 +396,8 @@ def build() -> dict[str, gr.components.Component]:
             "a kohya 10_name/ parent, or demo",
         )
         parts["open"] = gr.Button("Open", elem_id="dataset-open", scale=1)
+        parts["form_folder"] = gr.Dropdown([], label="Or a folder the Train form trains on", scale=3,
+                                           elem_id="dataset-form-folder")  # fmt: skip
     parts["folder"] = gr.Textbox(label="Editing", interactive=False, elem_id="dataset-folder")
     parts["open_folder"] = gr.State(None)  # server-side: the folder open_dataset or upload resolved
     with gr.Row():
@@ -428,8 +451,13 @@ def connect(
     state = p["open_folder"]
     view = [state, p["folder"], p["gallery"], p["report"], p["tags"]]
     # show_progress_on: a refusal's badge goes on the message, not over the gallery (ui/errors.py says why)
-    gr.on([p["open"].click, blocks.load], shown(open_dataset, app), [p["source"], preset, extension, subsets],
-          [*view, train_dataset], show_progress_on=p["report"])  # blocks.load: the demo  # fmt: skip
+    opening = [p["source"], preset, extension, subsets]
+    gr.on([p["open"].click, blocks.load], shown(open_dataset, app), opening, [*view, train_dataset],
+          show_progress_on=p["report"])  # blocks.load: the demo  # fmt: skip
+    gr.on([train_dataset.change, subsets.change, page.select], form_folders, [train_dataset, subsets],
+          p["form_folder"])  # fmt: skip
+    p["form_folder"].input(lambda folder: folder or gr.skip(), p["form_folder"], p["source"]).then(
+        shown(open_dataset, app), opening, [*view, train_dataset], show_progress_on=p["report"])
     page.select(shown(current_view, app), [state, preset, extension, subsets],
                 [p["gallery"], p["report"], p["tags"]], show_progress_on=p["report"])  # fmt: skip
     blocks.load(shown(run_names, app), None, p["loss_run"])
