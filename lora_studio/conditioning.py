@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import WINDOW, token_count
+from .prompt_weights import parse_emphasis
+from .tokens import TOKENS_COUNTED, WINDOW, token_count
 
 
 def unread_layers(num_layers: int, clip_skip: int, sdxl: bool, pooled: bool) -> range:
@@ -31,6 +32,11 @@ def window_ids(tokenizer, captions: list[str], max_tokens: int = WINDOW) -> torc
     text runs past ends in the end token, and a window the text never reaches starts with it."""
     ids = tokenizer(captions, padding="max_length", max_length=max_tokens + 2, truncation=True,
                     return_tensors="pt").input_ids  # fmt: skip
+    return split_windows(ids, tokenizer, max_tokens)
+
+
+def split_windows(ids: torch.Tensor, tokenizer, max_tokens: int) -> torch.Tensor:
+    """[batch, max_tokens + 2] ids (start, text, end, padding) as [batch, windows, 77] (see window_ids)."""
     start, last = ids[:, :1], ids[:, -1:]
     windows = []
     for first in range(1, max_tokens + 1, WINDOW):
@@ -41,6 +47,39 @@ def window_ids(tokenizer, captions: list[str], max_tokens: int = WINDOW) -> torc
             window[window[:, 1] == pad, 1] = end
         windows.append(window)
     return torch.stack(windows, dim=1)
+
+
+def weighted_ids(tokenizer, prompts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, max_tokens + 2] ids and the weight of each token, from A1111's emphasis syntax: each fragment is
+    tokenized on its own (as A1111 does) and its tokens get its weight; start, end and padding weigh 1. Without
+    brackets the ids are the plain tokenization's."""
+    rows, weights = [], []
+    for prompt in prompts:
+        ids, weight = [], []
+        for text, factor in parse_emphasis(prompt):
+            pieces = tokenizer(text, add_special_tokens=False, truncation=True, max_length=TOKENS_COUNTED).input_ids
+            ids += pieces
+            weight += [factor] * len(pieces)
+        ids, weight = ids[:max_tokens], weight[:max_tokens]
+        padding = max_tokens - len(ids)
+        rows.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
+        weights.append([1.0, *weight, 1.0] + [1.0] * padding)
+    return torch.tensor(rows), torch.tensor(weights)
+
+
+def emphasised(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each token's embedding times its weight, the whole rescaled to its unweighted mean (A1111's "Original"
+    emphasis), per prompt; a prompt without weights comes back as it was. A mean too near zero to divide by (an
+    untrained encoder's layer norm) leaves the rescaling out rather than blow the embedding up."""
+    weights = weights.to(hidden)
+    before = hidden.mean(dim=(1, 2), keepdim=True)
+    scaled = hidden * weights[..., None]
+    after = scaled.mean(dim=(1, 2), keepdim=True)
+    scale = 1e-4 * hidden.abs().mean(dim=(1, 2), keepdim=True)
+    usable = (after.abs() > scale) & (before.abs() > scale)
+    rescaled = scaled * torch.where(usable, before / torch.where(usable, after, 1.0), 1.0)
+    plain = (weights == 1.0).all(dim=1)[:, None, None]
+    return torch.where(plain, hidden, rescaled)
 
 
 def joined_windows(hidden: torch.Tensor, windows: int) -> torch.Tensor:
@@ -56,15 +95,21 @@ def joined_windows(hidden: torch.Tensor, windows: int) -> torch.Tensor:
 
 def encode_captions(
     tokenizers: list, encoders: list[torch.nn.Module], captions: list[str], clip_skip: int, sdxl: bool,
-    device: torch.device, max_tokens: int = WINDOW,
+    device: torch.device, max_tokens: int = WINDOW, emphasis: bool = False,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """{"hidden": [batch, tokens, width]} (and "pooled" for SDXL) for a batch of captions. Captions longer than
     one window are read in windows of 75 tokens up to `max_tokens`; SDXL's pooled embedding is the first
-    window's (kohya's)."""
+    window's (kohya's). With `emphasis` (prompts of previews and samples), A1111's (word:1.2) syntax weights
+    the tokens (prompt_weights.py); the pooled embedding is unweighted, as in A1111."""
     hidden, pooled = [], None
     windows = max_tokens // WINDOW
     for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
-        ids = window_ids(tokenizer, captions, max_tokens).reshape(-1, WINDOW + 2).to(device)
+        weights = None
+        if emphasis:
+            flat, weights = weighted_ids(tokenizer, captions, max_tokens)
+            ids = split_windows(flat, tokenizer, max_tokens).reshape(-1, WINDOW + 2).to(device)
+        else:
+            ids = window_ids(tokenizer, captions, max_tokens).reshape(-1, WINDOW + 2).to(device)
         out = encoder(ids, output_hidden_states=True)
         if sdxl:
             states = out.hidden_states[-(clip_skip + 1)]
@@ -75,7 +120,8 @@ def encode_captions(
             inner = getattr(encoder, "module", encoder)  # past a DistributedDataParallel wrapper
             final_norm = getattr(inner, "text_model", inner).final_layer_norm
             states = final_norm(out.hidden_states[-clip_skip])
-        hidden.append(joined_windows(states, windows))
+        states = joined_windows(states, windows)
+        hidden.append(states if weights is None else emphasised(states, weights))
     result = {"hidden": torch.cat(hidden, dim=-1)}
     if pooled is not None:
         result["pooled"] = pooled

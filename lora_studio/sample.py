@@ -30,6 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .errors import LoraStudioError
 from .fsutil import atomic_path
+from .prompt_weights import has_emphasis, parse_emphasis
 from .sample_prompts import MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, STRENGTH_RANGE
 from .tokens import WINDOW, token_count
 
@@ -75,13 +76,16 @@ def call_pipeline(
     height: int | None, clip_skip: int = 1, **extra,
 ) -> list[Image.Image]:  # fmt: skip
     """One image per seed: the one pipeline call of previews and training samples, so both honour the same
-    settings. Clip skip (A1111's meaning) is applied as training applies it (conditioning.py), and a prompt longer
+    settings. Clip skip (A1111's meaning) is applied as training applies it (conditioning.py), a prompt longer
     than one CLIP window is read in windows as training reads long captions (up to 225 tokens; diffusers' own
-    encoding would cut it at 75): the prompt embeddings are then made here. Otherwise (SDXL's clip skip
-    included) the pipeline encodes the prompts itself."""
+    encoding would cut it at 75), and A1111's emphasis, (word:1.2), weights its tokens (prompt_weights.py;
+    diffusers would read the brackets as text): the prompt embeddings are then made here. Otherwise (SDXL's clip
+    skip included) the pipeline encodes the prompts itself."""
     sdxl = hasattr(pipeline, "text_encoder_2")
-    longest = max(token_count(pipeline.tokenizer, text) for text in (prompt, negative_prompt))
-    if longest > WINDOW or (clip_skip > 1 and not sdxl):
+    emphasis = has_emphasis(prompt) or has_emphasis(negative_prompt)
+    longest = max(sum(token_count(pipeline.tokenizer, text) for text, _ in parse_emphasis(prompt_text))
+                  for prompt_text in (prompt, negative_prompt))  # fmt: skip
+    if emphasis or longest > WINDOW or (clip_skip > 1 and not sdxl):
         strength = (extra.get("cross_attention_kwargs") or {}).get("scale")
         texts = prompt_embeddings(pipeline, prompt, negative_prompt, len(seeds), clip_skip, longest, strength)
     else:
@@ -116,12 +120,13 @@ def prompt_embeddings(pipeline, prompt: str, negative_prompt: str, count: int, c
     device = next(encoders[0].parameters()).device
     for encoder in encoders if strength is not None else ():
         scale_lora_layers(encoder, strength)
-    try:
-        encoded = encode_captions(tokenizers, encoders, [prompt, negative_prompt], clip_skip, sdxl, device,
-                                  max_tokens)  # fmt: skip
+    try:  # one call per text, as the pipeline's own encoding makes them (a batch of two rounds differently)
+        encoded = [encode_captions(tokenizers, encoders, [text], clip_skip, sdxl, device, max_tokens, emphasis=True)
+                   for text in (prompt, negative_prompt)]  # fmt: skip
     finally:
         for encoder in encoders if strength is not None else ():
             unscale_lora_layers(encoder, strength)
+    encoded = {key: torch.cat([part[key] for part in encoded]) for key in encoded[0]}
     hidden = encoded["hidden"]
     texts = {"prompt_embeds": hidden[:1].expand(count, -1, -1),
              "negative_prompt_embeds": hidden[1:].expand(count, -1, -1)}  # fmt: skip
