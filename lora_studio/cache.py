@@ -208,12 +208,16 @@ class TextCache:
     """Text-encoder outputs per caption. `encode(captions) -> {name: tensor [batch, ...]}` does the work,
     so the training code decides what to keep (hidden states after clip skip, SDXL's pooled output)."""
 
-    def __init__(self, folder: Path, text_encoders: Sequence[torch.nn.Module], clip_skip: int, max_tokens: int = 75):
+    def __init__(self, folder: Path, text_encoders: Sequence[torch.nn.Module], clip_skip: int, max_tokens: int = 75,
+                 emphasis: bool = False):  # fmt: skip
         self.folder = Path(folder) / "text"
         identity = "|".join(module_fingerprint(m) for m in text_encoders)
         self.identity = f"{identity}|clip_skip={clip_skip}"
-        if max_tokens != 75:  # the caches of one window (all before kohya's longer captions) keep their keys
+        # Readings added later join the key only when on, so the caches made before them keep their keys.
+        if max_tokens != 75:
             self.identity += f"|max_tokens={max_tokens}"
+        if emphasis:
+            self.identity += "|emphasis"
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
 
     def key(self, caption: str) -> str:

@@ -697,6 +697,10 @@ class TrainConfig(Section):
         75, description="Caption tokens the text encoder reads: 75 (one CLIP window; a longer caption's end is cut "
         "off), or kohya's 150 / 225 for long tag captions (read in windows of 75).",
     )  # fmt: skip
+    weighted_captions: bool = Field(
+        False, description="Read A1111's emphasis in training captions, (tag:1.3), as previews read it in prompts "
+        "(kohya's weighted_captions); off: brackets are text. Keep commas out of brackets when tags shuffle.",
+    )  # fmt: skip
     gradient_checkpointing: bool = False
     low_vram: bool = Field(
         False,
@@ -931,6 +935,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "mixed_precision": "mixed_precision",
     "clip_skip": "clip_skip",
     "max_token_length": "max_token_length",
+    "weighted_captions": "weighted_captions",
     "gradient_checkpointing": "gradient_checkpointing",
     "torch_compile": "torch_compile",
     "train_data_dir": "dataset.path",

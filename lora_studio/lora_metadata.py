@@ -93,6 +93,7 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_network_args": json.dumps({k: str(v) for k, v in network_args(lora).items()}),
         "ss_clip_skip": str(config.clip_skip),
         "ss_max_token_length": str(config.max_token_length) if config.max_token_length != 75 else "None",
+        "ss_weighted_captions": str(config.weighted_captions),
         "ss_epoch": str(facts.epochs),
         "ss_num_epochs": str(facts.epochs),
         "ss_steps": str(facts.steps),

@@ -36,12 +36,14 @@ def encode_text(
     encoders: list[torch.nn.Module] | None = None,
     device: torch.device | None = None,
     max_tokens: int = WINDOW,
+    emphasis: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Conditioning for a batch of captions (conditioning.encode_captions) through the base's tokenizers and
     `encoders` (default: its own; training passes the prepared, possibly DDP-wrapped ones)."""
     encoders = encoders or base.text_encoders
     device = device or next(encoders[0].parameters()).device  # the UNet may be parked elsewhere (low_vram)
-    return encode_captions(base.tokenizers, encoders, captions, clip_skip, base.family == "sdxl", device, max_tokens)
+    return encode_captions(base.tokenizers, encoders, captions, clip_skip, base.family == "sdxl", device, max_tokens,
+                           emphasis)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def loss_weights(masks: list[torch.Tensor | None], unmasked_weight: float, shape
 
 def conditioning(
     base: BaseModel, encoders: list[torch.nn.Module], text_cache: TextCache | None, captions: list[str],
-    crops: list, clip_skip: int, device: torch.device, max_tokens: int = WINDOW,
+    crops: list, clip_skip: int, device: torch.device, max_tokens: int = WINDOW, emphasis: bool = False,
 ) -> tuple[torch.Tensor, dict | None]:  # fmt: skip
     """The UNet's text conditioning of a batch: cached embeddings where every caption has one, else through
     `encoders` (the trained, possibly DDP-wrapped ones, so their gradients are synchronised); SDXL adds its
@@ -125,7 +127,8 @@ def conditioning(
     if all(e is not None for e in entries):
         encoded = {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
     else:
-        encoded = encode_text(base, captions, clip_skip, encoders if text_cache is None else None, device, max_tokens)
+        encoded = encode_text(base, captions, clip_skip, encoders if text_cache is None else None, device, max_tokens,
+                              emphasis)  # fmt: skip
     added = None
     if base.family == "sdxl":
         time_ids = torch.tensor([[*c.original_size, *c.crop_top_left, *c.target_size] for c in crops], device=device,
@@ -280,7 +283,7 @@ def batch_losses(session: Session, indices: list[int], draws: list[Draw]) -> tor
                                                       session.buckets, indices, draws, device)  # fmt: skip
     encoders = [session.models.get(name, e) for name, e in zip(TEXT_ENCODER_NAMES, base.text_encoders, strict=False)]
     hidden, added = conditioning(base, encoders, session.text_cache, captions, crops, config.clip_skip, device,
-                                 config.max_token_length)  # fmt: skip
+                                 config.max_token_length, config.weighted_captions)  # fmt: skip
     losses = diffusion_loss(session.models["unet"], session.noise_scheduler, latents, hidden, added, draws,
                             config.optimizer, session.weight_dtype, session.accelerator.autocast, weights)  # fmt: skip
     prior = config.regularization.prior_loss_weight

@@ -47,6 +47,7 @@ from .loss_reads import PendingLosses, QueuedStep, ReadStep, check_finite, reads
 from .models import BaseModel, dtype_of, load_base, pick_device
 from .optimizers import current_rate, make_lr_scheduler, make_optimizer
 from .outputs import render_samples, samples_due, save_checkpoint, save_lora_file, should_checkpoint
+from .prompt_weights import parse_emphasis
 from .reg_images import RENDERING, generate_regularization
 from .resume import check_resumable, record_config, resume, write_failure
 from .runs import RunFolder, RunLock, compile_cache_folder, output_root
@@ -146,10 +147,11 @@ def prepare_caches(config: TrainConfig, base: BaseModel, report: ScanReport, buc
         stats = latent_cache.fill(report.items, entries)
         log.info("latent cache: %d hits, %d built", stats["hits"], stats["built"])
     if config.dataset.cache_text_embeddings:
-        text_cache = TextCache(cache_folder(config), base.text_encoders, config.clip_skip, config.max_token_length)
+        text_cache = TextCache(cache_folder(config), base.text_encoders, config.clip_skip, config.max_token_length,
+                               config.weighted_captions)  # fmt: skip
         captions = [build_caption(i, config.dataset, random.Random(0)) for i in report.items]
-        stats = text_cache.fill(captions, lambda c: encode_text(base, c, config.clip_skip,
-                                                                max_tokens=config.max_token_length))
+        stats = text_cache.fill(captions, lambda c: encode_text(
+            base, c, config.clip_skip, max_tokens=config.max_token_length, emphasis=config.weighted_captions))
         log.info("text cache: %d hits, %d built", stats["hits"], stats["built"])
     return latent_cache, text_cache
 
@@ -235,6 +237,8 @@ def warn_of_cut_captions(config: TrainConfig, base: BaseModel, items: list) -> N
     """A warning in the run's log when captions (as training builds them, before shuffle and dropout) run past
     the tokens the text encoder reads: their last tags never reach the model."""
     captions = [validation_caption(item, config.dataset) for item in items]
+    if config.weighted_captions:  # the brackets and weights are not read as tokens
+        captions = ["".join(text for text, _ in parse_emphasis(caption)) for caption in captions]
     cut = overlong_captions(base.tokenizers[0], captions, config.max_token_length)
     if not cut:
         return

@@ -90,7 +90,7 @@ def held_out_image(
     encoded = None
     if not config.lora.train_text_encoder:
         encoded = conditioning(base, base.text_encoders, None, [caption], [crop], config.clip_skip, device,
-                               config.max_token_length)  # fmt: skip
+                               config.max_token_length, config.weighted_captions)  # fmt: skip
     noise = fixed_noise(config.seed, item, config.validation.timesteps, tuple(latent.shape))
     mask = bucket_mask(item, bucket, resized, crop, False, tuple(latent.shape[-2:]))
     weights = loss_weights([mask], config.dataset.unmasked_weight, latent.shape)
@@ -111,7 +111,8 @@ def timestep_losses(session: Session, image: HeldOutImage, timesteps: torch.Tens
     else:
         encoders = [models.get(n, e) for n, e in zip(TEXT_ENCODER_NAMES, base.text_encoders, strict=False)]
         hidden, added = conditioning(base, encoders, None, [image.caption], [image.crop], session.config.clip_skip,
-                                     session.device, session.config.max_token_length)  # fmt: skip
+                                     session.device, session.config.max_token_length,
+                                     session.config.weighted_captions)  # fmt: skip
     hidden = hidden.expand(count, *hidden.shape[1:])
     added = {k: v.expand(count, *v.shape[1:]) for k, v in added.items()} if added else None
     latents = image.latent.expand(count, *image.latent.shape)

@@ -93,3 +93,31 @@ def test_previews_weight_the_prompt_as_a1111_does_and_escaped_brackets_are_text(
     direct = pipeline(prompt="a (red) thing", num_inference_steps=3, guidance_scale=5.0, width=32, height=32,
                       generator=[torch.Generator("cpu").manual_seed(3)]).images[0]  # fmt: skip
     assert np.array_equal(image(r"a \(red\) thing"), np.asarray(direct))
+
+
+def test_weighted_captions_train_with_the_emphasis_and_cache_it_apart(tmp_path, tiny_folders):
+    """kohya's weighted_captions: training captions read as prompts are; off, the brackets are text."""
+    from safetensors import safe_open
+    from test_train import tiny_config
+    from test_validation import make_images
+
+    from lora_studio.config import validate_config
+    from lora_studio.data import validation_caption
+    from lora_studio.train import prepare, run_training
+
+    images = make_images(tmp_path / "images", 2)
+    for caption in images.glob("*.txt"):
+        caption.write_text("a (red:1.8) thing, [blurry]")
+    frozen = {"dataset": {"cache_text_embeddings": True, "cache_dir": str(tmp_path / "cache")},
+              "lora": {"train_text_encoder": False}}  # fmt: skip
+    text = tiny_config(tmp_path / "a", tiny_folders, images, **frozen)
+    weighted = tiny_config(tmp_path / "b", tiny_folders, images, weighted_captions=True, **frozen)
+    plain_session, weighted_session = prepare(text), prepare(weighted)
+    caption = validation_caption(plain_session.items[0], text.dataset)
+    assert weighted_session.text_cache.identity == plain_session.text_cache.identity + "|emphasis"
+    as_text = plain_session.text_cache.get(caption)["hidden"]
+    as_weights = weighted_session.text_cache.get(caption)["hidden"]
+    assert as_text.shape == as_weights.shape and not torch.allclose(as_text, as_weights)
+    done = run_training(weighted)
+    assert safe_open(str(done.lora_path), "pt").metadata()["ss_weighted_captions"] == "True"
+    assert validate_config({"train_data_dir": "x", "weighted_captions": True}).weighted_captions
