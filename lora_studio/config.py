@@ -90,6 +90,7 @@ class DatasetSubset(Section):
     keep_tokens: int | None = Field(None, ge=0)
     keep_tokens_separator: str | None = None
     secondary_separator: str | None = None
+    enable_wildcard: bool | None = None
     shuffle_caption: bool | None = None
     caption_dropout_rate: float | None = Field(None, ge=0.0, le=1.0)
     caption_tag_dropout_rate: float | None = Field(None, ge=0.0, le=1.0)
@@ -128,8 +129,8 @@ class DatasetSubset(Section):
 
 
 SUBSET_CAPTION_KEYS = ("caption_extension", "keep_tokens", "keep_tokens_separator", "secondary_separator",
-                       "shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "caption_prefix",
-                       "caption_suffix")  # fmt: skip
+                       "enable_wildcard", "shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
+                       "caption_prefix", "caption_suffix")  # fmt: skip
 SUBSET_AUGMENTATION_KEYS = ("flip_aug", "random_crop", "color_jitter")
 AUGMENTATION_OFF = {"random_crop": "turn random_crop off", "color_jitter": "set color_jitter to [0, 0, 0, 0]"}
 SUBSET_OWN_KEYS = SUBSET_CAPTION_KEYS + SUBSET_AUGMENTATION_KEYS
@@ -201,6 +202,11 @@ class DatasetConfig(Section):
         "", description="kohya's secondary_separator, e.g. ;;;: tags joined by it (long hair;;;blue hair) shuffle "
         "and drop as one, then read as separate tags.",
     )  # fmt: skip
+    enable_wildcard: bool = Field(
+        False, description="kohya's enable_wildcard: each step reads one line of a caption file of several (one "
+        "caption a line) and one option of each {red|blue}; {{ and }} are literal braces. Off: the lines are "
+        "joined, braces are text.",
+    )  # fmt: skip
     caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
     caption_tag_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
     alpha_background: str = Field(
@@ -260,7 +266,8 @@ class DatasetConfig(Section):
     def captions_are_static(self) -> bool:
         """Whether every step sees the same caption for an image (needed to cache text embeddings), in every
         folder."""
-        return all(not (settings.shuffle_caption or settings.caption_dropout_rate or settings.caption_tag_dropout_rate)
+        return all(not (settings.shuffle_caption or settings.caption_dropout_rate or settings.caption_tag_dropout_rate
+                        or settings.enable_wildcard)
                    for settings in (self, *(self.for_subset(n) for n in range(1, len(self.subsets) + 1))))  # fmt: skip
 
     def for_subset(self, line: int) -> DatasetConfig:
@@ -757,7 +764,7 @@ class TrainConfig(Section):
             )
         if not self.dataset.captions_are_static:
             return (
-                "captions change every step (shuffle_caption or caption dropout is on); "
+                "captions change every step (shuffle_caption, caption dropout or enable_wildcard is on); "
                 "turn those off to cache text embeddings"
             )
         return None
@@ -954,6 +961,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "keep_tokens": "dataset.keep_tokens",
     "keep_tokens_separator": "dataset.keep_tokens_separator",
     "secondary_separator": "dataset.secondary_separator",
+    "enable_wildcard": "dataset.enable_wildcard",
     "caption_dropout_rate": "dataset.caption_dropout_rate",
     "caption_tag_dropout_rate": "dataset.caption_tag_dropout_rate",
     "caption_prefix": "dataset.caption_prefix",
@@ -1101,7 +1109,7 @@ KOHYA_DATASET_LEVEL = {"resolution": "resolution", "batch_size": "train_batch_si
                        "bucket_reso_steps": "bucket_reso_steps", "bucket_no_upscale": "bucket_no_upscale",
                        "validation_split": "validation_split"}  # fmt: skip
 KOHYA_SUBSET_SHARED = ("caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
-                       "secondary_separator", "flip_aug", "color_aug", "random_crop",
+                       "secondary_separator", "enable_wildcard", "flip_aug", "color_aug", "random_crop",
                        "caption_prefix", "caption_suffix", "caption_dropout_rate", "caption_tag_dropout_rate",
                        "alpha_mask")  # fmt: skip
 KOHYA_SUBSET_CAN_DIFFER = {**{key: key for key in SUBSET_CAPTION_KEYS}, "flip_aug": "flip_aug",

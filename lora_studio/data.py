@@ -108,7 +108,7 @@ class ScanReport:
         """{folder name: {tag: count}} over the raw captions, tags lower-cased: kohya's `ss_tag_frequency`."""
         frequency: dict[str, Counter] = {}
         for item in self.items:
-            tags = (t.strip().lower() for t in item.caption.split(","))
+            tags = (t.strip().lower() for t in re.split(r"[,\n]", item.caption))
             frequency.setdefault(self.folder_name(item), Counter()).update(t for t in tags if t)
         return {folder: dict(counter) for folder, counter in frequency.items()}
 
@@ -277,9 +277,10 @@ class CaptionError(LoraStudioError):
     """A caption file that is refused: too large, or a link out of the dataset folder."""
 
 
-def read_caption(image_path: Path, extension: str) -> tuple[str | None, list[str]]:
+def read_caption(image_path: Path, extension: str, lines: bool = False) -> tuple[str | None, list[str]]:
     """The caption text (None if there is no file) and warnings about its encoding; CaptionError for a caption
-    file that is refused (over 64 KB, or a link to a file outside the image's folder)."""
+    file that is refused (over 64 KB, or a link to a file outside the image's folder). Its lines are joined into
+    one, or with `lines` (enable_wildcard: one caption a line) kept apart by newlines."""
     path = image_path.with_suffix(extension if extension.startswith(".") else "." + extension)
     if not path.is_file():
         return None, []
@@ -302,6 +303,8 @@ def read_caption(image_path: Path, extension: str) -> tuple[str | None, list[str
         notes.append(f"{path.name} is not UTF-8; read it as Windows-1252; re-save it as UTF-8 to be sure")
     if "\ufffd" in text:
         notes.append(f"{path.name} contains undecodable characters (shown as \ufffd); fix the caption")
+    if lines:
+        return "\n".join(" ".join(line.split()) for line in text.splitlines() if line.strip()), notes
     return " ".join(text.split()), notes
 
 
@@ -433,7 +436,8 @@ def _scan_one(
         if config.bucket_no_upscale:
             return None
     try:
-        caption, notes = read_caption(path, config.for_subset(source.subset).caption_extension)
+        own = config.for_subset(source.subset)
+        caption, notes = read_caption(path, own.caption_extension, lines=own.enable_wildcard)
     except CaptionError as exc:
         problems.append(Problem(str(path), "error", str(exc)))
         return None
@@ -599,7 +603,7 @@ def build_caption(item: Item, config: DatasetConfig, rng: random.Random) -> str:
 def _caption(item: Item, config: DatasetConfig, rng: random.Random) -> str:
     if config.caption_dropout_rate and rng.random() < config.caption_dropout_rate:
         return ""
-    text = item.caption
+    text = wildcard_caption(item.caption, rng) if config.enable_wildcard else item.caption
     if not text and (item.regularization or item.named_concept or not config.trigger_word):
         # kohya's fallback: the class tokens (a kohya folder's name, a subset's class_tokens); a plain folder's name
         # only without a trigger word, which says more than "images" or "dataset" would
@@ -615,6 +619,25 @@ def _caption(item: Item, config: DatasetConfig, rng: random.Random) -> str:
         rng.shuffle(rest)
     caption = ", ".join(fixed + rest + end)
     return caption.replace(config.secondary_separator, ", ") if config.secondary_separator else caption
+
+
+def wildcard_caption(text: str, rng: random.Random | None = None) -> str:
+    """kohya's wildcards: one line of a caption of several, and one option of each {a|b|c}, drawn from `rng`
+    (without: the first of each); {{ and }} are literal braces."""
+    lines = text.split("\n")
+    line = rng.choice(lines) if rng is not None and len(lines) > 1 else lines[0]
+    line = line.replace("{{", "\x00").replace("}}", "\x01")  # no caption holds these control characters
+    line = WILDCARD.sub(lambda m: rng.choice(m.group(1).split("|")) if rng else m.group(1).split("|")[0], line)
+    return line.replace("\x00", "{").replace("\x01", "}")
+
+
+WILDCARD = re.compile(r"\{([^{}]+)\}")
+
+
+def first_caption(item: Item, config: DatasetConfig) -> str:
+    """An image's caption file as one text (for a prompt): with its folder's wildcards on, the first line and the
+    first option of each."""
+    return wildcard_caption(item.caption) if config.for_subset(item.subset).enable_wildcard else item.caption
 
 
 def caption_parts(text: str, config: DatasetConfig) -> tuple[list[str], list[str], list[str]]:

@@ -98,9 +98,10 @@ def _copy_atomic(source: Path, target: Path) -> None:
 
 
 def caption_file_text(text: str, path: Path) -> str:
-    """The file text of a caption: one line, refused (naming the file) if it is over what the dataset scan reads,
-    so the app never writes a caption that training would then refuse."""
-    line = " ".join(text.split()) + "\n"
+    """The file text of a caption: each line's spaces evened out, empty lines dropped (a caption of several lines
+    is one caption a line, kohya's enable_wildcard), refused (naming the file) if it is over what the dataset scan
+    reads, so the app never writes a caption that training would then refuse."""
+    line = "\n".join(" ".join(part.split()) for part in text.splitlines() if part.strip()) + "\n"
     size = len(line.encode())
     if size > MAX_CAPTION_BYTES:
         raise DatasetEditError(
@@ -111,7 +112,7 @@ def caption_file_text(text: str, path: Path) -> str:
 
 
 def write_caption(folder: Path, image_name: str, text: str, extension: str = ".txt") -> Path:
-    """Save one image's caption (UTF-8, one line), atomically."""
+    """Save one image's caption (UTF-8; its lines kept), atomically."""
     image = inside(folder, image_name)
     if image.suffix.lower() not in IMAGE_SUFFIXES or not image.is_file():
         raise DatasetEditError(f"{image_name!r} is not an image in {folder}; reload the dataset.")
@@ -149,8 +150,8 @@ def bulk_edit(folder: Path, edit: BulkEdit, extension: str = ".txt") -> list[str
     makes one too long changes none); each file is replaced atomically."""
     edits = {}
     for image in sorted(p for p in folder.iterdir() if is_training_image(p)):
-        caption, _notes = read_caption(image, extension)
-        new = edit.apply(caption or "")
+        caption, _notes = read_caption(image, extension, lines=True)
+        new = "\n".join(edit.apply(line) for line in (caption or "").split("\n"))  # each line a caption of its own
         if new != (caption or ""):
             path = image.with_suffix(extension)
             edits[path] = caption_file_text(new, path)

@@ -12,6 +12,7 @@ import torch
 
 from . import export
 from .config import SampleConfig
+from .data import first_caption
 from .events import CheckpointEvent, SampleEvent
 from .lora_file import lora_from_models
 from .lora_metadata import TrainingFacts, training_metadata
@@ -126,9 +127,10 @@ def epoch_checkpoint_due(every_n_epochs: int, epoch_before: int, epoch_after: in
 def default_sample_prompt(session: Session) -> str:
     """The trigger word and the first image's caption: what the run is teaching."""
     first = session.items[0]
+    caption = first_caption(first, session.config.dataset)
     trigger = session.config.dataset.trigger_word.strip()
-    parts = [trigger] if trigger and trigger not in first.caption else []
-    return ", ".join(parts + [first.caption or first.concept])
+    parts = [trigger] if trigger and trigger not in caption else []
+    return ", ".join(parts + [caption or first.concept])
 
 
 def render_samples(session: Session) -> SampleEvent:

@@ -17,7 +17,7 @@ import torch
 
 from .cache import cache_folder, module_fingerprint
 from .config import TrainConfig
-from .data import Item
+from .data import Item, first_caption
 from .errors import StoppedEarly
 from .fsutil import atomic_path, write_text_atomic
 from .models import BaseModel
@@ -54,7 +54,7 @@ def generate_regularization(
     for index in range(count):
         source = training[index % len(training)]
         trigger = config.dataset.trigger_word.strip()
-        prompt = class_prompt(source.caption or source.concept, trigger, settings.class_word)
+        prompt = class_prompt(first_caption(source, config.dataset) or source.concept, trigger, settings.class_word)
         seed = config.seed * 100_003 + index
         key = [identity, prompt, seed, resolution, settings.steps, settings.guidance_scale, SAMPLER]
         path = folder / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.png"

@@ -265,6 +265,33 @@ def test_keep_tokens_separator_keeps_a_head_and_a_tail_and_never_reaches_the_tex
     assert (kohya.dataset.keep_tokens_separator, kohya.dataset.secondary_separator) == ("|||", ";;;")
 
 
+def test_wildcards_pick_a_line_and_an_option_per_step_and_only_when_enabled(tmp_path):
+    """kohya's enable_wildcard: a caption file of several lines is one caption a line, {a|b} one option of each
+    (drawn from the step's generator: the same draws, the same caption); {{ }} are literal braces. Off: the lines
+    are joined as before and braces are text."""
+    from lora_studio.data import first_caption
+
+    save(tmp_path / "a.png", color=(9, 9, 9))
+    (tmp_path / "a.txt").write_text("a {red|blue|green} star\n\nzkz, tags, {{braces}}\n")
+    wild = DatasetConfig(path=str(tmp_path), enable_wildcard=True)
+    (picked,) = scan(wild).items
+    assert picked.caption == "a {red|blue|green} star\nzkz, tags, {{braces}}"
+    captions = [build_caption(picked, wild, random.Random(seed)) for seed in range(40)]
+    assert set(captions) == {"a red star", "a blue star", "a green star", "zkz, tags, {braces}"}
+    assert captions == [build_caption(picked, wild, random.Random(seed)) for seed in range(40)]  # resume: the same
+    assert first_caption(picked, wild) == "a red star"  # a prompt's: the first line and options
+    assert not wild.captions_are_static
+    assert scan(wild).tag_frequency() == {tmp_path.name: {"a {red|blue|green} star": 1, "zkz": 1, "tags": 1,
+                                                          "{{braces}}": 1}}  # fmt: skip
+    plain = wild.model_copy(update={"enable_wildcard": False})
+    (joined,) = scan(plain).items
+    assert joined.caption == "a {red|blue|green} star zkz, tags, {{braces}}"  # one caption, as before
+    assert build_caption(joined, plain, random.Random(0)) == joined.caption
+    assert first_caption(joined, plain) == joined.caption
+    kohya = validate_config({"train_data_dir": "x", "enable_wildcard": True})
+    assert kohya.dataset.enable_wildcard
+
+
 def test_dropouts():
     always = DatasetConfig(trigger_word="zkz", caption_dropout_rate=1.0)
     assert build_caption(item(), always, random.Random(0)) == ""

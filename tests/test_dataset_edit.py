@@ -75,6 +75,15 @@ def test_bulk_edit_find_replace_prefix_suffix_trigger(tmp_path):
     assert bulk_edit(tmp_path, BulkEdit(trigger_word="zkz")) == []  # already there: nothing rewritten
 
 
+def test_a_caption_of_several_lines_keeps_them_through_edits(tmp_path):
+    """One caption a line (kohya's enable_wildcard): a save keeps the lines, a bulk edit edits each line."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    write_caption(tmp_path, "a.png", "a red star\n\n  zkz,  star, red \n")
+    assert (tmp_path / "a.txt").read_text() == "a red star\nzkz, star, red\n"
+    assert bulk_edit(tmp_path, BulkEdit(find="red", replace="blue", trigger_word="zkz")) == ["a.txt"]
+    assert (tmp_path / "a.txt").read_text() == "zkz, a blue star\nzkz, star, blue\n"
+
+
 def test_a_caption_over_the_cap_is_refused_before_anything_is_written(tmp_path):
     """The scan refuses captions over 64 KB, so the editor must not write one: a long caption from the page, or a
     bulk edit that makes one caption too long, is one sentence naming the file, and every caption stays as it was."""

@@ -87,7 +87,7 @@ def gallery_items(folder: Path, extension: str = ".txt") -> list[tuple[str, str]
     images = sorted(p for p in folder.iterdir() if is_training_image(p) and is_within(p, folder))
     for image in images[:MAX_GALLERY]:
         try:
-            caption, _notes = read_caption(image, extension)
+            caption, _notes = read_caption(image, extension, lines=True)  # the lines a save keeps
         except CaptionError as exc:
             caption = f"(caption refused: {exc})"
         items.append((str(image), caption or ""))
