@@ -167,3 +167,10 @@ def count_total_steps(optim: OptimConfig, per_epoch_batches: int, processes: int
         return optim.max_train_steps
     batches = per_epoch_batches * (optim.max_train_epochs or 1)
     return math.ceil(batches / (optim.gradient_accumulation_steps * processes))
+
+
+def epochs_due(every_n_epochs: int, epoch_before: int, epoch_after: int) -> bool:
+    """Whether epochs epoch_before+1 .. epoch_after (the ones a step just completed, counted from 1) hold a multiple
+    of `every_n_epochs` (0: never): when checkpoints, samples and validation by epochs are due."""
+    finished = range(epoch_before + 1, epoch_after + 1)
+    return bool(every_n_epochs) and any(epoch % every_n_epochs == 0 for epoch in finished)

@@ -631,6 +631,9 @@ class ValidationConfig(Section):
     every_n_steps: int = Field(
         0, ge=0, description="Validation loss every N steps; also at every checkpoint and at the end. 0: only those."
     )
+    every_n_epochs: int = Field(
+        0, ge=0, description="Also as every Nth epoch ends (kohya's validate_every_n_epochs); 0: not by epochs.",
+    )  # fmt: skip
     timesteps: int = Field(
         4, ge=1, le=32, description="Fixed timesteps spread over the schedule, each with its own fixed noise."
     )
@@ -1013,6 +1016,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "prior_loss_weight": "regularization.prior_loss_weight",
     "validation_split": "validation.fraction",  # kohya sd-scripts' validation PRs (#1858/#1900)
     "validate_every_n_steps": "validation.every_n_steps",
+    "validate_every_n_epochs": "validation.every_n_epochs",
     "save_precision": "save.precision",
     "save_every_n_epochs": "save.every_n_epochs",
     "save_every_n_steps": "save.every_n_steps",

@@ -45,7 +45,7 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "save_last_n_steps_state": (0,),
     "save_last_n_epochs_state": (0,), "save_every_n_steps_state": (0,), "flux1_checkbox": (False,),
     "sd3_checkbox": (False,), "resume": (),
-    "save_model_as": ("safetensors",), "validation_seed": (), "validate_every_n_epochs": (),
+    "save_model_as": ("safetensors",), "validation_seed": (),
     "max_validation_steps": (), "masked_loss_prob": (), "train_on_input": (True, False),
 }  # fmt: skip
 

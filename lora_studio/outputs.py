@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import buckets as bucketing
 from . import export
 from .config import SampleConfig
 from .data import first_caption
@@ -107,7 +108,7 @@ def should_checkpoint(session: Session, epoch_before: int) -> bool:
     save = session.config.save
     if save.every_n_steps and session.step % save.every_n_steps == 0:
         return True
-    return epoch_checkpoint_due(save.every_n_epochs, epoch_before, session.position.epoch)
+    return bucketing.epochs_due(save.every_n_epochs, epoch_before, session.position.epoch)
 
 
 def samples_due(sample: SampleConfig, step: int, epoch_before: int, epoch_after: int) -> bool:
@@ -115,13 +116,9 @@ def samples_due(sample: SampleConfig, step: int, epoch_before: int, epoch_after:
     `sample.every_n_epochs` (counted as checkpoints count them)."""
     if sample.every_n_steps and step % sample.every_n_steps == 0:
         return True
-    return epoch_checkpoint_due(sample.every_n_epochs, epoch_before, epoch_after)
+    return bucketing.epochs_due(sample.every_n_epochs, epoch_before, epoch_after)
 
 
-def epoch_checkpoint_due(every_n_epochs: int, epoch_before: int, epoch_after: int) -> bool:
-    """Whether epochs epoch_before+1 .. epoch_after (the ones just completed, counted from 1) hold a multiple."""
-    finished = range(epoch_before + 1, epoch_after + 1)
-    return bool(every_n_epochs) and any(epoch % every_n_epochs == 0 for epoch in finished)
 
 
 def default_sample_prompt(session: Session) -> str:

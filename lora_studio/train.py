@@ -443,7 +443,7 @@ def run_steps(session: Session, batches, upcoming, started: float, first_step: i
         if stop:
             return True
         checkpoint = should_checkpoint(session, epoch_before) or save
-        if validation_due(session, checkpoint):
+        if validation_due(session, checkpoint, epoch_before):
             read_pending()
             validate_now(session)
         if checkpoint:

@@ -151,12 +151,16 @@ def validate(session: Session) -> ValidationEvent:
     return event
 
 
-def validation_due(session: Session, checkpoint: bool) -> bool:
-    """After a step: every `validation.every_n_steps`, and at every checkpoint (so each saved file has a score)."""
-    if not session.config.validation.enabled:
+def validation_due(session: Session, checkpoint: bool, epoch_before: int | None = None) -> bool:
+    """After a step: every `validation.every_n_steps`, as every `validation.every_n_epochs`th epoch ends (the step
+    began in `epoch_before`), and at every checkpoint (so each saved file has a score)."""
+    settings = session.config.validation
+    if not settings.enabled:
         return False
-    every = session.config.validation.every_n_steps
-    return checkpoint or bool(every and session.step % every == 0)
+    by_steps = bool(settings.every_n_steps and session.step % settings.every_n_steps == 0)
+    by_epochs = epoch_before is not None and bucketing.epochs_due(settings.every_n_epochs, epoch_before,
+                                                                  session.position.epoch)  # fmt: skip
+    return checkpoint or by_steps or by_epochs
 
 
 def record_file(session: Session, lora_file: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lora_studio import outputs
+from lora_studio import buckets as bucketing
 from lora_studio import resume as resume_module
 from lora_studio import step as step_module
 from lora_studio import train as train_module
@@ -177,7 +177,7 @@ def test_epoch_checkpoints_when_steps_straddle_epoch_boundaries(tmp_path, tiny_f
      (1, 2, 2, False)],
 )  # fmt: skip
 def test_an_epoch_checkpoint_is_due_when_a_finished_epoch_is_a_multiple(every, before, after, due):
-    assert outputs.epoch_checkpoint_due(every, before, after) is due
+    assert bucketing.epochs_due(every, before, after) is due
 
 
 def test_only_lora_parameters_change(tmp_path, tiny_folders, images):

@@ -158,6 +158,19 @@ def test_validation_leaves_training_unchanged_and_resume_exact(tmp_path, tiny_fo
     assert [(e.step, e.loss) for e in after] == [(e.step, e.loss) for e in passes if e.step > 5]
 
 
+def test_validation_as_every_nth_epoch_ends(tmp_path, tiny_folders, images, held_images):
+    """kohya's validate_every_n_epochs: 6 images at batch 2 make 3 steps an epoch; with no checkpoint before the
+    end, epochs bring the passes at steps 3 and 6 (and the end's, 8), and without them only the end's comes."""
+    quiet = {"every_n_steps": 0, "every_n_epochs": 0}
+    for every, steps in ((1, [3, 6, 8]), (0, [8])):
+        events = []
+        run_training(tiny_config(tmp_path / str(every), tiny_folders, images, save=quiet, validation={
+            "path": str(held_images), "every_n_epochs": every}), on_event=events.append)  # fmt: skip
+        assert [e.step for e in events if isinstance(e, ValidationEvent)] == steps
+    kohya = validate_config({"train_data_dir": "x", "validation_split": 0.1, "validate_every_n_epochs": 2})
+    assert kohya.validation.every_n_epochs == 2
+
+
 def test_pruning_keeps_the_best_checkpoint(tmp_path):
     run = RunFolder(tmp_path / "run")
     run.checkpoints.mkdir(parents=True)
