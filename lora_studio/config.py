@@ -362,6 +362,10 @@ class LoraConfig(Section):
         "images: its layers and ranks must match these settings; steps, optimizer and schedule start afresh. Empty: "
         "start from zero. A resume ignores it (the saved state holds the weights).",
     )  # fmt: skip
+    rank_from_weights: bool = Field(
+        False, description="With network_weights: train at the file's rank (and conv rank) instead of lora.rank "
+        "(kohya's dim_from_weights); the run records the rank it took.",
+    )  # fmt: skip
     loraplus_lr_ratio: float = Field(
         0.0, ge=0.0, le=1024.0, description="LoRA+ (Hayou et al. 2024; kohya's loraplus_lr_ratio): the up (B) "
         "matrices learn this many times faster than the down (A) ones, in the UNet and the text encoders; 0 off, "
@@ -419,6 +423,9 @@ class LoraConfig(Section):
             kind = "use_dora" if self.network == "lora" else f"network = '{self.network}'"
             raise ValueError(f"scale_weight_norms caps a LoRA's B x A, as kohya's does; {kind} has other weights, so "
                              "set scale_weight_norms to 0 or train a plain LoRA")  # fmt: skip
+        if self.rank_from_weights and not self.network_weights.strip():
+            raise ValueError("rank_from_weights takes the rank of the file network_weights names, and none is named; "
+                             "name the LoRA file to start from, or turn rank_from_weights off")  # fmt: skip
         if self.network_weights.strip() and (self.network != "lora" or self.use_dora):
             kind = "use_dora" if self.network == "lora" else f"network = '{self.network}'"
             raise ValueError(f"network_weights starts a plain LoRA from a file; {kind} has other weights, so clear "
@@ -982,6 +989,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "loraplus_unet_lr_ratio": "lora.loraplus_unet_lr_ratio",
     "loraplus_text_encoder_lr_ratio": "lora.loraplus_text_encoder_lr_ratio",
     "network_weights": "lora.network_weights",
+    "dim_from_weights": "lora.rank_from_weights",
     "conv_dim": "lora.conv_rank",
     "conv_alpha": "lora.conv_alpha",
     "optimizer_type": "optimizer.optimizer",

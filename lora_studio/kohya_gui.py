@@ -35,7 +35,7 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "fp8_base_unet": (False,), "full_bf16": (False,), "full_fp16": (False,), "rank_dropout": (0,),
     "module_dropout": (0,), "stop_text_encoder_training": (0,),
     "stop_text_encoder_training_pct": (0,), "v_pred_like_loss": (0,), "scale_v_pred_loss_like_noise_pred": (False,),
-    "no_token_padding": (False,), "dim_from_weights": (False,), "down_lr_weight": (),
+    "no_token_padding": (False,), "down_lr_weight": (),
     "mid_lr_weight": (), "up_lr_weight": (), "block_lr_zero_threshold": (), "conv_block_dims": (),
     "conv_block_alphas": (), "additional_parameters": (), "lr_scheduler_args": (), "lr_scheduler_power": (1,),
     "lr_scheduler_type": (), "decompose_both": (False,), "use_cp": (False,), "use_tucker": (False,),

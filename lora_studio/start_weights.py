@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .config import TrainConfig
 from .errors import LoraStudioError
 from .lora import ADAPTER_NAME
 from .lora_file import LoraFile, LoraModule, kohya_name
@@ -42,6 +43,29 @@ def read_start_file(path: str) -> LoraFile:
         raise TrainingError(f"lora.network_weights: {source} is a DoRA file; only a plain LoRA can start a run "
                                 "here, so pick one or leave the setting empty")  # fmt: skip
     return lora
+
+
+def with_file_ranks(config: TrainConfig, lora: LoraFile) -> TrainConfig:
+    """`config` training at `lora`'s rank, and its 3x3 convs' (LoCon) at their rank (kohya's dim_from_weights). A file
+    whose layers have several ranks (a resized or block-dimmed LoRA) cannot be one lora.rank: refused by name."""
+    ranks = {name: module.rank for name, module in lora.modules.items() if not is_conv3x3(module)}
+    convs = {name: module.rank for name, module in lora.modules.items() if is_conv3x3(module)}
+    for kind, found in (("layers", ranks), ("3x3 convs", convs)):
+        if len(set(found.values())) > 1:
+            shown = ", ".join(f"{rank} ({name})" for rank, name in sorted({(r, n) for n, r in found.items()})[:4])
+            raise TrainingError(f"lora.rank_from_weights: the {kind} of {lora.path} have several ranks ({shown}, "
+                                "...); set lora.rank (or block_ranks) yourself, or make it one rank with "
+                                "`lora-studio resize`")  # fmt: skip
+    update: dict = {"rank": next(iter(ranks.values()), config.lora.rank)}
+    if convs:
+        update.update(conv_rank=next(iter(convs.values())), unet_targets="full")
+    log.info("lora.rank_from_weights: rank %d%s from %s", update["rank"],
+             f", conv rank {update['conv_rank']}" if convs else "", lora.path)  # fmt: skip
+    return TrainConfig.model_validate({**config.model_dump(), "lora": {**config.lora.model_dump(), **update}})
+
+
+def is_conv3x3(module: LoraModule) -> bool:
+    return module.down.dim() == 4 and tuple(module.down.shape[-2:]) != (1, 1)
 
 
 def trained_layers(parts: dict[str, torch.nn.Module], family: str, unet_config) -> dict[str, torch.nn.Module]:

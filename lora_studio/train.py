@@ -52,7 +52,7 @@ from .reg_images import RENDERING, generate_regularization
 from .resume import check_resumable, record_config, resume, write_failure
 from .runs import RunFolder, RunLock, compile_cache_folder, output_root
 from .session import Session, TrainingError, emit, modules_on, offload_frozen_parts, on_main, trained_parts
-from .start_weights import apply_start_file, read_start_file
+from .start_weights import apply_start_file, read_start_file, with_file_ranks
 from .step import encode_text, training_step
 from .validation import build_validation_set, record_file, validate, validation_due
 
@@ -195,6 +195,8 @@ def prepare(
     # holds the weights already.
     starting = config.lora.network_weights.strip()
     start = read_start_file(starting) if starting and run_dir is None else None
+    if start is not None and config.lora.rank_from_weights:
+        config = with_file_ranks(config, start)  # recorded with the run: its resume trains at that rank too
     run, lock = claim_run(config, accelerator, run_dir)
     try:
         if accelerator.is_main_process:

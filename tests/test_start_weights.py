@@ -93,3 +93,49 @@ def test_the_config_refuses_a_starting_file_for_other_networks():
     with pytest.raises(ConfigError, match="network_weights starts a plain LoRA from a file; use_dora"):
         validate_config({"version": 1, "lora": {"use_dora": True, "network_weights": "x.safetensors"}})
     assert validate_config({"network_weights": "x.safetensors"}).lora.network_weights == "x.safetensors"  # kohya
+
+
+def test_rank_from_weights_trains_at_the_files_rank_and_records_it(tmp_path, tiny_folders, images, unet_only_file):
+    """kohya's dim_from_weights: the rank-4 file starts a run whose lora.rank says 16; the run trains at rank 4,
+    starts where the file is, records rank 4, and resumes from that record."""
+    from lora_studio.config import load_config
+    from lora_studio.runs import RunFolder
+
+    started = {"network_weights": str(unet_only_file), "rank": 16, "rank_from_weights": True}
+    session = prepare(tiny_config(tmp_path / "a", tiny_folders, images, lora=started))
+    assert session.config.lora.rank == 4
+    now = lora_from_models(trained_models(session), session.base.family, session.base.unet.config)
+    for name, delta in deltas(load_lora(unet_only_file)).items():
+        assert torch.allclose(now.modules[name].delta(), delta, atol=1e-7, rtol=1e-5), name
+    assert load_config(RunFolder(session.run.path).config).lora.rank == 4
+    session.lock.release()
+    commands, stop_at_5 = stopper(5)
+    stopped = run_training(tiny_config(tmp_path / "b", tiny_folders, images, lora=started), on_event=stop_at_5,
+                           commands=commands)  # fmt: skip
+    recorded = load_config(RunFolder(stopped.run_dir).config)
+    assert run_training(recorded, resume_from=stopped.run_dir).step == 8
+    with pytest.raises(ConfigError, match="rank_from_weights takes the rank of the file network_weights names"):
+        validate_config({"version": 1, "lora": {"rank_from_weights": True}})
+    kohya = validate_config({"network_weights": "x.safetensors", "dim_from_weights": True})
+    assert kohya.lora.rank_from_weights
+
+
+def test_rank_from_weights_reads_the_conv_rank_and_refuses_a_file_of_several_ranks():
+    from pathlib import Path
+
+    from lora_studio.lora_file import LoraFile, LoraModule
+    from lora_studio.start_weights import with_file_ranks
+
+    def module(rank: int, kernel: int | None = None) -> LoraModule:
+        down = torch.zeros(rank, 8) if kernel is None else torch.zeros(rank, 8, kernel, kernel)
+        return LoraModule(down=down, up=torch.zeros(8, rank) if kernel is None else torch.zeros(8, rank, 1, 1),
+                          alpha=float(rank))  # fmt: skip
+    config = validate_config({"version": 1, "lora": {"network_weights": "x.safetensors", "rank_from_weights": True}})
+    locon = LoraFile({"lora_unet_a": module(8), "lora_unet_b": module(8, kernel=1), "lora_unet_c": module(2, 3)},
+                     path=Path("locon.safetensors"))  # fmt: skip
+    taken = with_file_ranks(config, locon).lora
+    assert (taken.rank, taken.conv_rank, taken.unet_targets) == (8, 2, "full")  # a 1x1 conv is a layer's rank
+    resized = LoraFile({"lora_unet_a": module(8), "lora_unet_b": module(4)}, path=Path("resized.safetensors"))
+    with pytest.raises(TrainingError, match=r"the layers of resized.safetensors have several ranks \(4 "
+                                            r"\(lora_unet_b\), 8 \(lora_unet_a\), \.\.\.\)"):  # fmt: skip
+        with_file_ranks(config, resized)
