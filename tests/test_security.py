@@ -257,6 +257,31 @@ def test_the_caption_extension_from_the_form_cannot_name_another_file(server, cl
     assert ok and all(update == {"__type__": "update"} for update in data)  # nothing open: nothing read or sent
 
 
+def test_the_forms_subsets_cannot_lead_the_dataset_tab_out_of_its_folder(server, client):
+    """The Dataset tab reads the Train form's subsets (which of them the open folder is, and that subset's caption
+    extension); a request's subsets naming a folder outside the roots, or an extension that is a path, change
+    nothing: the open folder stays the server's, captions keep the form's .txt, nothing outside is read or written
+    (the autouse check), and the picker of the form's folders only echoes text."""
+    outside = server["outside"]
+    ok, data = client.call("open_dataset", ["demo", None, ".txt", None])
+    assert ok
+    folder = server["home"] / "datasets" / "demo"
+    caption = sorted(folder.glob("*.txt"))[0]
+    hostile = (f'{{ path = "{outside}", caption_extension = ".caption" }}',
+               '{ path = "datasets/demo", caption_extension = "/../../../outside/sentinel" }',
+               '{ path = "../../outside", caption_extension = ".txt" }', "not a table")  # fmt: skip
+    for number, subsets in enumerate(hostile):
+        ok, data = client.call("apply_bulk_edit", [str(outside), "", "", f", edit{number}", "", "", None, ".txt",
+                                                   subsets])  # fmt: skip
+        assert ok, data
+        assert caption.read_text().strip().endswith(f", edit{number}")  # the open folder's .txt captions
+        assert not list(folder.glob("*.caption"))
+        ok, data = client.call("current_view", [str(outside), None, ".txt", subsets])
+        assert ok and "a secret caption" not in str(data)
+    ok, data = client.call("form_folders", [str(outside / "sentinel.txt"), f'{{ path = "{outside}" }}'])
+    assert ok and [choice[1] for choice in data[0]["choices"]] == [str(outside / "sentinel.txt"), str(outside)]
+
+
 def test_a_caption_linked_out_of_the_folder_is_never_shown(server, client):
     assert client.call("open_dataset", ["demo", None, ".txt", None])[0]
     folder = server["home"] / "datasets" / "demo"
