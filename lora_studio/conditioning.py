@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .prompt_weights import parse_emphasis
+from .prompt_weights import BREAK, parse_emphasis
 from .tokens import TOKENS_COUNTED, WINDOW, token_count
 
 
@@ -50,21 +50,34 @@ def split_windows(ids: torch.Tensor, tokenizer, max_tokens: int) -> torch.Tensor
 
 
 def weighted_ids(tokenizer, prompts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[batch, max_tokens + 2] ids and the weight of each token, from A1111's emphasis syntax: each fragment is
-    tokenized on its own (as A1111 does) and its tokens get its weight; start, end and padding weigh 1. Without
-    brackets the ids are the plain tokenization's."""
+    """[batch, max_tokens + 2] ids and the weight of each token (prompt_tokens); start, end and padding weigh 1.
+    Without brackets or BREAK the ids are the plain tokenization's."""
     rows, weights = [], []
     for prompt in prompts:
-        ids, weight = [], []
-        for text, factor in parse_emphasis(prompt):
-            pieces = tokenizer(text, add_special_tokens=False, truncation=True, max_length=TOKENS_COUNTED).input_ids
-            ids += pieces
-            weight += [factor] * len(pieces)
+        ids, weight = prompt_tokens(tokenizer, prompt)
         ids, weight = ids[:max_tokens], weight[:max_tokens]
         padding = max_tokens - len(ids)
         rows.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
         weights.append([1.0, *weight, 1.0] + [1.0] * padding)
     return torch.tensor(rows), torch.tensor(weights)
+
+
+def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[float]]:
+    """A prompt's tokens (start and end left out) and their weights from A1111's emphasis syntax: each fragment is
+    tokenized on its own, as A1111 does, and its tokens get its weight. A BREAK ends the window it is in: the end
+    token, then padding (A1111's chunk), so what follows starts the next window."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for text, factor in parse_emphasis(prompt):
+        for index, part in enumerate(BREAK.split(text)):
+            if index:
+                fill = -len(ids) % WINDOW
+                ids += ([tokenizer.eos_token_id] + [tokenizer.pad_token_id] * fill)[:fill]
+                weights += [1.0] * fill
+            pieces = tokenizer(part, add_special_tokens=False, truncation=True, max_length=TOKENS_COUNTED).input_ids
+            ids += pieces
+            weights += [factor] * len(pieces)
+    return ids, weights
 
 
 def emphasised(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

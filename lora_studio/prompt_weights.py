@@ -1,7 +1,7 @@
 """A1111's emphasis syntax in prompts: `(word)` is 1.1 times as strong, `[word]` 1/1.1, `(word:1.5)` 1.5; brackets
 nest and multiply, `\\(` and `\\)` are literal brackets, an unclosed bracket reaches to the end of the prompt (all as
-A1111's prompt parser reads them). Previews and training samples read prompts this way, as A1111/Forge and
-kohya's sample images do; diffusers' own encoding would take the brackets as text.
+A1111's prompt parser reads them), and BREAK starts a new window of 75 tokens. Previews and training samples read
+prompts this way, as A1111/Forge and kohya's sample images do; diffusers' own encoding would take them as text.
 
 The weights then scale each token's embedding, and the whole is rescaled to its unweighted mean (A1111's
 "Original" emphasis), in conditioning.encode_captions.
@@ -16,9 +16,13 @@ EMPHASIS = 1.1  # A1111's factor per round bracket (its division per square one)
 PIECE = re.compile(r"\\.|\(|\[|\]|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|[^\\()\[\]:]+|:|\\$", re.DOTALL)
 
 
+BREAK = re.compile(r"\s*\bBREAK\b\s*")  # A1111's: what follows starts the next window of 75 tokens
+
+
 def has_emphasis(prompt: str) -> bool:
-    """Whether `prompt` holds any of the syntax (a bracket or an escape); a prompt without reads as plain text."""
-    return any(c in prompt for c in "()[]\\")
+    """Whether `prompt` holds any of the syntax (a bracket, an escape, BREAK); a prompt without reads as plain
+    text."""
+    return any(c in prompt for c in "()[]\\") or bool(BREAK.search(prompt))
 
 
 def parse_emphasis(prompt: str) -> list[tuple[str, float]]:

@@ -28,11 +28,12 @@ from diffusers import (
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from .conditioning import prompt_tokens
 from .errors import LoraStudioError
 from .fsutil import atomic_path
-from .prompt_weights import has_emphasis, parse_emphasis
+from .prompt_weights import has_emphasis
 from .sample_prompts import MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, STRENGTH_RANGE
-from .tokens import WINDOW, token_count
+from .tokens import WINDOW
 
 # name -> (scheduler class, extra config, A1111's sampler label, A1111's schedule type or None)
 SAMPLER_SPECS = {
@@ -83,8 +84,7 @@ def call_pipeline(
     skip included) the pipeline encodes the prompts itself."""
     sdxl = hasattr(pipeline, "text_encoder_2")
     emphasis = has_emphasis(prompt) or has_emphasis(negative_prompt)
-    longest = max(sum(token_count(pipeline.tokenizer, text) for text, _ in parse_emphasis(prompt_text))
-                  for prompt_text in (prompt, negative_prompt))  # fmt: skip
+    longest = max(len(prompt_tokens(pipeline.tokenizer, text)[0]) for text in (prompt, negative_prompt))
     if emphasis or longest > WINDOW or (clip_skip > 1 and not sdxl):
         strength = (extra.get("cross_attention_kwargs") or {}).get("scale")
         texts = prompt_embeddings(pipeline, prompt, negative_prompt, len(seeds), clip_skip, longest, strength)

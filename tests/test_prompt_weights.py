@@ -121,3 +121,29 @@ def test_weighted_captions_train_with_the_emphasis_and_cache_it_apart(tmp_path, 
     done = run_training(weighted)
     assert safe_open(str(done.lora_path), "pt").metadata()["ss_weighted_captions"] == "True"
     assert validate_config({"train_data_dir": "x", "weighted_captions": True}).weighted_captions
+
+
+def test_break_ends_the_window_so_what_follows_starts_the_next():
+    from lora_studio.conditioning import prompt_tokens
+
+    for family, name in (("sd1", "tokenizer"), ("sdxl", "tokenizer_2")):
+        tokenizer = tokenizer_for(family, name)
+        a_cat, a_dog = (tokenizer(t, add_special_tokens=False).input_ids for t in ("a cat", "a dog"))
+        ids, weights = prompt_tokens(tokenizer, "a cat BREAK a dog")
+        assert ids[:2] == a_cat and ids[2] == tokenizer.eos_token_id  # the window's text ends with the end token
+        assert set(ids[3:75]) == {tokenizer.pad_token_id} and ids[75:] == a_dog  # the next window holds the rest
+        assert weights == [1.0] * len(ids)
+        assert prompt_tokens(tokenizer, "a BREAKFAST")[0] == tokenizer("a BREAKFAST", add_special_tokens=False
+                                                                       ).input_ids  # a word, not BREAK  # fmt: skip
+    assert has_emphasis("a cat BREAK a dog") and not has_emphasis("a BREAKFAST, a break")
+
+
+def test_a_preview_with_break_renders_two_windows(tiny_folders):
+    from lora_studio.models import load_base
+    from lora_studio.sample import Previewer, PreviewSettings
+
+    previewer = Previewer(load_base(tiny_folders["sdxl"], device="cpu"))
+    common = dict(sampler="ddim", steps=3, cfg=5.0, seed=3, width=32, height=32)
+    broken, joined = (np.asarray(previewer.generate(PreviewSettings(prompt=p, **common))[0].image)
+                      for p in ("a red thing BREAK blue sky", "a red thing blue sky"))  # fmt: skip
+    assert not np.array_equal(broken, joined)
