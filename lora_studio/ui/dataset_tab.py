@@ -454,8 +454,9 @@ def connect(
     opening = [p["source"], preset, extension, subsets]
     gr.on([p["open"].click, blocks.load], shown(open_dataset, app), opening, [*view, train_dataset],
           show_progress_on=p["report"])  # blocks.load: the demo  # fmt: skip
-    gr.on([train_dataset.change, subsets.change, page.select], form_folders, [train_dataset, subsets],
-          p["form_folder"])  # fmt: skip
+    # The picker follows the form, and reads it again when opened (a change that raced the tab's select).
+    gr.on([train_dataset.change, subsets.change, page.select, p["form_folder"].focus], form_folders,
+          [train_dataset, subsets], p["form_folder"])  # fmt: skip
     p["form_folder"].input(lambda folder: folder or gr.skip(), p["form_folder"], p["source"]).then(
         shown(open_dataset, app), opening, [*view, train_dataset], show_progress_on=p["report"])
     page.select(shown(current_view, app), [state, preset, extension, subsets],
