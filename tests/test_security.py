@@ -102,10 +102,12 @@ def test_the_train_tabs_poll_outside_the_queue_hears_no_state_and_no_foreign_hos
     api_name = next(d["api_name"] for d in client.config()["dependencies"] if d.get("api_name") == "poll")
     bait = [str(server["outside"] / "sentinel.txt"), {"job": 99, "every": 0.001, "log": "x"}, "../../outside"]
     for number, forged in enumerate(bait):
+        # What a page that sent nothing is shown (idle, or a job other tests of this app left stopped)
+        honest = client.call_direct(api_name, [None], session=f"honest-{number}").json()["data"][:2]
         response = client.call_direct(api_name, [forged], session=f"page-{number}")
         assert response.status_code == 200, response.text
         bar, line, *_rest = response.json()["data"]
-        assert 'aria-valuenow="0"' in bar and line.startswith("No training yet")  # the idle page, as if sent None
+        assert [bar, line] == honest  # as if sent None: the forged job 99 and its log are not heard
     # The same page again: the server remembers what it sent (nothing new to send), whatever the request claims.
     again = client.call_direct(api_name, [{"bar": "", "line": ""}], session="page-0").json()["data"]
     # gr.skip() for the bar and the status line: an update with no value, so the page keeps what it shows
@@ -175,11 +177,13 @@ def test_dataset_folders_outside_the_roots_are_refused(server, client):
     for source in (str(outside), "../outside", "%2e%2e/outside", "datasets/../../outside", str(link), "/etc",
                    str(home / "datasets" / ".." / ".." / "outside")):  # fmt: skip
         assert_refused(client.call("open_dataset", [source, None, ".txt", None]), "outside the app's folders")
-    # The open folder is server-side state: a request that puts a folder in the state's place is not heard.
-    bait = str(outside)
-    assert_refused(client.call("apply_bulk_edit", [bait, "zkz", "", "", "secret", "x", None, ".txt", None]),
-                   "No dataset is open")  # fmt: skip
-    caption = client.call("save_caption", [bait, str(outside / "image.png"), "a new caption", ".txt", None])
+    # The open folder is server-side state: a request that puts a folder in the state's place is not heard (a page
+    # that opened none, whatever other tests' pages opened).
+    bait, fresh = str(outside), "a-page-that-opened-nothing"
+    assert_refused(client.call("apply_bulk_edit", [bait, "zkz", "", "", "secret", "x", None, ".txt", None],
+                               session=fresh), "No dataset is open")  # fmt: skip
+    caption = client.call("save_caption", [bait, str(outside / "image.png"), "a new caption", ".txt", None],
+                          session=fresh)  # fmt: skip
     assert_refused(caption, "No dataset is open")
 
 
@@ -262,33 +266,37 @@ def test_the_forms_subsets_cannot_lead_the_dataset_tab_out_of_its_folder(server,
     extension); a request's subsets naming a folder outside the roots, or an extension that is a path, change
     nothing: the open folder stays the server's, captions keep the form's .txt, nothing outside is read or written
     (the autouse check), and the picker of the form's folders only echoes text."""
-    outside = server["outside"]
-    ok, data = client.call("open_dataset", ["demo", None, ".txt", None])
-    assert ok
-    folder = server["home"] / "datasets" / "demo"
-    caption = sorted(folder.glob("*.txt"))[0]
+    outside, page = server["outside"], "a-page-with-subsets"  # its own open folder: other tests' pages keep theirs
+    folder = server["home"] / "datasets" / "with-subsets"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), "blue").save(folder / "a.png")
+    caption = folder / "a.txt"
+    caption.write_text("zkz, a blue square\n")
+    ok, data = client.call("open_dataset", [str(folder), None, ".txt", None], session=page)
+    assert ok, data
     hostile = (f'{{ path = "{outside}", caption_extension = ".caption" }}',
                '{ path = "datasets/demo", caption_extension = "/../../../outside/sentinel" }',
                '{ path = "../../outside", caption_extension = ".txt" }', "not a table")  # fmt: skip
     for number, subsets in enumerate(hostile):
         ok, data = client.call("apply_bulk_edit", [str(outside), "", "", f", edit{number}", "", "", None, ".txt",
-                                                   subsets])  # fmt: skip
+                                                   subsets], session=page)  # fmt: skip
         assert ok, data
         assert caption.read_text().strip().endswith(f", edit{number}")  # the open folder's .txt captions
         assert not list(folder.glob("*.caption"))
-        ok, data = client.call("current_view", [str(outside), None, ".txt", subsets])
-        assert ok and "a secret caption" not in str(data)
+        ok, data = client.call("current_view", [str(outside), None, ".txt", subsets], session=page)
+        assert ok and "a secret caption" not in str(data) and "with-subsets" in str(data)
     ok, data = client.call("form_folders", [str(outside / "sentinel.txt"), f'{{ path = "{outside}" }}'])
     assert ok and [choice[1] for choice in data[0]["choices"]] == [str(outside / "sentinel.txt"), str(outside)]
 
 
 def test_a_caption_linked_out_of_the_folder_is_never_shown(server, client):
-    assert client.call("open_dataset", ["demo", None, ".txt", None])[0]
-    folder = server["home"] / "datasets" / "demo"
-    image = sorted(folder.glob("*.png"))[0]
-    image.with_suffix(".txt").unlink()
-    image.with_suffix(".txt").symlink_to(server["outside"] / "caption.txt")
-    ok, data = client.call("open_dataset", ["demo", None, ".txt", None])
+    # A folder and a page of its own: the demo copy and the other tests' pages stay as they are, in any order.
+    folder = server["home"] / "datasets" / "linked"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), "blue").save(folder / "a.png")
+    if not (folder / "a.txt").is_symlink():
+        (folder / "a.txt").symlink_to(server["outside"] / "caption.txt")
+    ok, data = client.call("open_dataset", [str(folder), None, ".txt", None], session="a-page-of-links")
     assert ok
     gallery, report = data[2], data[3]
     assert "a secret caption" not in str(gallery) and "is a link to a file outside the dataset folder" in report
