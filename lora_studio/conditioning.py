@@ -22,9 +22,6 @@ def unread_layers(num_layers: int, clip_skip: int, sdxl: bool, pooled: bool) -> 
     return range(num_layers - skip, num_layers)
 
 
-
-
-
 def window_ids(tokenizer, captions: list[str], max_tokens: int = WINDOW) -> torch.Tensor:
     """Token ids [batch, windows, 77]: up to `max_tokens` caption tokens (75, or kohya's 150 / 225) cut into windows
     of 75, each with the start token before it and an end token after it, as kohya's sd-scripts feed long
@@ -141,8 +138,13 @@ def encode_captions(
     return result
 
 
-def overlong_captions(tokenizer, captions: list[str], max_tokens: int = WINDOW) -> list[tuple[str, int]]:
+def overlong_captions(tokenizer, captions: list[str], max_tokens: int = WINDOW,
+                      emphasis: bool = False) -> list[tuple[str, int]]:  # fmt: skip
     """(caption, its token count) of each caption longer than the `max_tokens` the text encoder reads: its end
-    is cut off."""
-    counted = [(caption, token_count(tokenizer, caption)) for caption in captions]
+    is cut off. With `emphasis`, counted as encode_captions reads it (brackets and weights are no tokens, a BREAK
+    fills its window)."""
+    def count(caption: str) -> int:
+        return len(prompt_tokens(tokenizer, caption)[0]) if emphasis else token_count(tokenizer, caption)
+
+    counted = [(caption, count(caption)) for caption in captions]
     return [(caption, count) for caption, count in counted if count > max_tokens]

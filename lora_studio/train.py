@@ -47,7 +47,6 @@ from .loss_reads import PendingLosses, QueuedStep, ReadStep, check_finite, reads
 from .models import BaseModel, dtype_of, load_base, pick_device
 from .optimizers import current_rate, make_lr_scheduler, make_optimizer
 from .outputs import render_samples, samples_due, save_checkpoint, save_lora_file, should_checkpoint
-from .prompt_weights import parse_emphasis
 from .reg_images import RENDERING, generate_regularization
 from .resume import check_resumable, record_config, resume, write_failure
 from .runs import RunFolder, RunLock, compile_cache_folder, output_root
@@ -239,9 +238,7 @@ def warn_of_cut_captions(config: TrainConfig, base: BaseModel, items: list) -> N
     """A warning in the run's log when captions (as training builds them, before shuffle and dropout) run past
     the tokens the text encoder reads: their last tags never reach the model."""
     captions = [validation_caption(item, config.dataset) for item in items]
-    if config.weighted_captions:  # the brackets and weights are not read as tokens
-        captions = ["".join(text for text, _ in parse_emphasis(caption)) for caption in captions]
-    cut = overlong_captions(base.tokenizers[0], captions, config.max_token_length)
+    cut = overlong_captions(base.tokenizers[0], captions, config.max_token_length, config.weighted_captions)
     if not cut:
         return
     longest, count = max(cut, key=lambda pair: pair[1])

@@ -79,6 +79,9 @@ def test_overlong_captions_are_counted_in_tokens():
     tokenizer = tokenizer_for("sd1")
     assert overlong_captions(tokenizer, ["a cat", TAGS], 75) == [(TAGS, len(ids_of(tokenizer, TAGS)))]
     assert overlong_captions(tokenizer, ["a cat", TAGS], 150) == []
+    # weighted captions count as they are read: brackets are no tokens, a BREAK fills its window
+    assert overlong_captions(tokenizer, ["((((((((((a cat))))))))))"], 10, emphasis=True) == []
+    assert overlong_captions(tokenizer, ["a cat BREAK a dog"], 75, emphasis=True) == [("a cat BREAK a dog", 77)]
 
 
 def long_captioned(folder, count=4):
