@@ -706,6 +706,11 @@ class TrainConfig(Section):
     )
     family: Family = "auto"
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    vae: str = Field(
+        "", description="A VAE to use instead of the base model's own (kohya's vae): a .safetensors file or a "
+        "diffusers VAE folder, e.g. a fixed fp16 SDXL VAE. It encodes the training images and decodes samples; "
+        "empty: the base model's.",
+    )  # fmt: skip
     output_dir: str = Field("", description="Folder the run folders go in; empty: runs/ in the app's home.")
     seed: int = Field(42, ge=0, le=MAX_SEED)
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"  # kohya/OneTrainer default on modern GPUs
@@ -947,6 +952,7 @@ def validate_config(data: Mapping[str, Any], source: str = "config") -> TrainCon
 KOHYA_V0_KEYS: dict[str, str] = {
     "output_name": "name",
     "pretrained_model_name_or_path": "base_model",
+    "vae": "vae",
     "output_dir": "output_dir",
     "seed": "seed",
     "mixed_precision": "mixed_precision",

@@ -78,6 +78,20 @@ def base_model_hashes(source: str) -> dict[str, str]:
     return {"ss_sd_model_hash": legacy, "ss_new_sd_model_hash": whole}
 
 
+def vae_keys(vae: str) -> dict[str, str]:
+    """kohya's `ss_vae_name` (the file's or folder's name), and for a file `ss_vae_hash` / `ss_new_vae_hash` (A1111's
+    two hashes, as for the base model); nothing when the base model's own VAE was used."""
+    if not vae.strip():
+        return {}
+    path = Path(vae.strip())
+    keys = {"ss_vae_name": path.name or vae.strip()}
+    if path.is_file():
+        stat = path.stat()
+        legacy, whole = _file_hashes(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        keys |= {"ss_vae_hash": legacy, "ss_new_vae_hash": whole}
+    return keys
+
+
 def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
     """kohya's `ss_*` keys and the ModelSpec keys; every value a string (the safetensors header rule)."""
     lora, opt = config.lora, config.optimizer
@@ -130,8 +144,8 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_training_finished_at": f"{facts.finished_at:.3f}",
         "ss_training_comment": "trained with LoRA Studio",
     }
-    return metadata | dataset_keys(config.dataset, facts) | modelspec_keys(config, facts) | base_model_hashes(
-        facts.base_source)  # fmt: skip
+    return (metadata | dataset_keys(config.dataset, facts) | modelspec_keys(config, facts)
+            | base_model_hashes(facts.base_source) | vae_keys(config.vae))  # fmt: skip
 
 
 def network_args(lora) -> dict:

@@ -8,6 +8,9 @@
   configs bundled in `assets/sd-configs/<family>/`, so no config is ever fetched;
 - a hub id (`org/name`) only when it is already in the local Hugging Face cache.
 
+`vae=` swaps in a VAE of the person's own (kohya's `--vae`: a fixed fp16 SDXL VAE, a sharper SD1 one), from a
+.safetensors file in either key layout or a diffusers VAE folder (`load_vae`).
+
 Pickled checkpoints (`.ckpt`, `.pt`, `.bin`) can run code when unpickled; they are refused unless
 `allow_pickle=True`, and then read with `torch.load(weights_only=True)`.
 
@@ -25,7 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checkpoints import detect_family, family_of_configs, normalise_prediction, read_checkpoint_index, with_prediction
+from .config import shortened
 from .errors import ModelLoadError
+from .layout import VAE_PREFIX
 from .paths import DEMO_MODEL_DIR, sd_config_dir
 
 if TYPE_CHECKING:  # torch and diffusers load on first use: the app's page must come up before them
@@ -61,6 +66,7 @@ class BaseModel:
     native_resolution: int
     source: str
     notes: list[str] = field(default_factory=list)  # assumptions made while loading, shown to the user
+    vae_source: str = ""  # the VAE used instead of the model's own, as named; "" for its own
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -153,11 +159,13 @@ def load_base(
     config: str | Path | None = None,
     prediction_type: str | None = None,
     allow_pickle: bool = False,
+    vae: str | Path | None = None,
 ) -> BaseModel:
     """Load a base model offline and freeze it in the working dtype on the working device.
 
     `config` overrides the bundled diffusers config folder used for single files (tests pass the
-    folder of a tiny model); `prediction_type` overrides what is read or guessed from the file.
+    folder of a tiny model); `prediction_type` overrides what is read or guessed from the file;
+    `vae` names a VAE to use instead of the model's own (see `load_vae`).
     """
     import torch
 
@@ -168,6 +176,9 @@ def load_base(
         base = _load_diffusers_folder(path, label, dtype, prediction_type)
     else:
         base = _load_single_file(path, dtype, config, prediction_type, allow_pickle)
+    if vae is not None and str(vae).strip():
+        base.pipeline.vae = load_vae(vae, like=base.vae)
+        base.vae_source = str(vae).strip()
     if base.device != device:
         base.pipeline.to(device)
     for module in (base.unet, base.vae, *base.text_encoders):
@@ -335,3 +346,109 @@ def native_resolution(pipeline: DiffusionPipeline) -> int:
 def native_side_of_configs(unet: dict, vae: dict) -> int:
     """native_resolution from the UNet's and the VAE's configs (a folder's config.json files, or loaded models')."""
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+# --- a VAE of the person's own -----------------------------------------------------------------
+
+
+VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # a VAE's tensors, in either key layout
+
+
+def load_vae(source: str | Path, like: torch.nn.Module) -> torch.nn.Module:
+    """A VAE to use instead of a base model's own (`like`), in its dtype, frozen.
+
+    `source` is a .safetensors file, in the original (LDM) key layout or diffusers', a VAE alone or a whole
+    checkpoint whose VAE is taken; or a diffusers VAE folder (config.json beside the weights), or a diffusers model
+    folder whose vae/ is taken. A file has no config of its own, so it gets the base model's VAE config, as kohya
+    loads a `--vae` file into its family's VAE; a folder keeps its own config (a fixed fp16 VAE says there that it
+    needs no upcast, `force_upcast = false`). Either way the latents keep the base model's scaling factor, which
+    its UNet was trained on. Pickled files are refused: they can run code when read.
+    """
+    path, tensors = checked_vae_source(source)
+    vae = _vae_from_folder(path, like.dtype) if path.is_dir() else _vae_from_file(path, tensors, like)
+    _check_vae_fits(vae, like, path)
+    if vae.config.scaling_factor != like.config.scaling_factor:
+        log.warning("the VAE %s has scaling factor %s, the base model's VAE %s; latents are scaled by the base "
+                    "model's, which its UNet learned", path, vae.config.scaling_factor, like.config.scaling_factor)
+        vae.register_to_config(scaling_factor=like.config.scaling_factor)
+    vae.to(like.device)
+    vae.requires_grad_(False)
+    vae.eval()
+    return vae
+
+
+def checked_vae_source(source: str | Path) -> tuple[Path, int]:
+    """The VAE file or folder `source` names, and for a file how many VAE tensors it holds, checked as far as
+    headers and configs go (no weights read, so "Check settings" can say it at once); a ModelLoadError otherwise."""
+    path = Path(str(source).strip()).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"the VAE {str(source)!r} (`vae`) was not found: there is no such file or folder; give a "
+                             "VAE .safetensors file or a diffusers VAE folder, or leave `vae` empty to use the base "
+                             "model's own.")  # fmt: skip
+    if path.is_dir():
+        if (path / "vae" / "config.json").is_file():  # a whole diffusers model folder: its VAE
+            path = path / "vae"
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a diffusers VAE folder: it has no config.json; give the folder that "
+                                 "holds config.json and diffusion_pytorch_model.safetensors, or the VAE's "
+                                 ".safetensors file.")  # fmt: skip
+        if read_config_json(path / "config.json").get("_class_name") != "AutoencoderKL":
+            raise ModelLoadError(f"{path / 'config.json'} is not an AutoencoderKL's config, so {path} is not a "
+                                 "Stable Diffusion VAE; give a VAE folder or file.")  # fmt: skip
+        return path, 0
+    index = read_checkpoint_index(path)  # refuses pickles; a damaged header is a sentence
+    tensors = sum(1 for k in index.shapes if k.removeprefix(VAE_PREFIX).startswith(VAE_PARTS))
+    if not tensors:
+        raise ModelLoadError(f"{path} holds no VAE weights (no encoder.* or decoder.* tensors); give a VAE file, "
+                             "or a checkpoint that holds one.")  # fmt: skip
+    return path, tensors
+
+
+def _vae_from_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"the VAE folder {folder} could not be loaded ({_why(exc)}); it needs its "
+                             "weights as diffusion_pytorch_model.safetensors beside config.json.") from exc
+
+
+def _vae_from_file(path: Path, tensors: int, like: torch.nn.Module) -> torch.nn.Module:
+    needed = len(like.state_dict())  # both layouts name the same tensors, one for one
+    if tensors < needed:
+        raise ModelLoadError(f"the VAE file {path} holds {tensors} of the {needed} weights of the base model's "
+                             "VAE; it is incomplete or of another shape, so download or export it again.")  # fmt: skip
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    with tempfile.TemporaryDirectory() as folder:
+        like.save_config(Path(folder) / "vae")  # the base model's VAE config, as from_single_file reads a config
+        try:
+            vae = AutoencoderKL.from_single_file(str(path), config=folder, subfolder="vae", dtype=like.dtype,
+                                                 local_files_only=True)  # fmt: skip
+        except Exception as exc:  # diffusers raises many types for weights that do not fit the config
+            raise ModelLoadError(f"the VAE file {path} does not fit the base model's VAE ({_why(exc)}); "
+                                 "is it a VAE of another architecture, or damaged?") from exc
+    if any(p.is_meta for p in vae.parameters()):
+        raise ModelLoadError(f"the VAE file {path} lacks some of the VAE's weights; it is incomplete or damaged, so "
+                             "download or export it again.")  # fmt: skip
+    return vae
+
+
+def _check_vae_fits(vae: torch.nn.Module, like: torch.nn.Module, path: Path) -> None:
+    """The latents' channels and the image-to-latent scale must be the base model's, or its UNet cannot read them."""
+    mine, theirs = vae.config, like.config
+    if mine.latent_channels != theirs.latent_channels or len(mine.block_out_channels) != len(
+            theirs.block_out_channels):  # fmt: skip
+        raise ModelLoadError(
+            f"the VAE {path} makes latents of {mine.latent_channels} channels at 1/"
+            f"{2 ** (len(mine.block_out_channels) - 1)} of the image side; the base model's UNet reads "
+            f"{theirs.latent_channels} channels at 1/{2 ** (len(theirs.block_out_channels) - 1)}; give a VAE of the "
+            "base model's family (SD 1.x, 2.x and XL share one shape, SD3 and Flux VAEs do not fit)."
+        )
+
+
+def _why(exc: BaseException) -> str:
+    return shortened(f"{type(exc).__name__}: {exc}", 200)

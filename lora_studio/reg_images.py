@@ -90,7 +90,9 @@ def render_for_config(
         raise LoraStudioError(f"The dataset {report.root} has no usable images; check it in the Dataset tab "
                               "(or with `lora-studio dataset`).")  # fmt: skip
     device = pick_device()
-    base = load_base(config.base_model, dtype_of(config.mixed_precision if device.type != "cpu" else "no"), device)
+    prediction = None if config.prediction_type == "auto" else config.prediction_type
+    base = load_base(config.base_model, dtype_of(config.mixed_precision if device.type != "cpu" else "no"), device,
+                     prediction_type=prediction, vae=config.vae)  # the model training renders them with
     resolution = config.dataset.resolution or base.native_resolution
     items = generate_regularization(config, base, report.items, resolution, progress, should_stop)
     return cache_folder(config) / "regularization", items

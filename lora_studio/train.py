@@ -119,9 +119,8 @@ def with_regularization(report: ScanReport, regularization: list[Item]) -> ScanR
 
 def load_model(config: TrainConfig, accelerator: Accelerator) -> BaseModel:
     prediction = None if config.prediction_type == "auto" else config.prediction_type
-    base = load_base(
-        config.base_model, dtype_of(config.mixed_precision), accelerator.device, prediction_type=prediction
-    )
+    base = load_base(config.base_model, dtype_of(config.mixed_precision), accelerator.device,
+                     prediction_type=prediction, vae=config.vae)  # fmt: skip
     if config.family != "auto" and config.family != base.family:
         raise TrainingError(
             f"the preset is for {config.family} but {config.base_model} is {base.family}; "

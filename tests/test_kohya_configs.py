@@ -105,6 +105,7 @@ def test_kohya_ss_rates_steps_and_noise_as_the_gui_means_them(tmp_path):
     multires = load_config(saved(tmp_path, noise_offset_type="Multires"))
     assert (multires.optimizer.noise_offset, multires.optimizer.multires_noise_iterations) == (0.0, 6)
     assert load_config(saved(tmp_path, max_token_length="225")).max_token_length == 225  # long tag captions
+    assert load_config(saved(tmp_path, vae="/models/sdxl_vae.safetensors")).vae == "/models/sdxl_vae.safetensors"
     # sd-scripts (no GUI): the text encoder trains at learning_rate unless text_encoder_lr is given
     assert validate_config({"learning_rate": 2e-4, "network_dim": 4}).optimizer.text_encoder_lr is None
 
@@ -112,7 +113,7 @@ def test_kohya_ss_rates_steps_and_noise_as_the_gui_means_them(tmp_path):
 @pytest.mark.parametrize(("change", "phrase"), [
     ({"rank_dropout": 0.1}, "`rank_dropout` = 0.1 has no setting in this app; set it to 0"),
     ({"full_bf16": True}, "`full_bf16` = True has no setting"),
-    ({"vae": "/models/vae.safetensors"}, "`vae` = '/models/vae.safetensors' has no setting in this app; set it to "
+    ({"face_crop_aug_range": "2.0,4.0"}, "`face_crop_aug_range` = '2.0,4.0' has no setting in this app; set it to "
                                          "empty"),
     ({"save_model_as": "ckpt"}, "`save_model_as` = 'ckpt' has no setting in this app; set it to 'safetensors'"),
     ({"sample_sampler": "dpm_2_a"}, "sample_sampler 'dpm_2_a' is not one here"),

@@ -321,6 +321,8 @@ def test_training_paths_outside_the_runs_folder_are_refused(server, client):
         ({"regularization__path": outside}, "`regularization.path`"),
         ({"regularization__path": "../outside"}, "`regularization.path`"),
         ({"lora__network_weights": str(server["outside"] / "lora.safetensors")}, "`lora.network_weights`"),
+        ({"vae": str(server["outside"] / "lora.safetensors")}, "`vae`"),
+        ({"vae": "../outside"}, "`vae`"),
         ({"dataset__subsets": f'{{ path = "{outside}", repeats = 2 }}'}, "line 1 of `dataset.subsets`"),
         ({"dataset__subsets": '{ path = "../outside", regularization = true }'}, "line 1 of `dataset.subsets`"),
     ):

@@ -91,6 +91,23 @@ def test_estimate_shows_steps_and_memory_or_the_bad_fields(app_state):
     assert app_state.jobs.current() is None and not app_state.jobs.queued()
 
 
+def test_check_settings_reads_the_vae_from_its_header(app_state, tiny_folders):
+    models = app_state.roots.models
+    models.mkdir()
+    weights = {f"first_stage_model.encoder.conv_in.{kind}": torch.zeros(4) for kind in ("weight", "bias")}
+    save_file(weights, str(models / "my-vae.safetensors"))
+    shown = train_tab.estimate(app_state, *form(vae=str(models / "my-vae.safetensors")))
+    assert "**VAE:** `my-vae.safetensors`, a VAE file of 2 tensors" in shown
+    shown = train_tab.estimate(app_state, *form(vae=str(tiny_folders["sd1"] / "vae")))
+    assert "lies outside" in shown and "`vae`" in shown  # read only inside the app's folders
+    shutil.copytree(tiny_folders["sd1"], models / "whole")
+    assert "**VAE:** `vae`, a diffusers VAE folder" in train_tab.estimate(app_state, *form(vae=str(models / "whole")))
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(models / "a-lora.safetensors"))
+    shown = train_tab.estimate(app_state, *form(vae=str(models / "a-lora.safetensors")))
+    assert "**VAE:** cannot use:" in shown and "holds no VAE weights" in shown
+    assert "**VAE:**" not in train_tab.estimate(app_state, *form())
+
+
 def test_base_picker_lists_the_models_folder_with_family_and_prediction(app_state, tiny_folders):
     models = app_state.roots.models
     models.mkdir()

@@ -83,7 +83,7 @@ def confined_dataset_folder(roots: Roots, path: str, what: str) -> str:
 
 def confined_config(roots: Roots, config):
     """The form's config with every path resolved inside the roots: the dataset, the validation and regularization
-    folders, the starting LoRA and the base model where the app may read, `output_dir` and `dataset.cache_dir`
+    folders, the starting LoRA, the VAE and the base model where the app may read, `output_dir` and `dataset.cache_dir`
     inside the runs folder (where the app writes)."""
     dataset = confined_dataset_folder(roots, config.dataset.path, "dataset folder (`dataset.path`)")
     subsets = [subset.model_copy(update={"path": confined_dataset_folder(
@@ -102,8 +102,12 @@ def confined_config(roots: Roots, config):
     start = config.lora.network_weights.strip()
     if start:
         start = str(roots.resolve(start, "starting LoRA (`lora.network_weights`)"))
+    vae = config.vae.strip()
+    if vae:
+        vae = str(roots.resolve(vae, "VAE (`vae`)"))
     return config.model_copy(
         update={
+            "vae": vae,
             # An empty one stays empty: training_problems says what to fill in, in the config's own words.
             "base_model": confined_base(roots, config.base_model) if config.base_model.strip() else "",
             "output_dir": str(output),

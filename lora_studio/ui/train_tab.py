@@ -32,7 +32,7 @@ from ..config import (
 from ..data import dataset_report
 from ..errors import ConfigError, LoraStudioError
 from ..estimate import batch_guidance, estimate_memory
-from ..models import FAMILY_NAMES
+from ..models import FAMILY_NAMES, checked_vae_source
 from ..paths import models_dir
 from ..runs import RunFolder
 from . import config_form
@@ -144,8 +144,20 @@ def estimate(app: AppState, *values) -> str:
             problems.append(str(exc))
     if problems:
         return fix_first(problems)
-    lines = [steps_line(config), memory_line(config)]
+    lines = [steps_line(config), vae_line(config), memory_line(config)]
     return "\n\n".join(line for line in lines if line)
+
+
+def vae_line(config: TrainConfig) -> str:
+    """What the `vae` setting names, read from its header or config (no weights), or why it cannot be used."""
+    if not config.vae.strip():
+        return ""
+    try:
+        path, tensors = checked_vae_source(config.vae)
+    except LoraStudioError as exc:
+        return f"**VAE:** cannot use: {exc}"
+    what = f"a VAE file of {tensors} tensors" if tensors else "a diffusers VAE folder"
+    return f"**VAE:** `{path.name}`, {what}; it encodes the training images and decodes the samples."
 
 
 def fix_first(problems: list[str]) -> str:
