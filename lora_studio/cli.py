@@ -83,6 +83,8 @@ def add_sample_parser(sub) -> None:
     )
     sample.add_argument("--base", help="anything load_base takes (default: the base model the first --lora's run "
                         "trained on, else the demo model)")
+    sample.add_argument("--vae", help="a VAE file or folder instead of the base model's own ('' for its own; "
+                        "default: the first --lora's run's, unless --base is given)")
     sample.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="repeat to stack")
     sample.add_argument("--prompt", default="")
     # Each unset setting below comes from the first --lora's run (its samples' settings), else the default shown.
@@ -467,7 +469,10 @@ def run_sample(args: argparse.Namespace) -> int:
     settings_with({path.stem: strength for path, strength in loras}, native=512).checked()
     if not args.base and defaults.base_model:
         print(f"note: base model {defaults.base_model} (the one {loras[0][0].name} was trained on; --base to change)")
-    base = load_preview_base(args.base or defaults.base_model or "demo")
+    vae = args.vae if args.vae is not None else (defaults.vae or "") if not args.base else ""
+    if vae and args.vae is None:
+        print(f"note: VAE {vae} (the one {loras[0][0].name} was trained with; --vae '' for the base model's own)")
+    base = load_preview_base(args.base or defaults.base_model or "demo", vae)
     previewer = Previewer(base)
     settings = settings_with({previewer.add_lora(path): strength for path, strength in loras}, base.native_resolution)
     strengths = settings.strengths

@@ -19,7 +19,7 @@ from .lora_file import lora_from_models
 from .lora_metadata import TrainingFacts, training_metadata
 from .models import dtype_of
 from .resume import save_trainer_state
-from .sample import PreviewSettings, infotext, render, save_png, use_sampler
+from .sample import PreviewSettings, infotext, render, save_png, use_sampler, vae_name
 from .sample_prompts import SamplePrompt
 from .session import Session, emit, frozen_parts_on_device, trained_models
 from .validation import record_file
@@ -197,4 +197,5 @@ def render_prompt(session: Session, settings: PreviewSettings, seeds: list[int])
 
 def sample_infotext(session: Session, settings: PreviewSettings, rendered) -> str:
     preview = replace(settings, strengths={session.config.name: rendered.strength}, seed=rendered.seed)
-    return infotext(preview, rendered.seed, {}, Path(str(session.base.source)).name) + f", Step: {session.step}"
+    return infotext(preview, rendered.seed, {}, Path(str(session.base.source)).name,
+                    vae_name(session.base)) + f", Step: {session.step}"

@@ -219,13 +219,20 @@ class PreviewSettings:
         return replace(self, width=width, height=height), notices
 
 
+def vae_name(base) -> str:
+    """The name A1111's infotext gives a VAE used in place of the model's own ("" for its own)."""
+    return Path(base.vae_source).name if base.vae_source else ""
+
+
 def snap_size(side: int) -> int:
     return max(SIZE_MULTIPLE, int(side / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE)  # halves round up, not to even
 
 
-def infotext(settings: PreviewSettings, seed: int, loras: dict[str, str | None], model: str = "") -> str:
+def infotext(settings: PreviewSettings, seed: int, loras: dict[str, str | None], model: str = "",
+             vae: str = "") -> str:  # fmt: skip
     """A1111's `parameters` text: prompt with `<lora:NAME:S>` tags, the negative prompt, one line of
-    `Key: value` pairs (values with commas quoted), including `Lora hashes`."""
+    `Key: value` pairs (values with commas quoted), including `Lora hashes`, and `VAE` when one replaced the model's
+    own."""
     tags = "".join(f" <lora:{name}:{strength:g}>" for name, strength in settings.strengths.items())
     _cls, _extra, label, schedule = SAMPLER_SPECS[settings.sampler]
     pairs = [("Steps", settings.steps), ("Sampler", label)]
@@ -234,6 +241,8 @@ def infotext(settings: PreviewSettings, seed: int, loras: dict[str, str | None],
     pairs += [("CFG scale", f"{settings.cfg:g}"), ("Seed", seed), ("Size", f"{settings.width}x{settings.height}")]
     if model:
         pairs.append(("Model", model))
+    if vae:
+        pairs.append(("VAE", vae))
     if settings.clip_skip > 1:
         pairs.append(("Clip skip", settings.clip_skip))
     hashes = [f"{name}: {h[:12]}" for name, h in loras.items() if h and name in settings.strengths]
@@ -377,7 +386,8 @@ class Previewer:
         previews = []
         for seed, image in zip(seeds, images, strict=True):
             own = replace(settings, seed=seed, batch_count=1)
-            previews.append(Preview(image, own, infotext(own, seed, self.hashes(), model), notices))
+            previews.append(Preview(image, own, infotext(own, seed, self.hashes(), model, vae_name(self.base)),
+                                    notices))  # fmt: skip
         return previews
 
     def grid(self, settings: PreviewSettings, x: Axis, y: Axis) -> Grid:

@@ -36,8 +36,9 @@ def base_dtype(source: str) -> torch.dtype | None:
     return dtype_of("fp32") if str(source).strip() == "demo" else None
 
 
-def load_preview_base(source: str) -> BaseModel:
-    return load_base(source, dtype=base_dtype(source))
+def load_preview_base(source: str, vae: str = "") -> BaseModel:
+    """The base model previews render with, and `vae` in place of its own VAE when named."""
+    return load_base(source, dtype=base_dtype(source), vae=vae or None)
 
 
 def base_model_of(run: RunFolder) -> str:
@@ -50,10 +51,12 @@ def base_model_of(run: RunFolder) -> str:
 @dataclass(frozen=True)
 class PreviewDefaults:
     """What a LoRA file says about rendering it. From its run's config (None for a file of no run, or a run whose
-    config cannot be read): the base model, the clip skip it trained with, and the sampler, steps, CFG and negative
-    prompt of its samples. From the file's metadata: the size it trained at (None when the metadata does not say)."""
+    config cannot be read): the base model and VAE ("" for the model's own), the clip skip it trained with, and the
+    sampler, steps, CFG and negative prompt of its samples. From the file's metadata: the size it trained at (None
+    when the metadata does not say)."""
 
     base_model: str | None = None
+    vae: str | None = None
     width: int | None = None
     height: int | None = None
     clip_skip: int | None = None
@@ -76,8 +79,8 @@ def preview_defaults(lora_file: Path) -> PreviewDefaults:
         if run.config.is_file():
             config = load_config(run.config)
             sample = config.sample
-            found = dict(base_model=config.base_model, clip_skip=config.clip_skip, sampler=sample.sampler,
-                         steps=sample.num_inference_steps, cfg=sample.guidance_scale,
+            found = dict(base_model=config.base_model, vae=config.vae, clip_skip=config.clip_skip,
+                         sampler=sample.sampler, steps=sample.num_inference_steps, cfg=sample.guidance_scale,
                          negative_prompt=sample.negative_prompt)  # fmt: skip
     except LoraStudioError:  # a config of an older, damaged or foreign run: the person's own settings stay
         pass

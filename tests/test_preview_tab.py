@@ -49,7 +49,7 @@ def test_generate_at_strengths_and_a_grid(run_folder, tiny_folders):
     common = ("zkz, a thing", "", "ddim", 3, 5.0, 1)
 
     def image(files, *strengths):
-        picture, text = preview_tab.generate(app, base, files, *common, 3, 32, 32, *strengths)
+        picture, text = preview_tab.generate(app, base, "", files, *common, 3, 32, 32, *strengths)
         return np.asarray(picture, dtype=np.int16), text
 
     plain, _ = image([], 1.0)
@@ -57,19 +57,21 @@ def test_generate_at_strengths_and_a_grid(run_folder, tiny_folders):
     one, _ = image(lora, 1.0)
     assert np.array_equal(zero, plain) and np.abs(one - zero).max() > 10
     assert "<lora:" in text and "Seed: 3" in text
-    picture, _ = preview_tab.generate_grid(app, base, lora, "strength x seed", "0, 1", "1, 2", *common, 32, 32, 1.0)
+    picture, _ = preview_tab.generate_grid(app, base, "", lora, "strength x seed", "0, 1", "1, 2", *common, 32, 32,
+                                           1.0)  # fmt: skip
     assert picture.size[0] > 2 * 32 and picture.size[1] > 2 * 32
     with pytest.raises(LoraStudioError, match="numbers separated by commas"):
-        preview_tab.generate_grid(app, base, lora, "strength x seed", "0, strong", "1", *common, 32, 32, 1.0)
+        preview_tab.generate_grid(app, base, "", lora, "strength x seed", "0, strong", "1", *common, 32, 32, 1.0)
     with pytest.raises(LoraStudioError, match="Pick a LoRA"):
-        preview_tab.generate_grid(app, base, [], "strength x seed", "0, 1", "1", *common, 32, 32, 1.0)
+        preview_tab.generate_grid(app, base, "", [], "strength x seed", "0, 1", "1", *common, 32, 32, 1.0)
 
 
 def test_each_stacked_lora_has_its_own_strength(run_folder, tiny_folders):
     app, run = run_folder
     final, checkpoint = str(run / "tiny.safetensors"), str(run / "checkpoints" / "tiny-step000002.safetensors")
     common = ("zkz, a thing", "", "ddim", 3, 5.0, 1, 3, 32, 32)
-    _image, text = preview_tab.generate(app, str(tiny_folders["sd1"]), [final, checkpoint], *common, 0.25, 0.75, 1, 1)
+    _image, text = preview_tab.generate(app, str(tiny_folders["sd1"]), "", [final, checkpoint], *common, 0.25, 0.75,
+                                        1, 1)  # fmt: skip
     assert ":0.25>" in text and ":0.75>" in text
     with pytest.raises(LoraStudioError, match="stacks at most 4"):
         preview_tab.chosen_strengths(app, [final] * 5, [1] * 4)
@@ -84,12 +86,12 @@ def test_checkpoint_grid_turns_on_one_checkpoint_per_column(run_folder, tiny_fol
     checkpoint = run / "checkpoints" / "tiny-step000002.safetensors"
     assert run_lora_files(Path(final)) == [checkpoint, run / "tiny.safetensors"]
     common = ("zkz, a thing", "", "ddim", 3, 5.0, 1, 32, 32)
-    picture, text = preview_tab.generate_grid(app, str(tiny_folders["sd1"]), [final], "checkpoint x strength",
+    picture, text = preview_tab.generate_grid(app, str(tiny_folders["sd1"]), "", [final], "checkpoint x strength",
                                               "0, 1", "4", *common, 1.0)  # fmt: skip
     assert picture.size[0] > 2 * 32 and picture.size[1] > 2 * 32
     assert "Seed: 4" in text and ":0>" in text  # the first cell: first checkpoint at strength 0
     checkpoint = str(run / "checkpoints" / "tiny-step000002.safetensors")  # chosen too: it is just a column
-    again, _ = preview_tab.generate_grid(app, str(tiny_folders["sd1"]), [final, checkpoint],
+    again, _ = preview_tab.generate_grid(app, str(tiny_folders["sd1"]), "", [final, checkpoint],
                                          "checkpoint x strength", "0, 1", "4", *common, 1.0, 0.5)  # fmt: skip
     assert again.size == picture.size  # still two checkpoint columns, not three
 
@@ -119,9 +121,9 @@ def test_lora_files_and_base_models_outside_the_roots_are_refused(run_folder, tm
     try:
         for files in ([str(outside)], [str(link)], [str(run / ".." / ".." / ".." / outside.name)]):
             with pytest.raises(LoraStudioError, match="lies outside"):
-                preview_tab.generate(app, "demo", files, *common, 1.0)
+                preview_tab.generate(app, "demo", "", files, *common, 1.0)
         with pytest.raises(LoraStudioError, match="The base model '/etc' lies outside"):
-            preview_tab.generate(app, "/etc", [], *common, 1.0)
+            preview_tab.generate(app, "/etc", "", [], *common, 1.0)
     finally:
         link.unlink()
 
@@ -130,18 +132,18 @@ def test_preview_size_and_grid_cells_are_capped(run_folder, tiny_folders):
     app, run = run_folder
     base, lora = str(tiny_folders["sd1"]), [str(run / "tiny.safetensors")]
     with pytest.raises(LoraStudioError, match="size 100000x64 is outside 8-2048 pixels a side"):
-        preview_tab.generate(app, base, lora, "zkz", "", "ddim", 2, 5.0, 1, 1, 100000, 64, 1.0)
+        preview_tab.generate(app, base, "", lora, "zkz", "", "ddim", 2, 5.0, 1, 1, 100000, 64, 1.0)
     strengths = ", ".join(str(i / 100) for i in range(65))
     with pytest.raises(LoraStudioError, match="65 x 1 = 65 images is over the 64"):
-        preview_tab.generate_grid(app, base, lora, "strength x seed", strengths, "1", "zkz", "", "ddim", 2, 5.0, 1,
+        preview_tab.generate_grid(app, base, "", lora, "strength x seed", strengths, "1", "zkz", "", "ddim", 2, 5.0, 1,
                                   32, 32, 1.0)  # fmt: skip
     # Said before any base loads (an SDXL checkpoint takes half a minute): here the base does not even exist.
     missing = str(app.roots.models / "no-such-checkpoint.safetensors")
     with pytest.raises(LoraStudioError, match="steps = 0; use 1 to"):
-        preview_tab.generate(app, missing, lora, "zkz", "", "ddim", 0, 5.0, 1, 1, 64, 64, 1.0)
+        preview_tab.generate(app, missing, "", lora, "zkz", "", "ddim", 0, 5.0, 1, 1, 64, 64, 1.0)
     with pytest.raises(LoraStudioError, match="seed = -1; use 0 to"):
-        preview_tab.generate_grid(app, missing, lora, "strength x seed", "0, 1", "-1", "zkz", "", "ddim", 2, 5.0, 1,
-                                  32, 32, 1.0)  # fmt: skip
+        preview_tab.generate_grid(app, missing, "", lora, "strength x seed", "0, 1", "-1", "zkz", "", "ddim", 2, 5.0,
+                                  1, 32, 32, 1.0)  # fmt: skip
 
 
 def test_the_pick_the_best_checkpoint_view_labels_frames_and_exports_the_best(run_folder, tiny_folders, tmp_path):
@@ -158,7 +160,7 @@ def test_the_pick_the_best_checkpoint_view_labels_frames_and_exports_the_best(ru
     assert labels[str(final)] == f"{run.name}/tiny.safetensors · val 0.2500"
 
     common = ("zkz, a thing", "", "ddim", 3, 5.0, 1, 32, 32)
-    picture, _ = preview_tab.generate_grid(app, str(tiny_folders["sd1"]), [str(final)], "checkpoint x strength",
+    picture, _ = preview_tab.generate_grid(app, str(tiny_folders["sd1"]), "", [str(final)], "checkpoint x strength",
                                            "0, 1", "4", *common, 1.0)  # fmt: skip
     pixels = np.asarray(picture)
     column = [x for x in range(pixels.shape[1]) if (pixels[:, x] == (234, 88, 12)).all(axis=1).sum() > 40]
@@ -180,7 +182,7 @@ def test_bake_the_stack_compare_it_and_save_it(run_folder, tiny_folders):
     common = ("zkz, a thing", "", "ddim", 3, 5.0, 1, 3, 32, 32)
     with pytest.raises(LoraStudioError, match="Bake the stack first"):
         preview_tab.save_baked(app, None, "x")
-    picture, note, baked = preview_tab.bake_stack_preview(app, base, files, *common, 0, 0.7, -0.4)
+    picture, note, baked = preview_tab.bake_stack_preview(app, base, "", files, *common, 0, 0.7, -0.4)
     assert picture.width > 64 and "Baked tiny.safetensors x 0.7 + tiny-step000002.safetensors x -0.4" in note
     difference = int(note.rsplit("largest pixel difference ", 1)[1].rstrip("."))
     assert difference <= 2  # the baked LoRA at strength 1 renders as the stack does
@@ -192,10 +194,10 @@ def test_bake_the_stack_compare_it_and_save_it(run_folder, tiny_folders):
     assert set(written.modules) == set(baked.modules) and written.metadata["modelspec.title"] == "my_stack"
     with pytest.raises(LoraStudioError, match="exists already"):
         preview_tab.save_baked(app, baked, "my stack")
-    _, svd_note, small = preview_tab.bake_stack_preview(app, base, files, *common, 2, 0.7, -0.4)
+    _, svd_note, small = preview_tab.bake_stack_preview(app, base, "", files, *common, 2, 0.7, -0.4)
     assert "SVD to rank 2" in svd_note and max(m.rank for m in small.modules.values()) <= 2
     with pytest.raises(LoraStudioError, match="rank must be 0"):
-        preview_tab.bake_stack_preview(app, base, files, *common, 5000, 1.0, 1.0)
+        preview_tab.bake_stack_preview(app, base, "", files, *common, 5000, 1.0, 1.0)
     saved.unlink()
 
 
@@ -233,21 +235,21 @@ def test_picking_a_lora_sets_what_its_run_trained_and_sampled_with(run_folder, t
                                 {"modelspec.resolution": "48x40"}))  # fmt: skip
     final = str(run / "tiny.safetensors")
     same = {"__type__": "update"}
-    assert preview_tab.FOLLOWED == ("base_model", "width", "height", "negative_prompt", "sampler", "steps", "cfg",
-                                    "clip_skip")  # fmt: skip
+    assert preview_tab.FOLLOWED == ("base_model", "vae", "width", "height", "negative_prompt", "sampler", "steps",
+                                    "cfg", "clip_skip")  # fmt: skip
 
     def values(updates) -> tuple:
         return tuple(u.get("value", "-") for u in updates)
 
     *updates, followed = preview_tab.follow_lora(app, [picked], None)
-    assert values(updates) == (sd1, 48, 40, "blurry", "ddim", 9, 0.0, 2) and followed == picked  # CFG 0 is a value
+    assert values(updates) == (sd1, "", 48, 40, "blurry", "ddim", 9, 0.0, 2) and followed == picked  # CFG 0: a value
     # A second LoRA stacked under the first: nothing changes (the person may have set the size by now).
-    assert preview_tab.follow_lora(app, [picked, final], followed) == (*[same] * 8, picked)
+    assert preview_tab.follow_lora(app, [picked, final], followed) == (*[same] * 9, picked)
     # Another first LoRA: the tiny run's config leaves everything at the config's defaults, its file says the size.
     trained_at = int(load_lora(final).metadata["modelspec.resolution"].split("x")[0])
     *updates, followed = preview_tab.follow_lora(app, [final, picked], picked)
-    assert values(updates) == ("demo", trained_at, trained_at, "", "euler_a", 20, 7.0, 1) and followed == final
-    assert preview_tab.follow_lora(app, [], final) == (*[same] * 8, None)
+    assert values(updates) == ("demo", "", trained_at, trained_at, "", "euler_a", 20, 7.0, 1) and followed == final
+    assert preview_tab.follow_lora(app, [], final) == (*[same] * 9, None)
 
     # kohya's way of saying the size; a run whose base lies outside the app's folders leaves the base as it is, and
     # one whose config is damaged leaves all of the run's settings.
@@ -256,17 +258,17 @@ def test_picking_a_lora_sets_what_its_run_trained_and_sampled_with(run_folder, t
     kohya = str(lora_with_size(run / "tiny.safetensors", outside / "outside.safetensors",
                                {"ss_resolution": "(768, 512)"}))  # fmt: skip
     *updates, _ = preview_tab.follow_lora(app, [kohya], None)
-    assert values(updates)[:3] == ("-", 768, 512)
+    assert values(updates)[:4] == ("-", "", 768, 512)
     (outside / "config.toml").write_text("base_model = [")
     *updates, _ = preview_tab.follow_lora(app, [kohya], None)
-    assert values(updates) == ("-", 768, 512, "-", "-", "-", "-", "-")
+    assert values(updates) == ("-", "-", 768, 512, "-", "-", "-", "-", "-")
     no_size = str(lora_with_size(run / "tiny.safetensors", outside / "plain.safetensors", {}))
-    assert values(preview_tab.follow_lora(app, [no_size], None)[:3]) == ("-", "-", "-")
+    assert values(preview_tab.follow_lora(app, [no_size], None)[:4]) == ("-", "-", "-", "-")
 
     # The clip skip reaches the render: another image, and the infotext says it as A1111 does.
     common = ("zkz, a thing", "", "ddim", 2, 5.0)
-    at_one, text_one = preview_tab.generate(app, sd1, [], *common, 1, 3, 32, 32, 1.0)
-    at_two, text_two = preview_tab.generate(app, sd1, [], *common, 2, 3, 32, 32, 1.0)
+    at_one, text_one = preview_tab.generate(app, sd1, "", [], *common, 1, 3, 32, 32, 1.0)
+    at_two, text_two = preview_tab.generate(app, sd1, "", [], *common, 2, 3, 32, 32, 1.0)
     assert np.asarray(at_one).tobytes() != np.asarray(at_two).tobytes()
     assert "Clip skip: 2" in text_two and "Clip skip" not in text_one
 

@@ -360,8 +360,12 @@ def test_preview_library_and_model_checks_read_nothing_outside(server, client):
     outside = server["outside"]
     common = ["zkz", "", "euler_a", 2, 5.0, 1, 1, 64, 64, 1.0, 1.0, 1.0, 1.0]
     # The LoRA list takes only its own choices (Gradio refuses others); the base model box takes any text.
-    assert_refused(client.call("generate", ["demo", [str(outside / "lora.safetensors")], *common]))
-    assert_refused(client.call("generate", [str(outside), [], *common]), "lies outside")
+    assert_refused(client.call("generate", ["demo", "", [str(outside / "lora.safetensors")], *common]))
+    assert_refused(client.call("generate", [str(outside), "", [], *common]), "lies outside")
+    # The VAE box takes any text too: a file outside, a climb out, a value that is not text; none is read.
+    for vae in (str(outside / "lora.safetensors"), "../outside/sentinel.txt", {"path": str(outside)}):
+        assert_refused(client.call("generate", ["demo", vae, [], *common]))
+    assert_refused(client.call("generate", ["demo", str(outside / "sentinel.txt"), [], *common]), "`vae`")
     assert_refused(client.call("lora_picked", [[str(outside / "lora.safetensors")], None]))
     assert_refused(client.call("base_size", [str(outside)]), "lies outside")  # reads no config.json there
     assert "lies outside" in client.call("check_base_model", [str(outside / "lora.safetensors"), False])[1][0]
@@ -376,7 +380,7 @@ def test_preview_library_and_model_checks_read_nothing_outside(server, client):
 
 def test_preview_size_and_grid_cells_are_capped(server, client):
     common = ["zkz", "", "euler_a", 2, 5.0, 1]
-    too_big = ["demo", [], *common, 1, 100000, 100000, 1, 1, 1, 1]
+    too_big = ["demo", "", [], *common, 1, 100000, 100000, 1, 1, 1, 1]
     assert_refused(client.call("generate", too_big), "greater than maximum value 2048")  # and sample.MAX_SIDE below it
     run = server["home"] / "runs" / "grid-20260101-000000"
     run.mkdir(parents=True, exist_ok=True)
@@ -384,7 +388,8 @@ def test_preview_size_and_grid_cells_are_capped(server, client):
     (run / "grid.safetensors").write_bytes((server["outside"] / "lora.safetensors").read_bytes())
     assert client.call("refresh_lists", [])[0]  # as the page's Refresh button: the new run's file is a choice
     strengths = ", ".join(str(i / 10000) for i in range(10000))
-    grid = ["demo", [str(run / "grid.safetensors")], "strength x seed", strengths, "1", *common, 64, 64, 1, 1, 1, 1]
+    grid = ["demo", "", [str(run / "grid.safetensors")], "strength x seed", strengths, "1", *common, 64, 64, 1, 1, 1,
+            1]  # fmt: skip
     assert_refused(client.call("generate_grid", grid), "10000 x 1 = 10000 images is over the 64 a grid may have")
 
 
@@ -523,7 +528,8 @@ def test_baking_a_stack_reads_only_run_files_and_saves_only_into_uploads(server,
     """Bake takes its LoRAs from the picker's choices; Save takes the baked LoRA from the page's server-side state
     (a value sent in its place is not heard) and a name that cannot climb out of runs/uploads."""
     common = ["zkz", "", "euler_a", 2, 5.0, 1, 1, 64, 64, 0, 1.0, 1.0, 1.0, 1.0]
-    assert_refused(client.call("bake_stack_preview", ["demo", [str(server["outside"] / "lora.safetensors")], *common]))
+    assert_refused(client.call("bake_stack_preview", ["demo", "", [str(server["outside"] / "lora.safetensors")],
+                                                      *common]))  # fmt: skip
     bait = {"modules": {}, "path": str(server["outside"] / "sentinel.txt")}
     assert_refused(client.call("save_baked", [bait, "../../outside/sentinel"]), "Bake the stack first")
     assert not (server["home"] / "outside").exists()

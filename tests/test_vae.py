@@ -4,6 +4,7 @@ model's shape is refused naming it."""
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from lora_studio.config import validate_config
 from lora_studio.errors import ModelLoadError
 from lora_studio.layout import VAE_PREFIX, vae_to_ldm
 from lora_studio.models import load_base
+from lora_studio.sample import read_parameters
 from lora_studio.train import prepare, run_training
 
 
@@ -151,7 +153,11 @@ def test_training_encodes_with_the_vae_and_its_file_says_which(tmp_path, tiny_fo
     assert not torch.allclose(cached["mean"], before["mean"], atol=1e-3)
 
     done = run_training(tiny_config(tmp_path / "c", tiny_folders, images, vae=str(vae_file),
-                                    optimizer={"max_train_steps": 2}))  # fmt: skip
+                                    optimizer={"max_train_steps": 2},
+                                    sample={"every_n_steps": 2, "num_inference_steps": 2, "width": 32, "height": 32,
+                                            "strengths": [1.0]}))  # fmt: skip
+    (sampled,) = (done.run_dir / "samples" / "step-000002").glob("*.png")
+    assert read_parameters(sampled)["VAE"] == vae_file.name
     with safe_open(str(done.lora_path), "pt") as file:
         metadata = file.metadata()
     data = vae_file.read_bytes()
@@ -170,3 +176,51 @@ def test_kohya_configs_bring_their_vae(tmp_path):
     gui = validate_config({"pretrained_model_name_or_path": "demo", "train_data_dir": "demo", "vae": "",
                            "LoRA_type": "Standard"})  # fmt: skip
     assert gui.vae == ""
+
+
+def test_previews_follow_the_run_s_vae_and_render_with_it(tmp_path, tiny_folders, own_vae, forms, capsys):
+    """The Preview tab and `lora-studio sample` take the VAE a LoRA's run trained with, as they take its base model:
+    the image is the one the base renders with that VAE, not with its own."""
+    import shutil
+
+    import numpy as np
+
+    from lora_studio.cli import main
+    from lora_studio.paths import Roots
+    from lora_studio.ui import preview_tab
+    from lora_studio.ui.state import AppState
+    from lora_studio.workflows import preview_defaults
+
+    images = make_images(tmp_path / "images", 4)
+    vae_file = Path(shutil.copytree(forms["diffusers folder"], tmp_path / "models" / "my-vae"))
+    done = run_training(tiny_config(tmp_path, tiny_folders, images, vae=str(vae_file),
+                                    optimizer={"max_train_steps": 1}))  # fmt: skip
+    assert preview_defaults(done.lora_path).vae == str(vae_file)
+
+    app = AppState(Roots(tmp_path / "runs", tmp_path / "datasets", tmp_path / "models",
+                         extra=(tiny_folders["sd1"].parent.resolve(),)))  # fmt: skip
+    *updates, _ = preview_tab.follow_lora(app, [str(done.lora_path)], None)
+    followed = dict(zip(preview_tab.FOLLOWED, (u.get("value") for u in updates), strict=True))
+    assert followed["vae"] == str(vae_file) and followed["base_model"] == str(tiny_folders["sd1"])
+
+    common = ("zkz, a thing", "", "ddim", 2, 5.0, 1, 3, 32, 32)
+    lora = [str(done.lora_path)]
+    with_vae, text = preview_tab.generate(app, str(tiny_folders["sd1"]), followed["vae"], lora, *common, 1.0)
+    own, _ = preview_tab.generate(app, str(tiny_folders["sd1"]), "", lora, *common, 1.0)
+    assert np.abs(np.asarray(with_vae, dtype=np.int16) - np.asarray(own, dtype=np.int16)).max() > 10
+    assert "Model: sd1, VAE: my-vae," in text  # A1111's infotext names it
+    base = load_base(tiny_folders["sd1"], device="cpu", vae=str(vae_file))
+    assert all(torch.equal(a, b) for a, b in zip(app.previewer(str(tiny_folders["sd1"]), str(vae_file)).base.vae
+                                                 .state_dict().values(), base.vae.state_dict().values(), strict=True))
+
+    out = tmp_path / "sampled.png"
+    assert main(["sample", "--lora", str(done.lora_path), "--prompt", "zkz, a thing", "--steps", "2",
+                 "--sampler", "ddim", "--seed", "3", "--width", "32", "--height", "32", "--out", str(out)]) == 0
+    assert f"VAE {vae_file}" in capsys.readouterr().out
+    own_out = tmp_path / "own.png"
+    assert main(["sample", "--lora", str(done.lora_path), "--prompt", "zkz, a thing", "--steps", "2", "--vae", "",
+                 "--sampler", "ddim", "--seed", "3", "--width", "32", "--height", "32", "--out", str(own_out)]) == 0
+    assert "VAE" not in capsys.readouterr().out
+    from PIL import Image
+
+    assert np.asarray(Image.open(out)).tobytes() != np.asarray(Image.open(own_out)).tobytes()

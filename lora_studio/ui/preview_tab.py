@@ -30,7 +30,7 @@ from ..workflows import (
 )
 from .config_form import FIELD_BY_KEY
 from .errors import shown
-from .state import AppState, confined_base, uploaded_files
+from .state import AppState, confined_base, confined_vae, uploaded_files
 from .train_tab import summarize
 
 SAMPLERS = FIELD_BY_KEY["sample.sampler"].choices
@@ -91,12 +91,12 @@ def suggest_prompt(app: AppState, files: list[str]) -> str:
     return ""
 
 
-FOLLOWED = ("base_model", "width", "height", "negative_prompt", "sampler", "steps", "cfg", "clip_skip")
+FOLLOWED = ("base_model", "vae", "width", "height", "negative_prompt", "sampler", "steps", "cfg", "clip_skip")
 
 
 def follow_lora(app: AppState, files: list[str] | None, followed: str | None) -> tuple:
-    """The form's settings from the first chosen LoRA (workflows.preview_defaults: its run's base model, clip skip
-    and sample settings, the size it trained at), when that first LoRA changed since the last call: stacking
+    """The form's settings from the first chosen LoRA (workflows.preview_defaults: its run's base model and VAE, clip
+    skip and sample settings, the size it trained at), when that first LoRA changed since the last call: stacking
     another LoRA, or a setting changed by hand, is left alone. Returns an update for each of FOLLOWED, then the
     file now followed (the page's state)."""
     chosen = checked_loras(app, files)
@@ -110,6 +110,11 @@ def follow_lora(app: AppState, files: list[str] | None, followed: str | None) ->
             confined_base(app.roots, values["base_model"])
         except LoraStudioError:  # outside the app's folders now, or gone: the person picks the base
             values["base_model"] = None
+    if values["vae"]:
+        try:
+            confined_vae(app.roots, values["vae"])
+        except LoraStudioError:  # likewise the VAE
+            values["vae"] = None
     return (*(gr.update() if value is None else gr.update(value=value) for value in values.values()), first)
 
 
@@ -150,24 +155,24 @@ def chosen_strengths(app: AppState, files: list[str] | None, strengths) -> list[
     return [(f, float(s)) for f, s in zip(checked_loras(app, files), strengths, strict=False)]
 
 
-def loaded_stack(app: AppState, base: str, pairs: list[tuple[Path, float]], *common):
-    """The previewer of `base` with the chosen files loaded (the others unloaded), and the settings that render
-    them at their strengths; `common` is prompt, negative, sampler, steps, CFG, clip skip, seed, width, height. Call it
-    holding the preview lock."""
+def loaded_stack(app: AppState, base: str, vae: str, pairs: list[tuple[Path, float]], *common):
+    """The previewer of `base` (and `vae`) with the chosen files loaded (the others unloaded), and the settings that
+    render them at their strengths; `common` is prompt, negative, sampler, steps, CFG, clip skip, seed, width, height.
+    Call it holding the preview lock; `base` and `vae` confined already."""
     settings_from(*common, {f.stem: s for f, s in pairs}).checked()  # refused before a base loads (SDXL: ~30 s)
-    previewer = app.previewer(base)
+    previewer = app.previewer(base, vae)
     names = use_loras(previewer, [f for f, _ in pairs])
     return previewer, settings_from(*common, {n: s for n, (_f, s) in zip(names, pairs, strict=True)})
 
 
-def generate(app: AppState, base, files, prompt, negative, sampler, steps, cfg, clip_skip, seed, width, height,
+def generate(app: AppState, base, vae, files, prompt, negative, sampler, steps, cfg, clip_skip, seed, width, height,
              *strengths):  # fmt: skip
     """One image with each chosen LoRA at its own strength; returns the image and its parameters text."""
     pairs = chosen_strengths(app, files, strengths)
-    base = confined_base(app.roots, base or "demo")
+    base, vae = confined_base(app.roots, base or "demo"), confined_vae(app.roots, vae)
     with app.preview_lock:
         common = (prompt, negative, sampler, steps, cfg, clip_skip, seed, width, height)
-        previewer, settings = loaded_stack(app, base, pairs, *common)
+        previewer, settings = loaded_stack(app, base, vae, pairs, *common)
         preview = previewer.generate(settings)[0]
     text = preview.parameters + "".join(f"\nnote: {n}" for n in preview.notices)
     return preview.image, text
@@ -176,8 +181,8 @@ def generate(app: AppState, base, files, prompt, negative, sampler, steps, cfg, 
 GRID_KINDS = ("strength x seed", "checkpoint x strength")
 
 
-def generate_grid(app: AppState, base, files, kind, strengths_text, seeds_text, prompt, negative, sampler, steps,
-                  cfg, clip_skip, width, height, *strengths):  # fmt: skip
+def generate_grid(app: AppState, base, vae, files, kind, strengths_text, seeds_text, prompt, negative, sampler,
+                  steps, cfg, clip_skip, width, height, *strengths):  # fmt: skip
     """A grid of the first chosen LoRA: strength x seed, or its run's checkpoints x strength (seed: the first
     grid seed). Other chosen LoRAs stay at their sliders' strengths."""
     grid_strengths = parse_numbers(strengths_text, float, "strengths")
@@ -191,11 +196,11 @@ def generate_grid(app: AppState, base, files, kind, strengths_text, seeds_text, 
     from ..sample import check_grid_size
 
     check_grid_size(len(checkpoints) or len(grid_strengths), len(grid_strengths) if checkpoints else len(seeds))
-    base = confined_base(app.roots, base or "demo")
+    base, vae = confined_base(app.roots, base or "demo"), confined_vae(app.roots, vae)
     common = (prompt, negative, sampler, steps, cfg, clip_skip, seeds[0], width, height)
     settings_from(*common, {}).checked()  # before it loads
     with app.preview_lock:
-        previewer = app.previewer(base)
+        previewer = app.previewer(base, vae)
         subjects = checkpoints or [pairs[0][0]]
         others = [(f, strength) for f, strength in pairs[1:] if f not in subjects]  # a chosen checkpoint is a column
         names = use_loras(previewer, [f for f, _ in others] + subjects)
@@ -231,8 +236,8 @@ def export_checkpoint(app: AppState, file: str | None) -> str:
 MAX_BAKE_RANK = 1024
 
 
-def bake_stack_preview(app: AppState, base, files, prompt, negative, sampler, steps, cfg, clip_skip, seed, width,
-                       height, rank, *strengths):  # fmt: skip
+def bake_stack_preview(app: AppState, base, vae, files, prompt, negative, sampler, steps, cfg, clip_skip, seed,
+                       width, height, rank, *strengths):  # fmt: skip
     """The chosen LoRAs at their sliders' strengths baked into one (exact, or SVD to `rank`), rendered beside the
     stack before anything is saved; the baked LoRA stays in this page's server-side state for "Save"."""
     pairs = chosen_strengths(app, files, strengths)
@@ -242,10 +247,10 @@ def bake_stack_preview(app: AppState, base, files, prompt, negative, sampler, st
     if not 0 <= rank <= MAX_BAKE_RANK:
         raise LoraStudioError(f"The rank must be 0 (exact) to {MAX_BAKE_RANK}, not {rank}.")
     baked, report, _ = bake_lora_files(pairs, None, rank or None)
-    base = confined_base(app.roots, base or "demo")
+    base, vae = confined_base(app.roots, base or "demo"), confined_vae(app.roots, vae)
     with app.preview_lock:
         common = (prompt, negative, sampler, steps, cfg, clip_skip, seed, width, height)
-        previewer, settings = loaded_stack(app, base, pairs, *common)
+        previewer, settings = loaded_stack(app, base, vae, pairs, *common)
         image, difference = baked_comparison(previewer, settings, baked, report.rank)
     note = f"{report.sentence()} Rendered beside the stack: largest pixel difference {difference}."
     return image, note, baked
@@ -357,6 +362,8 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     with gr.Row():
         base = gr.Dropdown(base_choices(), value="demo", label="Base model", allow_custom_value=True, scale=3,
                            elem_id="preview-base", info="Follows the first LoRA's run; the size follows the base")
+        vae = gr.Textbox(label="VAE", placeholder="the base model's own", max_lines=1, max_length=1000, scale=2,
+                         elem_id="preview-vae", info="A VAE file or folder; follows the first LoRA's run")
         files = gr.Dropdown(labelled_lora_choices(app), multiselect=True, scale=5, elem_id="preview-loras",
                             label=f"LoRA files (stack up to {MAX_STACK})")  # fmt: skip
         refresh = gr.Button("Refresh lists", scale=1)
@@ -391,16 +398,17 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     # show_progress_on: a refusal's badge goes on the message, not over the chosen LoRAs (ui/errors.py says why)
     upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status], show_progress_on=upload_status)
     followed = gr.State(None)  # the LoRA file whose settings the form took, so stacking more keeps them
-    followers = [{"base_model": base, "negative_prompt": negative, **row}[key] for key in FOLLOWED]
+    followers = [{"base_model": base, "vae": vae, "negative_prompt": negative, **row}[key] for key in FOLLOWED]
     files.change(shown(lora_picked, app), [files, followed], [prompt, *followers, followed],
                  show_progress="hidden").then(strength_sliders, files, sliders)  # fmt: skip
     base.input(shown(base_size, app), base, [width, height], show_progress="hidden")  # .input: a pick by hand only
     common = [prompt, negative, sampler, steps, cfg, clip_skip]
-    go.click(shown(generate, app), [base, files, *common, seed, width, height, *sliders], [image, parameters])
-    grid.click(shown(generate_grid, app), [base, files, kind, strengths, seeds, *common, width, height, *sliders],
-               [image, parameters]).success(shown(grid_checkpoints, app), [files, kind], pick)  # fmt: skip
+    go.click(shown(generate, app), [base, vae, files, *common, seed, width, height, *sliders], [image, parameters])
+    grid.click(shown(generate_grid, app), [base, vae, files, kind, strengths, seeds, *common, width, height,
+                                           *sliders], [image, parameters]).success(
+        shown(grid_checkpoints, app), [files, kind], pick)  # fmt: skip
     export.click(shown(export_checkpoint, app), pick, download)
-    bake["button"].click(shown(bake_stack_preview, app), [base, files, *common, seed, width, height, bake["rank"],
-                                                          *sliders], [image, bake["note"], baked])  # fmt: skip
+    baking = [base, vae, files, *common, seed, width, height, bake["rank"], *sliders]
+    bake["button"].click(shown(bake_stack_preview, app), baking, [image, bake["note"], baked])
     bake["save"].click(shown(save_baked, app), [baked, bake["name"]], [bake["file"], bake["note"], files],
                        show_progress_on=bake["note"])  # fmt: skip

@@ -24,7 +24,7 @@ DEFAULT_MAX_UPLOAD_MB = 50
 class AppState:
     roots: Roots
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
-    previewers: dict = field(default_factory=dict)  # base source -> sample.Previewer
+    previewers: dict = field(default_factory=dict)  # (base source, VAE) -> sample.Previewer
     preview_lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
     caption_stop: threading.Event = field(default_factory=threading.Event)  # the Dataset tab's Stop captioning
     loaded_captioner: tuple | None = None  # ((folder, threshold), captioner): kept between preview and captioning
@@ -43,15 +43,16 @@ class AppState:
                 self._jobs = JobManager(JobStore(queue_folder(self.roots.runs)))
             return self._jobs
 
-    def previewer(self, base: str):
-        """The loaded Previewer for `base`, loading it (and dropping any other) on first use."""
+    def previewer(self, base: str, vae: str = ""):
+        """The loaded Previewer for `base` (with `vae` in place of its own VAE when named), loading it (and dropping
+        any other) on first use."""
         from ..sample import Previewer
         from ..workflows import load_preview_base
 
-        if base not in self.previewers:
+        if (base, vae) not in self.previewers:
             self.previewers.clear()
-            self.previewers[base] = Previewer(load_preview_base(base))
-        return self.previewers[base]
+            self.previewers[base, vae] = Previewer(load_preview_base(base, vae))
+        return self.previewers[base, vae]
 
 
 def confined_base(roots: Roots, source: str) -> str:
@@ -67,6 +68,14 @@ def confined_base(roots: Roots, source: str) -> str:
     if HUB_ID.match(text) and not (home() / text).exists():
         return str(resolve_cached_hub_id(text))  # a folder of the local Hugging Face cache, or a sentence why not
     return str(roots.resolve(text, "base model"))
+
+
+def confined_vae(roots: Roots, source: str | None) -> str:
+    """A VAE named in a request, resolved inside the roots; empty (the base model's own) stays empty."""
+    if not isinstance(source, str | None):
+        raise LoraStudioError(f"The VAE must be a path or empty, not {shortened(repr(source))}.")
+    text = (source or "").strip()
+    return str(roots.resolve(text, "VAE (`vae`)")) if text else ""
 
 
 def confined_dataset_folder(roots: Roots, path: str, what: str) -> str:
@@ -102,9 +111,7 @@ def confined_config(roots: Roots, config):
     start = config.lora.network_weights.strip()
     if start:
         start = str(roots.resolve(start, "starting LoRA (`lora.network_weights`)"))
-    vae = config.vae.strip()
-    if vae:
-        vae = str(roots.resolve(vae, "VAE (`vae`)"))
+    vae = confined_vae(roots, config.vae)
     return config.model_copy(
         update={
             "vae": vae,
