@@ -314,6 +314,15 @@ class LoraConfig(Section):
     rank: int = Field(16, ge=1, le=1024)  # OneTrainer's default rank; kohya GUI defaults to 8
     alpha: float = Field(1.0, gt=0)  # kohya and OneTrainer default: scale = alpha / rank
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rank_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="kohya's rank_dropout: at each step each rank of each layer is left out with "
+        "this chance (per image), the rest scaled up to make up for it; a regularizer against overfitting, e.g. 0.1. "
+        "0 off.",
+    )  # fmt: skip
+    module_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="kohya's module_dropout: at each step each adapted layer is left out whole "
+        "with this chance, e.g. 0.1. 0 off.",
+    )  # fmt: skip
     unet_targets: UnetTargets = Field(
         "attn-ff", description="attn: to_q/k/v/out; attn-ff: the kohya set (adds proj_in/out, ff); full: adds LoCon."
     )
@@ -430,6 +439,9 @@ class LoraConfig(Section):
             kind = "use_dora" if self.network == "lora" else f"network = '{self.network}'"
             raise ValueError(f"network_weights starts a plain LoRA from a file; {kind} has other weights, so clear "
                              "network_weights or train a plain LoRA")  # fmt: skip
+        if self.use_dora and (self.rank_dropout or self.module_dropout):
+            raise ValueError("rank_dropout and module_dropout leave ranks or layers of a LoRA out; DoRA's magnitude "
+                             "is computed from all of them, so set both to 0 or turn use_dora off")  # fmt: skip
         if self.network == "lora":
             return self
         if any(self.loraplus_ratios()):
@@ -990,6 +1002,8 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "network_dim": "lora.rank",
     "network_alpha": "lora.alpha",
     "network_dropout": "lora.dropout",
+    "rank_dropout": "lora.rank_dropout",  # kohya_ss's fields (sd-scripts takes them in network_args)
+    "module_dropout": "lora.module_dropout",
     "scale_weight_norms": "lora.scale_weight_norms",
     "loraplus_lr_ratio": "lora.loraplus_lr_ratio",  # kohya_ss's fields (sd-scripts takes them in network_args)
     "loraplus_unet_lr_ratio": "lora.loraplus_unet_lr_ratio",
@@ -1079,6 +1093,7 @@ KOHYA_NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "algo": ("lora.network", lambda v: LYCORIS_ALGOS.get(v.lower(), v)),
     "preset": ("lora.unet_targets", lambda v: LYCORIS_PRESETS.get(v.lower(), v)),
     "factor": ("lora.lokr_factor", int), "dropout": ("lora.dropout", float),
+    "rank_dropout": ("lora.rank_dropout", float), "module_dropout": ("lora.module_dropout", float),
     "use_dora": ("lora.use_dora", lambda v: v.lower() == "true"),
     "loraplus_lr_ratio": ("lora.loraplus_lr_ratio", float),
     "loraplus_unet_lr_ratio": ("lora.loraplus_unet_lr_ratio", float),

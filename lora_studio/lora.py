@@ -7,6 +7,8 @@ UNet presets (`LoraConfig.unet_targets`):
 - `full`: adds LoCon on the 3x3 convs of the resnets and the down/upsamplers, at `conv_rank`.
 Text encoders: `q/k/v/out_proj` and `fc1`/`fc2` of every layer (72 modules on SD1.5, 264 on SDXL).
 `lora.network` = loha / lokr puts peft's LoHa / LoKr on the same layers (written in LyCORIS' format: lycoris.py).
+kohya's rank and module dropout: peft's own for LoHa / LoKr (LyCORIS' semantics), forward hooks on peft's LoRA layers
+for LoRA (`add_rank_and_module_dropout`, kohya's networks/lora.py semantics).
 
 Scale is kohya's: alpha / rank. LoRA weights are kept in fp32 while the frozen model stays in its
 working dtype, so small updates are not rounded away in bf16/fp16.
@@ -14,6 +16,7 @@ working dtype, so small updates are not rounded away in bf16/fp16.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -172,7 +175,8 @@ def lycoris_config(settings: LoraConfig, target_names: list[str], ranks: dict, a
     from peft import LoHaConfig, LoKrConfig
 
     common = dict(r=settings.rank, alpha=settings.alpha, target_modules=target_names, rank_pattern=ranks,
-                  alpha_pattern=alphas, use_effective_conv2d=False, init_weights=True)  # fmt: skip
+                  alpha_pattern=alphas, use_effective_conv2d=False, init_weights=True,
+                  rank_dropout=settings.rank_dropout, module_dropout=settings.module_dropout)  # fmt: skip
     if settings.network == "loha":
         return LoHaConfig(**common)
     return LoKrConfig(**common, decompose_both=False, decompose_factor=settings.lokr_factor)
@@ -198,7 +202,7 @@ def inject_lora(base, settings: LoraConfig, clip_skip: int = 1) -> dict[str, lis
     if not unet_names:
         raise LoraStudioError("No UNet layer is left to adapt: lora.include_modules, exclude_modules or block_ranks "
                               "leave out every one; loosen them.")  # fmt: skip
-    _inject(base.unet, peft_config(settings, unet_names, with_convs=True, ranks=ranks, alphas=alphas))
+    _inject(base.unet, peft_config(settings, unet_names, with_convs=True, ranks=ranks, alphas=alphas), settings)
     injected["unet"] = unet_names
     if settings.train_text_encoder:
         sdxl, count = base.family == "sdxl", len(base.text_encoders)
@@ -210,16 +214,56 @@ def inject_lora(base, settings: LoraConfig, clip_skip: int = 1) -> dict[str, lis
             names = chosen_by_patterns(part, names, settings, base.family)
             if not names:  # every layer unread (a tiny encoder with a large clip skip): nothing there would learn
                 continue
-            _inject(encoder, peft_config(settings, names))
+            _inject(encoder, peft_config(settings, names), settings)
             injected[part] = names
     return injected
 
 
-def _inject(model: torch.nn.Module, config) -> None:
+def _inject(model: torch.nn.Module, config, settings: LoraConfig) -> None:
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for name, param in model.named_parameters():
         param.requires_grad_(any(marker in name for marker in ADAPTER_MARKERS))
     cast_training_params(model, dtype=torch.float32)  # trainable (LoRA) weights only; the rest stays as loaded
+    if settings.network == "lora":
+        add_rank_and_module_dropout(model, settings.rank_dropout, settings.module_dropout)
+
+
+def add_rank_and_module_dropout(model: torch.nn.Module, rank_dropout: float, module_dropout: float) -> int:
+    """kohya's rank and module dropout (networks/lora.py) on each peft LoRA layer of `model`, acting in training
+    mode only: the down projection's output keeps each rank with chance 1 - rank_dropout, per image, scaled by
+    1 / (1 - rank_dropout) (kohya: "as if the rank changed"); the whole update is left out with chance
+    module_dropout, per layer and step. Draws come from torch's generators, which a resume restores and gradient
+    checkpointing replays. Returns how many layers got them."""
+    from peft.tuners.lora import LoraLayer
+
+    if not rank_dropout and not module_dropout:
+        return 0
+    count = 0
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A:
+            if rank_dropout:
+                layer.lora_A[ADAPTER_NAME].register_forward_hook(functools.partial(_drop_ranks, rank_dropout))
+            if module_dropout:
+                layer.lora_B[ADAPTER_NAME].register_forward_hook(functools.partial(_drop_module, module_dropout))
+            count += 1
+    return count
+
+
+def _drop_ranks(chance: float, module: torch.nn.Module, _inputs, down: torch.Tensor) -> torch.Tensor | None:
+    if not module.training:
+        return None
+    rank_axis = 1 if down.dim() == 4 else down.dim() - 1  # a conv's (B, r, H, W); a linear's (..., r)
+    shape = [1] * down.dim()
+    shape[0], shape[rank_axis] = down.shape[0], down.shape[rank_axis]
+    kept = torch.rand(shape, device=down.device) > chance
+    return down * kept.to(down.dtype) / (1.0 - chance)
+
+
+def _drop_module(chance: float, module: torch.nn.Module, _inputs, update: torch.Tensor) -> torch.Tensor | None:
+    if not module.training:
+        return None
+    kept = torch.rand(()) >= chance  # on the CPU, as kohya draws it: nothing waits for the GPU
+    return update * kept.to(update.dtype)
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -157,6 +157,9 @@ def network_args(lora) -> dict:
         args["use_dora"] = True
     if lora.dropout:
         args["dropout"] = lora.dropout
+    for name in ("rank_dropout", "module_dropout"):
+        if getattr(lora, name):
+            args[name] = f"{getattr(lora, name):g}"
     if lora.block_ranks:
         args["block_dims"] = ",".join(str(r) for r in lora.block_ranks)
         alphas = lora.block_alphas or [lora.alpha] * len(lora.block_ranks)

@@ -111,7 +111,7 @@ def test_kohya_ss_rates_steps_and_noise_as_the_gui_means_them(tmp_path):
 
 
 @pytest.mark.parametrize(("change", "phrase"), [
-    ({"rank_dropout": 0.1}, "`rank_dropout` = 0.1 has no setting in this app; set it to 0"),
+    ({"fp8_base": True}, "`fp8_base` = True has no setting in this app; set it to False"),
     ({"full_bf16": True}, "`full_bf16` = True has no setting"),
     ({"face_crop_aug_range": "2.0,4.0"}, "`face_crop_aug_range` = '2.0,4.0' has no setting in this app; set it to "
                                          "empty"),
@@ -207,9 +207,9 @@ def test_the_train_tab_imports_a_kohya_ss_save_into_the_form(app_state, tmp_path
     assert "**with-dataset.json was not imported**" in note and box is None
     assert "names the kohya dataset config '/etc/sets.toml', which an import cannot bring along" in note
     refused = uploads / "abc123" / "glora.json"
-    refused.write_text(json.dumps({**GUI_SAVE, "LoRA_type": "LyCORIS/GLoRA", "rank_dropout": 0.2}))
+    refused.write_text(json.dumps({**GUI_SAVE, "LoRA_type": "LyCORIS/GLoRA", "fp8_base": True}))
     note = train_tab.import_settings(app_state, str(refused))[-2]
-    assert "LoRA_type 'LyCORIS/GLoRA' has no equivalent" in note and "`rank_dropout` = 0.2" in note
+    assert "LoRA_type 'LyCORIS/GLoRA' has no equivalent" in note and "`fp8_base` = True" in note
     with pytest.raises(LoraStudioError, match="is not an upload"):
         train_tab.import_settings(app_state, str(saved(tmp_path)))
     other = uploads / "abc123" / "notes.txt"
