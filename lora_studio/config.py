@@ -510,6 +510,11 @@ class OptimConfig(Section):
         False, description="Each sample's offset at a random strength between 0 and noise_offset (kohya's "
         "noise_offset_random_strength).",
     )  # fmt: skip
+    adaptive_noise_scale: float = Field(
+        0.0, ge=-1.0, le=1.0, description="kohya's: each latent channel's offset grows by this times the absolute "
+        "mean of that channel (brighter or darker images get more); needs noise_offset; about noise_offset's size. "
+        "0 off.",
+    )  # fmt: skip
     min_snr_gamma: float | None = Field(
         5.0, ge=0, description="Min-SNR-gamma loss weighting; 0 turns it off (TOML has no null)."
     )  # Hang et al. 2023 recommend 5; kohya guides use 5
@@ -546,6 +551,14 @@ class OptimConfig(Section):
     debiased_estimation: bool = Field(
         False, description="Weight each sample's loss by 1/sqrt(SNR) (Yu et al. 2024; kohya's "
         "debiased_estimation_loss), so low-noise steps do not dominate.",
+    )  # fmt: skip
+    scale_v_pred_loss_like_noise_pred: bool = Field(
+        False, description="v-prediction models only (kohya's): each sample's loss times SNR/(SNR+1), so the "
+        "timesteps weigh as they do in an epsilon model's loss.",
+    )  # fmt: skip
+    v_pred_like_loss: float = Field(
+        0.0, ge=0.0, le=10.0, description="kohya's: add this much of a v-prediction-like loss, the loss times "
+        "(SNR+1)/SNR, which weighs noisy timesteps more (e.g. 0.1 on SDXL); 0 off.",
     )  # fmt: skip
 
     @field_validator("betas")
@@ -833,6 +846,13 @@ class TrainConfig(Section):
             problems.append(  # as kohya's sd-scripts: the two reshape the same noise, each assuming plain noise
                 "`optimizer.noise_offset` and `optimizer.multires_noise_iterations` cannot both be on; set one to 0"
             )
+        if self.optimizer.v_pred_like_loss and self.optimizer.zero_terminal_snr:
+            problems.append("`optimizer.v_pred_like_loss` divides each loss by SNR/(SNR+1), which zero_terminal_snr "
+                            "makes 0 at the last timestep; set one of them off (v_pred_like_loss is for epsilon "
+                            "models, zero_terminal_snr for v-prediction ones)")  # fmt: skip
+        if self.optimizer.adaptive_noise_scale and not self.optimizer.noise_offset:
+            problems.append("`optimizer.adaptive_noise_scale` grows the noise offset, and noise_offset is 0; set "
+                            "noise_offset (e.g. 0.05) or adaptive_noise_scale = 0")  # fmt: skip
         problems += self.schedule_free_problems()
         if self.optimizer.min_timestep >= self.optimizer.max_timestep:
             problems.append(
@@ -1038,6 +1058,9 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "min_timestep": "optimizer.min_timestep",
     "max_timestep": "optimizer.max_timestep",
     "debiased_estimation_loss": "optimizer.debiased_estimation",
+    "adaptive_noise_scale": "optimizer.adaptive_noise_scale",
+    "scale_v_pred_loss_like_noise_pred": "optimizer.scale_v_pred_loss_like_noise_pred",
+    "v_pred_like_loss": "optimizer.v_pred_like_loss",
     "sample_every_n_steps": "sample.every_n_steps",
     "sample_every_n_epochs": "sample.every_n_epochs",
     "reg_data_dir": "regularization.path",

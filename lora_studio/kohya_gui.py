@@ -31,9 +31,9 @@ NO_EFFECT = {
 
 # kohya features with no setting here: fine at the value that turns them off, refused otherwise.
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "adaptive_noise_scale": (0,), "caption_dropout_every_n_epochs": (0,), "fp8_base": (False,),
+    "caption_dropout_every_n_epochs": (0,), "fp8_base": (False,),
     "fp8_base_unet": (False,), "full_bf16": (False,), "full_fp16": (False,), "stop_text_encoder_training": (0,),
-    "stop_text_encoder_training_pct": (0,), "v_pred_like_loss": (0,), "scale_v_pred_loss_like_noise_pred": (False,),
+    "stop_text_encoder_training_pct": (0,),
     "no_token_padding": (False,), "down_lr_weight": (),
     "mid_lr_weight": (), "up_lr_weight": (), "block_lr_zero_threshold": (), "conv_block_dims": (),
     "conv_block_alphas": (), "additional_parameters": (), "lr_scheduler_args": (), "lr_scheduler_power": (1,),

@@ -178,6 +178,15 @@ def diffusion_loss(
         snr = compute_snr(scheduler, timesteps)
         clipped = torch.clamp(snr, max=optim.min_snr_gamma)
         per_sample = per_sample * (clipped / (snr + 1 if v_prediction else snr))
+    if optim.scale_v_pred_loss_like_noise_pred or optim.v_pred_like_loss:
+        # kohya's SNR scale, SNR/(SNR+1) with SNR capped at 1000 (kohya's cap for t = 0); never 0 here, as
+        # zero_terminal_snr (SNR 0 at the last timestep) is refused beside v_pred_like_loss.
+        snr = torch.clamp(compute_snr(scheduler, timesteps), max=1000.0)
+        scale = snr / (snr + 1)
+        if optim.scale_v_pred_loss_like_noise_pred:
+            per_sample = per_sample * scale
+        if optim.v_pred_like_loss:
+            per_sample = per_sample + per_sample / scale * optim.v_pred_like_loss
     if optim.debiased_estimation:
         # Debiased estimation (Yu et al. 2024, kohya's form): 1/sqrt(SNR), SNR capped at 1000; 1/(SNR+1) for v.
         snr = torch.clamp(compute_snr(scheduler, timesteps), max=1000.0)
@@ -196,6 +205,10 @@ def shaped_noise(latents: torch.Tensor, scheduler: DDPMScheduler, draws: list[Dr
         # Offset noise (Guttenberg 2023): lets the model learn overall brightness, i.e. very dark/bright images.
         offset = torch.stack([torch.randn((shape[0], 1, 1), generator=d.gen) for d in draws]).to(device)
         strength = random_strengths(optim.noise_offset, optim.noise_offset_random_strength, draws, device)
+        if optim.adaptive_noise_scale:
+            # kohya's adaptive noise scale: each channel's offset grows with |its mean|, never below 0.
+            means = latents.mean(dim=(2, 3), keepdim=True).abs()
+            strength = torch.clamp(strength + optim.adaptive_noise_scale * means, min=0.0)
         noise = noise + strength * offset
     low, high = optim.min_timestep, min(optim.max_timestep, scheduler.config.num_train_timesteps)
     timesteps = torch.cat([torch.randint(low, high, (1,), generator=d.gen) for d in draws]).to(device)

@@ -131,6 +131,12 @@ def load_model(config: TrainConfig, accelerator: Accelerator) -> BaseModel:
             f"optimizer.zero_terminal_snr needs v-prediction, but {config.base_model} predicts "
             f"{base.prediction_type}; set prediction_type = 'v_prediction' to train it towards v, or turn it off"
         )
+    if config.optimizer.scale_v_pred_loss_like_noise_pred and base.prediction_type != "v_prediction":
+        raise TrainingError(
+            f"optimizer.scale_v_pred_loss_like_noise_pred scales a v-prediction loss, but {config.base_model} "
+            f"predicts {base.prediction_type}; turn it off (or set prediction_type = 'v_prediction' to train it "
+            "towards v)"
+        )
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     return base

@@ -218,10 +218,10 @@ def test_sd_scripts_network_and_optimizer_args_migrate():
     assert validate_config({"conv_dim": 0, "network_dim": 8}).lora.conv_rank is None  # kohya_ss's "no convs"
 
     with pytest.raises(ConfigError) as refused:
-        validate_config({"network_args": ["rank_dropout=0.1", "conv_dim=x"], "optimizer_args": ["growth_rate=2"]},
+        validate_config({"network_args": ["train_norm=True", "conv_dim=x"], "optimizer_args": ["growth_rate=2"]},
                         source="old.toml")  # fmt: skip
     assert refused.value.source == "old.toml" and len(refused.value.problems) == 3
-    assert "`network_args` entry 'rank_dropout=0.1' is not a setting this app has; remove it" in str(refused.value)
+    assert "`network_args` entry 'train_norm=True' is not a setting this app has; remove it" in str(refused.value)
     assert "`network_args` entry 'conv_dim=x': invalid literal" in str(refused.value)
     assert "`optimizer_args` entry 'growth_rate=2' is not a setting" in str(refused.value)
     with pytest.raises(ConfigError, match="`lora.network` = 'networks.dylora': input should be 'lora', 'loha' or"):

@@ -8,12 +8,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from test_train import tiny_config
+from test_validation import make_images
 
 from lora_studio import step as step_module
 from lora_studio.config import OptimConfig, validate_config
 from lora_studio.errors import ConfigError
 from lora_studio.step import Draw, huber_thresholds, pixel_losses, pyramid_noise, sample_draws, training_step
-from lora_studio.train import prepare
+from lora_studio.train import TrainingError, prepare
 
 
 def sd_scheduler() -> DDPMScheduler:
@@ -151,3 +152,72 @@ def test_random_strengths_scale_each_samples_offset_and_perturbation_between_0_a
     kohya = validate_config({"train_data_dir": "x", "noise_offset": 0.05, "noise_offset_random_strength": True,
                              "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True})  # fmt: skip
     assert kohya.optimizer.noise_offset_random_strength and kohya.optimizer.ip_noise_gamma_random_strength
+
+
+def test_kohyas_v_prediction_loss_scales_follow_its_formulas(tiny_folders):
+    """scale_v_pred_loss_like_noise_pred multiplies each sample's loss by SNR/(SNR+1); v_pred_like_loss adds
+    v x loss x (SNR+1)/SNR; SNR capped at 1000 as kohya's get_snr_scale does. Same draws, same model."""
+    from diffusers.training_utils import compute_snr
+
+    from lora_studio.models import load_base
+    from lora_studio.step import diffusion_loss
+
+    base = load_base(tiny_folders["sd1"], device="cpu")
+    torch.manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8)
+    hidden = torch.randn(4, 77, base.unet.config.cross_attention_dim)
+    scheduler = DDPMScheduler.from_config(sd_scheduler().config, prediction_type="v_prediction")
+
+    def losses(**options) -> torch.Tensor:
+        with torch.no_grad():
+            return diffusion_loss(base.unet, scheduler, latents, hidden, None, sample_draws(7, 3, 0, [0, 1, 2, 3]),
+                                  OptimConfig(min_snr_gamma=0, **options))  # fmt: skip
+
+    plain = losses()
+    timesteps = torch.cat([torch.randint(0, 1000, (1,), generator=d.gen)
+                           for d in [_past_noise(d) for d in sample_draws(7, 3, 0, [0, 1, 2, 3])]])  # fmt: skip
+    snr = torch.clamp(compute_snr(scheduler, timesteps), max=1000.0)
+    assert torch.allclose(losses(scale_v_pred_loss_like_noise_pred=True), plain * snr / (snr + 1), rtol=1e-5)
+    assert torch.allclose(losses(v_pred_like_loss=0.1), plain * (1 + 0.1 * (snr + 1) / snr), rtol=1e-5)
+    both = losses(scale_v_pred_loss_like_noise_pred=True, v_pred_like_loss=0.1)
+    assert torch.allclose(both, plain * (snr / (snr + 1) + 0.1), rtol=1e-5)  # kohya's order: scale, then add
+
+
+def _past_noise(draw):
+    """The draw with its noise taken, as shaped_noise takes it before the timestep (no offset: nothing more)."""
+    torch.randn((4, 8, 8), generator=draw.gen)
+    return draw
+
+
+def test_adaptive_noise_scale_grows_each_channels_offset_with_its_mean():
+    from lora_studio.step import shaped_noise
+
+    latents = torch.zeros((2, 4, 8, 8))
+    latents[:, 0] += 1.0  # channel 0 bright, channel 1 dark, the rest at 0
+    latents[:, 1] -= 0.5
+    scheduler = sd_scheduler()
+
+    def shaped(**options):
+        return shaped_noise(latents, scheduler, sample_draws(7, 3, 0, [0, 1]), OptimConfig(**options))[0]
+
+    base, plain = shaped(), shaped(noise_offset=0.1)
+    adaptive = shaped(noise_offset=0.1, adaptive_noise_scale=0.2)
+    ratio = ((adaptive - base) / (plain - base)).mean(dim=(2, 3))  # per sample and channel
+    expected = torch.tensor([0.1 + 0.2 * 1.0, 0.1 + 0.2 * 0.5, 0.1, 0.1]) / 0.1
+    assert torch.allclose(ratio, expected.expand(2, 4), rtol=1e-4)
+    negative = shaped(noise_offset=0.1, adaptive_noise_scale=-0.2)
+    assert torch.allclose(negative[:, 0], base[:, 0]) and not torch.allclose(negative[:, 2], base[:, 2])  # 0 floor
+
+
+def test_v_prediction_options_rules_and_kohyas_keys(tmp_path, tiny_folders):
+    with pytest.raises(ConfigError, match="adaptive_noise_scale` grows the noise offset, and noise_offset is 0"):
+        validate_config({"version": 1, "optimizer": {"adaptive_noise_scale": 0.05}})
+    with pytest.raises(ConfigError, match="zero_terminal_snr makes 0 at the last timestep"):
+        validate_config({"version": 1, "optimizer": {"v_pred_like_loss": 0.1, "zero_terminal_snr": True}})
+    kohya = validate_config({"train_data_dir": "x", "noise_offset": 0.05, "adaptive_noise_scale": 0.01,
+                             "v_pred_like_loss": 0.1, "scale_v_pred_loss_like_noise_pred": True})  # fmt: skip
+    opt = kohya.optimizer
+    assert (opt.adaptive_noise_scale, opt.v_pred_like_loss, opt.scale_v_pred_loss_like_noise_pred) == (0.01, 0.1, True)
+    with pytest.raises(TrainingError, match="predicts epsilon; turn it off"):
+        prepare(tiny_config(tmp_path, tiny_folders, make_images(tmp_path / "images", 2),
+                            optimizer={"scale_v_pred_loss_like_noise_pred": True}))  # fmt: skip
