@@ -125,6 +125,7 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_min_snr_gamma": str(opt.min_snr_gamma),
         "ss_noise_offset": str(opt.noise_offset),
         "ss_noise_offset_random_strength": str(opt.noise_offset_random_strength),
+        "ss_adaptive_noise_scale": str(opt.adaptive_noise_scale or None),  # kohya writes None when off
         "ss_ip_noise_gamma_random_strength": str(opt.ip_noise_gamma_random_strength),
         "ss_zero_terminal_snr": str(opt.zero_terminal_snr),
         "ss_scale_weight_norms": str(lora.scale_weight_norms or None),  # kohya writes None when off

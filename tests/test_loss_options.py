@@ -218,6 +218,10 @@ def test_v_prediction_options_rules_and_kohyas_keys(tmp_path, tiny_folders):
                              "v_pred_like_loss": 0.1, "scale_v_pred_loss_like_noise_pred": True})  # fmt: skip
     opt = kohya.optimizer
     assert (opt.adaptive_noise_scale, opt.v_pred_like_loss, opt.scale_v_pred_loss_like_noise_pred) == (0.01, 0.1, True)
+    from lora_studio.lora_metadata import TrainingFacts, training_metadata
+
+    facts = TrainingFacts("sd1", "demo", 64, 1, 1, 1, {}, {}, [], 0.0, 0.0)
+    assert training_metadata(kohya, facts)["ss_adaptive_noise_scale"] == "0.01"  # as kohya records it
     with pytest.raises(TrainingError, match="predicts epsilon; turn it off"):
         prepare(tiny_config(tmp_path, tiny_folders, make_images(tmp_path / "images", 2),
                             optimizer={"scale_v_pred_loss_like_noise_pred": True}))  # fmt: skip

@@ -129,14 +129,15 @@ def test_every_feature_on_resumes_bit_exactly(tmp_path, tiny_folders):
         "lora": {"ema_decay": 0.9, "scale_weight_norms": 0.05, "loraplus_lr_ratio": 4},
         "regularization": {"generate": True, "steps": 2, "prior_loss_weight": 0.5},
         "optimizer": {"loss_type": "huber", "multires_noise_iterations": 4, "ip_noise_gamma": 0.1,
-                      "min_timestep": 100, "max_timestep": 900, "debiased_estimation": True},  # fmt: skip
+                      "min_timestep": 100, "max_timestep": 900, "debiased_estimation": True,
+                      "v_pred_like_loss": 0.1},  # fmt: skip
     }
     straight, _resumed, a, b = straight_and_resumed(tmp_path, tiny_folders, folder, **settings)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     metadata = read_header(straight.lora_path).metadata  # as kohya records them
     assert (metadata["ss_loss_type"], metadata["ss_huber_schedule"], metadata["ss_huber_c"]) == ("huber", "snr", "0.1")
     assert (metadata["ss_multires_noise_iterations"], metadata["ss_debiased_estimation"]) == ("4", "True")
-    assert metadata["ss_scale_weight_norms"] == "0.05"
+    assert metadata["ss_scale_weight_norms"] == "0.05" and metadata["ss_adaptive_noise_scale"] == "None"
     assert json.loads(metadata["ss_network_args"])["loraplus_lr_ratio"] == "4"
 
 
