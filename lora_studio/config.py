@@ -720,6 +720,10 @@ class SaveConfig(Section):
     every_n_steps: int = Field(0, ge=0)
     every_n_epochs: int = Field(1, ge=0)  # kohya GUI default
     keep_last: int = Field(0, ge=0, description="Keep only the newest N checkpoints; 0 keeps all.")
+    keep_last_steps: int = Field(
+        0, ge=0, description="Keep only the checkpoints of the last N steps (kohya's save_last_n_steps); 0 keeps all. "
+        "With keep_last, a checkpoint stays only if both keep it.",
+    )  # fmt: skip
     save_state: bool = True  # resumable optimizer/RNG/data-order state next to each checkpoint
 
 
@@ -1072,6 +1076,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "save_every_n_epochs": "save.every_n_epochs",
     "save_every_n_steps": "save.every_n_steps",
     "save_last_n_epochs": "save.keep_last",
+    "save_last_n_steps": "save.keep_last_steps",
     "save_state": "save.save_state",
 }
 # kohya's optimizer_type names (lowercased) -> ours; kohya also takes a module path for schedule-free AdamW.

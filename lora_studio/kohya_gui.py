@@ -40,7 +40,7 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "lr_scheduler_type": (), "decompose_both": (False,), "use_cp": (False,), "use_tucker": (False,),
     "use_scalar": (False,), "rank_dropout_scale": (False,), "constrain": (0,), "rescaled": (False,),
     "train_norm": (False,), "bypass_mode": (False,), "unit": (1,), "caption_separator": (",",),
-    "face_crop_aug_range": (), "save_last_n_steps": (0,),
+    "face_crop_aug_range": (),
     "save_last_n_steps_state": (0,),
     "save_last_n_epochs_state": (0,), "save_every_n_steps_state": (0,), "flux1_checkbox": (False,),
     "sd3_checkbox": (False,), "resume": (),

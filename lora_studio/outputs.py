@@ -91,13 +91,20 @@ def save_checkpoint(session: Session) -> CheckpointEvent:
 
 
 def prune_checkpoints(session: Session) -> None:
-    """Keep the newest `save.keep_last` checkpoints, and the one with the lowest validation loss whatever its age."""
-    keep = session.config.save.keep_last
-    if keep:
-        best = session.run.best_lora()
-        for old in session.run.checkpoint_files()[:-keep]:
-            if old != best:
-                old.unlink()
+    """Keep the newest `save.keep_last` checkpoints and those of the last `save.keep_last_steps` steps (kohya's
+    save_last_n_steps: a checkpoint of step s stays while s >= step - N), and the one with the lowest validation loss
+    whatever its age."""
+    save, run = session.config.save, session.run
+    if not save.keep_last and not save.keep_last_steps:
+        return
+    files = run.checkpoint_files()
+    old = set(files[:-save.keep_last]) if save.keep_last else set()
+    if save.keep_last_steps:
+        old |= {f for f in files if (run.checkpoint_step(f) or 0) < session.step - save.keep_last_steps}
+    best = run.best_lora()
+    for path in sorted(old):
+        if path != best:
+            path.unlink()
 
 
 def should_checkpoint(session: Session, epoch_before: int) -> bool:

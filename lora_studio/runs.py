@@ -42,6 +42,7 @@ STATE_FILE = "trainer.safetensors"  # in the run's state/ folder: everything a r
 LEGACY_LORA_STATE = "lora.safetensors"  # where runs before 2026-11-28 kept the LoRA beside the state
 APP_LOG = "log.txt"  # the app's and the CLI's own log, in the runs root (each run also has its own)
 STEP_FOLDER = re.compile(r"^step-(\d{6,})$")
+STEP_IN_NAME = re.compile(r"-step(\d+)$")  # a checkpoint file's stem: NAME-step000200
 
 
 class RunError(LoraStudioError):
@@ -168,6 +169,12 @@ class RunFolder:
 
     def checkpoint(self, name: str, step: int) -> Path:
         return self.checkpoints / f"{name}-step{step:06d}.safetensors"
+
+    @staticmethod
+    def checkpoint_step(path: Path) -> int | None:
+        """The step a checkpoint file was saved at, from its name; None for a run's final file (or another)."""
+        found = STEP_IN_NAME.search(path.stem)
+        return int(found.group(1)) if found else None
 
     def final_lora(self, name: str) -> Path:
         return self.path / f"{name}.safetensors"

@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # torch loads on first use: the app's page comes up before it
     from .sample import Axis, Grid, Previewer, PreviewSettings
 
 MAX_GRID_CHECKPOINTS = 8  # a grid wider than this is unreadable; the newest are kept
-STEP_IN_NAME = re.compile(r"-step(\d+)$")
 # "1024x1024" (modelspec.resolution) or "(512, 512)" (kohya's ss_resolution): width first
 RESOLUTION_TEXT = re.compile(r"^\(?\s*(\d{1,5})\s*(?:x|,)\s*(\d{1,5})\s*\)?$")
 
@@ -190,8 +189,8 @@ def strength_seed_grid(
 
 def checkpoint_label(path: Path) -> str:
     """'step 200' for a checkpoint file, 'final' for the run's own file: what varies between the columns."""
-    found = STEP_IN_NAME.search(path.stem)
-    return f"step {int(found.group(1))}" if found else "final"
+    step = RunFolder.checkpoint_step(path)
+    return f"step {step}" if step is not None else "final"
 
 
 def validation_note(path: Path) -> str:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from test_train import stopper, tiny_config
 
 from lora_studio import validation as validation_module
-from lora_studio.config import validate_config
+from lora_studio.config import SaveConfig, validate_config
 from lora_studio.data import Item, split_validation, validation_caption
 from lora_studio.errors import ConfigError
 from lora_studio.events import ValidationEvent
@@ -179,11 +179,32 @@ def test_pruning_keeps_the_best_checkpoint(tmp_path):
         path.write_bytes(b"lora")
         run.record_validation(path, int(path.stem[-3:]), loss)
     assert run.best_lora() == files[1]
-    session = SimpleNamespace(run=run, config=SimpleNamespace(save=SimpleNamespace(keep_last=1)))
+    session = SimpleNamespace(run=run, step=40, config=SimpleNamespace(save=SaveConfig(keep_last=1)))
     prune_checkpoints(session)
     assert run.checkpoint_files() == [files[1], files[3]]  # the newest and the best
     files[1].unlink()  # a best file deleted by hand: the next best that exists
     assert run.best_lora() == files[3]
+
+
+def test_pruning_by_steps_keeps_kohyas_last_n_steps_and_the_best(tmp_path):
+    """kohya's save_last_n_steps = 20 at step 50 keeps the checkpoints of steps 30-50; with keep_last too, a
+    checkpoint stays only if both keep it; the best by validation loss stays whatever its age."""
+    run = RunFolder(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    files = {step: run.checkpoint("x", step) for step in (10, 20, 30, 40, 50)}
+    for path in files.values():
+        path.write_bytes(b"lora")
+    run.record_validation(files[10], 10, 0.1)
+
+    def pruned(**save) -> list[int]:
+        prune_checkpoints(SimpleNamespace(run=run, step=50, config=SimpleNamespace(save=SaveConfig(**save))))
+        return [run.checkpoint_step(f) for f in run.checkpoint_files()]
+
+    assert pruned() == [10, 20, 30, 40, 50]  # neither set: all stay
+    assert pruned(keep_last_steps=20) == [10, 30, 40, 50]
+    assert pruned(keep_last_steps=20, keep_last=2) == [10, 40, 50]
+    assert validate_config({"train_data_dir": "x", "save_last_n_steps": 300}).save.keep_last_steps == 300
+    assert RunFolder.checkpoint_step(run.final_lora("x")) is None
 
 
 def test_a_damaged_record_never_stops_anything(tmp_path):
