@@ -209,6 +209,10 @@ class DatasetConfig(Section):
     )  # fmt: skip
     caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
     caption_tag_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
+    caption_dropout_every_n_epochs: int = Field(
+        0, ge=0, description="kohya's: every Nth epoch trains on empty captions only (the unconditional prediction, "
+        "as caption dropout does for single images); 0 off.",
+    )  # fmt: skip
     alpha_background: str = Field(
         "#ffffff", pattern=r"^#[0-9a-fA-F]{6}$", description="Colour under transparent pixels."
     )
@@ -266,9 +270,10 @@ class DatasetConfig(Section):
     def captions_are_static(self) -> bool:
         """Whether every step sees the same caption for an image (needed to cache text embeddings), in every
         folder."""
-        return all(not (settings.shuffle_caption or settings.caption_dropout_rate or settings.caption_tag_dropout_rate
-                        or settings.enable_wildcard)
-                   for settings in (self, *(self.for_subset(n) for n in range(1, len(self.subsets) + 1))))  # fmt: skip
+        return not self.caption_dropout_every_n_epochs and all(
+            not (settings.shuffle_caption or settings.caption_dropout_rate or settings.caption_tag_dropout_rate
+                 or settings.enable_wildcard)
+            for settings in (self, *(self.for_subset(n) for n in range(1, len(self.subsets) + 1))))  # fmt: skip
 
     def for_subset(self, line: int) -> DatasetConfig:
         """The settings the images of subset `line` (1-based; 0: `path`'s) are captioned and augmented with."""
@@ -808,8 +813,8 @@ class TrainConfig(Section):
             )
         if not self.dataset.captions_are_static:
             return (
-                "captions change every step (shuffle_caption, caption dropout or enable_wildcard is on); "
-                "turn those off to cache text embeddings"
+                "captions change every step (shuffle_caption, caption dropout, caption_dropout_every_n_epochs or "
+                "enable_wildcard is on); turn those off to cache text embeddings"
             )
         return None
 
@@ -1015,6 +1020,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "secondary_separator": "dataset.secondary_separator",
     "enable_wildcard": "dataset.enable_wildcard",
     "caption_dropout_rate": "dataset.caption_dropout_rate",
+    "caption_dropout_every_n_epochs": "dataset.caption_dropout_every_n_epochs",
     "caption_tag_dropout_rate": "dataset.caption_tag_dropout_rate",
     "caption_prefix": "dataset.caption_prefix",
     "caption_suffix": "dataset.caption_suffix",
@@ -1172,7 +1178,7 @@ KOHYA_DATASET_LEVEL = {"resolution": "resolution", "batch_size": "train_batch_si
 KOHYA_SUBSET_SHARED = ("caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
                        "secondary_separator", "enable_wildcard", "flip_aug", "color_aug", "random_crop",
                        "caption_prefix", "caption_suffix", "caption_dropout_rate", "caption_tag_dropout_rate",
-                       "alpha_mask")  # fmt: skip
+                       "caption_dropout_every_n_epochs", "alpha_mask")  # fmt: skip
 KOHYA_SUBSET_CAN_DIFFER = {**{key: key for key in SUBSET_CAPTION_KEYS}, "flip_aug": "flip_aug",
                            "random_crop": "random_crop", "color_aug": "color_jitter"}  # fmt: skip
 KOHYA_COLOR_AUG = {True: [0.1, 0.1, 0.1, 0.02], False: [0.0, 0.0, 0.0, 0.0]}  # on/off: a mild jitter of each kind

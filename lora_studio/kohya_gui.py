@@ -31,7 +31,7 @@ NO_EFFECT = {
 
 # kohya features with no setting here: fine at the value that turns them off, refused otherwise.
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "caption_dropout_every_n_epochs": (0,), "fp8_base": (False,),
+    "fp8_base": (False,),
     "fp8_base_unet": (False,), "full_bf16": (False,), "full_fp16": (False,), "stop_text_encoder_training": (0,),
     "stop_text_encoder_training_pct": (0,),
     "no_token_padding": (False,), "down_lr_weight": (),

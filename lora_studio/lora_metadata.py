@@ -187,6 +187,7 @@ def dataset_keys(dataset, facts: TrainingFacts) -> dict[str, str]:
         "ss_reg_dataset_dirs": json.dumps(facts.reg_dataset_dirs),
         "ss_bucket_info": json.dumps({"buckets": facts.buckets}),
         "ss_caption_dropout_rate": str(dataset.caption_dropout_rate),
+        "ss_caption_dropout_every_n_epochs": str(dataset.caption_dropout_every_n_epochs),
         "ss_shuffle_caption": str(dataset.shuffle_caption),
         "ss_keep_tokens": str(dataset.keep_tokens),
         "ss_flip_aug": str(dataset.flip_aug),

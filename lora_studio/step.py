@@ -83,11 +83,11 @@ def cached_latent(
 
 def batch_latents(
     vae: torch.nn.Module, latent_cache: LatentCache | None, dataset: DatasetConfig, items: list[Item],
-    buckets: list[bucketing.Bucket], indices: list[int], draws: list[Draw], device: torch.device,
+    buckets: list[bucketing.Bucket], indices: list[int], draws: list[Draw], device: torch.device, epoch: int = 0,
 ) -> tuple:  # fmt: skip
     """Scaled latents of a batch (from the cache, or one VAE batch), each sample's caption and crop (SDXL
     conditioning), and the loss weights of masked loss (None without). `items`, `buckets` are the whole dataset's;
-    `indices` pick the batch."""
+    `indices` pick the batch; `epoch` (from 0) is the one it belongs to, for caption_dropout_every_n_epochs."""
     if latent_cache is not None:
         entries = [cached_latent(latent_cache, items[i], buckets[i], i, dataset, d.rng)
                    for i, d in zip(indices, draws, strict=True)]  # fmt: skip
@@ -101,6 +101,9 @@ def batch_latents(
         captions, crops = [s.caption for s in samples], [s.crop for s in samples]
         masks = [bucket_mask(items[i], buckets[i], s.resized, s.crop, s.flip, mean.shape[-2:])
                  for i, s in zip(indices, samples, strict=True)]  # None for an item without a mask  # fmt: skip
+    every = dataset.caption_dropout_every_n_epochs
+    if every and (epoch + 1) % every == 0:  # kohya counts epochs from 1: epochs N, 2N, ... drop every caption
+        captions = ["" for _ in captions]
     latents = mean + std * torch.stack([torch.randn(mean.shape[1:], generator=d.gen) for d in draws])
     latents = (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
     weights = loss_weights(masks, dataset.unmasked_weight, mean.shape)
@@ -293,7 +296,8 @@ def batch_losses(session: Session, indices: list[int], draws: list[Draw]) -> tor
     the maths."""
     config, base, device = session.config, session.base, session.device
     latents, captions, crops, weights = batch_latents(base.vae, session.latent_cache, config.dataset, session.items,
-                                                      session.buckets, indices, draws, device)  # fmt: skip
+                                                      session.buckets, indices, draws, device,
+                                                      session.position.epoch)  # fmt: skip
     encoders = [session.models.get(name, e) for name, e in zip(TEXT_ENCODER_NAMES, base.text_encoders, strict=False)]
     hidden, added = conditioning(base, encoders, session.text_cache, captions, crops, config.clip_skip, device,
                                  config.max_token_length, config.weighted_captions)  # fmt: skip

@@ -225,3 +225,30 @@ def test_v_prediction_options_rules_and_kohyas_keys(tmp_path, tiny_folders):
     with pytest.raises(TrainingError, match="predicts epsilon; turn it off"):
         prepare(tiny_config(tmp_path, tiny_folders, make_images(tmp_path / "images", 2),
                             optimizer={"scale_v_pred_loss_like_noise_pred": True}))  # fmt: skip
+
+
+def test_caption_dropout_every_n_epochs_empties_every_caption_of_kohyas_epochs(tmp_path, tiny_folders):
+    """kohya counts epochs from 1: with N = 2, the second, fourth, ... epochs (from 0 here: 1, 3, ...) train on
+    empty captions; the others are as before. Captions that change by epoch cannot be cached as embeddings."""
+    from lora_studio.step import batch_latents
+
+    images = make_images(tmp_path / "images", 2)
+    session = prepare(tiny_config(tmp_path, tiny_folders, images,
+                                  dataset={"caption_dropout_every_n_epochs": 2}))  # fmt: skip
+
+    def captions(epoch: int) -> list[str]:
+        return batch_latents(session.base.vae, session.latent_cache, session.config.dataset, session.items,
+                             session.buckets, [0, 1], sample_draws(7, 3, 0, [0, 1]), torch.device("cpu"),
+                             epoch)[1]  # fmt: skip
+
+    assert all(captions(0)) and captions(2) == captions(0)
+    assert captions(1) == ["", ""] and captions(3) == ["", ""]
+    with pytest.raises(ConfigError, match="captions change every step"):
+        validate_config({"version": 1, "dataset": {"caption_dropout_every_n_epochs": 2, "cache_text_embeddings": True},
+                         "lora": {"train_text_encoder": False}})  # fmt: skip
+    kohya = validate_config({"train_data_dir": "x", "caption_dropout_every_n_epochs": 3})
+    assert kohya.dataset.caption_dropout_every_n_epochs == 3
+    from lora_studio.lora_metadata import TrainingFacts, training_metadata
+
+    facts = TrainingFacts("sd1", "demo", 64, 1, 1, 1, {}, {}, [], 0.0, 0.0)
+    assert training_metadata(kohya, facts)["ss_caption_dropout_every_n_epochs"] == "3"
