@@ -674,6 +674,14 @@ class ValidationConfig(Section):
     timesteps: int = Field(
         4, ge=1, le=32, description="Fixed timesteps spread over the schedule, each with its own fixed noise."
     )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed of the held-out draw and of the fixed noise (kohya's "
+        "validation_seed), so runs of other seeds are scored on the same images; empty: the run's seed.",
+    )  # fmt: skip
+    max_images: int = Field(
+        0, ge=0, description="Score at most this many held-out images in each pass (the first, by path), for a "
+        "quicker pass; 0: all of them. kohya's max_validation_steps x batch size.",
+    )  # fmt: skip
 
     @property
     def enabled(self) -> bool:
@@ -794,6 +802,11 @@ class TrainConfig(Section):
         if value != CONFIG_VERSION:
             raise ValueError(f"must be {CONFIG_VERSION} after migration, got {value}")
         return value
+
+    @property
+    def validation_seed(self) -> int:
+        """The seed of the validation split and noise: validation.seed, else the run's."""
+        return self.seed if self.validation.seed is None else self.validation.seed
 
     def frozen_parts_off_device(self) -> set[str]:
         """The frozen parts no training step needs once the caches are full, so training keeps them off the GPU:
@@ -1078,6 +1091,8 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "validation_split": "validation.fraction",  # kohya sd-scripts' validation PRs (#1858/#1900)
     "validate_every_n_steps": "validation.every_n_steps",
     "validate_every_n_epochs": "validation.every_n_epochs",
+    "validation_seed": "validation.seed",
+    "max_validation_steps": "validation.max_validation_steps",  # made into validation.max_images below
     "save_precision": "save.precision",
     "save_every_n_epochs": "save.every_n_epochs",
     "save_every_n_steps": "save.every_n_steps",
@@ -1229,6 +1244,21 @@ def _flatten_kohya_datasets(data: dict[str, Any]) -> tuple[dict[str, Any], list[
     return flat, entries, problems
 
 
+def _validation_batches(out: dict[str, Any]) -> list[str]:
+    """kohya's `max_validation_steps` (validation batches of train_batch_size images; kohya_ss saves it as text) as
+    validation.max_images; the problem when it is not a count."""
+    steps = out.get("validation", {}).pop("max_validation_steps", None)
+    batch = out.get("dataset", {}).get("batch_size", 1)
+    try:
+        count = int(str(steps).strip()) if steps not in (None, "") else 0
+        batch = int(str(batch).strip())
+    except ValueError:
+        return [f"kohya's `max_validation_steps` = {steps!r} is not a whole number of batches; give one, or 0 for all"]
+    if count > 0:
+        _set_path(out, "validation.max_images", count * batch)
+    return []
+
+
 def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"version": 1}
     subsets, problems = [], []
@@ -1258,6 +1288,7 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
         if key == "alpha_mask" and value is True:  # kohya's alpha_mask turns masked loss on by itself
             _set_path(out, "dataset.masked_loss", True)
         _set_path(out, target, value)
+    problems += _validation_batches(out)
     if "optimizer_type" in data and out["optimizer"]["optimizer"] == "adamw_schedulefree":
         # kohya gives schedule-free optimizers a do-nothing schedule: its lr_scheduler and warm-up do not act
         # (their warm-up comes from optimizer_args' warmup_steps, read below)

@@ -525,7 +525,7 @@ def validation_items(config: TrainConfig, report: ScanReport) -> tuple[ScanRepor
                        setting="validation.path")
         problems = [Problem(p.path, p.severity, f"validation image: {p.message}") for p in scanned.problems]
         return report, scanned.items, problems
-    training, held = split_validation(report.items, settings.fraction, config.seed)
+    training, held = split_validation(report.items, settings.fraction, config.validation_seed)
     problems = []
     if settings.fraction and not held:
         problems.append(Problem(str(report.root), "error", (

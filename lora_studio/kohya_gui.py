@@ -44,8 +44,7 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "save_last_n_steps_state": (0,),
     "save_last_n_epochs_state": (0,), "save_every_n_steps_state": (0,), "flux1_checkbox": (False,),
     "sd3_checkbox": (False,), "resume": (),
-    "save_model_as": ("safetensors",), "validation_seed": (),
-    "max_validation_steps": (), "masked_loss_prob": (), "train_on_input": (True, False),
+    "save_model_as": ("safetensors",), "masked_loss_prob": (), "train_on_input": (True, False),
 }  # fmt: skip
 
 LORA_TYPES = {  # kohya_ss's LoRA_type -> (network, whether its conv_dim acts, whether LyCORIS_preset acts)

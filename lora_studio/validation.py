@@ -65,7 +65,12 @@ def fixed_noise(seed: int, item: Item, count: int, shape: tuple[int, ...]) -> to
 def build_validation_set(
     config: TrainConfig, base: BaseModel, items: list[Item], resolution: int, device: torch.device
 ) -> ValidationSet:
-    """Encode the held-out images once with the base's VAE (and, when frozen, its text encoders), onto `device`."""
+    """Encode the held-out images once with the base's VAE (and, when frozen, its text encoders), onto `device`;
+    the first `validation.max_images` of them when that is set."""
+    cap = config.validation.max_images
+    if cap and len(items) > cap:
+        log.info("validation: scoring the first %d of %d held-out images (validation.max_images)", cap, len(items))
+        items = items[:cap]
     buckets = bucketing.assign_buckets([(i.width, i.height) for i in items], config.dataset, resolution)
     pairs = zip(items, buckets, strict=True)
     with torch.no_grad():
@@ -91,7 +96,7 @@ def held_out_image(
     if not config.lora.train_text_encoder:
         encoded = conditioning(base, base.text_encoders, None, [caption], [crop], config.clip_skip, device,
                                config.max_token_length, config.weighted_captions)  # fmt: skip
-    noise = fixed_noise(config.seed, item, config.validation.timesteps, tuple(latent.shape))
+    noise = fixed_noise(config.validation_seed, item, config.validation.timesteps, tuple(latent.shape))
     mask = bucket_mask(item, bucket, resized, crop, False, tuple(latent.shape[-2:]))
     weights = loss_weights([mask], config.dataset.unmasked_weight, latent.shape)
     return HeldOutImage(item, latent.to(device), noise.to(device), caption, crop, encoded,

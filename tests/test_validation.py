@@ -171,6 +171,29 @@ def test_validation_as_every_nth_epoch_ends(tmp_path, tiny_folders, images, held
     assert kohya.validation.every_n_epochs == 2
 
 
+def test_validation_seed_and_max_images(tmp_path, tiny_folders, images, held_images):
+    """kohya's validation_seed: the held-out draw and the fixed noise follow it, not the run's seed, so runs of other
+    seeds are scored alike; validation.max_images (kohya's max_validation_steps x batch) scores the first N."""
+    def held_out(run_seed: int, **validation) -> tuple[list, list]:
+        session = prepare(tiny_config(tmp_path / f"{run_seed}-{len(validation)}", tiny_folders, images, seed=run_seed,
+                                      validation={"fraction": 0.34, **validation}))  # fmt: skip
+        return [i.item.path for i in session.validation.images], [i.noise for i in session.validation.images]
+
+    draws = {seed: held_out(seed)[0] for seed in (1, 2, 3, 4)}
+    assert len({tuple(d) for d in draws.values()}) > 1, "without it, the run's seed draws the held-out images"
+    (one, noise_one), (two, noise_two) = held_out(1, seed=9), held_out(2, seed=9)
+    assert one == two and all(torch.equal(a, b) for a, b in zip(noise_one, noise_two, strict=True))
+    session = prepare(tiny_config(tmp_path / "capped", tiny_folders, images,
+                                  validation={"path": str(held_images), "max_images": 1}))  # fmt: skip
+    assert [i.item.path.name for i in session.validation.images] == ["0.png"]
+    kohya = validate_config({"train_data_dir": "x", "validation_split": 0.1, "validation_seed": 5,
+                             "max_validation_steps": 3, "train_batch_size": 2})  # fmt: skip
+    assert (kohya.validation.seed, kohya.validation.max_images) == (5, 6)
+    assert validate_config({"validation_split": 0.1, "max_validation_steps": 0}).validation.max_images == 0
+    with pytest.raises(ConfigError, match="`max_validation_steps` = 'many' is not a whole number"):
+        validate_config({"validation_split": 0.1, "max_validation_steps": "many"})
+
+
 def test_pruning_keeps_the_best_checkpoint(tmp_path):
     run = RunFolder(tmp_path / "run")
     run.checkpoints.mkdir(parents=True)
