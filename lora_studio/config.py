@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import math
 import re
 import sys
 import time
@@ -354,6 +355,11 @@ class LoraConfig(Section):
     block_alphas: list[float] = Field(
         default_factory=list, description="Alpha per UNet block, as many values as block_ranks. Empty: alpha.",
     )  # fmt: skip
+    block_lr_weights: list[float] = Field(
+        default_factory=list, description="Learning-rate multiplier per UNet block, laid out as block_ranks (3 "
+        "values, or kohya's 25 / 23 blocks: its down_lr_weight, mid_lr_weight and up_lr_weight); 0 leaves a block "
+        "out. Empty: 1 everywhere.",
+    )  # fmt: skip
     use_dora: bool = False
     scale_weight_norms: float = Field(
         0.0, ge=0.0, description="kohya's max-norm regularization: after each optimizer step, a layer whose LoRA "
@@ -429,6 +435,14 @@ class LoraConfig(Section):
                              f"{len(self.block_ranks)}; give one alpha per block, or none")  # fmt: skip
         if any(a <= 0 for a in self.block_alphas):
             raise ValueError("block_alphas must be above 0")
+        if len(self.block_lr_weights) not in (0, *BLOCK_COUNTS):
+            raise ValueError(f"block_lr_weights has {len(self.block_lr_weights)} values; give 3 (down, mid, up), 23 "
+                             "or 25 (kohya's SDXL or SD 1.x/2.x blocks), or none")  # fmt: skip
+        if any(w < 0 or w > 100 for w in self.block_lr_weights):
+            raise ValueError("block_lr_weights must lie between 0 (the block is left out) and 100")
+        if self.block_lr_weights and self.block_ranks and len(self.block_lr_weights) != len(self.block_ranks):
+            raise ValueError(f"block_lr_weights has {len(self.block_lr_weights)} values and block_ranks "
+                             f"{len(self.block_ranks)}; lay both out alike (3, 23 or 25 blocks)")  # fmt: skip
         return self
 
     @model_validator(mode="after")
@@ -1098,6 +1112,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "save_every_n_steps": "save.every_n_steps",
     "save_last_n_epochs": "save.keep_last",
     "save_last_n_steps": "save.keep_last_steps",
+    **{key: f"lora._{key}" for key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")},
     "save_state": "save.save_state",
 }
 # kohya's optimizer_type names (lowercased) -> ours; kohya also takes a module path for schedule-free AdamW.
@@ -1137,6 +1152,7 @@ def _one_pattern(text: str) -> str:
 LYCORIS_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}  # others stay, and are refused
 LYCORIS_PRESETS = {"attn-only": "attn", "attn-mlp": "attn-ff", "full": "full"}
 # sd-scripts' `network_args` and `optimizer_args` ("key=value" strings) -> (our setting, how to read the value).
+KOHYA_BLOCK_LR_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
 KOHYA_NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "conv_dim": ("lora.conv_rank", int), "conv_alpha": ("lora.conv_alpha", float),
     "algo": ("lora.network", lambda v: LYCORIS_ALGOS.get(v.lower(), v)),
@@ -1148,6 +1164,7 @@ KOHYA_NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "loraplus_unet_lr_ratio": ("lora.loraplus_unet_lr_ratio", float),
     "loraplus_text_encoder_lr_ratio": ("lora.loraplus_text_encoder_lr_ratio", float),
     "block_dims": ("lora.block_ranks", _numbers(int)), "block_alphas": ("lora.block_alphas", _numbers(float)),
+    **{key: (f"lora._{key}", str) for key in KOHYA_BLOCK_LR_KEYS},  # made into lora.block_lr_weights
     "include_patterns": ("lora.include_modules", _one_pattern),
     "exclude_patterns": ("lora.exclude_modules", _one_pattern),
 }  # fmt: skip
@@ -1244,6 +1261,68 @@ def _flatten_kohya_datasets(data: dict[str, Any]) -> tuple[dict[str, Any], list[
     return flat, entries, problems
 
 
+def _kohya_block_lr_weights(out: dict[str, Any]) -> list[str]:
+    """kohya's down_lr_weight / mid_lr_weight / up_lr_weight / block_lr_zero_threshold (network_args, or kohya_ss's
+    fields) as lora.block_lr_weights, laid out as kohya's get_block_lr_weight lays them out: SD 1.x/2.x's 12 + 1 + 12
+    blocks, SDXL's 1 + 9 + 3 + 9 + 1 (SDXL when the config says so or a list has SDXL's length). A list may be a
+    preset (cosine, sine, linear, reverse_linear, zeros, each with an optional +offset); a short list is filled
+    with 1, as kohya fills it; weights at or below the threshold become 0 (the block left out). The problems."""
+    lora = out.get("lora", {})
+    raw = {key: lora.pop(f"_{key}") for key in KOHYA_BLOCK_LR_KEYS if f"_{key}" in lora}
+    lists = {key: raw[key] for key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
+             if str(raw.get(key, "")).strip() not in ("", "[]", "None")}  # fmt: skip
+    if not lists:
+        return []
+    try:
+        parsed = {key: _block_list(value) for key, value in lists.items()}
+        threshold = float(str(raw.get("block_lr_zero_threshold") or 0).strip() or 0)
+    except ValueError as exc:
+        return [f"kohya's block learning rates: {exc}; give numbers separated by commas, or one of cosine, sine, "
+                "linear, reverse_linear, zeros"]  # fmt: skip
+    sdxl = out.get("family") == "sdxl" or any(isinstance(v, list) and len(v) == (3 if k == "mid_lr_weight" else 9)
+                                              for k, v in parsed.items())  # fmt: skip
+    blocks, mids = (9, 3) if sdxl else (12, 1)
+    problems, parts = [], {}
+    for key, length in (("down_lr_weight", blocks), ("mid_lr_weight", mids), ("up_lr_weight", blocks)):
+        value = parsed.get(key, [1.0] * length)
+        if isinstance(value, tuple):  # a preset: (name, offset)
+            value = _block_preset(*value, length)
+        if len(value) > length:
+            problems.append(f"kohya's `{key}` has {len(value)} values, more than the {length} blocks of "
+                            f"{'SDXL' if sdxl else 'SD 1.x/2.x'}; give at most {length}")  # fmt: skip
+        parts[key] = [w if w > threshold else 0.0 for w in value + [1.0] * (length - len(value))]
+    weights = parts["down_lr_weight"] + parts["mid_lr_weight"] + parts["up_lr_weight"]
+    _set_path(out, "lora.block_lr_weights", [1.0, *weights, 1.0] if sdxl else weights)
+    return problems
+
+
+def _block_list(value: Any) -> list[float] | tuple[str, float]:
+    """A kohya block-weight list ("1,0.5,..." or a TOML list) or preset ("sine+0.5" -> ("sine", 0.5))."""
+    if isinstance(value, list | tuple):
+        return [float(v) for v in value]
+    text = str(value).strip()
+    name, _, offset = text.partition("+")
+    if name.strip() in BLOCK_PRESETS:
+        return name.strip(), float(offset or 0)
+    return [float(part) for part in text.strip("[]() ").split(",") if part.strip()]
+
+
+BLOCK_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+
+def _block_preset(name: str, offset: float, length: int) -> list[float]:
+    """kohya's named block-weight curves over `length` blocks, plus `offset`."""
+    steps = range(length)
+    curve = {
+        "cosine": [math.sin(math.pi * (i / (length - 1)) / 2) for i in reversed(steps)],
+        "sine": [math.sin(math.pi * (i / (length - 1)) / 2) for i in steps],
+        "linear": [i / (length - 1) for i in steps],
+        "reverse_linear": [i / (length - 1) for i in reversed(steps)],
+        "zeros": [0.0] * length,
+    }[name]
+    return [w + offset for w in curve]
+
+
 def _validation_batches(out: dict[str, Any]) -> list[str]:
     """kohya's `max_validation_steps` (validation batches of train_batch_size images; kohya_ss saves it as text) as
     validation.max_images; the problem when it is not a count."""
@@ -1299,6 +1378,7 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
         problems += _kohya_args("network_args", args["network_args"], KOHYA_NETWORK_ARGS, out)
     if "optimizer_args" in args:
         problems += _kohya_args("optimizer_args", args["optimizer_args"], KOHYA_OPTIMIZER_ARGS, out)
+    problems += _kohya_block_lr_weights(out)  # from network_args or kohya_ss's fields
     if problems:
         raise ConfigError("config", problems)
     lora = out.get("lora", {})

@@ -111,6 +111,8 @@ def block_settings(
 ) -> tuple[list[str], dict[str, int], dict[str, float]]:
     """The UNet layers left after `block_ranks` (a block of rank 0 is left out), and peft's per-layer rank and alpha
     patterns for the blocks whose values differ from the defaults (convs keep conv_rank, as kohya's block_dims do)."""
+    if settings.block_lr_weights:  # a block at learning rate 0 is left out, as kohya leaves it out
+        names = [n for n in names if block_lr_weight(n, settings.block_lr_weights, unet_config) != 0]
     if not settings.block_ranks:
         return names, {}, {}
     kept, ranks, alphas = [], {}, {}
@@ -127,6 +129,15 @@ def block_settings(
         if rank != settings.rank or alpha != settings.alpha:
             ranks[re.escape(name)], alphas[re.escape(name)] = rank, alpha  # peft matches keys as regexes
     return kept, ranks, alphas
+
+
+def block_lr_weight(path: str, weights: list[float], unet_config=None) -> float:
+    """The learning-rate multiplier of the UNet layer at `path` (diffusers' name) under `lora.block_lr_weights`; 1
+    outside the blocks (conv_in, the time embedding) and when no weights are given."""
+    if not weights:
+        return 1.0
+    index = block_index(path, len(weights), unet_config)
+    return 1.0 if index is None else weights[index]
 
 
 def chosen_by_patterns(part: str, names: list[str], settings: LoraConfig, family: str, unet_config=None) -> list[str]:
@@ -190,12 +201,8 @@ def inject_lora(base, settings: LoraConfig, clip_skip: int = 1) -> dict[str, lis
     """
     injected: dict[str, list[str]] = {}
     unet_config = base.unet.config if base.family == "sdxl" else None
-    if len(settings.block_ranks) == 25 and base.family == "sdxl":
-        raise LoraStudioError("lora.block_ranks has kohya's 25 SD 1.x/2.x blocks, but the base model is SDXL; give "
-                              "kohya's 23 SDXL blocks or 3 values (down, mid, up) instead.")  # fmt: skip
-    if len(settings.block_ranks) == 23 and base.family != "sdxl":
-        raise LoraStudioError("lora.block_ranks has kohya's 23 SDXL blocks, but the base model is not SDXL; give "
-                              "kohya's 25 SD 1.x/2.x blocks or 3 values (down, mid, up) instead.")  # fmt: skip
+    check_block_layout("block_ranks", len(settings.block_ranks), base.family)
+    check_block_layout("block_lr_weights", len(settings.block_lr_weights), base.family)
     unet_names = chosen_by_patterns("unet", unet_target_names(base.unet, settings.unet_targets), settings,
                                     base.family, unet_config)  # fmt: skip
     unet_names, ranks, alphas = block_settings(settings, unet_names, unet_config)
@@ -217,6 +224,16 @@ def inject_lora(base, settings: LoraConfig, clip_skip: int = 1) -> dict[str, lis
             _inject(encoder, peft_config(settings, names), settings)
             injected[part] = names
     return injected
+
+
+def check_block_layout(setting: str, count: int, family: str) -> None:
+    """kohya's 25 blocks are SD 1.x/2.x's, its 23 SDXL's; 3 (down, mid, up) fit any family."""
+    if count == 25 and family == "sdxl":
+        raise LoraStudioError(f"lora.{setting} has kohya's 25 SD 1.x/2.x blocks, but the base model is SDXL; give "
+                              "kohya's 23 SDXL blocks or 3 values (down, mid, up) instead.")  # fmt: skip
+    if count == 23 and family != "sdxl":
+        raise LoraStudioError(f"lora.{setting} has kohya's 23 SDXL blocks, but the base model is not SDXL; give "
+                              "kohya's 25 SD 1.x/2.x blocks or 3 values (down, mid, up) instead.")  # fmt: skip
 
 
 def _inject(model: torch.nn.Module, config, settings: LoraConfig) -> None:

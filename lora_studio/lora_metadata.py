@@ -165,6 +165,13 @@ def network_args(lora) -> dict:
         args["block_dims"] = ",".join(str(r) for r in lora.block_ranks)
         alphas = lora.block_alphas or [lora.alpha] * len(lora.block_ranks)
         args["block_alphas"] = ",".join(f"{a:g}" for a in alphas)
+    if len(lora.block_lr_weights) in (23, 25):  # kohya's down / mid / up lists (SDXL's have its first and last)
+        down, mid, up = (slice(0, 12), slice(12, 13), slice(13, 25)) if len(lora.block_lr_weights) == 25 else (
+            slice(1, 10), slice(10, 13), slice(13, 22))  # fmt: skip
+        for name, part in (("down_lr_weight", down), ("mid_lr_weight", mid), ("up_lr_weight", up)):
+            args[name] = ",".join(f"{w:g}" for w in lora.block_lr_weights[part])
+    elif lora.block_lr_weights:
+        args["block_lr_weights"] = ",".join(f"{w:g}" for w in lora.block_lr_weights)
     if lora.include_modules:
         args["include_patterns"] = json.dumps([lora.include_modules])
     if lora.exclude_modules:

@@ -6,6 +6,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from .config import TrainConfig
+from .lora import block_lr_weight
 from .models import BaseModel
 from .session import TrainingError
 
@@ -21,21 +22,32 @@ def is_up_weight(name: str) -> bool:
 def parameter_groups(config: TrainConfig, base: BaseModel) -> list[dict]:
     """The trained parameters by learning rate: the UNet's, then the text encoders' when they train. With LoRA+
     a part is two groups, as kohya's: the rest (down matrices, DoRA magnitudes) at the part's rate, then the up
-    matrices at the part's LoRA+ ratio times it."""
+    matrices at the part's LoRA+ ratio times it. With `lora.block_lr_weights` the UNet's parameters are grouped by
+    their block's multiplier too (those at 1 first: the rate the log shows is the first group's)."""
     opt = config.optimizer
     unet_ratio, text_ratio = config.lora.loraplus_ratios()
     parts = [([base.unet], opt.unet_lr or opt.learning_rate, unet_ratio)]
     if config.lora.train_text_encoder:
         parts.append((base.text_encoders, opt.text_encoder_lr or opt.learning_rate, text_ratio))
     groups = []
-    for models, lr, ratio in parts:
+    for index, (models, lr, ratio) in enumerate(parts):
         named = [(n, p) for m in models for n, p in m.named_parameters() if p.requires_grad]
-        if not ratio:
-            groups.append({"params": [p for _, p in named], "lr": lr})
-            continue
-        groups.append({"params": [p for n, p in named if not is_up_weight(n)], "lr": lr})
-        groups.append({"params": [p for n, p in named if is_up_weight(n)], "lr": lr * ratio})
+        by_weight: dict[tuple[float, bool], list] = {}
+        for name, param in named:
+            weight = block_weight_of(name, config, base) if index == 0 else 1.0
+            by_weight.setdefault((weight, bool(ratio) and is_up_weight(name)), []).append(param)
+        for (weight, up), params in sorted(by_weight.items(), key=lambda kv: (kv[0][1], kv[0][0] != 1.0)):
+            groups.append({"params": params, "lr": lr * weight * (ratio if up else 1.0)})
     return groups
+
+
+def block_weight_of(name: str, config: TrainConfig, base: BaseModel) -> float:
+    """The block learning-rate multiplier of a trained UNet parameter (peft's name: LAYER.lora_A.default.weight)."""
+    if not config.lora.block_lr_weights:
+        return 1.0
+    layer = name.split(".lora_")[0].split(".hada_")[0].split(".lokr_")[0]
+    unet_config = base.unet.config if base.family == "sdxl" else None
+    return block_lr_weight(layer, config.lora.block_lr_weights, unet_config)
 
 
 def make_optimizer(config: TrainConfig, base: BaseModel, device: torch.device) -> torch.optim.Optimizer:
