@@ -501,6 +501,10 @@ class OptimConfig(Section):
     ] = "cosine"
     lr_warmup_steps: int = Field(0, ge=0)
     lr_scheduler_num_cycles: int = Field(1, ge=1)
+    lr_scheduler_power: float = Field(
+        1.0, gt=0.0, le=10.0, description="The 'polynomial' schedule's power (kohya's lr_scheduler_power): 1 falls "
+        "linearly, above 1 falls fast at first, below 1 late.",
+    )  # fmt: skip
     weight_decay: float = Field(0.01, ge=0)  # torch AdamW default
     betas: tuple[float, float] | None = Field(
         None, description="The optimizer's two betas; empty: its own (AdamW, Prodigy and schedule-free AdamW "
@@ -689,8 +693,8 @@ class ValidationConfig(Section):
         4, ge=1, le=32, description="Fixed timesteps spread over the schedule, each with its own fixed noise."
     )
     seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="Seed of the held-out draw and of the fixed noise (kohya's "
-        "validation_seed), so runs of other seeds are scored on the same images; empty: the run's seed.",
+        None, ge=1, le=MAX_SEED, description="Seed of the held-out draw and of the fixed noise (kohya's "
+        "validation_seed), so runs of other seeds are scored on the same images; empty (or 0): the run's seed.",
     )  # fmt: skip
     max_images: int = Field(
         0, ge=0, description="Score at most this many held-out images in each pass (the first, by path), for a "
@@ -1076,6 +1080,7 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "lr_scheduler": "optimizer.lr_scheduler",
     "lr_warmup_steps": "optimizer.lr_warmup_steps",
     "lr_scheduler_num_cycles": "optimizer.lr_scheduler_num_cycles",
+    "lr_scheduler_power": "optimizer.lr_scheduler_power",
     "max_grad_norm": "optimizer.max_grad_norm",
     "gradient_accumulation_steps": "optimizer.gradient_accumulation_steps",
     "max_train_epochs": "optimizer.max_train_epochs",
@@ -1368,6 +1373,8 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
             _set_path(out, "dataset.masked_loss", True)
         _set_path(out, target, value)
     problems += _validation_batches(out)
+    if out.get("validation", {}).get("seed") in (0, "0"):  # kohya_ss's unset seed; the form's drawn empty box
+        del out["validation"]["seed"]
     if "optimizer_type" in data and out["optimizer"]["optimizer"] == "adamw_schedulefree":
         # kohya gives schedule-free optimizers a do-nothing schedule: its lr_scheduler and warm-up do not act
         # (their warm-up comes from optimizer_args' warmup_steps, read below)

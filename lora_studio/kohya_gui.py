@@ -35,7 +35,7 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "fp8_base_unet": (False,), "full_bf16": (False,), "full_fp16": (False,), "stop_text_encoder_training": (0,),
     "stop_text_encoder_training_pct": (0,),
     "no_token_padding": (False,), "conv_block_dims": (),
-    "conv_block_alphas": (), "additional_parameters": (), "lr_scheduler_args": (), "lr_scheduler_power": (1,),
+    "conv_block_alphas": (), "additional_parameters": (), "lr_scheduler_args": (),
     "lr_scheduler_type": (), "decompose_both": (False,), "use_cp": (False,), "use_tucker": (False,),
     "use_scalar": (False,), "rank_dropout_scale": (False,), "constrain": (0,), "rescaled": (False,),
     "train_norm": (False,), "bypass_mode": (False,), "unit": (1,), "caption_separator": (",",),

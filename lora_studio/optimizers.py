@@ -128,4 +128,5 @@ def make_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, tot
         num_warmup_steps=opt.lr_warmup_steps * processes,
         num_training_steps=total * processes,
         num_cycles=opt.lr_scheduler_num_cycles,
+        power=opt.lr_scheduler_power,
     )

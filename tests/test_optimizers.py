@@ -280,3 +280,23 @@ def test_prodigys_options_migrate_from_kohya_and_are_refused_for_another_optimiz
         validate_config({"optimizer_type": "Prodigy", "optimizer_args": ["decouple=False"]})
     with pytest.raises(ConfigError, match=r"`optimizer.prodigy_d_coef = 2.0` acts only with optimizer = 'prodigy'"):
         validate_config({"optimizer": {"optimizer": "adamw", "prodigy_d_coef": 2.0}})
+
+
+def test_the_polynomial_schedule_takes_kohyas_power():
+    """lr_scheduler_power bends diffusers' polynomial decay: halfway through, power 1 has half the rate left, power
+    2 a quarter, power 0.5 about 71% (diffusers decays to 1e-7, not to 0)."""
+    from lora_studio.optimizers import make_lr_scheduler
+
+    def halfway(power: float) -> float:
+        config = validate_config({"version": 1, "optimizer": {"lr_scheduler": "polynomial", "learning_rate": 1.0,
+                                                               "lr_scheduler_power": power}})  # fmt: skip
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = make_lr_scheduler(config, optimizer, total=10)
+        for _ in range(5):
+            optimizer.step()
+            schedule.step()
+        return optimizer.param_groups[0]["lr"]
+
+    assert halfway(1.0) == pytest.approx(0.5, abs=1e-6) and halfway(2.0) == pytest.approx(0.25, abs=1e-6)
+    assert halfway(0.5) == pytest.approx(0.5**0.5, abs=1e-6)
+    assert validate_config({"lr_scheduler": "polynomial", "lr_scheduler_power": 2}).optimizer.lr_scheduler_power == 2

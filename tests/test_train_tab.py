@@ -58,8 +58,9 @@ def test_an_empty_number_box_drawn_as_0_is_read_as_empty():
     sends that 0 back: the form reads it as empty where the setting refuses 0, and keeps a 0 that means something
     (min_snr_gamma = 0 turns the weighting off; an unset one would come back from the TOML as 5)."""
     drawn = {"optimizer__unet_lr": 0, "optimizer__max_train_epochs": 0, "lora__conv_rank": 0, "sample__width": 0,
-             "optimizer__min_snr_gamma": 0}  # fmt: skip
+             "optimizer__min_snr_gamma": 0, "validation__seed": 0}  # fmt: skip
     config = config_from_form(form(**drawn))
+    assert config.validation.seed is None  # the run's seed, not seed 0
     assert (config.optimizer.unet_lr, config.optimizer.max_train_epochs, config.lora.conv_rank) == (None, None, None)
     assert config.sample.width is None and config.optimizer.min_snr_gamma == 0
     assert config_from_form(form(optimizer__unet_lr=2e-4)).optimizer.unet_lr == 2e-4

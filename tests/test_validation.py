@@ -190,6 +190,7 @@ def test_validation_seed_and_max_images(tmp_path, tiny_folders, images, held_ima
                              "max_validation_steps": 3, "train_batch_size": 2})  # fmt: skip
     assert (kohya.validation.seed, kohya.validation.max_images) == (5, 6)
     assert validate_config({"validation_split": 0.1, "max_validation_steps": 0}).validation.max_images == 0
+    assert validate_config({"validation_split": 0.1, "validation_seed": 0}).validation.seed is None  # kohya_ss unset
     with pytest.raises(ConfigError, match="`max_validation_steps` = 'many' is not a whole number"):
         validate_config({"validation_split": 0.1, "max_validation_steps": "many"})
 
