@@ -355,6 +355,15 @@ class LoraConfig(Section):
     block_alphas: list[float] = Field(
         default_factory=list, description="Alpha per UNet block, as many values as block_ranks. Empty: alpha.",
     )  # fmt: skip
+    conv_block_ranks: list[int] = Field(
+        default_factory=list, description="Rank of the 3x3 conv (LoCon) adapters per UNet block, laid out as "
+        "block_ranks (kohya's conv_block_dims); 0 leaves a block's convs out. Needs unet_targets = 'full'. Empty: "
+        "conv_rank.",
+    )  # fmt: skip
+    conv_block_alphas: list[float] = Field(
+        default_factory=list, description="Alpha of the conv adapters per UNet block, as many values as "
+        "conv_block_ranks (kohya's conv_block_alphas). Empty: conv_alpha.",
+    )  # fmt: skip
     block_lr_weights: list[float] = Field(
         default_factory=list, description="Learning-rate multiplier per UNet block, laid out as block_ranks (3 "
         "values, or kohya's 25 / 23 blocks: its down_lr_weight, mid_lr_weight and up_lr_weight); 0 leaves a block "
@@ -435,6 +444,19 @@ class LoraConfig(Section):
                              f"{len(self.block_ranks)}; give one alpha per block, or none")  # fmt: skip
         if any(a <= 0 for a in self.block_alphas):
             raise ValueError("block_alphas must be above 0")
+        if len(self.conv_block_ranks) not in (0, *BLOCK_COUNTS):
+            raise ValueError(f"conv_block_ranks has {len(self.conv_block_ranks)} values; give 3 (down, mid, up), 23 "
+                             "or 25 (kohya's conv_block_dims for SDXL or SD 1.x/2.x), or none")  # fmt: skip
+        if any(r < 0 or r > 1024 for r in self.conv_block_ranks):
+            raise ValueError("conv_block_ranks must lie between 0 (no conv adapter in that block) and 1024")
+        if self.conv_block_alphas and len(self.conv_block_alphas) != len(self.conv_block_ranks):
+            raise ValueError(f"conv_block_alphas has {len(self.conv_block_alphas)} values but conv_block_ranks has "
+                             f"{len(self.conv_block_ranks)}; give one alpha per block, or none")  # fmt: skip
+        if any(a <= 0 for a in self.conv_block_alphas):
+            raise ValueError("conv_block_alphas must be above 0")
+        if self.conv_block_ranks and self.unet_targets != "full":
+            raise ValueError(f"conv_block_ranks sets the 3x3 conv adapters' ranks, and unet_targets = "
+                             f"'{self.unet_targets}' adapts no convs; set unet_targets = 'full'")  # fmt: skip
         if len(self.block_lr_weights) not in (0, *BLOCK_COUNTS):
             raise ValueError(f"block_lr_weights has {len(self.block_lr_weights)} values; give 3 (down, mid, up), 23 "
                              "or 25 (kohya's SDXL or SD 1.x/2.x blocks), or none")  # fmt: skip
@@ -1169,6 +1191,8 @@ KOHYA_NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "loraplus_unet_lr_ratio": ("lora.loraplus_unet_lr_ratio", float),
     "loraplus_text_encoder_lr_ratio": ("lora.loraplus_text_encoder_lr_ratio", float),
     "block_dims": ("lora.block_ranks", _numbers(int)), "block_alphas": ("lora.block_alphas", _numbers(float)),
+    "conv_block_dims": ("lora.conv_block_ranks", _numbers(int)),
+    "conv_block_alphas": ("lora.conv_block_alphas", _numbers(float)),
     **{key: (f"lora._{key}", str) for key in KOHYA_BLOCK_LR_KEYS},  # made into lora.block_lr_weights
     "include_patterns": ("lora.include_modules", _one_pattern),
     "exclude_patterns": ("lora.exclude_modules", _one_pattern),
@@ -1391,7 +1415,8 @@ def _migrate_v0(data: dict[str, Any]) -> dict[str, Any]:
     lora = out.get("lora", {})
     if lora.get("conv_rank") == 0:  # kohya's "no conv adapters"
         del lora["conv_rank"]
-    if lora.get("conv_rank") and "unet_targets" not in lora:  # kohya's conv_dim adds the convs to its own set
+    if (lora.get("conv_rank") or lora.get("conv_block_ranks")) and "unet_targets" not in lora:
+        # kohya's conv_dim (or conv_block_dims) adds the convs to its own set
         lora["unet_targets"] = "full"
     return out
 

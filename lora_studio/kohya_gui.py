@@ -34,8 +34,7 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "fp8_base": (False,),
     "fp8_base_unet": (False,), "full_bf16": (False,), "full_fp16": (False,), "stop_text_encoder_training": (0,),
     "stop_text_encoder_training_pct": (0,),
-    "no_token_padding": (False,), "conv_block_dims": (),
-    "conv_block_alphas": (), "additional_parameters": (), "lr_scheduler_args": (),
+    "no_token_padding": (False,), "additional_parameters": (), "lr_scheduler_args": (),
     "lr_scheduler_type": (), "decompose_both": (False,), "use_cp": (False,), "use_tucker": (False,),
     "use_scalar": (False,), "rank_dropout_scale": (False,), "constrain": (0,), "rescaled": (False,),
     "train_norm": (False,), "bypass_mode": (False,), "unit": (1,), "caption_separator": (",",),
@@ -50,6 +49,7 @@ LORA_TYPES = {  # kohya_ss's LoRA_type -> (network, whether its conv_dim acts, w
     "Standard": ("lora", False, False), "Kohya LoCon": ("lora", True, False), "LoCon": ("lora", True, True),
     "LyCORIS/LoCon": ("lora", True, True), "LyCORIS/LoHa": ("loha", True, True), "LyCORIS/LoKr": ("lokr", True, True),
 }  # fmt: skip
+BLOCK_FIELDS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")  # kohya_ss's, as text
 SAMPLERS = {"euler_a": "euler_a", "k_euler_a": "euler_a", "euler": "euler", "k_euler": "euler", "ddim": "ddim",
             "pndm": "pndm", "dpmsolver++": "dpmpp_2m"}  # fmt: skip
 
@@ -136,6 +136,10 @@ def _network(out: dict[str, Any]) -> list[str]:
         out["network_args"] = args = args.split()
     if preset_acts and preset:
         args.append(f"preset={preset}")
+    for key in BLOCK_FIELDS:  # the GUI's own fields, which it hands sd-scripts in network_args
+        value = out.pop(key, None)
+        if str(value if value is not None else "").strip():
+            args.append(f"{key}={str(value).strip()}")
     if network == "lokr" and factor is not None:
         args.append(f"factor={int(float(factor))}")
     if dora in (True, "true", "True"):

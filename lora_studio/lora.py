@@ -109,16 +109,21 @@ def block_index(path: str, blocks: int, unet_config=None) -> int | None:
 def block_settings(
     settings: LoraConfig, names: list[str], unet_config=None
 ) -> tuple[list[str], dict[str, int], dict[str, float]]:
-    """The UNet layers left after `block_ranks` (a block of rank 0 is left out), and peft's per-layer rank and alpha
-    patterns for the blocks whose values differ from the defaults (convs keep conv_rank, as kohya's block_dims do)."""
+    """The UNet layers left after `block_lr_weights` and `block_ranks` (a block at 0 is left out), and peft's
+    per-layer rank and alpha patterns for the blocks whose values differ from the defaults. Convs keep conv_rank, as
+    kohya's block_dims leave them, unless `conv_block_ranks` (kohya's conv_block_dims) gives their blocks' own."""
     if settings.block_lr_weights:  # a block at learning rate 0 is left out, as kohya leaves it out
         names = [n for n in names if block_lr_weight(n, settings.block_lr_weights, unet_config) != 0]
-    if not settings.block_ranks:
+    if not settings.block_ranks and not settings.conv_block_ranks:
         return names, {}, {}
     kept, ranks, alphas = [], {}, {}
     for name in names:
-        index = block_index(name, len(settings.block_ranks), unet_config)
-        if index is None or LOCON.match(name):
+        if LOCON.match(name):
+            if not _conv_block_setting(settings, name, unet_config, kept, ranks, alphas):
+                kept.append(name)
+            continue
+        index = block_index(name, len(settings.block_ranks), unet_config) if settings.block_ranks else None
+        if index is None:
             kept.append(name)
             continue
         rank = settings.block_ranks[index]
@@ -129,6 +134,23 @@ def block_settings(
         if rank != settings.rank or alpha != settings.alpha:
             ranks[re.escape(name)], alphas[re.escape(name)] = rank, alpha  # peft matches keys as regexes
     return kept, ranks, alphas
+
+
+def _conv_block_setting(settings: LoraConfig, name: str, unet_config, kept: list, ranks: dict, alphas: dict) -> bool:
+    """A 3x3 conv under `conv_block_ranks` (kohya's conv_block_dims): kept at its block's rank and alpha, or left out
+    at rank 0. False when no conv block setting covers it (it keeps conv_rank)."""
+    if not settings.conv_block_ranks:
+        return False
+    index = block_index(name, len(settings.conv_block_ranks), unet_config)
+    if index is None:
+        return False
+    rank = settings.conv_block_ranks[index]
+    if rank:
+        kept.append(name)
+        ranks[re.escape(name)] = rank
+        alphas[re.escape(name)] = (settings.conv_block_alphas[index] if settings.conv_block_alphas
+                                   else settings.conv_alpha or settings.alpha)  # fmt: skip
+    return True
 
 
 def block_lr_weight(path: str, weights: list[float], unet_config=None) -> float:
@@ -162,10 +184,11 @@ def peft_config(
 ):  # fmt: skip
     """peft's config for one model part (LoRA, LoHa or LoKr, as `lora.network` says); LoCon convs get their own
     rank and alpha through peft's patterns, and per-block ranks (`block_settings`) theirs."""
-    patterns = {LOCON.pattern: settings.conv_rank} if with_convs and settings.conv_rank else {}
-    conv_alpha = {LOCON.pattern: settings.conv_alpha or settings.alpha} if patterns else {}
-    alphas = {**conv_alpha, **(alphas or {})}
-    patterns |= ranks or {}
+    # peft takes the first pattern that matches a layer: the per-layer (block) entries go before the convs' pattern.
+    locon = {LOCON.pattern: settings.conv_rank} if with_convs and settings.conv_rank else {}
+    conv_alpha = {LOCON.pattern: settings.conv_alpha or settings.alpha} if locon else {}
+    alphas = {**(alphas or {}), **conv_alpha}
+    patterns = {**(ranks or {}), **locon}
     if settings.network != "lora":
         return lycoris_config(settings, target_names, patterns, alphas)
     return PeftLoraConfig(
@@ -203,6 +226,7 @@ def inject_lora(base, settings: LoraConfig, clip_skip: int = 1) -> dict[str, lis
     unet_config = base.unet.config if base.family == "sdxl" else None
     check_block_layout("block_ranks", len(settings.block_ranks), base.family)
     check_block_layout("block_lr_weights", len(settings.block_lr_weights), base.family)
+    check_block_layout("conv_block_ranks", len(settings.conv_block_ranks), base.family)
     unet_names = chosen_by_patterns("unet", unet_target_names(base.unet, settings.unet_targets), settings,
                                     base.family, unet_config)  # fmt: skip
     unet_names, ranks, alphas = block_settings(settings, unet_names, unet_config)

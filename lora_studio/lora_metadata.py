@@ -165,6 +165,10 @@ def network_args(lora) -> dict:
         args["block_dims"] = ",".join(str(r) for r in lora.block_ranks)
         alphas = lora.block_alphas or [lora.alpha] * len(lora.block_ranks)
         args["block_alphas"] = ",".join(f"{a:g}" for a in alphas)
+    if lora.conv_block_ranks:
+        args["conv_block_dims"] = ",".join(str(r) for r in lora.conv_block_ranks)
+        alphas = lora.conv_block_alphas or [lora.conv_alpha or lora.alpha] * len(lora.conv_block_ranks)
+        args["conv_block_alphas"] = ",".join(f"{a:g}" for a in alphas)
     if len(lora.block_lr_weights) in (23, 25):  # kohya's down / mid / up lists (SDXL's have its first and last)
         down, mid, up = (slice(0, 12), slice(12, 13), slice(13, 25)) if len(lora.block_lr_weights) == 25 else (
             slice(1, 10), slice(10, 13), slice(13, 22))  # fmt: skip

@@ -76,3 +76,42 @@ def test_kohyas_block_weights_migrate_with_presets_threshold_and_sdxl_layout():
         validate_config({"version": 1, "lora": {"block_lr_weights": [1, 1, 1, 1]}})
     with pytest.raises(ConfigError, match="lay both out alike"):
         validate_config({"version": 1, "lora": {"block_lr_weights": [1, 1, 1], "block_ranks": [4] * 25}})
+
+
+def test_conv_block_ranks_give_each_blocks_convs_their_rank_and_alpha(tiny_folders):
+    """kohya's conv_block_dims / conv_block_alphas: the 3x3 convs of each block at its own rank and alpha, 0 leaving
+    a block's convs out; the linear layers keep theirs (peft takes the first pattern that matches, so the
+    per-block entries must come before conv_rank's)."""
+    from peft.tuners.lora import LoraLayer
+
+    from lora_studio.config import LoraConfig
+    from lora_studio.lora import ADAPTER_NAME, LOCON, inject_lora
+    from lora_studio.models import load_base
+
+    base = load_base(tiny_folders["sd1"], device="cpu")
+    inject_lora(base, LoraConfig(rank=4, alpha=4.0, unet_targets="full", conv_rank=2, conv_alpha=1.0,
+                                 conv_block_ranks=[6, 0, 8], conv_block_alphas=[3.0, 1.0, 2.0],
+                                 train_text_encoder=False))  # fmt: skip
+    layers = {n: m for n, m in base.unet.named_modules() if isinstance(m, LoraLayer)}
+    convs = {n: (m.r[ADAPTER_NAME], m.lora_alpha[ADAPTER_NAME]) for n, m in layers.items() if LOCON.match(n)}
+    assert convs and not any(n.startswith("mid_block.") for n in convs)
+    assert all(v == (6, 3.0) for n, v in convs.items() if n.startswith("down_blocks."))
+    assert all(v == (8, 2.0) for n, v in convs.items() if n.startswith("up_blocks."))
+    linear = [(m.r[ADAPTER_NAME], m.lora_alpha[ADAPTER_NAME]) for n, m in layers.items() if not LOCON.match(n)]
+    assert linear and set(linear) == {(4, 4.0)}
+    with pytest.raises(ConfigError, match="set unet_targets = 'full'"):
+        validate_config({"version": 1, "lora": {"conv_block_ranks": [1, 1, 1]}})
+
+
+def test_kohya_ss_block_fields_and_network_args_migrate_and_the_file_records_them():
+    from lora_studio.lora_metadata import network_args
+
+    ranks = ",".join(["4"] * 25)
+    gui = validate_config({"LoRA_type": "Kohya LoCon", "conv_dim": 2, "block_dims": ranks, "block_alphas": "",
+                           "conv_block_dims": ranks, "conv_block_alphas": ",".join(["1"] * 25)})  # fmt: skip
+    assert gui.lora.block_ranks == [4] * 25 and gui.lora.conv_block_ranks == [4] * 25
+    assert gui.lora.conv_block_alphas == [1.0] * 25 and gui.lora.unet_targets == "full"
+    flat = validate_config({"network_args": [f"conv_block_dims={ranks}"]})
+    assert flat.lora.conv_block_ranks == [4] * 25 and flat.lora.unet_targets == "full"
+    assert network_args(flat.lora)["conv_block_dims"] == ranks
+

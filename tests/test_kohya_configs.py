@@ -118,7 +118,7 @@ def test_kohya_ss_rates_steps_and_noise_as_the_gui_means_them(tmp_path):
     ({"save_model_as": "ckpt"}, "`save_model_as` = 'ckpt' has no setting in this app; set it to 'safetensors'"),
     ({"sample_sampler": "dpm_2_a"}, "sample_sampler 'dpm_2_a' is not one here"),
     ({"sample_prompts": "/home/me/prompts.txt"}, "sample_prompts names the file"),
-    ({"conv_block_dims": "1,1,1"}, "`conv_block_dims`"),
+    ({"train_norm": True}, "`train_norm`"),
 ])  # fmt: skip
 def test_what_has_no_setting_here_is_refused_by_name_unless_off(tmp_path, change, phrase):
     with pytest.raises(ConfigError) as caught:
