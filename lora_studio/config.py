@@ -316,6 +316,21 @@ class DatasetConfig(Section):
         return self
 
 
+def _check_blocks(name: str, values: list, alphas_name: str, alphas: list, kohya: str, most: float) -> None:
+    """A per-block list (block_ranks and its kind): none, 3 (down, mid, up) or kohya's 23 / 25 blocks, each from 0
+    (the block left out) to `most`, and its alphas, when given, one a block and above 0."""
+    if len(values) not in (0, *BLOCK_COUNTS):
+        raise ValueError(f"{name} has {len(values)} values; give 3 (down, mid, up), 23 or 25 ({kohya} for SDXL or "
+                         "SD 1.x/2.x), or none")  # fmt: skip
+    if any(v < 0 or v > most for v in values):
+        raise ValueError(f"{name} must lie between 0 (the block left out) and {most:g}")
+    if alphas and len(alphas) != len(values):
+        raise ValueError(f"{alphas_name} has {len(alphas)} values but {name} has {len(values)}; give one alpha per "
+                         "block, or none")  # fmt: skip
+    if any(a <= 0 for a in alphas):
+        raise ValueError(f"{alphas_name} must be above 0")
+
+
 class LoraConfig(Section):
     rank: int = Field(16, ge=1, le=1024)  # OneTrainer's default rank; kohya GUI defaults to 8
     alpha: float = Field(1.0, gt=0)  # kohya and OneTrainer default: scale = alpha / rank
@@ -434,34 +449,13 @@ class LoraConfig(Section):
 
     @model_validator(mode="after")
     def _blocks_line_up(self) -> LoraConfig:
-        if len(self.block_ranks) not in (0, *BLOCK_COUNTS):
-            raise ValueError(f"block_ranks has {len(self.block_ranks)} values; give 3 (down, mid, up), 23 or 25 "
-                             "(kohya's block_dims for SDXL or SD 1.x/2.x), or none")  # fmt: skip
-        if any(r < 0 or r > 1024 for r in self.block_ranks):
-            raise ValueError("block_ranks must lie between 0 (no adapter in that block) and 1024")
-        if self.block_alphas and len(self.block_alphas) != len(self.block_ranks):
-            raise ValueError(f"block_alphas has {len(self.block_alphas)} values but block_ranks has "
-                             f"{len(self.block_ranks)}; give one alpha per block, or none")  # fmt: skip
-        if any(a <= 0 for a in self.block_alphas):
-            raise ValueError("block_alphas must be above 0")
-        if len(self.conv_block_ranks) not in (0, *BLOCK_COUNTS):
-            raise ValueError(f"conv_block_ranks has {len(self.conv_block_ranks)} values; give 3 (down, mid, up), 23 "
-                             "or 25 (kohya's conv_block_dims for SDXL or SD 1.x/2.x), or none")  # fmt: skip
-        if any(r < 0 or r > 1024 for r in self.conv_block_ranks):
-            raise ValueError("conv_block_ranks must lie between 0 (no conv adapter in that block) and 1024")
-        if self.conv_block_alphas and len(self.conv_block_alphas) != len(self.conv_block_ranks):
-            raise ValueError(f"conv_block_alphas has {len(self.conv_block_alphas)} values but conv_block_ranks has "
-                             f"{len(self.conv_block_ranks)}; give one alpha per block, or none")  # fmt: skip
-        if any(a <= 0 for a in self.conv_block_alphas):
-            raise ValueError("conv_block_alphas must be above 0")
+        _check_blocks("block_ranks", self.block_ranks, "block_alphas", self.block_alphas, "kohya's block_dims", 1024)
+        _check_blocks("conv_block_ranks", self.conv_block_ranks, "conv_block_alphas", self.conv_block_alphas,
+                      "kohya's conv_block_dims", 1024)  # fmt: skip
         if self.conv_block_ranks and self.unet_targets != "full":
             raise ValueError(f"conv_block_ranks sets the 3x3 conv adapters' ranks, and unet_targets = "
                              f"'{self.unet_targets}' adapts no convs; set unet_targets = 'full'")  # fmt: skip
-        if len(self.block_lr_weights) not in (0, *BLOCK_COUNTS):
-            raise ValueError(f"block_lr_weights has {len(self.block_lr_weights)} values; give 3 (down, mid, up), 23 "
-                             "or 25 (kohya's SDXL or SD 1.x/2.x blocks), or none")  # fmt: skip
-        if any(w < 0 or w > 100 for w in self.block_lr_weights):
-            raise ValueError("block_lr_weights must lie between 0 (the block is left out) and 100")
+        _check_blocks("block_lr_weights", self.block_lr_weights, "", [], "kohya's down/mid/up_lr_weight", 100)
         if self.block_lr_weights and self.block_ranks and len(self.block_lr_weights) != len(self.block_ranks):
             raise ValueError(f"block_lr_weights has {len(self.block_lr_weights)} values and block_ranks "
                              f"{len(self.block_ranks)}; lay both out alike (3, 23 or 25 blocks)")  # fmt: skip
