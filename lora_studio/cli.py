@@ -435,6 +435,16 @@ def parse_lora_argument(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
+def sample_vae(args: argparse.Namespace, defaults, loras: list[tuple[Path, float]]) -> str:
+    """--vae, else the first LoRA's run's VAE when the base is its run's too (no --base), else the model's own."""
+    if args.vae is not None:
+        return args.vae
+    vae = "" if args.base else defaults.vae or ""
+    if vae:
+        print(f"note: VAE {vae} (the one {loras[0][0].name} was trained with; --vae '' for the base model's own)")
+    return vae
+
+
 def run_sample(args: argparse.Namespace) -> int:
     from .lora_inspect import check_lora_path
     from .sample import Axis, Previewer, PreviewSettings, save_png
@@ -469,10 +479,7 @@ def run_sample(args: argparse.Namespace) -> int:
     settings_with({path.stem: strength for path, strength in loras}, native=512).checked()
     if not args.base and defaults.base_model:
         print(f"note: base model {defaults.base_model} (the one {loras[0][0].name} was trained on; --base to change)")
-    vae = args.vae if args.vae is not None else (defaults.vae or "") if not args.base else ""
-    if vae and args.vae is None:
-        print(f"note: VAE {vae} (the one {loras[0][0].name} was trained with; --vae '' for the base model's own)")
-    base = load_preview_base(args.base or defaults.base_model or "demo", vae)
+    base = load_preview_base(args.base or defaults.base_model or "demo", sample_vae(args, defaults, loras))
     previewer = Previewer(base)
     settings = settings_with({previewer.add_lora(path): strength for path, strength in loras}, base.native_resolution)
     strengths = settings.strengths

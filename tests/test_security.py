@@ -328,6 +328,9 @@ def test_training_paths_outside_the_runs_folder_are_refused(server, client):
     ):
         assert_refused(client.call("start", form_values(client, **changes)), phrase, "lies outside")
     assert_refused(client.call("preset_values", ["../../outside/x", ""]))  # Gradio's own check of the choices
+    # Check settings reads a VAE's header only inside the roots: outside, it says so and reads nothing there.
+    ok, shown = client.call("estimate", form_values(client, vae=str(server["outside"] / "lora.safetensors")))
+    assert ok and "lies outside" in shown[0] and "**VAE:**" not in shown[0] and "no VAE weights" not in shown[0]
 
 
 def test_training_sizes_and_sampling_are_capped(server, client):
@@ -391,6 +394,9 @@ def test_preview_size_and_grid_cells_are_capped(server, client):
     grid = ["demo", "", [str(run / "grid.safetensors")], "strength x seed", strengths, "1", *common, 64, 64, 1, 1, 1,
             1]  # fmt: skip
     assert_refused(client.call("generate_grid", grid), "10000 x 1 = 10000 images is over the 64 a grid may have")
+    outside_vae = ["demo", str(server["outside"] / "lora.safetensors"), [str(run / "grid.safetensors")],
+                   "strength x seed", "0, 1", "1", *common, 64, 64, 1, 1, 1, 1]  # fmt: skip
+    assert_refused(client.call("generate_grid", outside_vae), "`vae`", "lies outside")
 
 
 def test_a_training_run_cannot_be_deleted_or_resumed_twice(server, client):
@@ -530,6 +536,13 @@ def test_baking_a_stack_reads_only_run_files_and_saves_only_into_uploads(server,
     common = ["zkz", "", "euler_a", 2, 5.0, 1, 1, 64, 64, 0, 1.0, 1.0, 1.0, 1.0]
     assert_refused(client.call("bake_stack_preview", ["demo", "", [str(server["outside"] / "lora.safetensors")],
                                                       *common]))  # fmt: skip
+    run = server["home"] / "runs" / "bake-20260101-000000"  # a run of this test's own: any order of tests
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.toml").write_text('name = "bake"\n')
+    (run / "bake.safetensors").write_bytes((server["outside"] / "lora.safetensors").read_bytes())
+    assert client.call("refresh_lists", [])[0]
+    bake = client.call("bake_stack_preview", ["demo", "../outside", [str(run / "bake.safetensors")], *common])
+    assert_refused(bake, "`vae`", "lies outside")
     bait = {"modules": {}, "path": str(server["outside"] / "sentinel.txt")}
     assert_refused(client.call("save_baked", [bait, "../../outside/sentinel"]), "Bake the stack first")
     assert not (server["home"] / "outside").exists()
