@@ -100,7 +100,8 @@ def prune_checkpoints(session: Session) -> None:
     files = run.checkpoint_files()
     old = set(files[:-save.keep_last]) if save.keep_last else set()
     if save.keep_last_steps:
-        old |= {f for f in files if (run.checkpoint_step(f) or 0) < session.step - save.keep_last_steps}
+        oldest_kept = session.step - save.keep_last_steps
+        old |= {f for f in files if (step := run.checkpoint_step(f)) is not None and step < oldest_kept}
     best = run.best_lora()
     for path in sorted(old):
         if path != best:

@@ -218,14 +218,16 @@ def test_pruning_by_steps_keeps_kohyas_last_n_steps_and_the_best(tmp_path):
     files = {step: run.checkpoint("x", step) for step in (10, 20, 30, 40, 50)}
     for path in files.values():
         path.write_bytes(b"lora")
+    foreign = run.checkpoints / "x-step-by-step.safetensors"  # a file of someone's own, no step in its name
+    foreign.write_bytes(b"lora")
     run.record_validation(files[10], 10, 0.1)
 
     def pruned(**save) -> list[int]:
         prune_checkpoints(SimpleNamespace(run=run, step=50, config=SimpleNamespace(save=SaveConfig(**save))))
-        return [run.checkpoint_step(f) for f in run.checkpoint_files()]
+        return [run.checkpoint_step(f) for f in run.checkpoint_files() if f != foreign]
 
     assert pruned() == [10, 20, 30, 40, 50]  # neither set: all stay
-    assert pruned(keep_last_steps=20) == [10, 30, 40, 50]
+    assert pruned(keep_last_steps=20) == [10, 30, 40, 50] and foreign.exists()
     assert pruned(keep_last_steps=20, keep_last=2) == [10, 40, 50]
     assert validate_config({"train_data_dir": "x", "save_last_n_steps": 300}).save.keep_last_steps == 300
     assert RunFolder.checkpoint_step(run.final_lora("x")) is None
