@@ -10,6 +10,7 @@ from .checkpoints import (
     PICKLE_SUFFIXES,
     detect_family,
     family_of_configs,
+    is_vae_alone,
     normalise_prediction,
     read_checkpoint_index,
     with_prediction,
@@ -83,6 +84,20 @@ def find_local_models(folder: Path) -> list[Path]:
         elif entry.is_file() and entry.suffix.lower() in {".safetensors", *PICKLE_SUFFIXES}:
             found.append(entry)
     return found
+
+
+def find_local_vaes(folder: Path) -> list[Path]:
+    """VAE .safetensors files directly in `folder` or in its VAE/ subfolder (A1111's models/VAE), told from
+    checkpoints and LoRAs by their headers; a file that cannot be read is left out (the base list says why)."""
+    found: dict[Path, Path] = {}
+    for sub in (folder, folder / "VAE", folder / "vae"):
+        for path in sorted(sub.glob("*.safetensors"), key=lambda p: p.name.lower()) if sub.is_dir() else []:
+            try:
+                if is_vae_alone(read_checkpoint_index(path)):
+                    found.setdefault(path.resolve(), path)
+            except ModelLoadError:
+                continue
+    return list(found.values())
 
 
 def bundled_models() -> list[tuple[str, str, bool]]:

@@ -61,6 +61,19 @@ def read_pickle_index(path: Path, allow_pickle: bool) -> CheckpointIndex:
     return CheckpointIndex(path, shapes, {})
 
 
+def vae_tensor_count(index: CheckpointIndex) -> int:
+    """How many of a file's tensors are a VAE's (A1111's or diffusers' names, alone or under first_stage_model.)."""
+    return sum(1 for k in index.shapes if k.removeprefix(layout.VAE_PREFIX).startswith(layout.VAE_PARTS))
+
+
+def is_vae_alone(index: CheckpointIndex) -> bool:
+    """A VAE file (what A1111 lists under models/VAE): VAE tensors and no UNet, text encoder or LoRA ones."""
+    keys = index.shapes.keys()
+    others = any(k.startswith(("model.diffusion_model.", "cond_stage_model.", "conditioner.", "lora_")) or
+                 any(m in k for m in LORA_KEY_MARKERS) for k in keys)  # fmt: skip
+    return not others and vae_tensor_count(index) > 0
+
+
 def read_checkpoint_index(path: Path, allow_pickle: bool = False) -> CheckpointIndex:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return read_pickle_index(path, allow_pickle)
@@ -125,7 +138,10 @@ def _reject_non_base_models(index: CheckpointIndex) -> None:
     elif any(
         k.startswith(("encoder.down.", "decoder.up.", "first_stage_model.", "encoder.down_blocks.")) for k in keys
     ):
-        what = "a VAE on its own"
+        raise ModelLoadError(
+            f"{path} is a VAE on its own, not a base model; give an SD 1.x, SD 2.x or SDXL checkpoint as the base, "
+            "and this file as its `vae` (the Train form's General section, or the Preview's VAE list)."
+        )
     elif any(k.startswith(("down_blocks.", "mid_block.")) for k in keys):
         what = "a diffusers-format UNet weights file"
     else:

@@ -27,10 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoints import detect_family, family_of_configs, normalise_prediction, read_checkpoint_index, with_prediction
+from .checkpoints import (
+    detect_family,
+    family_of_configs,
+    normalise_prediction,
+    read_checkpoint_index,
+    vae_tensor_count,
+    with_prediction,
+)
 from .config import shortened
 from .errors import ModelLoadError
-from .layout import VAE_PREFIX
 from .paths import DEMO_MODEL_DIR, sd_config_dir
 
 if TYPE_CHECKING:  # torch and diffusers load on first use: the app's page must come up before them
@@ -351,9 +357,6 @@ def native_side_of_configs(unet: dict, vae: dict) -> int:
 # --- a VAE of the person's own -----------------------------------------------------------------
 
 
-VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # a VAE's tensors, in either key layout
-
-
 def load_vae(source: str | Path, like: torch.nn.Module) -> torch.nn.Module:
     """A VAE to use instead of a base model's own (`like`), in its dtype, frozen.
 
@@ -397,7 +400,7 @@ def checked_vae_source(source: str | Path) -> tuple[Path, int]:
                                  "Stable Diffusion VAE; give a VAE folder or file.")  # fmt: skip
         return path, 0
     index = read_checkpoint_index(path)  # refuses pickles; a damaged header is a sentence
-    tensors = sum(1 for k in index.shapes if k.removeprefix(VAE_PREFIX).startswith(VAE_PARTS))
+    tensors = vae_tensor_count(index)
     if not tensors:
         raise ModelLoadError(f"{path} holds no VAE weights (no encoder.* or decoder.* tensors); give a VAE file, "
                              "or a checkpoint that holds one.")  # fmt: skip

@@ -85,7 +85,6 @@ def test_peft_lora_file_given_as_base(tmp_path):
         ("foo.bar.weight", "not a Stable Diffusion checkpoint"),
         ("double_blocks.0.img_attn.qkv.weight", "a Flux model"),
         ("joint_blocks.0.x_block.attn.qkv.weight", "an SD3 model"),
-        ("encoder.down.0.block.0.conv1.weight", "a VAE on its own"),
         ("down_blocks.0.resnets.0.conv1.weight", "a diffusers-format UNet"),
     ],
 )
@@ -93,6 +92,13 @@ def test_unknown_architecture(tmp_path, key, what):
     path = tmp_path / "other.safetensors"
     save_file({key: torch.zeros(2, 2)}, str(path))
     expect_error(path, "other.safetensors", what, "give an SD 1.x, SD 2.x or SDXL checkpoint")
+
+
+def test_a_vae_given_as_base_says_where_it_goes(tmp_path):
+    path = tmp_path / "sdxl_vae.safetensors"
+    save_file({"encoder.down.0.block.0.conv1.weight": torch.zeros(2, 2)}, str(path))
+    expect_error(path, "sdxl_vae.safetensors", "a VAE on its own", "give an SD 1.x, SD 2.x or SDXL checkpoint",
+                 "as its `vae`")
 
 
 def test_unet_without_text_encoder(sd1_single_file, tmp_path):

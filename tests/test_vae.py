@@ -224,3 +224,28 @@ def test_previews_follow_the_run_s_vae_and_render_with_it(tmp_path, tiny_folders
     from PIL import Image
 
     assert np.asarray(Image.open(out)).tobytes() != np.asarray(Image.open(own_out)).tobytes()
+
+
+def test_the_preview_lists_the_models_folders_vae_files(tmp_path, tiny_folders, own_vae, forms, monkeypatch):
+    """VAE files in the models folder and its VAE/ subfolder (A1111's place for them) are choices, told from
+    checkpoints, LoRAs and damaged files by their headers; the base model's own VAE comes first."""
+    import shutil
+
+    from lora_studio.paths import Roots
+    from lora_studio.ui import preview_tab
+    from lora_studio.ui.state import AppState
+
+    models = tmp_path / "models"
+    (models / "VAE").mkdir(parents=True)
+    monkeypatch.setenv("LORA_STUDIO_MODELS", str(models))
+    shutil.copy(forms["ldm file"], models / "VAE" / "sharp.safetensors")
+    shutil.copy(forms["checkpoint prefix"], models / "prefixed-vae.safetensors")
+    save_file({"model.diffusion_model.x": torch.zeros(1), "first_stage_model.encoder.conv_in.weight": torch.zeros(1)},
+              str(models / "a-checkpoint.safetensors"))  # fmt: skip
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(models / "a-lora.safetensors"))
+    (models / "damaged.safetensors").write_bytes(b"not a header")
+    choices = preview_tab.vae_choices()
+    prefixed, sharp = models / "prefixed-vae.safetensors", models / "VAE" / "sharp.safetensors"
+    assert choices == [(preview_tab.OWN_VAE, ""), (prefixed.name, str(prefixed)), (sharp.name, str(sharp))]
+    app = AppState(Roots(tmp_path / "runs", tmp_path / "datasets", models))
+    assert preview_tab.refresh_lists(app)[2].choices == choices

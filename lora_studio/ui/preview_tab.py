@@ -315,7 +315,20 @@ def strength_sliders(files: list[str] | None) -> list:
 def refresh_lists(app: AppState) -> tuple:
     from .train_tab import base_choices
 
-    return gr.Dropdown(choices=labelled_lora_choices(app)), gr.Dropdown(choices=base_choices())
+    return (gr.Dropdown(choices=labelled_lora_choices(app)), gr.Dropdown(choices=base_choices()),
+            gr.Dropdown(choices=vae_choices()))  # fmt: skip
+
+
+OWN_VAE = "the base model's own"
+
+
+def vae_choices() -> list[tuple[str, str]]:
+    """(label, value) for the VAE picker: the base model's own (""), then the VAE files of the models folder and its
+    VAE/ subfolder."""
+    from ..catalogue import find_local_vaes
+    from ..paths import models_dir
+
+    return [(OWN_VAE, ""), *((path.name, str(path)) for path in find_local_vaes(models_dir()))]
 
 
 def bake_section() -> dict:
@@ -362,8 +375,8 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     with gr.Row():
         base = gr.Dropdown(base_choices(), value="demo", label="Base model", allow_custom_value=True, scale=3,
                            elem_id="preview-base", info="Follows the first LoRA's run; the size follows the base")
-        vae = gr.Textbox(label="VAE", placeholder="the base model's own", max_lines=1, max_length=1000, scale=2,
-                         elem_id="preview-vae", info="A VAE file or folder; follows the first LoRA's run")
+        vae = gr.Dropdown(vae_choices(), value="", label="VAE", allow_custom_value=True, scale=2,
+                          elem_id="preview-vae", info="The models folder's VAE files (or a path); follows the run")
         files = gr.Dropdown(labelled_lora_choices(app), multiselect=True, scale=5, elem_id="preview-loras",
                             label=f"LoRA files (stack up to {MAX_STACK})")  # fmt: skip
         refresh = gr.Button("Refresh lists", scale=1)
@@ -394,7 +407,8 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     bake = bake_section()
     baked = gr.State(None)  # the baked LoraFile, on the server
 
-    gr.on([refresh.click, *refreshed_on], shown(refresh_lists, app), None, [files, base], show_progress="hidden")
+    gr.on([refresh.click, *refreshed_on], shown(refresh_lists, app), None, [files, base, vae],
+          show_progress="hidden")  # fmt: skip
     # show_progress_on: a refusal's badge goes on the message, not over the chosen LoRAs (ui/errors.py says why)
     upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status], show_progress_on=upload_status)
     followed = gr.State(None)  # the LoRA file whose settings the form took, so stacking more keeps them
