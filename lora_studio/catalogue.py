@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,11 +94,21 @@ def find_local_vaes(folder: Path) -> list[Path]:
     for sub in (folder, folder / "VAE", folder / "vae"):
         for path in sorted(sub.glob("*.safetensors"), key=lambda p: p.name.lower()) if sub.is_dir() else []:
             try:
-                if is_vae_alone(read_checkpoint_index(path)):
-                    found.setdefault(path.resolve(), path)
-            except ModelLoadError:
+                stat = path.stat()
+            except OSError:
                 continue
+            if _is_vae_file(str(path), stat.st_size, stat.st_mtime_ns):
+                found.setdefault(path.resolve(), path)
     return list(found.values())
+
+
+@functools.lru_cache(maxsize=256)
+def _is_vae_file(path: str, _size: int, _mtime_ns: int) -> bool:
+    """Kept per (path, size, modification time): the page lists the models folder on every load and tab select."""
+    try:
+        return is_vae_alone(read_checkpoint_index(Path(path)))
+    except ModelLoadError:
+        return False
 
 
 def bundled_models() -> list[tuple[str, str, bool]]:

@@ -135,9 +135,7 @@ def _reject_non_base_models(index: CheckpointIndex) -> None:
         what = "a Flux model"
     elif any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys):
         what = "an SD3 model"
-    elif any(
-        k.startswith(("encoder.down.", "decoder.up.", "first_stage_model.", "encoder.down_blocks.")) for k in keys
-    ):
+    elif vae_tensor_count(index):
         raise ModelLoadError(
             f"{path} is a VAE on its own, not a base model; give an SD 1.x, SD 2.x or SDXL checkpoint as the base, "
             "and this file as its `vae` (the Train form's General section, or the Preview's VAE list)."

@@ -269,25 +269,22 @@ def _inject(model: torch.nn.Module, config, settings: LoraConfig) -> None:
         add_rank_and_module_dropout(model, settings.rank_dropout, settings.module_dropout)
 
 
-def add_rank_and_module_dropout(model: torch.nn.Module, rank_dropout: float, module_dropout: float) -> int:
+def add_rank_and_module_dropout(model: torch.nn.Module, rank_dropout: float, module_dropout: float) -> None:
     """kohya's rank and module dropout (networks/lora.py) on each peft LoRA layer of `model`, acting in training
     mode only: the down projection's output keeps each rank with chance 1 - rank_dropout, per image, scaled by
     1 / (1 - rank_dropout) (kohya: "as if the rank changed"); the whole update is left out with chance
     module_dropout, per layer and step. Draws come from torch's generators, which a resume restores and gradient
-    checkpointing replays. Returns how many layers got them."""
+    checkpointing replays."""
     from peft.tuners.lora import LoraLayer
 
     if not rank_dropout and not module_dropout:
-        return 0
-    count = 0
+        return
     for layer in model.modules():
         if isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A:
             if rank_dropout:
                 layer.lora_A[ADAPTER_NAME].register_forward_hook(functools.partial(_drop_ranks, rank_dropout))
             if module_dropout:
                 layer.lora_B[ADAPTER_NAME].register_forward_hook(functools.partial(_drop_module, module_dropout))
-            count += 1
-    return count
 
 
 def _drop_ranks(chance: float, module: torch.nn.Module, _inputs, down: torch.Tensor) -> torch.Tensor | None:
