@@ -19,8 +19,9 @@ the seconds to the first optimizer step (model load, caches, compile), the devic
 steps (torch's sync debug mode), and with --profile a torch-profiler table of the eager batch-4 loop.
 Cases: eager and `compile_mode = "reduce-overhead"` (CUDA graphs), and each family's `*-low-vram`
 preset as shipped (AdamW where bitsandbytes is missing), whose peak includes the VAE and text encoders
-while the caches fill. Each case runs --runs times (SDXL --sdxl-runs, compiled cases once), alternating
-reference and ours; ratios compare medians from the same machine and process.
+while the caches fill, then the same preset with `fp8_base = true` (`*_low_vram_fp8`). Each case runs
+--runs times (SDXL --sdxl-runs, compiled cases once), alternating reference and ours; ratios compare medians
+from the same machine and process.
 """
 
 from __future__ import annotations
@@ -273,14 +274,17 @@ def ours_case(name: str, config: TrainConfig, steps: int, peak_tflops: float, ex
     return result
 
 
-def low_vram_config(folder: Path, family: str, base: Path, data: Path, res: int, precision: str) -> TrainConfig:
-    """The family's `*-low-vram` preset as shipped, on the random base: caches first, then the UNet alone.
-    AdamW stands in for AdamW8bit where bitsandbytes is missing (the device image has none)."""
+def low_vram_config(folder: Path, family: str, base: Path, data: Path, res: int, precision: str,
+                    fp8: bool = False) -> TrainConfig:  # fmt: skip
+    """The family's `*-low-vram` preset as shipped, on the random base: caches first, then the UNet alone; with
+    `fp8`, also the UNet's weights in 8 bits (fp8_base). AdamW stands in for AdamW8bit where bitsandbytes is missing
+    (the device image has none)."""
     preset = "sdxl-low-vram" if family == "sdxl" else "sd15-low-vram"
     sets = [f"base_model='{base}'", f"dataset.path='{data}'", f"output_dir='{folder / 'runs'}'",
             f"dataset.cache_dir='{folder / 'cache'}'", f"dataset.resolution={res}", f"mixed_precision='{precision}'",
             f"dataset.min_bucket_reso={res}", f"dataset.max_bucket_reso={res}",
-            "optimizer.max_train_steps=100000", "save.every_n_epochs=0", "save.save_state=false"]  # fmt: skip
+            "optimizer.max_train_steps=100000", "save.every_n_epochs=0", "save.save_state=false",
+            f"fp8_base={str(fp8).lower()}"]  # fmt: skip
     if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
         sets.append("optimizer.optimizer='adamw'")
     return load_preset(preset, sets)
@@ -416,9 +420,11 @@ def main() -> None:
                     record(ours_case(name, config, args.steps, peak_tflops, extra))
                 except Exception as error:  # noqa: BLE001
                     print(json.dumps(dict(case=name, error=repr(error)[:300])), flush=True)
-        name = plan.get("low_vram")
-        if name and (not wanted or name in wanted):
-            config = low_vram_config(folder / name, plan["family"], base, data, plan["res"], precision)
+        low_vram = plan.get("low_vram")
+        for name, fp8 in ((low_vram, False), (f"{low_vram}_fp8", True)) if low_vram else ():
+            if wanted and name not in wanted:
+                continue
+            config = low_vram_config(folder / name, plan["family"], base, data, plan["res"], precision, fp8)
             try:
                 record(ours_case(name, config, args.steps, peak_tflops))
             except Exception as error:  # noqa: BLE001

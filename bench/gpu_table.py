@@ -33,6 +33,8 @@ RATIO_GOAL = 2.0
 LOW_VRAM = {  # case: (peak GiB goal, steps/s goal or None)
     "ours_sd15_low_vram": (4.0, None),
     "ours_sdxl_low_vram": (8.0, 1.0),
+    "ours_sd15_low_vram_fp8": (4.0, None),  # the same presets with fp8_base = true
+    "ours_sdxl_low_vram_fp8": (8.0, 1.0),
 }
 BEGIN, END = "<!-- gpu-table -->", "<!-- /gpu-table -->"
 

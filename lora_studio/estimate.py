@@ -21,6 +21,11 @@ the compute dtype, for the backward, so their activations add the targeted layer
 (x the checkpointing factor with gradient checkpointing); LoHa has twice LoRA's parameters (two pairs), LoKr is
 counted as LoRA (more than its Kronecker factors hold). Derived from peft's code, not measured on a GPU.
 
+fp8_base stores the UNet's Linear/Conv2d weights in 1 byte each (FP8_STORED) and widens each to the weight bytes
+when it runs; autograd keeps the wide copies of the layers outside the checkpointed units (FP8_OUTSIDE_UNITS:
+embeddings, proj_in/out, samplers, conv_in/out) and, while one unit is recomputed, that unit's (FP8_LARGEST_UNIT);
+both are counted with the weights. Counted on the meta device; the config requires gradient checkpointing with it.
+
 A[family], the checkpointing factors and the attn-ff factor are fitted to the H100 peaks measured by
 the reference step benchmark (`../shared/bench/h100-reference.json`, recorded in CALIBRATION below):
 A is the peak's growth per extra sample (batch 1 -> 4), the factors are the ratios of the
@@ -62,6 +67,12 @@ UNET_TARGET_WEIGHTS = {
 }
 TEXT_ENCODER_TARGET_WEIGHTS = {"sd1": 84_934_656, "sd2": 289_406_976, "sdxl": 714_080_256}
 TEXT_ENCODER_LORA_WIDTH = {"sd1": 165_888, "sd2": 423_936, "sdxl": 165_888 + 737_280}
+
+# fp8_base: the UNet's Linear/Conv2d weights (stored in 1 byte), those of the layers outside diffusers' checkpointed
+# units (ResnetBlock2D, BasicTransformerBlock) and the largest unit's. Counted on the meta device; see the tests.
+FP8_STORED = {"sd1": 859_077_120, "sd2": 865_466_880, "sdxl": 2_565_880_320}
+FP8_OUTSIDE_UNITS = {"sd1": 79_383_040, "sd2": 79_383_040, "sdxl": 54_110_720}
+FP8_LARGEST_UNIT = {"sd1": 49_152_000, "sd2": 49_152_000, "sdxl": 49_152_000}
 
 NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 # GiB of activations per sample at the native size with the 'attn' targets, bf16.
@@ -155,11 +166,20 @@ def estimate_memory(
     if config.gradient_checkpointing:
         activations *= CHECKPOINTING_FACTOR[family]
     return MemoryEstimate(
-        weights_gib=frozen * weight_bytes / GIB,
+        weights_gib=frozen_weight_bytes(family, config, frozen, weight_bytes) / GIB,
         lora_state_gib=lora_parameters * per_parameter / GIB,
         activations_gib=activations,
         lora_parameters=lora_parameters,
     )
+
+
+def frozen_weight_bytes(family: str, config: TrainConfig, frozen: int, weight_bytes: int) -> int:
+    """The frozen parameters' bytes: `frozen` parameters at `weight_bytes`, except that with fp8_base the UNet's
+    Linear/Conv2d weights take 1 byte, plus the wide copies autograd keeps of them (see the module's text)."""
+    if not config.fp8_base:
+        return frozen * weight_bytes
+    wide_copies = FP8_OUTSIDE_UNITS[family] + FP8_LARGEST_UNIT[family]
+    return FP8_STORED[family] + (frozen - FP8_STORED[family] + wide_copies) * weight_bytes
 
 
 CARD_SIZES_GIB = (8, 12, 16, 24, 48, 80)

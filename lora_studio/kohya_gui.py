@@ -31,8 +31,7 @@ NO_EFFECT = {
 
 # kohya features with no setting here: fine at the value that turns them off, refused otherwise.
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "fp8_base": (False,),
-    "fp8_base_unet": (False,), "full_bf16": (False,), "full_fp16": (False,), "stop_text_encoder_training": (0,),
+    "full_bf16": (False,), "full_fp16": (False,), "stop_text_encoder_training": (0,),
     "stop_text_encoder_training_pct": (0,),
     "no_token_padding": (False,), "additional_parameters": (), "lr_scheduler_args": (),
     "lr_scheduler_type": (), "decompose_both": (False,), "use_cp": (False,), "use_tucker": (False,),
@@ -76,6 +75,15 @@ def _number(value: Any) -> float | None:
         return None
 
 
+def _fp8(out: dict[str, Any]) -> None:
+    """kohya's fp8_base (the UNet and the text encoders) and fp8_base_unet (the UNet only) are both this app's
+    fp8_base, which narrows the UNet: the text encoders keep their precision (they usually leave the GPU once
+    their outputs are cached)."""
+    flags = [out.pop(key) for key in ("fp8_base", "fp8_base_unet") if key in out]
+    if flags:  # a value that is not off goes on as given, so validation names one that is not a boolean
+        out["fp8_base"] = next((flag for flag in flags if not _off(flag, (False,))), False)
+
+
 def from_kohya_ss(data: dict[str, Any], keep_empty: set[str]) -> tuple[dict[str, Any], list[str]]:
     """kohya_ss's keys as sd-scripts' (flat, version 0), and the problems: what has no setting here. An empty value
     is the GUI's "unset" and goes, except under the names in `keep_empty` (the app's own top-level settings and the
@@ -90,6 +98,7 @@ def from_kohya_ss(data: dict[str, Any], keep_empty: set[str]) -> tuple[dict[str,
                 shown = ", ".join(repr(o) for o in offs) if offs else "empty"
                 problems.append(f"kohya's `{key}` = {value!r} has no setting in this app; set it to {shown} or "
                                 "remove it")  # fmt: skip
+    _fp8(out)
     problems += _network(out)
     problems += _steps_and_rates(out)
     problems += _samples(out)

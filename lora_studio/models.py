@@ -166,12 +166,15 @@ def load_base(
     prediction_type: str | None = None,
     allow_pickle: bool = False,
     vae: str | Path | None = None,
+    fp8_unet: bool = False,
 ) -> BaseModel:
     """Load a base model offline and freeze it in the working dtype on the working device.
 
     `config` overrides the bundled diffusers config folder used for single files (tests pass the
     folder of a tiny model); `prediction_type` overrides what is read or guessed from the file;
-    `vae` names a VAE to use instead of the model's own (see `load_vae`).
+    `vae` names a VAE to use instead of the model's own (see `load_vae`); `fp8_unet` stores the UNet's
+    weights in 8 bits (`fp8.narrow_frozen_weights`, training's fp8_base) before it reaches the device, so
+    the device never holds the wide UNet.
     """
     import torch
 
@@ -185,11 +188,17 @@ def load_base(
     if vae is not None and str(vae).strip():
         base.pipeline.vae = load_vae(vae, like=base.vae)
         base.vae_source = str(vae).strip()
-    if base.device != device:
-        base.pipeline.to(device)
     for module in (base.unet, base.vae, *base.text_encoders):
         module.requires_grad_(False)
         module.eval()
+    if fp8_unet:
+        from .fp8 import narrow_frozen_weights
+
+        count = narrow_frozen_weights(base.unet, dtype)
+        log.info("fp8_base: %d UNet weights stored in float8, %.2f GiB of UNet", count,
+                 sum(p.numel() * p.element_size() for p in base.unet.parameters()) / 2**30)  # fmt: skip
+    if base.device != device:
+        base.pipeline.to(device)
     return base
 
 

@@ -119,8 +119,11 @@ def with_regularization(report: ScanReport, regularization: list[Item]) -> ScanR
 
 def load_model(config: TrainConfig, accelerator: Accelerator) -> BaseModel:
     prediction = None if config.prediction_type == "auto" else config.prediction_type
+    if config.fp8_base and accelerator.num_processes > 1:  # DDP would broadcast the 8-bit weights: not checked
+        raise TrainingError(f"fp8_base has not been checked on several GPUs ({accelerator.num_processes} processes "
+                            "here); train on one GPU, or set fp8_base = false")  # fmt: skip
     base = load_base(config.base_model, dtype_of(config.mixed_precision), accelerator.device,
-                     prediction_type=prediction, vae=config.vae)  # fmt: skip
+                     prediction_type=prediction, vae=config.vae, fp8_unet=config.fp8_base)  # fmt: skip
     if config.family != "auto" and config.family != base.family:
         raise TrainingError(
             f"the preset is for {config.family} but {config.base_model} is {base.family}; "

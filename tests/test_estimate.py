@@ -44,6 +44,21 @@ def test_constants_are_the_real_structures_counts(family):
     assert te_width == estimate.TEXT_ENCODER_LORA_WIDTH[family]
     te_weights = sum(weights(e, text_encoder_target_names(e, te_names)) for e in (te, te2) if e is not None)
     assert te_weights == estimate.TEXT_ENCODER_TARGET_WEIGHTS[family]
+    assert fp8_counts(unet) == (estimate.FP8_STORED[family], estimate.FP8_OUTSIDE_UNITS[family],
+                                estimate.FP8_LARGEST_UNIT[family])  # fmt: skip
+
+
+def fp8_counts(unet: torch.nn.Module) -> tuple[int, int, int]:
+    """fp8_base's weights: every Linear/Conv2d's, those outside diffusers' checkpointed units, the largest unit's."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    layers = lambda m: [x for x in m.modules() if isinstance(x, (torch.nn.Linear, torch.nn.Conv2d))]  # noqa: E731
+    units = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
+    inside = {id(layer) for unit in units for layer in layers(unit)}
+    outside = sum(layer.weight.numel() for layer in layers(unet) if id(layer) not in inside)
+    largest = max(sum(layer.weight.numel() for layer in layers(unit)) for unit in units)
+    return sum(layer.weight.numel() for layer in layers(unet)), outside, largest
 
 
 def weights(model: torch.nn.Module, names: list[str]) -> int:

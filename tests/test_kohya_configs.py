@@ -111,8 +111,7 @@ def test_kohya_ss_rates_steps_and_noise_as_the_gui_means_them(tmp_path):
 
 
 @pytest.mark.parametrize(("change", "phrase"), [
-    ({"fp8_base": True}, "`fp8_base` = True has no setting in this app; set it to False"),
-    ({"full_bf16": True}, "`full_bf16` = True has no setting"),
+    ({"full_bf16": True}, "`full_bf16` = True has no setting in this app; set it to False"),
     ({"face_crop_aug_range": "2.0,4.0"}, "`face_crop_aug_range` = '2.0,4.0' has no setting in this app; set it to "
                                          "empty"),
     ({"save_model_as": "ckpt"}, "`save_model_as` = 'ckpt' has no setting in this app; set it to 'safetensors'"),
@@ -207,9 +206,9 @@ def test_the_train_tab_imports_a_kohya_ss_save_into_the_form(app_state, tmp_path
     assert "**with-dataset.json was not imported**" in note and box is None
     assert "names the kohya dataset config '/etc/sets.toml', which an import cannot bring along" in note
     refused = uploads / "abc123" / "glora.json"
-    refused.write_text(json.dumps({**GUI_SAVE, "LoRA_type": "LyCORIS/GLoRA", "fp8_base": True}))
+    refused.write_text(json.dumps({**GUI_SAVE, "LoRA_type": "LyCORIS/GLoRA", "full_fp16": True}))
     note = train_tab.import_settings(app_state, str(refused))[-2]
-    assert "LoRA_type 'LyCORIS/GLoRA' has no equivalent" in note and "`fp8_base` = True" in note
+    assert "LoRA_type 'LyCORIS/GLoRA' has no equivalent" in note and "`full_fp16` = True" in note
     with pytest.raises(LoraStudioError, match="is not an upload"):
         train_tab.import_settings(app_state, str(saved(tmp_path)))
     other = uploads / "abc123" / "notes.txt"

@@ -32,6 +32,9 @@ def test_train_step_bench_meets_the_cpu_bar(bench_script):
     assert report["ratio_vs_reference_median_of_rounds"]["ours_frozen_te"] > 1.0
 
 
+@pytest.mark.slow  # 31 s; its parts run on every run: test_gpu_table_bench (the table), test_train's low_vram
+# parking, test_fp8 (the fp8 variant's training); `bash bench/device_check.sh smoke` runs the whole script before a
+# device call
 def test_gpu_bench_runs_ours_and_the_low_vram_preset_on_tiny_models(tmp_path):
     """bench/gpu_step.py, which the device call (bench/device_check.sh) runs on a lent GPU, on tiny models here:
     the trainer's loop is timed, a step's FLOPs counted, the low-VRAM preset trains, a profile is written."""
