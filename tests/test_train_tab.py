@@ -83,6 +83,12 @@ def test_estimate_shows_steps_and_memory_or_the_bad_fields(app_state):
     assert bad.startswith("**Fix these settings first:**") and "lora.rank" in bad and "batch_size" in bad
     # What Start would refuse, Check settings says: combinations, and paths outside the app's folders.
     assert "random_crop" in train_tab.estimate(app_state, *form(dataset__random_crop=True))
+    assert "`fp8_base` needs gradient_checkpointing" in train_tab.estimate(app_state, *form(fp8_base=True))
+    narrow = train_tab.estimate(app_state, *form("sdxl-low-vram", dataset__path="demo", base_model=base,
+                                                 fp8_base=True))  # fmt: skip
+    wide = train_tab.estimate(app_state, *form("sdxl-low-vram", dataset__path="demo", base_model=base))
+    gib = lambda text: float(re.search(r"about (\d+\.\d) GiB", text).group(1))  # noqa: E731
+    assert gib(wide) - gib(narrow) > 2  # the UNet in 8 bits: SDXL's 4.8 GiB become 2.4 (and 0.2 of wide copies)
     refused = train_tab.estimate(app_state, *form(output_dir="/tmp", base_model=""))
     assert "`output_dir` '/tmp' lies outside" in refused and "`base_model` is empty" in refused
     assert refused.count("empty") == 1  # said once, in the config's words (not again as a path outside the folders)
