@@ -874,7 +874,7 @@ class TrainConfig(Section):
     def combination_problems(self) -> list[str]:
         """Settings that are each valid but cannot train together. "Check settings", `lora-studio config`
         and the trainer all ask this one place, so what the form accepts is what training accepts."""
-        problems = self.prodigy_option_problems() + self.regularization_problems()
+        problems = self.prodigy_option_problems() + self.one_rate_problems() + self.regularization_problems()
         if self.compile_mode != "default" and not self.torch_compile:
             problems.append(f"`compile_mode` = '{self.compile_mode}' acts only on a compiled model; set "
                             "torch_compile = true, or compile_mode = 'default'")  # fmt: skip
@@ -960,6 +960,34 @@ class TrainConfig(Section):
             if getattr(opt, name) != off]  # fmt: skip
         return [f"`optimizer.{s}` acts only with optimizer = 'prodigy' (this is '{opt.optimizer}'); put it back to "
                 "its default or choose prodigy" for s in given]  # fmt: skip
+
+    def one_rate_problems(self) -> list[str]:
+        """Prodigy finds one step size for all the weights it trains and refuses parameter groups at other rates
+        (its first step raises "Setting different lr values in different parameter groups..."); kohya's guides set
+        every rate to 1 with it. The settings that would give some weights another rate."""
+        opt, lora = self.optimizer, self.lora
+        if opt.optimizer != "prodigy":
+            return []
+        unet = opt.unet_lr or opt.learning_rate
+        problems = []
+        text = opt.text_encoder_lr or opt.learning_rate
+        if lora.train_text_encoder and text != unet:
+            problems.append(f"`optimizer.text_encoder_lr` = {text:g} is not the UNet's rate ({unet:g}): prodigy finds "
+                            "one step size for every weight and cannot train the text encoder at another rate; set "
+                            f"text_encoder_lr = {unet:g}, or train the UNet only (lora.train_text_encoder = "
+                            "false)")  # fmt: skip
+        unet_ratio, text_ratio = lora.loraplus_ratios()
+        if (unet_ratio or 1) != 1 or (lora.train_text_encoder and (text_ratio or 1) != 1):
+            problems.append("LoRA+ (`lora.loraplus_*lr_ratio`) trains the up matrices at a multiple of the rate, "
+                            "which prodigy cannot (it finds one step size for every weight); set the LoRA+ ratios "
+                            "to 0, or choose another optimizer")  # fmt: skip
+        other = sorted({w for w in lora.block_lr_weights if w not in (0, 1)})
+        if other:
+            shown = ", ".join(f"{w:g}" for w in other)
+            problems.append(f"`lora.block_lr_weights` gives blocks other rates ({shown}), "
+                            "which prodigy cannot train (it finds one step size for every weight); use 1 (train) "
+                            "and 0 (leave out) only, or choose another optimizer")  # fmt: skip
+        return problems
 
     def schedule_free_problems(self) -> list[str]:
         """Schedule-free AdamW replaces the rate schedule and keeps its own average of the weights (the ones

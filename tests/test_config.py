@@ -70,7 +70,8 @@ def test_round_trip_with_every_section_changed(tmp_path):
         base_model="/models/a.safetensors",
         dataset={"path": "/data", "trigger_word": "zkz", "flip_aug": True},
         lora={"rank": 4, "alpha": 2.0, "unet_targets": "full", "conv_rank": 4, "conv_alpha": 1.0},
-        optimizer={"optimizer": "prodigy", "learning_rate": 1.0, "unet_lr": 1.0, "max_train_steps": 10},
+        optimizer={"optimizer": "prodigy", "learning_rate": 1.0, "unet_lr": 1.0, "text_encoder_lr": 1.0,
+                   "max_train_steps": 10},
         sample={"prompts": ["zkz, a cat"], "strengths": [0.0, 0.5, 1.0], "seeds": [1, 2]},
         save={"format": "diffusers", "precision": "bf16", "keep_last": 3},
     )

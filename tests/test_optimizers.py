@@ -4,6 +4,7 @@ trained come back exactly after each use. LoRA+'s faster up matrices. Also the c
 optional betas."""
 
 import json
+import re
 import sys
 from contextlib import nullcontext
 
@@ -158,6 +159,41 @@ def test_schedule_free_refuses_a_schedule_a_second_average_and_max_norm(settings
                             }).combination_problems() == []  # fmt: skip
 
 
+PRODIGY = {"optimizer": "prodigy", "learning_rate": 1.0, "text_encoder_lr": 1.0}
+
+
+@pytest.mark.parametrize(("settings", "phrase"), [
+    ({"optimizer": {"text_encoder_lr": 5e-5}}, "`optimizer.text_encoder_lr` = 5e-05 is not the UNet's rate (1)"),
+    ({"lora": {"loraplus_lr_ratio": 16.0}}, "LoRA+ (`lora.loraplus_*lr_ratio`) trains the up matrices"),
+    ({"lora": {"block_lr_weights": [1.0, 0.5, 1.0]}}, "`lora.block_lr_weights` gives blocks other rates (0.5)"),
+])  # fmt: skip
+def test_prodigy_refuses_weights_at_other_rates_before_its_step_would(tmp_path, tiny_folders, images, settings,
+                                                                      phrase):  # fmt: skip
+    """Prodigy's step raises on parameter groups at different rates (a bare RuntimeError in the middle of a run);
+    the config names the setting instead, so Check settings and the CLI say it before anything loads."""
+    config = tiny_config(tmp_path, tiny_folders, images, optimizer={**PRODIGY, **settings.get("optimizer", {})},
+                         lora=settings.get("lora", {}))  # fmt: skip
+    problems = config.combination_problems()
+    assert len(problems) == 1 and phrase in problems[0], problems
+    with pytest.raises(ConfigError, match=re.escape(phrase)):
+        prepare(config)
+
+
+def test_prodigy_trains_at_one_rate_and_its_own_step_refuses_others(tmp_path, tiny_folders, images):
+    """What the rule above stands in for: Prodigy's first step raises on groups at different rates. The same rate
+    everywhere, a block left out at 0, or the text encoder not trained are fine."""
+    config = tiny_config(tmp_path, tiny_folders, images, optimizer=PRODIGY, lora={"block_lr_weights": [1, 0, 1]})
+    assert not config.combination_problems()
+    session = prepare(config)
+    assert len(session.optimizer.optimizer.param_groups) == 2  # the UNet's and the text encoders', both at 1
+    step_module.training_step(session, [0, 1])
+    session.optimizer.optimizer.param_groups[-1]["lr"] = 0.5
+    with pytest.raises(RuntimeError, match="different lr values"):
+        step_module.training_step(session, [0, 1])
+    assert not TrainConfig(optimizer={"optimizer": "prodigy", "learning_rate": 1.0},
+                           lora={"train_text_encoder": False}).combination_problems()  # fmt: skip
+
+
 def test_the_form_refuses_schedule_free_with_a_schedule():
     """The form's values carry no version, like a kohya file: kohya's do-nothing schedule must not be put in
     here (it once was, and the form's cosine schedule vanished without a word)."""
@@ -272,8 +308,8 @@ def test_prodigys_options_reach_it_and_change_its_estimate(tmp_path, tiny_folder
 
 
 def test_prodigys_options_migrate_from_kohya_and_are_refused_for_another_optimizer():
-    config = validate_config({"optimizer_type": "Prodigy", "optimizer_args": "decouple=True d_coef=2 "
-                              "use_bias_correction=True safeguard_warmup=True weight_decay=0.01"})  # fmt: skip
+    args = "decouple=True d_coef=2 use_bias_correction=True safeguard_warmup=True weight_decay=0.01"
+    config = validate_config({"optimizer_type": "Prodigy", "learning_rate": 1.0, "optimizer_args": args})
     opt = config.optimizer
     assert (opt.prodigy_d_coef, opt.prodigy_bias_correction, opt.prodigy_safeguard_warmup) == (2.0, True, True)
     with pytest.raises(ConfigError, match="decouple=False"):
