@@ -502,12 +502,15 @@ class LoraConfig(Section):
 
 
 class OptimConfig(Section):
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "lion8bit", "adamw_schedulefree"] = Field(
+    optimizer: Literal[
+        "adamw", "adamw8bit", "prodigy", "dadapt_adam", "adafactor", "lion", "lion8bit", "adamw_schedulefree"
+    ] = Field(
         "adamw", description="adamw (the default); adamw8bit and lion8bit (bitsandbytes, CUDA only); prodigy (finds "
-        "its own rate: learning_rate 1); adafactor; lion (lion-pytorch: a 3-10x lower rate and a higher weight "
-        "decay than AdamW); adamw_schedulefree (schedulefree: no rate schedule, lr_scheduler 'constant', warm-up "
-        "from lr_warmup_steps; samples and files use its averaged weights). Extra optimizers: `pip install "
-        "lora-studio[optimizers]`.",
+        "its own rate: learning_rate 1); dadapt_adam (D-Adaptation's Adam, kohya's DAdaptAdam: finds its own rate "
+        "too, learning_rate 1, AdamW-style weight decay); adafactor; lion (lion-pytorch: a 3-10x lower rate and a "
+        "higher weight decay than AdamW); adamw_schedulefree (schedulefree: no rate schedule, lr_scheduler "
+        "'constant', warm-up from lr_warmup_steps; samples and files use its averaged weights). Extra optimizers: "
+        "`pip install lora-studio[optimizers]`.",
     )  # fmt: skip
     learning_rate: float = Field(1e-4, gt=0)  # kohya's default LoRA learning rate
     unet_lr: float | None = Field(None, gt=0, description="UNet learning rate; empty uses learning_rate.")
@@ -962,30 +965,31 @@ class TrainConfig(Section):
                 "its default or choose prodigy" for s in given]  # fmt: skip
 
     def one_rate_problems(self) -> list[str]:
-        """Prodigy finds one step size for all the weights it trains and refuses parameter groups at other rates
-        (its first step raises "Setting different lr values in different parameter groups..."); kohya's guides set
-        every rate to 1 with it. The settings that would give some weights another rate."""
+        """Prodigy and D-Adaptation find one step size for all the weights they train and refuse parameter groups at
+        other rates (their first step raises "Setting different lr values in different parameter groups..."); kohya's
+        guides set every rate to 1 with them. The settings that would give some weights another rate."""
         opt, lora = self.optimizer, self.lora
-        if opt.optimizer != "prodigy":
+        if opt.optimizer not in ONE_RATE_OPTIMIZERS:
             return []
+        name = opt.optimizer
         unet = opt.unet_lr or opt.learning_rate
         problems = []
         text = opt.text_encoder_lr or opt.learning_rate
         if lora.train_text_encoder and text != unet:
-            problems.append(f"`optimizer.text_encoder_lr` = {text:g} is not the UNet's rate ({unet:g}): prodigy finds "
+            problems.append(f"`optimizer.text_encoder_lr` = {text:g} is not the UNet's rate ({unet:g}): {name} finds "
                             "one step size for every weight and cannot train the text encoder at another rate; set "
                             f"text_encoder_lr = {unet:g}, or train the UNet only (lora.train_text_encoder = "
                             "false)")  # fmt: skip
         unet_ratio, text_ratio = lora.loraplus_ratios()
         if (unet_ratio or 1) != 1 or (lora.train_text_encoder and (text_ratio or 1) != 1):
             problems.append("LoRA+ (`lora.loraplus_*lr_ratio`) trains the up matrices at a multiple of the rate, "
-                            "which prodigy cannot (it finds one step size for every weight); set the LoRA+ ratios "
+                            f"which {name} cannot (it finds one step size for every weight); set the LoRA+ ratios "
                             "to 0, or choose another optimizer")  # fmt: skip
         other = sorted({w for w in lora.block_lr_weights if w not in (0, 1)})
         if other:
             shown = ", ".join(f"{w:g}" for w in other)
             problems.append(f"`lora.block_lr_weights` gives blocks other rates ({shown}), "
-                            "which prodigy cannot train (it finds one step size for every weight); use 1 (train) "
+                            f"which {name} cannot train (it finds one step size for every weight); use 1 (train) "
                             "and 0 (leave out) only, or choose another optimizer")  # fmt: skip
         return problems
 
@@ -1183,9 +1187,10 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "save_state": "save.save_state",
 }
 # kohya's optimizer_type names (lowercased) -> ours; kohya also takes a module path for schedule-free AdamW.
+ONE_RATE_OPTIMIZERS = ("prodigy", "dadapt_adam")  # they find one step size and refuse groups at other rates
 KOHYA_OPTIMIZERS = {
     "adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor", "lion": "lion",
-    "lion8bit": "lion8bit", "adamwschedulefree": "adamw_schedulefree",
+    "lion8bit": "lion8bit", "adamwschedulefree": "adamw_schedulefree", "dadaptadam": "dadapt_adam",
     "schedulefree.adamwschedulefree": "adamw_schedulefree",
 }  # fmt: skip
 
@@ -1197,9 +1202,11 @@ def _true(text: str) -> bool:
 
 
 def _decoupled(text: str) -> None:
-    """Prodigy's decouple: True (AdamW-style weight decay) is its default and the only kind this app runs."""
+    """Prodigy's and D-Adaptation's decouple: True (AdamW-style weight decay, Prodigy's default and kohya's advice for
+    DAdaptAdam) is the only kind this app runs."""
     if not _true(text):
-        raise ValueError("decouple=False (Adam-style weight decay) is not offered; Prodigy runs with decouple=True")
+        raise ValueError("decouple=False (Adam-style weight decay) is not offered; prodigy and dadapt_adam run with "
+                         "decouple=True")
 
 
 def _numbers(kind: type) -> Callable[[str], list]:

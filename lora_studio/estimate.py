@@ -8,9 +8,9 @@ The memory formula (all sizes in GiB, 1 GiB = 2**30 bytes):
                       weight bytes: 2 with mixed_precision fp16/bf16, 4 with "no" (fp32)
     LoRA state      = LoRA parameters x optimizer bytes per parameter
                       (fp32 weight 4 + fp32 gradient 4 + optimizer state: AdamW 8, AdamW8bit 2,
-                       Prodigy 16, Adafactor 4, Lion 4, Lion8bit 1, schedule-free AdamW 12: its z and
-                       second moment, and the copy of the weights kept while samples and files use the
-                       average); LoRA parameters = rank x sum(in + out) over the
+                       Prodigy 16, D-Adaptation Adam 12, Adafactor 4, Lion 4, Lion8bit 1, schedule-free
+                       AdamW 12: its z and second moment, and the copy of the weights kept while samples and
+                       files use the average); LoRA parameters = rank x sum(in + out) over the
                       targeted layers (+ conv_rank x sum(in*k*k + out) for LoCon convs)
     activations     = batch x A[family] x (width x height / native pixels) x targets factor
                       x (checkpointing factor if gradient checkpointing) x (weight bytes / 2)
@@ -80,7 +80,8 @@ ACTIVATIONS_GIB = {"sd1": 1.08, "sd2": 1.08 * (768 / 512) ** 2, "sdxl": 7.26}
 CHECKPOINTING_FACTOR = {"sd1": 0.205, "sd2": 0.205, "sdxl": 0.092}
 TARGETS_FACTOR = {"attn": 1.0, "attn-ff": 1.156, "full": 1.156}
 OPTIMIZER_STATE_BYTES = {
-    "adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4, "lion": 4, "lion8bit": 1, "adamw_schedulefree": 12,
+    "adamw": 8, "adamw8bit": 2, "prodigy": 16, "dadapt_adam": 12, "adafactor": 4, "lion": 4, "lion8bit": 1,
+    "adamw_schedulefree": 12,
 }  # fmt: skip
 
 # The measured H100 peaks the constants above are fitted to (reference step: bf16 UNet, fp32 rank-16 LoRA,

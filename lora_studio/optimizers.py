@@ -71,6 +71,10 @@ def make_optimizer(config: TrainConfig, base: BaseModel, device: torch.device) -
         return prodigyopt.Prodigy(groups, betas=adam_betas, eps=opt.eps, weight_decay=opt.weight_decay,
                                   d_coef=opt.prodigy_d_coef, use_bias_correction=opt.prodigy_bias_correction,
                                   safeguard_warmup=opt.prodigy_safeguard_warmup)  # fmt: skip
+    if opt.optimizer == "dadapt_adam":
+        dadaptation = _optional_import("dadaptation", "dadaptation")
+        return dadaptation.DAdaptAdam(groups, betas=adam_betas, eps=opt.eps, weight_decay=opt.weight_decay,
+                                      decouple=True)  # fmt: skip
     if opt.optimizer == "lion":
         lion_pytorch = _optional_import("lion_pytorch", "lion-pytorch")
         return lion_pytorch.Lion(groups, betas=lion_betas, weight_decay=opt.weight_decay)
@@ -91,12 +95,12 @@ def make_optimizer(config: TrainConfig, base: BaseModel, device: torch.device) -
 
 def current_rate(optimizer: torch.optim.Optimizer, lr_scheduler) -> float:
     """The first group's learning rate as the last step used it: schedule-free warms up inside the optimizer,
-    where the constant schedule cannot see it, and Prodigy steps by its estimate d times the scheduled rate
-    (what kohya logs as d*lr; the rate itself stays at its 1.0)."""
+    where the constant schedule cannot see it, and Prodigy and D-Adaptation step by their estimate d times the
+    scheduled rate (what kohya logs as d*lr; the rate itself stays at its 1.0)."""
     group = getattr(optimizer, "optimizer", optimizer).param_groups[0]
     if group.get("scheduled_lr"):
         return float(group["scheduled_lr"])
-    if "d0" in group and "d" in group:  # Prodigy
+    if "d" in group:  # Prodigy and D-Adaptation keep their estimate d in each group
         return float(group["d"]) * lr_scheduler.get_last_lr()[0]
     return lr_scheduler.get_last_lr()[0]
 

@@ -166,6 +166,8 @@ PRODIGY = {"optimizer": "prodigy", "learning_rate": 1.0, "text_encoder_lr": 1.0}
     ({"optimizer": {"text_encoder_lr": 5e-5}}, "`optimizer.text_encoder_lr` = 5e-05 is not the UNet's rate (1)"),
     ({"lora": {"loraplus_lr_ratio": 16.0}}, "LoRA+ (`lora.loraplus_*lr_ratio`) trains the up matrices"),
     ({"lora": {"block_lr_weights": [1.0, 0.5, 1.0]}}, "`lora.block_lr_weights` gives blocks other rates (0.5)"),
+    ({"optimizer": {"optimizer": "dadapt_adam", "unet_lr": 2.0}}, "`optimizer.text_encoder_lr` = 1 is not the UNet's "
+                                                                  "rate (2): dadapt_adam finds one step size"),
 ])  # fmt: skip
 def test_prodigy_refuses_weights_at_other_rates_before_its_step_would(tmp_path, tiny_folders, images, settings,
                                                                       phrase):  # fmt: skip
@@ -206,6 +208,12 @@ def test_the_form_refuses_schedule_free_with_a_schedule():
 def test_kohya_optimizer_names_migrate():
     for kohya, ours in [("Lion", "lion"), ("Lion8bit", "lion8bit"), ("AdamWScheduleFree", "adamw_schedulefree")]:
         assert validate_config({"optimizer_type": kohya, "learning_rate": 1e-4}).optimizer.optimizer == ours
+    # kohya's DAdaptAdam as its guides set it up: every rate 1, decoupled weight decay
+    dadapt = validate_config({"optimizer_type": "DAdaptAdam", "learning_rate": 1.0, "unet_lr": 1.0,
+                              "text_encoder_lr": 1.0, "optimizer_args": ["decouple=True", "weight_decay=0.01"]})
+    assert (dadapt.optimizer.optimizer, dadapt.optimizer.weight_decay) == ("dadapt_adam", 0.01)
+    with pytest.raises(ConfigError, match="DAdaptLion"):  # the other D-Adaptation variants are named, not guessed
+        validate_config({"optimizer_type": "DAdaptLion", "learning_rate": 1.0})
     # kohya runs schedule-free optimizers with no schedule at all (its lr_scheduler and warm-up are ignored)
     migrated = validate_config({"optimizer_type": "AdamWScheduleFree", "lr_scheduler": "cosine",
                                 "lr_warmup_steps": 100}).optimizer  # fmt: skip

@@ -547,13 +547,16 @@ def test_optimizer_errors_name_the_alternative(tmp_path, tiny_folders, images):
             run_training(tiny_config(tmp_path / "p", tiny_folders, images, optimizer={"optimizer": "prodigy"}))
 
 
-def test_prodigy_trains_and_resumes_bit_identically(tmp_path, tiny_folders, images):
-    """Prodigy keeps its step-size estimate in the optimizer's param groups; the saved state must carry it."""
-    import prodigyopt
+@pytest.mark.parametrize("name, kind", [("prodigy", "prodigyopt.Prodigy"), ("dadapt_adam", "dadaptation.DAdaptAdam")])
+def test_prodigy_trains_and_resumes_bit_identically(tmp_path, tiny_folders, images, name, kind):
+    """Prodigy (and D-Adaptation, its forerunner) keeps its step-size estimate in the optimizer's param groups; the
+    saved state must carry it."""
+    import importlib
 
-    optimizer = {"optimizer": "prodigy", "learning_rate": 1.0, "text_encoder_lr": 1.0}
+    module, cls = kind.split(".")
+    optimizer = {"optimizer": name, "learning_rate": 1.0, "text_encoder_lr": 1.0}
     config = tiny_config(tmp_path / "b", tiny_folders, images, optimizer=optimizer)
-    assert isinstance(prepare(config).optimizer.optimizer, prodigyopt.Prodigy)
+    assert isinstance(prepare(config).optimizer.optimizer, getattr(importlib.import_module(module), cls))
     straight = run_training(tiny_config(tmp_path / "a", tiny_folders, images, optimizer=optimizer))
     commands, stop_at_5 = stopper(5)
 
@@ -563,7 +566,7 @@ def test_prodigy_trains_and_resumes_bit_identically(tmp_path, tiny_folders, imag
     a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_up" in k)
-    # The logged rate is the step Prodigy takes, d x lr (kohya's d*lr): it starts at d0 = 1e-6 and grows.
+    # The logged rate is the step it takes, d x lr (kohya's d*lr): it starts at d0 = 1e-6 and grows.
     lines = [json.loads(line) for line in (straight.run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [line["lr"] for line in lines if "lr" in line]
     assert len(rates) == 8 and rates[0] < 1e-3 and rates[-1] > rates[0]
