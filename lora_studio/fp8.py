@@ -35,6 +35,15 @@ class Widen(nn.Module):
         return stored.to(self.dtype)
 
 
+def storable_on(device: torch.device | str) -> bool:
+    """Whether `device` holds and widens float8 tensors (Apple's MPS has had no float8 type)."""
+    try:
+        torch.ones(2, device=device).to(STORAGE_DTYPE).to(torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 def adapter_modules(model: nn.Module) -> set[int]:
     """The ids of every module that belongs to an adapter (peft's lora_A/lora_B, LoHa's and LoKr's own layers)."""
     ids: set[int] = set()

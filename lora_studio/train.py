@@ -23,6 +23,7 @@ from accelerate.utils import broadcast, broadcast_object_list
 from diffusers import DDPMScheduler
 
 from . import buckets as bucketing
+from . import fp8
 from .cache import LatentCache, TextCache, cache_folder, plan_latent_entries
 from .conditioning import overlong_captions
 from .config import TrainConfig, shortened
@@ -119,9 +120,8 @@ def with_regularization(report: ScanReport, regularization: list[Item]) -> ScanR
 
 def load_model(config: TrainConfig, accelerator: Accelerator) -> BaseModel:
     prediction = None if config.prediction_type == "auto" else config.prediction_type
-    if config.fp8_base and accelerator.num_processes > 1:  # DDP would broadcast the 8-bit weights: not checked
-        raise TrainingError(f"fp8_base has not been checked on several GPUs ({accelerator.num_processes} processes "
-                            "here); train on one GPU, or set fp8_base = false")  # fmt: skip
+    if config.fp8_base:
+        check_fp8_device(accelerator)
     base = load_base(config.base_model, dtype_of(config.mixed_precision), accelerator.device,
                      prediction_type=prediction, vae=config.vae, fp8_unet=config.fp8_base)  # fmt: skip
     if config.family != "auto" and config.family != base.family:
@@ -143,6 +143,17 @@ def load_model(config: TrainConfig, accelerator: Accelerator) -> BaseModel:
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     return base
+
+
+def check_fp8_device(accelerator: Accelerator) -> None:
+    """fp8_base's refusals, before the model loads: a device without float8 tensors, and several processes (DDP
+    would broadcast the 8-bit weights at its start, which has not been checked)."""
+    if accelerator.num_processes > 1:
+        raise TrainingError(f"fp8_base has not been checked on several GPUs ({accelerator.num_processes} processes "
+                            "here); train on one GPU, or set fp8_base = false")  # fmt: skip
+    if not fp8.storable_on(accelerator.device):
+        raise TrainingError(f"fp8_base: this device ({accelerator.device.type}) cannot hold 8-bit floats; set "
+                            "fp8_base = false (or train on a CUDA GPU)")  # fmt: skip
 
 
 def prepare_caches(config: TrainConfig, base: BaseModel, report: ScanReport, buckets: list) -> tuple:

@@ -14,7 +14,7 @@ from test_train import images, tiny_config  # noqa: F401  (images is a fixture)
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lora_studio import estimate
+from lora_studio import estimate, fp8
 from lora_studio import step as step_module
 from lora_studio.config import TrainConfig, validate_config
 from lora_studio.errors import ConfigError
@@ -54,7 +54,8 @@ def test_an_fp8_base_trains_as_a_base_rounded_to_fp8_once(tmp_path, tiny_folders
     is exact. With gradient checkpointing (required), so the recomputed blocks read the same weights. DoRA reads the
     base weights outside the layers' forwards (its magnitudes at the start, its norms each step), through the same
     widening."""
-    settings = dict(gradient_checkpointing=True, lora={"use_dora": dora}, optimizer={"max_train_steps": 2})
+    lora = {"use_dora": True, "unet_targets": "full"} if dora else {}  # DoRA on the convs too
+    settings = dict(gradient_checkpointing=True, lora=lora, optimizer={"max_train_steps": 2})
     narrowed = prepare(tiny_config(tmp_path / "a", tiny_folders, images, fp8_base=True, **settings))
     folder = rounded_copy(tiny_folders["sd1"], tmp_path / "rounded")
     rounded = prepare(tiny_config(tmp_path / "b", tiny_folders, images, base_model=str(folder), **settings))
@@ -100,10 +101,14 @@ def test_fp8_base_needs_gradient_checkpointing():
     assert not TrainConfig(fp8_base=True, gradient_checkpointing=True).fp8_problems()
 
 
-def test_several_processes_are_refused_by_name_before_the_model_loads():
+def test_several_processes_and_a_device_without_float8_are_refused_before_the_model_loads(monkeypatch):
     config = TrainConfig(fp8_base=True, gradient_checkpointing=True, base_model="/no/such/model")
     with pytest.raises(TrainingError, match=r"fp8_base has not been checked on several GPUs \(2 processes"):
-        load_model(config, SimpleNamespace(num_processes=2))
+        load_model(config, SimpleNamespace(num_processes=2, device=torch.device("cpu")))
+    assert fp8.storable_on("cpu")  # the probe itself, on this machine's device
+    monkeypatch.setattr(fp8, "storable_on", lambda device: False)  # as on Apple's MPS, which has no float8
+    with pytest.raises(TrainingError, match=r"fp8_base: this device \(cpu\) cannot hold 8-bit floats; set fp8_base"):
+        load_model(config, SimpleNamespace(num_processes=1, device=torch.device("cpu")))
 
 
 @pytest.mark.parametrize("keys, on", [
