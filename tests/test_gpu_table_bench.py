@@ -38,7 +38,9 @@ def test_each_case_is_judged_on_speed_ratio_and_memory(tmp_path, bench_script):
     sdxl = write(tmp_path / "sdxl.json", reference("sdxl_ref_bs1", 1, 400.0, 12.0),
                  ours("ours_sdxl_bs1", 1, 150.0, 11.0, mfu=0.2),
                  ours("ours_sdxl_low_vram", 1, 900.0, 6.0, whole_run_peak_gib=7.5,
-                      nvidia_smi_peak_gib=7.9))  # fmt: skip
+                      nvidia_smi_peak_gib=7.9),
+                 ours("ours_sdxl_low_vram_fp8", 1, 950.0, 3.6, whole_run_peak_gib=4.5,
+                      nvidia_smi_peak_gib=5.0))  # fmt: skip
     text = bench.table([sd1, sdxl], [])
     # the reference's median of 10 and 8.33 img/s; ours' CUDA graphs (50 img/s) are the better: 5.45x, 50 >= 20
     assert row(text, "SD1.5 512, batch 1") == ["SD1.5 512, batch 1", "9.2", "25.0 / 50.0", "5.45x", "20",
@@ -48,6 +50,8 @@ def test_each_case_is_judged_on_speed_ratio_and_memory(tmp_path, bench_script):
     assert "SDXL 1024, batch 4" not in text  # not measured: no row
     assert row(text, "`ours_sd15_low_vram`")[-1] == "no"  # nvidia-smi saw 4.4 GiB > 4
     assert row(text, "`ours_sdxl_low_vram`")[1:] == ["1.11", "6.00 / 7.50 / 7.90", "<= 8 GiB, >= 1 it/s", "yes"]
+    assert row(text, "`ours_sdxl_low_vram_fp8`")[1:] == ["1.05", "3.60 / 4.50 / 5.00", "<= 8 GiB, >= 1 it/s", "yes"]
+    assert "`ours_sd15_low_vram_fp8`" not in text  # not measured: no row
 
 
 def test_sdxl_low_vram_needs_both_memory_and_speed(tmp_path, bench_script):
