@@ -807,7 +807,8 @@ class TrainConfig(Section):
         False, description="Keep the UNet's frozen weights in 8-bit floats (float8 e4m3) and widen each layer's to "
         "the training precision only while it runs (kohya's fp8_base / fp8_base_unet): the UNet takes half the GPU "
         "memory of bf16 (SDXL: 2.4 instead of 4.8 GiB). The base is rounded to 8 bits, so results differ a little "
-        "from a bf16 base; needs gradient checkpointing. The LoRA, norms and text encoders keep their precision.",
+        "from a bf16 base; needs gradient checkpointing. Frozen text encoders that stay on the GPU (uncached "
+        "captions) are narrowed too; the LoRA, norms and cached or trained text encoders keep their precision.",
     )  # fmt: skip
     low_vram: bool = Field(
         False,
@@ -859,6 +860,13 @@ class TrainConfig(Section):
         if self.dataset.cache_text_embeddings and not self.lora.train_text_encoder:
             parts.add("text_encoders")
         return parts
+
+    def fp8_text_encoders(self) -> bool:
+        """Whether fp8_base narrows the text encoders too: only frozen ones that stay on the GPU while training
+        (captions that change each step, so their outputs are not cached). Cached ones leave the GPU, and keep
+        their precision for the cache; a trained one would keep a widened copy of each weight for the backward."""
+        frozen_on_device = not self.lora.train_text_encoder and "text_encoders" not in self.frozen_parts_off_device()
+        return self.fp8_base and frozen_on_device
 
     def text_cache_refusal(self) -> str | None:
         """Why text-encoder outputs cannot be cached with these settings, or None if they can."""

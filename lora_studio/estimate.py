@@ -24,7 +24,9 @@ counted as LoRA (more than its Kronecker factors hold). Derived from peft's code
 fp8_base stores the UNet's Linear/Conv2d weights in 1 byte each (FP8_STORED) and widens each to the weight bytes
 when it runs; autograd keeps the wide copies of the layers outside the checkpointed units (FP8_OUTSIDE_UNITS:
 embeddings, proj_in/out, samplers, conv_in/out) and, while one unit is recomputed, that unit's (FP8_LARGEST_UNIT);
-both are counted with the weights. Counted on the meta device; the config requires gradient checkpointing with it.
+both are counted with the weights. Frozen text encoders that stay on the GPU are narrowed too
+(FP8_TEXT_ENCODERS_STORED), without wide copies (nothing flows back through them). Counted on the meta device; the
+config requires gradient checkpointing with fp8_base.
 
 A[family], the checkpointing factors and the attn-ff factor are fitted to the H100 peaks measured by
 the reference step benchmark (`../shared/bench/h100-reference.json`, recorded in CALIBRATION below):
@@ -73,6 +75,8 @@ TEXT_ENCODER_LORA_WIDTH = {"sd1": 165_888, "sd2": 423_936, "sdxl": 165_888 + 737
 FP8_STORED = {"sd1": 859_077_120, "sd2": 865_466_880, "sdxl": 2_565_880_320}
 FP8_OUTSIDE_UNITS = {"sd1": 79_383_040, "sd2": 79_383_040, "sdxl": 54_110_720}
 FP8_LARGEST_UNIT = {"sd1": 49_152_000, "sd2": 49_152_000, "sdxl": 49_152_000}
+# and the text encoders' Linear weights, narrowed when they are frozen and stay on the GPU
+FP8_TEXT_ENCODERS_STORED = {"sd1": 84_934_656, "sd2": 289_406_976, "sdxl": 715_718_656}
 
 NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 # GiB of activations per sample at the native size with the 'attn' targets, bf16.
@@ -167,20 +171,24 @@ def estimate_memory(
     if config.gradient_checkpointing:
         activations *= CHECKPOINTING_FACTOR[family]
     return MemoryEstimate(
-        weights_gib=frozen_weight_bytes(family, config, frozen, weight_bytes) / GIB,
+        weights_gib=frozen_weight_bytes(family, config, frozen, weight_bytes, "text_encoders" not in off) / GIB,
         lora_state_gib=lora_parameters * per_parameter / GIB,
         activations_gib=activations,
         lora_parameters=lora_parameters,
     )
 
 
-def frozen_weight_bytes(family: str, config: TrainConfig, frozen: int, weight_bytes: int) -> int:
+def frozen_weight_bytes(family: str, config: TrainConfig, frozen: int, weight_bytes: int, encoders_in: bool) -> int:
     """The frozen parameters' bytes: `frozen` parameters at `weight_bytes`, except that with fp8_base the UNet's
-    Linear/Conv2d weights take 1 byte, plus the wide copies autograd keeps of them (see the module's text)."""
+    Linear/Conv2d weights take 1 byte, plus the wide copies autograd keeps of them (see the module's text), and so
+    do the text encoders' when they are counted (`encoders_in`) and fp8_base narrows them (frozen, uncached)."""
     if not config.fp8_base:
         return frozen * weight_bytes
+    narrow = FP8_STORED[family]
+    if encoders_in and config.fp8_text_encoders():
+        narrow += FP8_TEXT_ENCODERS_STORED[family]  # no wide copies: they run without autograd
     wide_copies = FP8_OUTSIDE_UNITS[family] + FP8_LARGEST_UNIT[family]
-    return FP8_STORED[family] + (frozen - FP8_STORED[family] + wide_copies) * weight_bytes
+    return narrow + (frozen - narrow + wide_copies) * weight_bytes
 
 
 CARD_SIZES_GIB = (8, 12, 16, 24, 48, 80)

@@ -115,9 +115,9 @@ def training_metadata(config, facts: TrainingFacts) -> dict[str, str]:
         "ss_session_id": str(facts.session_id),
         "ss_gradient_accumulation_steps": str(opt.gradient_accumulation_steps),
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
-        # kohya's pair: fp8_base with fp8_base_unet is "the UNet in 8 bits, the text encoders not", as here
+        # kohya's pair: fp8_base alone narrows the text encoders too, with fp8_base_unet only the UNet
         "ss_fp8_base": str(config.fp8_base),
-        "ss_fp8_base_unet": str(config.fp8_base),
+        "ss_fp8_base_unet": str(config.fp8_base and not config.fp8_text_encoders()),
         "ss_learning_rate": str(float(opt.learning_rate)),
         "ss_unet_lr": str(float(opt.unet_lr or opt.learning_rate)),
         "ss_text_encoder_lr": str(float(opt.text_encoder_lr or opt.learning_rate)) if lora.train_text_encoder else "0",

@@ -167,14 +167,15 @@ def load_base(
     allow_pickle: bool = False,
     vae: str | Path | None = None,
     fp8_unet: bool = False,
+    fp8_text_encoders: bool = False,
 ) -> BaseModel:
     """Load a base model offline and freeze it in the working dtype on the working device.
 
     `config` overrides the bundled diffusers config folder used for single files (tests pass the
     folder of a tiny model); `prediction_type` overrides what is read or guessed from the file;
-    `vae` names a VAE to use instead of the model's own (see `load_vae`); `fp8_unet` stores the UNet's
-    weights in 8 bits (`fp8.narrow_frozen_weights`, training's fp8_base) before it reaches the device, so
-    the device never holds the wide UNet.
+    `vae` names a VAE to use instead of the model's own (see `load_vae`); `fp8_unet` and `fp8_text_encoders`
+    store those parts' Linear/Conv2d weights in 8 bits (`fp8.narrow_frozen_weights`, training's fp8_base) before
+    they reach the device, so the device never holds them wide.
     """
     import torch
 
@@ -191,12 +192,14 @@ def load_base(
     for module in (base.unet, base.vae, *base.text_encoders):
         module.requires_grad_(False)
         module.eval()
-    if fp8_unet:
+    narrowed = [("UNet", base.unet)] * fp8_unet + [("text encoder", e) for e in base.text_encoders] * fp8_text_encoders
+    if narrowed:
         from .fp8 import narrow_frozen_weights
 
-        count = narrow_frozen_weights(base.unet, dtype)
-        log.info("fp8_base: %d UNet weights stored in float8, %.2f GiB of UNet", count,
-                 sum(p.numel() * p.element_size() for p in base.unet.parameters()) / 2**30)  # fmt: skip
+        for name, module in narrowed:
+            count = narrow_frozen_weights(module, dtype)
+            log.info("fp8_base: %d %s weights stored in float8, %.2f GiB of %s", count, name,
+                     sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30, name)  # fmt: skip
     if base.device != device:
         base.pipeline.to(device)
     return base

@@ -123,7 +123,8 @@ def load_model(config: TrainConfig, accelerator: Accelerator) -> BaseModel:
     if config.fp8_base:
         check_fp8_device(accelerator)
     base = load_base(config.base_model, dtype_of(config.mixed_precision), accelerator.device,
-                     prediction_type=prediction, vae=config.vae, fp8_unet=config.fp8_base)  # fmt: skip
+                     prediction_type=prediction, vae=config.vae, fp8_unet=config.fp8_base,
+                     fp8_text_encoders=config.fp8_text_encoders())  # fmt: skip
     if config.family != "auto" and config.family != base.family:
         raise TrainingError(
             f"the preset is for {config.family} but {config.base_model} is {base.family}; "

@@ -46,6 +46,8 @@ def test_constants_are_the_real_structures_counts(family):
     assert te_weights == estimate.TEXT_ENCODER_TARGET_WEIGHTS[family]
     assert fp8_counts(unet) == (estimate.FP8_STORED[family], estimate.FP8_OUTSIDE_UNITS[family],
                                 estimate.FP8_LARGEST_UNIT[family])  # fmt: skip
+    linear = [m for e in (te, te2) if e is not None for m in e.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(m.weight.numel() for m in linear) == estimate.FP8_TEXT_ENCODERS_STORED[family]
 
 
 def fp8_counts(unet: torch.nn.Module) -> tuple[int, int, int]:

@@ -13,12 +13,14 @@ from safetensors import safe_open
 from test_train import images, tiny_config  # noqa: F401  (images is a fixture)
 from torch import nn
 from torch.nn.utils import parametrize
+from transformers import CLIPTextModel
 
 from lora_studio import estimate, fp8
 from lora_studio import step as step_module
 from lora_studio.config import TrainConfig, validate_config
 from lora_studio.errors import ConfigError
 from lora_studio.fp8 import STORAGE_DTYPE, adapter_modules
+from lora_studio.lora_metadata import TrainingFacts, training_metadata
 from lora_studio.train import TrainingError, load_model, prepare, run_training
 
 
@@ -27,17 +29,21 @@ def frozen_layers(unet: nn.Module) -> list[nn.Module]:
     return [m for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in adapters]
 
 
-def rounded_copy(folder, to):
-    """The diffusers folder with its UNet's Linear/Conv2d weights rounded to float8 once (and stored wide)."""
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    with torch.no_grad():
-        layers = [m for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        before = [m.weight.clone() for m in layers]
-        for m in layers:
-            m.weight.copy_(m.weight.to(STORAGE_DTYPE).float())
-    assert any(not torch.equal(b, m.weight) for b, m in zip(before, layers, strict=True))  # not a no-op
+def rounded_copy(folder, to, text_encoder: bool = False):
+    """The diffusers folder with its UNet's (and text encoder's) Linear/Conv2d weights rounded to float8 once, and
+    stored wide."""
+    parts = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet")}
+    if text_encoder:
+        parts["text_encoder"] = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
     shutil.copytree(folder, to)
-    unet.save_pretrained(to / "unet", safe_serialization=True)
+    for name, model in parts.items():
+        with torch.no_grad():
+            layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            before = [m.weight.clone() for m in layers]
+            for m in layers:
+                m.weight.copy_(m.weight.to(STORAGE_DTYPE).float())
+        assert any(not torch.equal(b, m.weight) for b, m in zip(before, layers, strict=True))  # not a no-op
+        model.save_pretrained(to / name, safe_serialization=True)
     return to
 
 
@@ -95,6 +101,34 @@ def test_an_sdxl_bf16_run_in_fp8_samples_writes_its_file_and_says_so(tmp_path, t
     assert "fp8_base: " in (done.run_dir / "log.txt").read_text()
 
 
+def test_frozen_text_encoders_that_stay_on_the_device_are_narrowed_and_encode_as_rounded_ones(tmp_path, tiny_folders,
+                                                                                                 images):  # noqa: F811
+    """Captions that change each step (shuffled) keep a frozen text encoder on the device: fp8_base narrows it, and
+    its outputs are exactly those of a text encoder rounded to float8 once. Cached or trained ones keep their
+    precision (the cache is filled at full precision; a trained one would keep wide copies for the backward)."""
+    settings = dict(fp8_base=True, gradient_checkpointing=True, lora={"train_text_encoder": False},
+                    dataset={"shuffle_caption": True})  # fmt: skip
+    config = tiny_config(tmp_path / "a", tiny_folders, images, **settings)
+    assert config.fp8_text_encoders()
+    narrowed = prepare(config).base
+    (encoder,) = narrowed.text_encoders
+    layers = [m for m in encoder.modules() if isinstance(m, nn.Linear)]
+    assert layers and all(m.parametrizations.weight.original.dtype == STORAGE_DTYPE for m in layers)
+    folder = rounded_copy(tiny_folders["sd1"], tmp_path / "rounded", text_encoder=True)
+    rounded = prepare(tiny_config(tmp_path / "b", tiny_folders, images, base_model=str(folder), **settings)).base
+    captions = ["zkz, a thing number 1", "a thing"]
+    with torch.no_grad():
+        a, b = (step_module.encode_text(base, captions, 1) for base in (narrowed, rounded))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cached = config.model_copy(update={"dataset": config.dataset.model_copy(update={
+        "shuffle_caption": False, "cache_text_embeddings": True})})  # fmt: skip
+    trained = config.model_copy(update={"lora": config.lora.model_copy(update={"train_text_encoder": True})})
+    assert not cached.fp8_text_encoders() and not trained.fp8_text_encoders()
+    facts = TrainingFacts("sd1", "demo", 64, 1, 1, 1, {}, {}, [], 0.0, 0.0)  # kohya's pair says which parts
+    fp8_keys = lambda c: [training_metadata(c, facts)[k] for k in ("ss_fp8_base", "ss_fp8_base_unet")]  # noqa: E731
+    assert fp8_keys(config) == ["True", "False"] and fp8_keys(cached) == fp8_keys(trained) == ["True", "True"]
+
+
 def test_fp8_base_needs_gradient_checkpointing():
     problems = TrainConfig(fp8_base=True).combination_problems()
     assert any("`fp8_base` needs gradient_checkpointing" in p for p in problems)
@@ -140,3 +174,10 @@ def test_the_estimate_counts_the_unet_in_one_byte_and_the_wide_copies(preset, fa
     assert narrow.activations_gib == plain.activations_gib
     if family == "sdxl":  # SDXL's UNet: 4.8 GiB in bf16, 2.4 in float8, plus 0.2 of wide copies
         assert plain.weights_gib - narrow.weights_gib > 2.0
+    # Shuffled captions keep the frozen text encoders on the GPU: narrowed too, without wide copies
+    shuffled = config.model_copy(update={"dataset": config.dataset.model_copy(update={
+        "shuffle_caption": True, "cache_text_embeddings": False})})  # fmt: skip
+    wide = estimate.estimate_memory(family, shuffled)
+    both = estimate.estimate_memory(family, shuffled.model_copy(update={"fp8_base": True}))
+    encoders = estimate.FP8_TEXT_ENCODERS_STORED[family]
+    assert wide.weights_gib - both.weights_gib == pytest.approx((saved + encoders) / estimate.GIB)
