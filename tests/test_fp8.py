@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
-from test_train import images, tiny_config  # noqa: F401  (images is a fixture)
+from test_train import images, straight_and_resumed, tiny_config  # noqa: F401  (images is a fixture)
 from torch import nn
 from torch.nn.utils import parametrize
 from transformers import CLIPTextModel
@@ -127,6 +127,16 @@ def test_frozen_text_encoders_that_stay_on_the_device_are_narrowed_and_encode_as
     facts = TrainingFacts("sd1", "demo", 64, 1, 1, 1, {}, {}, [], 0.0, 0.0)  # kohya's pair says which parts
     fp8_keys = lambda c: [training_metadata(c, facts)[k] for k in ("ss_fp8_base", "ss_fp8_base_unet")]  # noqa: E731
     assert fp8_keys(config) == ["True", "False"] and fp8_keys(cached) == fp8_keys(trained) == ["True", "True"]
+
+
+def test_an_fp8_run_stopped_and_resumed_equals_one_straight_run(tmp_path, tiny_folders, images):  # noqa: F811
+    """A resume loads and narrows the base again; the LoRA it finishes is the straight run's, bit for bit (with the
+    text encoder narrowed too: shuffled captions, frozen encoder)."""
+    straight, resumed, a, b = straight_and_resumed(tmp_path, tiny_folders, images, fp8_base=True,
+                                                   gradient_checkpointing=True, lora={"train_text_encoder": False},
+                                                   dataset={"shuffle_caption": True})  # fmt: skip
+    assert resumed.step == 8 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_up" in k)
 
 
 def test_fp8_base_needs_gradient_checkpointing():
