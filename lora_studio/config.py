@@ -501,6 +501,10 @@ class LoraConfig(Section):
         return self
 
 
+# Optimizers that find one step size for all the weights and refuse parameter groups at other rates.
+ONE_RATE_OPTIMIZERS = ("prodigy", "dadapt_adam")
+
+
 class OptimConfig(Section):
     optimizer: Literal[
         "adamw", "adamw8bit", "prodigy", "dadapt_adam", "adafactor", "lion", "lion8bit", "adamw_schedulefree"
@@ -1195,7 +1199,6 @@ KOHYA_V0_KEYS: dict[str, str] = {
     "save_state": "save.save_state",
 }
 # kohya's optimizer_type names (lowercased) -> ours; kohya also takes a module path for schedule-free AdamW.
-ONE_RATE_OPTIMIZERS = ("prodigy", "dadapt_adam")  # they find one step size and refuse groups at other rates
 KOHYA_OPTIMIZERS = {
     "adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor", "lion": "lion",
     "lion8bit": "lion8bit", "adamwschedulefree": "adamw_schedulefree", "dadaptadam": "dadapt_adam",

@@ -1,9 +1,12 @@
-"""8-bit storage of the UNet's frozen weights (`fp8_base`, kohya's fp8_base / fp8_base_unet).
+"""8-bit storage of frozen weights (`fp8_base`, kohya's fp8_base / fp8_base_unet): the UNet's, and those of frozen
+text encoders that stay on the GPU (`TrainConfig.fp8_text_encoders`).
 
 Each frozen Linear and Conv2d keeps its weight in float8 (e4m3, kohya's choice) and hands out a copy in the
 compute dtype whenever the layer reads it: a torch parametrization does the widening, so every reader (the
 layer's forward, peft's DoRA norms, a recomputed checkpointed block) sees the same wide values. The widening of
-float8 to bf16/fp16/fp32 is exact, so training matches a base whose weights were rounded to float8 once.
+float8 to bf16/fp16/fp32 is exact, so training matches a base whose weights were rounded to float8 once. The
+rounding is a plain cast, as kohya's: no per-tensor scale, so weights under 2**-10 in size (half float8's smallest
+step) become 0.
 
 Why not diffusers' `enable_layerwise_casting`: it narrows the module's parameters again after each forward, and
 autograd's saved copy of that parameter then changes dtype under it; gradient checkpointing's recomputation

@@ -192,7 +192,9 @@ def load_base(
     for module in (base.unet, base.vae, *base.text_encoders):
         module.requires_grad_(False)
         module.eval()
-    narrowed = [("UNet", base.unet)] * fp8_unet + [("text encoder", e) for e in base.text_encoders] * fp8_text_encoders
+    narrowed = [("UNet", base.unet)] if fp8_unet else []
+    if fp8_text_encoders:
+        narrowed += [("text encoder", encoder) for encoder in base.text_encoders]
     if narrowed:
         from .fp8 import narrow_frozen_weights
 
