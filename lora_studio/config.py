@@ -528,6 +528,11 @@ class OptimConfig(Section):
         1.0, gt=0.0, le=10.0, description="The 'polynomial' schedule's power (kohya's lr_scheduler_power): 1 falls "
         "linearly, above 1 falls fast at first, below 1 late.",
     )  # fmt: skip
+    text_encoder_steps: int = Field(
+        0, ge=0, description="Train the text encoder(s) for the first N optimizer steps only, then the UNet alone "
+        "(kohya's DreamBooth stop_text_encoder_training, OneTrainer's stop-after for the text encoder): a text "
+        "encoder over-learns sooner than the UNet. Their rate drops to 0 at step N; 0: they train the whole run.",
+    )  # fmt: skip
     weight_decay: float = Field(0.01, ge=0)  # torch AdamW default
     betas: tuple[float, float] | None = Field(
         None, description="The optimizer's two betas; empty: its own (AdamW, Prodigy and schedule-free AdamW "
@@ -901,6 +906,7 @@ class TrainConfig(Section):
                             "optimizer.gradient_accumulation_steps = 1 (a larger batch instead), or compile_mode = "
                             "'default'")  # fmt: skip
         problems += self.fp8_problems()
+        problems += self.text_encoder_stop_problems()
         if self.lora.network != "lora" and self.save.format == "diffusers":
             problems.append(f"`lora.network` = '{self.lora.network}' is written in LyCORIS' format, which "
                             "diffusers' format cannot hold; set save.format = 'kohya' (A1111/Forge and ComfyUI load "
@@ -1004,6 +1010,23 @@ class TrainConfig(Section):
                             f"which {name} cannot train (it finds one step size for every weight); use 1 (train) "
                             "and 0 (leave out) only, or choose another optimizer")  # fmt: skip
         return problems
+
+    def text_encoder_stop_problems(self) -> list[str]:
+        """optimizer.text_encoder_steps sets the text encoders' rate to 0 from that step on. That holds a weight still
+        with AdamW, Adafactor and Lion (their steps and decays scale with the rate); Prodigy and D-Adaptation step
+        every trained weight by their shared estimate, and schedule-free AdamW keeps pulling its weights and their
+        average together, whatever the rate."""
+        opt = self.optimizer
+        if not opt.text_encoder_steps:
+            return []
+        if not self.lora.train_text_encoder:
+            return [f"`optimizer.text_encoder_steps` = {opt.text_encoder_steps} stops a text encoder that does not "
+                    "train (lora.train_text_encoder = false); set it to 0, or train the text encoder"]  # fmt: skip
+        if opt.optimizer in (*ONE_RATE_OPTIMIZERS, "adamw_schedulefree"):
+            return [f"`optimizer.text_encoder_steps` cannot stop the text encoder with {opt.optimizer}: at rate 0 its "
+                    "step still moves the weights it has trained; set text_encoder_steps = 0, or choose adamw, "
+                    "adamw8bit, adafactor, lion or lion8bit"]  # fmt: skip
+        return []
 
     def schedule_free_problems(self) -> list[str]:
         """Schedule-free AdamW replaces the rate schedule and keeps its own average of the weights (the ones

@@ -14,6 +14,9 @@ ADAM_BETAS = (0.9, 0.999)  # torch's AdamW, Prodigy and schedule-free AdamW defa
 LION_BETAS = (0.9, 0.99)  # lion-pytorch's default, the paper's choice for most tasks
 
 
+PARTS = ("unet", "text_encoders")  # each parameter group's "part", in parameter_groups' order
+
+
 def is_up_weight(name: str) -> bool:
     """Whether a trained parameter is a LoRA up (B) matrix, by peft's name for it."""
     return ".lora_B." in name
@@ -37,7 +40,7 @@ def parameter_groups(config: TrainConfig, base: BaseModel) -> list[dict]:
             weight = block_weight_of(name, config, base) if index == 0 else 1.0
             by_weight.setdefault((weight, bool(ratio) and is_up_weight(name)), []).append(param)
         for (weight, up), params in sorted(by_weight.items(), key=lambda kv: (kv[0][1], kv[0][0] != 1.0)):
-            groups.append({"params": params, "lr": lr * weight * (ratio if up else 1.0)})
+            groups.append({"params": params, "lr": lr * weight * (ratio if up else 1.0), "part": PARTS[index]})
     return groups
 
 
@@ -125,12 +128,31 @@ def make_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, tot
     """
     opt = config.optimizer
     if opt.optimizer == "adamw_schedulefree":  # the optimizer warms up by itself and needs no schedule
-        return get_scheduler("constant", optimizer)
-    return get_scheduler(
-        opt.lr_scheduler,
-        optimizer,
-        num_warmup_steps=opt.lr_warmup_steps * processes,
-        num_training_steps=total * processes,
-        num_cycles=opt.lr_scheduler_num_cycles,
-        power=opt.lr_scheduler_power,
-    )
+        scheduler = get_scheduler("constant", optimizer)
+    else:
+        scheduler = get_scheduler(
+            opt.lr_scheduler,
+            optimizer,
+            num_warmup_steps=opt.lr_warmup_steps * processes,
+            num_training_steps=total * processes,
+            num_cycles=opt.lr_scheduler_num_cycles,
+            power=opt.lr_scheduler_power,
+        )
+    if opt.text_encoder_steps:
+        stop_text_encoders(scheduler, optimizer, opt.text_encoder_steps * processes)
+    return scheduler
+
+
+def stop_text_encoders(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer: torch.optim.Optimizer,
+                       after: int) -> None:  # fmt: skip
+    """The text encoders' groups at rate 0 from scheduler step `after` on (`optimizer.text_encoder_steps`). Every
+    schedule diffusers builds is a LambdaLR with one factor function per group; theirs gets a cut-off. A rate of 0
+    leaves the weights exactly as they are with AdamW (its decoupled decay is lr x decay too), Adafactor and Lion;
+    the config refuses the others this setting (`TrainConfig.text_encoder_stop_problems`). The gradients are still
+    computed, so a DDP run keeps every parameter in use."""
+    groups = getattr(optimizer, "optimizer", optimizer).param_groups
+    scheduler.lr_lambdas = [
+        (lambda step, factor=factor: factor(step) if step < after else 0.0) if group.get("part") == "text_encoders"
+        else factor
+        for factor, group in zip(scheduler.lr_lambdas, groups, strict=True)
+    ]

@@ -168,6 +168,8 @@ PRODIGY = {"optimizer": "prodigy", "learning_rate": 1.0, "text_encoder_lr": 1.0}
     ({"lora": {"block_lr_weights": [1.0, 0.5, 1.0]}}, "`lora.block_lr_weights` gives blocks other rates (0.5)"),
     ({"optimizer": {"optimizer": "dadapt_adam", "unet_lr": 2.0}}, "`optimizer.text_encoder_lr` = 1 is not the UNet's "
                                                                   "rate (2): dadapt_adam finds one step size"),
+    ({"optimizer": {"text_encoder_steps": 3}}, "`optimizer.text_encoder_steps` cannot stop the text encoder with "
+                                               "prodigy: at rate 0 its step still moves the weights"),
 ])  # fmt: skip
 def test_prodigy_refuses_weights_at_other_rates_before_its_step_would(tmp_path, tiny_folders, images, settings,
                                                                       phrase):  # fmt: skip
@@ -194,6 +196,41 @@ def test_prodigy_trains_at_one_rate_and_its_own_step_refuses_others(tmp_path, ti
         step_module.training_step(session, [0, 1])
     assert not TrainConfig(optimizer={"optimizer": "prodigy", "learning_rate": 1.0},
                            lora={"train_text_encoder": False}).combination_problems()  # fmt: skip
+
+
+@pytest.mark.parametrize("settings", [{"optimizer": "adamw"}, {"optimizer": "lion", "learning_rate": 1e-4}],
+                         ids=["adamw", "lion"])  # fmt: skip
+def test_the_text_encoder_stops_after_its_steps_and_the_unet_goes_on(tmp_path, tiny_folders, images, settings):
+    """optimizer.text_encoder_steps = 3: from the fourth step the text encoders' rate is 0 and their weights stay
+    exactly as they were (AdamW's and Lion's weight decay scale with the rate too)."""
+    config = tiny_config(tmp_path, tiny_folders, images, optimizer={**settings, "text_encoder_steps": 3,
+                                                                    "max_train_steps": 6})  # fmt: skip
+    session = prepare(config)
+    encoder = [p for e in session.base.text_encoders for p in e.parameters() if p.requires_grad]
+    unet = [p for p in session.base.unet.parameters() if p.requires_grad]
+    snapshot = lambda params: [p.detach().clone() for p in params]  # noqa: E731
+    before = snapshot(encoder)
+    steps(session, 3)
+    at_three, unet_at_three = snapshot(encoder), snapshot(unet)
+    assert any(not torch.equal(a, b) for a, b in zip(before, at_three, strict=True)), "it trained until then"
+    steps(session, 3)
+    assert all(torch.equal(a, b) for a, b in zip(at_three, snapshot(encoder), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(unet_at_three, snapshot(unet), strict=True))
+    groups = session.optimizer.optimizer.param_groups
+    assert [g["lr"] for g in groups if g["part"] == "text_encoders"] == [0.0]
+    assert all(g["lr"] > 0 for g in groups if g["part"] == "unet")
+
+
+def test_a_stopped_text_encoder_resumes_bit_exactly_and_needs_a_trained_one(tmp_path, tiny_folders, images):
+    """Stopped at step 4, the run is stopped at 5 and resumed: the same file as straight through."""
+    _, resumed, a, b = straight_and_resumed(tmp_path, tiny_folders, images, optimizer={"text_encoder_steps": 4})
+    assert resumed.step == 8 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    problems = TrainConfig(optimizer={"text_encoder_steps": 4}, lora={"train_text_encoder": False}
+                           ).combination_problems()  # fmt: skip
+    assert problems == ["`optimizer.text_encoder_steps` = 4 stops a text encoder that does not train "
+                        "(lora.train_text_encoder = false); set it to 0, or train the text encoder"]
+    schedule_free = TrainConfig(optimizer={**SCHEDULE_FREE, "lr_scheduler": "constant", "text_encoder_steps": 4})
+    assert "cannot stop the text encoder with adamw_schedulefree" in schedule_free.combination_problems()[0]
 
 
 def test_the_form_refuses_schedule_free_with_a_schedule():
