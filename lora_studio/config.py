@@ -895,18 +895,7 @@ class TrainConfig(Section):
         """Settings that are each valid but cannot train together. "Check settings", `lora-studio config`
         and the trainer all ask this one place, so what the form accepts is what training accepts."""
         problems = self.prodigy_option_problems() + self.one_rate_problems() + self.regularization_problems()
-        if self.compile_mode != "default" and not self.torch_compile:
-            problems.append(f"`compile_mode` = '{self.compile_mode}' acts only on a compiled model; set "
-                            "torch_compile = true, or compile_mode = 'default'")  # fmt: skip
-        if self.compile_mode == "reduce-overhead" and self.optimizer.gradient_accumulation_steps > 1:
-            # A CUDA graph writes each replay's outputs over the last one's; gradients summed over micro-batches
-            # would have to outlive a replay, which has not been checked on a GPU yet (bench/compile_equality.py's
-            # accumulating case, run by `bench/device_check.sh equal`, is that check; passed on the CPU, no graphs).
-            problems.append("`compile_mode` = 'reduce-overhead' (CUDA graphs) cannot accumulate gradients yet; set "
-                            "optimizer.gradient_accumulation_steps = 1 (a larger batch instead), or compile_mode = "
-                            "'default'")  # fmt: skip
-        problems += self.fp8_problems()
-        problems += self.text_encoder_stop_problems()
+        problems += self.compile_problems() + self.fp8_problems() + self.text_encoder_stop_problems()
         if self.lora.network != "lora" and self.save.format == "diffusers":
             problems.append(f"`lora.network` = '{self.lora.network}' is written in LyCORIS' format, which "
                             "diffusers' format cannot hold; set save.format = 'kohya' (A1111/Forge and ComfyUI load "
@@ -952,6 +941,20 @@ class TrainConfig(Section):
         reason = self.text_cache_refusal() if self.dataset.cache_text_embeddings else None
         if reason:
             problems.append(f"`dataset.cache_text_embeddings` cannot be used: {reason}")
+        return problems
+
+    def compile_problems(self) -> list[str]:
+        problems = []
+        if self.compile_mode != "default" and not self.torch_compile:
+            problems.append(f"`compile_mode` = '{self.compile_mode}' acts only on a compiled model; set "
+                            "torch_compile = true, or compile_mode = 'default'")  # fmt: skip
+        if self.compile_mode == "reduce-overhead" and self.optimizer.gradient_accumulation_steps > 1:
+            # A CUDA graph writes each replay's outputs over the last one's; gradients summed over micro-batches
+            # would have to outlive a replay, which has not been checked on a GPU yet (bench/compile_equality.py's
+            # accumulating case, run by `bench/device_check.sh equal`, is that check; passed on the CPU, no graphs).
+            problems.append("`compile_mode` = 'reduce-overhead' (CUDA graphs) cannot accumulate gradients yet; set "
+                            "optimizer.gradient_accumulation_steps = 1 (a larger batch instead), or compile_mode = "
+                            "'default'")  # fmt: skip
         return problems
 
     def fp8_problems(self) -> list[str]:
