@@ -944,6 +944,7 @@ class TrainConfig(Section):
         return problems
 
     def compile_problems(self) -> list[str]:
+        """compile_mode without torch_compile, and CUDA graphs with gradient accumulation (not checked yet)."""
         problems = []
         if self.compile_mode != "default" and not self.torch_compile:
             problems.append(f"`compile_mode` = '{self.compile_mode}' acts only on a compiled model; set "
