@@ -19,6 +19,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+from .cpu_memory import KeptHeap
+
 log = logging.getLogger(__name__)
 
 THREADS_ENV = "LORA_STUDIO_CPU_THREADS"
@@ -134,13 +136,15 @@ class ThreadTuner:
 
 
 class CpuThreads:
-    """The training's thread policy on the CPU: a tuner when torch has 2+ threads and nobody fixed the count;
-    restores torch's count when the training ends, so previews afterwards use every core."""
+    """The training's CPU policy: a thread tuner when torch has 2+ threads and nobody fixed the count, and freed
+    memory kept for the next step (`cpu_memory.KeptHeap`). `restore()` gives back torch's thread count, so
+    previews afterwards use every core, and the kept memory."""
 
     def __init__(self, device_type: str, processes: int = 1):
         import torch
 
         self.torch = torch
+        self.heap = KeptHeap(device_type)
         self.before = torch.get_num_threads()
         fixed = fixed_thread_count()
         if device_type == "cpu" and fixed is not None and fixed != self.before:
@@ -159,3 +163,4 @@ class CpuThreads:
     def restore(self) -> None:
         if self.torch.get_num_threads() != self.before:
             self.torch.set_num_threads(self.before)
+        self.heap.release()

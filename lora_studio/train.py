@@ -27,6 +27,7 @@ from . import fp8
 from .cache import LatentCache, TextCache, cache_folder, plan_latent_entries
 from .conditioning import overlong_captions
 from .config import TrainConfig, shortened
+from .cpu_attention import use_small_head_attention
 from .cpu_threads import CpuThreads
 from .data import (
     Item,
@@ -327,10 +328,12 @@ def build_session(
 
 def prepare_trained_parts(config: TrainConfig, accelerator: Accelerator, base: BaseModel, total: int) -> tuple:
     """The trained parts, optimizer and schedule as accelerate prepared them (DDP on several GPUs), compiled
-    when asked."""
+    when asked; on the CPU uncompiled, the UNet's small-head attention (`cpu_attention`)."""
     optimizer = make_optimizer(config, base, accelerator.device)
     parts = trained_parts(config, base)
     lr_scheduler = make_lr_scheduler(config, optimizer, total, accelerator.num_processes)
+    if accelerator.device.type == "cpu" and not config.torch_compile:  # compiled: inductor's own attention kernels
+        use_small_head_attention(base.unet)
     prepared = accelerator.prepare(*parts.values(), optimizer, lr_scheduler)
     models = dict(zip(parts, prepared[: len(parts)], strict=True))
     if config.torch_compile:
