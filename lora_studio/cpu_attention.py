@@ -51,11 +51,12 @@ class SmallHeadAttention(torch.autograd.Function):
             grads[2] = merge_heads_t(torch.bmm(g.transpose(1, 2), probs), batch, heads)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             d_scores = torch.ops.aten._softmax_backward_data(torch.bmm(g, v.transpose(1, 2)), probs, -1, probs.dtype)
-            d_scores.mul_(ctx.scale)
+            # The scale goes on the small products (dim rows), not on the scores (tokens x tokens each).
             if ctx.needs_input_grad[0]:
-                grads[0] = merge_heads_t(torch.bmm(k.transpose(1, 2), d_scores.transpose(1, 2)), batch, heads)
+                d_q = torch.bmm(k.transpose(1, 2), d_scores.transpose(1, 2)).mul_(ctx.scale)
+                grads[0] = merge_heads_t(d_q, batch, heads)
             if ctx.needs_input_grad[1]:
-                grads[1] = merge_heads_t(torch.bmm(q.transpose(1, 2), d_scores), batch, heads)
+                grads[1] = merge_heads_t(torch.bmm(q.transpose(1, 2), d_scores).mul_(ctx.scale), batch, heads)
         return tuple(grads)
 
 

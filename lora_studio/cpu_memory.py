@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import platform
+import os
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,11 @@ GLIBC_DEFAULT_BYTES = 128 * 1024  # both thresholds' glibc defaults
 
 def glibc() -> ctypes.CDLL | None:
     """The process's glibc, or None where the C library is another one."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
     try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):  # "glibc 2.36"; absent elsewhere
+            return None
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    except (AttributeError, ValueError, OSError):  # no os.confstr (Windows), no such name, no such library
         return None
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
@@ -51,7 +51,10 @@ class KeptHeap:
         return self.libc is not None
 
     def _set_thresholds(self, size: int) -> bool:
-        return bool(self.libc.mallopt(M_MMAP_THRESHOLD, size)) & bool(self.libc.mallopt(M_TRIM_THRESHOLD, size))
+        """Both thresholds to `size`; whether glibc took both (it answers 1 for a value it took)."""
+        mmap_set = self.libc.mallopt(M_MMAP_THRESHOLD, size)
+        trim_set = self.libc.mallopt(M_TRIM_THRESHOLD, size)
+        return mmap_set == 1 and trim_set == 1
 
     def release(self) -> None:
         """glibc's default thresholds again (fixed at 128 KiB: its sliding mmap threshold stays off once set),
