@@ -143,9 +143,8 @@ def reference(folder: Path, batch: int) -> BlockTimer:
 
 
 CASES: dict[str, Callable[[Path, int], BlockTimer]] = {
-    "reference": lambda folder, batch: reference(folder, batch),
-    # The reference with freed memory kept as our trainer keeps it: how much of our lead that policy alone gives.
-    "reference_kept_heap": lambda folder, batch: reference(folder, batch),
+    "reference": reference,
+    "reference_kept_heap": reference,  # with freed memory kept as ours keeps it: what that policy alone gives
     "ours_frozen_te": lambda folder, batch: ours(folder / "a", folder / "data", batch, False),
     "ours_trained_te": lambda folder, batch: ours(folder / "b", folder / "data", batch, True),
     "ours_frozen_te_compiled": lambda folder, batch: ours(folder / "c", folder / "data", batch, False, compile=True),
