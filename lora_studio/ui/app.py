@@ -26,6 +26,7 @@ from . import dataset_tab, library_tab, preview_tab, train_tab
 from .errors import shown
 from .guard import LoginThrottle, RequestGuard
 from .state import DEFAULT_MAX_UPLOAD_MB, AppState, confined_base
+from .tracker_frames import TrackerFrames
 
 log = logging.getLogger(__name__)
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -192,7 +193,7 @@ def launch(
         prevent_thread_lock=not block,
         allowed_paths=roots.served(),
         max_file_size=f"{max_upload_mb}mb",
-        app_kwargs={"middleware": [Middleware(RequestGuard, loopback=loopback, port=port)]},
+        app_kwargs={"middleware": [Middleware(RequestGuard, loopback=loopback, port=port), Middleware(TrackerFrames)]},
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
     )
