@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from lora_studio import buckets
-from lora_studio.cpu_threads import CpuThreads
+from lora_studio.cpu_threads import CpuPolicy
 from lora_studio.session import Session
 from lora_studio.step import training_step
 from lora_studio.train import run_steps
@@ -61,12 +61,12 @@ def time_run_steps(session: Session, steps: int) -> float:
     batches = buckets.iterate_batches(session.buckets, [1] * len(session.items), session.config.dataset.batch_size,
                                       session.config.seed, session.position)  # fmt: skip
     session.total_steps = session.step + steps
-    threads = CpuThreads(session.device.type, session.accelerator.num_processes)
+    cpu_policy = CpuPolicy(session.device.type, session.accelerator.num_processes)
     synchronize()
     start = time.perf_counter()
     try:
-        run_steps(session, batches, next(batches), start, session.step, threads)
+        run_steps(session, batches, next(batches), start, session.step, cpu_policy)
         synchronize()
     finally:
-        threads.restore()
+        cpu_policy.restore()
     return (time.perf_counter() - start) / steps

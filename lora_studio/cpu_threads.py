@@ -9,6 +9,7 @@ now and then and keeps the faster; it checks again on a schedule and whenever st
 Figures: bench/busy_core.py, in the README.
 
 `LORA_STUDIO_CPU_THREADS=N` fixes the count (no tuning); torch's OMP_NUM_THREADS is honoured the same way.
+`CpuPolicy` is what a training holds: the tuner and the kept heap (`cpu_memory.KeptHeap`) together.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class ThreadTuner:
         self._use(self.chosen)
 
 
-class CpuThreads:
+class CpuPolicy:
     """The training's CPU policy: a thread tuner when torch has 2+ threads and nobody fixed the count, and freed
     memory kept for the next step (`cpu_memory.KeptHeap`). `restore()` gives back torch's thread count, so
     previews afterwards use every core, and the kept memory."""

@@ -28,7 +28,7 @@ from .cache import LatentCache, TextCache, cache_folder, plan_latent_entries
 from .conditioning import overlong_captions
 from .config import TrainConfig, shortened
 from .cpu_attention import use_small_head_attention
-from .cpu_threads import CpuThreads
+from .cpu_threads import CpuPolicy
 from .data import (
     Item,
     ScanReport,
@@ -434,7 +434,7 @@ def read_losses(session: Session, pending: PendingLosses, started: float, first_
         on_main(session, record_metrics, read, started, first_step)
 
 
-def run_steps(session: Session, batches, upcoming, started: float, first_step: int, threads: CpuThreads) -> bool:
+def run_steps(session: Session, batches, upcoming, started: float, first_step: int, cpu_policy: CpuPolicy) -> bool:
     """Steps until the total is reached (False) or a stop is requested (True), with checkpoints and samples.
 
     Losses are read in batches on a GPU (`loss_reads`), always before whatever must see them."""
@@ -448,9 +448,9 @@ def run_steps(session: Session, batches, upcoming, started: float, first_step: i
         micro_losses, epoch_before = [], session.position.epoch
         for micro in range(config.optimizer.gradient_accumulation_steps):
             indices, upcoming = next_micro_batch(session, batches, upcoming)
-            threads.step_started()
+            cpu_policy.step_started()
             micro_losses.append((indices, training_step(session, indices, micro)))
-            threads.step_finished()
+            cpu_policy.step_finished()
             session.position = upcoming[0]  # saved state resumes from the next batch
         session.step += 1
         pending.add(queued_step(session, micro_losses))
@@ -490,11 +490,11 @@ def train(session: Session) -> DoneEvent:
     if config.sample.at_start and session.step == 0 and config.sample.on:
         on_main(session, render_samples)
     upcoming = next(batches)
-    threads = CpuThreads(session.accelerator.device.type, session.accelerator.num_processes)
+    cpu_policy = CpuPolicy(session.accelerator.device.type, session.accelerator.num_processes)
     try:
-        stopped = run_steps(session, batches, upcoming, started, first_step, threads)
+        stopped = run_steps(session, batches, upcoming, started, first_step, cpu_policy)
     finally:
-        threads.restore()
+        cpu_policy.restore()
     if validation_due(session, True) and session.validated_step != session.step:
         validate_now(session)  # the final file's score (a stop's or the last step's)
     if stopped or config.save.save_state:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_studio.cpu_memory import KeptHeap, glibc
-from lora_studio.cpu_threads import CpuThreads
+from lora_studio.cpu_threads import CpuPolicy
 
 pytestmark = pytest.mark.skipif(glibc() is None, reason="the kept heap is glibc's (Linux)")
 BLOCK = 64 << 20  # 64 MiB: above the 32 MiB that glibc's sliding mmap threshold can reach, so it is always mmapped
@@ -46,8 +46,8 @@ def test_freed_tensors_keep_their_pages_only_while_kept():
 
 def test_only_a_cpu_training_keeps_memory_and_the_training_policy_gives_it_back():
     assert not KeptHeap("cuda").active  # a GPU's tensors are not glibc's
-    threads = CpuThreads("cpu")
+    threads = CpuPolicy("cpu")
     assert threads.heap.active
     threads.restore()
     assert not threads.heap.active
-    assert not CpuThreads("cuda").heap.active
+    assert not CpuPolicy("cuda").heap.active

@@ -7,7 +7,7 @@ The tuner is driven by a simulated clock whose step times are the ones bench/bus
 
 import torch
 
-from lora_studio.cpu_threads import THREADS_ENV, CpuThreads, ThreadTuner
+from lora_studio.cpu_threads import THREADS_ENV, CpuPolicy, ThreadTuner
 
 IDLE = {2: 0.275, 1: 0.36}
 BUSY = {2: 1.15, 1: 0.45}
@@ -82,16 +82,16 @@ def test_the_tuner_follows_the_load_when_it_changes():
 def test_a_fixed_count_is_applied_and_not_tuned_and_training_restores_the_count(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setenv(THREADS_ENV, "1")
-    threads = CpuThreads("cpu")
+    threads = CpuPolicy("cpu")
     try:
         assert threads.tuner is None and torch.get_num_threads() == 1
     finally:
         threads.restore()
     assert torch.get_num_threads() == before
     monkeypatch.setenv(THREADS_ENV, "")
-    assert (CpuThreads("cpu").tuner is not None) == (before >= 2)
-    assert CpuThreads("cuda").tuner is None  # a GPU step does not depend on CPU threads
-    assert CpuThreads("cpu", processes=2).tuner is None  # several processes share the cores already
+    assert (CpuPolicy("cpu").tuner is not None) == (before >= 2)
+    assert CpuPolicy("cuda").tuner is None  # a GPU step does not depend on CPU threads
+    assert CpuPolicy("cpu", processes=2).tuner is None  # several processes share the cores already
 
 
 def test_training_runs_under_the_policy_and_puts_the_count_back(tmp_path, monkeypatch):
