@@ -53,3 +53,17 @@ def test_an_idle_page_asks_for_few_frames(browser_page, app_state):  # noqa: F81
             time.sleep(2)
             rates.append(page.evaluate("() => window.frameRequests") / 2)
     assert rates[-1] <= TRACKER_FRAMES_PER_SECOND + 1, f"frame requests a second, every 2 s: {rates}"
+
+
+@pytest.mark.slow  # 13 s for the app's start in a subprocess; it guards a benchmark, not the app
+def test_the_bench_baseline_serves_the_page_as_gradio_does(bench_script, tmp_path):
+    # bench/page_idle.py's "without" case: the same app with the insertion made a no-op (its figures compare
+    # the two, so this side must really lack the script and still be the app)
+    page_idle = bench_script("page_idle")
+    process, url = page_idle.serve("without", str(tmp_path))
+    try:
+        page = httpx.get(url, headers={"accept-encoding": "identity"})
+        assert page.status_code == 200 and "tracker_frames" not in page.text and "gradio_config" in page.text
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
