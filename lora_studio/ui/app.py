@@ -204,9 +204,9 @@ def launch(
 # Gradio's queue looks for new events every 1 ms while it has none, and for progress to send every 10 ms (its
 # Windows values: 50 and 100 ms). On this 2-core machine that kept the app's event-loop thread at 7.7% of a core at
 # rest (1.54 s of CPU in 20 s; 0.13 s with the Windows values), taking the GIL a thousand times a second beside a
-# training's thread. The demo trained from the page at 2.52 and 2.12 steps/s with them against 1.85 and 2.09
-# without (2 rounds, alternating; noisy). The cost: an event through the queue starts up to 50 ms later (the Train
-# tab's poll skips the queue).
+# training's thread. With this and tracker_frames the demo trained from the page at 84% of the CLI's steps/s, 75%
+# before both (bench/app_training.py, 3 rounds; README "From the app"). The cost: an event through the queue starts up
+# to 50 ms later (the Train tab's poll skips the queue).
 QUEUE_IDLE_SLEEP_S, QUEUE_PROGRESS_SLEEP_S = 0.05, 0.1
 
 

@@ -4,10 +4,11 @@ Gradio 6's StatusTracker (the "Loading..." overlay and every component's progres
 timer with a requestAnimationFrame loop that stops only when its status leaves "pending". The overlay shown while
 the page loads is removed while still pending, so its loop never stops: every Gradio page, even an empty one,
 asks for a frame 60 times a second for as long as it is open (Gradio 6.31: 300 frame requests in 5 s, all from
-the tracker). Measured in headless Chromium, 20 s each, this app's page idle on the Dataset tab: 7-8% of a core
-for the browser; 2.7% with the tracker at 10 frames a second, 1.4% at 4, 0.1-0.2% with it stopped; on the Train
-tab (a poll a second) 13% against 7.6% at 4. A page left open beside a CPU training competes with it for the
-cores (README, "From the app"), and on a laptop it is battery spent on nothing.
+the tracker). bench/page_idle.py (headless Chromium, 20 s a tab, medians): this app's page at rest on the Dataset
+tab takes 7.2% of a core for the browser, 2.3% with the tracker at 4 frames a second; the Train tab (a poll a
+second) 10.9% against 7.8%. Single tries: 2.7% at 10 frames a second, 0.1-0.2% with the loop stopped. A page left
+open beside a CPU training competes with it for the cores (README, "From the app"), and on a laptop it is battery
+spent on nothing.
 
 The fix is a script that runs before Gradio's modules, since the tracker keeps the `window.requestAnimationFrame`
 it found when its module loaded (Gradio's `head` option is added later, too late). It passes every request for a
