@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_startup import CHROMIUM, CHROMIUM_ARGS, serving_app  # noqa: E402
-from report import publish  # noqa: E402
+from report import alternating, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         for round_ in range(args.rounds):
-            for case in ("cli", "app") if round_ % 2 == 0 else ("app", "cli"):
+            for case in alternating(("cli", "app"), round_):
                 started = time.perf_counter()
                 rate = cli_run(Path(home), args.steps) if case == "cli" else app_run(browser, Path(home), args.steps)
                 rates[case].append(round(rate, 3))

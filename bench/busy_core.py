@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import publish  # noqa: E402
+from report import alternating, publish  # noqa: E402
 
 POLICIES = ("default", "passive", "one", "app")
 
@@ -109,7 +109,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         for round_ in range(args.rounds):
             for policy in args.policies:
-                for state in ("idle", "busy") if round_ % 2 == 0 else ("busy", "idle"):
+                for state in alternating(("idle", "busy"), round_):
                     result = run_child(policy, args.steps, state == "busy", Path(out))
                     rates[policy][state].append(result["steps_per_s"])
                     print(f"round {round_ + 1} {policy:8s} {state}: {result['steps_per_s']:.2f} steps/s "

@@ -26,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_startup import CHROMIUM, CHROMIUM_ARGS, free_port, wait_for_server  # noqa: E402
-from report import publish  # noqa: E402
+from report import alternating, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # "without": the app with the middleware's insertion made a no-op, everything else as shipped
@@ -93,7 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         for round_ in range(args.rounds):
-            for case in ("with", "without") if round_ % 2 == 0 else ("without", "with"):
+            for case in alternating(("with", "without"), round_):
                 runs[case].append(one_case(browser, case, home, args.seconds))
                 print(f"round {round_ + 1} {case}: {runs[case][-1]}", flush=True)
         browser.close()
