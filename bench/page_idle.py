@@ -1,5 +1,5 @@
 """The CPU the browser spends on the app's page while nobody uses it: with the shipped tracker_frames script
-(Gradio's status-tracker loop at 4 frames a second) and without it (Gradio as it comes: 60 a second).
+(Gradio's status-tracker loop run from a timer, no frames) and without it (Gradio as it comes: 60 frames a second).
 
     python bench/page_idle.py                       # 2 rounds, 20 s on each tab
     python bench/page_idle.py --rounds 3 --json bench/results/page_idle_cpu.json

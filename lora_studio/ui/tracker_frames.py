@@ -1,23 +1,30 @@
-"""The page's idle CPU: Gradio's status-tracker animation loop, slowed from 60 frames a second to 4.
+"""The page's idle CPU: Gradio's status-tracker animation loop, run from a timer 4 times a second instead of
+drawing 60 frames a second.
 
 Gradio 6's StatusTracker (the "Loading..." overlay and every component's progress badge) draws its elapsed-time
 timer with a requestAnimationFrame loop that stops only when its status leaves "pending". The overlay shown while
 the page loads is removed while still pending, so its loop never stops: every Gradio page, even an empty one,
 asks for a frame 60 times a second for as long as it is open (Gradio 6.31: 300 frame requests in 5 s, all from
-the tracker). bench/page_idle.py (headless Chromium, 20 s a tab, medians): this app's page at rest on the Dataset
-tab takes 7.2% of a core for the browser, 2.3% with the tracker at 4 frames a second; the Train tab (a poll a
-second) 10.9% against 7.8%. Single tries: 2.7% at 10 frames a second, 0.1-0.2% with the loop stopped. A page left
-open beside a CPU training competes with it for the cores (README, "From the app"), and on a laptop it is battery
-spent on nothing.
+the tracker). A page left open beside a CPU training competes with it for the cores (README, "From the app"), and
+on a laptop it is battery spent on nothing.
 
 The fix is a script that runs before Gradio's modules, since the tracker keeps the `window.requestAnimationFrame`
 it found when its module loaded (Gradio's `head` option is added later, too late). It passes every request for a
-frame straight through, except those made from the status tracker's module (its file name in the call stack),
-which it delays to TRACKER_FRAMES_PER_SECOND. A pending event's timer (tenths of a second) then moves 4 times a
-second instead of 60; stopping the loop outright would need to tell the leaked loop from a live one, which the
-page does not show. If a later Gradio renames that module, the script does nothing and
-tests/test_tracker_frames.py fails (an idle page back at 60 frames a second); if it fixes the leak, the test
-still passes and this module can go.
+frame straight through, except those made from the status tracker's module (its file name in the call stack):
+their callbacks run from a timer, TRACKER_FRAMES_PER_SECOND times a second, and the browser is asked for no
+frame at all. The leaked loop then costs a timer callback that changes nothing on the page, so nothing is drawn;
+a live tracker's timer (tenths of a second) moves 4 times a second, drawn in the next frame as any change to the
+page is. Telling the leaked loop from a live one is not possible from the page (hidden trackers have the same
+DOM), hence a timer for both.
+
+Measured with bench/page_idle.py (headless Chromium, 20 s a tab, 3 rounds alternating, medians;
+bench/results/page_idle_cpu.json): the page at rest on the Dataset tab takes 1.1% of a core for the browser
+against 6.3% as Gradio comes; the Train tab (a poll a second) 5.1% against 9.4%. The first version of this script
+(session 24) delayed the tracker's frames to 4 a second but still drew them: side by side (2 rounds) the Dataset
+tab took 1.07% with it and 0.34% with the timer, the Train tab 7.2% and 6.4%.
+
+If a later Gradio renames that module, the script does nothing and tests/test_tracker_frames.py fails (an idle
+page back at 60 frames a second); if it fixes the leak, the test still passes and this module can go.
 
 `TrackerFrames` (ASGI middleware) puts the script first in the <head> of the app's page.
 """
@@ -37,16 +44,16 @@ SCRIPT = f"""<script>(() => {{
   window.requestAnimationFrame = function (callback) {{
     if (!(new Error().stack || "").includes("{TRACKER_MODULE_MARK}")) return frame(callback);
     const id = --lastId;  // negative: never one of the browser's ids
-    const later = () => waiting.set(id, {{frame: frame((time) => {{ waiting.delete(id); callback(time); }})}});
-    waiting.set(id, {{timer: setTimeout(later, {1000 // TRACKER_FRAMES_PER_SECOND})}});
+    // From a timer, not a frame: a leaked loop then draws nothing, and a live tracker's change to the page is
+    // drawn in the next frame as any change is. The tracker reads performance.now(), as rAF's time is.
+    waiting.set(id, setTimeout(() => {{ waiting.delete(id); callback(performance.now()); }},
+                               {1000 // TRACKER_FRAMES_PER_SECOND}));
     return id;
   }};
   window.cancelAnimationFrame = function (id) {{
-    const entry = waiting.get(id);
-    if (entry === undefined) return cancel(id);
+    if (!waiting.has(id)) return cancel(id);
+    clearTimeout(waiting.get(id));
     waiting.delete(id);
-    if (entry.timer !== undefined) clearTimeout(entry.timer);
-    if (entry.frame !== undefined) cancel(entry.frame);
   }};
 }})();</script>"""
 SCRIPT_BYTES = SCRIPT.encode()
@@ -102,4 +109,3 @@ def is_plain_html(start: dict) -> bool:
         and headers.get(b"content-type", b"").startswith(b"text/html")
         and b"content-encoding" not in headers
     )
-
