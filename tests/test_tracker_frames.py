@@ -1,6 +1,6 @@
-"""Gradio's status tracker gets its animation callbacks TRACKER_FRAMES_PER_SECOND times a second from a timer, and
-asks the browser for no frames (its loading overlay's animation loop otherwise draws 60 frames a second for as long
-as the page is open)."""
+"""The page at rest: Gradio's status tracker gets its animation callbacks TRACKER_FRAMES_PER_SECOND times a second
+from a timer and asks the browser for no frames (its loading overlay's animation loop otherwise draws 60 frames a
+second for as long as the page is open), and the Train tab polls seldom while nothing trains."""
 
 import time
 
@@ -8,8 +8,10 @@ import httpx
 import pytest
 from test_app import app_page, browser_page, free_port  # noqa: F401 (a fixture)
 
+from lora_studio.ui import train_tab
 from lora_studio.ui.app import launch
 from lora_studio.ui.tracker_frames import SCRIPT, TRACKER_FRAMES_PER_SECOND, with_script
+from lora_studio.ui.train_tab import poll
 
 
 def test_the_script_goes_first_in_the_head():
@@ -88,19 +90,33 @@ TRACKER_TIMES = """() => Array.from(document.querySelectorAll('#preview-image .p
 
 
 @pytest.mark.browser
-def test_an_idle_page_asks_for_no_frames_and_a_pending_event_s_timer_runs(browser_page, app_state):  # noqa: F811
+def test_an_idle_page_asks_for_no_frames_polls_seldom_and_a_pending_event_s_timer_runs(
+    browser_page, app_state, monkeypatch  # noqa: F811 (the fixture)
+):
     # Installed before the page's own scripts, so it counts the requests that reach the browser. Without
     # tracker_frames an idle Gradio page asks for 60 a second for as long as it is open (the status tracker's
     # leaked loop); with it, once the page's opening transitions are over (5-6 s), none.
     browser_page.add_init_script(COUNT_FRAMES)
+    polls = []  # the Train tab's polls (its timer ticks while the tab is shown) reach the server: counted there
+
+    def counted_poll(*args, **kwargs):
+        polls.append(time.monotonic())
+        return poll(*args, **kwargs)
+
+    monkeypatch.setattr(train_tab, "poll", counted_poll)  # before the app is built, which binds it
     rates = []
     with app_page(browser_page) as page:
-        page.get_by_role("tab", name="Dataset").wait_for(timeout=60_000)
-        while len(rates) < 15 and (not rates or rates[-1] > 0.5):
+        page.get_by_role("tab", name="Train").click()
+        opened = time.monotonic()
+        while len(rates) < 15 and (not rates or rates[-1] > 0.5 or len(rates) < 4):
             page.evaluate("() => { window.frameRequests = 0 }")
             time.sleep(2)
             rates.append(page.evaluate("() => window.frameRequests") / 2)
         assert rates[-1] <= 0.5, f"frame requests a second, every 2 s: {rates}"
+        # Nothing trains: a poll as the page loads and as the tab opens, then one every IDLE_POLL_SECONDS (it was
+        # every second).
+        idle_for = time.monotonic() - opened
+        assert 1 <= len(polls) <= 3 + idle_for / train_tab.IDLE_POLL_SECONDS, (len(polls), idle_for)  # 1 s: 8 in 8 s
         # A live tracker still counts: a preview of 60 steps shows "processing | 0.3s", "0.5s", ... while it runs.
         page.get_by_role("tab", name="Preview").click()
         page.locator("#preview-steps input[type=number]").fill("60")

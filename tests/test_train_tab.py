@@ -225,24 +225,33 @@ def test_a_poll_sends_only_what_changed_and_the_loss_curve_at_most_every_few_sec
     assert fresh[3] == [] and len(fresh[2]) == 0  # another job: the old samples and curve are cleared
 
 
-def test_a_job_training_on_the_cpu_is_polled_every_few_seconds_and_an_idle_page_every_second(app_state, monkeypatch):
-    """Each poll costs the browser CPU that a CPU training on the same machine loses (bench/app_training.py)."""
+def test_a_cpu_training_is_polled_every_few_seconds_a_gpu_one_every_second_and_an_idle_page_seldom(
+    app_state, monkeypatch
+):
+    """Each poll costs the browser CPU that a CPU training on the same machine loses (bench/app_training.py), and a
+    page at rest on a laptop its battery."""
     manager = app_state.jobs
+    monkeypatch.setattr(manager, "queued", lambda: [])
+    nothing = train_tab.poll(app_state, None, now=0.5)
+    assert nothing[5] == gr.skip() and nothing[-1].every == train_tab.IDLE_POLL_SECONDS  # the page's first interval
     status = JobStatus(id=9, name="demo", state="running", step=3, total_steps=100)
     monkeypatch.setattr(manager, "current", lambda: status)
-    monkeypatch.setattr(manager, "queued", lambda: [])
     assert train_tab.training_on_cpu()  # no GPU here
-    running = train_tab.poll(app_state, None, now=1.0)
+    running = train_tab.poll(app_state, nothing[-1], now=1.0)
     assert isinstance(running[5], gr.Timer) and running[5].value == train_tab.CPU_TRAINING_POLL_SECONDS
     status.step = 4
     again = train_tab.poll(app_state, running[-1], now=5.0)
     assert again[5] == gr.skip() and again[-1].every == train_tab.CPU_TRAINING_POLL_SECONDS  # told once
     status.state = "done"
     done = train_tab.poll(app_state, again[-1], now=9.0)
-    assert done[5].value == train_tab.POLL_SECONDS
+    assert done[5].value == train_tab.IDLE_POLL_SECONDS > train_tab.CPU_TRAINING_POLL_SECONDS
+    # a job just queued behind nothing (the worker has not taken it yet) already counts as busy
+    monkeypatch.setattr(manager, "queued", lambda: [JobStatus(id=10, name="next", state="queued")])
+    assert train_tab.poll(app_state, done[-1], now=9.5)[5].value == train_tab.CPU_TRAINING_POLL_SECONDS
+    monkeypatch.setattr(manager, "queued", lambda: [])
     monkeypatch.setattr(train_tab, "training_on_cpu", lambda: False)  # a GPU does the work: every second
-    status.state = "running"
-    assert train_tab.poll(app_state, done[-1], now=10.0)[5] == gr.skip()
+    status.state = "stopping"
+    assert train_tab.poll(app_state, done[-1], now=10.0)[5].value == train_tab.RUNNING_POLL_SECONDS
 
 
 def test_the_curve_draws_validation_passes_beside_the_training_loss(app_state, monkeypatch):

@@ -369,10 +369,14 @@ def bar_html(element_id: str, value: int, maximum: int, colour: str, text: str) 
 LOSS_PLOT_SECONDS = 5.0  # the loss curve redraws at most this often while a job runs
 LOSS_PLOT_POINTS = 400  # and with at most this many points: the browser redraws all of them
 # How often the page polls. Each poll costs the browser tens of ms of CPU in Gradio's event handling, whatever it
-# updates; on 2 cores the demo trained from the page at 82% of the CLI's steps/s with a poll a second, 95% with
-# the page open and no polls, and 92% with a poll every 4 s (bench/app_training.py, session 12). So a job
-# training on the CPU is polled every 4 s; otherwise (idle, or a GPU doing the work) every second.
-POLL_SECONDS, CPU_TRAINING_POLL_SECONDS = 1.0, 4.0
+# updates, and more once an event has used the form's fields (Gradio then updates the loading status of each of
+# them on every event): on the Train tab at rest with a poll a second, Chromium took 6-7% of a core on a fresh page
+# and 13-16% after one "Check settings" (session 25). On 2 cores the demo trained from the page at 82% of the CLI's
+# steps/s with a poll a second, 95% with the page open and no polls, and 92% with a poll every 4 s
+# (bench/app_training.py, session 12). So a job training on the CPU is polled every 4 s, one on a GPU every second,
+# and a page with nothing running every 5 s; Start, Stop and Resume poll at once, so the page follows its own
+# clicks without waiting for the timer.
+RUNNING_POLL_SECONDS, CPU_TRAINING_POLL_SECONDS, IDLE_POLL_SECONDS = 1.0, 4.0, 5.0
 
 
 @functools.cache
@@ -383,10 +387,11 @@ def training_on_cpu() -> bool:
     return pick_device().type == "cpu"
 
 
-def poll_seconds(status) -> float:
-    """The interval for the page's next polls, given the current job's status (None: no job)."""
-    busy = status is not None and status.state == "running"
-    return CPU_TRAINING_POLL_SECONDS if busy and training_on_cpu() else POLL_SECONDS
+def poll_seconds(status, queued: Sequence = ()) -> float:
+    """The interval for the page's next polls, given the current job's status (None: no job) and the queued ones."""
+    if not queued and (status is None or status.state not in ("running", "stopping")):
+        return IDLE_POLL_SECONDS
+    return CPU_TRAINING_POLL_SECONDS if training_on_cpu() else RUNNING_POLL_SECONDS
 
 
 @dataclass(frozen=True)
@@ -402,7 +407,7 @@ class Shown:
     loss_sent_at: float = 0.0
     samples: tuple[str, ...] | None = None  # None: whatever the page shows is not this job's
     log: str | None = None
-    every: float = POLL_SECONDS  # the timer's interval on the page
+    every: float = IDLE_POLL_SECONDS  # the timer's interval on the page
 
 
 def poll(app: AppState, before: Shown | None = None, now: float | None = None) -> tuple:
@@ -413,15 +418,16 @@ def poll(app: AppState, before: Shown | None = None, now: float | None = None) -
     before = before or Shown()
     now = time.monotonic() if now is None else now
     status = app.jobs.current()
+    queued = app.jobs.queued()
     waiting = app.jobs.recovered()
     note = f" · {len(waiting)} job(s) from before the restart wait (see below)" if waiting else ""
     if status is None:
         empty = pd.DataFrame({"step": [], "loss": [], "series": pd.Series([], dtype=str)})
         idle = progress_html(0, 0, 0.0, 0.0, "idle"), "No training yet: pick a preset and press Start." + note
+        every = poll_seconds(None, queued)
         return (*only_new(before, idle), empty if before.loss_points else gr.skip(), gr.skip(), gr.skip(),
-                new_interval(before, POLL_SECONDS), Shown(bar=idle[0], line=idle[1], loss_points=0))  # fmt: skip
+                new_interval(before, every), Shown(bar=idle[0], line=idle[1], loss_points=0, every=every))  # fmt: skip
     line = f"**{status.state}** · {status.name}{note}"
-    queued = app.jobs.queued()
     if queued:
         line += f" · queued: {', '.join(q.name for q in queued)}"
     if status.message:
@@ -439,7 +445,7 @@ def poll(app: AppState, before: Shown | None = None, now: float | None = None) -
     losses = loss_frame(status) if redraw else gr.skip()
     samples = tuple(str(p) for p in status.samples)
     tail = log_tail(status.run_dir)
-    every = poll_seconds(status)
+    every = poll_seconds(status, queued)
     shown_now = Shown(
         status.id, bar, line,
         points if redraw else before.loss_points, now if redraw else before.loss_sent_at,
@@ -510,14 +516,19 @@ def field_component(field: config_form.FormField, value):
     return gr.Textbox(value=value, lines=3 if field.kind in ("lines", "tables") else 1, **common)
 
 
-def poll_every_second(app: AppState, outputs: list) -> None:
-    """The live view: a timer polls the job; what this page was sent (`Shown`) is kept on the server."""
+def live_view(app: AppState, outputs: list, triggers: Sequence = (), after: Sequence = ()) -> None:
+    """The live view: a timer polls the job, and so do each of `triggers` (page load, tab select) and the end of each
+    event in `after` (Start, Stop, Resume); what this page was sent (`Shown`) is kept on the server."""
     page_has = gr.State(None)
-    timer = gr.Timer(POLL_SECONDS)
+    timer = gr.Timer(IDLE_POLL_SECONDS)
     # show_progress="hidden": Gradio would otherwise draw its pending overlay on all five outputs every poll, and
     # queue=False: a plain request rather than the queue's event stream. Both are CPU the browser spends on the
     # machine that trains (measured with Chromium's Performance metrics: about 20% less per poll without the queue).
-    timer.tick(shown(poll, app), page_has, [*outputs, timer, page_has], show_progress="hidden", queue=False)
+    polled = {"fn": shown(poll, app), "inputs": page_has, "outputs": [*outputs, timer, page_has],
+              "show_progress": "hidden", "queue": False}  # fmt: skip
+    gr.on([timer.tick, *triggers], **polled)
+    for event in after:
+        event.then(**polled)
 
 
 def form_fields(components: dict, initial: dict) -> gr.Button:
@@ -568,9 +579,9 @@ def connect_your_presets(app: AppState, parts: dict, preset: gr.Dropdown, form: 
                            show_progress_on=said).then(shown(estimate, app), form, estimate_box)  # fmt: skip
 
 
-def recovered_section(app: AppState, message: gr.Markdown, refreshed_on: Sequence) -> None:
+def recovered_section(app: AppState, message: gr.Markdown, refreshed_on: Sequence) -> list:
     """The jobs that were queued or running when the app last stopped, and what to do with each; hidden while none
-    waits. Each of `refreshed_on` (page load, tab select) lists them again."""
+    waits. Each of `refreshed_on` (page load, tab select) lists them again. Returns the events that start jobs."""
     waiting = bool(app.jobs.recovered())
     with gr.Accordion("Jobs from before the restart", open=waiting, visible=waiting, elem_id="train-recovered") as box:
         with gr.Row():
@@ -580,9 +591,12 @@ def recovered_section(app: AppState, message: gr.Markdown, refreshed_on: Sequenc
             start_all = gr.Button("Start all", elem_id="train-recovered-all", scale=1)
             discard = gr.Button("Discard it", elem_id="train-recovered-discard", scale=1)
     gr.on(refreshed_on, shown(recovered_view, app), recovered, [box, recovered], show_progress="hidden")
-    start_one.click(shown(start_recovered, app), recovered, [message, box, recovered], show_progress_on=message)
-    start_all.click(shown(start_all_recovered, app), None, [message, box, recovered], show_progress_on=message)
+    started = [
+        start_one.click(shown(start_recovered, app), recovered, [message, box, recovered], show_progress_on=message),
+        start_all.click(shown(start_all_recovered, app), None, [message, box, recovered], show_progress_on=message),
+    ]
     discard.click(shown(discard_recovered, app), recovered, [message, box, recovered], show_progress_on=message)
+    return started
 
 
 def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components.Component]:
@@ -615,7 +629,7 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components
         stop_button = gr.Button("Stop", variant="stop", elem_id="train-stop")
         resume_button = gr.Button("Resume", elem_id="train-resume")
     message = gr.Markdown(elem_id="train-message")
-    recovered_section(app, message, refreshed_on)
+    started_recovered = recovered_section(app, message, refreshed_on)
     progress = gr.HTML(progress_html(0, 0, 0.0, 0.0, "idle"), elem_id="train-progress")
     status = gr.Markdown(elem_id="train-status")
     loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss: training (smoothed) and validation",
@@ -634,9 +648,11 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components
     gr.on(refreshed_on, shown(preset_choices), None, preset, show_progress="hidden")
     gr.on([c.input for c in form] + [check.click], shown(estimate, app), form, estimate_box,
           trigger_mode="always_last")  # fmt: skip
-    start_button.click(shown(start, app), form, message)
-    stop_button.click(shown(stop, app), None, message)
-    render_button.click(shown(render_regularization, app), form, message)
-    resume_button.click(shown(resume, app), form, message)
-    poll_every_second(app, [progress, status, loss, samples, log])
+    clicked = [
+        start_button.click(shown(start, app), form, message),
+        stop_button.click(shown(stop, app), None, message),
+        render_button.click(shown(render_regularization, app), form, message),
+        resume_button.click(shown(resume, app), form, message),
+    ]
+    live_view(app, [progress, status, loss, samples, log], refreshed_on, [*clicked, *started_recovered])
     return {"preset": preset, **components}

@@ -1,0 +1,85 @@
+"""The CPU the browser spends on the Train tab while nothing trains: on a fresh page, and after one "Check settings"
+(an event whose inputs are the form's ~150 fields; from then on Gradio updates the loading status of each of them
+on every event, polls included). With `--baseline`, the same for another checkout, alternating.
+
+    python bench/train_tab_at_rest.py                                   # this checkout, 3 rounds
+    git worktree add /tmp/before <older commit>
+    python bench/train_tab_at_rest.py --baseline /tmp/before --json bench/results/train_tab_at_rest_cpu.json
+
+Each case is `python app.py` (from its checkout) on a free port in headless Chromium (Debian's, as in the browser
+tests); after the page has settled, the Train tab is left open for `--seconds` as opened, then again after a click
+on "Check settings". The figure is the CPU time of all Chromium processes over that window, as a share of one core.
+Figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from app_startup import CHROMIUM, CHROMIUM_ARGS, serving_app  # noqa: E402
+from page_idle import chromium_cpu_seconds  # noqa: E402
+from report import alternating, publish  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+STATES = ("fresh", "after_check")
+
+
+def one_case(browser, root: Path, seconds: float) -> dict[str, float]:
+    env = {**os.environ, "LORA_STUDIO_HOME": tempfile.mkdtemp(prefix="train-tab-at-rest-")}
+    with serving_app(root, env) as url:
+        page = browser.new_page()
+        page.goto(url, wait_until="load", timeout=60_000)
+        time.sleep(8)  # the page's opening transitions
+        page.get_by_role("tab", name="Train").click()
+        time.sleep(3)
+        shares = {}
+        for state in STATES:
+            if state == "after_check":
+                page.locator("#train-check").click()
+                time.sleep(3)
+            before = chromium_cpu_seconds()
+            time.sleep(seconds)
+            shares[state] = round((chromium_cpu_seconds() - before) / seconds, 4)
+        page.close()
+        return shares
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. a git worktree of an older commit)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    roots = {"this": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    runs: dict[str, list[dict]] = {case: [] for case in roots}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        for round_ in range(args.rounds):
+            for case in alternating(tuple(roots), round_):
+                runs[case].append(one_case(browser, roots[case], args.seconds))
+                print(f"round {round_ + 1} {case}: {runs[case][-1]}", flush=True)
+        browser.close()
+    report = {
+        "what": "CPU share of one core taken by headless Chromium showing the Train tab with nothing training, "
+                "on a fresh page and after one 'Check settings'",  # fmt: skip
+        "cores": os.cpu_count(),
+        "seconds": args.seconds,
+        "checkouts": {case: str(root) for case, root in roots.items()},
+        "runs": runs,
+        "medians": {case: {s: statistics.median(r[s] for r in rows) for s in STATES} for case, rows in runs.items()},
+    }
+    publish(report, args.json)
+
+
+if __name__ == "__main__":
+    main()
