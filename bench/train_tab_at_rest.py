@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +30,11 @@ from report import alternating, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STATES = ("fresh", "after_check")
+
+
+def commit_of(root: Path) -> str:
+    return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "unknown"  # fmt: skip
 
 
 def one_case(browser, root: Path, seconds: float) -> dict[str, float]:
@@ -74,7 +80,7 @@ def main() -> None:
                 "on a fresh page and after one 'Check settings'",  # fmt: skip
         "cores": os.cpu_count(),
         "seconds": args.seconds,
-        "checkouts": {case: str(root) for case, root in roots.items()},
+        "checkouts": {case: f"{root} at {commit_of(root)}" for case, root in roots.items()},
         "runs": runs,
         "medians": {case: {s: statistics.median(r[s] for r in rows) for s in STATES} for case, rows in runs.items()},
     }
