@@ -374,8 +374,8 @@ LOSS_PLOT_POINTS = 400  # and with at most this many points: the browser redraws
 # and 13-16% after one "Check settings" (session 25). On 2 cores the demo trained from the page at 82% of the CLI's
 # steps/s with a poll a second, 95% with the page open and no polls, and 92% with a poll every 4 s
 # (bench/app_training.py, session 12). So a job training on the CPU is polled every 4 s, one on a GPU every second,
-# and a page with nothing running every 5 s; Start, Stop and Resume poll at once, so the page follows its own
-# clicks without waiting for the timer.
+# and a page with nothing running every 5 s; the page's load, a tab's select and the buttons that start or stop a
+# job poll at once (`live_view`), so the page follows its own clicks without waiting for the timer.
 RUNNING_POLL_SECONDS, CPU_TRAINING_POLL_SECONDS, IDLE_POLL_SECONDS = 1.0, 4.0, 5.0
 
 
