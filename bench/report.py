@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,3 +20,9 @@ def publish(report: dict, path: Path | None, echo: bool = True) -> None:
 def alternating(cases: Sequence[str], round_: int) -> Sequence[str]:
     """The cases in order on even rounds and reversed on odd ones, so a drift in the machine's speed hits both."""
     return cases if round_ % 2 == 0 else cases[::-1]
+
+
+def commit_of(root: Path) -> str:
+    """The short commit a checkout is at, for reports that compare checkouts ("unknown" outside git)."""
+    return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "unknown"  # fmt: skip

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,15 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_startup import CHROMIUM, CHROMIUM_ARGS, serving_app  # noqa: E402
 from page_idle import chromium_cpu_seconds  # noqa: E402
-from report import alternating, publish  # noqa: E402
+from report import alternating, commit_of, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STATES = ("fresh", "after_check")
-
-
-def commit_of(root: Path) -> str:
-    return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "unknown"  # fmt: skip
 
 
 def one_case(browser, root: Path, seconds: float) -> dict[str, float]:
