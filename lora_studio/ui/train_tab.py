@@ -573,8 +573,9 @@ def form_fields(components: dict, initial: dict) -> gr.Button:
 # script per poll once Start or Check settings had run (session 25). A field's value changed by an event (a preset,
 # an import, the Dataset tab) fires its change too, also in a closed accordion or another tab (checked in a browser).
 FORM_STORE = "window.loraStudioForm"
-# The wait: a field that an event has just changed (a preset) records its value a moment later, in a change event of
-# its own; the estimate that follows a preset at once sent some of the old values without it (measured).
+# The wait: a field records its new value a moment after it changes, in a change event of its own; without the
+# wait the estimate that follows a preset at once sent the old values of the fields on show (measured), and the
+# estimate a keystroke starts (on input) could run before the keystroke's change.
 SEND_FORM_JS = f"""async (...sent) => {{
   await new Promise((done) => setTimeout(done, 0));
   const last = sent.length - 1;
@@ -588,9 +589,8 @@ def remember_js(key: str) -> str:
 
 
 def page_form(form: list, initial: dict) -> gr.Textbox:
-    """The hidden box the form's events send (with SEND_FORM_JS); every field records its value on change only (its
-    input event can carry the value from before the keystroke, and landing after the change it overwrote the new one:
-    a number box typed in then sent its old value, measured)."""
+    """The hidden box the form's events send (with SEND_FORM_JS); every field records its value on change, which
+    fires for every new value, typed or set by an event (input would add nothing)."""
     box = gr.Textbox(form_json(list(initial.values())), visible="hidden", elem_id="train-form-values")
     for key, component in zip(KEYS, form, strict=True):
         component.change(None, component, None, js=remember_js(key))
