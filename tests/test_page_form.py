@@ -63,7 +63,8 @@ def newest(sent: list, after: int, timeout: float = 30) -> str:
 @pytest.mark.browser
 def test_the_form_the_page_sends_is_the_form_it_shows(browser_page, app_state, monkeypatch):  # noqa: F811
     """After a preset is chosen (fields in closed accordions change too) and fields are typed in (one in an opened
-    accordion), Check settings sends exactly that form; so does the estimate that follows the preset at once."""
+    accordion), Check settings sends exactly that form; so do the estimate that follows the preset at once and the
+    one a keystroke starts."""
     sent = []
 
     def recorded_estimate(app, form):
@@ -78,7 +79,9 @@ def test_the_form_the_page_sends_is_the_form_it_shows(browser_page, app_state, m
         page.locator("#train-section-sample").get_by_text("Samples during training").first.click()
         every = page.locator("#cfg-sample-every_n_steps input")
         expect(every).to_have_value(str(load_preset("demo-cpu").sample.every_n_steps))
-        dataset = page.locator("#cfg-dataset-path textarea").input_value()
+        # The Dataset tab opens the demo's working copy as the page loads, and it becomes the form's dataset.
+        dataset = str(app_state.roots.datasets / "demo")
+        expect(page.locator("#cfg-dataset-path textarea")).to_have_value(dataset, timeout=60_000)
         before = len(sent)
         page.locator("#train-preset input").click()
         page.get_by_role("option", name="sd15-style").click()
@@ -87,7 +90,9 @@ def test_the_form_the_page_sends_is_the_form_it_shows(browser_page, app_state, m
         assert config_from_form(form_from_json(newest(sent, before))) == config_from_form(expected)
 
         expect(every).to_have_value(str(load_preset("sd15-style").sample.every_n_steps))
-        every.fill("13")
+        before = len(sent)
+        every.fill("13")  # the estimate a keystroke starts has the keystroke
+        assert json.loads(newest(sent, before))["sample.every_n_steps"] == 13
         every.press("Tab")
         page.locator("#cfg-lora-rank input").fill("7")
         before = len(sent)
