@@ -381,13 +381,13 @@ def bar_html(element_id: str, value: int, maximum: int, colour: str, text: str) 
 LOSS_PLOT_SECONDS = 5.0  # the loss curve redraws at most this often while a job runs
 LOSS_PLOT_POINTS = 400  # and with at most this many points: the browser redraws all of them
 # How often the page polls. Each poll costs the browser tens of ms of CPU in Gradio's event handling, whatever it
-# updates, and more once an event has used the form's fields (Gradio then updates the loading status of each of
-# them on every event): on the Train tab at rest with a poll a second, Chromium took 6-7% of a core on a fresh page
-# and 13-16% after one "Check settings" (session 25). On 2 cores the demo trained from the page at 82% of the CLI's
-# steps/s with a poll a second, 95% with the page open and no polls, and 92% with a poll every 4 s
-# (bench/app_training.py, session 12). So a job training on the CPU is polled every 4 s, one on a GPU every second,
-# and a page with nothing running every 5 s; the page's load, a tab's select and the buttons that start or stop a
-# job poll at once (`live_view`), so the page follows its own clicks without waiting for the timer.
+# updates, and more once an event had taken the form's fields as inputs (Gradio then updated the loading status of each
+# of them on every event): on the Train tab at rest with a poll a second, Chromium took 6-7% of a core on a fresh page
+# and 13-16% after one "Check settings" (session 25; the form is one input now, `page_form`). On 2 cores the demo
+# trained from the page at 82% of the CLI's steps/s with a poll a second, 95% with the page open and no polls, and 92%
+# with a poll every 4 s (bench/app_training.py, session 12). So a job training on the CPU is polled every 4 s, one on a
+# GPU every second, and a page with nothing running every 5 s; the page's load, a tab's select and the buttons that
+# start or stop a job poll at once (`live_view`), so the page follows its own clicks without waiting for the timer.
 RUNNING_POLL_SECONDS, CPU_TRAINING_POLL_SECONDS, IDLE_POLL_SECONDS = 1.0, 4.0, 5.0
 
 
