@@ -1,7 +1,6 @@
 """The CPU the browser spends on the Train tab while nothing trains: on a fresh page, and after one "Check settings"
-(before session 26 an event whose inputs were the form's ~150 fields, after which Gradio updated the loading status
-of each of them on every event, polls included; now one input, `page_form` in train_tab.py). With `--baseline`, the
-same for another checkout, alternating.
+(an event whose inputs are the form's ~150 fields; from then on Gradio updates the loading status of each of them
+on every event, polls included). With `--baseline`, the same for another checkout, alternating.
 
     python bench/train_tab_at_rest.py                                   # this checkout, 3 rounds
     git worktree add /tmp/before <older commit>

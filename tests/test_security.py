@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from test_app import free_port
 
 from lora_studio.runs import RunFolder
-from lora_studio.ui.config_form import KEYS, form_json
+from lora_studio.ui.config_form import KEYS
 
 BAIT = {"sentinel.txt": b"do not touch\n", "caption.txt": b"a secret caption\n"}
 
@@ -213,7 +213,7 @@ def test_an_imported_config_comes_only_from_an_upload_and_reads_nothing_it_names
     assert ok, data
     values = dict(zip(KEYS, data[:-2], strict=True))
     assert values["lora.rank"] == 12 and values["dataset.path"] == str(server["outside"])  # Start refuses it
-    assert_refused(client.call("start", [form_json(data[:-2])]), "dataset folder", "lies outside")
+    assert_refused(client.call("start", data[:-2]), "dataset folder", "lies outside")
     # (Gradio itself refuses a file it did not receive; the handler would too: test_kohya_configs)
     assert_refused(client.call("import_settings", [GradioHTTP.file_data(str(server["outside"] / "sentinel.txt"))]))
     (tmp_path / "sets.toml").write_text("[general]\n")  # outside the roots
@@ -303,12 +303,11 @@ def test_a_caption_linked_out_of_the_folder_is_never_shown(server, client):
 
 
 def form_values(client, **changes) -> list:
-    """The demo preset's form as the page sends it (one JSON object, the handlers' one input), with `changes`."""
     ok, values = client.call("preset_values", ["demo-cpu", "demo"])
     assert ok, values
     values = dict(zip(KEYS, values, strict=True))
     values.update({key.replace("__", "."): value for key, value in changes.items()})
-    return [form_json(list(values.values()))]
+    return list(values.values())
 
 
 def test_training_paths_outside_the_runs_folder_are_refused(server, client):

@@ -15,7 +15,7 @@ from lora_studio.config import TrainConfig, list_presets, load_preset
 from lora_studio.errors import ConfigError, LoraStudioError
 from lora_studio.jobs import JobStatus
 from lora_studio.ui import train_tab
-from lora_studio.ui.config_form import KEYS, config_from_form, form_json, form_values
+from lora_studio.ui.config_form import KEYS, config_from_form, form_values
 
 
 def form(preset: str = "demo-cpu", **changes) -> list:
@@ -26,11 +26,6 @@ def form(preset: str = "demo-cpu", **changes) -> list:
         assert key in values, key
         values[key] = value
     return list(values.values())
-
-
-def sent(preset: str = "demo-cpu", **changes) -> str:
-    """The same form as the page sends it to the handlers (one JSON object)."""
-    return form_json(form(preset, **changes))
 
 
 def test_every_setting_is_a_form_field_and_every_preset_round_trips():
@@ -74,32 +69,32 @@ def test_an_empty_number_box_drawn_as_0_is_read_as_empty():
 
 
 def test_estimate_shows_steps_and_memory_or_the_bad_fields(app_state):
-    shown = train_tab.estimate(app_state, sent())
+    shown = train_tab.estimate(app_state, *form())
     steps = load_preset("demo-cpu").optimizer.max_train_steps
     assert f"**Steps:** {steps} in all (3 per epoch; 24 images per epoch, batch 8)" in shown and "demo model" in shown
     base = str(app_state.roots.models / "x.safetensors")
     sdxl = form("sdxl-character", dataset__path="demo", family="sdxl", base_model=base)
-    shown = train_tab.estimate(app_state, form_json(sdxl))
+    shown = train_tab.estimate(app_state, *sdxl)
     config = config_from_form(sdxl)
     assert re.search(r"about \d+\.\d GiB of GPU memory", shown), shown
     per_epoch = 24 * config.dataset.repeats // config.dataset.batch_size
     assert f"{config.optimizer.max_train_epochs * per_epoch:,} in all ({per_epoch} per epoch" in shown
-    bad = train_tab.estimate(app_state, sent(lora__rank=0, dataset__batch_size=0))
+    bad = train_tab.estimate(app_state, *form(lora__rank=0, dataset__batch_size=0))
     assert bad.startswith("**Fix these settings first:**") and "lora.rank" in bad and "batch_size" in bad
     # What Start would refuse, Check settings says: combinations, and paths outside the app's folders.
-    assert "random_crop" in train_tab.estimate(app_state, sent(dataset__random_crop=True))
-    assert "`fp8_base` needs gradient_checkpointing" in train_tab.estimate(app_state, sent(fp8_base=True))
-    narrow = train_tab.estimate(app_state, sent("sdxl-low-vram", dataset__path="demo", base_model=base,
+    assert "random_crop" in train_tab.estimate(app_state, *form(dataset__random_crop=True))
+    assert "`fp8_base` needs gradient_checkpointing" in train_tab.estimate(app_state, *form(fp8_base=True))
+    narrow = train_tab.estimate(app_state, *form("sdxl-low-vram", dataset__path="demo", base_model=base,
                                                  fp8_base=True))  # fmt: skip
-    wide = train_tab.estimate(app_state, sent("sdxl-low-vram", dataset__path="demo", base_model=base))
+    wide = train_tab.estimate(app_state, *form("sdxl-low-vram", dataset__path="demo", base_model=base))
     gib = lambda text: float(re.search(r"about (\d+\.\d) GiB", text).group(1))  # noqa: E731
     assert gib(wide) - gib(narrow) > 2  # the UNet in 8 bits: SDXL's 4.8 GiB become 2.4 (and 0.2 of wide copies)
-    refused = train_tab.estimate(app_state, sent(output_dir="/tmp", base_model=""))
+    refused = train_tab.estimate(app_state, *form(output_dir="/tmp", base_model=""))
     assert "`output_dir` '/tmp' lies outside" in refused and "`base_model` is empty" in refused
     assert refused.count("empty") == 1  # said once, in the config's words (not again as a path outside the folders)
     # Start says the same before it queues anything (a preset ships without a base model).
     with pytest.raises(ConfigError, match="`base_model` is empty: choose a checkpoint"):
-        train_tab.start(app_state, sent("sd15-character", dataset__path="demo"))
+        train_tab.start(app_state, *form("sd15-character", dataset__path="demo"))
     assert app_state.jobs.current() is None and not app_state.jobs.queued()
 
 
@@ -108,16 +103,16 @@ def test_check_settings_reads_the_vae_from_its_header(app_state, tiny_folders):
     models.mkdir()
     weights = {f"first_stage_model.encoder.conv_in.{kind}": torch.zeros(4) for kind in ("weight", "bias")}
     save_file(weights, str(models / "my-vae.safetensors"))
-    shown = train_tab.estimate(app_state, sent(vae=str(models / "my-vae.safetensors")))
+    shown = train_tab.estimate(app_state, *form(vae=str(models / "my-vae.safetensors")))
     assert "**VAE:** `my-vae.safetensors`, a VAE file of 2 tensors" in shown
-    shown = train_tab.estimate(app_state, sent(vae=str(tiny_folders["sd1"] / "vae")))
+    shown = train_tab.estimate(app_state, *form(vae=str(tiny_folders["sd1"] / "vae")))
     assert "lies outside" in shown and "`vae`" in shown  # read only inside the app's folders
     shutil.copytree(tiny_folders["sd1"], models / "whole")
-    assert "**VAE:** `vae`, a diffusers VAE folder" in train_tab.estimate(app_state, sent(vae=str(models / "whole")))
+    assert "**VAE:** `vae`, a diffusers VAE folder" in train_tab.estimate(app_state, *form(vae=str(models / "whole")))
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(models / "a-lora.safetensors"))
-    shown = train_tab.estimate(app_state, sent(vae=str(models / "a-lora.safetensors")))
+    shown = train_tab.estimate(app_state, *form(vae=str(models / "a-lora.safetensors")))
     assert "**VAE:** cannot use:" in shown and "holds no VAE weights" in shown
-    assert "**VAE:**" not in train_tab.estimate(app_state, sent())
+    assert "**VAE:**" not in train_tab.estimate(app_state, *form())
 
 
 def test_base_picker_lists_the_models_folder_with_family_and_prediction(app_state, tiny_folders):
@@ -160,7 +155,7 @@ def test_while_regularization_images_render_the_bar_counts_them_and_then_the_ste
 def test_regularization_images_render_in_the_queue_to_be_looked_at_and_stop_between_images(app_state):
     tab, manager = train_tab, app_state.jobs
     settings = {"regularization__class_word": "drawing", "regularization__steps": 2, "dataset__resolution": 64}
-    message = tab.render_regularization(app_state, sent(regularization__images=2, **settings))
+    message = tab.render_regularization(app_state, *form(regularization__images=2, **settings))
     assert message.startswith("Job 1 renders the regularization images")
     done = manager.wait(1)
     folder = app_state.roots.runs / ".cache" / "regularization"
@@ -170,7 +165,7 @@ def test_regularization_images_render_in_the_queue_to_be_looked_at_and_stop_betw
 
     _state, _shown, gallery, *_rest = dataset_tab.open_dataset(app_state, str(folder))
     assert sorted(label for _path, label in gallery) == sorted(p.read_text().strip() for p in folder.glob("*.txt"))
-    tab.render_regularization(app_state, sent(regularization__images=400, **settings))
+    tab.render_regularization(app_state, *form(regularization__images=400, **settings))
     while (status := manager.current()) is None or status.id != 2 or status.preparing is None:
         time.sleep(0.05)
     assert tab.stop(app_state).startswith("Stopping")
@@ -178,7 +173,7 @@ def test_regularization_images_render_in_the_queue_to_be_looked_at_and_stop_betw
     assert stopped.state == "stopped" and stopped.message.startswith("Stopped while rendering regularization images")
     assert stopped.preparing[1] < 400  # stopped between images, the rendered ones kept for the next start
     with pytest.raises(LoraStudioError, match="`regularization.path` is set"):
-        tab.render_regularization(app_state, sent(regularization__path="datasets", **settings))
+        tab.render_regularization(app_state, *form(regularization__path="datasets", **settings))
 
 
 def test_start_poll_stop_resume(app_state):
@@ -187,7 +182,7 @@ def test_start_poll_stop_resume(app_state):
     assert tab.poll(app)[1].startswith("No training yet")
     values = form(sample__every_n_steps=5, sample__num_inference_steps=2, save__every_n_steps=0,
                   optimizer__max_train_steps=400)  # fmt: skip
-    assert tab.start(app, form_json(values)).startswith("Job 1 (demo) started")
+    assert tab.start(app, *values).startswith("Job 1 (demo) started")
     manager = app.jobs
     while (status := manager.current()) is None or status.step < 6:
         time.sleep(0.05)  # a busy loop would hold the GIL and starve the training thread
@@ -201,8 +196,7 @@ def test_start_poll_stop_resume(app_state):
     # The same page polling again is sent nothing: its browser has nothing to redraw.
     assert tab.poll(app, shown_now)[:6] == (gr.skip(),) * 6
     assert stopped.run_dir.parent == app.roots.runs  # the runs root, whatever the working directory
-    resumed = tab.resume(app, form_json(values))
-    assert resumed.startswith(f"Job 2 resumes {stopped.run_dir.name} from step {stopped.step}")
+    assert tab.resume(app, *values).startswith(f"Job 2 resumes {stopped.run_dir.name} from step {stopped.step}")
     while (status := manager.current()) is None or status.id != 2 or status.step < stopped.step + 2:
         time.sleep(0.05)
     tab.stop(app)
@@ -282,7 +276,7 @@ def test_a_long_loss_curve_is_thinned_to_its_shape():
 
 def test_resume_without_a_stopped_run_is_a_sentence(app_state):
     with pytest.raises(LoraStudioError, match="no stopped run to resume"):
-        train_tab.resume(app_state, sent())
+        train_tab.resume(app_state, *form())
 
 
 def test_model_descriptions_are_read_once_and_again_when_the_file_changes(tmp_path, monkeypatch):

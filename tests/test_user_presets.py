@@ -84,11 +84,11 @@ def test_the_cli_saves_lists_and_deletes_them(home, capsys):
 
 
 def test_the_train_tab_saves_the_form_as_a_preset_and_deletes_it(app_state):
-    from test_train_tab import form, sent
+    from test_train_tab import form
 
     from lora_studio.ui import train_tab
 
-    picker, message = train_tab.save_preset("mine", "demo-cpu", sent(lora__rank=6, seed=11))
+    picker, message = train_tab.save_preset("mine", "demo-cpu", *form(lora__rank=6, seed=11))
     assert picker["value"] == "mine" and "mine" in picker["choices"] and "Saved your preset **mine**" in message
     saved = load_preset("mine")
     assert saved.lora.rank == 6 and saved.seed == 11 and saved.name == "demo"  # the runs' name, not the preset's

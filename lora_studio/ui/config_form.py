@@ -172,34 +172,6 @@ def form_values(config: TrainConfig) -> list[Any]:
     return [to_form_value(FIELD_BY_KEY[k], value_at(config, k)) for k in KEYS]
 
 
-def form_json(values: list[Any]) -> str:
-    """The form's values (KEYS order) as the page sends them to the handlers: one JSON object keyed by setting.
-    (One input rather than one per field: Gradio's page updates the loading status of every component an event
-    has taken as input, on every later event, so 150 inputs made each poll cost ~100 ms of script; train_tab.py.)"""
-    if len(values) != len(KEYS):
-        raise ValueError(f"expected {len(KEYS)} form values, got {len(values)}")
-    return json.dumps(dict(zip(KEYS, values, strict=True)))
-
-
-def form_from_json(sent: Any) -> list[Any]:
-    """The form's values (KEYS order) from the page's JSON object; anything else, a missing or an unknown setting
-    is refused with a sentence (a request can send anything, the page sends every setting)."""
-    try:
-        data = json.loads(sent) if isinstance(sent, str) else None
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        problem = (f"its values came as {shortened(repr(sent))}, not as the page sends them (a JSON object of "
-                   "settings); reload the page and try again.")  # fmt: skip
-        raise ConfigError("the Train form", [problem])
-    missing, unknown = [k for k in KEYS if k not in data], [k for k in data if k not in FIELD_BY_KEY]
-    if missing or unknown:
-        problems = [f"the setting `{k}` is missing; reload the page and try again." for k in missing[:5]]
-        problems += [f"`{shortened(k)}` is not a setting of this app." for k in unknown[:5]]
-        raise ConfigError("the Train form", problems)
-    return [data[k] for k in KEYS]
-
-
 def _from_form_value(field: FormField, value: Any) -> Any:
     blank = isinstance(value, str) and not value.strip()
     if value is None or (blank and (field.kind in ("int", "float") or (field.kind == "list" and field.optional))):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import html
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -37,17 +36,7 @@ from ..models import FAMILY_NAMES, checked_vae_source
 from ..paths import models_dir
 from ..runs import RunFolder
 from . import config_form
-from .config_form import (
-    BASIC_KEYS,
-    FIELD_BY_KEY,
-    FIELDS,
-    KEYS,
-    SECTION_TITLES,
-    config_from_form,
-    form_from_json,
-    form_json,
-    form_values,
-)
+from .config_form import BASIC_KEYS, FIELD_BY_KEY, FIELDS, KEYS, SECTION_TITLES, config_from_form, form_values
 from .errors import shown
 from .state import AppState, confined_base, confined_config, uploaded_files
 
@@ -140,12 +129,11 @@ def preset_values(preset: str, dataset_path: str = "") -> list:
     return form_values(config)
 
 
-def estimate(app: AppState, form: str) -> str:
+def estimate(app: AppState, *values) -> str:
     """Markdown with the run's total steps and a rough GPU memory figure, or every problem Start would meet:
-    bad fields, settings that cannot train together, paths outside the app's folders. `form`: the page's JSON of
-    the form's values (`form_json`), as every handler that takes the form gets it."""
+    bad fields, settings that cannot train together, paths outside the app's folders."""
     try:
-        config = config_from_form(form_from_json(form))
+        config = config_from_form(list(values))
     except ConfigError as exc:
         return fix_first(exc.problems)
     problems = config.training_problems()
@@ -212,10 +200,10 @@ def memory_line(config: TrainConfig) -> str:
 # --- your presets -------------------------------------------------------------------------------
 
 
-def save_preset(name: str, based_on: str | None, form: str) -> tuple:
+def save_preset(name: str, based_on: str | None, *values) -> tuple:
     """The form, validated, as the person's preset `name`; the picker then lists and selects it. Paths are kept as
     typed (Start confines them, as it does for any preset)."""
-    config = config_from_form(form_from_json(form))
+    config = config_from_form(list(values))
     path = save_user_preset(config, name, based_on if based_on in list_presets() else "")
     return gr.update(choices=list_presets(), value=path.stem), f"Saved your preset **{path.stem}** (`{path}`)."
 
@@ -253,14 +241,14 @@ def delete_preset(name: str | None) -> tuple:
 # --- jobs ----------------------------------------------------------------------------------------
 
 
-def trainable_form(app: AppState, form: str) -> TrainConfig:
+def trainable_form(app: AppState, values) -> TrainConfig:
     """The form's config as training takes it: every field valid, nothing left to fill in (a preset's empty base
     model), then its paths inside the app's folders. Check settings shows the same problems (`estimate`)."""
-    return confined_config(app.roots, config_from_form(form_from_json(form)).check_trainable("the Train form"))
+    return confined_config(app.roots, config_from_form(list(values)).check_trainable("the Train form"))
 
 
-def start(app: AppState, form: str) -> str:
-    config = trainable_form(app, form)
+def start(app: AppState, *values) -> str:
+    config = trainable_form(app, values)
     job = app.jobs.submit(config)
     ahead = jobs_ahead(app, job)
     return f"Job {job} ({config.name}) " + (f"queued behind {ahead} other(s)." if ahead else "started.")
@@ -274,10 +262,10 @@ def jobs_ahead(app: AppState, job: int) -> int:
     return (queued.index(job) if job in queued else 0) + running
 
 
-def render_regularization(app: AppState, form: str) -> str:
+def render_regularization(app: AppState, *values) -> str:
     """Queue the rendering of the form's generated regularization images, to look at in the Dataset tab before
     training (training with the same settings finds them cached)."""
-    config = trainable_form(app, form)
+    config = trainable_form(app, values)
     if config.regularization.path.strip():
         raise LoraStudioError("`regularization.path` is set, so training uses that folder's images; clear it to "
                               "generate class images with the base model instead.")  # fmt: skip
@@ -291,12 +279,12 @@ def stop(app: AppState) -> str:
     return "Stopping after this step; the LoRA and the state are saved." if app.jobs.stop() else "Nothing is running."
 
 
-def resume(app: AppState, form: str) -> str:
+def resume(app: AppState, *values) -> str:
     """Continue the newest stopped run from its saved state (the form's values may extend it)."""
     status = app.jobs.current()
     if status is None or status.state != "stopped" or status.run_dir is None:
         raise LoraStudioError("There is no stopped run to resume; start a new one instead.")
-    config = trainable_form(app, form)
+    config = trainable_form(app, values)
     job = app.jobs.submit(config, resume_from=status.run_dir)
     return f"Job {job} resumes {status.run_dir.name} from step {status.step}."
 
@@ -381,13 +369,13 @@ def bar_html(element_id: str, value: int, maximum: int, colour: str, text: str) 
 LOSS_PLOT_SECONDS = 5.0  # the loss curve redraws at most this often while a job runs
 LOSS_PLOT_POINTS = 400  # and with at most this many points: the browser redraws all of them
 # How often the page polls. Each poll costs the browser tens of ms of CPU in Gradio's event handling, whatever it
-# updates, and more once an event had taken the form's fields as inputs (Gradio then updated the loading status of each
-# of them on every event): on the Train tab at rest with a poll a second, Chromium took 6-7% of a core on a fresh page
-# and 13-16% after one "Check settings" (session 25; the form is one input now, `page_form`). On 2 cores the demo
-# trained from the page at 82% of the CLI's steps/s with a poll a second, 95% with the page open and no polls, and 92%
-# with a poll every 4 s (bench/app_training.py, session 12). So a job training on the CPU is polled every 4 s, one on a
-# GPU every second, and a page with nothing running every 5 s; the page's load, a tab's select and the buttons that
-# start or stop a job poll at once (`live_view`), so the page follows its own clicks without waiting for the timer.
+# updates, and more once an event has used the form's fields (Gradio then updates the loading status of each of
+# them on every event): on the Train tab at rest with a poll a second, Chromium took 6-7% of a core on a fresh page
+# and 13-16% after one "Check settings" (session 25). On 2 cores the demo trained from the page at 82% of the CLI's
+# steps/s with a poll a second, 95% with the page open and no polls, and 92% with a poll every 4 s
+# (bench/app_training.py, session 12). So a job training on the CPU is polled every 4 s, one on a GPU every second,
+# and a page with nothing running every 5 s; the page's load, a tab's select and the buttons that start or stop a
+# job poll at once (`live_view`), so the page follows its own clicks without waiting for the timer.
 RUNNING_POLL_SECONDS, CPU_TRAINING_POLL_SECONDS, IDLE_POLL_SECONDS = 1.0, 4.0, 5.0
 
 
@@ -565,38 +553,6 @@ def form_fields(components: dict, initial: dict) -> gr.Button:
     return render
 
 
-# The form reaches its handlers as one JSON value (config_form.form_json), gathered in the page: each field records
-# its value in FORM_STORE when it changes (a frontend-only event: no request, no loading status), and each event that
-# takes the form sends the hidden box's value (the form as built) overlaid with those. One input rather than 150:
-# Gradio's page updates the loading status of every component an event has ever taken as input, on every later
-# event (the polls too), each a search of the page's ~440 components; with the fields as inputs that was ~100 ms of
-# script per poll once Start or Check settings had run (session 25). A field's value changed by an event (a preset,
-# an import, the Dataset tab) fires its change too, also in a closed accordion or another tab (checked in a browser).
-FORM_STORE = "window.loraStudioForm"
-# The wait: a field records its new value a moment after it changes, in a change event of its own; without the
-# wait the estimate that follows a preset at once sent the old values of the fields on show (measured), and the
-# estimate a keystroke starts (on input) could run before the keystroke's change.
-SEND_FORM_JS = f"""async (...sent) => {{
-  await new Promise((done) => setTimeout(done, 0));
-  const last = sent.length - 1;
-  sent[last] = JSON.stringify({{...JSON.parse(sent[last]), ...({FORM_STORE} ?? {{}})}});
-  return sent;
-}}"""
-
-
-def remember_js(key: str) -> str:
-    return f"(value) => {{ ({FORM_STORE} ??= {{}})[{json.dumps(key)}] = value; }}"
-
-
-def page_form(form: list, initial: dict) -> gr.Textbox:
-    """The hidden box the form's events send (with SEND_FORM_JS); every field records its value on change, which
-    fires for every new value, typed or set by an event (input would add nothing)."""
-    box = gr.Textbox(form_json(list(initial.values())), visible="hidden", elem_id="train-form-values")
-    for key, component in zip(KEYS, form, strict=True):
-        component.change(None, component, None, js=remember_js(key))
-    return box
-
-
 def your_presets_section() -> dict[str, gr.components.Component]:
     """Save the form as a preset of one's own, or delete the selected one (wired in `build`, which has the form)."""
     with gr.Accordion("Your presets and imported settings", open=False, elem_id="train-your-presets"):
@@ -614,17 +570,13 @@ def your_presets_section() -> dict[str, gr.components.Component]:
     return parts
 
 
-def connect_your_presets(app: AppState, parts: dict, preset: gr.Dropdown, form: list, sent: gr.Textbox,
-                         estimate_box) -> None:  # fmt: skip
-    """Save and delete one's presets; an imported file fills the form, and the estimate follows. `sent`: the box
-    that carries the form (`page_form`)."""
+def connect_your_presets(app: AppState, parts: dict, preset: gr.Dropdown, form: list, estimate_box) -> None:
+    """Save and delete one's presets; an imported file fills the form, and the estimate follows."""
     said = parts["message"]
-    parts["save"].click(shown(save_preset), [parts["name"], preset, sent], [preset, said], js=SEND_FORM_JS,
-                        show_progress_on=said)  # fmt: skip
+    parts["save"].click(shown(save_preset), [parts["name"], preset, *form], [preset, said], show_progress_on=said)
     parts["delete"].click(shown(delete_preset), preset, [preset, said], show_progress_on=said)
-    imported = parts["import"].upload(shown(import_settings, app), parts["import"], [*form, said, parts["import"]],
-                                      show_progress_on=said)  # fmt: skip
-    imported.then(shown(estimate, app), sent, estimate_box, js=SEND_FORM_JS)
+    parts["import"].upload(shown(import_settings, app), parts["import"], [*form, said, parts["import"]],
+                           show_progress_on=said).then(shown(estimate, app), form, estimate_box)  # fmt: skip
 
 
 def recovered_section(app: AppState, message: gr.Markdown, refreshed_on: Sequence) -> list:
@@ -670,7 +622,7 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components
                                     interactive=False, elem_id="train-models")  # fmt: skip
     render_button = form_fields(components, initial)
     # The first estimate comes with the page, so the demo's figures are there before anyone clicks.
-    estimate_box = gr.Markdown(estimate(app, form_json(list(initial.values()))), elem_id="train-estimate")
+    estimate_box = gr.Markdown(estimate(app, *initial.values()), elem_id="train-estimate")
     with gr.Row():
         check = gr.Button("Check settings", elem_id="train-check")
         start_button = gr.Button("Start", variant="primary", elem_id="train-start")
@@ -686,23 +638,21 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components
     log = gr.Textbox(label="Log", lines=8, elem_id="train-log")
 
     form = [components[k] for k in KEYS]
-    sent = page_form(form, initial)
-    form_event = {"inputs": sent, "js": SEND_FORM_JS}
     # show_progress_on: a refusal's badge goes on a message, not over every field of the form (ui/errors.py)
     preset.change(shown(preset_values), [preset, components["dataset.path"]], form,
-                  show_progress_on=estimate_box).then(shown(estimate, app), outputs=estimate_box, **form_event)
-    connect_your_presets(app, your_presets, preset, form, sent, estimate_box)
+                  show_progress_on=estimate_box).then(shown(estimate, app), form, estimate_box)  # fmt: skip
+    connect_your_presets(app, your_presets, preset, form, estimate_box)
     components["base_model"].change(shown(base_info, app), components["base_model"], base_note)
     gr.on([refresh.click, *refreshed_on], shown(refresh_models), components["base_model"],
           [components["base_model"], folder_table, folder_note], show_progress_on=folder_note)  # fmt: skip
     gr.on(refreshed_on, shown(preset_choices), None, preset, show_progress="hidden")
-    gr.on([c.input for c in form] + [check.click], shown(estimate, app), outputs=estimate_box,
-          trigger_mode="always_last", **form_event)  # fmt: skip
+    gr.on([c.input for c in form] + [check.click], shown(estimate, app), form, estimate_box,
+          trigger_mode="always_last")  # fmt: skip
     clicked = [
-        start_button.click(shown(start, app), outputs=message, **form_event),
+        start_button.click(shown(start, app), form, message),
         stop_button.click(shown(stop, app), None, message),
-        render_button.click(shown(render_regularization, app), outputs=message, **form_event),
-        resume_button.click(shown(resume, app), outputs=message, **form_event),
+        render_button.click(shown(render_regularization, app), form, message),
+        resume_button.click(shown(resume, app), form, message),
     ]
     live_view(app, [progress, status, loss, samples, log], refreshed_on, [*clicked, *started_recovered])
     return {"preset": preset, **components}
