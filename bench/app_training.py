@@ -11,7 +11,10 @@ as in the browser tests), the demo preset, Start, and the page left open while i
 CPU trains) and redraws the progress bar, the loss curve, the samples and the log. The CLI case is `lora-studio
 train demo-cpu` with the same settings. Both keep the preset's samples (every 175 steps) and use the
 shipped thread policy. Steps/s come from the `time` of each line of the run's metrics.jsonl, from step
-10 to the last, so model loading does not count. The two cases alternate; figures are medians.
+10 to the last, so model loading does not count. For each app run, the CPU all Chromium processes took from
+Start to the run's end is reported too, as a share of one core (`browser_share_of_a_core`: what the page takes
+from the training). With `--baseline`, the app of another checkout runs as a third case. The cases alternate;
+figures are medians.
 """
 
 from __future__ import annotations
