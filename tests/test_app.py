@@ -476,10 +476,26 @@ def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_fil
         wait_for_text(page, "#train-models", "later-model.safetensors")
 
 
+def error_badges(page, selector: str):
+    """Gradio's visible "Error" badges over the component (each stays until dismissed)."""
+    return page.locator(f"{selector} [data-testid='status-tracker']").filter(has_text="Error", visible=True)
+
+
 def covered(page, selector: str) -> bool:
-    """Whether Gradio's "Error" badge covers the component (it stays until dismissed)."""
-    badges = page.locator(f"{selector} [data-testid='status-tracker']").filter(has_text="Error")
-    return any(badges.nth(i).is_visible() for i in range(badges.count()))
+    """Whether an "Error" badge covers the component now."""
+    return error_badges(page, selector).count() > 0
+
+
+def comes_to_be_covered(page, selector: str) -> bool:
+    """Whether an "Error" badge covers the component within a few seconds: the toast can show a frame before the
+    badges do (CI once read the report bare right after the toast)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    try:
+        error_badges(page, selector).first.wait_for(timeout=10_000)
+    except PlaywrightTimeoutError:
+        return False
+    return True
 
 
 def refusal(page) -> str:
@@ -510,8 +526,8 @@ def test_a_refused_request_leaves_the_work_in_view(browser_page, lora_file, app_
         page.locator("#dataset-source textarea").fill("no/such/folder")
         page.locator("#dataset-open").click()
         assert "no/such/folder" in refusal(page)
+        assert comes_to_be_covered(page, "#dataset-report")  # the badge marks the report, the one message it concerns
         assert not covered(page, "#dataset-gallery") and page.locator("#dataset-gallery .thumbnail-item").count() == 24
-        assert covered(page, "#dataset-report")  # the badge marks the report, the one message it concerns
 
         page.get_by_role("tab", name="Library").click()
         wait_for_text(page, "#library-runs", run.name)
@@ -519,7 +535,7 @@ def test_a_refused_request_leaves_the_work_in_view(browser_page, lora_file, app_
         wait_for_text(page, "#library-run", run.name)
         page.get_by_role("button", name="Delete run").click()
         assert "Tick 'Yes, delete it' first" in refusal(page)
-        assert not covered(page, "#library-runs") and covered(page, "#library-status")
+        assert comes_to_be_covered(page, "#library-status") and not covered(page, "#library-runs")
         assert run.name in page.locator("#library-runs").inner_text()
         assert run.is_dir()
 
@@ -527,8 +543,8 @@ def test_a_refused_request_leaves_the_work_in_view(browser_page, lora_file, app_
         page.locator("#train-preset input").click()
         page.get_by_role("option", name="broken").click()
         assert "broken" in refusal(page)
+        assert comes_to_be_covered(page, "#train-estimate")
         assert not any(covered(page, f"#cfg-{key}") for key in ("name", "dataset-path", "base_model"))
-        assert covered(page, "#train-estimate")
         assert page.locator("#cfg-dataset-path textarea").input_value().endswith("demo")
         # A refused Start lists each bad setting on a line of its own, the setting's name as code (the notice
         # is HTML, not Markdown: it had shown one run-on line with the backticks).
