@@ -45,7 +45,7 @@ def test_lora_report_strength_zero_equals_base(tmp_path, bench_script):
     pipeline.load_lora_weights(str(lora), adapter_name="again")
     pipeline.set_adapters(["again"], adapter_weights=[1.0])
     strong = demo_data.generate(pipeline, prompts, seeds, steps=4)
-    assert any(list(a.getdata()) != list(b.getdata()) for a, b in zip(base_images, strong, strict=True))
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(base_images, strong, strict=True))
 
 
 @pytest.mark.slow
