@@ -396,12 +396,14 @@ def test_the_validation_curve_and_the_best_checkpoint_in_the_browser(browser_pag
 
 
 def dropdown_options(page, selector: str) -> list[str]:
-    """The labels a dropdown offers (opened, read, closed again)."""
-    page.locator(f"{selector} input").click()
+    """The labels a dropdown offers (opened, read, closed again and left, so that a later click opens it)."""
+    field = page.locator(f"{selector} input")
+    field.click()
     options = page.get_by_role("option")
     options.first.wait_for(timeout=30_000)
     labels = options.all_inner_texts()
     page.keyboard.press("Escape")
+    field.blur()
     return labels
 
 
@@ -423,8 +425,10 @@ def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_fil
     another window, a checkpoint copied in), and an image copied into the open dataset: going to a tab shows them,
     and so does a reloaded page, with no Refresh button clicked."""
     from safetensors.torch import load_file
+    from tiny_models import tiny_vae
 
     from lora_studio.config import load_preset, save_user_preset
+    from lora_studio.layout import vae_to_ldm
 
     home = app_state.roots.runs.parent
     with app_page(browser_page) as page:
@@ -437,6 +441,9 @@ def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_fil
         (run / "config.toml").write_text(f'name = "later"\nbase_model = "{base}"\n')
         save_file(load_file(lora_file), str(run / "later.safetensors"), metadata={"modelspec.resolution": "768x512"})
         save_user_preset(load_preset("demo-cpu"), "my-later-preset")
+        vae = tiny_vae()
+        (home / "models" / "VAE").mkdir()
+        save_file(vae_to_ldm(vae.state_dict(), vae.config), home / "models" / "VAE" / "later-vae.safetensors")
 
         page.get_by_role("tab", name="Preview").click()
         page.wait_for_timeout(1000)
@@ -485,6 +492,14 @@ def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_fil
         assert comes_to_offer(page, "#cfg-base_model", lambda label: label.startswith("later-model.safetensors"))
         page.locator("#train-models-folder > button").first.click()
         wait_for_text(page, "#train-models", "later-model.safetensors")
+        # The form's VAE is picked from the models folder's VAE files too, and the pick reaches the settings.
+        page.locator("#train-advanced > button").first.click()
+        page.locator("#train-section-general > button").first.click()
+        assert comes_to_offer(page, "#cfg-vae", lambda label: label == "later-vae.safetensors")
+        page.locator("#cfg-vae input").click()
+        page.get_by_role("option", name="later-vae.safetensors").click()
+        page.locator("#train-check").click()
+        wait_for_text(page, "#train-estimate", "VAE: later-vae.safetensors, a VAE file")
 
 
 def error_badges(page, selector: str):

@@ -226,13 +226,15 @@ def test_previews_follow_the_run_s_vae_and_render_with_it(tmp_path, tiny_folders
     assert np.asarray(Image.open(out)).tobytes() != np.asarray(Image.open(own_out)).tobytes()
 
 
-def test_the_preview_lists_the_models_folders_vae_files(tmp_path, tiny_folders, own_vae, forms, monkeypatch):
+def test_the_preview_and_the_train_form_list_the_models_folders_vae_files(tmp_path, tiny_folders, own_vae, forms,
+                                                                          monkeypatch):
     """VAE files in the models folder and its VAE/ subfolder (A1111's place for them) are choices, told from
-    checkpoints, LoRAs and damaged files by their headers; the base model's own VAE comes first."""
+    checkpoints, LoRAs and damaged files by their headers; the base model's own VAE comes first. The Train form's
+    `vae` picker lists them too, and reading the folder again keeps what was picked or typed."""
     import shutil
 
     from lora_studio.paths import Roots
-    from lora_studio.ui import preview_tab
+    from lora_studio.ui import preview_tab, train_tab
     from lora_studio.ui.state import AppState
 
     models = tmp_path / "models"
@@ -244,8 +246,13 @@ def test_the_preview_lists_the_models_folders_vae_files(tmp_path, tiny_folders, 
               str(models / "a-checkpoint.safetensors"))  # fmt: skip
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(models / "a-lora.safetensors"))
     (models / "damaged.safetensors").write_bytes(b"not a header")
-    choices = preview_tab.vae_choices()
+    choices = train_tab.vae_choices()
     prefixed, sharp = models / "prefixed-vae.safetensors", models / "VAE" / "sharp.safetensors"
-    assert choices == [(preview_tab.OWN_VAE, ""), (prefixed.name, str(prefixed)), (sharp.name, str(sharp))]
+    assert choices == [(train_tab.OWN_VAE, ""), (prefixed.name, str(prefixed)), (sharp.name, str(sharp))]
     app = AppState(Roots(tmp_path / "runs", tmp_path / "datasets", models))
     assert preview_tab.refresh_lists(app)[2].choices == choices
+    typed = str(tmp_path / "elsewhere" / "my-vae.safetensors")
+    base, vae, _, _ = train_tab.refresh_models("demo", typed)
+    assert vae["choices"] == choices and vae["value"] == typed and base["value"] == "demo"
+    (models / "VAE" / "sharp.safetensors").unlink()
+    assert train_tab.refresh_models("demo", str(sharp))[1]["choices"] == choices[:2]

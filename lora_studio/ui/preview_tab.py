@@ -31,7 +31,7 @@ from ..workflows import (
 from .config_form import FIELD_BY_KEY
 from .errors import shown
 from .state import AppState, confined_base, confined_vae, uploaded_files
-from .train_tab import summarize
+from .train_tab import base_choices, summarize, vae_choices
 
 SAMPLERS = FIELD_BY_KEY["sample.sampler"].choices
 MAX_STACK = 4  # strength sliders on the page; more stacked LoRAs are rare and go through the CLI
@@ -313,22 +313,8 @@ def strength_sliders(files: list[str] | None) -> list:
 
 
 def refresh_lists(app: AppState) -> tuple:
-    from .train_tab import base_choices
-
     return (gr.Dropdown(choices=labelled_lora_choices(app)), gr.Dropdown(choices=base_choices()),
             gr.Dropdown(choices=vae_choices()))  # fmt: skip
-
-
-OWN_VAE = "the base model's own"
-
-
-def vae_choices() -> list[tuple[str, str]]:
-    """(label, value) for the VAE picker: the base model's own (""), then the VAE files of the models folder and its
-    VAE/ subfolder."""
-    from ..catalogue import find_local_vaes
-    from ..paths import models_dir
-
-    return [(OWN_VAE, ""), *((path.name, str(path)) for path in find_local_vaes(models_dir()))]
 
 
 def bake_section() -> dict:

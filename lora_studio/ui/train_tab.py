@@ -18,7 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..catalogue import describe_source, find_local_models
+from ..catalogue import describe_source, find_local_models, find_local_vaes
 from ..config import (
     TrainConfig,
     delete_user_preset,
@@ -84,6 +84,15 @@ def base_choices() -> list[tuple[str, str]]:
     return [(f"{Path(s).name} · {describe_base(s)}", s) for s in sources]
 
 
+OWN_VAE = "the base model's own"
+
+
+def vae_choices() -> list[tuple[str, str]]:
+    """(label, value) for the VAE pickers (the Train form's and the Preview's): the base model's own (""), then the
+    VAE files of the models folder and its VAE/ subfolder."""
+    return [(OWN_VAE, ""), *((path.name, str(path)) for path in find_local_vaes(models_dir()))]
+
+
 def models_folder_table() -> list[list[str]]:
     rows = []
     for path in find_local_models(models_dir()):
@@ -111,11 +120,13 @@ def preset_choices():
     return gr.update(choices=list_presets())
 
 
-def refresh_models(current: str):
+def refresh_models(base: str, vae: str):
+    """The base-model and VAE pickers' lists read again (the chosen or typed values stay), the folder's table."""
     folder = models_dir()
     note = f"Models folder: `{folder}`" + ("" if folder.is_dir() else " (it does not exist yet; create it and "
                                              "put .safetensors files or diffusers folders in it)")  # fmt: skip
-    return gr.update(choices=base_choices(), value=current), models_folder_table(), note
+    return (gr.update(choices=base_choices(), value=base), gr.update(choices=vae_choices(), value=vae),
+            models_folder_table(), note)  # fmt: skip
 
 
 # --- the form, steps and memory ------------------------------------------------------------------
@@ -509,6 +520,8 @@ def field_component(field: config_form.FormField, value):
     common = {"label": field.label, "elem_id": field.elem_id, "info": field.help or None}
     if field.kind == "choice":
         return gr.Dropdown(list(field.choices), value=value, **common)
+    if field.key == "vae":  # a VAE file of the models folder, as in the Preview tab, or a typed path
+        return gr.Dropdown(vae_choices(), value=value, allow_custom_value=True, **common)
     if field.kind == "bool":
         return gr.Checkbox(value=value, **common)
     if field.kind in ("int", "float"):
@@ -643,8 +656,9 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components
                   show_progress_on=estimate_box).then(shown(estimate, app), form, estimate_box)  # fmt: skip
     connect_your_presets(app, your_presets, preset, form, estimate_box)
     components["base_model"].change(shown(base_info, app), components["base_model"], base_note)
-    gr.on([refresh.click, *refreshed_on], shown(refresh_models), components["base_model"],
-          [components["base_model"], folder_table, folder_note], show_progress_on=folder_note)  # fmt: skip
+    pickers = [components["base_model"], components["vae"]]
+    gr.on([refresh.click, *refreshed_on], shown(refresh_models), pickers, [*pickers, folder_table, folder_note],
+          show_progress_on=folder_note)  # fmt: skip
     gr.on(refreshed_on, shown(preset_choices), None, preset, show_progress="hidden")
     gr.on([c.input for c in form] + [check.click], shown(estimate, app), form, estimate_box,
           trigger_mode="always_last")  # fmt: skip
