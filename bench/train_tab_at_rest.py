@@ -1,6 +1,7 @@
 """The CPU the browser spends on the Train tab while nothing trains: on a fresh page, and after one "Check settings"
 (an event whose inputs are the form's ~150 fields; from then on Gradio updates the loading status of each of them
-on every event, polls included). With `--baseline`, the same for another checkout, alternating.
+on every event, polls included); then what typing into the form costs (each keystroke is an event that sends the
+form for the estimate). With `--baseline`, the same for another checkout, alternating.
 
     python bench/train_tab_at_rest.py                                   # this checkout, 3 rounds
     git worktree add /tmp/before <older commit>
@@ -9,6 +10,8 @@ on every event, polls included). With `--baseline`, the same for another checkou
 Each case is `python app.py` (from its checkout) on a free port in headless Chromium (Debian's, as in the browser
 tests); after the page has settled, the Train tab is left open for `--seconds` as opened, then again after a click
 on "Check settings". The figure is the CPU time of all Chromium processes over that window, as a share of one core.
+Then TYPED is typed into the run's name, a key every TYPING_DELAY_MS; `typing_cpu_s` is Chromium's CPU seconds from
+the first key to TYPING_SETTLE_S after the last (the page's work that typing set off, done or not).
 Figures are medians.
 """
 
@@ -29,6 +32,7 @@ from report import alternating, commit_of, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STATES = ("fresh", "after_check")
+TYPED, TYPING_DELAY_MS, TYPING_SETTLE_S = "my-style-v2-typed-one-key-at-a-time-now", 50, 6.0
 
 
 def one_case(browser, root: Path, seconds: float) -> dict[str, float]:
@@ -47,6 +51,10 @@ def one_case(browser, root: Path, seconds: float) -> dict[str, float]:
             before = chromium_cpu_seconds()
             time.sleep(seconds)
             shares[state] = round((chromium_cpu_seconds() - before) / seconds, 4)
+        before = chromium_cpu_seconds()
+        page.locator("#cfg-name textarea").press_sequentially(TYPED, delay=TYPING_DELAY_MS)
+        time.sleep(TYPING_SETTLE_S)
+        shares["typing_cpu_s"] = round(chromium_cpu_seconds() - before, 3)
         page.close()
         return shares
 
@@ -71,12 +79,15 @@ def main() -> None:
         browser.close()
     report = {
         "what": "CPU share of one core taken by headless Chromium showing the Train tab with nothing training, "
-                "on a fresh page and after one 'Check settings'",  # fmt: skip
+                "on a fresh page and after one 'Check settings'; Chromium's CPU seconds for typing "
+                f"{len(TYPED)} characters into the form, a key every {TYPING_DELAY_MS} ms, and {TYPING_SETTLE_S} s "
+                "after",  # fmt: skip
         "cores": os.cpu_count(),
         "seconds": args.seconds,
         "checkouts": {case: f"{root} at {commit_of(root)}" for case, root in roots.items()},
         "runs": runs,
-        "medians": {case: {s: statistics.median(r[s] for r in rows) for s in STATES} for case, rows in runs.items()},
+        "medians": {case: {s: statistics.median(r[s] for r in rows) for s in (*STATES, "typing_cpu_s")}
+                    for case, rows in runs.items()},  # fmt: skip
     }
     publish(report, args.json)
 

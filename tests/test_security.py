@@ -116,6 +116,17 @@ def test_the_train_tabs_poll_outside_the_queue_hears_no_state_and_no_foreign_hos
     assert foreign.status_code == 403 and "answers only to 127.0.0.1" in foreign.text
 
 
+def test_gradio_s_run_history_and_its_bucket_upload_are_off(server, client):
+    """Gradio's run history would keep every event's inputs in the browser and offer to copy them to a Hugging Face
+    bucket: off, its page and routes gone, and the page's config says so (its frontend then records nothing)."""
+    assert client.config().get("run_history") is False
+    routes = [("GET", "/gradio_api/runs"), ("GET", "/gradio_api/run-history/buckets"),
+              ("GET", "/gradio_api/run-history/records"), ("POST", "/gradio_api/run-history/connect")]  # fmt: skip
+    for method, path in routes:
+        response = httpx.request(method, server["url"] + path, json={"bucket_id": "someone/bucket"})
+        assert response.status_code == 404, (path, response.status_code)
+
+
 def test_cross_origin_requests_that_change_something_are_refused(server, tmp_path):
     picture = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(picture)

@@ -8,6 +8,7 @@ one `AppState` built here; the trust boundary (roots, Host/Origin checks, caps, 
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 import os
@@ -197,8 +198,19 @@ def launch(
         app_kwargs={"middleware": [Middleware(RequestGuard, loopback=loopback, port=port), Middleware(TrackerFrames)]},
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
+        **run_history_off(),
     )
     return blocks
+
+
+def run_history_off() -> dict:
+    """launch()'s argument that turns Gradio's run history off, where this Gradio has one (later 6.x releases).
+
+    The run history keeps every event's inputs in the browser's localStorage (dataset paths, captions, the whole Train
+    form) and offers to copy them to a Hugging Face bucket: private data kept where the app does not manage it, and a
+    cloud upload in an offline app. Each event also read and rewrote it whole, typing and the Train tab's polls
+    included (~260 KB after a page load and one Check)."""
+    return {"run_history": False} if "run_history" in inspect.signature(gr.Blocks.launch).parameters else {}
 
 
 # Gradio's queue looks for new events every 1 ms while it has none, and for progress to send every 10 ms (its
