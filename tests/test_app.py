@@ -407,16 +407,20 @@ def dropdown_options(page, selector: str) -> list[str]:
     return labels
 
 
+def comes_true(page, condition, timeout_s: float = 30.0) -> bool:
+    """Whether `condition()` holds within the time, asked again every 200 ms (the page keeps running meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        page.wait_for_timeout(200)
+    return True
+
+
 def comes_to_offer(page, selector: str, wanted, timeout_s: float = 30.0) -> bool:
     """Whether the dropdown offers a label for which `wanted(label)` holds, reopening it until it does: the list
     follows an event the page answers when the machine gets to it."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if any(wanted(label) for label in dropdown_options(page, selector)):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        page.wait_for_timeout(500)
+    return comes_true(page, lambda: any(wanted(label) for label in dropdown_options(page, selector)), timeout_s)
 
 
 @pytest.mark.browser
@@ -502,6 +506,51 @@ def test_lists_follow_what_happened_since_the_app_started(browser_page, lora_fil
         wait_for_text(page, "#train-estimate", "VAE: later-vae.safetensors, a VAE file")
         # Gradio's run history is off: after all these events the browser keeps none of their inputs.
         assert page.evaluate("() => Object.keys(localStorage).filter(k => k.includes('run-history'))") == []
+
+
+@pytest.mark.browser
+def test_the_estimate_follows_a_typed_field_when_it_is_left_and_a_pick_at_once(browser_page, app_state, monkeypatch):
+    """Each estimate sends the whole form (~250 ms of the page's CPU): typing sends none, Enter or leaving the field
+    sends one, and a pick in a dropdown sends one at once."""
+    import functools
+
+    from lora_studio.ui import train_tab
+
+    made = []
+
+    @functools.wraps(train_tab.estimate)
+    def counted(*args, **kwargs):
+        made.append(args[-len(train_tab.KEYS) :])
+        return estimate(*args, **kwargs)
+
+    estimate = train_tab.estimate
+    monkeypatch.setattr(train_tab, "estimate", counted)  # before the app is built, which binds it
+    steps_at = train_tab.KEYS.index("optimizer.max_train_steps")
+    with app_page(browser_page) as page:
+        page.get_by_role("tab", name="Train").click()
+        wait_for_text(page, "#train-estimate", "Steps:")
+        page.wait_for_timeout(1000)
+        made.clear()
+        steps = page.locator("#cfg-optimizer-max_train_steps input")
+        steps.click()
+        steps.press("Control+A")
+        steps.press_sequentially("123", delay=100)
+        page.wait_for_timeout(1500)
+        assert made == [], "typing sends no estimate"
+        steps.press("Enter")
+        wait_for_text(page, "#train-estimate", "123 in all")
+        assert [values[steps_at] for values in made] == [123]
+        name = page.locator("#cfg-name textarea")
+        name.fill("typed-name")
+        page.wait_for_timeout(1000)
+        assert len(made) <= 2  # the steps field, left for the name, may have sent one more; the name none yet
+        name.press("Tab")
+        assert comes_true(page, lambda: made[-1][train_tab.KEYS.index("name")] == "typed-name")
+        page.locator("#train-advanced > button").first.click()
+        page.locator("#train-section-sample > button").first.click()
+        page.locator("#cfg-sample-sampler input").click()
+        page.get_by_role("option", name="ddim", exact=True).click()
+        assert comes_true(page, lambda: made[-1][train_tab.KEYS.index("sample.sampler")] == "ddim")
 
 
 def error_badges(page, selector: str):
