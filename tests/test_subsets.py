@@ -402,14 +402,14 @@ def test_picking_a_subset_in_the_dataset_tab_opens_it_and_leaves_dataset_path(br
         demo = page.locator("#cfg-dataset-path textarea").input_value()
         page.locator("#train-advanced > button").first.click()
         page.locator("#train-section-dataset > button").first.click()
-        # Typed, not `fill`ed: a filled Gradio textbox has been seen to skip the input event its change rides on
-        # (the picker then never heard of the subset, and this test timed out once in a loaded full run).
+        # Typed, not `fill`ed: a filled Gradio textbox has been seen to skip its input event, which is what puts the
+        # typed value in the page's state (the picker then never heard of the subset).
         page.locator("#cfg-dataset-subsets textarea").press_sequentially('{ path = "datasets/alice", repeats = 4 }')
         page.locator("#cfg-dataset-subsets textarea").press("Tab")
         page.get_by_role("tab", name="Dataset").click()
         subset = page.get_by_role("option", name="subset 1: datasets/alice")
         picker = page.locator("#dataset-form-folder input")
-        for _ in range(60):  # the picker's choices follow the form (its change event, or the picker's focus)
+        for _ in range(60):  # the picker's choices follow the form (the tab's select, or the picker's focus)
             picker.click()
             page.wait_for_timeout(300)
             if subset.count():
