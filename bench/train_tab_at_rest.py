@@ -1,7 +1,7 @@
 """The CPU the browser spends on the Train tab while nothing trains: on a fresh page, and after one "Check settings"
 (an event whose inputs are the form's ~150 fields; from then on Gradio updates the loading status of each of them
-on every event, polls included); then what typing into the form costs (each keystroke is an event that sends the
-form for the estimate). With `--baseline`, the same for another checkout, alternating.
+on every event, polls included); then what typing into the form costs (before e1f3113 each key was an event that
+sent the form for the estimate). With `--baseline`, the same for another checkout, alternating.
 
     python bench/train_tab_at_rest.py                                   # this checkout, 3 rounds
     git worktree add /tmp/before <older commit>
