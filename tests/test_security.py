@@ -488,8 +488,8 @@ def test_login_attempts_sent_at_once_still_wait_their_turn():
 
 
 def test_the_other_path_taking_handlers_read_nothing_outside(server, client):
-    """Check settings, the base-model note, resume, an uploaded LoRA and the Library's inspect, resize and merge:
-    each refuses (or reports) a path outside the roots without reading it."""
+    """Check settings, the base-model note, resume, an uploaded LoRA, the Library's inspect, resize and merge, and
+    the Train form's pickers: each refuses (or reports, or only echoes) a path outside the roots without reading it."""
     outside = server["outside"]
     ok, shown = client.call("estimate", form_values(client, dataset__path=str(outside)))
     assert ok and "lies outside" in shown[0] and "Steps:" not in shown[0]
@@ -501,6 +501,11 @@ def test_the_other_path_taking_handlers_read_nothing_outside(server, client):
     lora = str(outside / "lora.safetensors")
     for handler, extra in (("inspect_file", []), ("resize_file", [2]), ("merge_file", [1.0])):
         assert_refused(client.call(handler, ["../outside", lora, *extra]))
+    # The Train form's pickers, read again with a path from outside in each: the values come back as sent (the
+    # page's own text), the lists hold only the models folder's files, and nothing outside is read.
+    ok, (base, vae, _table, _note) = client.call("refresh_models", [lora, lora])
+    assert ok and base["value"] == lora and vae["value"] == lora
+    assert not any(str(outside) in str(choice) for choice in base["choices"] + vae["choices"])
 
 
 def test_issue_18_handlers_read_and_write_nothing_outside(server, client):
