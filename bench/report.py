@@ -23,6 +23,11 @@ def alternating(cases: Sequence[str], round_: int) -> Sequence[str]:
 
 
 def commit_of(root: Path) -> str:
-    """The short commit a checkout is at, for reports that compare checkouts ("unknown" outside git)."""
-    return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "unknown"  # fmt: skip
+    """The short commit a checkout is at, for reports that compare checkouts ("unknown" outside git), marked when
+    its tracked files differ from that commit (a figure measured before its change was committed says so)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return f"{commit} with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else commit

@@ -516,7 +516,11 @@ def typing_sends_nothing(page, selector: str, text: str, replacing: bool = False
     field.click()
     field.press("Control+A" if replacing else "Control+End")  # else typed at the end, wherever the click landed
     page.wait_for_timeout(1000)
-    listen = lambda request: "/queue/join" in request.url and sent.append(request.url)  # noqa: E731
+
+    def listen(request) -> None:
+        if "/queue/join" in request.url:
+            sent.append(request.url)
+
     page.on("request", listen)
     field.press_sequentially(text, delay=50)
     page.wait_for_timeout(1500)
