@@ -7,7 +7,7 @@
 #     || echo /.ref/ >> .git/info/exclude
 #   bash bench/device_check.sh smoke                  # the same script on the CPU, tiny models: ~2 minutes
 # Then the device tool: command "bash bench/device_check.sh sd1", carry [".whl", ".ref"], timeout_s 560;
-# then "equal" (timeout_s 300), then "sdxl" (560). The lease is 15 minutes with the machine's start, so one
+# then "equal" (timeout_s 330), then "sdxl" (560). The lease is 15 minutes with the machine's start, so one
 # session gets sd1 and equal, or sdxl alone. Everything lands in $OUT as it is measured, so a cut-off call still
 # returns figures:
 #   train_step_gpu_<part>.json  bench/gpu_step.py: reference and ours (eager, CUDA graphs), images/s, MFU,
@@ -16,6 +16,7 @@
 #   second_start_<part>.json    the compiled case again in a fresh process: its first step reuses inductor's cache
 #   compile_equality_gpu.json   bench/compile_equality.py: compiled and CUDA-graph training against eager, fp32
 #                               and bf16, with gradient accumulation too (the check that would lift its guard)
+#   step_ops_gpu.json           bench/step_ops.py: CUDA kernels of one step with and without peft's input casts
 #   log_<part>.txt              everything printed
 # Afterwards, here: copy the JSON files into bench/results/ and remake the README's table with
 #   python bench/gpu_table.py bench/results/train_step_gpu_sd1.json bench/results/train_step_gpu_sdxl.json \
@@ -45,6 +46,9 @@ peft.__version__, transformers.__version__)"
 } 2>&1 | tee "$log"
 if [ "$part" = equal ]; then
     timeout 280 python3 bench/compile_equality.py --json "$out/compile_equality_gpu.json" 2>&1 | grep -v "Warning" \
+        | tee -a "$log"
+    # CUDA kernels of one SD1.5 step with and without peft's input casts (lora.skip_input_casts); ~30 s
+    timeout 45 python3 bench/step_ops.py --device cuda --json "$out/step_ops_gpu.json" 2>&1 | grep -v "Warning" \
         | tee -a "$log"
     date -u | tee -a "$log"
     exit

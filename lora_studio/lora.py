@@ -304,6 +304,36 @@ def _drop_module(chance: float, module: torch.nn.Module, _inputs, update: torch.
     return update * kept.to(update.dtype)
 
 
+def skip_input_casts(models: Iterable[torch.nn.Module]) -> int:
+    """Let the adapters of models that run under autocast take their input in the dtype it comes in. Returns how
+    many layers now do.
+
+    peft casts each adapted layer's input to its adapter's dtype first: fp32 here (the LoRA weights stay fp32), so
+    under a bf16/fp16 autocast every adapted layer copied its whole half-precision input to fp32, and autocast
+    copied it back to half for the adapter's matmul: two elementwise kernels forward and two backward per layer
+    (768 on SD1.5's default 192 UNet layers), for bit-identical results, since autocast rounds the widened copy
+    back to the values it came from. Left on where the input meets other arithmetic first, so skipping the cast
+    could round differently: DoRA (its norm terms) and LoRA dropout (drawn and scaled in the input's dtype).
+    Without autocast the cast is needed (a half input into an fp32 matmul fails), so callers skip it only there."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    skipped = 0
+    for model in models:
+        for layer in model.modules():
+            if not isinstance(layer, BaseTunerLayer):
+                continue
+            if isinstance(layer, LoraLayer) and (
+                ADAPTER_NAME not in layer.lora_A
+                or ADAPTER_NAME in layer.lora_variant
+                or not isinstance(layer.lora_dropout[ADAPTER_NAME], torch.nn.Identity)
+            ):
+                continue
+            layer.cast_input_dtype_enabled = False
+            skipped += 1
+    return skipped
+
+
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 

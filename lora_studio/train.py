@@ -43,7 +43,7 @@ from .ema import make_ema
 from .errors import LoraStudioError
 from .events import Commands, DoneEvent, ErrorEvent, PreparingEvent, ProgressEvent
 from .fsutil import WriteError
-from .lora import inject_lora
+from .lora import inject_lora, skip_input_casts
 from .lora_file import LoraFile
 from .loss_reads import PendingLosses, QueuedStep, ReadStep, check_finite, reads_deferred
 from .models import BaseModel, dtype_of, load_base, pick_device
@@ -334,6 +334,8 @@ def prepare_trained_parts(config: TrainConfig, accelerator: Accelerator, base: B
     lr_scheduler = make_lr_scheduler(config, optimizer, total, accelerator.num_processes)
     if accelerator.device.type == "cpu" and not config.torch_compile:  # compiled: inductor's own attention kernels
         use_small_head_attention(base.unet)
+    if autocasts(accelerator):  # every pass of the trained parts does: steps, validation, samples
+        log.debug("%d adapted layers take their input as it comes", skip_input_casts(parts.values()))
     prepared = accelerator.prepare(*parts.values(), optimizer, lr_scheduler)
     models = dict(zip(parts, prepared[: len(parts)], strict=True))
     if config.torch_compile:
@@ -345,6 +347,12 @@ def prepare_trained_parts(config: TrainConfig, accelerator: Accelerator, base: B
     for model in models.values():
         model.train()  # LoRA dropout is active only in training mode
     return models, prepared[-2], prepared[-1]
+
+
+def autocasts(accelerator: Accelerator) -> bool:
+    """Whether the run's mixed precision turns autocast on (accelerate wraps the prepared models' forward in it)."""
+    with accelerator.autocast():
+        return torch.is_autocast_enabled(accelerator.device.type)
 
 
 _compile_cache_we_set: str | None = None  # the TORCHINDUCTOR_CACHE_DIR this process chose (None: not chosen yet)

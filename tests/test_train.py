@@ -769,6 +769,65 @@ def test_samples_render_during_bf16_training(tmp_path, tiny_folders, images, fam
     assert Image.open(folder / "s1.00-seed1.png").size == (32, 32)
 
 
+def copies_in_one_step(session) -> int:
+    """How many dtype copies (aten::_to_copy) one batch's forward and backward make."""
+    from torch.profiler import profile
+
+    with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiled:
+        step_module.batch_loss(session, [0, 1], step_module.sample_draws(5, 0, 0, [0, 1])).backward()
+    return sum(event.count for event in profiled.key_averages() if event.key == "aten::_to_copy")
+
+
+def cast_flags(session) -> list[bool]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m.cast_input_dtype_enabled for model in session.models.values() for m in model.modules()
+            if isinstance(m, BaseTunerLayer)]  # fmt: skip
+
+
+@pytest.mark.parametrize("lora", [{}, {"network": "lokr", "unet_targets": "full"}], ids=["lora", "lokr-full"])
+def test_a_bf16_run_s_adapters_take_their_input_as_it_comes_and_train_the_same(tmp_path, tiny_folders, images,
+                                                                               monkeypatch, lora):  # fmt: skip
+    """Issue 17 (fewer kernels a step): under the bf16 autocast, peft no longer copies each adapted layer's input to
+    fp32 for autocast to copy back (`lora.skip_input_casts`). The same run with peft's casts trains the same weights,
+    losses and samples, bit for bit, in the UNet and the trained text encoder; a step makes 2+ fewer copies a layer."""
+    settings = dict(mixed_precision="bf16", lora=lora, sample={"every_n_steps": 4, "strengths": [1.0], "seeds": [1],
+                    "num_inference_steps": 1, "width": 32, "height": 32})  # fmt: skip
+
+    def trained(folder):
+        session = prepare(tiny_config(folder, tiny_folders, images, **settings))
+        train_module.train(session)
+        return session
+
+    skipping = trained(tmp_path / "a")
+    monkeypatch.setattr(train_module, "skip_input_casts", lambda models: 0)
+    casting = trained(tmp_path / "b")
+
+    assert set(skipping.models) == {"unet", "text_encoder"}
+    skipped = cast_flags(skipping)
+    assert len(skipped) > 20 and not any(skipped) and all(cast_flags(casting))
+    a, b = resume_module.lora_state_dicts(skipping), resume_module.lora_state_dicts(casting)
+    assert a.keys() == b.keys() and all(torch.equal(a[part][k], b[part][k]) for part in a for k in a[part])
+    assert (skipping.run_dir / "metrics.jsonl").read_text() != ""
+    losses = [[json.loads(line)["loss"] for line in (s.run_dir / "metrics.jsonl").read_text().splitlines()]
+              for s in (skipping, casting)]  # fmt: skip
+    assert len(losses[0]) == 8 and losses[0] == losses[1]
+    samples = [sorted((s.run_dir / "samples").rglob("*.png")) for s in (skipping, casting)]
+    assert len(samples[0]) == 2 and [p.read_bytes() for p in samples[0]] == [p.read_bytes() for p in samples[1]]
+    assert copies_in_one_step(skipping) <= copies_in_one_step(casting) - 2 * len(skipped)
+
+
+def test_adapters_whose_input_meets_other_arithmetic_keep_peft_s_cast(tmp_path, tiny_folders, images):
+    """DoRA's norm terms and LoRA dropout's draws see the input in its own dtype, so skipping the cast could round
+    differently: those layers keep it. A run without autocast keeps every cast (needed there)."""
+    dora = prepare(tiny_config(tmp_path / "a", tiny_folders, images, mixed_precision="bf16", lora={"use_dora": True}))
+    dropout = prepare(tiny_config(tmp_path / "b", tiny_folders, images, mixed_precision="bf16", lora={"dropout": 0.1}))
+    plain = prepare(tiny_config(tmp_path / "c", tiny_folders, images))
+    for session in (dora, dropout, plain):
+        flags = cast_flags(session)
+        assert len(flags) > 20 and all(flags)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_torch_compile_trains_the_same_weights(tmp_path, tiny_folders, images, mode):
