@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .models import to_device
 from .prompt_weights import BREAK, parse_emphasis
 from .tokens import TOKENS_COUNTED, WINDOW, token_count
 
@@ -117,9 +118,9 @@ def encode_captions(
         weights = None
         if emphasis:
             flat, weights = weighted_ids(tokenizer, captions, max_tokens)
-            ids = split_windows(flat, tokenizer, max_tokens).reshape(-1, WINDOW + 2).to(device)
+            ids = to_device(split_windows(flat, tokenizer, max_tokens).reshape(-1, WINDOW + 2), device)
         else:
-            ids = window_ids(tokenizer, captions, max_tokens).reshape(-1, WINDOW + 2).to(device)
+            ids = to_device(window_ids(tokenizer, captions, max_tokens).reshape(-1, WINDOW + 2), device)
         out = encoder(ids, output_hidden_states=True)
         if sdxl:
             states = out.hidden_states[-(clip_skip + 1)]

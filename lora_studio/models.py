@@ -136,6 +136,19 @@ def dtype_of(precision: str) -> torch.dtype:
     return getattr(torch, DTYPE_NAMES[precision])
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device`, the step's inputs made on the CPU (latents, noise, timesteps, token ids). To a GPU through
+    pinned memory and without waiting: torch copies from ordinary (pageable) memory with a stream synchronise after,
+    so each such copy made the CPU wait for everything queued on the GPU, and a step could not be queued while the
+    last one ran. The pinned block goes back to torch's pool only once the copy is done."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def pick_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 where the GPU supports it, else fp16 on a GPU; fp32 on the CPU, where half is slow or missing."""
     import torch

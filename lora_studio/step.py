@@ -25,7 +25,7 @@ from .config import DatasetConfig, OptimConfig
 from .data import Item, bucket_mask, build_caption, make_step_sample
 from .ema import lora_parameters
 from .lora import cap_update_norms
-from .models import TEXT_ENCODER_NAMES, BaseModel
+from .models import TEXT_ENCODER_NAMES, BaseModel, to_device
 from .session import Session, TrainingError
 
 
@@ -107,7 +107,7 @@ def batch_latents(
     latents = mean + std * torch.stack([torch.randn(mean.shape[1:], generator=d.gen) for d in draws])
     latents = (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
     weights = loss_weights(masks, dataset.unmasked_weight, mean.shape)
-    return latents.to(device), captions, crops, None if weights is None else weights.to(device)
+    return to_device(latents, device), captions, crops, None if weights is None else to_device(weights, device)
 
 
 def loss_weights(masks: list[torch.Tensor | None], unmasked_weight: float, shape: torch.Size) -> torch.Tensor | None:
@@ -128,14 +128,14 @@ def conditioning(
     pooled embedding and micro-conditioning (original size, crop, target size)."""
     entries = [text_cache.get(c) for c in captions] if text_cache is not None else [None]
     if all(e is not None for e in entries):
-        encoded = {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
+        encoded = {k: to_device(torch.stack([e[k] for e in entries]), device) for k in entries[0]}
     else:
         encoded = encode_text(base, captions, clip_skip, encoders if text_cache is None else None, device, max_tokens,
                               emphasis)  # fmt: skip
     added = None
     if base.family == "sdxl":
-        time_ids = torch.tensor([[*c.original_size, *c.crop_top_left, *c.target_size] for c in crops], device=device,
-                                dtype=encoded["hidden"].dtype)  # fmt: skip
+        time_ids = to_device(torch.tensor([[*c.original_size, *c.crop_top_left, *c.target_size] for c in crops],
+                                          dtype=encoded["hidden"].dtype), device)  # fmt: skip
         added = {"text_embeds": encoded["pooled"], "time_ids": time_ids}
     return encoded["hidden"], added
 
@@ -203,10 +203,10 @@ def shaped_noise(latents: torch.Tensor, scheduler: DDPMScheduler, draws: list[Dr
     the noise its input gets; drawn from its own generator in a fixed order (a random strength right after the
     draw it scales, so a run without it draws as before)."""
     shape, device = latents.shape[1:], latents.device
-    noise = torch.stack([torch.randn(shape, generator=d.gen) for d in draws]).to(device)
+    noise = to_device(torch.stack([torch.randn(shape, generator=d.gen) for d in draws]), device)
     if optim.noise_offset:
         # Offset noise (Guttenberg 2023): lets the model learn overall brightness, i.e. very dark/bright images.
-        offset = torch.stack([torch.randn((shape[0], 1, 1), generator=d.gen) for d in draws]).to(device)
+        offset = to_device(torch.stack([torch.randn((shape[0], 1, 1), generator=d.gen) for d in draws]), device)
         strength = random_strengths(optim.noise_offset, optim.noise_offset_random_strength, draws, device)
         if optim.adaptive_noise_scale:
             # kohya's adaptive noise scale: each channel's offset grows with |its mean|, never below 0.
@@ -214,13 +214,13 @@ def shaped_noise(latents: torch.Tensor, scheduler: DDPMScheduler, draws: list[Dr
             strength = torch.clamp(strength + optim.adaptive_noise_scale * means, min=0.0)
         noise = noise + strength * offset
     low, high = optim.min_timestep, min(optim.max_timestep, scheduler.config.num_train_timesteps)
-    timesteps = torch.cat([torch.randint(low, high, (1,), generator=d.gen) for d in draws]).to(device)
+    timesteps = to_device(torch.cat([torch.randint(low, high, (1,), generator=d.gen) for d in draws]), device)
     if optim.multires_noise_iterations:
         noise = torch.stack([pyramid_noise(n, d, optim.multires_noise_iterations, optim.multires_noise_discount)
                              for n, d in zip(noise, draws, strict=True)])  # fmt: skip
     input_noise = None
     if optim.ip_noise_gamma:
-        extra = torch.stack([torch.randn(shape, generator=d.gen) for d in draws]).to(device)
+        extra = to_device(torch.stack([torch.randn(shape, generator=d.gen) for d in draws]), device)
         gamma = random_strengths(optim.ip_noise_gamma, optim.ip_noise_gamma_random_strength, draws, device)
         input_noise = noise + gamma * extra
     return noise, timesteps, input_noise
@@ -232,7 +232,7 @@ def random_strengths(strength: float, random: bool, draws: list[Draw], device: t
     (B, 1, 1, 1)."""
     if not random:
         return strength
-    return strength * torch.stack([torch.rand((1, 1, 1), generator=d.gen) for d in draws]).to(device)
+    return strength * to_device(torch.stack([torch.rand((1, 1, 1), generator=d.gen) for d in draws]), device)
 
 
 def pyramid_noise(noise: torch.Tensor, draw: Draw, iterations: int, discount: float) -> torch.Tensor:
@@ -245,7 +245,7 @@ def pyramid_noise(noise: torch.Tensor, draw: Draw, iterations: int, discount: fl
     for level in range(iterations):
         ratio = draw.rng.random() * 2 + 2
         size = (max(1, int(height / ratio**level)), max(1, int(width / ratio**level)))
-        coarse = torch.randn((1, channels, *size), generator=draw.gen).to(noise.device)
+        coarse = to_device(torch.randn((1, channels, *size), generator=draw.gen), noise.device)
         total = total + F.interpolate(coarse, size=(height, width), mode="bilinear")[0] * discount**level
         if 1 in size:
             break  # the coarsest level is one pixel wide
@@ -306,7 +306,7 @@ def batch_losses(session: Session, indices: list[int], draws: list[Draw]) -> tor
     prior = config.regularization.prior_loss_weight
     if prior != 1.0 and any(session.items[i].regularization for i in indices):
         scale = [prior if session.items[i].regularization else 1.0 for i in indices]
-        losses = losses * torch.tensor(scale, device=losses.device)
+        losses = losses * to_device(torch.tensor(scale), losses.device)
     return losses
 
 
