@@ -11,8 +11,9 @@ Each case is `python app.py` (from its checkout) on a free port in headless Chro
 tests); after the page has settled, the Train tab is left open for `--seconds` as opened, then again after a click
 on "Check settings". The figure is the CPU time of all Chromium processes over that window, as a share of one core.
 Then TYPED is typed into the run's name, a key every TYPING_DELAY_MS; `typing_cpu_s` is Chromium's CPU seconds from
-the first key to TYPING_SETTLE_S after the last (the page's work that typing set off, done or not).
-Figures are medians.
+the first key to TYPING_SETTLE_S after the last (the page's work that typing set off, done or not). Last, the tabs
+of TAB_TOUR are clicked in turn, one every TAB_DELAY_S (each tab reads its lists again when it is selected);
+`tab_switch_cpu_s` is Chromium's CPU seconds from the first click to TAB_DELAY_S after the last. Figures are medians.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from report import alternating, commit_of, publish  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 STATES = ("fresh", "after_check")
 TYPED, TYPING_DELAY_MS, TYPING_SETTLE_S = "my-style-v2-typed-one-key-at-a-time-now", 50, 6.0
+TAB_TOUR, TAB_DELAY_S = ("Library", "Train", "Preview", "Train", "Presets", "Train"), 2.0
+FIGURES = (*STATES, "typing_cpu_s", "tab_switch_cpu_s")
 
 
 def one_case(browser, root: Path, seconds: float) -> dict[str, float]:
@@ -55,6 +58,11 @@ def one_case(browser, root: Path, seconds: float) -> dict[str, float]:
         page.locator("#cfg-name textarea").press_sequentially(TYPED, delay=TYPING_DELAY_MS)
         time.sleep(TYPING_SETTLE_S)
         shares["typing_cpu_s"] = round(chromium_cpu_seconds() - before, 3)
+        before = chromium_cpu_seconds()
+        for tab in TAB_TOUR:
+            page.get_by_role("tab", name=tab).click()
+            time.sleep(TAB_DELAY_S)
+        shares["tab_switch_cpu_s"] = round(chromium_cpu_seconds() - before, 3)
         page.close()
         return shares
 
@@ -81,12 +89,12 @@ def main() -> None:
         "what": "CPU share of one core taken by headless Chromium showing the Train tab with nothing training, "
                 "on a fresh page and after one 'Check settings'; Chromium's CPU seconds for typing "
                 f"{len(TYPED)} characters into the form, a key every {TYPING_DELAY_MS} ms, and {TYPING_SETTLE_S} s "
-                "after",  # fmt: skip
+                f"after; and for clicking the tabs {', '.join(TAB_TOUR)}, one every {TAB_DELAY_S} s",  # fmt: skip
         "cores": os.cpu_count(),
         "seconds": args.seconds,
         "checkouts": {case: f"{root} at {commit_of(root)}" for case, root in roots.items()},
         "runs": runs,
-        "medians": {case: {s: statistics.median(r[s] for r in rows) for s in (*STATES, "typing_cpu_s")}
+        "medians": {case: {s: statistics.median(r[s] for r in rows) for s in FIGURES if s in rows[0]}
                     for case, rows in runs.items()},  # fmt: skip
     }
     publish(report, args.json)

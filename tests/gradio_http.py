@@ -1,8 +1,8 @@
 """A small client of Gradio's own HTTP protocol, for tests that attack a running app as a web page could.
 
-It speaks the queue protocol the page itself uses (POST /gradio_api/queue/join, then the event stream of
-/gradio_api/queue/data) with any payload, any Host or Origin header, and event data (a table row
-selected), none of which gradio_client lets a test choose.
+It speaks the protocols the page itself uses (POST /gradio_api/queue/join, then the event stream of
+/gradio_api/queue/data; POST /gradio_api/run/<api_name> for events outside the queue) with any payload, any Host
+or Origin header, and event data (a table row selected), none of which gradio_client lets a test choose.
 """
 
 from __future__ import annotations
@@ -33,8 +33,15 @@ class GradioHTTP:
         raise KeyError(f"no endpoint {api_name!r}")
 
     def call(self, api_name: str, data: list, session: str = "attacker", event_data=None) -> tuple[bool, object]:
-        """(True, outputs) or (False, the error message the page would show)."""
+        """(True, outputs) or (False, the error message the page would show). Sent as the page sends it: through
+        the queue, or straight to /gradio_api/run/ for an event that skips it (`queue=False`)."""
         index, dep = self.dependency(api_name)
+        if dep.get("queue") is False:
+            response = self.call_direct(api_name, data, session, event_data=event_data)
+            body = response.json() if "json" in response.headers.get("content-type", "") else {}
+            if response.status_code == 200 and "data" in body:
+                return True, body["data"]
+            return False, body.get("error") or f"HTTP {response.status_code}: {response.text}"
         payload = {"data": data, "fn_index": index, "session_hash": session, "event_data": event_data,
                    "trigger_id": dep["targets"][0][0] if dep.get("targets") else None}  # fmt: skip
         joined = self.http.post(f"{self.base}/gradio_api/queue/join", json=payload)
@@ -53,10 +60,10 @@ class GradioHTTP:
                     return False, output.get("error") or str(output)
         return False, "the event stream ended without a result"
 
-    def call_direct(self, api_name: str, data: list, session: str = "attacker",
-                    headers: dict | None = None) -> httpx.Response:  # fmt: skip
+    def call_direct(self, api_name: str, data: list, session: str = "attacker", headers: dict | None = None,
+                    event_data=None) -> httpx.Response:  # fmt: skip
         """An event outside the queue (`queue=False`), as the page sends it: POST /gradio_api/run/<api_name>."""
-        payload = {"data": data, "session_hash": session, "event_data": None}
+        payload = {"data": data, "session_hash": session, "event_data": event_data}
         return self.http.post(f"{self.base}/gradio_api/run/{api_name}", json=payload, headers=headers or {})
 
     def upload(self, path: Path, headers: dict | None = None) -> httpx.Response:

@@ -567,6 +567,35 @@ def test_typing_in_the_train_form_sends_nothing_until_a_field_is_left(browser_pa
         assert comes_true(page, lambda: made[-1][at("sample.sampler")] == "ddim")
 
 
+@pytest.mark.browser
+def test_the_tabs_read_their_lists_outside_gradio_s_queue(browser_page, app_state):
+    """A queued event costs the page several loading-status walks of its components for every field the form's
+    events have used (README, "Switching tabs"): the reads a tab's select sets off go as plain requests, none through
+    the queue, and still bring what changed (a preset saved while the page is open is offered)."""
+    from lora_studio.config import load_preset, save_user_preset
+
+    with app_page(browser_page) as page:
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-check").click()
+        wait_for_text(page, "#train-estimate", "Steps:")
+        save_user_preset(load_preset("demo-cpu"), "made-while-open")
+        queued, plain = [], []
+
+        def listen(request) -> None:
+            if "/queue/join" in request.url:
+                queued.append(request.post_data)
+            elif "/gradio_api/run/" in request.url:
+                plain.append(request.url)
+
+        page.on("request", listen)
+        for tab in ("Library", "Preview", "Presets", "Train"):
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_timeout(800)
+        page.remove_listener("request", listen)
+        assert not queued and len(plain) >= 6, (queued, plain)
+        assert comes_to_offer(page, "#train-preset", lambda label: "made-while-open" in label)
+
+
 def error_badges(page, selector: str):
     """Gradio's visible "Error" badges over the component (each stays until dismissed)."""
     return page.locator(f"{selector} [data-testid='status-tracker']").filter(has_text="Error", visible=True)

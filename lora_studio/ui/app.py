@@ -95,7 +95,7 @@ def build_app(app: AppState | None = None) -> gr.Blocks:
             presets = gr.Dataframe(
                 value=presets_table(), headers=["preset", "when to use it"], interactive=False, elem_id="presets-table"
             )
-            gr.on([blocks.load, page.select], shown(presets_table), None, presets, show_progress="hidden")
+            gr.on([blocks.load, page.select], shown(presets_table), None, presets, show_progress="hidden", queue=False)
     blocks.lora_studio = app  # for tests and scripts that drive a launched app
     return blocks
 

@@ -456,7 +456,7 @@ def connect(
           show_progress_on=p["report"])  # blocks.load: the demo  # fmt: skip
     # The picker reads the form's folders when the tab is shown and when it is opened; not on each change of the form's
     # fields, which typing a path or a subset line sets off at every key (each event ~250 ms of the page's CPU).
-    gr.on([page.select, p["form_folder"].focus], form_folders, [train_dataset, subsets], p["form_folder"])
+    gr.on([page.select, p["form_folder"].focus], form_folders, [train_dataset, subsets], p["form_folder"], queue=False)
     p["form_folder"].input(lambda folder: folder or gr.skip(), p["form_folder"], p["source"]).then(
         shown(open_dataset, app), opening, [*view, train_dataset], show_progress_on=p["report"])
     page.select(shown(current_view, app), [state, preset, extension, subsets],

@@ -154,7 +154,8 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
         return (name, f"**{name}**", config_text, metrics_text, images,
                 gr.Dropdown(choices=files, value=files[0][1] if files else None))  # fmt: skip
 
-    gr.on([refresh.click, *refreshed_on], shown(runs_table, app), None, table, show_progress="hidden")
+    gr.on([refresh.click, *refreshed_on], shown(runs_table, app), None, table, show_progress="hidden",
+          queue=False)
     # show_progress_on: a refusal's badge goes on the message, not over the runs table (ui/errors.py says why)
     table.select(shown(select_run), table, [chosen, shown_run, config, metrics, samples, file],
                  show_progress_on=shown_run)  # fmt: skip

@@ -394,13 +394,15 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     baked = gr.State(None)  # the baked LoraFile, on the server
 
     gr.on([refresh.click, *refreshed_on], shown(refresh_lists, app), None, [files, base, vae],
-          show_progress="hidden")  # fmt: skip
+          show_progress="hidden", queue=False)  # fmt: skip
     # show_progress_on: a refusal's badge goes on the message, not over the chosen LoRAs (ui/errors.py says why)
     upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status], show_progress_on=upload_status)
     followed = gr.State(None)  # the LoRA file whose settings the form took, so stacking more keeps them
     followers = [{"base_model": base, "vae": vae, "negative_prompt": negative, **row}[key] for key in FOLLOWED]
-    files.change(shown(lora_picked, app), [files, followed], [prompt, *followers, followed],
-                 show_progress="hidden").then(strength_sliders, files, sliders)  # fmt: skip
+    # Outside the queue, as the lists' refresh (which sets this off on each select of the tab while nothing is
+    # picked): reading the files' headers is quick, and a queued event costs the page far more (README).
+    files.change(shown(lora_picked, app), [files, followed], [prompt, *followers, followed], show_progress="hidden",
+                 queue=False).then(strength_sliders, files, sliders, queue=False)  # fmt: skip
     base.input(shown(base_size, app), base, [width, height], show_progress="hidden")  # .input: a pick by hand only
     common = [prompt, negative, sampler, steps, cfg, clip_skip]
     go.click(shown(generate, app), [base, vae, files, *common, seed, width, height, *sliders], [image, parameters])

@@ -617,7 +617,7 @@ def recovered_section(app: AppState, message: gr.Markdown, refreshed_on: Sequenc
             start_one = gr.Button("Start / resume it", elem_id="train-recovered-start", scale=1)
             start_all = gr.Button("Start all", elem_id="train-recovered-all", scale=1)
             discard = gr.Button("Discard it", elem_id="train-recovered-discard", scale=1)
-    gr.on(refreshed_on, shown(recovered_view, app), recovered, [box, recovered], show_progress="hidden")
+    gr.on(refreshed_on, shown(recovered_view, app), recovered, [box, recovered], show_progress="hidden", queue=False)
     started = [
         start_one.click(shown(start_recovered, app), recovered, [message, box, recovered], show_progress_on=message),
         start_all.click(shown(start_all_recovered, app), None, [message, box, recovered], show_progress_on=message),
@@ -672,8 +672,8 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> dict[str, gr.components
     components["base_model"].change(shown(base_info, app), components["base_model"], base_note)
     pickers = [components["base_model"], components["vae"]]
     gr.on([refresh.click, *refreshed_on], shown(refresh_models), pickers, [*pickers, folder_table, folder_note],
-          show_progress_on=folder_note)  # fmt: skip
-    gr.on(refreshed_on, shown(preset_choices), None, preset, show_progress="hidden")
+          show_progress_on=folder_note, queue=False)  # fmt: skip
+    gr.on(refreshed_on, shown(preset_choices), None, preset, show_progress="hidden", queue=False)
     gr.on([*estimate_triggers(form), check.click], shown(estimate, app), form, estimate_box,
           trigger_mode="always_last")  # fmt: skip
     clicked = [
