@@ -373,3 +373,59 @@ def test_step_samples_are_reproducible_and_carry_sdxl_conditioning(tmp_path):
     for s in samples:
         left_is_blue = s.pixels[2, 64, 5] > 0.5
         assert left_is_blue != s.flip, "a flipped sample has the blue third on the right"
+
+
+def counting_decodes(monkeypatch) -> list:
+    """What data.open_image decodes from now on, one entry a call (the real function still runs)."""
+    from lora_studio import data
+
+    decoded, real = [], data.open_image
+
+    def counted(source):
+        decoded.append(source)
+        return real(source)
+
+    monkeypatch.setattr(data, "open_image", counted)
+    return decoded
+
+
+def test_a_scan_again_reads_only_the_images_that_changed(tmp_path, monkeypatch):
+    """Every Dataset tab select and Train tab estimate scans the folder; an unchanged image is not read and decoded
+    again (100 photos of 12 MP took ~10 s each time). A rewrite of the same size (a BMP), a damaged replacement
+    and a new file are each read."""
+    import time
+
+    from lora_studio import data
+
+    monkeypatch.setattr(data, "SETTLED_NS", 0)  # every file counts as settled at once
+    for name, color in (("a.png", (200, 30, 30)), ("b.bmp", (30, 200, 30)), ("c.jpg", (30, 30, 200))):
+        save(tmp_path / name, color=color)
+    decoded = counting_decodes(monkeypatch)
+    first = scan_folder(tmp_path)
+    assert len(first.items) == 3 and len(decoded) == 3
+    again = scan_folder(tmp_path)
+    assert len(decoded) == 3 and [(i.path, i.width, i.height, i.content_hash) for i in again.items] == [
+        (i.path, i.width, i.height, i.content_hash) for i in first.items]
+
+    time.sleep(0.05)  # past the kernel's timestamp tick
+    size = (tmp_path / "b.bmp").stat().st_size
+    save(tmp_path / "b.bmp", color=(250, 250, 250))  # in place, the same byte size
+    assert (tmp_path / "b.bmp").stat().st_size == size
+    (tmp_path / "c.jpg").write_bytes((tmp_path / "c.jpg").read_bytes()[:200])
+    save(tmp_path / "d.png", size=(256, 320))
+    third = scan_folder(tmp_path)
+    assert len(decoded) == 6  # b, c and d: a is remembered
+    hashes = {i.path.name: i.content_hash for i in third.items}
+    assert set(hashes) == {"a.png", "b.bmp", "d.png"}
+    assert hashes["b.bmp"] != {i.path.name: i.content_hash for i in first.items}["b.bmp"]
+    assert "damaged" in problems_for(third, "c.jpg")[0].message
+
+
+def test_an_image_written_a_moment_ago_is_read_at_each_scan(tmp_path, monkeypatch):
+    """Within a timestamp tick a rewrite of the same size keeps the file's times, so a fresh file is not remembered
+    until it has settled (data.SETTLED_NS)."""
+    save(tmp_path / "fresh.png")
+    decoded = counting_decodes(monkeypatch)
+    scan_folder(tmp_path)
+    scan_folder(tmp_path)
+    assert len(decoded) == 2
