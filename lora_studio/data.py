@@ -16,11 +16,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import random
 import re
+import threading
 import time
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
@@ -384,11 +387,11 @@ def scan(config: DatasetConfig, min_side: int | None = None, setting: str = "dat
     report.layout = "kohya" if config.path.strip() and sources and sources[0].folder != root else "plain"
     seen: dict[str, Path] = {}
     min_side = min_side if min_side is not None else smallest_unscaled_side(config)
-    for source in sources:
-        for path in image_files(source.folder):
-            item = _scan_one(path, source, config, min_side, seen, report.problems)
-            if item is not None:
-                report.items.append(item)
+    files = [(source, path) for source in sources for path in image_files(source.folder)]
+    for (source, path), probe in zip(files, probe_images([path for _source, path in files]), strict=True):
+        item = _scan_one(path, probe, source, config, min_side, seen, report.problems)
+        if item is not None:
+            report.items.append(item)
     if not report.items and not report.errors:
         report.problems.append(
             Problem(
@@ -411,10 +414,12 @@ class Probe(NamedTuple):
 # Probes of files seen, by the file's identity: (path, inode, size, mtime, ctime). ctime changes with any write or
 # rename and no tool can set it back, so an entry never outlives its file's content. Bounded, oldest out first.
 _probes: dict[tuple, Probe | str] = {}
+_probes_lock = threading.Lock()
 PROBES_KEPT = 20_000
 # A file written this recently is not remembered: the kernel stamps times at its clock tick (a few ms), so a second
 # write of the same size within the tick would keep all five (git's "racy" entries, handled the same way).
 SETTLED_NS = 2_000_000_000
+PROBE_THREADS = 4  # files probed at once, at most one per core
 
 
 def probe_image(path: Path) -> Probe | str:
@@ -438,19 +443,34 @@ def probe_image(path: Path) -> Probe | str:
         except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for damaged files
             probe = _image_problem(path, exc)
     if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > SETTLED_NS:
-        while len(_probes) >= PROBES_KEPT:
-            _probes.pop(next(iter(_probes)))
-        _probes[key] = probe
+        with _probes_lock:  # probe_images' threads, and the app's requests
+            while len(_probes) >= PROBES_KEPT:
+                _probes.pop(next(iter(_probes)))
+            _probes[key] = probe
     return probe
 
 
+def probe_images(paths: list[Path]) -> list[Probe | str | None]:
+    """probe_image of each path, several at once (Pillow's decoding and hashlib's hashing let go of the GIL: on 2
+    cores a first scan of 100 photos of 12 MP took 9.2 s one by one); None for a link out of its folder, which is
+    not read."""
+
+    def probed(path: Path) -> Probe | str | None:
+        return probe_image(path) if is_within(path, path.parent) else None
+
+    if len(paths) < 2:
+        return [probed(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=min(PROBE_THREADS, os.cpu_count() or 1)) as pool:
+        return list(pool.map(probed, paths))
+
+
 def _scan_one(
-    path: Path, source: Source, config: DatasetConfig, min_side: int, seen: dict[str, Path], problems: list
-) -> Item | None:
-    if not is_within(path, path.parent):
+    path: Path, probe: Probe | str | None, source: Source, config: DatasetConfig, min_side: int,
+    seen: dict[str, Path], problems: list,
+) -> Item | None:  # fmt: skip
+    if probe is None:
         problems.append(Problem(str(path), "error", "a link to a file outside the dataset folder; copy the file in"))
         return None
-    probe = probe_image(path)
     if isinstance(probe, str):
         problems.append(Problem(str(path), "error", probe))
         return None

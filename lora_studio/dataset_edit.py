@@ -8,6 +8,8 @@ temp file first and is renamed into place.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import shutil
 import unicodedata
@@ -19,10 +21,14 @@ from PIL import Image, ImageOps
 
 from .data import IMAGE_SUFFIXES, MAX_CAPTION_BYTES, is_training_image, mask_file, open_image, read_caption, to_rgb
 from .errors import LoraStudioError
-from .fsutil import atomic_path, write_text_atomic
+from .fsutil import WriteError, atomic_path, write_text_atomic
+from .runs import thumbnail_folder
 
 CAPTION_SUFFIXES = {".txt", ".caption"}
 MAX_NAME = 120
+# The gallery's cells are ~170 px at 8 columns; twice that stays sharp on a high-density screen. An image up to
+# twice this side is shown as it is.
+THUMBNAIL_SIDE = 384
 
 
 class DatasetEditError(LoraStudioError):
@@ -226,3 +232,46 @@ def clear_mask(folder: Path, image_name: str) -> bool:
         return False
     target.unlink()
     return True
+
+
+def gallery_picture(image: Path) -> Path:
+    """What the gallery shows for `image`: the file itself when it is small, else a copy at most THUMBNAIL_SIDE a
+    side, made once per version of the file (its identity: path, inode, size, modification and change times) and
+    kept under the runs folder's cache. The copy has the image's own name, so a pick in the gallery still names the
+    image (every handler takes only the name, inside the open folder). A phone photo is 12-48 MP: the browser
+    decoded each in full (~4 s of its CPU to show 100 of 12 MP, a tab's memory for 48 MP ones) and Gradio copied
+    each whole into its temp folder at every refresh. An image that cannot be read is shown as it is (the report
+    says what is wrong with it)."""
+    try:
+        stat = image.stat()
+        with Image.open(image) as opened:
+            if max(opened.size) <= 2 * THUMBNAIL_SIDE:
+                return image
+            identity = f"{image.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+            thumbnail = thumbnail_folder() / hashlib.sha256(identity.encode()).hexdigest()[:32] / image.name
+            if thumbnail.is_file():
+                return thumbnail
+            # A JPEG decodes at 1/2-1/8 scale, still at least half the copy's side: 13 ms for 12 MP, not 90
+            opened.draft("RGB", (THUMBNAIL_SIDE // 2, THUMBNAIL_SIDE // 2))
+            small = ImageOps.exif_transpose(opened)
+            small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+            kind = Image.registered_extensions()[image.suffix.lower()]
+            if kind == "JPEG" and small.mode not in ("RGB", "L"):
+                small = small.convert("RGB")
+            with atomic_path(thumbnail) as temp:
+                small.save(temp, format=kind)
+            return thumbnail
+    except (OSError, ValueError, SyntaxError, KeyError, WriteError, Image.DecompressionBombError):
+        return image
+
+
+def gallery_pictures(images: list[Path]) -> list[Path]:
+    """gallery_picture of each image, several at once (as data.probe_images: decoding lets go of the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .data import PROBE_THREADS
+
+    if len(images) < 2:
+        return [gallery_picture(image) for image in images]
+    with ThreadPoolExecutor(max_workers=min(PROBE_THREADS, os.cpu_count() or 1)) as pool:
+        return list(pool.map(gallery_picture, images))

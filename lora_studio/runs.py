@@ -58,6 +58,11 @@ def compile_cache_folder() -> Path:
     return runs_root() / ".cache" / "torch-compile"
 
 
+def thumbnail_folder() -> Path:
+    """Where the Dataset tab keeps the gallery's small copies of large images (`dataset_edit.gallery_picture`)."""
+    return runs_root() / ".cache" / "thumbnails"
+
+
 def queue_folder(root: Path) -> Path:
     """Where the app records its queued and running jobs, one small file each, so a restart finds them."""
     return root / ".queue"

@@ -149,3 +149,46 @@ def test_a_mask_is_painted_shown_and_removed_from_the_tab(app_state):
     assert dataset_tab.remove_mask(app_state, folder, str(image))[2].startswith("Removed") and not mask.exists()
     with pytest.raises(LoraStudioError, match="not an image"):
         dataset_tab.save_mask(app_state, folder, "/etc/passwd", {**editor, "layers": [stroke]})
+
+
+def test_large_photos_show_as_small_copies_that_still_name_their_image(app_state):
+    """A 12-48 MP photo is shown through a copy at most THUMBNAIL_SIDE a side (the browser decoded each in full),
+    made once per version of the file, under the runs folder's cache; the copy has the photo's name, so a pick in the
+    gallery edits the photo's caption and mask. Small images are shown as they are."""
+    import os
+    import time
+
+    from lora_studio.dataset_edit import THUMBNAIL_SIDE
+    from lora_studio.runs import thumbnail_folder
+
+    folder = app_state.roots.datasets / "photos"
+    folder.mkdir(parents=True)
+    photo = folder / "beach.jpg"
+    Image.new("RGB", (2000, 1200), (20, 120, 220)).save(photo)
+    Image.new("RGBA", (1000, 900), (250, 10, 10, 128)).save(folder / "logo.png")
+    Image.new("RGB", (640, 480), (10, 200, 10)).save(folder / "small.webp")
+    def pictures() -> dict[str, Path]:
+        return {Path(path).name: Path(path) for path, _label in dataset_tab.gallery_items(folder)}
+
+    shown = pictures()
+    assert shown["small.webp"] == folder / "small.webp"
+    for name in ("beach.jpg", "logo.png"):
+        copy = shown[name]
+        assert copy.is_relative_to(thumbnail_folder()) and copy.name == name
+        with Image.open(copy) as small, Image.open(folder / name) as big:
+            assert max(small.size) == THUMBNAIL_SIDE and small.format == big.format
+            assert abs(small.width / small.height - big.width / big.height) < 0.01
+            assert small.convert("RGB").getpixel((5, 5)) == pytest.approx(big.convert("RGB").getpixel((5, 5)), abs=3)
+    made = shown["beach.jpg"].stat().st_mtime_ns
+    assert pictures()["beach.jpg"] == shown["beach.jpg"]
+    assert shown["beach.jpg"].stat().st_mtime_ns == made  # made once
+
+    _gallery, message = dataset_tab.save_caption(app_state, str(folder), str(shown["beach.jpg"]), "a beach at noon")
+    assert (folder / "beach.txt").read_text().strip() == "a beach at noon" and "beach.txt" in message
+    assert not (thumbnail_folder() / "beach.txt").exists() and not list(thumbnail_folder().rglob("*.txt"))
+
+    time.sleep(0.05)
+    Image.new("RGB", (1200, 2000), (200, 200, 20)).save(photo)  # the photo replaced: a copy of the new one
+    os.utime(photo)
+    again = pictures()["beach.jpg"]
+    assert again != shown["beach.jpg"] and Image.open(again).size == (THUMBNAIL_SIDE * 1200 // 2000, THUMBNAIL_SIDE)

@@ -28,6 +28,7 @@ from ..dataset_edit import (
     BulkEdit,
     bulk_edit,
     clear_mask,
+    gallery_pictures,
     import_files,
     mask_overlay,
     safe_name,
@@ -84,13 +85,13 @@ def caption_extension(extension: str | None) -> str:
 def gallery_items(folder: Path, extension: str = ".txt") -> list[tuple[str, str]]:
     """The folder's images (links out of the folder left out) with their captions as labels."""
     items = []
-    images = sorted(p for p in folder.iterdir() if is_training_image(p) and is_within(p, folder))
-    for image in images[:MAX_GALLERY]:
+    images = sorted(p for p in folder.iterdir() if is_training_image(p) and is_within(p, folder))[:MAX_GALLERY]
+    for image, picture in zip(images, gallery_pictures(images), strict=True):
         try:
             caption, _notes = read_caption(image, extension, lines=True)  # the lines a save keeps
         except CaptionError as exc:
             caption = f"(caption refused: {exc})"
-        items.append((str(image), caption or ""))
+        items.append((str(picture), caption or ""))
     return items
 
 
