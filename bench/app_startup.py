@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import publish  # noqa: E402
+from report import alternating, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -62,6 +62,22 @@ def serving_app(root: Path = ROOT, env: dict | None = None):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def checkout_rounds(roots: dict[str, Path], rounds: int, measure) -> dict[str, list[dict]]:
+    """`measure(browser, root)` for each checkout of `roots` in one headless Chromium, `rounds` times, the order
+    alternating (report.alternating); each result printed as it comes. Returns each checkout's results."""
+    from playwright.sync_api import sync_playwright
+
+    runs: dict[str, list[dict]] = {case: [] for case in roots}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        for round_ in range(rounds):
+            for case in alternating(tuple(roots), round_):
+                runs[case].append(measure(browser, roots[case]))
+                print(f"round {round_ + 1} {case}: {runs[case][-1]}", flush=True)
+        browser.close()
+    return runs
 
 
 def one_start(browser, root: Path = ROOT) -> dict[str, float]:

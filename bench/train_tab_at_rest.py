@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_startup import CHROMIUM, CHROMIUM_ARGS, serving_app  # noqa: E402
+from app_startup import checkout_rounds, serving_app  # noqa: E402
 from page_idle import chromium_cpu_seconds  # noqa: E402
-from report import alternating, commit_of, publish  # noqa: E402
+from report import commit_of, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STATES = ("fresh", "after_check")
@@ -74,17 +74,8 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
-
     roots = {"this": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
-    runs: dict[str, list[dict]] = {case: [] for case in roots}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        for round_ in range(args.rounds):
-            for case in alternating(tuple(roots), round_):
-                runs[case].append(one_case(browser, roots[case], args.seconds))
-                print(f"round {round_ + 1} {case}: {runs[case][-1]}", flush=True)
-        browser.close()
+    runs = checkout_rounds(roots, args.rounds, lambda browser, root: one_case(browser, root, args.seconds))
     report = {
         "what": "CPU share of one core taken by headless Chromium showing the Train tab with nothing training, "
                 "on a fresh page and after one 'Check settings'; Chromium's CPU seconds for typing "

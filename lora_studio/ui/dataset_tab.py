@@ -83,7 +83,8 @@ def caption_extension(extension: str | None) -> str:
 
 
 def gallery_items(folder: Path, extension: str = ".txt") -> list[tuple[str, str]]:
-    """The folder's images (links out of the folder left out) with their captions as labels."""
+    """The folder's images (links out of the folder left out), large ones through small copies of the same name
+    (dataset_edit.gallery_picture), with their captions as labels."""
     items = []
     images = sorted(p for p in folder.iterdir() if is_training_image(p) and is_within(p, folder))[:MAX_GALLERY]
     for image, picture in zip(images, gallery_pictures(images), strict=True):
