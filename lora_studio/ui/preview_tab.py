@@ -399,8 +399,7 @@ def build(app: AppState, refreshed_on: Sequence = ()) -> None:
     upload.upload(shown(upload_lora, app), [upload, files], [files, upload_status], show_progress_on=upload_status)
     followed = gr.State(None)  # the LoRA file whose settings the form took, so stacking more keeps them
     followers = [{"base_model": base, "vae": vae, "negative_prompt": negative, **row}[key] for key in FOLLOWED]
-    # Outside the queue, as the lists' refresh (which sets this off on each select of the tab while nothing is
-    # picked): reading the files' headers is quick, and a queued event costs the page far more (README).
+    # Outside the queue as the lists' refresh, which sets it off at each select of the tab (README, Switching tabs)
     files.change(shown(lora_picked, app), [files, followed], [prompt, *followers, followed], show_progress="hidden",
                  queue=False).then(strength_sliders, files, sliders, queue=False)  # fmt: skip
     base.input(shown(base_size, app), base, [width, height], show_progress="hidden")  # .input: a pick by hand only
