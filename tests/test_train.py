@@ -808,7 +808,6 @@ def test_a_bf16_run_s_adapters_take_their_input_as_it_comes_and_train_the_same(t
     assert len(skipped) > 20 and not any(skipped) and all(cast_flags(casting))
     a, b = resume_module.lora_state_dicts(skipping), resume_module.lora_state_dicts(casting)
     assert a.keys() == b.keys() and all(torch.equal(a[part][k], b[part][k]) for part in a for k in a[part])
-    assert (skipping.run_dir / "metrics.jsonl").read_text() != ""
     losses = [[json.loads(line)["loss"] for line in (s.run_dir / "metrics.jsonl").read_text().splitlines()]
               for s in (skipping, casting)]  # fmt: skip
     assert len(losses[0]) == 8 and losses[0] == losses[1]
