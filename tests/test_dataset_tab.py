@@ -96,12 +96,26 @@ def test_folders_outside_the_roots_are_refused(app_state, tmp_path):
     link = app_state.roots.datasets / "link"
     app_state.roots.datasets.mkdir(parents=True)
     link.symlink_to(outside)
-    for source in (str(outside), "../outside", str(link), "datasets/../../outside"):
+    for source in (str(outside), "../outside", str(link), "link", "datasets/../../outside"):
         with pytest.raises(LoraStudioError, match="outside the app's folders"):
             dataset_tab.open_dataset(app_state, source)
     with pytest.raises(LoraStudioError, match="outside the app's folders"):
         dataset_tab.apply_bulk_edit(app_state, str(outside), "zkz", "", "", "", "")
     assert not (outside / "x.txt").exists()
+
+
+def test_a_dataset_s_plain_name_opens_it_in_the_datasets_folder(app_state):
+    """Typing the name an upload gave a new dataset opens datasets/<name> (it resolved against the home, and was
+    refused as outside the app's folders); other text is read as a folder as before."""
+    folder = app_state.roots.datasets / "mine"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(folder / "a.png")
+    state, *_rest = dataset_tab.open_dataset(app_state, "mine", "demo-cpu")
+    assert state == str(folder)
+    assert dataset_tab.open_dataset(app_state, "datasets/mine", "demo-cpu")[0] == str(folder)
+    for source in ("not-there", ".."):
+        with pytest.raises(LoraStudioError):
+            dataset_tab.open_dataset(app_state, source, "demo-cpu")
 
 
 def test_uploads_only_from_gradios_upload_folder_and_under_the_cap(app_state, tmp_path):

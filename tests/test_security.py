@@ -185,8 +185,8 @@ def test_dataset_folders_outside_the_roots_are_refused(server, client):
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
         link.symlink_to(outside)
-    for source in (str(outside), "../outside", "%2e%2e/outside", "datasets/../../outside", str(link), "/etc",
-                   str(home / "datasets" / ".." / ".." / "outside")):  # fmt: skip
+    for source in (str(outside), "../outside", "%2e%2e/outside", "datasets/../../outside", str(link), "innocent",
+                   "/etc", str(home / "datasets" / ".." / ".." / "outside")):  # fmt: skip
         assert_refused(client.call("open_dataset", [source, None, ".txt", None]), "outside the app's folders")
     # The open folder is server-side state: a request that puts a folder in the state's place is not heard (a page
     # that opened none, whatever other tests' pages opened).

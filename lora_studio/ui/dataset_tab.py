@@ -47,14 +47,18 @@ MAX_GALLERY = 500  # images shown at once; a dataset is 10-200 images, a folder 
 
 
 def working_folder(app: AppState, source: str) -> Path:
-    """The folder edits go to: a folder inside the roots as given (resolved, symlinks included), or for `demo`
-    (which ships read-only with the app) a copy of the bundled demo dataset under datasets/demo, made once."""
+    """The folder edits go to: a folder inside the roots as given (resolved, symlinks included), a plain name of a
+    folder in datasets/ (where uploads make new ones), or for `demo` (which ships read-only with the app) a copy of
+    the bundled demo dataset under datasets/demo, made once."""
     source = (source or "").strip() or "demo"
     if source == "demo":
         copy = app.roots.datasets / "demo"
         if not copy.exists():
             shutil.copytree(DEMO_DATASET_DIR, copy)
         return copy
+    named = app.roots.datasets / source
+    if source == named.name and source not in (".", "..") and named.is_dir():
+        source = str(named)  # a dataset's name, as an upload names a new one: datasets/<name>
     folder = app.roots.resolve(source, "dataset folder", write=True)
     if not folder.is_dir():
         raise LoraStudioError(f"{folder} is not a folder; give the folder that holds your images, or upload them.")
@@ -395,7 +399,7 @@ def build() -> dict[str, gr.components.Component]:
             scale=4,
             elem_id="dataset-source",
             info="A folder of images with same-name captions (the Train form's caption extension, .txt by default), "
-            "a kohya 10_name/ parent, or demo",
+            "a kohya 10_name/ parent, a dataset's name in datasets/, or demo",
         )
         parts["open"] = gr.Button("Open", elem_id="dataset-open", scale=1)
         parts["form_folder"] = gr.Dropdown([], label="Or a folder the Train form trains on", scale=3,
