@@ -12,14 +12,25 @@ import hashlib
 import os
 import re
 import shutil
+import time
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from .data import IMAGE_SUFFIXES, MAX_CAPTION_BYTES, is_training_image, mask_file, open_image, read_caption, to_rgb
+from .data import (
+    IMAGE_SUFFIXES,
+    MAX_CAPTION_BYTES,
+    PROBE_THREADS,
+    is_training_image,
+    mask_file,
+    open_image,
+    read_caption,
+    to_rgb,
+)
 from .errors import LoraStudioError
 from .fsutil import WriteError, atomic_path, write_text_atomic
 from .runs import thumbnail_folder
@@ -29,6 +40,9 @@ MAX_NAME = 120
 # The gallery's cells are ~170 px at 8 columns; twice that stays sharp on a high-density screen. An image up to
 # twice this side is shown as it is.
 THUMBNAIL_SIDE = 384
+THUMBNAIL_DAYS = 30  # copies older than this are let go (prune_thumbnails)
+PRUNE_EVERY_S = 3600.0
+_pruned_at = -PRUNE_EVERY_S  # monotonic time of this process's last prune
 
 
 class DatasetEditError(LoraStudioError):
@@ -266,12 +280,30 @@ def gallery_picture(image: Path) -> Path:
 
 
 def gallery_pictures(images: list[Path]) -> list[Path]:
-    """gallery_picture of each image, several at once (as data.probe_images: decoding lets go of the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .data import PROBE_THREADS
-
+    """gallery_picture of each image, several at once (as data.probe_images: decoding lets go of the GIL); copies
+    made long ago are let go first, at most once an hour (prune_thumbnails)."""
+    global _pruned_at
+    if time.monotonic() - _pruned_at > PRUNE_EVERY_S:
+        _pruned_at = time.monotonic()
+        prune_thumbnails()
     if len(images) < 2:
         return [gallery_picture(image) for image in images]
     with ThreadPoolExecutor(max_workers=min(PROBE_THREADS, os.cpu_count() or 1)) as pool:
         return list(pool.map(gallery_picture, images))
+
+
+def prune_thumbnails(older_than_days: float = THUMBNAIL_DAYS) -> int:
+    """Remove the gallery's copies made more than `older_than_days` ago, so the cache does not grow with every
+    version of every photo ever shown (~30 KB each); a photo still shown gets a new copy in ~13 ms. Returns how many
+    went. Anything else in the folder, or a copy another request removes first, is left alone."""
+    folder, removed = thumbnail_folder(), 0
+    cutoff = time.time() - older_than_days * 86400
+    for entry in folder.glob("*/*") if folder.is_dir() else ():
+        try:
+            if entry.is_file() and entry.stat().st_mtime < cutoff:
+                entry.unlink()
+                entry.parent.rmdir()
+                removed += 1
+        except OSError:
+            continue
+    return removed

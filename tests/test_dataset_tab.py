@@ -206,3 +206,32 @@ def test_large_photos_show_as_small_copies_that_still_name_their_image(app_state
     os.utime(photo)
     again = pictures()["beach.jpg"]
     assert again != shown["beach.jpg"] and Image.open(again).size == (THUMBNAIL_SIDE * 1200 // 2000, THUMBNAIL_SIDE)
+
+
+def test_the_gallery_s_old_copies_are_let_go(app_state, monkeypatch):
+    """The copies' cache does not grow with every photo ever shown: a copy made over THUMBNAIL_DAYS ago goes (with its
+    folder), at the next gallery after an hour; recent copies and anything else in the folder stay."""
+    import os
+    import time
+
+    from lora_studio import dataset_edit
+    from lora_studio.runs import thumbnail_folder
+
+    old, recent = thumbnail_folder() / "a" / "old.jpg", thumbnail_folder() / "b" / "recent.jpg"
+    for copy in (old, recent):
+        copy.parent.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(copy)
+    stray = thumbnail_folder() / "notes.txt"
+    stray.write_text("not a copy")
+    long_ago = time.time() - (dataset_edit.THUMBNAIL_DAYS + 1) * 86400
+    os.utime(old, (long_ago, long_ago))
+    folder = app_state.roots.datasets / "small"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(folder / "x.png")
+
+    monkeypatch.setattr(dataset_edit, "_pruned_at", time.monotonic())  # pruned a moment ago: not yet again
+    dataset_tab.gallery_items(folder)
+    assert old.exists()
+    monkeypatch.setattr(dataset_edit, "_pruned_at", time.monotonic() - dataset_edit.PRUNE_EVERY_S - 1)
+    dataset_tab.gallery_items(folder)
+    assert not old.parent.exists() and recent.exists() and stray.read_text() == "not a copy"
