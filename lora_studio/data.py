@@ -422,13 +422,24 @@ SETTLED_NS = 2_000_000_000
 PROBE_THREADS = 4  # files probed at once, at most one per core
 
 
+def file_identity(path: Path, stat: os.stat_result) -> tuple:
+    """What tells one version of a file from another without reading it: path, inode, size, modification and change
+    times (what probe_image and the gallery's copies are remembered by)."""
+    return (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def settled(stat: os.stat_result) -> bool:
+    """Whether the file was last written long enough ago (SETTLED_NS) for its identity to name its content."""
+    return time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > SETTLED_NS
+
+
 def probe_image(path: Path) -> Probe | str:
     """The image's Probe, or why it cannot be used (a sentence). A file is read, checked and decoded in full once;
     a scan again (the Dataset tab shown, each "Check settings", an upload) finds it unchanged and reads nothing:
     with 100 photos of 12 MP that was ~10 s every time."""
     try:
         stat = path.stat()
-        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        key = file_identity(path, stat)
         if key in _probes:
             return _probes[key]
         data = path.read_bytes()
@@ -442,7 +453,7 @@ def probe_image(path: Path) -> Probe | str:
                 probe = Probe(*image.size, hashlib.sha256(data).hexdigest())
         except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for damaged files
             probe = _image_problem(path, exc)
-    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > SETTLED_NS:
+    if settled(stat):
         with _probes_lock:  # probe_images' threads, and the app's requests
             while len(_probes) >= PROBES_KEPT:
                 _probes.pop(next(iter(_probes)))

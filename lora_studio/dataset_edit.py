@@ -25,10 +25,12 @@ from .data import (
     IMAGE_SUFFIXES,
     MAX_CAPTION_BYTES,
     PROBE_THREADS,
+    file_identity,
     is_training_image,
     mask_file,
     open_image,
     read_caption,
+    settled,
     to_rgb,
 )
 from .errors import LoraStudioError
@@ -261,9 +263,9 @@ def gallery_picture(image: Path) -> Path:
         with Image.open(image) as opened:
             if max(opened.size) <= 2 * THUMBNAIL_SIDE:
                 return image
-            identity = f"{image.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+            identity = "|".join(map(str, file_identity(image.resolve(), stat)))
             thumbnail = thumbnail_folder() / hashlib.sha256(identity.encode()).hexdigest()[:32] / image.name
-            if thumbnail.is_file():
+            if thumbnail.is_file() and settled(stat):  # a file written a moment ago is copied again each time
                 return thumbnail
             # A JPEG decodes at 1/2-1/8 scale, still at least half the copy's side: 13 ms for 12 MP, not 90
             opened.draft("RGB", (THUMBNAIL_SIDE // 2, THUMBNAIL_SIDE // 2))
